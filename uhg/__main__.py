@@ -1,0 +1,5 @@
+import sys
+
+from uhg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""Sparse events: the currency between simulators, stores, loaders, models and evaluation.
+
+A `HitBatch` holds many events as flat per-hit columns plus `offsets` (n_events + 1), the
+layout the Zarr store uses on disk. Cost is proportional to the number of hits, never to the
+number of channels. One event is a `PixelEvent` or a `CaloEvent`.
+
+Columns and units
+- pixel detectors: `sensor` (uint8, index in the geometry's canonical order), `row` (uint16,
+  r-phi), `col` (uint16, z), `value` (uint8, ADC charge in ADU).
+- calorimeters: `layer` (uint16), `cell` (uint32, index within the layer), `value` (float32,
+  deposited energy in MeV).
+Conditions are float64 per event: `luminosity` (cm^-2 s^-1), `her_current`, `ler_current` (A),
+`incident_energy` (MeV), ...
+Within an event, hits are sorted by (sensor, row, col) or (layer, cell), and unique.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PIXEL_COLUMNS: dict[str, np.dtype] = {
+    "sensor": np.dtype("uint8"),
+    "row": np.dtype("uint16"),
+    "col": np.dtype("uint16"),
+    "value": np.dtype("uint8"),
+}
+CALO_COLUMNS: dict[str, np.dtype] = {
+    "layer": np.dtype("uint16"),
+    "cell": np.dtype("uint32"),
+    "value": np.dtype("float32"),
+}
+COLUMNS = {"pixel": PIXEL_COLUMNS, "calo": CALO_COLUMNS}
+
+
+@dataclass
+class PixelEvent:
+    """One readout of a pixel detector: fired pixels and the event's conditions."""
+
+    sensor: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    value: np.ndarray
+    conditions: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+
+@dataclass
+class CaloEvent:
+    """One calorimeter shower: cells with deposited energy (MeV) and the event's conditions."""
+
+    layer: np.ndarray
+    cell: np.ndarray
+    value: np.ndarray
+    conditions: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+
+Event = PixelEvent | CaloEvent
+
+
+@dataclass
+class HitBatch:
+    """Events `0..n-1` as flat hit columns; event i owns hits `offsets[i]:offsets[i+1]`."""
+
+    kind: str
+    columns: dict[str, np.ndarray]
+    offsets: np.ndarray
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in COLUMNS:
+            raise ValueError(f"kind must be one of {sorted(COLUMNS)}, got {self.kind!r}")
+        spec = COLUMNS[self.kind]
+        if set(self.columns) != set(spec):
+            raise ValueError(f"{self.kind} hits need columns {sorted(spec)}, got {sorted(self.columns)}")
+        self.columns = {k: np.asarray(self.columns[k], dtype=spec[k]) for k in spec}
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        n_hits = self.n_hits
+        if any(len(v) != n_hits for v in self.columns.values()):
+            raise ValueError("hit columns have different lengths")
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != n_hits:
+            raise ValueError(f"offsets must run from 0 to the number of hits ({n_hits})")
+        if np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets must be non-decreasing")
+        self.conditions = {k: np.asarray(v, dtype=np.float64) for k, v in self.conditions.items()}
+        for k, v in self.conditions.items():
+            if v.shape != (len(self),):
+                raise ValueError(f"condition {k!r} has shape {v.shape}, expected ({len(self)},)")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_hits(self) -> int:
+        return len(self.columns["value"])
+
+    @property
+    def hits_per_event(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def event(self, i: int) -> Event:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        cols = {k: v[lo:hi] for k, v in self.columns.items()}
+        conds = {k: float(v[i]) for k, v in self.conditions.items()}
+        return (PixelEvent if self.kind == "pixel" else CaloEvent)(**cols, conditions=conds)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.event(i)
+
+    def slice(self, start: int, stop: int) -> HitBatch:
+        """Events start..stop-1 as a new batch (views into the same memory)."""
+        lo, hi = self.offsets[start], self.offsets[stop]
+        return HitBatch(
+            self.kind,
+            {k: v[lo:hi] for k, v in self.columns.items()},
+            self.offsets[start : stop + 1] - lo,
+            {k: v[start:stop] for k, v in self.conditions.items()},
+        )
+
+    def event_index(self) -> np.ndarray:
+        """(n_hits,) int64: the event each hit belongs to."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), self.hits_per_event)
+
+    @classmethod
+    def concat(cls, batches: Sequence[HitBatch]) -> HitBatch:
+        if not batches:
+            raise ValueError("cannot concatenate zero batches")
+        kind = batches[0].kind
+        if any(b.kind != kind for b in batches):
+            raise ValueError("cannot concatenate pixel and calorimeter hits")
+        names = set(batches[0].conditions)
+        if any(set(b.conditions) != names for b in batches):
+            raise ValueError("batches have different condition names")
+        counts = np.concatenate([b.hits_per_event for b in batches])
+        return cls(
+            kind,
+            {k: np.concatenate([b.columns[k] for b in batches]) for k in COLUMNS[kind]},
+            np.concatenate([[0], np.cumsum(counts)]),
+            {k: np.concatenate([b.conditions[k] for b in batches]) for k in names},
+        )
+
+    @classmethod
+    def from_events(cls, kind: str, events: Iterable[Event]) -> HitBatch:
+        events = list(events)
+        names = list(COLUMNS[kind])
+        counts = [len(e) for e in events]
+        cond_names = sorted(events[0].conditions) if events else []
+        return cls(
+            kind,
+            {k: np.concatenate([getattr(e, k) for e in events]) if events else np.zeros(0) for k in names},
+            np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]),
+            {k: np.array([e.conditions[k] for e in events]) for k in cond_names},
+        )
+
+    @classmethod
+    def empty(cls, kind: str, condition_names: Iterable[str] = ()) -> HitBatch:
+        return cls(kind, {k: np.zeros(0, d) for k, d in COLUMNS[kind].items()}, np.zeros(1, np.int64),
+                   {k: np.zeros(0) for k in condition_names})
+
+    def sorted(self) -> HitBatch:
+        """Hits sorted within each event by (sensor, row, col) or (layer, cell)."""
+        keys = ["sensor", "row", "col"] if self.kind == "pixel" else ["layer", "cell"]
+        # lexsort's last key is the primary one: event first, then the detector keys in order.
+        order = np.lexsort([self.columns[k] for k in reversed(keys)] + [self.event_index()])
+        return HitBatch(self.kind, {k: v[order] for k, v in self.columns.items()}, self.offsets.copy(),
+                        dict(self.conditions))
