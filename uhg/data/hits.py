@@ -12,6 +12,9 @@ Columns and units
 Conditions are float64 per event: `luminosity` (cm^-2 s^-1), `her_current`, `ler_current` (A),
 `incident_energy` (MeV), ...
 Within an event, hits are sorted by (sensor, row, col) or (layer, cell), and unique.
+
+Optional extra columns (`EXTRA_COLUMNS`) may ride along with either kind: `origin` (uint8) marks
+where an overlay hit came from: 1 = signal only, 2 = background only, 3 = both (charges added).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ CALO_COLUMNS: dict[str, np.dtype] = {
     "value": np.dtype("float32"),
 }
 COLUMNS = {"pixel": PIXEL_COLUMNS, "calo": CALO_COLUMNS}
+EXTRA_COLUMNS: dict[str, np.dtype] = {"origin": np.dtype("uint8")}
+"""Optional per-hit columns a batch may carry besides those of its kind."""
+ORIGIN_SIGNAL, ORIGIN_BACKGROUND, ORIGIN_BOTH = 1, 2, 3
 
 
 @dataclass
@@ -44,6 +50,8 @@ class PixelEvent:
     col: np.ndarray
     value: np.ndarray
     conditions: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    """Optional extra hit columns (`EXTRA_COLUMNS`), e.g. `origin` of overlay hits."""
 
     def __len__(self) -> int:
         return len(self.value)
@@ -57,6 +65,8 @@ class CaloEvent:
     cell: np.ndarray
     value: np.ndarray
     conditions: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    """Optional extra hit columns (`EXTRA_COLUMNS`), e.g. `origin` of overlay hits."""
 
     def __len__(self) -> int:
         return len(self.value)
@@ -78,9 +88,12 @@ class HitBatch:
         if self.kind not in COLUMNS:
             raise ValueError(f"kind must be one of {sorted(COLUMNS)}, got {self.kind!r}")
         spec = COLUMNS[self.kind]
-        if set(self.columns) != set(spec):
-            raise ValueError(f"{self.kind} hits need columns {sorted(spec)}, got {sorted(self.columns)}")
-        self.columns = {k: np.asarray(self.columns[k], dtype=spec[k]) for k in spec}
+        extras = [k for k in EXTRA_COLUMNS if k in self.columns]
+        if set(self.columns) != set(spec) | set(extras):
+            raise ValueError(f"{self.kind} hits need columns {sorted(spec)} (optionally {sorted(EXTRA_COLUMNS)}), "
+                             f"got {sorted(self.columns)}")
+        self.columns = {k: np.asarray(self.columns[k], dtype=spec[k]) for k in spec} | {
+            k: np.asarray(self.columns[k], dtype=EXTRA_COLUMNS[k]) for k in extras}
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
         n_hits = self.n_hits
         if any(len(v) != n_hits for v in self.columns.values()):
@@ -102,14 +115,20 @@ class HitBatch:
         return len(self.columns["value"])
 
     @property
+    def extra_columns(self) -> list[str]:
+        """Names of the optional extra columns this batch carries (see `EXTRA_COLUMNS`)."""
+        return [k for k in self.columns if k not in COLUMNS[self.kind]]
+
+    @property
     def hits_per_event(self) -> np.ndarray:
         return np.diff(self.offsets)
 
     def event(self, i: int) -> Event:
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        cols = {k: v[lo:hi] for k, v in self.columns.items()}
+        cols = {k: self.columns[k][lo:hi] for k in COLUMNS[self.kind]}
+        extra = {k: self.columns[k][lo:hi] for k in self.extra_columns}
         conds = {k: float(v[i]) for k, v in self.conditions.items()}
-        return (PixelEvent if self.kind == "pixel" else CaloEvent)(**cols, conditions=conds)
+        return (PixelEvent if self.kind == "pixel" else CaloEvent)(**cols, conditions=conds, extra=extra)
 
     def __iter__(self):
         for i in range(len(self)):
@@ -139,10 +158,13 @@ class HitBatch:
         names = set(batches[0].conditions)
         if any(set(b.conditions) != names for b in batches):
             raise ValueError("batches have different condition names")
+        columns = list(batches[0].columns)
+        if any(set(b.columns) != set(columns) for b in batches):
+            raise ValueError("batches have different extra hit columns")
         counts = np.concatenate([b.hits_per_event for b in batches])
         return cls(
             kind,
-            {k: np.concatenate([b.columns[k] for b in batches]) for k in COLUMNS[kind]},
+            {k: np.concatenate([b.columns[k] for b in batches]) for k in columns},
             np.concatenate([[0], np.cumsum(counts)]),
             {k: np.concatenate([b.conditions[k] for b in batches]) for k in names},
         )
@@ -153,9 +175,11 @@ class HitBatch:
         names = list(COLUMNS[kind])
         counts = [len(e) for e in events]
         cond_names = sorted(events[0].conditions) if events else []
+        extras = [k for k in EXTRA_COLUMNS if events and all(k in e.extra for e in events)]
         return cls(
             kind,
-            {k: np.concatenate([getattr(e, k) for e in events]) if events else np.zeros(0) for k in names},
+            {k: np.concatenate([getattr(e, k) for e in events]) if events else np.zeros(0) for k in names}
+            | {k: np.concatenate([e.extra[k] for e in events]) for k in extras},
             np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]),
             {k: np.array([e.conditions[k] for e in events]) for k in cond_names},
         )
