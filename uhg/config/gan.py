@@ -1,0 +1,65 @@
+"""Configuration of the sensor-conditioned GAN family (uhg.models.gan)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from uhg.config.base import Section
+
+
+class GanConfig(Section):
+    """IEA-GAN style model: whole events, one token per sensor (or calorimeter layer)."""
+
+    family: Literal["gan"] = Field("gan", description="Model family selector.")
+    conditions: list[str] = Field(
+        default_factory=lambda: ["luminosity"],
+        description="Event conditions the model is conditioned on, as named in the store "
+        "(luminosity, her_current, ler_current for PXD; incident_energy for calorimeters). "
+        "Each is log-scaled and normalised to the training range.",
+    )
+    z_dim: int = Field(64, gt=0, description="Event-level noise dimension.")
+    sensor_noise_dim: int = Field(16, ge=0, description="Per-sensor noise dimension.")
+    embed_dim: int = Field(128, gt=0, description="Width of sensor tokens (embeddings, attention).")
+    attention_layers: int = Field(2, ge=0, description="Self-attention blocks over the sensor tokens of one event.")
+    attention_heads: int = Field(4, gt=0, description="Heads per attention block; must divide embed_dim.")
+    decoder_channels: list[int] = Field(
+        default_factory=lambda: [64, 32, 16, 8],
+        description="Pixel detectors: conv decoder channels from the base grid up; "
+        "len-1 nearest-neighbour x2 upsamplings (base grid = image size / 2^(len-1), rounded up).",
+    )
+    discriminator_channels: list[int] = Field(
+        default_factory=lambda: [8, 16, 32, 64],
+        description="Pixel detectors: conv encoder channels of the per-sensor discriminator (stride-2 each).",
+    )
+    hidden_dim: int = Field(256, gt=0, description="Calorimeters: hidden width of the per-layer cell decoder/encoder MLPs.")
+    loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="Adversarial loss.")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA decay of generator weights (0 disables EMA).")
+    gate_temperature: float = Field(0.5, gt=0.0, description="Temperature of the relaxed hit/no-hit gate (logistic noise).")
+    event_score_weight: float = Field(1.0, ge=0.0, description="Weight of the event-level (attention) discriminator term.")
+    similarity_weight: float = Field(
+        0.0, ge=0.0,
+        description="Intra-event similarity loss: match the fake event's sensor-to-sensor similarity matrix to the real one.",
+    )
+    physics_weight: float = Field(
+        0.0, ge=0.0,
+        description="Physics term: log occupancy per sensor vs luminosity (pixel) or deposited/incident energy (calo), "
+        "matched to the real events of the same conditions.",
+    )
+    cell_threshold_mev: float = Field(
+        0.01515, ge=0.0, description="Calorimeters: cells below this energy (MeV) are not hits (CaloChallenge 15.15 keV)."
+    )
+
+    @field_validator("decoder_channels", "discriminator_channels")
+    @classmethod
+    def _channels(cls, v: list[int]) -> list[int]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError("must be a non-empty list of positive channel counts")
+        return v
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GanConfig:
+        if self.embed_dim % self.attention_heads:
+            raise ValueError(f"attention_heads ({self.attention_heads}) must divide embed_dim ({self.embed_dim})")
+        return self

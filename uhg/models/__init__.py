@@ -1,0 +1,1 @@
+"""Generative models. Pure torch: nothing here imports deepspeed, ray or mlflow."""
