@@ -1,5 +1,8 @@
 """Sparse event data: hit batches, Zarr stores, importers and torch loaders."""
 
 from uhg.data.hits import CaloEvent, HitBatch, PixelEvent
+from uhg.data.parallel import fill_store
+from uhg.data.store import Store, create_store, missing_parts, open_store, write_part
 
-__all__ = ["CaloEvent", "HitBatch", "PixelEvent"]
+__all__ = ["CaloEvent", "HitBatch", "PixelEvent", "Store", "create_store", "fill_store", "missing_parts",
+           "open_store", "write_part"]

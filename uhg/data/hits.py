@@ -144,6 +144,16 @@ class HitBatch:
             {k: v[start:stop] for k, v in self.conditions.items()},
         )
 
+    def take(self, indices: Sequence[int] | np.ndarray) -> HitBatch:
+        """Events at `indices` (any order, repeats allowed) as a new batch (copies)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        counts = self.hits_per_event[idx]
+        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        # hit k of output event j sits at self.offsets[idx[j]] + (k - offsets[j])
+        pos = np.repeat(self.offsets[idx] - offsets[:-1], counts) + np.arange(offsets[-1], dtype=np.int64)
+        return HitBatch(self.kind, {k: v[pos] for k, v in self.columns.items()}, offsets,
+                        {k: v[idx] for k, v in self.conditions.items()})
+
     def event_index(self) -> np.ndarray:
         """(n_hits,) int64: the event each hit belongs to."""
         return np.repeat(np.arange(len(self), dtype=np.int64), self.hits_per_event)

@@ -1,0 +1,79 @@
+"""Fill a store's missing parts in parallel worker processes.
+
+Each worker produces whole parts (`make_part(start, stop) -> HitBatch`) and commits them itself
+with `write_part`, so the parent never holds event data and a crash loses at most the parts in
+flight; rerunning `fill_store` does only what is still missing. Workers are started with
+"forkserver" (or "spawn"): never "fork", because zarr's background I/O thread does not survive
+a fork and the child can deadlock.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from uhg.data.hits import HitBatch
+from uhg.data.store import missing_parts, part_range, read_attrs, write_part
+from uhg.errors import StoreError
+
+MakePart = Callable[[int, int], HitBatch]
+
+
+def _produce(path: str, part: int, start: int, stop: int, make_part: MakePart) -> int:
+    """Worker body: make events start..stop-1 and commit them as part `part`."""
+    write_part(path, part, make_part(start, stop))
+    return stop - start
+
+
+def fill_store(path: str | os.PathLike, make_part: MakePart, workers: int = 1, desc: str = "events",
+               progress: bool = True, start_method: str = "forkserver") -> int:
+    """Write every missing part of the store at `path`; returns the number of events written.
+
+    `make_part(start, stop)` returns the HitBatch of events start..stop-1 (it must be
+    picklable for `workers > 1`, e.g. a functools.partial of a module-level function).
+    `workers == 1` runs in this process. A tqdm bar (events, events/s, ETA) shows progress.
+    """
+    path = Path(path)
+    attrs = read_attrs(path)
+    if workers < 1:
+        raise StoreError(f"store {path}: workers must be >= 1, got {workers}")
+    if start_method not in ("forkserver", "spawn"):
+        raise StoreError(f"start_method must be 'forkserver' or 'spawn' (fork deadlocks zarr), got {start_method!r}")
+    todo = [(p, *part_range(attrs, p)) for p in missing_parts(path)]
+    total = sum(stop - start for _, start, stop in todo)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="ev", disable=not progress or total == 0, smoothing=0.1,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for part, start, stop in todo:
+                done += _produce(str(path), part, start, stop, make_part)
+                bar.update(stop - start)
+        else:
+            ctx = mp.get_context(start_method)
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+                pending = {pool.submit(_produce, str(path), part, start, stop, make_part) for part, start, stop in todo}
+                try:
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            n = fut.result()  # re-raises a worker's error here
+                            done += n
+                            bar.update(n)
+                except BaseException:
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+    finally:
+        bar.close()
+    if progress and total:
+        elapsed = time.perf_counter() - t0
+        bar.write(f"{desc}: wrote {done} events in {len(todo)} parts, {elapsed:.1f} s ({done / max(elapsed, 1e-9):.0f} events/s)")
+    return done

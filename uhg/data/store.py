@@ -1,0 +1,631 @@
+"""Sparse Zarr v3 event stores: layout, writer (parts, atomic commit) and reader.
+
+Layout of a store directory (schema "uhg-store/1"):
+
+    STORE/zarr.json            root group; attributes: schema, kind, geometry, geometry_spec,
+                               units, conditions {name: {min, max, unit}}, extra_columns,
+                               n_events, part_size, n_parts, encoding, provenance,
+                               attributes (caller's metadata)
+    STORE/parts/zarr.json      group holding the committed parts
+    STORE/parts/p000003/       part 3 = events [3*part_size, min(4*part_size, n_events)):
+        channel                (n_hits,) uint32 flat channel index (see uhg.sparse.dense),
+                               sorted within each event; Delta filter + Blosc zstd byte-shuffle
+        value                  (n_hits,) uint8 ADC (pixel) or float32 MeV (calo)
+        <extra>                (n_hits,) optional extra hit columns declared in `extra_columns`
+                               (e.g. `origin` uint8 of overlay hits)
+        event_offsets          (n_events+1,) int64, event j owns hits [off[j], off[j+1])
+        conditions/<name>      (n_events,) float64 per-event condition in its declared unit
+    STORE/.partial/            parts being written (not part of the Zarr hierarchy)
+
+A part is written complete into `.partial/` and then renamed into `parts/` with one atomic
+`os.rename`, so readers never see half a part, a killed writer leaves only a stale temporary
+directory, a rerun writes only `missing_parts`, and processes writing disjoint parts never touch
+the same file. Every chunk is written (also all-zero ones) and carries a CRC32, so a missing or
+damaged chunk is reported instead of read as zeros.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uhg.data.hits import COLUMNS, EXTRA_COLUMNS, HitBatch
+from uhg.errors import ConditionError, GeometryError, StoreError
+from uhg.sparse.dense import channel_index, check_in_geometry, columns_from_channel, dense_event, n_channels
+
+SCHEMA = "uhg-store/1"
+PARTS = "parts"
+PARTIAL = ".partial"
+CHUNK_ELEMENTS = 1 << 21  # 2 Mi hits per chunk: 8 MB of uint32 channels, well above zarr's 1 MB advice
+UNITS = {
+    "pixel": {"value": "ADC counts (ADU, 8 bit)", "sensor": "sensor index (geometry order)",
+              "row": "pixel index in r-phi", "col": "pixel index along z"},
+    "calo": {"value": "MeV", "layer": "layer index", "cell": "cell index within the layer (alpha, radial)"},
+}
+
+# zarr warns for every numcodecs codec (Delta, CRC32) and for the `.partial` directory.
+warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr version 3 specification.*")
+warnings.filterwarnings("ignore", message=r".*Object at \.partial is not recognized.*")
+
+
+def _zarr():
+    import zarr
+
+    return zarr
+
+
+def _codecs(kind: str) -> dict[str, dict[str, Any]]:
+    """Codec settings per array, chosen by measurement (docs/data.md, docs/benchmarks.md)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+    from zarr.codecs.numcodecs import CRC32, Delta
+
+    def blosc(shuffle: str) -> BloscCodec:
+        return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+    value_shuffle = "noshuffle" if kind == "pixel" else "shuffle"  # byte-shuffle is a no-op for uint8
+    return {
+        "channel": {"filters": [Delta(dtype="uint32")], "compressors": [blosc("shuffle"), CRC32()]},
+        "value": {"filters": None, "compressors": [blosc(value_shuffle), CRC32()]},
+        "extra": {"filters": None, "compressors": [blosc("noshuffle"), CRC32()]},
+        "event_offsets": {"filters": [Delta(dtype="int64")], "compressors": [ZstdCodec(level=3), CRC32()]},
+        "condition": {"filters": None, "compressors": [ZstdCodec(level=3), CRC32()]},
+    }
+
+
+ENCODING = {
+    "channel": "uint32 flat channel index; numcodecs Delta(uint32) + Blosc zstd 5 shuffle + CRC32",
+    "value": "Blosc zstd 5 (noshuffle for uint8, shuffle for float32) + CRC32",
+    "extra": "Blosc zstd 5 noshuffle + CRC32",
+    "event_offsets": "int64; numcodecs Delta(int64) + zstd 3 + CRC32",
+    "conditions": "float64; zstd 3 + CRC32",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# plan: what a store will hold
+
+
+def _resolve_geometry(geometry: Any):
+    from uhg.geometry import get_geometry
+
+    if isinstance(geometry, str):
+        return get_geometry(geometry)
+    known = get_geometry(geometry.name)
+    if known.to_dict() != geometry.to_dict():
+        raise GeometryError(f"geometry object {geometry.name!r} differs from the registered geometry of that name")
+    return known
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so plans compare equal to what the store holds."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _check_conditions(conditions: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, spec in conditions.items():
+        try:
+            lo, hi, unit = float(spec["min"]), float(spec["max"]), str(spec["unit"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConditionError(f"condition {name!r} needs numeric 'min', 'max' and a 'unit', got {spec!r}") from err
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ConditionError(f"condition {name!r} has range [{lo}, {hi}]; need finite min <= max")
+        out[str(name)] = {"min": lo, "max": hi, "unit": unit}
+    return out
+
+
+def _plan(path: Path, kind: str, geometry: Any, n_events: int, part_size: int,
+          conditions: Mapping[str, Mapping[str, Any]], attributes: Mapping[str, Any] | None,
+          extra_columns: Sequence[str] = ()) -> dict:
+    if kind not in COLUMNS:
+        raise StoreError(f"store {path}: kind must be one of {sorted(COLUMNS)}, got {kind!r}")
+    geom = _resolve_geometry(geometry)
+    if geom.kind != kind:
+        raise GeometryError(f"store {path}: geometry {geom.name!r} is a {geom.kind} geometry, not {kind}")
+    if int(n_events) != n_events or n_events < 0:
+        raise StoreError(f"store {path}: n_events must be a non-negative integer, got {n_events!r}")
+    if int(part_size) != part_size or part_size < 1:
+        raise StoreError(f"store {path}: part_size must be a positive integer, got {part_size!r}")
+    unknown = sorted(set(extra_columns) - set(EXTRA_COLUMNS))
+    if unknown:
+        raise StoreError(f"store {path}: unknown extra hit columns {unknown}; known: {sorted(EXTRA_COLUMNS)}")
+    return _jsonable({
+        "schema": SCHEMA,
+        "kind": kind,
+        "geometry": geom.name,
+        "geometry_spec": geom.to_dict(),
+        "units": UNITS[kind],
+        "conditions": _check_conditions(conditions),
+        "extra_columns": {k: str(EXTRA_COLUMNS[k]) for k in extra_columns},
+        "n_events": int(n_events),
+        "part_size": int(part_size),
+        "n_parts": math.ceil(n_events / part_size),
+        "encoding": ENCODING,
+        "attributes": dict(attributes or {}),
+    })
+
+
+PLAN_KEYS = ("schema", "kind", "geometry", "geometry_spec", "conditions", "extra_columns", "n_events", "part_size",
+             "attributes")
+
+
+def _provenance(seed: int | None) -> dict[str, Any]:
+    from uhg import __version__
+
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+        "uhg_version": __version__,
+        "seed": seed,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+    }
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """Root attributes of a uhg store; StoreError if `path` is not one (or of another schema)."""
+    path = Path(path)
+    meta = path / "zarr.json"
+    if not path.exists():
+        raise StoreError(f"store {path} does not exist")
+    if not meta.is_file():
+        raise StoreError(f"{path} is not a Zarr store (no zarr.json)")
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"store {path}: cannot parse {meta}: {err}") from err
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
+    schema = attrs.get("schema")
+    if schema is None:
+        raise StoreError(f"{path} is a Zarr {doc.get('node_type', 'node')} but not a uhg store (no 'schema' attribute)")
+    if schema != SCHEMA:
+        raise StoreError(f"store {path} has schema {schema!r}; this uhg reads {SCHEMA!r}")
+    return attrs
+
+
+def create_store(path: str | os.PathLike, kind: str, geometry: Any, n_events: int, part_size: int,
+                 conditions: Mapping[str, Mapping[str, Any]] | None = None,
+                 attributes: Mapping[str, Any] | None = None, overwrite: bool = False,
+                 seed: int | None = None, extra_columns: Sequence[str] = ()) -> Path:
+    """Create an empty store planned for `n_events` events in parts of `part_size`.
+
+    `geometry` is a geometry name or object; `conditions` declares each per-event condition as
+    {name: {"min", "max", "unit"}}; `attributes` is JSON-able metadata of the producer
+    (simulator settings, ...); `extra_columns` names optional per-hit columns every part
+    carries (`uhg.data.hits.EXTRA_COLUMNS`, e.g. "origin"). Re-creating an existing store with the same plan (kind,
+    geometry, events, part size, conditions, attributes, seed) resumes it; a different plan
+    raises StoreError unless `overwrite` (which deletes the old store). Returns the path.
+    """
+    path = Path(path)
+    plan = _plan(path, kind, geometry, n_events, part_size, conditions or {}, attributes, extra_columns)
+    plan["provenance"] = _provenance(seed)
+    if path.exists():
+        if overwrite:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        else:
+            old = read_attrs(path)
+            old_seed = old.get("provenance", {}).get("seed")
+            diff = [k for k in PLAN_KEYS if old.get(k) != plan[k]] + (["seed"] if old_seed != seed else [])
+            if diff:
+                raise StoreError(f"store {path} exists with a different plan ({', '.join(diff)} differ); "
+                                 "use a new path or overwrite it")
+            _remove_stale_partials(path)
+            return path
+    zarr = _zarr()
+    root = zarr.open_group(path, mode="w", zarr_format=3, attributes=plan)
+    root.create_group(PARTS)
+    return path
+
+
+def part_range(attrs: Mapping[str, Any], part_index: int) -> tuple[int, int]:
+    """(start, stop) event range of a part."""
+    start = part_index * attrs["part_size"]
+    return start, min(start + attrs["part_size"], attrs["n_events"])
+
+
+def part_name(part_index: int) -> str:
+    return f"p{part_index:06d}"
+
+
+def missing_parts(path: str | os.PathLike) -> list[int]:
+    """Indices of the parts not yet committed, in order."""
+    path = Path(path)
+    attrs = read_attrs(path)
+    done = set(os.listdir(path / PARTS))
+    return [i for i in range(attrs["n_parts"]) if part_name(i) not in done]
+
+
+def _check_batch(path: Path, attrs: Mapping[str, Any], part_index: int, batch: HitBatch, geom: Any) -> None:
+    start, stop = part_range(attrs, part_index)
+    where = f"store {path}, part {part_index} (events {start}..{stop - 1})"
+    if batch.kind != attrs["kind"]:
+        raise StoreError(f"{where}: got {batch.kind} hits for a {attrs['kind']} store")
+    if len(batch) != stop - start:
+        raise StoreError(f"{where}: got {len(batch)} events, expected {stop - start}")
+    if set(batch.extra_columns) != set(attrs["extra_columns"]):
+        raise StoreError(f"{where}: extra hit columns {sorted(batch.extra_columns)} differ from the declared "
+                         f"{sorted(attrs['extra_columns'])}")
+    declared = attrs["conditions"]
+    if set(batch.conditions) != set(declared):
+        raise ConditionError(f"{where}: conditions {sorted(batch.conditions)} differ from the declared {sorted(declared)}")
+    for name, spec in declared.items():
+        v = batch.conditions[name]
+        bad = np.flatnonzero(~((v >= spec["min"]) & (v <= spec["max"])))
+        if len(bad):
+            j = bad[0]
+            raise ConditionError(f"{where}: condition {name!r} of event {start + j} is {v[j]!r} {spec['unit']}, "
+                                 f"outside the declared range [{spec['min']}, {spec['max']}]")
+    problem = check_in_geometry(batch.kind, batch.columns, geom)
+    if problem:
+        raise GeometryError(f"{where}: {problem}")
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete temporary parts left by killed writers on this host (their pid is gone)."""
+    tmp = path / PARTIAL
+    if not tmp.is_dir():
+        return
+    host = socket.gethostname()
+    for entry in os.listdir(tmp):
+        bits = entry.split(".")
+        if len(bits) >= 4 and bits[1] == host and bits[2].isdigit() and not _pid_alive(int(bits[2])):
+            shutil.rmtree(tmp / entry, ignore_errors=True)
+    try:
+        tmp.rmdir()
+    except OSError:
+        pass  # other writers are busy in it
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_tmp_dir(path: Path, part_index: int) -> Path:
+    name = f"{part_name(part_index)}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    for _ in range(5):  # another writer may remove an empty `.partial` between our two mkdirs
+        (path / PARTIAL).mkdir(exist_ok=True)
+        try:
+            (path / PARTIAL / name).mkdir()
+            return path / PARTIAL / name
+        except FileNotFoundError:
+            continue
+    raise StoreError(f"store {path}: cannot create a temporary directory for part {part_index}")
+
+
+def write_part(path: str | os.PathLike, part_index: int, batch: HitBatch, overwrite: bool = False) -> None:
+    """Write events of part `part_index` atomically; `batch` must hold exactly its events.
+
+    Hits are sorted within each event; duplicate channels in one event are an error. Raises
+    StoreError if the part is already committed (unless `overwrite`), ConditionError for
+    conditions outside the declared ranges, GeometryError for hits outside the geometry.
+    """
+    path = Path(path)
+    attrs = read_attrs(path)
+    if not 0 <= part_index < attrs["n_parts"]:
+        raise StoreError(f"store {path}: part index {part_index} outside 0..{attrs['n_parts'] - 1}")
+    final = path / PARTS / part_name(part_index)
+    if final.exists() and not overwrite:
+        raise StoreError(f"store {path}: part {part_index} is already written")
+    geom = _resolve_geometry(attrs["geometry"])
+    _check_batch(path, attrs, part_index, batch, geom)
+
+    channel = channel_index(batch.kind, batch.columns, geom)
+    order = np.lexsort([channel, batch.event_index()])
+    channel, value = channel[order], batch.columns["value"][order]
+    same = (np.diff(channel) == 0) & (np.diff(batch.event_index()) == 0)
+    if same.any():
+        hit = int(np.flatnonzero(same)[0])
+        ev = int(np.searchsorted(batch.offsets, hit, side="right") - 1)
+        raise StoreError(f"store {path}, part {part_index}: event {part_range(attrs, part_index)[0] + ev} "
+                         f"has two hits in channel {int(channel[hit])}")
+
+    start, stop = part_range(attrs, part_index)
+    tmp = _make_tmp_dir(path, part_index)
+    try:
+        zarr = _zarr()
+        codecs = _codecs(attrs["kind"])
+        group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes={
+            "part": part_index, "first_event": start, "n_events": stop - start, "n_hits": int(len(channel))})
+        _write_array(group, "channel", channel.astype(np.uint32), codecs["channel"])
+        _write_array(group, "value", value, codecs["value"])
+        for name in attrs["extra_columns"]:
+            _write_array(group, name, batch.columns[name][order], codecs["extra"])
+        _write_array(group, "event_offsets", batch.offsets.astype(np.int64), codecs["event_offsets"])
+        cond = group.create_group("conditions")
+        for name in attrs["conditions"]:
+            _write_array(cond, name, batch.conditions[name], codecs["condition"])
+        if overwrite and final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)  # the commit: the part appears complete or not at all
+        except OSError as err:
+            if final.exists():
+                raise StoreError(f"store {path}: part {part_index} was committed by another writer") from err
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            (path / PARTIAL).rmdir()
+        except OSError:
+            pass
+
+
+def _write_array(group, name: str, data: np.ndarray, codecs: dict[str, Any]) -> None:
+    chunk = max(1, min(len(data), CHUNK_ELEMENTS))
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(chunk,),
+                             config={"write_empty_chunks": True}, fill_value=0, **codecs)
+    if len(data):
+        arr[:] = data
+
+
+# ---------------------------------------------------------------------------------------------
+# reader
+
+
+def open_store(path: str | os.PathLike, allow_incomplete: bool = False, geometry: Any = None,
+               cache_parts: int = 2) -> Store:
+    """Open a store for reading.
+
+    Raises StoreError if `path` is missing, not a uhg store, of another schema, or has missing
+    parts (unless `allow_incomplete`, which exposes only the committed parts' events);
+    GeometryError if `geometry` (name or object) is given and differs from the store's.
+    """
+    return Store(path, allow_incomplete=allow_incomplete, geometry=geometry, cache_parts=cache_parts)
+
+
+class Store:
+    """Read access to a committed store. Events are indexed 0..len-1 over committed parts;
+    `event_ids` maps them to the planned event numbers (identical when the store is complete)."""
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False, geometry: Any = None,
+                 cache_parts: int = 2):
+        self.path = Path(path)
+        self.attrs: dict[str, Any] = read_attrs(self.path)
+        self.kind: str = self.attrs["kind"]
+        from uhg.geometry import get_geometry
+
+        try:
+            self.geometry = get_geometry(self.attrs["geometry"])
+        except GeometryError as err:
+            raise GeometryError(f"store {self.path}: {err}") from err
+        if _jsonable(self.geometry.to_dict()) != self.attrs["geometry_spec"]:
+            raise GeometryError(f"store {self.path} was written for geometry {self.attrs['geometry_spec']}, "
+                                f"but {self.geometry.name!r} is now {self.geometry.to_dict()}")
+        if geometry is not None:
+            wanted = geometry if isinstance(geometry, str) else geometry.name
+            if wanted != self.geometry.name:
+                raise GeometryError(f"store {self.path} holds geometry {self.geometry.name!r}, not {wanted!r}")
+        missing = missing_parts(self.path)
+        if missing and not allow_incomplete:
+            raise StoreError(f"store {self.path} is incomplete: {len(missing)} of {self.attrs['n_parts']} parts "
+                             f"missing ({_ranges(missing)}); rerun the writer to complete it")
+        self.parts: list[int] = sorted(set(range(self.attrs["n_parts"])) - set(missing))
+        sizes = [part_range(self.attrs, p)[1] - part_range(self.attrs, p)[0] for p in self.parts]
+        self._part_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._cache: OrderedDict[int, HitBatch] = OrderedDict()
+        self._cache_parts = max(1, cache_parts)
+        self._conditions: dict[str, np.ndarray] | None = None
+
+    # -- sizes and metadata
+    def __len__(self) -> int:
+        return int(self._part_starts[-1])
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, kind={self.kind!r}, geometry={self.geometry.name!r}, events={len(self)})"
+
+    @property
+    def complete(self) -> bool:
+        return len(self.parts) == self.attrs["n_parts"]
+
+    @property
+    def condition_names(self) -> list[str]:
+        return list(self.attrs["conditions"])
+
+    @property
+    def event_ids(self) -> np.ndarray:
+        """(len,) int64 planned event number of each readable event."""
+        return np.concatenate([np.arange(*part_range(self.attrs, p)) for p in self.parts] or [np.zeros(0, np.int64)])
+
+    @property
+    def conditions(self) -> dict[str, np.ndarray]:
+        """{name: (len,) float64} per-event conditions of all readable events."""
+        if self._conditions is None:
+            zarr = _zarr()
+            per_part = []
+            for p in self.parts:
+                group = zarr.open_group(self._part_path(p) / "conditions", mode="r")
+                per_part.append({n: self._read(group, n, p, f"conditions/{n}") for n in self.condition_names})
+            self._conditions = {n: np.concatenate([c[n] for c in per_part]) if per_part else np.zeros(0)
+                                for n in self.condition_names}
+        return self._conditions
+
+    def part_n_hits(self) -> np.ndarray:
+        """(n_readable_parts,) hits per committed part, from part metadata (no chunk reads)."""
+        return np.array([json.loads((self._part_path(p) / "zarr.json").read_text())["attributes"]["n_hits"]
+                         for p in self.parts], dtype=np.int64)
+
+    # -- reading
+    def _part_path(self, part: int) -> Path:
+        return self.path / PARTS / part_name(part)
+
+    def read_part(self, part: int) -> HitBatch:
+        """All events of committed part `part` (cached: sequential access reads each part once)."""
+        if part in self._cache:
+            self._cache.move_to_end(part)
+            return self._cache[part]
+        batch = self._load_part(part)
+        self._cache[part] = batch
+        while len(self._cache) > self._cache_parts:
+            self._cache.popitem(last=False)
+        return batch
+
+    def _load_part(self, part: int) -> HitBatch:
+        zarr = _zarr()
+        where = self._part_path(part)
+        try:
+            group = zarr.open_group(where, mode="r")
+            meta = group.attrs.asdict()
+        except Exception as err:
+            raise StoreError(f"store {self.path}: cannot open part {part} ({where}): {err}") from err
+        channel = self._read(group, "channel", part)
+        value = self._read(group, "value", part)
+        offsets = self._read(group, "event_offsets", part)
+        cond_group = zarr.open_group(where / "conditions", mode="r")
+        conds = {n: self._read(cond_group, n, part, f"conditions/{n}") for n in self.condition_names}
+        start, stop = part_range(self.attrs, part)
+        ok = (len(offsets) == stop - start + 1 and offsets[0] == 0 and offsets[-1] == len(channel) == len(value)
+              == meta.get("n_hits") and np.all(offsets[1:] >= offsets[:-1]))
+        if not ok:
+            raise StoreError(f"store {self.path}, part {part}: arrays are inconsistent (event_offsets of "
+                             f"length {len(offsets)} ending at {offsets[-1] if len(offsets) else None}, "
+                             f"{len(channel)} channels, {len(value)} values, {meta.get('n_hits')} hits recorded)")
+        if len(channel) and int(channel.max()) >= n_channels(self.geometry):
+            raise StoreError(f"store {self.path}, part {part}: array 'channel' holds index {int(channel.max())} "
+                             f"beyond the {n_channels(self.geometry)} channels of {self.geometry.name!r}")
+        cols = columns_from_channel(self.kind, channel, self.geometry)
+        cols["value"] = value
+        for name in self.attrs["extra_columns"]:
+            cols[name] = self._read(group, name, part)
+        return HitBatch(self.kind, cols, offsets, conds)
+
+    def _read(self, group, name: str, part: int, label: str | None = None) -> np.ndarray:
+        label = label or name
+        where = f"store {self.path}, part {part}, array {label!r}"
+        try:
+            arr = group[name]
+        except Exception as err:
+            raise StoreError(f"{where} is missing or unreadable: {err}") from err
+        n_chunks = math.ceil(arr.shape[0] / arr.chunks[0]) if arr.shape[0] else 0
+        chunk_dir = self._part_path(part) / label / "c"
+        for c in range(n_chunks):
+            if not (chunk_dir / str(c)).is_file():
+                raise StoreError(f"{where}: chunk c/{c} is missing ({chunk_dir / str(c)})")
+        try:
+            return arr[:]
+        except Exception as err:
+            bad = self._find_bad_chunk(arr, n_chunks)
+            raise StoreError(f"{where}: chunk c/{bad} is corrupt ({err})") from err
+
+    @staticmethod
+    def _find_bad_chunk(arr, n_chunks: int) -> int | str:
+        step = arr.chunks[0]
+        for c in range(n_chunks):
+            try:
+                arr[c * step:(c + 1) * step]
+            except Exception:
+                return c
+        return "?"
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"event {i} out of range for store {self.path} with {n} events")
+        i %= n
+        k = int(np.searchsorted(self._part_starts, i, side="right") - 1)
+        return self.parts[k], i - int(self._part_starts[k])
+
+    def __getitem__(self, i: int):
+        part, j = self._locate(int(i))
+        return self.read_part(part).event(j)
+
+    def __iter__(self) -> Iterator:
+        for part in self.parts:
+            yield from self.read_part(part)
+
+    def iter_batches(self) -> Iterator[HitBatch]:
+        """One HitBatch per committed part, in order (the fastest way through a store)."""
+        for part in self.parts:
+            yield self.read_part(part)
+
+    def read(self, start: int = 0, stop: int | None = None) -> HitBatch:
+        """Events start..stop-1 (readable-event numbering) as one HitBatch."""
+        stop = len(self) if stop is None else stop
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"range {start}..{stop} outside 0..{len(self)} of store {self.path}")
+        if start == stop:
+            return self._empty()
+        k0 = int(np.searchsorted(self._part_starts, start, side="right") - 1)
+        k1 = int(np.searchsorted(self._part_starts, stop - 1, side="right") - 1)
+        pieces = []
+        for k in range(k0, k1 + 1):
+            lo = max(start, int(self._part_starts[k])) - int(self._part_starts[k])
+            hi = min(stop, int(self._part_starts[k + 1])) - int(self._part_starts[k])
+            pieces.append(self.read_part(self.parts[k]).slice(lo, hi))
+        return pieces[0] if len(pieces) == 1 else HitBatch.concat(pieces)
+
+    def take(self, indices: np.ndarray) -> HitBatch:
+        """Events at `indices` (any order) as one HitBatch; reads each needed part once."""
+        indices = np.asarray(indices, dtype=np.int64)
+        k = np.searchsorted(self._part_starts, indices, side="right") - 1
+        pieces, where = [], []
+        for kk in np.unique(k):
+            sel = np.flatnonzero(k == kk)
+            pieces.append(self.read_part(self.parts[kk]).take(indices[sel] - self._part_starts[kk]))
+            where.append(sel)
+        if not pieces:
+            return self._empty()
+        batch = pieces[0] if len(pieces) == 1 else HitBatch.concat(pieces)
+        order = np.argsort(np.concatenate(where), kind="stable")
+        return batch if len(pieces) == 1 else batch.take(order)
+
+    def _empty(self) -> HitBatch:
+        empty = HitBatch.empty(self.kind, self.condition_names)
+        extra = {k: np.zeros(0, EXTRA_COLUMNS[k]) for k in self.attrs["extra_columns"]}
+        return HitBatch(self.kind, empty.columns | extra, empty.offsets, empty.conditions)
+
+    # -- views
+    def dense(self, i: int) -> np.ndarray:
+        """Dense view of event i: (n_sensors, rows, cols) uint8 or (n_cells,) float32."""
+        return dense_event(self[i], self.geometry)
+
+    def torch(self, start: int = 0, stop: int | None = None):
+        """Events start..stop-1 as `uhg.sparse.torch_hits.TorchHits`."""
+        from uhg.sparse.torch_hits import TorchHits
+
+        return TorchHits.from_batch(self.read(start, stop))
+
+    def sparse(self, i: int):
+        """Event i as a torch sparse COO tensor: (n_sensors, rows, cols) ADC or (n_cells,) MeV."""
+        hits = self.torch(i % len(self), i % len(self) + 1)
+        g = self.geometry
+        if self.kind == "pixel":
+            return hits.pixel_sparse(g.n_sensors, g.rows, g.cols)[0]
+        import torch
+
+        lo = torch.as_tensor(np.asarray(g.layer_offsets), dtype=torch.int64)
+        idx = (lo[hits.columns["layer"]] + hits.columns["cell"]).unsqueeze(0)
+        return torch.sparse_coo_tensor(idx, hits.columns["value"], (g.n_cells,)).coalesce()
+
+
+def _ranges(indices: list[int], limit: int = 8) -> str:
+    """'0-3, 7, 9-12' for a sorted index list (first `limit` runs)."""
+    runs: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    text = ", ".join(runs[:limit])
+    return f"parts {text}" + (", ..." if len(runs) > limit else "")
