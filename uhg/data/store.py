@@ -265,7 +265,7 @@ def _check_batch(path: Path, attrs: Mapping[str, Any], part_index: int, batch: H
         bad = np.flatnonzero(~((v >= spec["min"]) & (v <= spec["max"])))
         if len(bad):
             j = bad[0]
-            raise ConditionError(f"{where}: condition {name!r} of event {start + j} is {v[j]!r} {spec['unit']}, "
+            raise ConditionError(f"{where}: condition {name!r} of event {start + j} is {float(v[j])!r} {spec['unit']}, "
                                  f"outside the declared range [{spec['min']}, {spec['max']}]")
     problem = check_in_geometry(batch.kind, batch.columns, geom)
     if problem:

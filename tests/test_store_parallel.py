@@ -1,0 +1,98 @@
+"""Parallel part writers and crash safety, with real processes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from uhg.data import create_store, fill_store, missing_parts, open_store
+from uhg.errors import GeometryError, StoreError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_store import LUMI, assert_same, pixel_events  # noqa: E402
+
+
+def make_part(geometry: str, start: int, stop: int):
+    """Module-level so spawned workers can unpickle it."""
+    return pixel_events(geometry, start, stop, max_hits=400)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_two_spawn_workers_match_one_process(tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    make = functools.partial(make_part, "pxd-tiny")
+    for path in (serial, parallel):
+        create_store(path, "pixel", "pxd-tiny", 50, 8, LUMI, seed=1)
+    assert fill_store(serial, make, workers=1, progress=False) == 50
+    assert fill_store(parallel, make, workers=2, progress=False, start_method="spawn") == 50
+    assert missing_parts(parallel) == []
+    assert_same(open_store(parallel).read(), open_store(serial).read())
+    assert tree_bytes(serial / "parts") == tree_bytes(parallel / "parts")
+    assert fill_store(parallel, make, workers=2, progress=False) == 0  # nothing left to do
+
+
+def test_worker_error_reaches_the_parent(tmp_path):
+    path = tmp_path / "s"
+    create_store(path, "pixel", "pxd-mini", 20, 10, LUMI)
+    bad = functools.partial(make_part, "pxd")  # full-size rows do not fit pxd-mini
+    with pytest.raises(GeometryError, match="geometry 'pxd-mini' allows"):
+        fill_store(path, bad, workers=2, progress=False, start_method="spawn")
+    with pytest.raises(StoreError, match="start_method"):
+        fill_store(path, bad, start_method="fork")
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import uhg.data.store as store
+    from test_store import pixel_events
+    write_array = store._write_array
+    def slow_write(group, name, *args, **kw):
+        write_array(group, name, *args, **kw)
+        if name == "value" and "p000001" in str(group.store):
+            print("writing", flush=True)
+            time.sleep(60)  # killed here, with part 1 half written
+    store._write_array = slow_write
+    for part in (0, 1, 2):
+        store.write_part({path!r}, part, pixel_events("pxd-tiny", part * 10, min(part * 10 + 10, 25), max_hits=400))
+""")
+
+
+def test_killed_writer_leaves_no_visible_part_and_rerun_completes(tmp_path):
+    path, ref = tmp_path / "s", tmp_path / "ref"
+    make = functools.partial(make_part, "pxd-tiny")
+    for p in (path, ref):
+        create_store(p, "pixel", "pxd-tiny", 25, 10, LUMI, seed=1)
+    fill_store(ref, make, progress=False)
+
+    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert any((path / ".partial").iterdir())  # the half-written part exists, but only there
+    assert missing_parts(path) == [1, 2]
+    with pytest.raises(StoreError, match=r"incomplete: 2 of 3 parts missing \(parts 1-2\)"):
+        open_store(path)
+    assert len(open_store(path, allow_incomplete=True)) == 10
+
+    create_store(path, "pixel", "pxd-tiny", 25, 10, LUMI, seed=1)  # resume: clears the dead writer's debris
+    assert not (path / ".partial").exists()
+    t0 = time.perf_counter()
+    assert fill_store(path, make, progress=False) == 15
+    assert time.perf_counter() - t0 < 30
+    assert tree_bytes(path / "parts") == tree_bytes(ref / "parts")
+    assert_same(open_store(path).read(), open_store(ref).read())
