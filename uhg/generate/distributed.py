@@ -1,0 +1,188 @@
+"""Distributed batch generation: a generator export (or MLflow model) -> a sparse event store.
+
+`run_generate` writes N generated events at given conditions into a store, one part per work
+item, with Ray actors that each hold one loaded generator (`uhg.generate.ray_pool`). Event j
+draws its randomness from `event_seed(seed, j, "generate")` (inside `Generator.generate`), and
+every part is produced by one `generate` call over exactly its events, so the store is
+byte-identical for 1 or K workers, across reruns and after a resume.
+
+The helpers here (`describe_model`, `open_generator`, `GeneratorSource`) are shared with
+overlays (`uhg.generate.overlay`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uhg.data.hits import HitBatch
+from uhg.errors import ConditionError, ConfigError, UhgError
+from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
+
+CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "incident_energy": "MeV"}
+
+
+def condition_specs(conditions: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Store declaration {name: {min, max, unit}} covering the given per-event values."""
+    return {n: {"min": float(np.min(v)), "max": float(np.max(v)), "unit": CONDITION_UNITS.get(n, "")}
+            for n, v in conditions.items()}
+
+
+def model_id(path: str | os.PathLike) -> str:
+    """Content id of an export folder: sha256 over its files' names and bytes (first 16 hex).
+    Independent of where the export was downloaded to, so a resume recognises the same model."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def describe_model(reference: str) -> dict[str, Any]:
+    """Resolve `reference` (export folder, `models:/name@alias`, `runs:/...`) on this machine.
+
+    Returns {reference, path, id, geometry (name), conditions (names the generator needs)}.
+    Raises ConfigError / CheckpointError when the reference names no loadable export.
+    """
+    from uhg.generate.model import Generator
+    from uhg.tracking.models import resolve_model_uri
+
+    path = resolve_model_uri(reference).resolve()
+    generator = Generator.load(path)
+    return {"reference": str(reference), "path": str(path), "id": model_id(path),
+            "geometry": _geometry_name(generator), "conditions": list(generator.condition_names)}
+
+
+def _geometry_name(generator: Any) -> str:
+    geometry = generator.geometry
+    return geometry if isinstance(geometry, str) else geometry.name
+
+
+def open_generator(path: str | os.PathLike, device: str = "cpu"):
+    """Load a generator export for inference on `device` ("cpu" or "cuda")."""
+    from uhg.generate.model import Generator
+
+    return Generator.load(path, device=device)
+
+
+class GeneratorSource:
+    """Generated events at fixed conditions: events(start, stop) are events start..stop-1 of
+    the run with `seed` (each from `event_seed(seed, j, "generate")`)."""
+
+    def __init__(self, generator: Any, conditions: dict[str, float], seed: int, batch_size: int) -> None:
+        self.generator, self.conditions, self.seed, self.batch_size = generator, conditions, seed, batch_size
+
+    def events(self, start: int, stop: int, conditions: dict[str, np.ndarray] | None = None) -> HitBatch:
+        n = stop - start
+        conds = conditions if conditions is not None else {k: np.full(n, v) for k, v in self.conditions.items()}
+        return self.generator.generate(conds, seed=self.seed, first_event=start, batch_size=self.batch_size)
+
+
+def load_conditions(path: str | os.PathLike, n_events: int) -> dict[str, np.ndarray]:
+    """Per-event conditions from a file: JSON/YAML {name: value or list of n_events values}
+    or NPZ {name: (n_events,) array}. Returns {name: (n_events,) float64}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"conditions file {path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            raw: dict[str, Any] = {k: npz[k] for k in npz.files}
+    elif path.suffix in (".json", ".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ConfigError(f"conditions file {path}: expected a mapping name -> value(s), got {type(raw).__name__}")
+    else:
+        raise ConfigError(f"conditions file {path}: expected .json, .yaml or .npz")
+    out = {}
+    for name, values in raw.items():
+        try:
+            arr = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ConditionError(f"conditions file {path}: {name!r} is not numeric") from err
+        if arr.ndim == 0:
+            arr = np.full(n_events, float(arr))
+        if arr.shape != (n_events,):
+            raise ConditionError(f"conditions file {path}: {name!r} has shape {arr.shape}; expected a scalar "
+                                 f"or ({n_events},) for {n_events} events")
+        if not np.all(np.isfinite(arr)):
+            raise ConditionError(f"conditions file {path}: {name!r} has non-finite values")
+        out[str(name)] = arr
+    return out
+
+
+@dataclass
+class GenerateJob:
+    """One generation run, as sent to every worker: events of part p are generated by one
+    `Generator.generate` call with the part's conditions."""
+
+    model_path: str
+    out: str
+    seed: int
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
+    batch_size: int = 16
+
+    def open(self, device: str) -> None:
+        from uhg.data.store import read_attrs
+
+        self._attrs = read_attrs(self.out)
+        self._source = GeneratorSource(open_generator(self.model_path, device), {}, self.seed, self.batch_size)
+
+    def write_part(self, part: int) -> PartResult:
+        from uhg.data.store import part_range, write_part
+
+        start, stop = part_range(self._attrs, part)
+        batch = self._source.events(start, stop, {k: v[start:stop] for k, v in self.conditions.items()})
+        write_part(self.out, part, batch)
+        return PartResult(part, len(batch), batch.n_hits)
+
+
+def plan_generate(model: str, out: str | os.PathLike, n_events: int, conditions: dict[str, np.ndarray], *,
+                  seed: int = 0, part_size: int = 64, batch_size: int = 16,
+                  overwrite: bool = False) -> tuple[GenerateJob, list[int], dict[int, int]]:
+    """Check the model and conditions, create (or reopen, to resume) the store. Returns the
+    job, the parts still to write and the events of every part."""
+    from uhg.data.store import create_store, missing_parts, part_range, read_attrs
+
+    if n_events < 1:
+        raise UhgError(f"--events must be at least 1, got {n_events}")
+    info = describe_model(model)
+    missing = [n for n in info["conditions"] if n not in conditions]
+    if missing:
+        raise ConditionError(f"model {model!r} needs conditions {info['conditions']}; missing {missing}")
+    unknown = sorted(set(conditions) - set(info["conditions"]))
+    if unknown:
+        raise ConditionError(f"model {model!r} takes conditions {info['conditions']}, not {unknown}")
+    out_path = Path(out).resolve()
+    provenance = {"model": info["reference"], "model_id": info["id"], "seed": int(seed),
+                  "event_seed": "event_seed(seed, event index, 'generate')", "batch_size": int(batch_size)}
+    create_store(out_path, "pixel" if _is_pixel(info["geometry"]) else "calo", info["geometry"], n_events,
+                 part_size, conditions=condition_specs(conditions), attributes={"generated": provenance},
+                 overwrite=overwrite, seed=int(seed))
+    attrs = read_attrs(out_path)
+    sizes = {p: part_range(attrs, p)[1] - part_range(attrs, p)[0] for p in range(attrs["n_parts"])}
+    job = GenerateJob(info["path"], str(out_path), int(seed), {k: np.asarray(v, np.float64) for k, v in conditions.items()},
+                      batch_size)
+    return job, missing_parts(out_path), sizes
+
+
+def _is_pixel(geometry_name: str) -> bool:
+    from uhg.geometry import get_geometry
+
+    return get_geometry(geometry_name).kind == "pixel"
+
+
+def run_generate(model: str, out: str | os.PathLike, n_events: int, conditions: dict[str, np.ndarray], *,
+                 ray_options: RayOptions | None = None, **plan_args: Any) -> list[PartResult]:
+    """Generate `n_events` events into the store `out`, in this process when `ray_options`
+    is None, else on Ray actors (see `plan_generate` for the other arguments)."""
+    job, parts, sizes = plan_generate(model, out, n_events, conditions, **plan_args)
+    return run_parts(job, parts, sizes, ray_options=ray_options, description="generate")

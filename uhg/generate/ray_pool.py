@@ -1,0 +1,208 @@
+"""Write the parts of a store with a pool of workers: in this process, or as Ray actors.
+
+A *part job* (`PartJob`) knows how to produce one part of an output store: `open()` loads
+what a worker needs once (a generator, input stores), `write_part(part)` computes the part's
+events and writes them with `uhg.data.store.write_part` (atomic: a part is visible only when
+complete), returning the number of events and hits. The same job object runs
+
+- in this process (`workers=0`): parts one after another;
+- on Ray (`workers=K`): K actors, each holding ONE opened job (one loaded model, on CPU or on
+  `gpus_per_worker` GPUs), pulling parts until none are left.
+
+Only parts listed by `missing_parts` are scheduled, so rerunning a killed job redoes only what
+is missing. Every event's randomness derives from (seed, event index), so which worker wrote
+which part does not change a byte of the output. A worker that dies is restarted by Ray and
+its part retried (`max_restarts`, `max_task_retries`). The driver holds only part numbers and
+counts; events never pass through it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from uhg.errors import UhgError
+
+MAX_RESTARTS = 3
+"""How often Ray restarts a dead actor, and retries a part whose worker died."""
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """What a worker reports for one written part."""
+
+    part: int
+    n_events: int
+    n_hits: int
+
+
+class PartJob(Protocol):
+    """A picklable description of the work; opened once per worker."""
+
+    def open(self, device: str) -> None:
+        """Load models and open inputs; `device` is "cpu" or "cuda"."""
+
+    def write_part(self, part: int) -> PartResult:
+        """Compute and atomically write part `part` of the output store."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to run on Ray.
+
+    workers: number of actors (each holds one loaded model).
+    cpus_per_worker, gpus_per_worker: resources of one actor (`num_cpus`, `num_gpus`).
+    address: Ray cluster to join; None joins the cluster of a `ray job submit` job (the
+        `RAY_ADDRESS` it sets) or else starts a private local Ray with just enough CPUs.
+    """
+
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise UhgError(f"--workers must be at least 1, got {self.workers}")
+        if self.cpus_per_worker < 1:
+            raise UhgError(f"cpus per worker must be at least 1, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise UhgError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+
+
+class Progress:
+    """Events done, events/s and ETA on the driver (tqdm), plus a closing summary line."""
+
+    def __init__(self, total_events: int, done_events: int, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.start = time.perf_counter()
+        self.new_events = 0
+        self.bar = tqdm(total=total_events, initial=done_events, unit="ev", desc=description,
+                        dynamic_ncols=True, smoothing=0.1, mininterval=1.0)
+
+    def update(self, result: PartResult) -> None:
+        self.new_events += result.n_events
+        self.bar.update(result.n_events)
+
+    def close(self) -> float:
+        """Close the bar; returns the wall time in seconds."""
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def run_parts(job: PartJob, parts: list[int], events_per_part: dict[int, int], *,
+              ray_options: RayOptions | None = None, description: str = "events") -> list[PartResult]:
+    """Write `parts` of the store with `job`, in this process or on Ray; returns the results
+    in part order. `events_per_part` (all parts of the store) drives progress and ETA."""
+    total = sum(events_per_part.values())
+    done = total - sum(events_per_part[p] for p in parts)
+    progress = Progress(total, done, description)
+    try:
+        if ray_options is None:
+            results = _run_here(job, parts, progress)
+        else:
+            results = _run_on_ray(job, parts, ray_options, progress)
+    finally:
+        wall = progress.close()
+    n_new = sum(r.n_events for r in results)
+    rate = n_new / wall if wall > 0 else float("nan")
+    print(f"wrote {len(results)} part(s), {n_new} events, in {wall:.1f} s ({rate:.2f} events/s); "
+          f"{done} events were already written", flush=True)
+    return sorted(results, key=lambda r: r.part)
+
+
+def _run_here(job: PartJob, parts: list[int], progress: Progress) -> list[PartResult]:
+    job.open("cpu")
+    results = []
+    for part in parts:
+        result = job.write_part(part)
+        progress.update(result)
+        results.append(result)
+    return results
+
+
+def init_ray(options: RayOptions) -> bool:
+    """Join the given cluster, the cluster of a Ray job, or start a private local Ray.
+    Returns True when this call connected (the caller then shuts Ray down), False when Ray
+    was already initialised by the caller."""
+    import ray
+
+    # Token auth is on by default for new clusters in Ray 2.60; client and server must agree,
+    # so say it explicitly (tools/env.sh sets the same).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" never joins a cluster someone else started on this machine.
+        ray.init(address="local", num_cpus=options.workers * options.cpus_per_worker,
+                 num_gpus=None if options.gpus_per_worker == 0 else options.workers * options.gpus_per_worker,
+                 include_dashboard=False, log_to_driver=True)
+    return True
+
+
+class _PartWorker:
+    """Ray actor body: holds one opened job (one loaded model) for its lifetime."""
+
+    def __init__(self, job: PartJob, device: str, threads: int) -> None:
+        self.job = job
+        self.job.open(device)
+        if "torch" in sys.modules:  # a generator was loaded: one intra-op thread per reserved CPU
+            sys.modules["torch"].set_num_threads(threads)
+
+    def write_part(self, part: int) -> PartResult:
+        return self.job.write_part(part)
+
+
+def _run_on_ray(job: PartJob, parts: list[int], options: RayOptions, progress: Progress) -> list[PartResult]:
+    import ray
+
+    if not parts:
+        return []
+    connected_here = init_ray(options)
+    n_actors = min(options.workers, len(parts))
+    worker_class = ray.remote(
+        num_cpus=options.cpus_per_worker,
+        num_gpus=options.gpus_per_worker,
+        max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_RESTARTS,
+    )(_PartWorker)
+    device = "cuda" if options.gpus_per_worker > 0 else "cpu"
+    # The job is passed by value (small), so a restarted actor can always rebuild it.
+    actors = [worker_class.remote(job, device, options.cpus_per_worker) for _ in range(n_actors)]
+    pending = list(reversed(parts))  # pop() hands out parts in increasing order
+    running: dict = {}
+    results: list[PartResult] = []
+    try:
+        for actor in actors:
+            if pending:
+                running[actor.write_part.remote(pending.pop())] = actor
+        while running:
+            [ready], _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ready)
+            try:
+                result = ray.get(ready)
+            except ray.exceptions.RayTaskError as err:
+                # Bad input found by a worker (missing condition, wrong geometry) reads as if
+                # found here: one clear message, no remote traceback.
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, UhgError):
+                    raise cause from None
+                raise
+            progress.update(result)
+            results.append(result)
+            if pending:
+                running[actor.write_part.remote(pending.pop())] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if connected_here:
+            ray.shutdown()
+    return results
