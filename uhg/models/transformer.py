@@ -1,0 +1,313 @@
+"""Autoregressive hit transformer: hits as tokens, an END token decides multiplicity.
+
+One causal sequence per (event, unit) (PXD sensor; calorimeter shower). Each token is a hit,
+factorised as p(row) p(col | row) p(value | row, col), with END as an extra row class; the
+grid order is enforced by masking (see uhg.models.transformer_tokens), so samples are sorted,
+unique hits and can be longer than any training sequence.
+
+Conditioning, all through one per-sequence context vector c (S, d):
+    c = MLP(condition features) + unit id embedding + Linear(unit geometry features) + Linear(z)
+c is the start token's input and FiLM-modulates every pre-norm block (shift/scale of each
+LayerNorm, zero-initialised as in DiT's adaLN), so conditions act at every depth.
+
+Intra-event correlations: all sensors of an event share an event latent z (latent_dim). In
+training z comes from a small encoder over per-sensor summaries of the real event (hit count,
+row profile, mean value) with a KL term to N(0, 1) (a conditional VAE over events); in
+generation z ~ N(0, 1). Sensors are then sampled in parallel, so generation costs as many
+sequential steps as the longest sensor, not the sum over sensors.
+
+Positions: learned row/col embeddings of each hit plus optional 2-D rotary embedding of
+(row, col) in attention. No sequence-index position is used: the index of a hit grows with
+multiplicity, which is exactly what must extrapolate beyond the training range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uhg.config.transformer import TransformerConfig
+from uhg.models.transformer_tokens import TokenBatch, TokenLayout
+
+PROFILE_BINS = 16  # row-profile bins of the latent encoder's per-unit summary
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (..., T, n) by integer positions pos (..., T)."""
+    ang = pos.unsqueeze(-1).to(x.dtype) * inv_freq.to(x.dtype)
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Rotary2D(nn.Module):
+    """Rotates the first half of each head by the row and the second half by the column, so
+    attention scores depend on the relative grid offset between hits (clusters are local)."""
+
+    def __init__(self, head_dim: int, base: float = 1000.0):
+        super().__init__()
+        quarter = head_dim // 4
+        self.register_buffer("inv_freq", base ** (-torch.arange(quarter, dtype=torch.float32) / quarter),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """x (S, H, T, dh); rows, cols (S, T)."""
+        a, b = x.chunk(2, -1)
+        return torch.cat([_rotate(a, rows[:, None], self.inv_freq), _rotate(b, cols[:, None], self.inv_freq)], -1)
+
+
+@dataclass
+class KVCache:
+    """Keys/values of one block for incremental decoding: (S, H, capacity, dh), `length` filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.length + k.shape[2] > self.k.shape[2]:  # grow geometrically: O(T) copies in total
+            grow = max(self.k.shape[2], k.shape[2])
+            self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], 2)
+            self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], 2)
+        n = k.shape[2]
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (sequences still running)."""
+        self.k, self.v = self.k[index], self.v[index]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; LayerNorm shift/scale come from the sequence context (FiLM)."""
+
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, rotary: Rotary2D | None):
+        super().__init__()
+        self.n_heads, self.rotary = n_heads, rotary
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * d, d))
+        self.film = nn.Linear(d, 4 * d)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (S, T, d); ctx (S, d); rows/cols (S, T) positions of the input tokens. With a cache,
+        x holds only the new tokens and attends to everything cached before them."""
+        S, T, d = x.shape
+        shift1, scale1, shift2, scale2 = self.film(ctx).unsqueeze(1).chunk(4, -1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = self.qkv(h).view(S, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q, rows, cols), self.rotary(k, rows, cols)
+        if cache is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if T != 1:
+                raise ValueError("cached decoding takes one token per step")
+            k, v = cache.append(k, v)
+            a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(S, T, d))
+        return x + self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class LatentEncoder(nn.Module):
+    """q(z | event): per-unit summaries -> MLP -> mean over units -> (mu, logvar)."""
+
+    def __init__(self, d: int, n_cond: int, latent_dim: int):
+        super().__init__()
+        self.unit = nn.Sequential(nn.Linear(PROFILE_BINS + 2 + d, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.out = nn.Linear(d + n_cond, 2 * latent_dim)
+
+    def forward(self, summary: torch.Tensor, unit_ctx: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """summary (B, U, PROFILE_BINS + 2); unit_ctx (B, U, d); cond (B, C)."""
+        pooled = self.unit(torch.cat([summary, unit_ctx], -1)).mean(1)
+        mu, logvar = self.out(torch.cat([pooled, cond], -1)).chunk(2, -1)
+        return mu, logvar.clamp(-10, 10)
+
+
+class HitTransformer(nn.Module):
+    """The model. Buffers `cond_log_lo/hi` hold the log training range of each condition, so an
+    export carries its own normalisation."""
+
+    def __init__(self, config: TransformerConfig, layout: TokenLayout):
+        super().__init__()
+        self.config, self.layout = config, layout
+        d, L = config.d_model, layout
+        n_cond = len(config.conditions)
+        self.register_buffer("cond_log_lo", torch.zeros(n_cond, dtype=torch.float64))
+        self.register_buffer("cond_log_hi", torch.ones(n_cond, dtype=torch.float64))
+        self.register_buffer("unit_features", torch.as_tensor(L.unit_features, dtype=torch.float32))
+        self.register_buffer("row_width", torch.as_tensor(L.row_width, dtype=torch.long), persistent=False)
+        self.cond_mlp = nn.Sequential(nn.Linear(max(n_cond, 1), d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.unit_emb = nn.Embedding(L.n_units, d)
+        self.unit_geom = nn.Linear(L.unit_features.shape[1], d)
+        self.latent_dim = config.latent_dim
+        if config.latent_dim:
+            self.latent_proj = nn.Linear(config.latent_dim, d)
+            self.encoder = LatentEncoder(d, n_cond, config.latent_dim)
+        self.start = nn.Parameter(torch.zeros(d))
+        self.row_in, self.col_in, self.val_in = nn.Embedding(L.n_rows, d), nn.Embedding(L.n_cols, d), nn.Embedding(L.n_values, d)
+        rotary = Rotary2D(d // config.n_heads) if config.rotary else None
+        self.blocks = nn.ModuleList(Block(d, config.n_heads, config.mlp_ratio, rotary) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.final_film = nn.Linear(d, 2 * d)
+        nn.init.zeros_(self.final_film.weight)
+        nn.init.zeros_(self.final_film.bias)
+        self.row_head = nn.Linear(d, L.n_rows + 1)
+        self.row_out = nn.Embedding(L.n_rows + 1, d)
+        self.col_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_cols))
+        self.col_out = nn.Embedding(L.n_cols, d)
+        self.val_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_values))
+        for emb in (self.row_in, self.col_in, self.val_in, self.row_out, self.col_out, self.unit_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    # ---- conditioning -------------------------------------------------------------------
+    def unit_context(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, U, d) context of every unit of every event, without the latent. cond (B, C)."""
+        c = self.cond_mlp(cond if cond.shape[1] else cond.new_zeros(len(cond), 1))
+        units = self.unit_emb.weight + self.unit_geom(self.unit_features)
+        return c[:, None, :] + units[None]
+
+    def sequence_context(self, unit_ctx: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """(B*U, d) per-sequence context, sequences in (event, unit) order."""
+        if self.latent_dim:
+            unit_ctx = unit_ctx + self.latent_proj(z)[:, None, :]
+        return unit_ctx.reshape(-1, unit_ctx.shape[-1])
+
+    def summaries(self, tokens: TokenBatch, n_events: int) -> torch.Tensor:
+        """(B, U, PROFILE_BINS + 2) per-unit summary of real events: log(1 + hits per row bin),
+        log(1 + hits), mean value class / n_values."""
+        L = self.layout
+        t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
+        hit = (t >= 1) & (t <= tokens.lengths[:, None])
+        bins = (tokens.rows * PROFILE_BINS // L.n_rows).clamp_(max=PROFILE_BINS - 1)
+        prof = torch.zeros(len(tokens.lengths), PROFILE_BINS, device=hit.device).scatter_add_(1, bins, hit.float())
+        n = tokens.lengths.float()
+        mean_val = (tokens.values.float() * hit).sum(1) / n.clamp_min(1) / L.n_values
+        s = torch.cat([torch.log1p(prof), torch.log1p(n)[:, None], mean_val[:, None]], 1)
+        return s.view(n_events, L.n_units, -1)
+
+    # ---- network ------------------------------------------------------------------------
+    def embed(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, first: bool,
+              ctx: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (S, T, d) of tokens; if `first`, position 0 is the start token."""
+        x = self.row_in(rows) + self.col_in(cols) + self.val_in(values)
+        if first:
+            x = torch.cat([(self.start + ctx)[:, None], x[:, 1:]], 1)
+        return x
+
+    def hidden(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               caches: list[KVCache] | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, rows, cols, None if caches is None else caches[i])
+        shift, scale = self.final_film(ctx).unsqueeze(1).chunk(2, -1)
+        return self.norm(x) * (1 + scale) + shift
+
+    def row_logits(self, h: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor) -> torch.Tensor:
+        """(..., n_rows + 1) row logits, -inf where the row cannot follow (prev_row, prev_col);
+        prev_row = -1 before the first hit. END (last class) is always allowed."""
+        r = torch.arange(self.layout.n_rows + 1, device=h.device)
+        width = torch.cat([self.row_width, self.row_width.new_ones(1)])
+        pr, pc = prev_row.unsqueeze(-1), prev_col.unsqueeze(-1)
+        ok = (r > pr) | ((r == pr) & (pc < width[r] - 1))
+        ok = ok & (width[r] > 0) | (r == self.layout.n_rows)
+        return self.row_head(h).masked_fill(~ok, float("-inf"))
+
+    def col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor) -> torch.Tensor:
+        """(..., n_cols) column logits given the chosen row; invalid columns are -inf. For END
+        (row = n_rows) every column is left open; that value is never used."""
+        c = torch.arange(self.layout.n_cols, device=h.device)
+        width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])
+        r = row.unsqueeze(-1)
+        ok = (c < width[row].unsqueeze(-1)) & ((r > prev_row.unsqueeze(-1)) | (c > prev_col.unsqueeze(-1)))
+        ok = ok | (r == self.layout.n_rows)
+        return self.col_head(h + self.row_out(row)).masked_fill(~ok, float("-inf"))
+
+    def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        return self.val_head(h + self.row_out(row) + self.col_out(col))
+
+    # ---- training -----------------------------------------------------------------------
+    def loss(self, tokens: TokenBatch, cond: torch.Tensor, sample_latent: bool = True) -> dict[str, torch.Tensor]:
+        """Teacher-forced negative ELBO per token.
+
+        tokens: from `encode_hits`; cond: (B, C) features from `condition_features`.
+        Returns `loss` (the objective: summed NLL of all targets + kl_weight * KL, divided by
+        the number of real targets), `nll_row`, `nll_col`, `nll_value` (per hit, nats), `nll`
+        (per event, nats), `kl` (per event, nats). Padding never enters any of them.
+        """
+        B, L = len(cond), self.layout
+        unit_ctx = self.unit_context(cond)
+        z, kl = None, cond.new_zeros(())
+        if self.latent_dim:
+            mu, logvar = self.encoder(self.summaries(tokens, B), unit_ctx, cond)
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample_latent else mu
+            kl_dim = 0.5 * (mu.square() + logvar.exp() - 1 - logvar)
+            kl = kl_dim.sum() / B
+            kl_penalised = (kl_dim.mean(0) - self.config.free_bits).clamp_min(0).sum()
+        ctx = self.sequence_context(unit_ctx, z)
+        rows, cols, vals = tokens.rows, tokens.cols, tokens.values
+        S, T = rows.shape
+        # Input t is hit t-1 (t=0: start); its grid position is the "previous" position of target t.
+        prev_r = torch.cat([rows.new_full((S, 1), -1), rows[:, 1:]], 1)
+        prev_c = torch.cat([cols.new_full((S, 1), -1), cols[:, 1:]], 1)
+        h = self.hidden(self.embed(rows, cols, vals, True, ctx), ctx, prev_r, prev_c)
+        real = tokens.target_mask()
+        # Target t is hit t (stored at input slot t+1), END at t = length.
+        t_row = torch.cat([rows[:, 1:], rows.new_zeros(S, 1)], 1)
+        t_col = torch.cat([cols[:, 1:], cols.new_zeros(S, 1)], 1)
+        t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1)], 1)
+        is_end = torch.arange(T, device=rows.device)[None] == tokens.lengths[:, None]
+        t_row = torch.where(is_end, L.n_rows, t_row)
+        is_hit = real & ~is_end
+        h_r, pr, pc = h[real], prev_r[real], prev_c[real]
+        nll_row = F.cross_entropy(self.row_logits(h_r, pr, pc), t_row[real], reduction="sum")
+        h_h, hr, hc = h[is_hit], t_row[is_hit], t_col[is_hit]
+        nll_col = F.cross_entropy(self.col_logits(h_h, hr, prev_r[is_hit], prev_c[is_hit]), hc, reduction="sum")
+        nll_val = F.cross_entropy(self.value_logits(h_h, hr, hc), t_val[is_hit], reduction="sum")
+        nll = nll_row + nll_col + nll_val
+        n_tok, n_hit = int(real.sum()), max(int(is_hit.sum()), 1)
+        objective = nll + (self.config.kl_weight * kl_penalised * B if self.latent_dim else 0.0)
+        return {
+            "loss": objective / n_tok,
+            "nll": nll.detach() / B,
+            "nll_row": nll_row.detach() / n_hit,
+            "nll_col": nll_col.detach() / n_hit,
+            "nll_value": nll_val.detach() / n_hit,
+            "kl": kl.detach(),
+        }
+
+    # ---- cost ---------------------------------------------------------------------------
+    def flops_per_token(self, context: float, training: bool = True) -> float:
+        """Model FLOPs per token (matmuls only, 2 per multiply-add): weight matmuls of blocks
+        and heads plus attention scores and weighted sum over `context` attended keys
+        (causal training over length T attends (T+1)/2 on average). Training = 3 x forward
+        (backward costs twice the forward). Per-sequence terms (FiLM, context) are excluded."""
+        c, L = self.config, self.layout
+        d = c.d_model
+        block = 4 * d * d + 2 * c.mlp_ratio * d * d  # qkv + proj + mlp
+        heads = d * (L.n_rows + 1) + (d * d + d * L.n_cols) + (d * d + d * L.n_values)
+        forward = 2 * (c.n_layers * block + heads) + 4 * c.n_layers * d * context
+        return float(3 * forward if training else forward)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def mean_attended(lengths: torch.Tensor) -> float:
+    """Mean number of keys a token attends to in causal teacher forcing over sequences of
+    `lengths` hits (each has lengths + 1 tokens)."""
+    n = lengths.double() + 1
+    return float((n * (n + 1) / 2).sum() / n.sum()) if len(n) else 0.0
+
+
+__all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "count_parameters", "mean_attended"]

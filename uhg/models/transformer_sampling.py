@@ -1,0 +1,227 @@
+"""Batched, KV-cached sampling of the hit transformer with top-q (adaptive nucleus) sampling.
+
+Determinism: every random number of event i derives only from
+`uhg.seeding.event_seed(seed, first_event + i, "generate")`:
+- its latent z from a torch.Generator seeded with it (drawn once per event);
+- every token draw from a counter-based hash of (event seed, unit, step, draw), computed for
+  all sequences at once. No generator state is shared between events, so the output does not
+  depend on which events are batched together, on the batch size, or on how many sequences
+  already ended.
+On CPU, small matrix products (fewer than ~12 rows) use BLAS kernels that round differently;
+the rows of every product are therefore padded to a multiple of 16, which makes each event's
+result bit-identical for any batch split (tests/test_transformer_sampling.py checks this).
+
+Sequences of all events and units advance in lock-step, one hit per step; finished sequences
+are dropped from the active set (and their KV cache rows freed) as they end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from uhg.data.hits import HitBatch
+from uhg.models.transformer import HitTransformer, KVCache
+from uhg.models.transformer_tokens import condition_features, decode_tokens
+from uhg.seeding import event_seed
+
+log = logging.getLogger("uhg.models.transformer")
+
+ROW_PAD = 16
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(x * m) mod 2^32 for x < 2^32 without int64 overflow (split m in 16-bit halves)."""
+    lo, hi = m & 0xFFFF, m >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser with full avalanche (Wellons' lowbias32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: int) -> torch.Tensor:
+    """(N,) float64 uniforms in [0, 1) that are a pure function of (key, unit, step, draw).
+
+    keys: (N,) int64 event seeds (63-bit); units: (N,) int64 sequence unit; step: token index;
+    draw: which of the token's draws (0 row, 1 col, 2 value, 3 value spread).
+    """
+    h = _mix32((keys & _M32) ^ 0x9E3779B9)
+    h = _mix32(h ^ ((keys >> 32) & _M32))
+    h = _mix32(h ^ (units & _M32))
+    h = _mix32(h ^ ((step * 4 + draw) & _M32))
+    h2 = _mix32(h ^ 0x85EBCA6B)
+    return ((h >> 5).double() * 2.0**27 + (h2 >> 6).double()) / 2.0**53  # 53 random bits
+
+
+def top_q_mask(probs: torch.Tensor, q: float) -> torch.Tensor:
+    """(..., V) bool: the smallest set of tokens, most probable first, whose total probability
+    reaches q (ties broken by token index). The most probable token is always kept."""
+    p_sorted, order = torch.sort(probs, -1, descending=True, stable=True)
+    before = torch.cumsum(p_sorted, -1) - p_sorted
+    keep_sorted = before < q
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample_top_q(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_q: float) -> torch.Tensor:
+    """(N,) long: inverse-CDF draw by uniforms `u` (N,) from softmax(logits / temperature)
+    restricted to the top-q set and renormalised. Masked logits (-inf) are never drawn."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_q < 1.0:
+        probs = probs * top_q_mask(probs, top_q)
+    cdf = torch.cumsum(probs, -1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    choice = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # Rounding at the top of the CDF: fall back to the last token with mass.
+    last = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), -1)
+    return torch.minimum(choice, last)
+
+
+def _pad_rows(n: int) -> int:
+    return max(ROW_PAD, -(-n // ROW_PAD) * ROW_PAD)
+
+
+def _padded(index: torch.Tensor) -> torch.Tensor:
+    """`index` padded to a multiple of ROW_PAD by repeating its first entry."""
+    n = _pad_rows(len(index))
+    return torch.cat([index, index[:1].expand(n - len(index))])
+
+
+@dataclass
+class Generated:
+    """Sampled sequences in (event, unit) order: rows/cols/values/value_u (S, T) hit tokens,
+    lengths (S,) hits, n_capped sequences cut at the cap."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+    value_u: torch.Tensor
+    lengths: torch.Tensor
+    n_capped: int
+
+
+@torch.no_grad()
+def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int], *, temperature: float = 1.0,
+                    top_q: float = 1.0, max_hits: int = 4096, use_cache: bool = True) -> Generated:
+    """Sample B events. cond: (B, C) condition features; seeds: B per-event seeds (already
+    derived with event_seed). use_cache=False recomputes the whole prefix at every step (slow;
+    for testing the cache)."""
+    L, dev, B = model.layout, cond.device, len(seeds)
+    U, S = L.n_units, len(seeds) * L.n_units
+    keys = torch.tensor(list(seeds), dtype=torch.int64, device=dev).repeat_interleave(U)
+    units = torch.arange(U, device=dev).repeat(B)
+    z = None
+    if model.latent_dim:
+        z = torch.stack([torch.randn(model.latent_dim, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds]).to(dev) if B else torch.zeros(0, model.latent_dim, device=dev)
+    ev_pad = _padded(torch.arange(B, device=dev)) if B else torch.zeros(0, dtype=torch.long, device=dev)
+    ctx_all = model.sequence_context(model.unit_context(cond[ev_pad]), None if z is None else z[ev_pad])[:S]
+
+    cap = 16
+    out = {k: torch.zeros(S, cap, dtype=torch.long, device=dev) for k in ("rows", "cols", "values")}
+    out_u = torch.zeros(S, cap, dtype=torch.float64, device=dev)
+    lengths = torch.zeros(S, dtype=torch.long, device=dev)
+    prev_r = torch.full((S,), -1, dtype=torch.long, device=dev)
+    prev_c = torch.full((S,), -1, dtype=torch.long, device=dev)
+    prev_v = torch.zeros(S, dtype=torch.long, device=dev)
+    n_capped = 0
+    # slots: the sequence each row of the active batch works on (padded to ROW_PAD rows by
+    # repeating a sequence); live: rows whose sequence still runs and is not a repeat.
+    slots = _padded(torch.arange(S, device=dev)) if S else torch.zeros(0, dtype=torch.long, device=dev)
+    live = torch.arange(len(slots), device=dev) < S
+    caches = None
+    if use_cache and S:
+        d, H = model.config.d_model, model.config.n_heads
+        caches = [KVCache(torch.zeros(len(slots), H, 64, d // H, device=dev),
+                          torch.zeros(len(slots), H, 64, d // H, device=dev)) for _ in model.blocks]
+    for t in range(max_hits + 1):
+        if not bool(live.any()):
+            break
+        ctx = ctx_all[slots]
+        if caches is not None:
+            if t == 0:
+                x = (model.start + ctx)[:, None]
+            else:
+                x = model.embed(prev_r[slots, None], prev_c[slots, None], prev_v[slots, None], False, ctx)
+            h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches)[:, 0]
+        else:  # full recomputation of the prefix: start token + hits 0..t-1
+            first = torch.zeros_like(slots)[:, None]
+            hr = torch.cat([first, out["rows"][slots, :t]], 1)
+            hc = torch.cat([first, out["cols"][slots, :t]], 1)
+            hv = torch.cat([first, out["values"][slots, :t]], 1)
+            pr = torch.cat([first - 1, hr[:, 1:]], 1)
+            pc = torch.cat([first - 1, hc[:, 1:]], 1)
+            h = model.hidden(model.embed(hr, hc, hv, True, ctx), ctx, pr, pc)[:, -1]
+        k, un, pr, pc = keys[slots], units[slots], prev_r[slots], prev_c[slots]
+        row = sample_top_q(model.row_logits(h, pr, pc), counter_uniform(k, un, t, 0), temperature, top_q)
+        col = sample_top_q(model.col_logits(h, row, pr, pc), counter_uniform(k, un, t, 1), temperature, top_q)
+        val = sample_top_q(model.value_logits(h, row, col), counter_uniform(k, un, t, 2), temperature, top_q)
+        li = live.nonzero().squeeze(1)
+        seq, row, col, val = slots[li], row[li], col[li], val[li]
+        ended = row == L.n_rows
+        if t == max_hits:
+            n_capped = int((~ended).sum())
+            break
+        if t >= cap:
+            for key in out:
+                out[key] = torch.cat([out[key], torch.zeros_like(out[key])], 1)
+            out_u = torch.cat([out_u, torch.zeros_like(out_u)], 1)
+            cap *= 2
+        go, hit = ~ended, seq[~ended]
+        out["rows"][hit, t], out["cols"][hit, t], out["values"][hit, t] = row[go], col[go], val[go]
+        out_u[hit, t] = counter_uniform(keys[hit], units[hit], t, 3)
+        lengths[hit] = t + 1
+        prev_r[hit], prev_c[hit], prev_v[hit] = row[go], col[go], val[go]
+        live[li[ended]] = False
+        n_run = int(live.sum())
+        if n_run and n_run <= 0.75 * len(slots) and _pad_rows(n_run) < len(slots):
+            pos = _padded(live.nonzero().squeeze(1))  # drop finished rows, free their cache
+            slots, live = slots[pos], torch.arange(len(pos), device=dev) < n_run
+            if caches is not None:
+                for c in caches:
+                    c.select(pos)
+    if n_capped:
+        log.warning("%d of %d sequences reached the cap of model.max_hits=%d hits and were cut there; "
+                    "raise model.max_hits (or generate at lower luminosity/energy) for unbiased multiplicities",
+                    n_capped, S, max_hits)
+    T = int(lengths.max()) if S else 0
+    return Generated(out["rows"][:, :T], out["cols"][:, :T], out["values"][:, :T], out_u[:, :T], lengths, n_capped)
+
+
+def generate_hits(model: HitTransformer, conditions: dict[str, np.ndarray], *, seed: int, first_event: int = 0,
+                  temperature: float = 1.0, top_q: float = 1.0, max_hits: int = 4096, batch_events: int = 64,
+                  device: torch.device | str = "cpu") -> HitBatch:
+    """Events first_event .. first_event + B - 1 of a run with `seed`, as a sorted HitBatch.
+
+    conditions: {name: (B,) physical values} (at least the model's condition names; all are
+    stored with the events). Work is split into passes of `batch_events` events; the result
+    does not depend on that split.
+    """
+    model.eval()
+    names = list(model.config.conditions)
+    n = len(next(iter(conditions.values()))) if conditions else 0
+    cond_t = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in conditions.items()}
+    feats = condition_features(cond_t, names, model.cond_log_lo.cpu(), model.cond_log_hi.cpu())
+    parts = []
+    for lo in range(0, n, batch_events):
+        hi = min(n, lo + batch_events)
+        seeds = [event_seed(seed, first_event + i, "generate") for i in range(lo, hi)]
+        g = generate_tokens(model, feats[lo:hi].to(device), seeds, temperature=temperature, top_q=top_q,
+                            max_hits=max_hits)
+        parts.append(decode_tokens(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo,
+                                   {k: np.asarray(v, dtype=np.float64)[lo:hi] for k, v in conditions.items()},
+                                   g.value_u))
+    if not parts:
+        return HitBatch.empty(model.layout.kind, list(conditions))
+    return HitBatch.concat(parts)
