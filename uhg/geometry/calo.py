@@ -154,10 +154,12 @@ class CaloGeometry:
 
         Returns an int64 array of the broadcast shape of the inputs.
         """
-        x = np.asarray(x_mm, dtype=np.float64)
-        y = np.asarray(y_mm, dtype=np.float64)
-        layer_arr = np.broadcast_to(np.asarray(layer, dtype=np.int64), np.broadcast(x, y).shape)
-        x, y = np.broadcast_arrays(x, y)
+        x, y, layer_arr = np.broadcast_arrays(np.asarray(x_mm, dtype=np.float64), np.asarray(y_mm, dtype=np.float64),
+                                              np.asarray(layer, dtype=np.int64))
+        shape = x.shape
+        return self._cell_index_flat(layer_arr.ravel(), x.ravel(), y.ravel()).reshape(shape)
+
+    def _cell_index_flat(self, layer_arr: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         out = np.full(x.shape, -1, dtype=np.int64)
         if self.layout == "cartesian":
             col = np.floor(x / self.pitch_x_mm + self.nx / 2).astype(np.int64)
@@ -168,17 +170,34 @@ class CaloGeometry:
             return out
         r = np.hypot(x, y)
         alpha = np.arctan2(y, x)
-        for lay in np.unique(layer_arr):
-            if not 0 <= lay < self.n_layers or self.cells_per_layer[lay] == 0:
+        group = self._binning_group[np.clip(layer_arr, 0, self.n_layers - 1)]
+        group[(layer_arr < 0) | (layer_arr >= self.n_layers)] = -1
+        for g, (edges, n_a) in enumerate(self._binnings):
+            sel = group == g
+            if not sel.any():
                 continue
-            sel = layer_arr == lay
-            edges = np.asarray(self.r_edges_mm[lay])
-            n_r, n_a = len(edges) - 1, self.n_alpha[lay]
+            n_r = len(edges) - 1
             r_bin = np.searchsorted(edges, r[sel], side="right") - 1
             a_bin = np.floor((alpha[sel] + math.pi) * (n_a / (2 * math.pi))).astype(np.int64) % n_a
-            cell = np.where((r_bin >= 0) & (r_bin < n_r), a_bin * n_r + r_bin, -1)
-            out[sel] = cell
+            out[sel] = np.where((r_bin >= 0) & (r_bin < n_r), a_bin * n_r + r_bin, -1)
         return out
+
+    @cached_property
+    def _binnings(self) -> list[tuple[np.ndarray, int]]:
+        """Distinct (r_edges, n_alpha) binnings of the layers with cells (DS2/DS3 have one)."""
+        seen: list[tuple[tuple[float, ...], int]] = []
+        for i in self.active_layers:
+            key = (self.r_edges_mm[i], self.n_alpha[i])
+            if key not in seen:
+                seen.append(key)
+        return [(np.asarray(e), n) for e, n in seen]
+
+    @cached_property
+    def _binning_group(self) -> np.ndarray:
+        """(n_layers,) int64: index into _binnings per layer, -1 for layers without cells."""
+        keys = [(tuple(e), n) for e, n in self._binnings]
+        return np.array([keys.index((self.r_edges_mm[i], self.n_alpha[i])) if self.cells_per_layer[i] else -1
+                         for i in range(self.n_layers)], dtype=np.int64)
 
     # ------------------------------------------------------------------ description
     def to_dict(self) -> dict:

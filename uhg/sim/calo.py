@@ -62,6 +62,8 @@ MAX_SPOTS = 20_000
 MAX_CROSSINGS = 2_000_000
 """Cap on sensor crossings per digital shower (memory guard; ~23 TeV in EPICAL)."""
 PHOTON_CONVERSION_X0 = 9.0 / 7.0
+DENSE_BINNING_CELLS = 1 << 20
+"""Geometries up to this many cells bin spots with a dense bincount, larger ones by sorting."""
 
 
 def simulate_calo_showers(
@@ -229,7 +231,12 @@ class _ShowerModel:
         cell = self.g.cell_index(layer, x, y)
         ok = cell >= 0
         flat = self.g.layer_offsets[layer[ok]] + cell[ok]
-        ids, inverse = np.unique(flat, return_inverse=True)
-        value = np.bincount(inverse, weights=energy[ok], minlength=len(ids))
+        if self.g.n_cells <= DENSE_BINNING_CELLS:
+            dense = np.bincount(flat, weights=energy[ok], minlength=self.g.n_cells)
+            ids = np.flatnonzero(dense)
+            value = dense[ids]
+        else:  # millions of pixels: sort the hits instead of touching every channel
+            ids, inverse = np.unique(flat, return_inverse=True)
+            value = np.bincount(inverse, weights=energy[ok], minlength=len(ids))
         above = value >= max(threshold, 1e-30)
         return ids[above], value[above].astype(np.float32)
