@@ -51,11 +51,10 @@ def describe_model(reference: str) -> dict[str, Any]:
     Returns {reference, path, id, geometry (name), conditions (names the generator needs)}.
     Raises ConfigError / CheckpointError when the reference names no loadable export.
     """
-    from uhg.generate.model import Generator
     from uhg.tracking.models import resolve_model_uri
 
     path = resolve_model_uri(reference).resolve()
-    generator = Generator.load(path)
+    generator = open_generator(path, "cpu")
     return {"reference": str(reference), "path": str(path), "id": model_id(path),
             "geometry": _geometry_name(generator), "conditions": list(generator.condition_names)}
 
