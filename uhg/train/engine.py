@@ -1,0 +1,165 @@
+"""The one place where DeepSpeed engines are built (and the process group joined).
+
+Each trainable module of a family gets its own engine with its own config dict (its own
+batch arithmetic): a GAN has two. The DeepSpeed config is the optional preset YAML
+(`train.deepspeed`) with the values uhg owns written over it: batch sizes, ZeRO stage,
+precision (bf16 via torch autocast with fp32 master weights) and gradient clipping
+(always explicit: DeepSpeed's own default is 1.0). Optimisers are torch optimisers from the
+family, so no DeepSpeed op is JIT-compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from uhg.config.schema import RunConfig
+from uhg.errors import ConfigError, TrainingError
+from uhg.train.family import ModelFamily
+
+# Keys of a preset that uhg sets itself; a preset must not contradict them.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "torch_autocast")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or create) the process group; returns (rank, world_size, local_rank).
+
+    Under torchrun or Ray Train the launcher's environment / process group is reused; a plain
+    process becomes a world of one (RANK=0, WORLD_SIZE=1 on a free local port)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               verbose=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def select_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda was requested but no GPU is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def deepspeed_config(cfg: RunConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of one engine."""
+    t = cfg.train
+    preset: dict[str, Any] = {}
+    if t.deepspeed is not None:
+        try:
+            preset = yaml.safe_load(Path(t.deepspeed).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"train.deepspeed: cannot read preset {t.deepspeed}: {err}") from None
+        if not isinstance(preset, dict):
+            raise ConfigError(f"train.deepspeed: preset {t.deepspeed} must be a mapping")
+        clash = [k for k in OWNED_KEYS if k in preset]
+        if clash:
+            raise ConfigError(f"train.deepspeed: preset {t.deepspeed} sets {', '.join(clash)}; these come from "
+                              "the train section (batch_size, precision, gradient_clipping, lr)")
+        stage = preset.get("zero_optimization", {}).get("stage")
+        if stage is not None and stage != t.zero_stage:
+            raise ConfigError(f"train.zero_stage is {t.zero_stage} but preset {t.deepspeed} sets "
+                              f"zero_optimization.stage {stage}")
+    ds = dict(preset)
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = micro_batch * world_size
+    ds["gradient_clipping"] = float(t.gradient_clipping)
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = t.zero_stage
+    ds["zero_optimization"] = zero
+    if t.precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    ds.setdefault("steps_per_print", 10**9)  # uhg logs itself
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def check_zero_stage(family: ModelFamily, stage: int) -> None:
+    """Refuse ZeRO stages a family is known not to train correctly under."""
+    reasons: Mapping[int, str] = getattr(family, "unsupported_zero_stages", {})
+    if stage in reasons:
+        raise TrainingError(f"train.zero_stage={stage} is not supported for the {family.name} family: {reasons[stage]}")
+
+
+def build_engines(cfg: RunConfig, family: ModelFamily, modules: Mapping[str, nn.Module], micro_batch: int,
+                  world_size: int, device: torch.device) -> dict[str, Any]:
+    """One DeepSpeed engine per module, each with its own optimiser and config dict."""
+    import deepspeed
+
+    check_zero_stage(family, cfg.train.zero_stage)
+    engines = {}
+    for name, module in modules.items():
+        module.to(device)
+        optimizer = family.build_optimizer(name, module, cfg.train)
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                          config=deepspeed_config(cfg, micro_batch, world_size))
+        engines[name] = engine
+    return engines
+
+
+@contextlib.contextmanager
+def full_parameters(engine: Any) -> Iterator[nn.Module]:
+    """The engine's module with complete parameters (ZeRO-3 gathers its shards; a no-op below)."""
+    module = getattr(engine, "module", engine)
+    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield module
+    else:
+        yield module
+
+
+class PlainEngine:
+    """A module + torch optimiser with the `Engine` interface, for single-device use without
+    DeepSpeed (unit tests, quick experiments)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, gradient_clipping: float = 0.0):
+        self.module, self.optimizer, self.gradient_clipping = module, optimizer, gradient_clipping
+        self._grad_norm: float | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clipping or float("inf"))
+        self._grad_norm = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+
+def plain_engines(cfg: RunConfig, family: ModelFamily, modules: Mapping[str, nn.Module],
+                  device: torch.device) -> dict[str, PlainEngine]:
+    return {name: PlainEngine(m.to(device), family.build_optimizer(name, m, cfg.train), cfg.train.gradient_clipping)
+            for name, m in modules.items()}

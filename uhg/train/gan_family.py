@@ -1,0 +1,229 @@
+"""Training step, validation metrics and sampling of the sensor-conditioned GAN family.
+
+Two engines, stepped alternately (DeepSpeed GAN pattern, see docs/training.md):
+1. discriminator: generator forward without gradients, hinge loss on real vs fake images,
+   `engines["discriminator"].backward/step`;
+2. generator: fresh noise, discriminator parameters frozen (requires_grad=False) so its engine
+   accumulates no gradients, adversarial loss plus the optional intra-event similarity and
+   physics terms, `engines["generator"].backward/step`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from uhg.config.gan import GanConfig
+from uhg.config.schema import TrainConfig
+from uhg.data.hits import HitBatch
+from uhg.models.common import ConditionNorm
+from uhg.models.gan import Discriminator, Generator, gate_noise, relaxed_images
+from uhg.models.gan_layout import CALO_DECADES, decode_images, encode_hits, unit_layout
+from uhg.seeding import event_seed
+from uhg.sparse.torch_hits import TorchHits
+from uhg.train.family import Engine, check_finite
+
+LOG_EPS = 1e-5
+
+
+class GanFamily:
+    """`ModelFamily` of the sensor-conditioned GAN for a pixel or calorimeter geometry."""
+
+    name = "gan"
+    generator_name = "generator"
+
+    def __init__(self, geometry, cfg: GanConfig, condition_norm: ConditionNorm):
+        self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
+        self.layout = unit_layout(geometry, cfg.cell_threshold_mev)
+        self.ema_decay = cfg.ema_decay
+        self._valid: dict[torch.device, torch.Tensor] = {}
+
+    # -- modules
+    def build_modules(self) -> dict[str, nn.Module]:
+        n_cond = len(self.condition_norm.names)
+        return {"generator": Generator(self.layout, self.cfg, n_cond),
+                "discriminator": Discriminator(self.layout, self.cfg, n_cond)}
+
+    def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+        lr = train.lr if name == "generator" else (train.lr_discriminator or train.lr)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if train.weight_decay:
+            return torch.optim.AdamW(params, lr=lr, betas=train.betas, weight_decay=train.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=train.betas)
+
+    def valid(self, device: torch.device) -> torch.Tensor:
+        if device not in self._valid:
+            self._valid[device] = torch.as_tensor(self.layout.valid, device=device).float()
+        return self._valid[device]
+
+    # -- training
+    def _noise(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lay, cfg = self.layout, self.cfg
+        z = torch.randn(b, cfg.z_dim, device=device)
+        un = torch.randn(b, lay.n_units, cfg.sensor_noise_dim, device=device)
+        gn = gate_noise((b, lay.n_units, lay.height, lay.width), device=device)
+        return z, un, gn
+
+    def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
+        z, un, gn = self._noise(b, device)
+        gate, code = generator(z, un, cond)
+        images, prob = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device))
+        return images, prob, code
+
+    def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
+        G, D = engines["generator"], engines["discriminator"]
+        device = batch.device
+        b = len(batch)
+        real = encode_hits(self.layout, batch) * self.valid(device)
+        cond = self.condition_norm(batch.conditions).to(device)
+        w = self.cfg.event_score_weight
+
+        # 1. discriminator
+        with torch.no_grad():
+            fake, _, _ = self._fake(G, cond, b, device)
+        real_u, real_e = D(real, cond)
+        fake_u, fake_e = D(fake.detach(), cond)
+        if self.cfg.loss == "hinge":
+            d_loss = (torch.relu(1 - real_u).mean() + torch.relu(1 + fake_u).mean()
+                      + w * (torch.relu(1 - real_e).mean() + torch.relu(1 + fake_e).mean()))
+        else:
+            sp = nn.functional.softplus
+            d_loss = sp(-real_u).mean() + sp(fake_u).mean() + w * (sp(-real_e).mean() + sp(fake_e).mean())
+        check_finite("loss_discriminator", d_loss)
+        D.backward(d_loss)
+        D.step()
+        out = {"loss_discriminator": float(d_loss.detach()), "d_real": float(real_u.detach().mean()),
+               "d_fake": float(fake_u.detach().mean())}
+        out.update(_grad_norm("discriminator", D))
+
+        # 2. generator (discriminator frozen: no gradient lands in its engine)
+        d_params = [p for p in D.module.parameters() if p.requires_grad]
+        for p in d_params:
+            p.requires_grad_(False)
+        try:
+            fake, prob, code = self._fake(G, cond, b, device)
+            fu, fe = D(fake, cond)
+            adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
+                nn.functional.softplus(-fu).mean() + w * nn.functional.softplus(-fe).mean()
+            g_loss = adv
+            if self.cfg.similarity_weight:
+                sim = self.cfg.similarity_weight * _similarity_loss(fake, real)
+                out["loss_similarity"] = float(sim.detach())
+                g_loss = g_loss + sim
+            if self.cfg.physics_weight:
+                phys = self.cfg.physics_weight * self._physics_loss(fake, prob, real, batch)
+                out["loss_physics"] = float(phys.detach())
+                g_loss = g_loss + phys
+            check_finite("loss_generator", g_loss)
+            G.backward(g_loss)
+            G.step()
+        finally:
+            for p in d_params:
+                p.requires_grad_(True)
+        out.update(loss_generator=float(g_loss.detach()), loss_adversarial=float(adv.detach()),
+                   occupancy_fake=float((fake.detach() > 0).float().mean()),
+                   occupancy_real=float((real > 0).float().mean()))
+        out.update(_grad_norm("generator", G))
+        return out
+
+    def _physics_loss(self, fake: torch.Tensor, prob: torch.Tensor, real: torch.Tensor, batch: TorchHits) -> torch.Tensor:
+        """Pixel: log occupancy per unit vs real events of the same conditions. Calorimeter:
+        log of the deposited-energy fraction (digital: log hit count) per shower."""
+        if self.layout.kind == "pixel":
+            occ_f = prob.mean(dim=(2, 3))
+            occ_r = (real > 0).float().mean(dim=(2, 3))
+            return ((torch.log(occ_f + LOG_EPS) - torch.log(occ_r + LOG_EPS)) ** 2).mean()
+        if self.layout.digital:
+            tot_f, tot_r = prob.sum(dim=(1, 2, 3)), (real > 0).float().sum(dim=(1, 2, 3))
+        else:
+            def fraction(img: torch.Tensor) -> torch.Tensor:
+                e = torch.where(img > 0, 10.0 ** ((img - 1) * CALO_DECADES), torch.zeros_like(img))
+                return e.sum(dim=(1, 2, 3))
+
+            tot_f, tot_r = fraction(fake), fraction(real)
+        return ((torch.log(tot_f + LOG_EPS) - torch.log(tot_r + LOG_EPS)) ** 2).mean()
+
+    # -- validation and sampling
+    @torch.no_grad()
+    def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
+        n = len(batch)
+        seeds = [event_seed(0, i, "generate") for i in range(n)]
+        fake = self.sample(modules[self.generator_name], batch.conditions, seeds)
+        real = batch.to_batch()
+        out: dict[str, float] = {}
+        hf, hr = fake.hits_per_event.mean(), real.hits_per_event.mean()
+        out["hits_per_event_fake"], out["hits_per_event_real"] = float(hf), float(hr)
+        out["hits_per_event_rel_error"] = float((hf - hr) / max(hr, 1e-9))
+        if self.layout.kind == "pixel":
+            per_event = self.geometry.n_channels
+            out["occupancy_fake_pct"] = float(100 * hf / per_event)
+            out["occupancy_real_pct"] = float(100 * hr / per_event)
+            u = self.layout.n_units
+            occ_f = _per_unit_counts(fake, "sensor", u)
+            occ_r = _per_unit_counts(real, "sensor", u)
+            out["sensor_occupancy_mean_rel_error"] = float((abs(occ_f - occ_r) / (occ_r.clip(min=1e-9))).mean())
+            out["charge_mean_fake"] = float(fake.columns["value"].mean()) if fake.n_hits else 0.0
+            out["charge_mean_real"] = float(real.columns["value"].mean()) if real.n_hits else 0.0
+        else:
+            e0 = batch.conditions["incident_energy"].cpu().numpy()
+            for tag, hb in (("fake", fake), ("real", real)):
+                sums = _per_event_sums(hb)
+                out[f"response_{tag}"] = float((sums / e0).mean())
+        return out
+
+    @torch.no_grad()
+    def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
+        lay, cfg = self.layout, self.cfg
+        device = next(module.parameters()).device
+        b = len(seeds)
+        gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
+        z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
+        un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
+        gn = torch.stack([gate_noise((lay.n_units, lay.height, lay.width), g, device) for g in gens])
+        conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
+        cond = self.condition_norm(conds).to(device)
+        was_training = module.training
+        module.eval()
+        try:
+            gate, code = module(z, un, cond)
+        finally:
+            module.train(was_training)
+        mask = (gate + gn) > 0
+        return decode_images(lay, mask, code, {k: conds[k] for k in conds})
+
+
+def _grad_norm(name: str, engine: Engine) -> dict[str, float]:
+    get = getattr(engine, "get_global_grad_norm", None)
+    value = get() if get is not None else None
+    if value is None:
+        return {}
+    value = float(value)
+    return {f"grad_norm_{name}": value} if math.isfinite(value) else {}
+
+
+def _similarity_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """MSE between batch-mean sensor-to-sensor cosine-similarity matrices of coarse
+    (4 x 4 pooled) fake and real images."""
+    def sim(x: torch.Tensor) -> torch.Tensor:
+        b, u = x.shape[:2]
+        f = nn.functional.adaptive_avg_pool2d(x.reshape(b * u, 1, *x.shape[2:]), (4, 4)).view(b, u, -1)
+        f = nn.functional.normalize(f - f.mean(-1, keepdim=True), dim=-1, eps=1e-6)
+        return (f @ f.transpose(1, 2)).mean(0)
+
+    return ((sim(fake) - sim(real).detach()) ** 2).mean()
+
+
+def _per_unit_counts(hb: HitBatch, column: str, n_units: int):
+    import numpy as np
+
+    return np.bincount(hb.columns[column].astype(np.int64), minlength=n_units) / max(len(hb), 1)
+
+
+def _per_event_sums(hb: HitBatch):
+    import numpy as np
+
+    return np.add.reduceat(np.append(hb.columns["value"].astype(np.float64), 0.0), hb.offsets[:-1]) * \
+        (hb.hits_per_event > 0)

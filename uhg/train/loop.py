@@ -1,0 +1,188 @@
+"""The training loop, written once for every model family and every launcher.
+
+`train(cfg)` runs as a plain process (a world of one), under torchrun (RANK/WORLD_SIZE from
+the environment) and inside Ray Train workers (the process group Ray created is reused).
+Read top to bottom: data -> family -> engines -> resume -> steps (log, validate, checkpoint)
+-> export.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uhg.config.loading import config_to_dict, flatten
+from uhg.config.schema import RunConfig
+from uhg.errors import TrainingError
+from uhg.models.common import EMA, ConditionNorm
+from uhg.sparse.torch_hits import TorchHits
+from uhg.tracking.logger import NullLogger, RunLogger
+from uhg.train.family import ModelFamily, NonFiniteLoss, build_family
+from uhg.train.hooks import LocalHooks, TrainHooks
+
+
+@dataclass
+class TrainResult:
+    """What a finished `train` call leaves behind (per rank)."""
+
+    run_dir: Path
+    step: int
+    """Last completed step (== cfg.train.steps unless resumed past it)."""
+    checkpoint: Path | None
+    export: Path | None
+    """Generator export directory (rank 0; None on other ranks)."""
+    skipped_steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    """This rank's metrics of every step run in this call (with a 'step' key)."""
+    validation: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def prepare_data(cfg: RunConfig, rank: int):
+    """Simulate the store first if it is missing and `data.simulate` says how (rank 0 only)."""
+    from uhg.train.data import TrainingData, simulate_store
+
+    if cfg.data.simulate is not None and rank == 0:
+        path = cfg.data.store[0]
+        from uhg.data.store import missing_parts
+
+        if not path.exists() or missing_parts(path):
+            simulate_store(path, cfg.geometry, cfg.data.simulate)
+    _barrier()
+    return TrainingData.open(cfg)
+
+
+def _generator_state(family: ModelFamily, engines: Mapping, ema: EMA | None) -> dict[str, torch.Tensor]:
+    """Full generator weights for validation/export: the EMA, or the gathered live weights."""
+    from uhg.train.engine import full_parameters
+
+    if ema is not None:
+        return ema.state_dict()
+    with full_parameters(engines[family.generator_name]) as module:
+        return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger | None = None) -> TrainResult:
+    """Train `cfg` to `cfg.train.steps` steps (resuming where `hooks.resume_dir()` says) and
+    export the generator. Collective: every rank of the process group calls it."""
+    from uhg.geometry import get_geometry
+    from uhg.train.checkpoint import load_checkpoint, save_checkpoint
+    from uhg.train.data import batch_indices
+    from uhg.train.engine import build_engines, full_parameters, init_distributed, select_device
+    from uhg.train.export import export_generator
+
+    rank, world, local_rank = init_distributed()
+    device = select_device(cfg.train.device, local_rank)
+    run_dir = cfg.run_dir
+    hooks = hooks if hooks is not None else LocalHooks(run_dir)
+    logger = logger if logger is not None and rank == 0 else NullLogger()
+    micro = cfg.batch_size_for(world)
+
+    # data and the family bound to the training range of the conditions
+    data = prepare_data(cfg, rank)
+    norm = ConditionNorm.from_ranges(data.condition_ranges(cfg.model.conditions), cfg.model.conditions)
+    family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
+
+    # identical initial weights on every rank; then per-rank noise streams
+    seed_everything(cfg.seed)
+    modules = family.build_modules()
+    eval_module = copy.deepcopy(modules[family.generator_name]).to(device).eval()
+    ema = EMA(modules[family.generator_name].to(device), family.ema_decay) if family.ema_decay > 0 else None
+    engines = build_engines(cfg, family, modules, micro, world, device)
+    seed_everything(cfg.seed * 1_000_003 + rank)
+
+    step, skipped, events_seen = 0, 0, 0
+    resume = hooks.resume_dir()
+    if resume is not None:
+        state = load_checkpoint(resume, engines, ema.shadow if ema else None, rank, world)
+        step, skipped, events_seen = int(state["step"]), int(state["skipped_steps"]), int(state["events_seen"])
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(__import__("json").dumps(config_to_dict(cfg), indent=1))
+        logger.log_params({**flatten(config_to_dict(cfg)), "world_size": world, "device": str(device),
+                           "train_events": data.n_train, "validation_events": data.n_validation})
+        logger.set_tags({"family": family.name, "geometry": cfg.geometry, "resumed_from": str(resume or "")})
+
+    t = cfg.train
+    history: list[dict[str, float]] = []
+    validation: dict[str, float] = {}
+    last_ckpt: Path | None = resume
+    window_t0, window_events = time.perf_counter(), 0
+    while step < t.steps:
+        step += 1
+        idx = batch_indices(step, rank, world, micro, data.n_train, cfg.seed)
+        batch = TorchHits.from_batch(data.events(idx)).to(device)
+        t0 = time.perf_counter()
+        try:
+            metrics = family.train_step(engines, batch, step)
+        except NonFiniteLoss as err:
+            if t.nonfinite == "stop":
+                raise TrainingError(f"step {step}: {err.name} is {err.value} (non-finite); stopping. Lower train.lr, "
+                                    "set train.gradient_clipping, or set train.nonfinite=skip") from None
+            skipped += 1
+            if skipped > t.max_skipped_steps:
+                raise TrainingError(f"step {step}: {err.name} is {err.value}; {skipped} steps skipped for non-finite "
+                                    f"losses, more than train.max_skipped_steps={t.max_skipped_steps}") from None
+            metrics = {"skipped_step": 1.0}
+        else:
+            if ema is not None:
+                with full_parameters(engines[family.generator_name]) as g:
+                    ema.update(g)
+        step_s = time.perf_counter() - t0
+        events_seen += micro * world
+        window_events += micro
+        metrics = {**metrics, "step_time_s": step_s, "skipped_steps": float(skipped)}
+        history.append({"step": float(step), **metrics})
+        hooks.on_step(step, metrics)
+        last = step == t.steps
+        if step % t.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_t0
+            logger.log_metrics({**metrics, "events_per_s_per_worker": window_events / max(elapsed, 1e-9),
+                                "events_per_s": window_events * world / max(elapsed, 1e-9),
+                                "lr": t.lr, "events_seen": float(events_seen)}, step=step)
+            window_t0, window_events = time.perf_counter(), 0
+        if (t.validate_every and step % t.validate_every == 0) or last:
+            gen_state = _generator_state(family, engines, ema)
+            if rank == 0:
+                eval_module.load_state_dict(gen_state, strict=False)
+                val_idx = data.validation_indices(cfg.data.validation_events)
+                if len(val_idx):
+                    vb = TorchHits.from_batch(data.events(val_idx)).to(device)
+                    validation = {f"val_{k}": v for k, v in family.validation_metrics(
+                        {family.generator_name: eval_module}, vb).items()}
+                    logger.log_metrics(validation, step=step)
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
+            trainer_state = {"step": step, "skipped_steps": skipped, "events_seen": events_seen, "world_size": world,
+                             "seed": cfg.seed, "family": family.name, "metrics": _finite_only(metrics)}
+            last_ckpt = save_checkpoint(run_dir / "checkpoints", step, engines, ema.shadow if ema else None,
+                                        trainer_state, rank, t.keep_checkpoints)
+            hooks.on_checkpoint(last_ckpt, step, metrics)
+
+    export = None
+    gen_state = _generator_state(family, engines, ema)
+    if rank == 0:
+        export = export_generator(run_dir / "export", family, cfg, gen_state, step, validation)
+    _barrier()
+    return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation)
+
+
+def _finite_only(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
