@@ -1,0 +1,72 @@
+"""Overlays on a real local Ray: identical stores for 0 (in-process), 1 and 2 workers, and a
+worker that dies mid-part is restarted and its part retried."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from overlay_stores import part_files, random_pixel_store
+
+from uhg.data.store import missing_parts
+from uhg.generate.overlay import OverlayJob, plan_overlay, run_overlay
+from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Test-defined jobs travel by value: Ray workers cannot import this test module.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    return {"signal": random_pixel_store(root / "signal", "pxd-tiny", 24, 4, seed=1, hits=40),
+            "background": random_pixel_store(root / "background", "pxd-tiny", 5, 5, seed=2, hits=800,
+                                              luminosity=1e34)}
+
+
+def test_overlay_identical_for_any_number_of_workers(ray_cluster, inputs, tmp_path) -> None:
+    args = {"background": inputs["background"], "seed": 5, "part_size": 3}
+    run_overlay(inputs["signal"], tmp_path / "here", **args)
+    for workers in (1, 2):
+        out = tmp_path / f"ray{workers}"
+        results = run_overlay(inputs["signal"], out, ray_options=RayOptions(workers=workers), **args)
+        assert [r.part for r in results] == list(range(8))
+        assert part_files(out) == part_files(tmp_path / "here"), f"{workers} worker(s) changed the output"
+
+
+@dataclass
+class DiesOnceJob(OverlayJob):
+    """An overlay job whose worker process dies (hard exit) in the middle of its first part."""
+
+    marker: str = ""
+
+    def write_part(self, part: int) -> PartResult:
+        if part == 1 and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().write_part(part)
+
+
+def test_dead_worker_is_restarted_and_part_retried(ray_cluster, inputs, tmp_path) -> None:
+    job, parts, sizes = plan_overlay(inputs["signal"], tmp_path / "out", background=inputs["background"], seed=5,
+                                     part_size=3)
+    dying = DiesOnceJob(**vars(job), marker=str(tmp_path / "died"))
+    results = run_parts(dying, parts, sizes, ray_options=RayOptions(workers=2))
+    assert (tmp_path / "died").exists(), "the worker never died: the test did not exercise a retry"
+    assert sorted(r.part for r in results) == parts
+    assert missing_parts(tmp_path / "out") == []
+    run_overlay(inputs["signal"], tmp_path / "reference", background=inputs["background"], seed=5, part_size=3)
+    assert part_files(tmp_path / "out") == part_files(tmp_path / "reference")
