@@ -135,16 +135,15 @@ class LatentEncoder(nn.Module):
 
 
 class HitTransformer(nn.Module):
-    """The model. Buffers `cond_log_lo/hi` hold the log training range of each condition, so an
-    export carries its own normalisation."""
+    """The model. Conditions enter as (B, C) features normalised by
+    `uhg.models.common.ConditionNorm` (C = len(config.conditions)); `forward` is the training
+    loss so a DeepSpeed engine can wrap the module."""
 
     def __init__(self, config: TransformerConfig, layout: TokenLayout):
         super().__init__()
         self.config, self.layout = config, layout
         d, L = config.d_model, layout
         n_cond = len(config.conditions)
-        self.register_buffer("cond_log_lo", torch.zeros(n_cond, dtype=torch.float64))
-        self.register_buffer("cond_log_hi", torch.ones(n_cond, dtype=torch.float64))
         self.register_buffer("unit_features", torch.as_tensor(L.unit_features, dtype=torch.float32))
         self.register_buffer("row_width", torch.as_tensor(L.row_width, dtype=torch.long), persistent=False)
         self.cond_mlp = nn.Sequential(nn.Linear(max(n_cond, 1), d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
@@ -239,7 +238,7 @@ class HitTransformer(nn.Module):
     def loss(self, tokens: TokenBatch, cond: torch.Tensor, sample_latent: bool = True) -> dict[str, torch.Tensor]:
         """Teacher-forced negative ELBO per token.
 
-        tokens: from `encode_hits`; cond: (B, C) features from `condition_features`.
+        tokens: from `encode_hits`; cond: (B, C) normalised condition features.
         Returns `loss` (the objective: summed NLL of all targets + kl_weight * KL, divided by
         the number of real targets), `nll_row`, `nll_col`, `nll_value` (per hit, nats), `nll`
         (per event, nats), `kl` (per event, nats). Padding never enters any of them.
@@ -284,6 +283,14 @@ class HitTransformer(nn.Module):
             "nll_value": nll_val.detach() / n_hit,
             "kl": kl.detach(),
         }
+
+    def forward(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                cond: torch.Tensor, sample_latent: bool = True) -> dict[str, torch.Tensor]:
+        """`loss` of a TokenBatch given as plain tensors (what an engine forwards)."""
+        S = len(lengths)
+        seq = torch.arange(S, device=lengths.device)
+        tokens = TokenBatch(rows, cols, values, lengths, seq // self.layout.n_units, seq % self.layout.n_units)
+        return self.loss(tokens, cond, sample_latent)
 
     # ---- cost ---------------------------------------------------------------------------
     def flops_per_token(self, context: float, training: bool = True) -> float:

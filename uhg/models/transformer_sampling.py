@@ -26,8 +26,7 @@ import torch
 
 from uhg.data.hits import HitBatch
 from uhg.models.transformer import HitTransformer, KVCache
-from uhg.models.transformer_tokens import condition_features, decode_tokens
-from uhg.seeding import event_seed
+from uhg.models.transformer_tokens import decode_tokens
 
 log = logging.getLogger("uhg.models.transformer")
 
@@ -199,29 +198,26 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     return Generated(out["rows"][:, :T], out["cols"][:, :T], out["values"][:, :T], out_u[:, :T], lengths, n_capped)
 
 
-def generate_hits(model: HitTransformer, conditions: dict[str, np.ndarray], *, seed: int, first_event: int = 0,
-                  temperature: float = 1.0, top_q: float = 1.0, max_hits: int = 4096, batch_events: int = 64,
-                  device: torch.device | str = "cpu") -> HitBatch:
-    """Events first_event .. first_event + B - 1 of a run with `seed`, as a sorted HitBatch.
-
-    conditions: {name: (B,) physical values} (at least the model's condition names; all are
-    stored with the events). Work is split into passes of `batch_events` events; the result
-    does not depend on that split.
-    """
+def sample_events(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int], conditions: dict[str, np.ndarray],
+                  *, temperature: float = 1.0, top_q: float = 1.0, max_hits: int = 4096,
+                  batch_events: int = 64) -> HitBatch:
+    """B events as a sorted HitBatch: cond (B, C) normalised features on the model's device,
+    seeds B per-event seeds (event_seed(seed, index, "generate")), conditions {name: (B,)
+    physical values} stored with the events. Passes of `batch_events` events; the result does
+    not depend on that split."""
+    was_training = model.training
     model.eval()
-    names = list(model.config.conditions)
-    n = len(next(iter(conditions.values()))) if conditions else 0
-    cond_t = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in conditions.items()}
-    feats = condition_features(cond_t, names, model.cond_log_lo.cpu(), model.cond_log_hi.cpu())
     parts = []
-    for lo in range(0, n, batch_events):
-        hi = min(n, lo + batch_events)
-        seeds = [event_seed(seed, first_event + i, "generate") for i in range(lo, hi)]
-        g = generate_tokens(model, feats[lo:hi].to(device), seeds, temperature=temperature, top_q=top_q,
-                            max_hits=max_hits)
-        parts.append(decode_tokens(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo,
-                                   {k: np.asarray(v, dtype=np.float64)[lo:hi] for k, v in conditions.items()},
-                                   g.value_u))
+    try:
+        for lo in range(0, len(seeds), batch_events):
+            hi = min(len(seeds), lo + batch_events)
+            g = generate_tokens(model, cond[lo:hi], seeds[lo:hi], temperature=temperature, top_q=top_q,
+                                max_hits=max_hits)
+            parts.append(decode_tokens(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo,
+                                       {k: np.asarray(v, dtype=np.float64)[lo:hi] for k, v in conditions.items()},
+                                       g.value_u))
+    finally:
+        model.train(was_training)
     if not parts:
         return HitBatch.empty(model.layout.kind, list(conditions))
     return HitBatch.concat(parts)

@@ -26,8 +26,12 @@ import numpy as np
 import torch
 
 from uhg.data.hits import HitBatch
-from uhg.errors import ConditionError, GeometryError
+from uhg.errors import GeometryError
 from uhg.sparse.torch_hits import TorchHits
+
+
+MAX_CELLS_PER_ROW = 65536
+"""Largest calorimeter layer (cells) a single categorical cell head is built for."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class TokenLayout:
     adc_threshold: int = 0
     energy_min_mev: float = 0.0
     energy_max_mev: float = 0.0
+    digital: bool = False
+    """Calorimeters with digital readout (EPICAL): every hit has value 1, one value class."""
 
     @property
     def end_row(self) -> int:
@@ -66,12 +72,14 @@ class TokenLayout:
         """JSON-able description (the unit features are rebuilt from the geometry)."""
         return {"kind": self.kind, "n_units": self.n_units, "n_rows": self.n_rows, "n_cols": self.n_cols,
                 "n_values": self.n_values, "adc_threshold": self.adc_threshold,
-                "energy_min_mev": self.energy_min_mev, "energy_max_mev": self.energy_max_mev}
+                "energy_min_mev": self.energy_min_mev, "energy_max_mev": self.energy_max_mev, "digital": self.digital}
 
     def encode_values(self, value: torch.Tensor) -> torch.Tensor:
         """Hit values (ADC in ADU, or energy in MeV) -> value classes (long)."""
         if self.kind == "pixel":
             return (value.round().long() - self.adc_threshold).clamp_(0, self.n_values - 1)
+        if self.digital:
+            return torch.zeros_like(value, dtype=torch.long)
         lo, hi = math.log(self.energy_min_mev), math.log(self.energy_max_mev)
         x = (torch.log(value.double().clamp_min(self.energy_min_mev)) - lo) / (hi - lo) * self.n_values
         return x.floor().long().clamp_(0, self.n_values - 1)
@@ -81,6 +89,8 @@ class TokenLayout:
         their bin by `u` in [0, 1), so energies are continuous; pixel codes ignore `u`."""
         if self.kind == "pixel":
             return (cls + self.adc_threshold).float()
+        if self.digital:
+            return torch.ones_like(cls, dtype=torch.float32)
         lo, hi = math.log(self.energy_min_mev), math.log(self.energy_max_mev)
         return torch.exp(lo + (cls.double() + u.double()) * (hi - lo) / self.n_values).float()
 
@@ -99,10 +109,14 @@ def layout_for_geometry(geometry, n_energy_bins: int = 128, energy_min_mev: floa
         if not 0 < energy_min_mev < energy_max_mev:
             raise GeometryError(f"calorimeter energy range must satisfy 0 < min < max, got {energy_min_mev}, {energy_max_mev}")
         widths = tuple(int(c) for c in geometry.cells_per_layer)
+        if max(widths) > MAX_CELLS_PER_ROW:
+            raise GeometryError(f"geometry {geometry.name!r} has {max(widths)} cells in a layer; the hit transformer's "
+                                f"cell head supports at most {MAX_CELLS_PER_ROW} (use a coarser variant, e.g. epical-mini)")
+        digital = getattr(geometry, "readout", "analog") == "digital"
         return TokenLayout(
             kind="calo", n_units=1, n_rows=geometry.n_layers, n_cols=max(widths), row_width=widths,
-            n_values=n_energy_bins, unit_features=np.zeros((1, 1), np.float32),
-            energy_min_mev=energy_min_mev, energy_max_mev=energy_max_mev,
+            n_values=1 if digital else n_energy_bins, unit_features=np.zeros((1, 1), np.float32),
+            energy_min_mev=energy_min_mev, energy_max_mev=energy_max_mev, digital=digital,
         )
     raise GeometryError(f"geometry {geometry.name!r} has unknown kind {geometry.kind!r}")
 
@@ -160,27 +174,6 @@ def encode_hits(hits: TorchHits, layout: TokenLayout) -> TokenBatch:
         tensor[seq, slot] = src
     seq_ids = torch.arange(S, device=dev)
     return TokenBatch(*out, lengths=lengths, event=seq_ids // U, unit=seq_ids % U)
-
-
-def condition_features(conditions: dict[str, torch.Tensor], names: list[str], log_lo: torch.Tensor,
-                       log_hi: torch.Tensor) -> torch.Tensor:
-    """(B, C) float32 features: log of each condition mapped so the training range is [-1, 1];
-    values beyond it map linearly (in log) beyond +-1, which is what zero-shot generation at
-    higher luminosity or energy feeds the model."""
-    cols = []
-    for name in names:
-        if name not in conditions:
-            raise ConditionError(f"condition {name!r} is missing; the batch has {sorted(conditions)}")
-        v = conditions[name].double()
-        if len(v) and not bool((v > 0).all()):
-            raise ConditionError(f"condition {name!r} must be > 0 to be log-scaled, got min {float(v.min())}")
-        cols.append(torch.log(v))
-    if not cols:
-        n = len(next(iter(conditions.values()))) if conditions else 0
-        return torch.zeros(n, 0)
-    x = torch.stack(cols, 1)
-    lo, hi = log_lo.double().to(x.device), log_hi.double().to(x.device)
-    return (2 * (x - lo) / (hi - lo).clamp_min(1e-6) - 1).float()
 
 
 def decode_tokens(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,

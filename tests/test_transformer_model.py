@@ -1,0 +1,161 @@
+"""Hit transformer: tokenisation, masking, loss, FLOP accounting, calorimeter variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uhg.config.transformer import TransformerConfig
+from uhg.data.hits import HitBatch
+from uhg.errors import GeometryError
+from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
+from uhg.models.transformer import HitTransformer, mean_attended
+from uhg.models.transformer_tokens import TokenBatch, decode_tokens, encode_hits, layout_for_geometry
+from uhg.sim.pxd_background import simulate_pxd_background
+from uhg.sparse.torch_hits import TorchHits
+
+SMALL = dict(d_model=32, n_layers=2, n_heads=2, latent_dim=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster on a shared 2-core machine than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_events() -> HitBatch:
+    return simulate_pxd_background(get_geometry("pxd-tiny"), 6, seed=3, luminosity=1e35, luminosity_max=3e35)
+
+
+def _model(geometry: str = "pxd-tiny", **kw) -> HitTransformer:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(**{**SMALL, "conditions": ["luminosity"], **kw})
+    return HitTransformer(cfg, layout_for_geometry(get_geometry(geometry), n_energy_bins=32))
+
+
+def _cond(hits: TorchHits) -> torch.Tensor:
+    norm = ConditionNorm.from_ranges({"luminosity": (1e35, 3e35)}, ["luminosity"])
+    return norm(hits.conditions)
+
+
+def test_encode_decode_round_trip(tiny_events):
+    layout = layout_for_geometry(get_geometry("pxd-tiny"))
+    tok = encode_hits(TorchHits.from_batch(tiny_events), layout)
+    assert tok.rows.shape == (6 * 40, int(tok.lengths.max()) + 1)
+    assert int(tok.lengths.sum()) == tiny_events.n_hits
+    assert tok.n_tokens == tiny_events.n_hits + 6 * 40
+    # decode takes hit tokens at positions 0..n-1 (drop the start slot)
+    back = decode_tokens(tok.rows[:, 1:], tok.cols[:, 1:], tok.values[:, 1:], tok.lengths, layout, 6,
+                         tiny_events.conditions)
+    for k in ("sensor", "row", "col", "value"):
+        np.testing.assert_array_equal(back.columns[k], tiny_events.columns[k])
+    np.testing.assert_array_equal(back.offsets, tiny_events.offsets)
+
+
+def test_encode_sorts_unsorted_hits(tiny_events):
+    layout = layout_for_geometry(get_geometry("pxd-tiny"))
+    perm = np.random.default_rng(0).permutation(tiny_events.offsets[1])  # shuffle the first event
+    cols = {k: v.copy() for k, v in tiny_events.columns.items()}
+    for k in cols:
+        cols[k][: len(perm)] = tiny_events.columns[k][perm]
+    shuffled = HitBatch("pixel", cols, tiny_events.offsets, tiny_events.conditions)
+    a = encode_hits(TorchHits.from_batch(tiny_events), layout)
+    b = encode_hits(TorchHits.from_batch(shuffled), layout)
+    assert torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols) and torch.equal(a.values, b.values)
+
+
+def test_hits_outside_grid_are_rejected():
+    layout = layout_for_geometry(get_geometry("pxd-tiny"))
+    bad = HitBatch("pixel", {"sensor": [0], "row": [16], "col": [0], "value": [9]}, [0, 1], {})
+    with pytest.raises(GeometryError, match="outside"):
+        encode_hits(TorchHits.from_batch(bad), layout)
+
+
+def test_padding_does_not_change_loss_of_real_tokens(tiny_events):
+    model = _model(latent_dim=0)
+    hits = TorchHits.from_batch(tiny_events)
+    tok, cond = encode_hits(hits, model.layout), _cond(hits)
+    base = model.loss(tok, cond)
+    pad = 7  # extra padding filled with junk tokens after every sequence's END
+    junk = lambda x, hi: torch.cat([x, torch.randint(0, hi, (x.shape[0], pad))], 1)  # noqa: E731
+    L = model.layout
+    padded = TokenBatch(junk(tok.rows, L.n_rows), junk(tok.cols, L.n_cols), junk(tok.values, L.n_values),
+                        tok.lengths, tok.event, tok.unit)
+    other = model.loss(padded, cond)
+    for k in ("loss", "nll", "nll_row", "nll_col", "nll_value"):
+        torch.testing.assert_close(other[k], base[k], rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_continuations_are_masked():
+    model = _model()
+    h = torch.randn(3, model.config.d_model)
+    prev_r, prev_c = torch.tensor([-1, 5, 15]), torch.tensor([-1, 47, 47])
+    rows = model.row_logits(h, prev_r, prev_c)
+    ok = torch.isfinite(rows)
+    assert ok[0].all()  # before the first hit every row and END are allowed
+    assert not ok[1, :6].any() and ok[1, 6:].all()  # row 5 is full after col 47
+    assert not ok[2, :16].any() and ok[2, 16]  # after the last pixel only END remains
+    cols = model.col_logits(h[:1], torch.tensor([5]), torch.tensor([5]), torch.tensor([10]))
+    assert not torch.isfinite(cols[0, :11]).any() and torch.isfinite(cols[0, 11:]).all()
+
+
+def test_loss_goes_down_on_simulated_events(tiny_events):
+    model = _model()
+    hits = TorchHits.from_batch(tiny_events)
+    tok, cond = encode_hits(hits, model.layout), _cond(hits)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        out = model(tok.rows, tok.cols, tok.values, tok.lengths, cond)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = float(out["loss"].detach()) if first is None else first
+    final = float(model.loss(tok, cond, sample_latent=False)["loss"])
+    assert final < first - 1.0, (first, final)
+
+
+def test_flops_per_token():
+    model = _model(latent_dim=0)
+    d, L = 32, model.layout
+    per_block = 4 * d * d + 8 * d * d
+    heads = d * (L.n_rows + 1) + d * d + d * L.n_cols + d * d + d * L.n_values
+    expected = 3 * (2 * (2 * per_block + heads) + 4 * 2 * d * 10)
+    assert model.flops_per_token(10) == expected
+    assert model.flops_per_token(10, training=False) == expected / 3
+    assert mean_attended(torch.tensor([0, 2])) == pytest.approx((1 + 6) / 4)
+
+
+def test_calorimeter_variant_shapes_and_loss():
+    from uhg.sim.calo import simulate_calo_showers
+
+    g = get_geometry("ds1-photons")
+    showers = simulate_calo_showers(g, 3, seed=1, energy_min=1000.0, energy_max=4000.0)
+    model = _model("ds1-photons", conditions=["incident_energy"])
+    L = model.layout
+    assert (L.n_units, L.n_rows, L.n_cols, L.n_values) == (1, g.n_layers, max(g.cells_per_layer), 32)
+    hits = TorchHits.from_batch(showers)
+    tok = encode_hits(hits, L)
+    assert tok.rows.shape == (3, showers.hits_per_event.max() + 1)
+    cond = ConditionNorm.from_ranges({"incident_energy": (1000.0, 4000.0)}, ["incident_energy"])(hits.conditions)
+    out = model.loss(tok, cond)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    # value code: energies come back inside their log bin
+    e = torch.tensor([0.02, 1.0, 250.0])
+    back = L.decode_values(L.encode_values(e), torch.full((3,), 0.5))
+    ratio = np.exp(np.log(L.energy_max_mev / L.energy_min_mev) / L.n_values)
+    assert torch.all(back / e < ratio) and torch.all(e / back < ratio)
+
+
+def test_digital_calorimeter_values_are_one():
+    layout = layout_for_geometry(get_geometry("epical-mini"))
+    assert layout.digital and layout.n_values == 1 and layout.n_cols == 4096
+    assert torch.equal(layout.decode_values(torch.zeros(2, dtype=torch.long), torch.rand(2)), torch.ones(2))
+    with pytest.raises(GeometryError, match="cells in a layer"):
+        layout_for_geometry(get_geometry("epical"))
