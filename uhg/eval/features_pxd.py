@@ -20,6 +20,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from uhg.data.hits import HitBatch
+from uhg.errors import GeometryError
 from uhg.eval.features import Correlation, FeatureSet, Observable, Profile
 from uhg.geometry.pxd import SENSOR_LENGTH_MM, SENSOR_WIDTH_MM, PixelGeometry
 
@@ -77,6 +78,10 @@ def pxd_features(batch: HitBatch, geometry: PixelGeometry) -> FeatureSet:
     if batch.kind != "pixel":
         raise ValueError(f"pxd_features needs pixel hits, got {batch.kind!r}")
     n_ev, n_s = len(batch), geometry.n_sensors
+    for col, size in (("sensor", n_s), ("row", geometry.rows), ("col", geometry.cols)):
+        if batch.n_hits and int(batch.columns[col].max()) >= size:
+            raise GeometryError(f"pixel hits have {col} {int(batch.columns[col].max())}, geometry {geometry.name!r} "
+                                f"allows 0..{size - 1}")
     ev = batch.event_index()
     sensor = batch.columns["sensor"].astype(np.int64)
     charge = batch.columns["value"].astype(np.float32)

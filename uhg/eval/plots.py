@@ -25,6 +25,15 @@ def _style(name: str) -> dict:
     return STYLES.get(name, dict(lw=1.2))
 
 
+def _ratio_limits(ax, ratios: list[np.ndarray]) -> None:
+    """Ratio panel range: at least 0.5..1.5, widened to the data up to 0..3."""
+    finite = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in ratios] or [np.zeros(0)])
+    finite = finite[np.isfinite(finite)]
+    lo = min(0.5, float(finite.min()) * 0.95) if len(finite) else 0.5
+    hi = max(1.5, float(finite.max()) * 1.05) if len(finite) else 1.5
+    ax.set_ylim(max(0.0, lo), min(3.0, hi))
+
+
 def _ratio_axes(fig: Figure):
     gs = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.05)
     top = fig.add_subplot(gs[0])
@@ -43,6 +52,7 @@ def distribution_figure(samples: dict[str, Observable], title: str = "") -> Figu
     edges = binning.edges
     ref_counts = None
     ref_h = None
+    ratios = []
     for name, o in samples.items():
         h = binning.histogram(o.values)
         counts = np.histogram(np.clip(o.values, edges[0], np.nextafter(edges[-1], edges[0])), edges)[0]
@@ -56,6 +66,7 @@ def distribution_figure(samples: dict[str, Observable], title: str = "") -> Figu
         else:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(ref_h > 0, h / ref_h, np.nan)
+            ratios.append(ratio)
             bottom.stairs(ratio, edges, **_style(name))
     top.set_ylabel("fraction")
     if obs[0].scale in ("log",) or (obs[0].scale == "integer" and len(edges) > 20):
@@ -63,7 +74,7 @@ def distribution_figure(samples: dict[str, Observable], title: str = "") -> Figu
     if binning.log:
         top.set_xscale("log")
     bottom.axhline(1, color=REF, lw=0.8)
-    bottom.set_ylim(0.5, 1.5)
+    _ratio_limits(bottom, ratios)
     bottom.set_ylabel("ratio")
     bottom.set_xlabel(obs[0].label)
     top.legend(fontsize=8, frameon=False)
@@ -107,6 +118,7 @@ def profile_figure(samples: dict[str, Profile], title: str = "") -> Figure:
     fig = Figure(figsize=(max(6, 0.16 * k + 2), 4.8))
     top, bottom = _ratio_axes(fig)
     ref_mean = None
+    ratios = []
     for i, (name, p) in enumerate(samples.items()):
         n = max(len(p.values), 1)
         mean = p.values.mean(axis=0) if len(p.values) else np.full(k, np.nan)
@@ -118,10 +130,14 @@ def profile_figure(samples: dict[str, Profile], title: str = "") -> Figure:
             ref_mean = mean
         else:
             with np.errstate(divide="ignore", invalid="ignore"):
+                ratios.append(mean / ref_mean)
                 bottom.errorbar(x + shift, mean / ref_mean, err / np.abs(ref_mean), fmt="o", ms=3, color=style.get("color"))
     top.set_ylabel(profs[0].label)
+    positive = ref_mean[np.isfinite(ref_mean) & (ref_mean > 0)] if ref_mean is not None else np.zeros(0)
+    if len(positive) and positive.max() > 100 * positive.min():
+        top.set_yscale("log")
     bottom.axhline(1, color=REF, lw=0.8)
-    bottom.set_ylim(0.5, 1.5)
+    _ratio_limits(bottom, ratios)
     bottom.set_ylabel("ratio")
     bottom.set_xlabel(profs[0].axis_label)
     step = max(1, k // 40)
@@ -164,8 +180,8 @@ def binned_figure(samples: dict[str, Binned]) -> Figure:
     for name, b in samples.items():
         mean, spread = binned_stats(b, edges, np.ones(len(b.x)), 3)
         style = _style(name)
-        ax_m.plot(centres, mean, "o-", ms=4, color=style.get("color"), ls=style.get("ls", "-"), label=name)
-        ax_s.plot(centres, spread, "o-", ms=4, color=style.get("color"), ls=style.get("ls", "-"), label=name)
+        ax_m.plot(centres, mean, marker="o", ms=4, color=style.get("color"), ls=style.get("ls", "-"), label=name)
+        ax_s.plot(centres, spread, marker="o", ms=4, color=style.get("color"), ls=style.get("ls", "-"), label=name)
     for ax, ylabel in ((ax_m, f"mean {bins[0].y_label}"), (ax_s, f"resolution std/mean of {bins[0].y_label}")):
         ax.set_xlabel(bins[0].x_label)
         ax.set_ylabel(ylabel, fontsize=8)
