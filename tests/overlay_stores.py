@@ -44,3 +44,22 @@ def part_files(store: Path) -> dict[str, bytes]:
     """{relative path: bytes} of every file of the committed parts (chunks and metadata)."""
     root = store / "parts"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def export_untrained_gan(out: Path, geometry: str, seed: int = 0, **model: object) -> Path:
+    """A generator export of a freshly initialised (untrained) GAN conditioned on luminosity:
+    the real export format and inference path, with random weights."""
+    import torch
+
+    from uhg.config.loading import config_from_dict
+    from uhg.models.common import ConditionNorm
+    from uhg.train.export import export_generator
+    from uhg.train.family import build_family
+
+    cfg = config_from_dict({"name": "untrained", "seed": seed, "geometry": geometry, "data": {"store": "none"},
+                            "model": {"family": "gan", **model}, "train": {"steps": 1, "batch_size": 1}})
+    norm = ConditionNorm.from_ranges({"luminosity": (1e34, 3e34)}, ["luminosity"])
+    family = build_family(get_geometry(geometry), cfg.model, norm)
+    torch.manual_seed(seed)
+    generator = family.build_modules()[family.generator_name]
+    return export_generator(out, family, cfg, generator.state_dict(), step=0)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from uhg.data.hits import HitBatch
-from uhg.errors import ConditionError, ConfigError, UhgError
+from uhg.errors import CheckpointError, ConditionError, ConfigError, UhgError
 from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
 
 CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "incident_energy": "MeV"}
@@ -46,22 +46,26 @@ def model_id(path: str | os.PathLike) -> str:
 
 
 def describe_model(reference: str) -> dict[str, Any]:
-    """Resolve `reference` (export folder, `models:/name@alias`, `runs:/...`) on this machine.
+    """Resolve `reference` (export folder, `models:/name@alias`, `runs:/...`) on this machine
+    and read its sidecar (`generator.json`; no weights are loaded here).
 
     Returns {reference, path, id, geometry (name), conditions (names the generator needs)}.
-    Raises ConfigError / CheckpointError when the reference names no loadable export.
+    Raises ConfigError when the reference names nothing, CheckpointError when it is no export.
     """
     from uhg.tracking.models import resolve_model_uri
 
     path = resolve_model_uri(reference).resolve()
-    generator = open_generator(path, "cpu")
-    return {"reference": str(reference), "path": str(path), "id": model_id(path),
-            "geometry": _geometry_name(generator), "conditions": list(generator.condition_names)}
-
-
-def _geometry_name(generator: Any) -> str:
-    geometry = generator.geometry
-    return geometry if isinstance(geometry, str) else geometry.name
+    sidecar = path / "generator.json"
+    if not sidecar.is_file():
+        raise CheckpointError(f"model {reference!r} ({path}) is not a generator export: no generator.json "
+                              "(export one with `uhg train` or `uhg.train.export.export_generator`)")
+    try:
+        meta = json.loads(sidecar.read_text())
+        geometry, conditions = str(meta["geometry"]), list(meta["condition_norm"]["names"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"model {reference!r}: {sidecar} is not a valid generator sidecar ({err})") from err
+    return {"reference": str(reference), "path": str(path), "id": model_id(path), "geometry": geometry,
+            "conditions": conditions}
 
 
 def open_generator(path: str | os.PathLike, device: str = "cpu"):

@@ -35,6 +35,18 @@ from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
 ORIGIN_FLAGS = {str(ORIGIN_SIGNAL): "signal", str(ORIGIN_BACKGROUND): "background", str(ORIGIN_BOTH): "both"}
 
 
+def machine_conditions(given: dict[str, float], needed: list[str]) -> dict[str, float]:
+    """Add the beam currents a generator needs but the user did not give, from the luminosity
+    and the SuperKEKB machine model (design current ratio, `uhg.sim.pxd_machine`)."""
+    wanted = [n for n in ("her_current", "ler_current") if n in needed and n not in given]
+    if wanted and "luminosity" in given:
+        from uhg.sim.pxd_machine import currents_for_luminosity
+
+        her, ler = currents_for_luminosity(given["luminosity"])
+        given |= {k: float(v) for k, v in (("her_current", her), ("ler_current", ler)) if k in wanted}
+    return given
+
+
 def pixel_columns_only(batch: HitBatch) -> HitBatch:
     """The batch without optional extra columns (an overlay of an overlay starts afresh)."""
     if not batch.extra_columns:
@@ -149,7 +161,7 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
         if model_info["geometry"] != geometry.name:
             raise GeometryError(f"model {model!r} generates geometry {model_info['geometry']!r} but signal store "
                                 f"{signal_path} holds {geometry.name!r}; they must match")
-        given = dict(conditions or {})
+        given = machine_conditions(dict(conditions or {}), model_info["conditions"])
         missing = [n for n in model_info["conditions"] if n not in given]
         if missing:
             raise ConditionError(f"model {model!r} needs conditions {model_info['conditions']}; missing {missing} "
