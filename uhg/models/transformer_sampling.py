@@ -60,13 +60,13 @@ def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: in
     h = _mix32(h ^ (units & _M32))
     h = _mix32(h ^ ((step * 4 + draw) & _M32))
     h2 = _mix32(h ^ 0x85EBCA6B)
-    return ((h >> 5).double() * 2.0**27 + (h2 >> 6).double()) / 2.0**53  # 53 random bits
+    return ((h >> 5).double() * 2.0**26 + (h2 >> 6).double()) / 2.0**53  # 27 + 26 random bits
 
 
 def top_q_mask(probs: torch.Tensor, q: float) -> torch.Tensor:
     """(..., V) bool: the smallest set of tokens, most probable first, whose total probability
     reaches q (ties broken by token index). The most probable token is always kept."""
-    p_sorted, order = torch.sort(probs, -1, descending=True, stable=True)
+    p_sorted, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     before = torch.cumsum(p_sorted, -1) - p_sorted
     keep_sorted = before < q
     keep_sorted[..., 0] = True
@@ -152,7 +152,9 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             if t == 0:
                 x = (model.start + ctx)[:, None]
             else:
-                x = model.embed(prev_r[slots, None], prev_c[slots, None], prev_v[slots, None], False, ctx)
+                # rows whose sequence ended before its first hit still hold -1: embed them as 0
+                x = model.embed(prev_r[slots, None].clamp_min(0), prev_c[slots, None].clamp_min(0),
+                                prev_v[slots, None], False, ctx)
             h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches)[:, 0]
         else:  # full recomputation of the prefix: start token + hits 0..t-1
             first = torch.zeros_like(slots)[:, None]
