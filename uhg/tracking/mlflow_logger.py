@@ -198,6 +198,7 @@ def open_run(
     experiment: str,
     run_name: str,
     tracking_uri: str | None = None,
+    artifact_location: str | None = None,
     run_dir: str | Path | None = None,
     system_metrics: bool = True,
     system_metrics_interval_s: float = 10.0,
@@ -205,6 +206,8 @@ def open_run(
 ) -> MlflowRunLogger:
     """Creates the MLflow run of uhg run `run_name`, or reopens it when it exists.
 
+    artifact_location: artifact root of the experiment if this call creates it (default: for a
+        sqlite store, `mlartifacts/` beside the database; for a server, the server's choice).
     run_dir: the run's own folder (Ray: `<storage_path>/<run name>`); the MLflow run id is
         stored there so every attempt of the run logs into the same MLflow run.
     tags: extra tags; git revision and package versions are always added.
@@ -213,7 +216,7 @@ def open_run(
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment_id = _experiment_id(client, experiment, uri)
+    experiment_id = _experiment_id(client, experiment, uri, artifact_location)
     run_id = _existing_run_id(client, experiment_id, run_name, run_dir, uri)
     resumed = run_id is not None
     if run_id is None:
@@ -256,17 +259,19 @@ def find_run_id(run_name: str, *, experiment: str, tracking_uri: str | None = No
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+def _experiment_id(client: MlflowClient, name: str, uri: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    location = artifact_location
     root = default_artifact_root(uri)
-    location = None
-    if root is not None:
+    if location is None and root is not None:
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
+    elif location is not None and "://" not in location and not location.startswith("/"):
+        location = Path(location).resolve().as_uri()  # relative folder: absolute, like the database
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:

@@ -1,0 +1,197 @@
+"""Run `uhg.train.loop.train` on N workers with Ray Train (TorchTrainer, Train V2).
+
+The driver (`launch`) connects to a Ray cluster (RAY_ADDRESS, set by `ray job submit`) or
+starts a local one, and hands the resolved config to `TorchTrainer`. Each worker rebuilds the
+config, joins the process group Ray created (gloo on CPU, NCCL on GPU) and runs the same loop
+as torchrun; only the hooks differ (`uhg.train.ray_hooks.RayHooks`).
+
+A Ray run is identified by (storage path, run name), chosen by the submitter: the same pair
+continues the run (`uhg train --resume NAME`), a new name starts a new one. Everything of one
+run lives in `<storage>/<name>/`: Ray's checkpoints (`checkpoint_*`), the loop's own
+checkpoints and export, and `mlflow_run.json`, which ties every attempt to one MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uhg.config.schema import RunConfig
+from uhg.errors import ConfigError, TrainingError
+
+# Variables of the submitting environment the workers need too. Ray starts workers from the
+# raylet, whose environment is that of `ray start`, not of this driver.
+FORWARDED_ENV = (
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_DEBUG",
+    "UHG_FAULT_KILL_WORKER",
+    "PYTHONUNBUFFERED",
+)
+_REMOTE_STORAGE = re.compile(r"^(s3|gs|gcs|abfss|hdfs)://")
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """Where one Ray run keeps its state: `storage` / `name`."""
+
+    storage: str
+    """Local/shared folder (absolute) or an object-store URI (s3://, gs://, ...)."""
+    name: str
+
+    @property
+    def is_remote(self) -> bool:
+        return bool(_REMOTE_STORAGE.match(self.storage))
+
+    @property
+    def folder(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
+    """`<config name>-YYYYmmdd-HHMMSS` (UTC)."""
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}"
+
+
+def storage_root(cfg: RunConfig) -> str:
+    """`distributed.storage_path`, default the config's run directory, made absolute."""
+    raw = str(cfg.distributed.storage_path) if cfg.distributed.storage_path is not None else str(cfg.run_dir)
+    # pydantic's Path collapses "s3://b" to "s3:/b"; restore the URI.
+    raw = re.sub(r"^(s3|gs|gcs|abfss|hdfs):/(?=[^/])", r"\1://", raw)
+    if _REMOTE_STORAGE.match(raw):
+        return raw
+    return str(Path(raw).expanduser().resolve())
+
+
+def resolve_run(cfg: RunConfig, *, run_name: str | None = None, resume: str | None = None) -> RayRun:
+    """The (storage, name) of a new run (`run_name` or a timestamped default) or of the run to
+    continue (`resume`: a run name under the storage root, or the path of a run folder)."""
+    storage = storage_root(cfg)
+    if resume is not None:
+        if run_name is not None and run_name != Path(resume).name:
+            raise ConfigError(f"--resume {resume} and --run-name {run_name} name different runs; give one of them")
+        if "/" in resume:  # a path to the run folder; a bare name is looked up under the storage root
+            candidate = Path(resume).expanduser().resolve()
+            if not candidate.is_dir():
+                raise ConfigError(f"--resume {resume}: no such run folder")
+            return RayRun(str(candidate.parent), candidate.name)
+        _check_name(resume)
+        run = RayRun(storage, resume)
+        if not run.is_remote and not Path(run.folder).is_dir():
+            known = sorted(p.name for p in Path(storage).iterdir() if p.is_dir()) if Path(storage).is_dir() else []
+            raise ConfigError(
+                f"--resume {resume}: no run folder {run.folder} "
+                f"(runs under {storage}: {', '.join(known) or 'none'})"
+            )
+        return run
+    name = run_name or default_run_name(cfg)
+    _check_name(name)
+    return RayRun(storage, name)
+
+
+def launch(
+    cfg: RunConfig,
+    *,
+    run_name: str | None = None,
+    resume: str | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Train `cfg` with Ray Train; returns a summary (run folder, final step, checkpoint,
+    MLflow run id). Raises TrainingError when the run fails after its allowed restarts."""
+    from uhg.config.loading import config_to_dict
+
+    run = resolve_run(cfg, run_name=run_name, resume=resume)
+    if not run.is_remote:
+        Path(run.folder).mkdir(parents=True, exist_ok=True)
+    _init_ray(address, cfg)
+
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from uhg.train.ray_worker import worker_main
+
+    d = cfg.distributed
+    use_gpu = d.gpus_per_worker > 0
+    resources: dict[str, float] = {"CPU": d.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = d.gpus_per_worker
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={
+            "config": config_to_dict(cfg),
+            "root": str(Path.cwd()),
+            "run_storage": run.storage,
+            "run_name": run.name,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=d.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=d.placement,
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=run.name,
+            storage_path=run.storage,
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}") from result.error
+    metrics = result.metrics or {}
+    return {
+        "run_name": run.name,
+        "run_folder": run.folder,
+        "step": metrics.get("step"),
+        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "mlflow_run_id": metrics.get("mlflow_run_id"),
+        "tracking_uri": metrics.get("tracking_uri"),
+    }
+
+
+def _init_ray(address: str | None, cfg: RunConfig) -> None:
+    """Connect to `address` / RAY_ADDRESS, or start a local Ray sized for the run."""
+    # Client and cluster must agree on the auth mode; a local cluster started here takes it too.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+        return
+    d = cfg.distributed
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker),
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+
+
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if not use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in {".", ".."}:
+        raise ConfigError(f"run name {name!r}: use letters, digits, '_', '.', '-' only (it names a folder)")
