@@ -1,5 +1,5 @@
-"""Overlays on a real local Ray: identical stores for 0 (in-process), 1 and 2 workers, and a
-worker that dies mid-part is restarted and its part retried."""
+"""Overlays on a real local Ray: generated background gives identical stores for 0 (in-process),
+1 and 2 workers, and a worker that dies mid-part is restarted and its part retried."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from overlay_stores import part_files, random_pixel_store
+from overlay_stores import export_untrained_gan, part_files, random_pixel_store
 
 from uhg.data.store import missing_parts
 from uhg.generate.overlay import OverlayJob, plan_overlay, run_overlay
@@ -34,11 +34,14 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     return {"signal": random_pixel_store(root / "signal", "pxd-tiny", 24, 4, seed=1, hits=40),
             "background": random_pixel_store(root / "background", "pxd-tiny", 5, 5, seed=2, hits=800,
-                                              luminosity=1e34)}
+                                              luminosity=1e34),
+            "export": export_untrained_gan(root / "export", "pxd-tiny", seed=4, embed_dim=32, z_dim=16,
+                                           sensor_noise_dim=4, attention_layers=1, decoder_channels=[16, 8])}
 
 
 def test_overlay_identical_for_any_number_of_workers(ray_cluster, inputs, tmp_path) -> None:
-    args = {"background": inputs["background"], "seed": 5, "part_size": 3}
+    args = {"model": str(inputs["export"]), "conditions": {"luminosity": 2e34}, "seed": 5, "part_size": 3,
+            "batch_size": 3}
     run_overlay(inputs["signal"], tmp_path / "here", **args)
     for workers in (1, 2):
         out = tmp_path / f"ray{workers}"
