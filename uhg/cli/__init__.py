@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Order is the order of `uhg --help`.
-COMMAND_MODULES: list[str] = ["data", "overlay"]
+COMMAND_MODULES: list[str] = ["data", "train", "generate", "overlay"]
 for _name in COMMAND_MODULES:
     importlib.import_module(f"uhg.cli.{_name}").register(app)
 

@@ -99,13 +99,17 @@ class GanFamily:
                "d_fake": float(fake_u.detach().mean())}
         out.update(_grad_norm("discriminator", D))
 
-        # 2. generator (discriminator frozen: no gradient lands in its engine)
-        d_params = [p for p in D.module.parameters() if p.requires_grad]
+        # 2. generator (discriminator frozen: no gradient lands in its engine). The bare
+        # discriminator module is called, not its engine: an engine forward would register the
+        # generator's loss as a backward of the discriminator engine (DeepSpeed refuses that at
+        # ZeRO-0); ZeRO-3 still gathers the parameters through its module hooks.
+        d_module = getattr(D, "module", D)
+        d_params = [p for p in d_module.parameters() if p.requires_grad]
         for p in d_params:
             p.requires_grad_(False)
         try:
             fake, prob, code = self._fake(G, cond, b, device)
-            fu, fe = D(fake, cond)
+            fu, fe = d_module(fake, cond)
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
                 nn.functional.softplus(-fu).mean() + w * nn.functional.softplus(-fe).mean()
             g_loss = adv
