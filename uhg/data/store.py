@@ -449,13 +449,10 @@ class Store:
     def conditions(self) -> dict[str, np.ndarray]:
         """{name: (len,) float64} per-event conditions of all readable events."""
         if self._conditions is None:
-            zarr = _zarr()
-            per_part = []
-            for p in self.parts:
-                group = zarr.open_group(self._part_path(p) / "conditions", mode="r")
-                per_part.append({n: self._read(group, n, p, f"conditions/{n}") for n in self.condition_names})
-            self._conditions = {n: np.concatenate([c[n] for c in per_part]) if per_part else np.zeros(0)
-                                for n in self.condition_names}
+            names = [f"conditions/{n}" for n in self.condition_names]
+            per_part = [self._read_arrays(p, names) for p in self.parts] if names else []
+            self._conditions = {n: np.concatenate([c[f"conditions/{n}"] for c in per_part]) if per_part
+                                else np.zeros(0) for n in self.condition_names}
         return self._conditions
 
     def part_n_hits(self) -> np.ndarray:
@@ -479,18 +476,15 @@ class Store:
         return batch
 
     def _load_part(self, part: int) -> HitBatch:
-        zarr = _zarr()
         where = self._part_path(part)
         try:
-            group = zarr.open_group(where, mode="r")
-            meta = group.attrs.asdict()
-        except Exception as err:
-            raise StoreError(f"store {self.path}: cannot open part {part} ({where}): {err}") from err
-        channel = self._read(group, "channel", part)
-        value = self._read(group, "value", part)
-        offsets = self._read(group, "event_offsets", part)
-        cond_group = zarr.open_group(where / "conditions", mode="r")
-        conds = {n: self._read(cond_group, n, part, f"conditions/{n}") for n in self.condition_names}
+            meta = json.loads((where / "zarr.json").read_text())["attributes"]
+        except (OSError, ValueError, KeyError) as err:
+            raise StoreError(f"store {self.path}: cannot read the metadata of part {part} ({where}): {err}") from err
+        names = ["channel", "value", "event_offsets", *self.attrs["extra_columns"],
+                 *(f"conditions/{n}" for n in self.condition_names)]
+        arrays = self._read_arrays(part, names)
+        channel, value, offsets = arrays["channel"], arrays["value"], arrays["event_offsets"]
         start, stop = part_range(self.attrs, part)
         ok = (len(offsets) == stop - start + 1 and offsets[0] == 0 and offsets[-1] == len(channel) == len(value)
               == meta.get("n_hits") and np.all(offsets[1:] >= offsets[:-1]))
@@ -504,26 +498,52 @@ class Store:
         cols = columns_from_channel(self.kind, channel, self.geometry)
         cols["value"] = value
         for name in self.attrs["extra_columns"]:
-            cols[name] = self._read(group, name, part)
+            cols[name] = arrays[name]
+        conds = {n: arrays[f"conditions/{n}"] for n in self.condition_names}
         return HitBatch(self.kind, cols, offsets, conds)
 
-    def _read(self, group, name: str, part: int, label: str | None = None) -> np.ndarray:
-        label = label or name
-        where = f"store {self.path}, part {part}, array {label!r}"
-        try:
-            arr = group[name]
-        except Exception as err:
-            raise StoreError(f"{where} is missing or unreadable: {err}") from err
+    def _read_arrays(self, part: int, names: list[str]) -> dict[str, np.ndarray]:
+        """Read whole arrays of a part concurrently in one call into zarr's event loop (one
+        thread hand-off per part instead of several per array)."""
+        from zarr.api.asynchronous import open_array
+        from zarr.core.sync import sync
+
+        where = self._part_path(part)
+
+        async def one(name: str):
+            arr = await open_array(store=str(where / name), mode="r", zarr_format=3)
+            return arr, await arr.getitem(slice(None))
+
+        async def everything():
+            import asyncio
+
+            return await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+
+        out = {}
+        for name, result in zip(names, sync(everything()), strict=True):
+            label = f"store {self.path}, part {part}, array {name!r}"
+            if isinstance(result, BaseException):
+                if not (where / name / "zarr.json").is_file():
+                    raise StoreError(f"{label} is missing ({where / name})") from result
+                try:
+                    arr = _zarr().open_array(where / name, mode="r")
+                except Exception as err:
+                    raise StoreError(f"{label} is unreadable: {err}") from err
+                self._check_chunks(arr, where / name, label)
+                bad = self._find_bad_chunk(arr, math.ceil(arr.shape[0] / arr.chunks[0]))
+                raise StoreError(f"{label}: chunk c/{bad} is corrupt ({result})") from result
+            arr, data = result
+            self._check_chunks(arr, where / name, label)
+            out[name] = data
+        return out
+
+    @staticmethod
+    def _check_chunks(arr, array_dir: Path, label: str) -> None:
+        """zarr reads a missing chunk as fill values; every chunk of a uhg part must exist."""
         n_chunks = math.ceil(arr.shape[0] / arr.chunks[0]) if arr.shape[0] else 0
-        chunk_dir = self._part_path(part) / label / "c"
         for c in range(n_chunks):
-            if not (chunk_dir / str(c)).is_file():
-                raise StoreError(f"{where}: chunk c/{c} is missing ({chunk_dir / str(c)})")
-        try:
-            return arr[:]
-        except Exception as err:
-            bad = self._find_bad_chunk(arr, n_chunks)
-            raise StoreError(f"{where}: chunk c/{bad} is corrupt ({err})") from err
+            if not (array_dir / "c" / str(c)).is_file():
+                raise StoreError(f"{label}: chunk c/{c} is missing ({array_dir / 'c' / str(c)})")
 
     @staticmethod
     def _find_bad_chunk(arr, n_chunks: int) -> int | str:
