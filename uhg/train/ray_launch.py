@@ -58,6 +58,21 @@ class RayRun:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
 
+def enter_uhg_root(config: Path) -> Path:
+    """Under `ray job submit`, the job runs in Ray's temporary copy of the working dir. With
+    UHG_ROOT set, relative paths of the run (stores, runs/, the sqlite store) resolve there
+    instead; the config file itself is still read from the uploaded copy. Returns the
+    config's absolute path."""
+    config = Path(config).resolve()
+    root = os.environ.get("UHG_ROOT")
+    if root:
+        root_path = Path(root).expanduser()
+        if not root_path.is_dir():
+            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
+        os.chdir(root_path)
+    return config
+
+
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
     """`<config name>-YYYYmmdd-HHMMSS` (UTC)."""
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}"
