@@ -46,8 +46,20 @@ def test_overlay_identical_for_any_number_of_workers(ray_cluster, inputs, tmp_pa
     for workers in (1, 2):
         out = tmp_path / f"ray{workers}"
         results = run_overlay(inputs["signal"], out, ray_options=RayOptions(workers=workers), **args)
-        assert [r.part for r in results] == list(range(8))
+        assert [r.part for r in results.parts] == list(range(8))
         assert part_files(out) == part_files(tmp_path / "here"), f"{workers} worker(s) changed the output"
+
+
+def test_distributed_generate_equals_single_process(ray_cluster, inputs, tmp_path) -> None:
+    from uhg.cli import main
+    from uhg.generate.single import generate_store
+
+    generate_store(inputs["export"], 10, tmp_path / "single", seed=3, batch_size=4, part_size=4, luminosity=2e34,
+                   progress=False)
+    assert main(["generate", "--model", str(inputs["export"]), "--events", "10", "--out", str(tmp_path / "ray"),
+                 "--luminosity", "2e34", "--seed", "3", "--batch-size", "4", "--part-size", "4",
+                 "--distributed", "--workers", "2"]) == 0
+    assert part_files(tmp_path / "ray") == part_files(tmp_path / "single")
 
 
 @dataclass
@@ -69,7 +81,7 @@ def test_dead_worker_is_restarted_and_part_retried(ray_cluster, inputs, tmp_path
     dying = DiesOnceJob(**vars(job), marker=str(tmp_path / "died"))
     results = run_parts(dying, parts, sizes, ray_options=RayOptions(workers=2))
     assert (tmp_path / "died").exists(), "the worker never died: the test did not exercise a retry"
-    assert sorted(r.part for r in results) == parts
+    assert [r.part for r in results.parts] == parts
     assert missing_parts(tmp_path / "out") == []
     run_overlay(inputs["signal"], tmp_path / "reference", background=inputs["background"], seed=5, part_size=3)
     assert part_files(tmp_path / "out") == part_files(tmp_path / "reference")

@@ -5,6 +5,12 @@
         --energy-min 1000 --energy-max 100000
 
 The same --seed gives the same store, bit for bit.
+
+With --distributed, Ray actors (one loaded generator each) write the store's parts in
+parallel: same events, resumable, see docs/overlay.md.
+
+    uhg generate --model models:/pxd-gan@prod --events 100000 --out gen.zarr --luminosity 2e34 \
+        --distributed --workers 4 [--gpus-per-worker 1] [--conditions conditions.npz]
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from uhg.cli.overlay import AddressOpt, CpusOpt, DistributedOpt, GpusOpt, WorkersOpt
 
 
 def generate_command(
@@ -25,9 +33,26 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="event i draws from event_seed(seed, i, 'generate')")] = 0,
     batch_size: Annotated[int, typer.Option(help="events per forward pass")] = 16,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    distributed: DistributedOpt = False,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = 0.0,
+    cpus_per_worker: CpusOpt = 1,
+    ray_address: AddressOpt = None,
+    conditions: Annotated[Path | None, typer.Option(
+        help="per-event conditions file (JSON/YAML/NPZ {name: value or list}); implies the part-wise writer")] = None,
+    part_size: Annotated[int | None, typer.Option(help="events per store part; implies the part-wise writer")] = None,
 ) -> None:
-    """Generate events into a store, in this process."""
+    """Generate events into a store, in this process or (--distributed) on Ray actors."""
     from uhg.generate.single import generate_store
+
+    if distributed or conditions is not None or part_size is not None:
+        from uhg.cli.overlay import generate_distributed
+
+        generate_distributed(model, events, out, luminosity=luminosity, energy_min=energy_min, energy_max=energy_max,
+                             conditions_file=conditions, seed=seed, batch_size=batch_size, part_size=part_size,
+                             distributed=distributed, workers=workers, gpus_per_worker=gpus_per_worker,
+                             cpus_per_worker=cpus_per_worker, ray_address=ray_address, device=device)
+        return
 
     path = model
     if model.startswith(("models:/", "runs:/")):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 
 from uhg.data.hits import HitBatch
 from uhg.errors import CheckpointError, ConditionError, ConfigError, UhgError
-from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
+from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
 
 CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "incident_energy": "MeV"}
 
@@ -143,9 +144,11 @@ class GenerateJob:
         from uhg.data.store import part_range, write_part
 
         start, stop = part_range(self._attrs, part)
+        t0 = time.perf_counter()
         batch = self._source.events(start, stop, {k: v[start:stop] for k, v in self.conditions.items()})
+        t1 = time.perf_counter()
         write_part(self.out, part, batch)
-        return PartResult(part, len(batch), batch.n_hits)
+        return PartResult(part, len(batch), batch.n_hits, {"generate": t1 - t0, "write": time.perf_counter() - t1})
 
 
 def plan_generate(model: str, out: str | os.PathLike, n_events: int, conditions: dict[str, np.ndarray], *,
@@ -161,9 +164,7 @@ def plan_generate(model: str, out: str | os.PathLike, n_events: int, conditions:
     missing = [n for n in info["conditions"] if n not in conditions]
     if missing:
         raise ConditionError(f"model {model!r} needs conditions {info['conditions']}; missing {missing}")
-    unknown = sorted(set(conditions) - set(info["conditions"]))
-    if unknown:
-        raise ConditionError(f"model {model!r} takes conditions {info['conditions']}, not {unknown}")
+    # Conditions the model does not use (e.g. beam currents) pass through to the store.
     out_path = Path(out).resolve()
     provenance = {"model": info["reference"], "model_id": info["id"], "seed": int(seed),
                   "event_seed": "event_seed(seed, event index, 'generate')", "batch_size": int(batch_size)}
@@ -184,8 +185,41 @@ def _is_pixel(geometry_name: str) -> bool:
 
 
 def run_generate(model: str, out: str | os.PathLike, n_events: int, conditions: dict[str, np.ndarray], *,
-                 ray_options: RayOptions | None = None, **plan_args: Any) -> list[PartResult]:
-    """Generate `n_events` events into the store `out`, in this process when `ray_options`
-    is None, else on Ray actors (see `plan_generate` for the other arguments)."""
+                 ray_options: RayOptions | None = None, device: str = "cpu", **plan_args: Any) -> RunReport:
+    """Generate `n_events` events into the store `out`, in this process (on `device`) when
+    `ray_options` is None, else on Ray actors (see `plan_generate` for the other arguments)."""
     job, parts, sizes = plan_generate(model, out, n_events, conditions, **plan_args)
-    return run_parts(job, parts, sizes, ray_options=ray_options, description="generate")
+    return run_parts(job, parts, sizes, ray_options=ray_options, description="generate", device=device)
+
+
+def cli_conditions(model: str, n_events: int, seed: int, *, conditions_file: str | os.PathLike | None = None,
+                   luminosity: float | None = None, energy_min: float | None = None,
+                   energy_max: float | None = None) -> dict[str, np.ndarray]:
+    """Per-event conditions for `uhg generate --distributed`: from a file (JSON/YAML/NPZ, see
+    `load_conditions`; beam currents the model needs are derived from the luminosity), else
+    exactly those `uhg generate` uses in one process (`uhg.generate.single.event_conditions`),
+    so both paths write the same events."""
+    from types import SimpleNamespace
+
+    from uhg.generate.single import event_conditions
+    from uhg.geometry import get_geometry
+
+    info = describe_model(model)
+    if conditions_file is not None:
+        if luminosity is not None or energy_min is not None or energy_max is not None:
+            raise ConfigError("--conditions FILE replaces --luminosity / --energy-min / --energy-max; give one or the other")
+        conds = load_conditions(conditions_file, n_events)
+        wanted = [n for n in ("her_current", "ler_current") if n in info["conditions"] and n not in conds]
+        if wanted and "luminosity" in conds:
+            from uhg.sim.pxd_machine import currents_for_luminosity
+
+            her, ler = currents_for_luminosity(conds["luminosity"])
+            conds |= {k: np.asarray(v, np.float64) for k, v in (("her_current", her), ("ler_current", ler)) if k in wanted}
+        return conds
+    shape = SimpleNamespace(condition_names=info["conditions"], kind=get_geometry(info["geometry"]).kind)
+    return event_conditions(shape, 0, n_events, seed, luminosity, energy_min, energy_max)
+
+
+def default_part_size(n_events: int, batch_size: int) -> int:
+    """Events per part of `uhg generate`: a multiple of `batch_size`, about 1000 events."""
+    return max(batch_size, (max(1, min(n_events, 1000)) // batch_size) * batch_size)

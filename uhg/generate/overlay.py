@@ -16,6 +16,7 @@ on the number of workers.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from uhg.generate.distributed import (
     describe_model,
     open_generator,
 )
-from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
+from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
 
 ORIGIN_FLAGS = {str(ORIGIN_SIGNAL): "signal", str(ORIGIN_BACKGROUND): "background", str(ORIGIN_BOTH): "both"}
 
@@ -109,11 +110,17 @@ class OverlayJob:
         from uhg.sparse.overlay import merge_overlay
 
         start, stop = part_range(self._out_attrs, part)
+        t0 = time.perf_counter()
         signal = pixel_columns_only(self._signal.read(start, stop))
+        t1 = time.perf_counter()
         background = self._background.events(start, stop)
+        t2 = time.perf_counter()
         merged = merge_overlay(signal, background, self._geometry)
+        t3 = time.perf_counter()
         write_part(self.out, part, merged)
-        return PartResult(part, len(merged), merged.n_hits)
+        t4 = time.perf_counter()
+        return PartResult(part, len(merged), merged.n_hits,
+                          {"read_signal": t1 - t0, "background": t2 - t1, "merge": t3 - t2, "write": t4 - t3})
 
 
 def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
@@ -187,8 +194,8 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
 
 
 def run_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, ray_options: RayOptions | None = None,
-                **plan_args: Any) -> list[PartResult]:
+                device: str = "cpu", **plan_args: Any) -> RunReport:
     """Plan and write an overlay store (see `plan_overlay` for the arguments); in this
-    process when `ray_options` is None, else on Ray actors."""
+    process (generator on `device`) when `ray_options` is None, else on Ray actors."""
     job, parts, sizes = plan_overlay(signal, out, **plan_args)
-    return run_parts(job, parts, sizes, ray_options=ray_options, description="overlay")
+    return run_parts(job, parts, sizes, ray_options=ray_options, description="overlay", device=device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from uhg.errors import UhgError
@@ -32,11 +32,34 @@ MAX_RESTARTS = 3
 
 @dataclass(frozen=True)
 class PartResult:
-    """What a worker reports for one written part."""
+    """What a worker reports for one written part; `seconds` is the worker's time per stage
+    (e.g. {"background": .., "merge": .., "write": ..})."""
 
     part: int
     n_events: int
     n_hits: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Outcome of `run_parts`: the written parts (in part order) and timings in seconds.
+
+    startup_s: until every worker had opened its job (models loaded); wall_s: whole call.
+    Steady-state throughput is `n_events / (wall_s - startup_s)`."""
+
+    parts: list[PartResult]
+    startup_s: float
+    wall_s: float
+
+    @property
+    def n_events(self) -> int:
+        return sum(r.n_events for r in self.parts)
+
+    @property
+    def events_per_s(self) -> float:
+        busy = self.wall_s - self.startup_s
+        return self.n_events / busy if busy > 0 else float("nan")
 
 
 class PartJob(Protocol):
@@ -80,9 +103,14 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.start = time.perf_counter()
+        self.startup_s = 0.0
         self.new_events = 0
         self.bar = tqdm(total=total_events, initial=done_events, unit="ev", desc=description,
                         dynamic_ncols=True, smoothing=0.1, mininterval=1.0)
+
+    def mark_started(self) -> None:
+        """Workers are ready: what follows is steady-state throughput."""
+        self.startup_s = time.perf_counter() - self.start
 
     def update(self, result: PartResult) -> None:
         self.new_events += result.n_events
@@ -95,28 +123,30 @@ class Progress:
 
 
 def run_parts(job: PartJob, parts: list[int], events_per_part: dict[int, int], *,
-              ray_options: RayOptions | None = None, description: str = "events") -> list[PartResult]:
-    """Write `parts` of the store with `job`, in this process or on Ray; returns the results
-    in part order. `events_per_part` (all parts of the store) drives progress and ETA."""
+              ray_options: RayOptions | None = None, description: str = "events",
+              device: str = "cpu") -> RunReport:
+    """Write `parts` of the store with `job`, in this process (on `device`) or on Ray.
+    `events_per_part` (all parts of the store) drives progress and ETA."""
     total = sum(events_per_part.values())
     done = total - sum(events_per_part[p] for p in parts)
     progress = Progress(total, done, description)
     try:
         if ray_options is None:
-            results = _run_here(job, parts, progress)
+            results = _run_here(job, parts, progress, device)
         else:
             results = _run_on_ray(job, parts, ray_options, progress)
     finally:
         wall = progress.close()
-    n_new = sum(r.n_events for r in results)
-    rate = n_new / wall if wall > 0 else float("nan")
-    print(f"wrote {len(results)} part(s), {n_new} events, in {wall:.1f} s ({rate:.2f} events/s); "
-          f"{done} events were already written", flush=True)
-    return sorted(results, key=lambda r: r.part)
+    report = RunReport(sorted(results, key=lambda r: r.part), progress.startup_s, wall)
+    print(f"wrote {len(results)} part(s), {report.n_events} events, in {wall:.1f} s (workers ready after "
+          f"{report.startup_s:.1f} s, then {report.events_per_s:.2f} events/s); {done} events were already written",
+          flush=True)
+    return report
 
 
-def _run_here(job: PartJob, parts: list[int], progress: Progress) -> list[PartResult]:
-    job.open("cpu")
+def _run_here(job: PartJob, parts: list[int], progress: Progress, device: str) -> list[PartResult]:
+    job.open(device)
+    progress.mark_started()
     results = []
     for part in parts:
         result = job.write_part(part)
@@ -157,6 +187,9 @@ class _PartWorker:
         if "torch" in sys.modules:  # a generator was loaded: one intra-op thread per reserved CPU
             sys.modules["torch"].set_num_threads(threads)
 
+    def ready(self) -> bool:
+        return True
+
     def write_part(self, part: int) -> PartResult:
         return self.job.write_part(part)
 
@@ -181,21 +214,15 @@ def _run_on_ray(job: PartJob, parts: list[int], options: RayOptions, progress: P
     running: dict = {}
     results: list[PartResult] = []
     try:
+        _get_or_raise_user_error(ray, [a.ready.remote() for a in actors])
+        progress.mark_started()
         for actor in actors:
             if pending:
                 running[actor.write_part.remote(pending.pop())] = actor
         while running:
             [ready], _ = ray.wait(list(running), num_returns=1)
             actor = running.pop(ready)
-            try:
-                result = ray.get(ready)
-            except ray.exceptions.RayTaskError as err:
-                # Bad input found by a worker (missing condition, wrong geometry) reads as if
-                # found here: one clear message, no remote traceback.
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, UhgError):
-                    raise cause from None
-                raise
+            result = _get_or_raise_user_error(ray, ready)
             progress.update(result)
             results.append(result)
             if pending:
@@ -206,3 +233,18 @@ def _run_on_ray(job: PartJob, parts: list[int], options: RayOptions, progress: P
         if connected_here:
             ray.shutdown()
     return results
+
+
+def _get_or_raise_user_error(ray, refs):
+    """ray.get, except that bad input found by a worker (missing condition, wrong geometry)
+    reads as if found here: the UhgError itself, one clear message, no remote traceback."""
+    try:
+        return ray.get(refs)
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, UhgError):
+            raise cause from None
+        creation = getattr(getattr(err, "error", None), "cause", None)  # actor constructor failed
+        if isinstance(creation, UhgError):
+            raise creation from None
+        raise
