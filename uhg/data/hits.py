@@ -145,8 +145,11 @@ class HitBatch:
         )
 
     def take(self, indices: Sequence[int] | np.ndarray) -> HitBatch:
-        """Events at `indices` (any order, repeats allowed) as a new batch (copies)."""
+        """Events at `indices` (any order, repeats allowed) as a new batch: copies, or views
+        (`slice`) when the indices are one ascending run."""
         idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+            return self.slice(int(idx[0]), int(idx[-1]) + 1)
         counts = self.hits_per_event[idx]
         offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         # hit k of output event j sits at self.offsets[idx[j]] + (k - offsets[j])
