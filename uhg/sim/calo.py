@@ -129,7 +129,7 @@ class _ShowerModel:
 
     def __init__(self, g: CaloGeometry) -> None:
         self.g = g
-        active = [i for i in g.active_layers]
+        active = list(g.active_layers)
         fronts = np.array([g.layer_depth_x0[i][0] for i in active])
         backs = np.array([g.layer_depth_x0[i][1] for i in active])
         order = np.argsort(fronts)
