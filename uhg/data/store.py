@@ -211,6 +211,8 @@ def create_store(path: str | os.PathLike, kind: str, geometry: Any, n_events: in
     path = Path(path)
     plan = _plan(path, kind, geometry, n_events, part_size, conditions or {}, attributes, extra_columns)
     plan["provenance"] = _provenance(seed)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty directory made by the caller is no store yet
     if path.exists():
         if overwrite:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
