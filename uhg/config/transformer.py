@@ -45,6 +45,10 @@ class TransformerConfig(Section):
     energy_bins: int = Field(128, ge=2, description="Calorimeters: log-energy bins of a cell's value token.")
     energy_min_mev: float = Field(0.01515, gt=0.0, description="Calorimeters: lower edge of the energy bins, MeV.")
     energy_max_mev: float = Field(1.0e6, gt=0.0, description="Calorimeters: upper edge of the energy bins, MeV.")
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="EMA decay of the weights that are validated and exported (0 = the trained weights).",
+    )
     generate_batch_sequences: int = Field(
         4096, gt=0, description="Generation: sequences sampled together (events per pass = this / sensors).",
     )

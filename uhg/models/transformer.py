@@ -173,7 +173,9 @@ class HitTransformer(nn.Module):
     def unit_context(self, cond: torch.Tensor) -> torch.Tensor:
         """(B, U, d) context of every unit of every event, without the latent. cond (B, C)."""
         c = self.cond_mlp(cond if cond.shape[1] else cond.new_zeros(len(cond), 1))
-        units = self.unit_emb.weight + self.unit_geom(self.unit_features)
+        # Modules are called (not their weights read) so ZeRO-3 gathers their parameters.
+        ids = torch.arange(self.layout.n_units, device=cond.device)
+        units = self.unit_emb(ids) + self.unit_geom(self.unit_features)
         return c[:, None, :] + units[None]
 
     def sequence_context(self, unit_ctx: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:

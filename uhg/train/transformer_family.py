@@ -1,0 +1,116 @@
+"""Training step, validation metrics and sampling of the autoregressive hit-transformer family.
+
+One engine ("model"). A step encodes the batch's hits as padded token sequences (one per
+event and sensor, or per shower; cost ~ hits, never channels), runs the teacher-forced loss
+through the engine and steps it. Validation reports the held-out NLL and a few physics
+figures of events sampled at the validation events' conditions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from uhg.config.schema import TrainConfig
+from uhg.config.transformer import TransformerConfig
+from uhg.data.hits import HitBatch
+from uhg.models.common import ConditionNorm
+from uhg.models.transformer import HitTransformer, mean_attended
+from uhg.models.transformer_sampling import sample_events
+from uhg.models.transformer_tokens import encode_hits, layout_for_geometry
+from uhg.seeding import event_seed
+from uhg.sparse.torch_hits import TorchHits
+from uhg.train.family import Engine, check_finite
+
+
+class TransformerFamily:
+    """`ModelFamily` of the hit transformer for a pixel or calorimeter geometry."""
+
+    name = "transformer"
+    generator_name = "model"
+
+    def __init__(self, geometry, cfg: TransformerConfig, condition_norm: ConditionNorm):
+        self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
+        self.layout = layout_for_geometry(geometry, cfg.energy_bins, cfg.energy_min_mev, cfg.energy_max_mev)
+        self.ema_decay = cfg.ema_decay
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"model": HitTransformer(self.cfg, self.layout)}
+
+    def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+        # No weight decay on embeddings, norms and biases (the usual transformer recipe).
+        decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2 and "emb" not in n
+                 and not n.endswith(("_in.weight", "_out.weight"))]
+        ids = {id(p) for p in decay}
+        rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
+
+    # -- training
+    def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
+        engine = engines["model"]
+        tokens = encode_hits(batch, self.layout)
+        cond = self.condition_norm(batch.conditions).to(batch.device)
+        out = engine(tokens.rows, tokens.cols, tokens.values, tokens.lengths, cond)
+        check_finite("loss", out["loss"])
+        engine.backward(out["loss"])
+        engine.step()
+        metrics = {k: float(v.detach()) for k, v in out.items()}
+        metrics.update(tokens=float(tokens.n_tokens), padded_tokens=float(tokens.rows.numel()),
+                       hits_per_event=float(tokens.lengths.sum()) / max(len(batch), 1),
+                       model_flops=engine.module.flops_per_token(mean_attended(tokens.lengths)) * tokens.n_tokens
+                       if hasattr(engine.module, "flops_per_token") else 0.0)
+        get = getattr(engine, "get_global_grad_norm", None)
+        norm = get() if get is not None else None
+        if norm is not None and math.isfinite(float(norm)):
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+    # -- validation and sampling
+    @torch.no_grad()
+    def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
+        model = modules[self.generator_name]
+        was_training = model.training
+        model.eval()
+        try:
+            tokens = encode_hits(batch, self.layout)
+            cond = self.condition_norm(batch.conditions).to(batch.device)
+            nll = model.loss(tokens, cond, sample_latent=False)
+        finally:
+            model.train(was_training)
+        out = {"nll_per_event": float(nll["nll"]), "nll_row": float(nll["nll_row"]),
+               "nll_col": float(nll["nll_col"]), "nll_value": float(nll["nll_value"]), "kl": float(nll["kl"])}
+        seeds = [event_seed(0, i, "generate") for i in range(len(batch))]
+        fake, real = self.sample(model, batch.conditions, seeds), batch.to_batch()
+        hf, hr = float(fake.hits_per_event.mean()), float(real.hits_per_event.mean())
+        out.update(hits_per_event_fake=hf, hits_per_event_real=hr, hits_per_event_rel_error=(hf - hr) / max(hr, 1e-9))
+        if self.layout.kind == "pixel":
+            n = self.geometry.n_channels
+            out.update(occupancy_fake_pct=100 * hf / n, occupancy_real_pct=100 * hr / n)
+            occ_f = np.bincount(fake.columns["sensor"], minlength=self.layout.n_units) / len(fake)
+            occ_r = np.bincount(real.columns["sensor"], minlength=self.layout.n_units) / len(real)
+            out["sensor_occupancy_mean_rel_error"] = float((abs(occ_f - occ_r) / occ_r.clip(min=1e-9)).mean())
+            out["charge_mean_fake"] = float(fake.columns["value"].mean()) if fake.n_hits else 0.0
+            out["charge_mean_real"] = float(real.columns["value"].mean()) if real.n_hits else 0.0
+        elif "incident_energy" in real.conditions:
+            e0 = real.conditions["incident_energy"]
+            for tag, hb in (("fake", fake), ("real", real)):
+                sums = np.bincount(hb.event_index(), weights=hb.columns["value"].astype(np.float64), minlength=len(hb))
+                out[f"response_{tag}"] = float((sums / e0).mean())
+        return out
+
+    @torch.no_grad()
+    def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
+        """Events for per-event `conditions`; event i's randomness derives only from seeds[i]
+        (its latent from a torch.Generator seeded with it, its tokens from a counter-based
+        hash of it), so events do not depend on the batch they are generated in."""
+        device = next(module.parameters()).device
+        conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
+        cond = self.condition_norm(conds).to(device)
+        return sample_events(module, cond, list(seeds), {k: v.cpu().numpy() for k, v in conds.items()},
+                             temperature=self.cfg.temperature, top_q=self.cfg.top_q, max_hits=self.cfg.max_hits,
+                             batch_events=max(1, self.cfg.generate_batch_sequences // self.layout.n_units))
