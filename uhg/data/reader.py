@@ -67,6 +67,7 @@ class Store:
         self._cache: OrderedDict[int, HitBatch] = OrderedDict()
         self._cache_parts = max(1, cache_parts)
         self._conditions: dict[str, np.ndarray] | None = None
+        self._n_hits: np.ndarray | None = None
 
     # -- sizes and metadata
     def __len__(self) -> int:
@@ -99,9 +100,17 @@ class Store:
         return self._conditions
 
     def part_n_hits(self) -> np.ndarray:
-        """(n_readable_parts,) hits per committed part, from part metadata (no chunk reads)."""
-        return np.array([json.loads((self._part_path(p) / "zarr.json").read_text())["attributes"]["n_hits"]
-                         for p in self.parts], dtype=np.int64)
+        """(n_readable_parts,) hits per committed part, from part metadata (no chunk reads; cached)."""
+        if self._n_hits is None:
+            self._n_hits = np.array([self._part_meta(p)["n_hits"] for p in self.parts], dtype=np.int64)
+        return self._n_hits
+
+    def _part_meta(self, part: int) -> dict[str, Any]:
+        where = self._part_path(part)
+        try:
+            return json.loads((where / "zarr.json").read_text())["attributes"]
+        except (OSError, ValueError, KeyError) as err:
+            raise StoreError(f"store {self.path}: cannot read the metadata of part {part} ({where}): {err}") from err
 
     # -- reading
     def _part_path(self, part: int) -> Path:
@@ -119,11 +128,7 @@ class Store:
         return batch
 
     def _load_part(self, part: int) -> HitBatch:
-        where = self._part_path(part)
-        try:
-            meta = json.loads((where / "zarr.json").read_text())["attributes"]
-        except (OSError, ValueError, KeyError) as err:
-            raise StoreError(f"store {self.path}: cannot read the metadata of part {part} ({where}): {err}") from err
+        meta = self._part_meta(part)
         names = ["channel", "value", "event_offsets", *self.attrs["extra_columns"],
                  *(f"conditions/{n}" for n in self.condition_names)]
         arrays = self._read_arrays(part, names)
