@@ -67,9 +67,14 @@ def fill_store(path: str | os.PathLike, make_part: MakePart, workers: int = 1, d
                             n = fut.result()  # re-raises a worker's error here
                             done += n
                             bar.update(n)
-                except BaseException:
+                except BaseException as err:
                     for fut in pending:
                         fut.cancel()
+                    if isinstance(err, KeyboardInterrupt):
+                        # Stop now rather than wait for the parts in flight: a killed writer
+                        # leaves no visible partial part, and a rerun redoes those parts.
+                        for proc in list(getattr(pool, "_processes", {}).values()):
+                            proc.terminate()
                     raise
     finally:
         bar.close()
