@@ -18,7 +18,8 @@ from uhg.eval.features import Binned, Correlation, Observable, Profile, weighted
 
 REF, REF2, GEN, BASE = "black", "0.55", "tab:red", "tab:blue"
 STYLES = {"reference": dict(color=REF, lw=1.6), "reference 2": dict(color=REF2, lw=1.2, ls="--"),
-          "generated": dict(color=GEN, lw=1.4), "baseline": dict(color=BASE, lw=1.2, ls="-.")}
+          "generated": dict(color=GEN, lw=1.4), "baseline": dict(color=BASE, lw=1.2, ls="-."),
+          "floor": dict(color=REF2, lw=1.2, ls="--")}
 
 
 def _style(name: str) -> dict:
@@ -194,7 +195,8 @@ def binned_figure(samples: dict[str, Binned]) -> Figure:
 
 def metric_vs_condition_figure(condition: str, unit: str, x: Sequence[float],
                                series: dict[str, tuple[np.ndarray, np.ndarray]],
-                               train_range: tuple[float, float], ylabel: str, log_x: bool = False) -> Figure:
+                               train_range: tuple[float, float], ylabel: str, log_x: bool = False,
+                               title: str = "") -> Figure:
     """A metric vs the condition for several series (generated, baseline, floor), each (mean,
     std) per condition point; the training range is shaded."""
     fig = Figure(figsize=(6, 4))
@@ -207,6 +209,8 @@ def metric_vs_condition_figure(condition: str, unit: str, x: Sequence[float],
                     ls=style.get("ls", "-"), label=name)
     ax.set_xlabel(f"{condition} [{unit}]" if unit else condition)
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
     if log_x:
         ax.set_xscale("log")
     ax.legend(fontsize=8, frameon=False)
