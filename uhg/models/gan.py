@@ -133,9 +133,9 @@ class Discriminator(nn.Module):
         super().__init__()
         self.layout = layout
         ch = cfg.discriminator_channels
-        # An occupancy channel alongside the values: hit/no-hit is the main information.
-        self.stem = spectral_norm(nn.Conv2d(2, ch[0], 3, padding=1))
-        self.blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip(ch[:-1], ch[1:], strict=True))
+        # An occupancy channel alongside the values: hit/no-hit is the main information. The
+        # first block already strides by 2: full-resolution convolutions dominate the cost.
+        self.blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip([2, *ch[:-1]], ch, strict=True))
         f = ch[-1]
         self.units = SensorEmbedding(layout.features, f)
         self.cond = ConditionEmbedding(n_conditions, f)
@@ -149,7 +149,6 @@ class Discriminator(nn.Module):
         b, u, h, w = images.shape
         x = images.reshape(b * u, 1, h, w)
         x = torch.cat([x, (x > 0).to(x.dtype)], dim=1)
-        x = nn.functional.leaky_relu(self.stem(x), 0.2)
         for block in self.blocks:
             x = block(x)
         return (x.sum(dim=(2, 3)) / math.sqrt(x.shape[2] * x.shape[3])).view(b, u, -1)
