@@ -64,7 +64,9 @@ def main() -> None:
         print("  ".join(head))
     for e in (float(v) for v in args.energies.split(",")):
         m = measure(args.geometry, e, args.events)
-        row = [f"{m['energy_gev']:g}", f"{m['response']:.4f}" if not digital else f"{m['response']:.1f}",
+        err = m["response"] * m["resolution"] / math.sqrt(args.events)  # statistical error of the mean
+        row = [f"{m['energy_gev']:g}",
+               f"{m['response']:.4f} ± {err:.4f}" if not digital else f"{m['response']:.1f} ± {err:.1f}",
                f"{m['resolution']:.4f} ± {m['resolution_err']:.4f}",
                f"{m['resolution'] * math.sqrt(m['energy_gev']):.3f}", f"{m['mean_layer']:.2f}",
                f"{m['hits']:.0f}", f"{m['ms_per_shower']:.2f}", f"{m['cpu_ms_per_shower']:.2f}"]
