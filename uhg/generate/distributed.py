@@ -84,9 +84,13 @@ class GeneratorSource:
         self.generator, self.conditions, self.seed, self.batch_size = generator, conditions, seed, batch_size
 
     def events(self, start: int, stop: int, conditions: dict[str, np.ndarray] | None = None) -> HitBatch:
+        import torch
+
         n = stop - start
         conds = conditions if conditions is not None else {k: np.full(n, v) for k, v in self.conditions.items()}
-        return self.generator.generate(conds, seed=self.seed, first_event=start, batch_size=self.batch_size)
+        # No autograd bookkeeping: at full PXD resolution it costs ~40% more memory per event.
+        with torch.inference_mode():
+            return self.generator.generate(conds, seed=self.seed, first_event=start, batch_size=self.batch_size)
 
 
 def load_conditions(path: str | os.PathLike, n_events: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,166 @@
+"""Benchmark full-resolution PXD overlays on Ray: events/s, ms/event, scaling 1 -> K workers.
+
+    .venv/bin/python tools/bench_overlay.py [--events 4] [--workers 1,2] [--model EXPORT]
+        [--geometry pxd] [--batch-size 1] [--work-dir /tmp/uhg-bench-overlay] [--gpus-per-worker 0]
+
+Each worker count runs the same overlay (signal store + generated background at
+L = 2e34 cm^-2 s^-1, one event per part) on one local Ray started once with as many CPUs as
+the largest worker count; every actor holds one generator and one CPU (torch intra-op threads =
+1). Reported per run: actor start-up (model load), steady-state events/s after start-up, and the
+per-event time of each stage inside a worker (generator forward + sparsification, merge, store
+write). The scaling ratio compares steady-state events/s of K workers with 1 worker in the same
+invocation.
+
+Without --model the generator is a freshly initialised (UNTRAINED) GAN of the default
+configuration at the geometry's full resolution: the timing is that of its forward pass,
+sparsification, merge and write, not of a trained model's output (an untrained gate fires
+~1% of pixels, about the real PXD occupancy, so hit counts are realistic in size).
+The signal store holds events with 1000 random fired pixels each (signal is a small part of the
+merge cost next to ~1% background occupancy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def export_untrained_gan(out: Path, geometry: str, seed: int = 0) -> Path:
+    """Default-config GAN conditioned on luminosity, freshly initialised, in the export format."""
+    import torch
+
+    from uhg.config.loading import config_from_dict
+    from uhg.geometry import get_geometry
+    from uhg.models.common import ConditionNorm
+    from uhg.train.export import export_generator
+    from uhg.train.family import build_family
+
+    cfg = config_from_dict({"name": "untrained-bench", "seed": seed, "geometry": geometry, "data": {"store": "none"},
+                            "model": {"family": "gan"}, "train": {"steps": 1, "batch_size": 1}})
+    family = build_family(get_geometry(geometry), cfg.model, ConditionNorm.from_ranges({"luminosity": (1e34, 3e34)},
+                                                                                       ["luminosity"]))
+    torch.manual_seed(seed)
+    generator = family.build_modules()[family.generator_name]
+    return export_generator(out, family, cfg, generator.state_dict(), step=0)
+
+
+def _signal_events(geometry_name: str, hits: int, start: int, stop: int):
+    from uhg.data.hits import HitBatch, PixelEvent
+    from uhg.geometry import get_geometry
+    from uhg.seeding import event_rng
+
+    g = get_geometry(geometry_name)
+    events = []
+    for j in range(start, stop):
+        rng = event_rng(0, j, "signal")
+        channel = np.sort(rng.choice(g.n_channels, hits, replace=False))
+        sensor, pixel = np.divmod(channel, g.pixels_per_sensor)
+        row, col = np.divmod(pixel, g.cols)
+        events.append(PixelEvent(sensor, row, col, rng.integers(g.adc_threshold, 256, hits)))
+    return HitBatch.from_events("pixel", events)
+
+
+def make_signal(path: Path, geometry: str, n_events: int, hits: int) -> Path:
+    from uhg.data.parallel import fill_store
+    from uhg.data.store import create_store
+
+    create_store(path, "pixel", geometry, n_events, 1, overwrite=True)
+    fill_store(path, functools.partial(_signal_events, geometry, hits), progress=False)
+    return path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=4, help="overlay events per run")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--geometry", default="pxd")
+    parser.add_argument("--model", default=None, help="generator export (default: untrained default-config GAN)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--luminosity", type=float, default=2e34)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/uhg-bench-overlay"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from uhg.generate.overlay import run_overlay
+    from uhg.generate.ray_pool import RayOptions
+
+    workers = [int(w) for w in args.workers.split(",")]
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = Path(args.model) if args.model else export_untrained_gan(work / f"untrained-gan-{args.geometry}", args.geometry)
+    signal = make_signal(work / "signal", args.geometry, args.events, hits=1000)
+    print(f"inputs ready in {time.perf_counter() - t0:.1f} s: model {model}, signal {signal}", flush=True)
+
+    gpus = args.gpus_per_worker * max(workers)
+    ray.init(address="local", num_cpus=max(workers), num_gpus=gpus or None, include_dashboard=False,
+             log_to_driver=False)
+    runs = []
+    try:
+        for k in workers:
+            out = work / f"overlay-{k}"
+            shutil.rmtree(out, ignore_errors=True)
+            report = run_overlay(signal, out, ray_options=RayOptions(workers=k, gpus_per_worker=args.gpus_per_worker),
+                                 model=str(model), conditions={"luminosity": args.luminosity}, part_size=1,
+                                 batch_size=args.batch_size)
+            stages = {}
+            for r in report.parts:
+                for name, s in r.seconds.items():
+                    stages[name] = stages.get(name, 0.0) + s
+            n = report.n_events
+            runs.append({
+                "workers": k, "events": n, "startup_s": round(report.startup_s, 2), "wall_s": round(report.wall_s, 2),
+                "events_per_s": report.events_per_s, "wall_ms_per_event": 1000 / report.events_per_s,
+                "worker_ms_per_event": {name: 1000 * s / n for name, s in stages.items()},
+                "worker_s_per_event_total": sum(stages.values()) / n,
+                "hits_per_event": sum(r.n_hits for r in report.parts) / n,
+            })
+    finally:
+        ray.shutdown()
+    base = runs[0]["events_per_s"]
+    for run in runs:
+        run["scaling_vs_first"] = run["events_per_s"] / base
+    result = {
+        "geometry": args.geometry, "model": str(model), "untrained_default_gan": args.model is None,
+        "luminosity": args.luminosity, "batch_size": args.batch_size, "cpu": cpu_model(), "cores": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(), "python": sys.version.split()[0], "runs": runs,
+    }
+    print(json.dumps(result, indent=1))
+    print("\n| workers | events | start-up s | events/s | ms/event (wall) | worker s/event: generate / merge / write | scaling |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        st = r["worker_ms_per_event"]
+        print(f"| {r['workers']} | {r['events']} | {r['startup_s']:.1f} | {r['events_per_s']:.3f} | "
+              f"{r['wall_ms_per_event']:.0f} | {st['background'] / 1000:.2f} / {st['merge'] / 1000:.3f} / "
+              f"{st['write'] / 1000:.3f} | {r['scaling_vs_first']:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
