@@ -267,7 +267,8 @@ def simulate_pxd_background(geometry: PixelGeometry, n_events: int, seed: int, f
     for i in range(n_events):
         rng = event_rng(seed, first_event + i, "pxd")
         if luminosity_max is not None and luminosity_max > luminosity:
-            lum[i] = math.exp(rng.uniform(math.log(luminosity), math.log(luminosity_max)))
+            draw = math.exp(rng.uniform(math.log(luminosity), math.log(luminosity_max)))
+            lum[i] = min(max(draw, luminosity), luminosity_max)  # exp(log(x)) may round past x
         else:
             lum[i] = luminosity
         if her_current is None:
