@@ -96,3 +96,28 @@ def test_killed_writer_leaves_no_visible_part_and_rerun_completes(tmp_path):
     assert time.perf_counter() - t0 < 30
     assert tree_bytes(path / "parts") == tree_bytes(ref / "parts")
     assert_same(open_store(path).read(), open_store(ref).read())
+
+
+CONCURRENT_FILL = textwrap.dedent("""
+    import functools, sys
+    sys.path.insert(0, {tests!r})
+    from test_store_parallel import make_part
+    from uhg.data import fill_store
+    fill_store({path!r}, functools.partial(make_part, "pxd-tiny"), progress=False)
+""")
+
+
+def test_two_fill_runs_on_one_store_agree(tmp_path):
+    """Two independent `fill_store` runs on the same store (say, a job started twice) both
+    finish: parts the other run committed first count as done."""
+    path, ref = tmp_path / "s", tmp_path / "ref"
+    make = functools.partial(make_part, "pxd-tiny")
+    for p in (path, ref):
+        create_store(p, "pixel", "pxd-tiny", 60, 5, LUMI, seed=1)
+    fill_store(ref, make, progress=False)
+    other = subprocess.Popen([sys.executable, "-c", CONCURRENT_FILL.format(tests=str(Path(__file__).parent),
+                                                                          path=str(path))])
+    fill_store(path, make, progress=False)
+    assert other.wait(timeout=120) == 0
+    assert missing_parts(path) == []
+    assert tree_bytes(path / "parts") == tree_bytes(ref / "parts")

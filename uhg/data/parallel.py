@@ -17,21 +17,29 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from uhg.data.hits import HitBatch
-from uhg.data.store import missing_parts, part_range, read_attrs, write_part
+from uhg.data.store import PARTS, PartExistsError, missing_parts, part_name, part_range, read_attrs, write_part
 from uhg.errors import StoreError
 
 MakePart = Callable[[int, int], HitBatch]
 
 
 def _produce(path: str, part: int, start: int, stop: int, make_part: MakePart) -> int:
-    """Worker body: make events start..stop-1 and commit them as part `part`."""
-    write_part(path, part, make_part(start, stop))
+    """Worker body: make events start..stop-1 and commit them as part `part`. A part that
+    another process committed meanwhile counts as done (its events are the same: every event
+    depends only on the run's seed and its index)."""
+    if (Path(path) / PARTS / part_name(part)).exists():
+        return stop - start
+    try:
+        write_part(path, part, make_part(start, stop))
+    except PartExistsError:
+        pass
     return stop - start
 
 
 def fill_store(path: str | os.PathLike, make_part: MakePart, workers: int = 1, desc: str = "events",
                progress: bool = True, start_method: str = "forkserver") -> int:
-    """Write every missing part of the store at `path`; returns the number of events written.
+    """Write every missing part of the store at `path`; returns the number of events in the parts
+    that were missing (parts another process commits meanwhile are taken as done).
 
     `make_part(start, stop)` returns the HitBatch of events start..stop-1 (it must be
     picklable for `workers > 1`, e.g. a functools.partial of a module-level function).

@@ -60,6 +60,10 @@ warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zar
 warnings.filterwarnings("ignore", message=r".*Object at \.partial is not recognized.*")
 
 
+class PartExistsError(StoreError):
+    """The part is committed already (by an earlier run or a concurrent writer)."""
+
+
 def _zarr():
     import zarr
 
@@ -324,7 +328,7 @@ def write_part(path: str | os.PathLike, part_index: int, batch: HitBatch, overwr
         raise StoreError(f"store {path}: part index {part_index} outside 0..{attrs['n_parts'] - 1}")
     final = path / PARTS / part_name(part_index)
     if final.exists() and not overwrite:
-        raise StoreError(f"store {path}: part {part_index} is already written")
+        raise PartExistsError(f"store {path}: part {part_index} is already written")
     geom = _resolve_geometry(attrs["geometry"])
     _check_batch(path, attrs, part_index, batch, geom)
 
@@ -359,7 +363,7 @@ def write_part(path: str | os.PathLike, part_index: int, batch: HitBatch, overwr
             os.rename(tmp, final)  # the commit: the part appears complete or not at all
         except OSError as err:
             if final.exists():
-                raise StoreError(f"store {path}: part {part_index} was committed by another writer") from err
+                raise PartExistsError(f"store {path}: part {part_index} was committed by another writer") from err
             raise
     finally:
         if tmp.exists():
@@ -381,4 +385,4 @@ def _write_array(group, name: str, data: np.ndarray, codecs: dict[str, Any]) -> 
 # The reader lives in its own module; importing it here keeps `uhg.data.store.open_store`.
 from uhg.data.reader import Store, open_store  # noqa: E402
 
-__all__ = ["SCHEMA", "Store", "create_store", "missing_parts", "open_store", "read_attrs", "write_part"]
+__all__ = ["SCHEMA", "PartExistsError", "Store", "create_store", "missing_parts", "open_store", "read_attrs", "write_part"]
