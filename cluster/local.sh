@@ -36,7 +36,7 @@ Ray head is up: dashboard ${ADDRESS} (bound to 127.0.0.1), auth mode ${RAY_AUTH_
 Submit a training run from the repository root (${ROOT}):
 
   export RAY_ADDRESS=${ADDRESS} RAY_AUTH_MODE=${RAY_AUTH_MODE}
-  ray job submit --working-dir . --runtime-env-json '{"env_vars": {"UHG_ROOT": "${ROOT}"}}' -- uhg train --config configs/pxd-gan-mini.yaml
+  ray job submit --working-dir . --runtime-env-json '{"env_vars": {"UHG_ROOT": "${ROOT}"}}' -- uhg train --config configs/pxd_gan_mini.yaml
 
 UHG_ROOT makes relative paths (configs, stores, runs/) resolve in the repository instead of
 Ray's temporary copy of it, so checkpoints and the MLflow store land in ${ROOT}/runs.

@@ -189,6 +189,10 @@ def _init_ray(address: str | None, cfg: RunConfig) -> None:
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
+        if target.startswith(("http://", "https://")):
+            # The dashboard/job API address users export for `ray job submit`; a driver joins
+            # through the GCS, which "auto" finds for a head on this machine.
+            target = "auto"
         ray.init(address=target, log_to_driver=True)
         return
     d = cfg.distributed

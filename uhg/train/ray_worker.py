@@ -74,12 +74,16 @@ def _open_tracking(cfg: Any, name: str, run_folder: Path, context: Any) -> Any:
 
 
 def _finish_tracking(logger: Any, cfg: Any, result: Any, hooks: Any) -> None:
-    """Rank 0 after the loop: loss-curve plot, generator export artifact + registered version."""
+    """Rank 0 after the loop: loss curves and physics plots (generated vs held-out events), the
+    generator export as artifact + registered version."""
+    from uhg.tracking.physics_plots import log_physics_plots
+
     logger.log_loss_curves()
     if hooks.resumed_from is not None:
         logger.set_tags({"uhg.resumed_from_step": str(hooks.resumed_step)})
     if result.export is None:
         return
+    log_physics_plots(logger, cfg, result.export)
     if cfg.tracking.registered_model_name:
         version = logger.register_model(result.export, cfg.tracking.registered_model_name, alias=cfg.tracking.alias)
         print(f"[uhg] registered {cfg.tracking.registered_model_name} version {version}"
