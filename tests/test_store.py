@@ -193,7 +193,7 @@ def test_open_errors(tmp_path):
     meta["attributes"]["schema"] = "uhg-store/1"
     meta["attributes"]["geometry_spec"]["rows"] = 17
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(GeometryError, match="was written for geometry"):
+    with pytest.raises(GeometryError, match="another version of geometry 'pxd-tiny' .rows: store 17, now 16"):
         open_store(path)
 
 

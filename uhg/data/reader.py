@@ -50,9 +50,13 @@ class Store:
             self.geometry = get_geometry(self.attrs["geometry"])
         except GeometryError as err:
             raise GeometryError(f"store {self.path}: {err}") from err
-        if _jsonable(self.geometry.to_dict()) != self.attrs["geometry_spec"]:
-            raise GeometryError(f"store {self.path} was written for geometry {self.attrs['geometry_spec']}, "
-                                f"but {self.geometry.name!r} is now {self.geometry.to_dict()}")
+        # keys the geometry gained since the store was written are fine; changed ones are not
+        now, then = _jsonable(self.geometry.to_dict()), self.attrs["geometry_spec"]
+        changed = [k for k in then if k in now and now[k] != then[k]]
+        if changed:
+            detail = "; ".join(f"{k}: store {str(then[k])[:60]}, now {str(now[k])[:60]}" for k in changed[:3])
+            raise GeometryError(f"store {self.path} was written for another version of geometry "
+                                f"{self.geometry.name!r} ({detail})")
         if geometry is not None:
             wanted = geometry if isinstance(geometry, str) else geometry.name
             if wanted != self.geometry.name:
