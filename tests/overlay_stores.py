@@ -1,42 +1,34 @@
-"""Small pixel stores for overlay and distributed-generation tests (random hits, known seeds)."""
+"""Inputs for overlay and distributed-generation tests: small simulated PXD stores and an
+untrained GAN export."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-import numpy as np
-
-from uhg.data.hits import HitBatch, PixelEvent
+from uhg.data.hits import HitBatch
 from uhg.data.parallel import fill_store
 from uhg.data.store import create_store
 from uhg.geometry import get_geometry
-from uhg.seeding import event_rng
 
-LUMINOSITY_SPEC = {"luminosity": {"min": 1e33, "max": 1e36, "unit": "cm^-2 s^-1"}}
+def _simulated(kind: str, geometry_name: str, seed: int, start: int, stop: int) -> HitBatch:
+    from uhg.sim import simulate_pxd_background, simulate_pxd_signal
 
-
-def _random_events(geometry_name: str, seed: int, hits: int, luminosity: float | None,
-                   start: int, stop: int) -> HitBatch:
     g = get_geometry(geometry_name)
-    events = []
-    for j in range(start, stop):
-        rng = event_rng(seed, j, "signal")
-        n = int(rng.integers(hits // 2, hits + 1))
-        channel = np.sort(rng.choice(g.n_channels, n, replace=False))
-        sensor, pixel = np.divmod(channel, g.pixels_per_sensor)
-        row, col = np.divmod(pixel, g.cols)
-        events.append(PixelEvent(sensor, row, col, rng.integers(g.adc_threshold, 256, n),
-                                 conditions={} if luminosity is None else {"luminosity": luminosity}))
-    return HitBatch.from_events("pixel", events)
+    if kind == "signal":
+        return simulate_pxd_signal(g, stop - start, seed, first_event=start)
+    return simulate_pxd_background(g, stop - start, seed, first_event=start)  # SuperKEKB design luminosity
 
 
-def random_pixel_store(path: Path, geometry: str, n_events: int, part_size: int, seed: int, hits: int,
-                       luminosity: float | None = None) -> Path:
-    """A complete store of `n_events` events with up to `hits` random fired pixels each."""
-    create_store(path, "pixel", geometry, n_events, part_size,
-                 conditions=LUMINOSITY_SPEC if luminosity is not None else {}, seed=seed)
-    fill_store(path, functools.partial(_random_events, geometry, seed, hits, luminosity), progress=False)
+def simulated_store(path: Path, kind: str, geometry: str, n_events: int, part_size: int, seed: int) -> Path:
+    """A complete store of PXD `signal` (IP tracks) or `background` events from the reference
+    simulators (background at design luminosity, ~0.9% occupancy)."""
+    sample = _simulated(kind, geometry, seed, 0, 1)
+    units = {"n_tracks": "tracks", "luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A"}
+    bounds = {"n_tracks": (0, 100), "luminosity": (1e33, 1e37), "her_current": (0, 10), "ler_current": (0, 10)}
+    conditions = {k: {"min": bounds[k][0], "max": bounds[k][1], "unit": units[k]} for k in sample.conditions}
+    create_store(path, "pixel", geometry, n_events, part_size, conditions=conditions, seed=seed)
+    fill_store(path, functools.partial(_simulated, kind, geometry, seed), progress=False)
     return path
 
 

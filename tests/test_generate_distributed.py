@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from overlay_stores import export_untrained_gan, part_files, random_pixel_store
+from overlay_stores import export_untrained_gan, part_files, simulated_store
 
 from uhg.data.store import missing_parts
 from uhg.generate.overlay import OverlayJob, plan_overlay, run_overlay
@@ -33,7 +33,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
-    return {"signal": random_pixel_store(root / "signal", "pxd-tiny", 12, 4, seed=1, hits=40),
+    return {"signal": simulated_store(root / "signal", "signal", "pxd-tiny", 12, 4, seed=1),
             "export": export_untrained_gan(root / "export", "pxd-tiny", seed=4, embed_dim=32, z_dim=16,
                                            sensor_noise_dim=4, attention_layers=1, decoder_channels=[16, 8])}
 

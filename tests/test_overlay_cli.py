@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from overlay_stores import part_files, random_pixel_store
+from overlay_stores import part_files, simulated_store
 
 from uhg.cli import main
 from uhg.data.store import missing_parts, open_store
@@ -22,9 +22,9 @@ from uhg.sparse.overlay import merge_overlay
 def stores(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     return {
-        "signal": random_pixel_store(root / "signal", "pxd-tiny", 30, 8, seed=1, hits=40),
-        "background": random_pixel_store(root / "background", "pxd-tiny", 7, 4, seed=2, hits=900, luminosity=2e34),
-        "mini": random_pixel_store(root / "mini", "pxd-mini", 3, 3, seed=3, hits=10),
+        "signal": simulated_store(root / "signal", "signal", "pxd-tiny", 30, 8, seed=1),
+        "background": simulated_store(root / "background", "background", "pxd-tiny", 7, 4, seed=2),
+        "mini": simulated_store(root / "mini", "signal", "pxd-mini", 3, 3, seed=3),
     }
 
 
@@ -41,7 +41,8 @@ def test_overlay_with_background_store(stores, tmp_path) -> None:
         for column in ("sensor", "row", "col", "value"):
             np.testing.assert_array_equal(getattr(got, column), getattr(expected, column))
         np.testing.assert_array_equal(got.extra["origin"], expected.extra["origin"])
-        assert got.conditions == {"luminosity": 2e34}
+        assert got.conditions == expected.conditions
+        assert set(got.conditions) == {"n_tracks", "luminosity", "her_current", "ler_current"}
     origin = result.read().columns["origin"]
     assert set(np.unique(origin)) == {1, 2, 3}
     provenance = result.attrs["attributes"]["overlay"]

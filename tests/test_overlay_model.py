@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from overlay_stores import export_untrained_gan, part_files, random_pixel_store
+from overlay_stores import export_untrained_gan, part_files, simulated_store
 
 from uhg.cli import main
 from uhg.data.store import open_store
@@ -21,8 +21,8 @@ SMALL_GAN = {"embed_dim": 32, "z_dim": 16, "sensor_noise_dim": 4, "attention_lay
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
-    return {"signal": random_pixel_store(root / "signal", "pxd-tiny", 8, 4, seed=1, hits=40),
-            "mini": random_pixel_store(root / "mini", "pxd-mini", 2, 2, seed=3, hits=10),
+    return {"signal": simulated_store(root / "signal", "signal", "pxd-tiny", 8, 4, seed=1),
+            "mini": simulated_store(root / "mini", "signal", "pxd-mini", 2, 2, seed=3),
             "export": export_untrained_gan(root / "export", "pxd-tiny", seed=4, **SMALL_GAN)}
 
 

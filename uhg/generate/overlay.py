@@ -110,7 +110,7 @@ class OverlayJob:
         from uhg.sparse.overlay import merge_overlay
 
         start, stop = part_range(self._out_attrs, part)
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         signal = pixel_columns_only(self._signal.read(start, stop))
         t1 = time.perf_counter()
         background = self._background.events(start, stop)
@@ -120,7 +120,8 @@ class OverlayJob:
         write_part(self.out, part, merged)
         t4 = time.perf_counter()
         return PartResult(part, len(merged), merged.n_hits,
-                          {"read_signal": t1 - t0, "background": t2 - t1, "merge": t3 - t2, "write": t4 - t3})
+                          {"read_signal": t1 - t0, "background": t2 - t1, "merge": t3 - t2, "write": t4 - t3,
+                           "cpu": time.process_time() - cpu0})
 
 
 def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,

@@ -32,8 +32,8 @@ MAX_RESTARTS = 3
 
 @dataclass(frozen=True)
 class PartResult:
-    """What a worker reports for one written part; `seconds` is the worker's time per stage
-    (e.g. {"background": .., "merge": .., "write": ..})."""
+    """What a worker reports for one written part; `seconds` holds the worker's wall time per
+    stage (e.g. "background", "merge", "write") and, as "cpu", its process CPU time."""
 
     part: int
     n_events: int
