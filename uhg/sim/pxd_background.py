@@ -18,8 +18,9 @@ Calibration (at `L_CAL` = 8e35 cm^-2 s^-1, design currents; targets in DESIGN.md
   from beam losses, which concentrate in the horizontal plane, and is given to Touschek and
   beam-gas only. So the per-sensor pattern is exact at L_CAL and changes with the currents.
 - Per-cluster fired-pixel means per process and layer, and fired pixels per curler per sensor,
-  are measured once by Monte Carlo with a fixed seed (`calibration()`, cached) in full-PXD
-  pixel units, so the same rates hold for every geometry (scaled by pixels per sensor).
+  are measured once per pixel grid by Monte Carlo with a fixed seed (`calibration()`, cached;
+  ~0.5 s). Cluster shapes are in full-PXD pixel units on every grid, so the rates scale with
+  pixels per sensor; the Monte Carlo also accounts for the charge coarse grids lose over edges.
 - Event-to-event fluctuations: luminosity-driven rates vary by a log-normal factor
   (sigma `LUMI_SIGMA`, bunch-to-bunch luminosity), beam-loss rates by a log-normal factor
   (sigma `BEAM_SIGMA`) and, in a fraction `BURST_PROB` of readouts (injection bunches passing
@@ -60,8 +61,8 @@ SENSOR_OCCUPANCY = np.array([
 """Mean occupancy per sensor at L_CAL (fraction; canonical sensor order, threshold 7 ADU)."""
 
 LAYER_SHARES = {
-    1: {"two_photon": 0.45, "rad_bhabha": 0.10, "touschek": 0.18, "beam_gas": 0.17, "synchrotron": 0.10},
-    2: {"rad_bhabha": 0.13, "touschek": 0.22, "beam_gas": 0.22, "synchrotron": 0.08},
+    1: {"two_photon": 0.45, "rad_bhabha": 0.10, "touschek": 0.15, "beam_gas": 0.14, "synchrotron": 0.16},
+    2: {"rad_bhabha": 0.13, "touschek": 0.22, "beam_gas": 0.22, "synchrotron": 0.10},
 }
 """Process shares of the fired pixels at L_CAL per layer (layer 2: proportions of the
 non-two-photon part; its two-photon share follows from the curler geometry)."""
@@ -89,14 +90,13 @@ BURST_PROB = 0.04
 BURST_SCALE = 0.8
 LOSS_MIN_COS = 0.25  # beam-loss shower particles: cos(incidence) uniform in [LOSS_MIN_COS, 1]
 
-FULL_PIXELS_PER_SENSOR = 250 * 768
 N_LAYER1 = 2 * LADDERS_PER_LAYER[1]
 CONDITIONS = ("luminosity", "her_current", "ler_current")
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Rates at L_CAL for a full-size sensor (scaled by pixels per sensor for other grids).
+    """Rates at L_CAL for one pixel grid.
 
     `cluster_rate`: (40, 4) mean clusters per event per sensor for rad_bhabha, touschek,
     beam_gas, synchrotron; `curler_rate`: mean curlers per event; `curler_fraction`: (40,)
@@ -121,13 +121,12 @@ def _group_mean(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fired_per_cluster(clusters: Clusters, rng: np.random.Generator, model: ChargeModel) -> np.ndarray:
-    """(n,) fired pixels of each cluster alone (no overlaps), in the full PXD grid."""
-    full = pxd_geometry()
+def _fired_per_cluster(geometry: PixelGeometry, clusters: Clusters, rng: np.random.Generator, model: ChargeModel) -> np.ndarray:
+    """(n,) fired pixels of each cluster alone (no overlaps) in `geometry`'s grid."""
     alone = Clusters(np.arange(len(clusters)), clusters.row, clusters.col, clusters.du, clusters.dv,
                      clusters.path, clusters.kind)
-    keys, _ = digitize(full, alone, rng, model)
-    owner, _, _ = split_keys(full, keys)
+    keys, _ = digitize(geometry, alone, rng, model)
+    owner, _, _ = split_keys(geometry, keys)
     return np.bincount(owner, minlength=len(clusters))
 
 
@@ -173,24 +172,25 @@ def _process_clusters(geometry: PixelGeometry, sensor: np.ndarray, process: np.n
     return Clusters(sensor, row, col, du, dv, path, kind)
 
 
-def calibration(model: ChargeModel = CHARGE_MODEL) -> Calibration:
-    """Rates reproducing `SENSOR_OCCUPANCY` and `LAYER_SHARES` at L_CAL (Monte Carlo with a
-    fixed seed; deterministic and geometry independent; computed once per charge model)."""
-    return _calibration(model)
+def calibration(geometry: PixelGeometry, model: ChargeModel = CHARGE_MODEL) -> Calibration:
+    """Rates reproducing `SENSOR_OCCUPANCY` and `LAYER_SHARES` at L_CAL on `geometry`'s grid
+    (Monte Carlo with a fixed seed, so deterministic; computed once per grid and charge model:
+    coarse grids lose a larger share of cluster charge over the sensor edges)."""
+    return _calibration(geometry.rows, geometry.cols, model)
 
 
 @cache
-def _calibration(model: ChargeModel) -> Calibration:
+def _calibration(rows: int, cols: int, model: ChargeModel) -> Calibration:
     rng = np.random.default_rng(20240611)
-    full = pxd_geometry()
+    grid = pxd_geometry("calibration", rows, cols)
     lam = -np.log1p(-SENSOR_OCCUPANCY)  # fired-pixel equivalents per pixel
     n_sensors = len(lam)
 
     # Curlers: fired pixels per curler per sensor, symmetrised over azimuth.
     n_mc = 20000
-    curl = _curler_clusters(full, n_mc, rng)
-    fired = _fired_per_cluster(curl, rng, model)
-    per_curler = _group_mean(np.bincount(curl.sensor, fired, minlength=n_sensors) / n_mc) / FULL_PIXELS_PER_SENSOR
+    curl = _curler_clusters(grid, n_mc, rng)
+    fired = _fired_per_cluster(grid, curl, rng, model)
+    per_curler = _group_mean(np.bincount(curl.sensor, fired, minlength=n_sensors) / n_mc) / grid.pixels_per_sensor
     layer1 = slice(0, N_LAYER1)
     curler_rate = LAYER_SHARES[1]["two_photon"] * lam[layer1].mean() / per_curler[layer1].mean()
     curler_lam = curler_rate * per_curler
@@ -201,8 +201,8 @@ def _calibration(model: ChargeModel) -> Calibration:
     mean_fired = np.empty((n_sensors, len(names)))
     for layer, sensors in ((1, np.arange(N_LAYER1)), (2, np.arange(N_LAYER1, n_sensors))):
         for p in range(len(names)):
-            cl = _process_clusters(full, rng.choice(sensors, n_mc), np.full(n_mc, p), rng)
-            mean_fired[sensors, p] = _fired_per_cluster(cl, rng, model).mean()
+            cl = _process_clusters(grid, rng.choice(sensors, n_mc), np.full(n_mc, p), rng)
+            mean_fired[sensors, p] = _fired_per_cluster(grid, cl, rng, model).mean()
 
     rest = lam - curler_lam
     if np.any(rest <= 0):
@@ -216,7 +216,7 @@ def _calibration(model: ChargeModel) -> Calibration:
     process_lam[:, loss] += modulation[:, None] * shares[:, loss] / shares[:, loss].sum(axis=1, keepdims=True)
     if np.any(process_lam <= 0):
         raise RuntimeError("negative process rate in the calibration")
-    cluster_rate = process_lam * FULL_PIXELS_PER_SENSOR / mean_fired
+    cluster_rate = process_lam * grid.pixels_per_sensor / mean_fired
     return Calibration(cluster_rate, float(curler_rate), curler_lam / lam)
 
 
@@ -231,12 +231,11 @@ def _event_factors(rng: np.random.Generator) -> tuple[float, float]:
 def simulate_event(geometry: PixelGeometry, rates: np.ndarray, rng: np.random.Generator,
                    model: ChargeModel = CHARGE_MODEL) -> tuple[np.ndarray, np.ndarray]:
     """One event: (keys, adc) as from `digitize`; `rates` (5,) process rates relative to L_CAL."""
-    cal = calibration(model)
-    scale = geometry.pixels_per_sensor / FULL_PIXELS_PER_SENSOR
+    cal = calibration(geometry, model)
     f_lumi, f_beam = _event_factors(rng)
     factor = rates * np.array([f_lumi if p in ("two_photon", "rad_bhabha") else f_beam for p in PROCESSES])
-    n_curlers = rng.poisson(cal.curler_rate * scale * factor[0])
-    counts = rng.poisson(cal.cluster_rate * scale * factor[1:][None, :])  # (40, 4)
+    n_curlers = rng.poisson(cal.curler_rate * factor[0])
+    counts = rng.poisson(cal.cluster_rate * factor[1:][None, :])  # (40, 4)
     flat = counts.ravel()
     sensor = np.repeat(np.repeat(np.arange(counts.shape[0]), counts.shape[1]), flat)
     process = np.repeat(np.tile(np.arange(counts.shape[1]), counts.shape[0]), flat)

@@ -53,15 +53,15 @@ MAX_PATH = 4.0
 class ChargeModel:
     """Constants of the charge model (ADU; 1 ADU ~ 130 electrons)."""
 
-    mpv: float = 37.5
+    mpv: float = 38.5
     """Most probable charge of a perpendicular minimum ionising track, ADU."""
-    width: float = 3.5
+    width: float = 3.0
     """Moyal width of the track charge, ADU."""
     photon_mean: float = 16.0
     """Mean charge of a soft-photon cluster, ADU."""
-    heavy_median: float = 160.0
+    heavy_median: float = 162.0
     """Median charge of a heavily ionising cluster, ADU."""
-    heavy_sigma: float = 0.28
+    heavy_sigma: float = 0.24
     """Log-normal sigma of the heavily ionising charge."""
     diffusion: float = 0.30
     """Diffusion sigma in pixels (full-PXD pitch)."""
