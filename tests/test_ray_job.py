@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+# ~1.5 min per job on an idle 2-core machine; generous limits because shared CI machines are not idle.
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -132,6 +134,7 @@ def ray_head() -> Iterator[dict[str, str]]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(env: dict[str, str], workdir: Path, *uhg_args: str, job_env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -139,7 +142,7 @@ def _submit(env: dict[str, str], workdir: Path, *uhg_args: str, job_env: dict[st
     return subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps(runtime_env), "--", "uhg", "train", *uhg_args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
 
 
@@ -197,6 +200,8 @@ def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(ray_head: di
     assert any(k.startswith("system/") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"generator", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/loss_curves.png", "plots/occupancy_per_sensor.png", "plots/charge.png"}
     version = client.get_model_version_by_alias("uhg-tiny-ray", "candidate")
     assert version.run_id == run.info.run_id and version.source == f"runs:/{run.info.run_id}/generator"
 
