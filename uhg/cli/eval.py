@@ -1,7 +1,7 @@
 """`uhg eval`: compare generated events with reference events, and the zero-shot protocol.
 
     uhg eval --reference REF.zarr --generated GEN.zarr --out DIR [--reference2 REF2.zarr]
-             [--max-events N] [--repeats 5] [--classifier-repeats 3] [--no-classifier]
+             [--max-events N] [--repeats 5] [--classifier-repeats 3] [--no-classifier] [--no-plots]
              [--training-range luminosity=1e34:8e35] [--mlflow-run RUN_ID] [--tracking-uri URI]
     uhg eval extrapolate --config configs/extrapolate_pxd_luminosity.yaml [--out DIR]
 
@@ -75,6 +75,7 @@ def eval_command(
     repeats: Annotated[int, typer.Option(help="repeated splits / bootstraps for mean +- std")] = 5,
     classifier_repeats: Annotated[int, typer.Option(help="repeats of the classifier test")] = 3,
     classifier: Annotated[bool, typer.Option(help="run the classifier two-sample test")] = True,
+    plots: Annotated[bool, typer.Option(help="write PNG figures (off: tables and report only)")] = True,
     training_range: Annotated[list[str] | None, typer.Option(
         help="the model's training range NAME=LOW:HIGH (repeatable); events outside are flagged")] = None,
     seed: Annotated[int, typer.Option(help="seed of the splits and classifier")] = 0,
@@ -93,7 +94,7 @@ def eval_command(
 
     logger = run_logger(mlflow_run, tracking_uri)
     report = evaluate_stores(reference, generated, out, reference2, max_events=max_events, n_repeats=repeats,
-                             classifier_repeats=classifier_repeats, classifier=classifier,
+                             classifier_repeats=classifier_repeats, classifier=classifier, plots=plots,
                              training_range=parse_training_range(training_range or []), seed=seed, logger=logger)
     _print_summary(report, out)
 

@@ -171,7 +171,7 @@ def evaluate_features(ref: FeatureSet, gen: FeatureSet, out_dir: str | Path, ref
 
 def evaluate_stores(reference: str | Path, generated: str | Path, out_dir: str | Path,
                     reference2: str | Path | None = None, *, max_events: int | None = None,
-                    n_repeats: int = 5, classifier_repeats: int = 3, classifier: bool = True,
+                    n_repeats: int = 5, classifier_repeats: int = 3, classifier: bool = True, plots: bool = True,
                     training_range: dict[str, tuple[float, float]] | None = None, seed: int = 0,
                     logger=None) -> Report:
     """Evaluate the generated store against the reference (and the optional second reference
@@ -203,7 +203,7 @@ def evaluate_stores(reference: str | Path, generated: str | Path, out_dir: str |
             inputs[f"generated {name}"] = f"{vals.min():.4g} .. {vals.max():.4g} {CONDITION_UNITS.get(name, '')}"
     report = evaluate_features(ref, gen, out_dir, ref2, title=f"uhg evaluation: {Path(generated).name} vs "
                                f"{Path(reference).name}", inputs=inputs, warnings=warnings, n_repeats=n_repeats,
-                               classifier_repeats=classifier_repeats, classifier=classifier, seed=seed)
+                               classifier_repeats=classifier_repeats, classifier=classifier, plots=plots, seed=seed)
     if logger is not None:
         log_report(logger, report, Path(out_dir))
     return report

@@ -1,0 +1,153 @@
+"""Zero-shot protocol: config checks, baselines, and a full run with a sanity-check generator."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uhg.cli import main
+from uhg.data.hits import HitBatch, PixelEvent
+from uhg.errors import ConfigError
+from uhg.eval.baselines import overlay_baseline, scale_baseline, thin
+from uhg.eval.extrapolate import ExtrapolationConfig, load_protocol, run_protocol
+from uhg.eval.features_pxd import pixel_clusters
+from uhg.geometry import get_geometry
+from uhg.sim.calo import simulate_calo_showers
+from uhg.sim.pxd_background import simulate_pxd_background
+
+PXD = get_geometry("pxd-tiny")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ReferenceSimulatorAtWrongLuminosity:
+    """Sanity-check stand-in for a trained model: the reference simulator itself, run at
+    `factor` times the requested luminosity. A protocol that cannot see this is broken."""
+
+    condition_names = ["luminosity"]
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def generate(self, conditions, seed, first_event=0, batch_size=16):
+        lum = np.asarray(conditions["luminosity"])
+        batch = simulate_pxd_background(PXD, len(lum), seed, first_event=first_event,
+                                        luminosity=float(lum[0]) * self.factor)
+        return HitBatch("pixel", batch.columns, batch.offsets, {"luminosity": lum.copy()})
+
+
+def test_shipped_protocols_are_valid():
+    pxd = load_protocol(CONFIGS / "extrapolate_pxd_luminosity.yaml")
+    assert pxd.condition == "luminosity" and pxd.test_points()[-1] == pytest.approx(3 * pxd.training_range[1])
+    calo = load_protocol(CONFIGS / "extrapolate_calo_energy.yaml")
+    assert calo.condition == "incident_energy" and calo.test_points()[-1] == pytest.approx(10 * calo.training_range[1])
+
+
+def test_bad_protocols_name_the_file_and_key(tmp_path):
+    def write(text):
+        path = tmp_path / "p.yaml"
+        path.write_text(text)
+        return path
+
+    base = "geometry: pxd-tiny\ncondition: luminosity\ntraining_range: [1.0e+35, 4.0e+35]\n"
+    with pytest.raises(ConfigError, match=r"p\.yaml.*test_factors"):
+        load_protocol(write(base))
+    with pytest.raises(ConfigError, match="n_event.*unknown key"):
+        load_protocol(write(base + "test_factors: [2]\nn_event: 3\n"))
+    with pytest.raises(ConfigError, match="'incident_energy' does not apply to pixel"):
+        load_protocol(write(base.replace("condition: luminosity", "condition: incident_energy") + "test_factors: [2]\n"))
+    with pytest.raises(ConfigError, match="0 < min <= max"):
+        load_protocol(write(base.replace("1.0e+35, 4.0e+35", "4.0e+35, 1.0e+35") + "test_factors: [2]\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_protocol(tmp_path / "missing.yaml")
+
+
+def test_overlay_baseline_superimposes_events_and_thins_whole_clusters():
+    events = {}
+
+    def sample(n, first):
+        events[first] = simulate_pxd_background(PXD, n, 5, first_event=first, luminosity=4e35)
+        return events[first]
+
+    rng = np.random.default_rng(0)
+    two = overlay_baseline(sample, PXD, 2.0, 20, rng)
+    a, b = events[0], events[20]
+    for i in range(20):
+        ea, eb, eo = a.event(i), b.event(i), two.event(i)
+        union = set(zip(ea.sensor, ea.row, ea.col, strict=True)) | set(zip(eb.sensor, eb.row, eb.col, strict=True))
+        assert set(zip(eo.sensor, eo.row, eo.col, strict=True)) == union
+        # a pixel fired in both events carries the summed charge (saturating at 255)
+        qa = dict(zip(zip(ea.sensor, ea.row, ea.col, strict=True), ea.value.astype(int), strict=True))
+        qb = dict(zip(zip(eb.sensor, eb.row, eb.col, strict=True), eb.value.astype(int), strict=True))
+        for key, q in zip(zip(eo.sensor, eo.row, eo.col, strict=True), eo.value.astype(int), strict=True):
+            assert q == min(255, qa.get(key, 0) + qb.get(key, 0))
+    assert two.n_hits <= a.n_hits + b.n_hits and two.n_hits > 1.8 * a.n_hits
+    half = thin(a, PXD, 0.5, np.random.default_rng(1))
+    assert 0.3 * a.n_hits < half.n_hits < 0.7 * a.n_hits
+    # thinning keeps clusters whole: every kept cluster has its original size
+    _, n_full = pixel_clusters(a, PXD)
+    _, n_half = pixel_clusters(half, PXD)
+    assert half.n_hits / a.n_hits == pytest.approx(n_half / n_full, abs=0.15)
+
+
+def test_scale_baseline_multiplies_cell_energies_and_incident_energy():
+    g = get_geometry("ds1-photons")
+    showers = simulate_calo_showers(g, 5, 1, energies=np.full(5, 1e4))
+    scaled = scale_baseline(showers, 3.0)
+    assert np.allclose(scaled.columns["value"], 3 * showers.columns["value"], rtol=1e-6)
+    assert np.allclose(scaled.conditions["incident_energy"], 3e4)
+    assert np.array_equal(scaled.columns["cell"], showers.columns["cell"])
+
+
+def test_protocol_flags_a_generator_at_the_wrong_luminosity(tmp_path):
+    cfg = ExtrapolationConfig(geometry="pxd-tiny", condition="luminosity", training_range=(2e35, 4e35),
+                              test_factors=[1.0, 2.0], n_events=40, repeats=2, classifier=False,
+                              plots_per_condition=False, out=str(tmp_path / "ext"))
+    result = run_protocol(cfg, ReferenceSimulatorAtWrongLuminosity(0.5))
+    out = tmp_path / "ext"
+    doc = json.loads((out / "extrapolation.json").read_text())
+    assert [p["in_training_range"] for p in doc["points"]] == [True, False]
+    assert [p["value"] for p in doc["points"]] == pytest.approx([4e35, 8e35])
+    for point in doc["points"]:
+        occ = point["observables"]["mean occupancy [%]"]
+        # the stand-in at half the luminosity is far below the reference; the floor sample is not
+        assert occ["generated"] < 0.8 * occ["reference"]
+        assert occ["reference 2"] == pytest.approx(occ["reference"], rel=0.25)
+        row = next(r for r in point["metrics"] if (r["feature"], r["metric"]) == ("occupancy_per_sensor", "rel_diff_of_mean"))
+        assert row["generated"] < -0.2 and abs(row["floor"]) < 0.1 and row["baseline"] is not None
+        assert (out / point["directory"] / "report.html").exists()
+    # overlay baseline at the training maximum is the reference itself (up to statistics);
+    # at 2x it doubles the occupancy of the training maximum
+    p1, p2 = (p["observables"]["mean occupancy [%]"] for p in doc["points"])
+    assert p1["baseline"] == pytest.approx(p1["reference"], rel=0.25)
+    assert p2["baseline"] == pytest.approx(2 * p1["baseline"], rel=0.15)
+    assert (out / "trend_mean_occupancy.png").exists()
+    assert (out / "trend_occupancy_per_sensor_rel_diff_of_mean.png").exists()
+    md = (out / "extrapolation.md").read_text()
+    assert "OUTSIDE the training range" in md and "naive baseline" in md
+    assert "report.html" in result.summary() or "metrics.md" in result.summary()
+
+
+def test_uhg_eval_extrapolate_baseline_only_calorimeter(tmp_path, capsys):
+    cfg = tmp_path / "calo.yaml"
+    cfg.write_text(f"""geometry: ds1-photons
+model: null
+condition: incident_energy
+training_range: [1.0e+3, 1.0e+4]
+test_factors: [3.0]
+n_events: 30
+repeats: 2
+classifier: false
+plots_per_condition: true
+out: {tmp_path / 'ext'}
+""")
+    assert main(["eval", "extrapolate", "--config", str(cfg)]) == 0
+    assert "report:" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "ext" / "extrapolation.json").read_text())
+    assert "only the naive baseline" in doc["warnings"][0]
+    point = doc["points"][0]
+    resp = point["observables"]["mean response"]
+    assert set(resp) == {"reference", "reference 2", "baseline"}
+    assert resp["baseline"] == pytest.approx(resp["reference"], rel=0.05)
+    assert (tmp_path / "ext" / point["directory"] / "binned_response_vs_energy.png").exists()
+    assert (tmp_path / "ext" / "trend_mean_response.png").exists()
