@@ -159,13 +159,22 @@ def digitize(geometry: PixelGeometry, clusters: Clusters, rng: np.random.Generat
     in_v = (col >= 0) & (col < geometry.cols)
     ok_u = (row + step_u >= 0) & (row + step_u < geometry.rows)
     ok_v = (col + step_v >= 0) & (col + step_v < geometry.cols)
-    # Candidates (4, n): the own pixel and its neighbours along u, v and both.
+    # The own pixel and its neighbours along u, v and both; each kept only where its share of
+    # charge is >= 0.5 ADU and it lies on the sensor.
     base = (clusters.sensor[owner].astype(np.int64) * geometry.rows + row) * geometry.cols + col
-    key = base + np.stack([np.zeros_like(step_u), step_u * geometry.cols, step_v, step_u * geometry.cols + step_v])
-    qq = q * np.stack([(1 - au) * (1 - av), au * (1 - av), (1 - au) * av, au * av])
-    ok = (qq >= 0.5) & np.stack([in_u & in_v, ok_u & in_v, in_u & ok_v, ok_u & ok_v])
-    # Pack (pixel key, charge in 1/64 ADU) into one int64, so one plain sort groups pixels.
-    packed = np.sort((key[ok] << _CHARGE_BITS) | np.minimum(qq[ok] * 64, _CHARGE_MAX).astype(np.int64))
+    packed = []
+    for share, inside, offset in (
+        ((1 - au) * (1 - av), in_u & in_v, None),
+        (au * (1 - av), ok_u & in_v, step_u * geometry.cols),
+        ((1 - au) * av, in_u & ok_v, step_v),
+        (au * av, ok_u & ok_v, step_u * geometry.cols + step_v),
+    ):
+        qq = q * share
+        idx = np.flatnonzero((qq >= 0.5) & inside)
+        key = base[idx] if offset is None else base[idx] + offset[idx]
+        # Pack (pixel key, charge in 1/64 ADU) into one int64, so one plain sort groups pixels.
+        packed.append((key << _CHARGE_BITS) | np.minimum(qq[idx] * 64, _CHARGE_MAX).astype(np.int64))
+    packed = np.sort(np.concatenate(packed))
     key = packed >> _CHARGE_BITS
     qsum = (packed & _CHARGE_MAX).astype(np.float64) / 64
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
