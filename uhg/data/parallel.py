@@ -66,6 +66,10 @@ def fill_store(path: str | os.PathLike, make_part: MakePart, workers: int = 1, d
                 bar.update(stop - start)
         else:
             ctx = mp.get_context(start_method)
+            if start_method == "forkserver":
+                # the server imports the writer and make_part's module once; workers fork from it
+                module = getattr(getattr(make_part, "func", make_part), "__module__", None)
+                ctx.set_forkserver_preload(["uhg.data.store"] + ([module] if module and module != "__main__" else []))
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
                 pending = {pool.submit(_produce, str(path), part, start, stop, make_part) for part, start, stop in todo}
                 try:
