@@ -139,6 +139,14 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: Path | None = Field(None, description="Run directory (checkpoints, export, logs); default runs/<name>.")
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_in_its_folder(cls, v: str) -> str:
+        # The pattern allows dots; "." and ".." would put runs/<name> outside runs/.
+        if v in {".", ".."}:
+            raise ValueError(f"run name {v!r} names no folder of its own; use letters, digits, '_', '.', '-'")
+        return v
+
     @field_validator("geometry")
     @classmethod
     def _known_geometry(cls, v: str) -> str:

@@ -112,9 +112,14 @@ class Store:
     def _part_meta(self, part: int) -> dict[str, Any]:
         where = self._part_path(part)
         try:
-            return json.loads((where / "zarr.json").read_text())["attributes"]
-        except (OSError, ValueError, KeyError) as err:
+            meta = json.loads((where / "zarr.json").read_text())["attributes"]
+            n_hits = meta["n_hits"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise StoreError(f"store {self.path}: cannot read the metadata of part {part} ({where}): {err}") from err
+        if not isinstance(n_hits, int) or isinstance(n_hits, bool) or n_hits < 0:
+            raise StoreError(f"store {self.path}: corrupt metadata of part {part} ({where / 'zarr.json'}): "
+                             f"'n_hits' is {n_hits!r}")
+        return meta
 
     # -- reading
     def _part_path(self, part: int) -> Path:
@@ -144,6 +149,12 @@ class Store:
             raise StoreError(f"store {self.path}, part {part}: arrays are inconsistent (event_offsets of "
                              f"length {len(offsets)} ending at {offsets[-1] if len(offsets) else None}, "
                              f"{len(channel)} channels, {len(value)} values, {meta.get('n_hits')} hits recorded)")
+        short = [name for name in names[3:] if arrays[name].shape != (
+            stop - start if name.startswith("conditions/") else len(channel),)]
+        if short:
+            raise StoreError(f"store {self.path}, part {part}: array {short[0]!r} has shape {arrays[short[0]].shape}, "
+                             f"expected ({stop - start if short[0].startswith('conditions/') else len(channel)},) "
+                             "(corrupt array metadata?)")
         if len(channel) and int(channel.max()) >= n_channels(self.geometry):
             raise StoreError(f"store {self.path}, part {part}: array 'channel' holds index {int(channel.max())} "
                              f"beyond the {n_channels(self.geometry)} channels of {self.geometry.name!r}")

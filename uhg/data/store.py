@@ -189,13 +189,47 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
         doc = json.loads(meta.read_text())
     except (OSError, ValueError) as err:
         raise StoreError(f"store {path}: cannot parse {meta}: {err}") from err
-    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
-    schema = attrs.get("schema")
+    if not isinstance(doc, dict):
+        raise StoreError(f"store {path}: corrupt metadata in {meta}: not a JSON object")
+    attrs = doc.get("attributes", {})
+    schema = attrs.get("schema") if isinstance(attrs, dict) else None
     if schema is None:
         raise StoreError(f"{path} is a Zarr {doc.get('node_type', 'node')} but not a uhg store (no 'schema' attribute)")
     if schema != SCHEMA:
         raise StoreError(f"store {path} has schema {schema!r}; this uhg reads {SCHEMA!r}")
+    problem = _plan_problem(attrs)
+    if problem:
+        raise StoreError(f"store {path}: corrupt metadata in {meta}: {problem}")
     return attrs
+
+
+def _plan_problem(attrs: Any) -> str | None:
+    """What is structurally wrong with root attributes read back from disk (damaged or hand-
+    edited zarr.json), or None: readers index into them without further checks."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(attrs, dict):
+        return "'attributes' is not a mapping"
+    if attrs.get("kind") not in UNITS:
+        return f"'kind' is {attrs.get('kind')!r}, expected one of {sorted(UNITS)}"
+    for key in ("n_events", "part_size", "n_parts"):
+        if not is_int(attrs.get(key)) or attrs[key] < (1 if key == "part_size" else 0):
+            return f"{key!r} is {attrs.get(key)!r}, expected a non-negative integer"
+    if attrs["n_parts"] != math.ceil(attrs["n_events"] / attrs["part_size"]):
+        return (f"'n_parts' {attrs['n_parts']} does not match n_events {attrs['n_events']} / "
+                f"part_size {attrs['part_size']}")
+    if not isinstance(attrs.get("geometry"), str) or not isinstance(attrs.get("geometry_spec"), dict):
+        return "'geometry' / 'geometry_spec' missing or of the wrong type"
+    conditions = attrs.get("conditions")
+    if not isinstance(conditions, dict) or not all(
+            isinstance(c, dict) and isinstance(c.get("min"), int | float) and isinstance(c.get("max"), int | float)
+            and isinstance(c.get("unit"), str) for c in conditions.values()):
+        return "'conditions' must map each name to {min, max, unit}"
+    extra = attrs.get("extra_columns")
+    if not isinstance(extra, dict) or not set(extra) <= set(EXTRA_COLUMNS):
+        return f"'extra_columns' is {extra!r}, expected a mapping over {sorted(EXTRA_COLUMNS)}"
+    return None
 
 
 def create_store(path: str | os.PathLike, kind: str, geometry: Any, n_events: int, part_size: int,
