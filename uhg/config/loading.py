@@ -77,6 +77,8 @@ def describe_errors(err: ValidationError) -> str:
         loc = [str(p) for p in e["loc"] if p not in ("gan", "transformer", "function-after[_one_or_many(), list[Path]]")]
         key = ".".join(loc) or "<top level>"
         kind = e["type"]
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            key += ".family"
         if kind == "extra_forbidden":
             msg = "unknown key (check spelling; see the commented configs in configs/)"
         elif kind == "missing":

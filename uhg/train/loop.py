@@ -43,6 +43,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     """This rank's metrics of every step run in this call (with a 'step' key)."""
     validation: dict[str, float] = field(default_factory=dict)
+    generator_fingerprint: float = 0.0
+    """Sum of |w| over the final (EMA) generator weights on this rank: equal on every rank of a
+    correct data-parallel run."""
 
 
 def seed_everything(seed: int) -> None:
@@ -181,7 +184,8 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     if rank == 0:
         export = export_generator(run_dir / "export", family, cfg, gen_state, step, validation)
     _barrier()
-    return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation)
+    fingerprint = float(sum(v.double().abs().sum() for v in gen_state.values()))
+    return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint)
 
 
 def _finite_only(metrics: Mapping[str, float]) -> dict[str, float]:
