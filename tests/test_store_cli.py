@@ -20,7 +20,8 @@ def test_info_json_pixel(tmp_path, capsys):
     write_all(tmp_path / "s", "pixel", "pxd-tiny", batch, 10, LUMI)
     assert main(["data", "info", str(tmp_path / "s"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["events"] == 30 and info["parts"] == {"total": 3, "complete": 3, "missing": [], "part_size": 10}
+    assert info["events"] == 30
+    assert info["parts"] == {"total": 3, "complete": 3, "missing": [], "part_size": 10, "in_progress": 0}
     assert info["hits"] == batch.n_hits
     assert info["hits_per_event"]["max"] == batch.hits_per_event.max()
     assert np.isclose(info["occupancy"], batch.n_hits / 30 / 30720)

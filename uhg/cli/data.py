@@ -48,7 +48,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     head.add_row("events", f"{s['events']:,} of {s['events_planned']:,} planned")
     missing = parts["missing"]
     head.add_row("parts", f"{parts['complete']} of {parts['total']} complete (part size {parts['part_size']})"
-                 + (f"; missing {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else ""))
+                 + (f"; missing {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "")
+                 + (f"; {parts['in_progress']} being written or left by a killed writer" if parts["in_progress"] else ""))
     h = s["hits_per_event"]
     head.add_row("hits", f"{s['hits']:,}")
     head.add_row("hits per event", f"mean {_fmt(h['mean'])}  std {_fmt(h['std'])}  min {_fmt(h['min'])}  "

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from uhg.data.store import PARTS, missing_parts, open_store
+from uhg.data.store import PARTIAL, PARTS, missing_parts, open_store
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -80,7 +80,10 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
         "events": n_events,
         "events_planned": attrs["n_events"],
         "parts": {"total": attrs["n_parts"], "complete": len(store.parts), "missing": missing,
-                  "part_size": attrs["part_size"]},
+                  "part_size": attrs["part_size"],
+                  # temporary parts: being written now, or left by a killed writer (removed
+                  # by the next create_store of the same plan on the writer's host)
+                  "in_progress": len(os.listdir(path / PARTIAL)) if (path / PARTIAL).is_dir() else 0},
         "hits": n_hits,
         "hits_per_event": _stats(hits.astype(np.float64)),
         "conditions": {
