@@ -7,6 +7,12 @@ radiative Bhabha (soft photons, neutron-induced heavy clusters), Touschek and be
 (shower particles entering at random angles, a few photons and heavy clusters) and synchrotron
 radiation (soft photons). Clusters are digitised by `uhg.sim.pxd_clusters`.
 
+Two-photon pairs reaching the PXD: pT from 3.2 MeV (2R = 14 mm, reaches layer 1) to 200 MeV
+with dN/dpT ~ pT^-2.5, cot(theta) ~ N(0.25, 1.1) (forward boost), vertex z ~ N(0, 0.35 mm),
+a geometric number of turns (mean 3, at most 10) before the particle ranges out in the beam
+pipe and sensors. Non-curler clusters are placed uniformly on their sensor; beam-loss shower
+particles enter with cos(incidence) uniform in [0.25, 1] and uniform azimuth.
+
 Calibration (at `L_CAL` = 8e35 cm^-2 s^-1, design currents; targets in DESIGN.md section 4)
 - `SENSOR_OCCUPANCY`: the 40 published per-sensor occupancies O_s. A pixel fires with
   probability 1 - exp(-lambda_s) for a Poisson density lambda_s of cluster pixels, so the
@@ -51,7 +57,7 @@ from uhg.sim.pxd_machine import (
     currents_for_luminosity,
     process_rates,
 )
-from uhg.sim.pxd_tracks import helix_crossings, crossing_pixels
+from uhg.sim.pxd_tracks import crossing_pixels, helix_crossings
 
 SENSOR_OCCUPANCY = np.array([
     1.71, 1.61, 1.62, 1.57, 1.47, 1.47, 1.34, 1.37, 1.31, 1.32, 1.37, 1.39, 1.52, 1.51, 1.65, 1.58,
@@ -91,7 +97,6 @@ BURST_SCALE = 0.8
 LOSS_MIN_COS = 0.25  # beam-loss shower particles: cos(incidence) uniform in [LOSS_MIN_COS, 1]
 
 N_LAYER1 = 2 * LADDERS_PER_LAYER[1]
-CONDITIONS = ("luminosity", "her_current", "ler_current")
 
 
 @dataclass(frozen=True)
