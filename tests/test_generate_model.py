@@ -1,0 +1,123 @@
+"""Generator exports: loading reads only JSON + safetensors (nothing is unpickled), generation
+is a pure function of (seed, event index) whatever the batch size or split, `uhg generate`
+writes a standard store, and broken exports are refused by name."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uhg.cli import main
+from uhg.config import config_from_dict
+from uhg.data.hits import HitBatch
+from uhg.data.store import open_store
+from uhg.errors import CheckpointError, ConditionError
+from uhg.generate.model import Generator
+from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
+from uhg.train.export import export_generator
+from uhg.train.family import build_family
+
+MODEL = {"family": "gan", "embed_dim": 16, "attention_layers": 1, "attention_heads": 2, "z_dim": 8,
+         "sensor_noise_dim": 2, "decoder_channels": [8, 4], "discriminator_channels": [4, 8]}
+
+
+def make_export(path: Path, geometry: str = "pxd-tiny") -> Path:
+    """An export of freshly initialised weights (what the training loop writes at its end)."""
+    calo = get_geometry(geometry).kind == "calo"
+    cond = "incident_energy" if calo else "luminosity"
+    cfg = config_from_dict({"name": "g", "geometry": geometry, "data": {"store": "unused.zarr"},
+                            "model": {**MODEL, "conditions": [cond]}, "train": {"steps": 1, "batch_size": 1}})
+    norm = ConditionNorm.from_ranges({cond: (1e3, 1e5) if calo else (1e34, 4e34)}, [cond])
+    family = build_family(get_geometry(geometry), cfg.model, norm)
+    torch.manual_seed(0)
+    g = family.build_modules()["generator"]
+    # move the hit gate up so events carry a fair number of hits
+    with torch.no_grad():
+        g.head.bias[0] = -2.0
+    return export_generator(path, family, cfg, g.state_dict(), step=1)
+
+
+@pytest.fixture(scope="module")
+def pxd_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_export(tmp_path_factory.mktemp("export") / "export")
+
+
+def same(a: HitBatch, b: HitBatch) -> bool:
+    return np.array_equal(a.offsets, b.offsets) and all(np.array_equal(a.columns[k], b.columns[k]) for k in a.columns)
+
+
+def test_export_loads_without_unpickling(pxd_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sorted(p.name for p in pxd_export.iterdir()) == ["generator.json", "generator.safetensors"]
+
+    class NoUnpickling(pickle.Unpickler):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the export loader must not unpickle")
+
+    monkeypatch.setattr(pickle, "Unpickler", NoUnpickling)
+    monkeypatch.setattr(pickle, "load", NoUnpickling)
+    monkeypatch.setattr(pickle, "loads", NoUnpickling)
+    gen = Generator.load(pxd_export)
+    assert gen.condition_names == ["luminosity"] and gen.geometry.name == "pxd-tiny"
+    assert len(gen.generate({"luminosity": np.full(2, 2e34)}, seed=1)) == 2
+
+
+def test_same_seed_same_events_for_any_split(pxd_export: Path) -> None:
+    gen = Generator.load(pxd_export)
+    lum = np.geomspace(1e34, 8e34, 10)  # includes extrapolation beyond the training range
+    whole = gen.generate({"luminosity": lum}, seed=3, batch_size=4)
+    assert whole.n_hits > 0
+    assert same(whole, gen.generate({"luminosity": lum}, seed=3, batch_size=4))
+    # parts aligned to the batch grid, unaligned parts, other batch sizes: all identical on CPU
+    for cuts, bs in (([0, 4, 8, 10], 4), ([0, 3, 7, 10], 4), ([0, 10], 1), ([0, 5, 10], 3)):
+        parts = [gen.generate({"luminosity": lum[a:b]}, seed=3, first_event=a, batch_size=bs)
+                 for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        assert same(whole, HitBatch.concat(parts)), (cuts, bs)
+    assert not same(whole, gen.generate({"luminosity": lum}, seed=4, batch_size=4))
+
+
+def test_generate_cli_writes_identical_stores(pxd_export: Path, tmp_path: Path) -> None:
+    for name in ("a.zarr", "b.zarr"):
+        rc = main(["generate", "--model", str(pxd_export), "--events", "6", "--out", str(tmp_path / name),
+                   "--luminosity", "3e34", "--seed", "9", "--batch-size", "2"])
+        assert rc == 0
+    a, b = open_store(tmp_path / "a.zarr"), open_store(tmp_path / "b.zarr")
+    assert len(a) == 6 and a.geometry.name == "pxd-tiny"
+    assert same(a.read(0, 6), b.read(0, 6))
+    assert np.allclose(a.conditions["luminosity"], 3e34)
+    assert main(["generate", "--model", str(pxd_export), "--events", "2", "--out", str(tmp_path / "c.zarr")]) == 2
+
+
+def test_calorimeter_generation(tmp_path: Path) -> None:
+    export = make_export(tmp_path / "calo", "ds2")
+    rc = main(["generate", "--model", str(export), "--events", "4", "--out", str(tmp_path / "s.zarr"),
+               "--energy-min", "1000", "--energy-max", "50000", "--batch-size", "4"])
+    assert rc == 0
+    store = open_store(tmp_path / "s.zarr")
+    e = store.conditions["incident_energy"]
+    assert len(store) == 4 and e.min() >= 1000 and e.max() <= 50000 and len(set(e)) == 4
+
+
+def test_broken_exports_are_named(pxd_export: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a uhg generator export"):
+        Generator.load(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "generator.json").write_text((pxd_export / "generator.json").read_text())
+    raw = (pxd_export / "generator.safetensors").read_bytes()
+    (broken / "generator.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"generator.safetensors: corrupt weights"):
+        Generator.load(broken)
+    meta = json.loads((pxd_export / "generator.json").read_text())
+    meta["model"]["embed_dim"] = 32
+    (broken / "generator.json").write_text(json.dumps(meta))
+    (broken / "generator.safetensors").write_bytes(raw)
+    with pytest.raises(CheckpointError, match="do not fit the model"):
+        Generator.load(broken)
+    with pytest.raises(ConditionError, match="needs condition"):
+        Generator.load(pxd_export).generate({"incident_energy": np.ones(2)}, seed=0)
