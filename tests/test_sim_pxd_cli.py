@@ -75,3 +75,9 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()  # nothing half-written
+
+
+def test_sim_group_lists_all_simulators(capsys):
+    assert main(["sim", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("pxd", "signal", "calo"))
