@@ -5,6 +5,7 @@ workers, also when a worker dies mid-part (Ray restarts it and retries the part)
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from overlay_stores import export_untrained_gan, part_files, simulated_store
 
 from uhg.data.store import missing_parts
+from uhg.errors import CheckpointError
 from uhg.generate.overlay import OverlayJob, plan_overlay, run_overlay
 from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
 
@@ -79,3 +81,15 @@ def test_overlay_identical_for_any_number_of_workers_even_if_one_dies(ray_cluste
     assert [r.part for r in report.parts] == parts == list(range(4))
     assert missing_parts(tmp_path / "ray2") == []
     assert part_files(tmp_path / "ray2") == part_files(tmp_path / "here")
+
+
+def test_worker_side_user_error_arrives_as_itself(ray_cluster, inputs, tmp_path) -> None:
+    """Weights are first read in the workers: a corrupt file must read as a CheckpointError
+    naming it, not as a Ray actor crash."""
+    export = tmp_path / "export"
+    shutil.copytree(inputs["export"], export)
+    weights = export / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="generator.safetensors: corrupt weights"):
+        run_overlay(inputs["signal"], tmp_path / "out", model=str(export), conditions={"luminosity": 2e34},
+                    ray_options=RayOptions(workers=1))

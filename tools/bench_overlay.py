@@ -126,11 +126,12 @@ def main() -> int:
                 for name, s in r.seconds.items():
                     stages[name] = stages.get(name, 0.0) + s
             n = report.n_events
+            cpu_s = stages.pop("cpu")
             runs.append({
                 "workers": k, "events": n, "startup_s": round(report.startup_s, 2), "wall_s": round(report.wall_s, 2),
                 "events_per_s": report.events_per_s, "wall_ms_per_event": 1000 / report.events_per_s,
                 "worker_ms_per_event": {name: 1000 * s / n for name, s in stages.items()},
-                "worker_cpu_s_per_event": stages.pop("cpu") / n,
+                "worker_cpu_s_per_event": cpu_s / n,
                 "worker_s_per_event_total": sum(stages.values()) / n,
                 "hits_per_event": sum(r.n_hits for r in report.parts) / n,
             })

@@ -171,10 +171,16 @@ def init_ray(options: RayOptions) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local" never joins a cluster someone else started on this machine.
+        # "local" never joins a cluster someone else started on this machine. GPUs are
+        # detected, not declared, so asking for more than exist fails here, not in CUDA.
         ray.init(address="local", num_cpus=options.workers * options.cpus_per_worker,
-                 num_gpus=None if options.gpus_per_worker == 0 else options.workers * options.gpus_per_worker,
                  include_dashboard=False, log_to_driver=True)
+        wanted = options.workers * options.gpus_per_worker
+        found = ray.cluster_resources().get("GPU", 0)
+        if wanted > found:
+            ray.shutdown()
+            raise UhgError(f"--workers {options.workers} x --gpus-per-worker {options.gpus_per_worker} needs "
+                           f"{wanted:g} GPUs; this machine has {found:g}")
     return True
 
 
@@ -183,14 +189,23 @@ class _PartWorker:
 
     def __init__(self, job: PartJob, device: str, threads: int) -> None:
         self.job = job
-        self.job.open(device)
+        # Ray reports an exception of __init__ only as text; keep a user error (e.g. corrupt
+        # weights) to raise from the first call, where it arrives as itself.
+        self.error: UhgError | None = None
+        try:
+            self.job.open(device)
+        except UhgError as err:
+            self.error = err
         if "torch" in sys.modules:  # a generator was loaded: one intra-op thread per reserved CPU
             sys.modules["torch"].set_num_threads(threads)
 
     def ready(self) -> bool:
+        if self.error is not None:
+            raise self.error
         return True
 
     def write_part(self, part: int) -> PartResult:
+        self.ready()
         return self.job.write_part(part)
 
 
@@ -240,11 +255,8 @@ def _get_or_raise_user_error(ray, refs):
     reads as if found here: the UhgError itself, one clear message, no remote traceback."""
     try:
         return ray.get(refs)
-    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
+    except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
         if isinstance(cause, UhgError):
             raise cause from None
-        creation = getattr(getattr(err, "error", None), "cause", None)  # actor constructor failed
-        if isinstance(creation, UhgError):
-            raise creation from None
         raise
