@@ -90,7 +90,8 @@ def test_resume_reproduces_the_uninterrupted_run(config_file: Path, tmp_path: Pa
     half = train(load_config(config_file, [f"output_dir={tmp_path / 'half'}", "train.steps=2"]),
                  hooks=Recorder())
     assert half.step == 2
-    resumed = train(load_config(config_file, [f"output_dir={tmp_path / 'half'}"]),
+    # (read-ahead of batches by a background thread must not change what a step sees)
+    resumed = train(load_config(config_file, [f"output_dir={tmp_path / 'half'}", "data.loader_workers=2"]),
                     hooks=LocalHooks(tmp_path / "half"))
     assert [int(h["step"]) for h in resumed.history] == [3, 4]
     np.testing.assert_allclose(losses(resumed.history, [3, 4]), losses(full.history, [3, 4]), rtol=1e-5, atol=1e-6)

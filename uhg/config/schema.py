@@ -50,7 +50,9 @@ class DataConfig(Section):
         0.1, ge=0.0, lt=1.0, description="Fraction of events held out for validation (the last events of the dataset)."
     )
     validation_events: int = Field(256, gt=0, description="At most this many held-out events per validation pass.")
-    loader_workers: int = Field(0, ge=0, description="Background processes reading batches (0 = read in the training process).")
+    loader_workers: int = Field(
+        0, ge=0, description="Batches read ahead by a background thread (0 = read inside each step)."
+    )
 
     @field_validator("store", mode="before")
     @classmethod

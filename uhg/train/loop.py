@@ -88,7 +88,6 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     export the generator. Collective: every rank of the process group calls it."""
     from uhg.geometry import get_geometry
     from uhg.train.checkpoint import load_checkpoint, save_checkpoint
-    from uhg.train.data import batch_indices
     from uhg.train.engine import build_engines, full_parameters, init_distributed, select_device
     from uhg.train.export import export_generator
 
@@ -129,10 +128,10 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     validation: dict[str, float] = {}
     last_ckpt: Path | None = resume
     window_t0, window_events = time.perf_counter(), 0
+    reader = BatchReader(data, rank, world, micro, cfg.seed, t.steps, cfg.data.loader_workers)
     while step < t.steps:
         step += 1
-        idx = batch_indices(step, rank, world, micro, data.n_train, cfg.seed)
-        batch = TorchHits.from_batch(data.events(idx)).to(device)
+        batch = reader.get(step).to(device)
         t0 = time.perf_counter()
         try:
             metrics = family.train_step(engines, batch, step)
@@ -179,6 +178,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
                                         trainer_state, rank, t.keep_checkpoints)
             hooks.on_checkpoint(last_ckpt, step, metrics)
 
+    reader.close()
     export = None
     gen_state = _generator_state(family, engines, ema)
     if rank == 0:
@@ -186,6 +186,38 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     _barrier()
     fingerprint = float(sum(v.double().abs().sum() for v in gen_state.values()))
     return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint)
+
+
+class BatchReader:
+    """This rank's batch of each step, read up to `workers` steps ahead by one background thread
+    (store reads and decompression release the GIL; one thread, since a store's part cache is
+    not shared safely); 0 = read inside the step."""
+
+    def __init__(self, data, rank: int, world: int, micro: int, seed: int, last_step: int, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.data, self.rank, self.world, self.micro, self.seed = data, rank, world, micro, seed
+        self.last_step, self.ahead = last_step, workers
+        self.pool = ThreadPoolExecutor(max_workers=1) if workers else None
+        self.pending: dict = {}
+
+    def _read(self, step: int) -> TorchHits:
+        from uhg.train.data import batch_indices
+
+        idx = batch_indices(step, self.rank, self.world, self.micro, self.data.n_train, self.seed)
+        return TorchHits.from_batch(self.data.events(idx))
+
+    def get(self, step: int) -> TorchHits:
+        if self.pool is None:
+            return self._read(step)
+        for s in range(step, min(step + self.ahead, self.last_step) + 1):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(self._read, s)
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _finite_only(metrics: Mapping[str, float]) -> dict[str, float]:

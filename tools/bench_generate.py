@@ -1,0 +1,86 @@
+"""Generation speed of a generator export (or of a freshly initialised model of a config):
+ms/event at several batch sizes, model forward + conversion to sparse hits (no store I/O).
+
+    python tools/bench_generate.py --model runs/pxd_gan_mini/export --batch-sizes 1 16 64
+    python tools/bench_generate.py --config configs/pxd_gan.yaml --batch-sizes 1 4 --device cpu
+    python tools/bench_generate.py --config configs/calo_gan_mini.yaml --batch-sizes 1 100 10000
+
+With --config the weights are freshly initialised (the cost of a forward pass does not depend
+on training; the number of hits does, through the gate's initial 1% occupancy). Each
+measurement generates max(batch, --min-events) events after one warm-up batch; prints one
+JSON line per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+
+def export_from_config(config: str, out: Path) -> Path:
+    import torch
+
+    from uhg.config import load_config
+    from uhg.geometry import get_geometry
+    from uhg.models.common import ConditionNorm
+    from uhg.train.export import export_generator
+    from uhg.train.family import build_family
+
+    cfg = load_config(config)
+    geometry = get_geometry(cfg.geometry)
+    ranges = {"luminosity": (1e34, 4e34), "her_current": (1.0, 2.0), "ler_current": (1.0, 2.0),
+              "incident_energy": (1e3, 1e5)}
+    family = build_family(geometry, cfg.model, ConditionNorm.from_ranges(ranges, cfg.model.conditions))
+    torch.manual_seed(0)
+    module = family.build_modules()[family.generator_name]
+    return export_generator(out, family, cfg, module.state_dict(), step=0)
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from uhg.generate.model import Generator
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="generator export directory")
+    src.add_argument("--config", help="run config: benchmark its model with fresh weights")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--min-events", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.model) if args.model else export_from_config(args.config, Path(tmp) / "export")
+        gen = Generator.load(path, device=args.device)
+        for bs in args.batch_sizes:
+            n = max(bs, args.min_events)
+            values = {"luminosity": 2e34, "her_current": 1.5, "ler_current": 1.5, "incident_energy": 1e4}
+            conds = {k: np.full(n, values[k]) for k in gen.condition_names}
+            gen.generate({k: v[:bs] for k, v in conds.items()}, seed=0, batch_size=bs)  # warm-up
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hits = gen.generate(conds, seed=1, batch_size=bs)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            print(json.dumps({"model": str(args.model or args.config), "geometry": gen.geometry.name,
+                              "channels_per_event": int(gen.geometry.n_channels), "batch": bs, "events": n,
+                              "ms_per_event": round(1000 * dt / n, 3), "events_per_s": round(n / dt, 2),
+                              "hits_per_event": float(hits.hits_per_event.mean()), "device": args.device,
+                              "torch_threads": torch.get_num_threads(),
+                              "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                              "load_avg_1m": os.getloadavg()[0]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
