@@ -11,7 +11,7 @@ from uhg.data.hits import HitBatch
 from uhg.errors import GeometryError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.transformer import HitTransformer, mean_attended
+from uhg.models.transformer import HitTransformer, length_buckets, mean_attended
 from uhg.models.transformer_tokens import TokenBatch, decode_tokens, encode_hits, layout_for_geometry
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sparse.torch_hits import TorchHits
@@ -82,14 +82,33 @@ def test_padding_does_not_change_loss_of_real_tokens(tiny_events):
     hits = TorchHits.from_batch(tiny_events)
     tok, cond = encode_hits(hits, model.layout), _cond(hits)
     base = model.loss(tok, cond)
-    pad = 7  # extra padding filled with junk tokens after every sequence's END
-    junk = lambda x, hi: torch.cat([x, torch.randint(0, hi, (x.shape[0], pad))], 1)  # noqa: E731
-    L = model.layout
+    # junk tokens in every padding position, and 7 more padding columns of junk
+    L, pad = model.layout, 7
+    S, T = tok.rows.shape
+    is_pad = torch.arange(T + pad)[None] > tok.lengths[:, None]
+
+    def junk(x: torch.Tensor, hi: int) -> torch.Tensor:
+        x = torch.cat([x, torch.zeros(S, pad, dtype=x.dtype)], 1)
+        return torch.where(is_pad, torch.randint(0, hi, x.shape), x)
+
     padded = TokenBatch(junk(tok.rows, L.n_rows), junk(tok.cols, L.n_cols), junk(tok.values, L.n_values),
                         tok.lengths, tok.event, tok.unit)
-    other = model.loss(padded, cond)
-    for k in ("loss", "nll", "nll_row", "nll_col", "nll_value"):
-        torch.testing.assert_close(other[k], base[k], rtol=1e-5, atol=1e-5)
+    for slack in (1.3, float("inf")):  # length buckets, or one bucket padded to the longest sequence
+        other = model.loss(padded, cond, bucket_slack=slack)
+        for k in ("loss", "nll", "nll_row", "nll_col", "nll_value"):
+            torch.testing.assert_close(other[k], base[k], rtol=1e-5, atol=1e-5)
+
+
+def test_length_buckets_partition_and_bound_padding():
+    lengths = torch.tensor(np.random.default_rng(0).geometric(0.05, 500) - 1)
+    groups = length_buckets(lengths, slack=1.3, min_rows=32)
+    assert len(groups) > 2
+    assert torch.equal(torch.sort(torch.cat(groups)).values, torch.arange(500))
+    assert all(len(g) >= 32 for g in groups[:-1])
+    real = int((lengths + 1).sum())
+    padded = sum(len(g) * (int(lengths[g].max()) + 1) for g in groups)
+    assert padded <= 1.5 * real < 500 * (int(lengths.max()) + 1) / 3  # one bucket would pad > 3x
+    assert len(length_buckets(lengths, slack=float("inf"))) == 1
 
 
 def test_invalid_continuations_are_masked():

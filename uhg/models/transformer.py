@@ -33,6 +33,26 @@ from uhg.config.transformer import TransformerConfig
 from uhg.models.transformer_tokens import TokenBatch, TokenLayout
 
 PROFILE_BINS = 16  # row-profile bins of the latent encoder's per-unit summary
+BUCKET_SLACK = 1.3  # padded tokens per real token allowed in a length bucket
+BUCKET_MIN_ROWS = 32  # smaller buckets than this are merged (tiny matmuls cost more than padding)
+
+
+def length_buckets(lengths: torch.Tensor, slack: float = BUCKET_SLACK,
+                   min_rows: int = BUCKET_MIN_ROWS) -> list[torch.Tensor]:
+    """Sequence indices grouped by length: a group is closed when padding it to the next,
+    longer sequence would cost more than `slack` x its real tokens and it already has
+    `min_rows` sequences. lengths: (S,) hits per sequence; returns index tensors covering
+    0..S-1 exactly once, shortest sequences first."""
+    order = torch.argsort(lengths, stable=True)
+    n = (lengths[order] + 1).tolist()  # tokens of each sequence, ascending
+    groups, start, real = [], 0, 0
+    for i, tokens in enumerate(n):
+        if i - start >= min_rows and (i - start + 1) * tokens > slack * (real + tokens):
+            groups.append(order[start:i])
+            start, real = i, 0
+        real += tokens
+    groups.append(order[start:])
+    return [g for g in groups if len(g)]
 
 
 def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -237,7 +257,8 @@ class HitTransformer(nn.Module):
         return self.val_head(h + self.row_out(row) + self.col_out(col))
 
     # ---- training -----------------------------------------------------------------------
-    def loss(self, tokens: TokenBatch, cond: torch.Tensor, sample_latent: bool = True) -> dict[str, torch.Tensor]:
+    def loss(self, tokens: TokenBatch, cond: torch.Tensor, sample_latent: bool = True,
+             bucket_slack: float = BUCKET_SLACK) -> dict[str, torch.Tensor]:
         """Teacher-forced negative ELBO per token.
 
         tokens: from `encode_hits`; cond: (B, C) normalised condition features.
@@ -255,27 +276,33 @@ class HitTransformer(nn.Module):
             kl = kl_dim.sum() / B
             kl_penalised = (kl_dim.mean(0) - self.config.free_bits).clamp_min(0).sum()
         ctx = self.sequence_context(unit_ctx, z)
-        rows, cols, vals = tokens.rows, tokens.cols, tokens.values
-        S, T = rows.shape
-        # Input t is hit t-1 (t=0: start); its grid position is the "previous" position of target t.
-        prev_r = torch.cat([rows.new_full((S, 1), -1), rows[:, 1:]], 1)
-        prev_c = torch.cat([cols.new_full((S, 1), -1), cols[:, 1:]], 1)
-        h = self.hidden(self.embed(rows, cols, vals, True, ctx), ctx, prev_r, prev_c)
-        real = tokens.target_mask()
-        # Target t is hit t (stored at input slot t+1), END at t = length.
-        t_row = torch.cat([rows[:, 1:], rows.new_zeros(S, 1)], 1)
-        t_col = torch.cat([cols[:, 1:], cols.new_zeros(S, 1)], 1)
-        t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1)], 1)
-        is_end = torch.arange(T, device=rows.device)[None] == tokens.lengths[:, None]
-        t_row = torch.where(is_end, L.n_rows, t_row)
-        is_hit = real & ~is_end
-        h_r, pr, pc = h[real], prev_r[real], prev_c[real]
-        nll_row = F.cross_entropy(self.row_logits(h_r, pr, pc), t_row[real], reduction="sum")
-        h_h, hr, hc = h[is_hit], t_row[is_hit], t_col[is_hit]
-        nll_col = F.cross_entropy(self.col_logits(h_h, hr, prev_r[is_hit], prev_c[is_hit]), hc, reduction="sum")
-        nll_val = F.cross_entropy(self.value_logits(h_h, hr, hc), t_val[is_hit], reduction="sum")
+        # Run the blocks per length bucket (sequences of similar length padded together) and
+        # keep only real targets: padding costs at most ~bucket_slack x the real tokens.
+        parts = []
+        for idx in length_buckets(tokens.lengths, bucket_slack):
+            n = tokens.lengths[idx]
+            T = int(n.max()) + 1
+            rows, cols, vals = tokens.rows[idx, :T], tokens.cols[idx, :T], tokens.values[idx, :T]
+            S = len(idx)
+            # Input t is hit t-1 (t=0: start); its grid position is the "previous" one of target t.
+            prev_r = torch.cat([rows.new_full((S, 1), -1), rows[:, 1:]], 1)
+            prev_c = torch.cat([cols.new_full((S, 1), -1), cols[:, 1:]], 1)
+            h = self.hidden(self.embed(rows, cols, vals, True, ctx[idx]), ctx[idx], prev_r, prev_c)
+            t = torch.arange(T, device=rows.device)[None]
+            real = t <= n[:, None]
+            # Target t is hit t (stored at input slot t+1), END at t = length.
+            t_row = torch.where(t == n[:, None], L.n_rows, torch.cat([rows[:, 1:], rows.new_zeros(S, 1)], 1))
+            t_col = torch.cat([cols[:, 1:], cols.new_zeros(S, 1)], 1)
+            t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1)], 1)
+            parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val)])
+        h, pr, pc, t_row, t_col, t_val = (torch.cat(x) for x in zip(*parts, strict=True))
+        nll_row = F.cross_entropy(self.row_logits(h, pr, pc), t_row, reduction="sum")
+        hit = t_row != L.n_rows
+        h, pr, pc, hr, hc = h[hit], pr[hit], pc[hit], t_row[hit], t_col[hit]
+        nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc), hc, reduction="sum")
+        nll_val = F.cross_entropy(self.value_logits(h, hr, hc), t_val[hit], reduction="sum")
         nll = nll_row + nll_col + nll_val
-        n_tok, n_hit = int(real.sum()), max(int(is_hit.sum()), 1)
+        n_tok, n_hit = len(t_row), max(int(hit.sum()), 1)
         objective = nll + (self.config.kl_weight * kl_penalised * B if self.latent_dim else 0.0)
         return {
             "loss": objective / n_tok,

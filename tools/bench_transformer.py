@@ -1,0 +1,150 @@
+"""Benchmark of the hit transformer: training step time, events/s, model FLOPs and generation.
+
+    python tools/bench_transformer.py --config configs/pxd_transformer_mini.yaml
+    python tools/bench_transformer.py --config configs/pxd_transformer.yaml --device cuda \
+        --precision bf16 --peak-tflops 989   # H100 SXM dense bf16 peak, for MFU
+
+Events come from the reference simulator at the config's training luminosity range (or
+incident energy range), held in memory. The training step is the family's own
+(`TransformerFamily.train_step`) on a plain torch engine (AdamW, no DeepSpeed), so the figure
+is the model's cost; model FLOPs count matmuls of blocks, heads and attention
+(`HitTransformer.flops_per_token`, 2 FLOPs per multiply-add, training = 3 x forward).
+Wall and process CPU times are both reported: on a shared machine the CPU time of a
+one-thread run (--threads 1) is the stable per-core figure. Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def simulate(cfg, n_events: int, seed: int = 1):
+    from uhg.geometry import get_geometry
+
+    g = get_geometry(cfg.geometry)
+    sim = cfg.data.simulate
+    if g.kind == "pixel":
+        from uhg.sim.pxd_background import simulate_pxd_background
+
+        lo = sim.luminosity_min if sim and sim.luminosity_min else 8e35
+        hi = sim.luminosity_max if sim and sim.luminosity_max else lo
+        return g, simulate_pxd_background(g, n_events, seed, luminosity=lo, luminosity_max=hi)
+    from uhg.sim.calo import simulate_calo_showers
+
+    lo = sim.energy_min if sim and sim.energy_min else 1000.0
+    hi = sim.energy_max if sim and sim.energy_max else 100_000.0
+    return g, simulate_calo_showers(g, n_events, seed, energy_min=lo, energy_max=hi)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/pxd_transformer_mini.yaml")
+    ap.add_argument("--set", action="append", default=[], help="config override key=value")
+    ap.add_argument("--batch-size", type=int, default=None, help="training events per step (default: the config's)")
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
+    ap.add_argument("--gen-events", type=int, nargs="*", default=[1, 16], help="generation batch sizes (events)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. 989 for H100 bf16)")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    from uhg.config import load_config
+    from uhg.models.common import ConditionNorm
+    from uhg.models.transformer import count_parameters, mean_attended
+    from uhg.models.transformer_tokens import encode_hits
+    from uhg.seeding import event_seed
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.engine import PlainEngine
+    from uhg.train.transformer_family import TransformerFamily
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.set)
+    batch = args.batch_size or cfg.train.batch_size
+    n_gen = max(args.gen_events or [1])
+    t0 = time.perf_counter()
+    geometry, events = simulate(cfg, batch * 3 + n_gen)
+    sim_s = time.perf_counter() - t0
+    names = cfg.model.conditions
+    ranges = {n: (float(events.conditions[n].min()), float(events.conditions[n].max())) for n in names}
+    family = TransformerFamily(geometry, cfg.model, ConditionNorm.from_ranges(ranges, names))
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = family.build_modules()["model"].to(dev)
+    engine = PlainEngine(model, family.build_optimizer("model", model, cfg.train), cfg.train.gradient_clipping)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    batches = [TorchHits.from_batch(events.slice(i * batch, (i + 1) * batch)).to(dev) for i in range(3)]
+    times, cpu, flops, tokens, hits = [], [], [], [], []
+    for step in range(args.steps + 2):
+        b = batches[step % 3]
+        sync()
+        t, c = time.perf_counter(), time.process_time()
+        with autocast:
+            family.train_step({"model": engine}, b, step + 1)
+        sync()
+        if step >= 2:
+            tok = encode_hits(b, family.layout)
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+            flops.append(model.flops_per_token(mean_attended(tok.lengths)) * tok.n_tokens)
+            tokens.append(tok.n_tokens)
+            hits.append(int(tok.lengths.sum()))
+    step_s = statistics.median(times)
+    achieved = sum(flops) / sum(times)
+    tok0 = encode_hits(batches[0], family.layout)
+    out = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "command": "python tools/bench_transformer.py " + " ".join(f"{k}={v}" for k, v in vars(args).items()),
+        "config": args.config, "geometry": cfg.geometry, "parameters": count_parameters(model),
+        "precision": args.precision, "batch_events": batch,
+        "hits_per_event": float(np.mean(hits)) / batch, "sequences_per_step": len(tok0.lengths),
+        "padded_tokens_per_step": int(tok0.rows.numel()), "tokens_per_step": float(np.mean(tokens)),
+        "train_step_s_median": step_s, "train_step_cpu_s_median": statistics.median(cpu),
+        "train_events_per_s": batch / step_s,
+        "train_tokens_per_s": float(np.mean(tokens)) / step_s,
+        "flops_per_token_train": float(np.mean(flops) / np.mean(tokens)),
+        "achieved_tflops": achieved / 1e12, "simulate_s": sim_s,
+    }
+    if args.peak_tflops:
+        out["mfu"] = achieved / (args.peak_tflops * 1e12)
+    model.eval()
+    gen_conditions = events.slice(3 * batch, 3 * batch + n_gen).conditions
+    for n in args.gen_events:
+        conds = {k: torch.from_numpy(v[:n]) for k, v in gen_conditions.items()}
+        seeds = [event_seed(0, i, "generate") for i in range(n)]
+        with autocast:
+            family.sample(model, conds, seeds)  # warm-up
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            gen = family.sample(model, conds, seeds)
+            sync()
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        out[f"generate_ms_per_event_batch{n}"] = 1000 * dt / n
+        out[f"generate_cpu_ms_per_event_batch{n}"] = 1000 * dc / n
+        out[f"generate_hits_per_event_batch{n}"] = float(gen.hits_per_event.mean())
+    for k, v in out.items():
+        print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
