@@ -10,6 +10,7 @@ Two engines, stepped alternately (DeepSpeed GAN pattern, see docs/training.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -109,7 +110,8 @@ class GanFamily:
             p.requires_grad_(False)
         try:
             fake, prob, code = self._fake(G, cond, b, device)
-            fu, fe = d_module(fake, cond)
+            with _autocast_like(D, device):
+                fu, fe = d_module(fake, cond)
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
                 nn.functional.softplus(-fu).mean() + w * nn.functional.softplus(-fe).mean()
             g_loss = adv
@@ -197,6 +199,15 @@ class GanFamily:
             module.train(was_training)
         mask = (gate + gn) > 0
         return decode_images(lay, mask, code, {k: conds[k] for k in conds})
+
+
+def _autocast_like(engine: Engine, device: torch.device):
+    """The autocast context the engine's own forward uses (bf16 training), for calls that go
+    to its bare module."""
+    enabled = getattr(engine, "torch_autocast_enabled", None)
+    if enabled is None or not enabled():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=engine.torch_autocast_dtype())
 
 
 def _grad_norm(name: str, engine: Engine) -> dict[str, float]:
