@@ -51,6 +51,21 @@ def occupancy_per_image(batch, geometry) -> np.ndarray:
     return counts.reshape(len(batch), geometry.n_sensors) / geometry.pixels_per_sensor
 
 
+def cluster_sizes(batch, geometry) -> np.ndarray:
+    """Sizes of 8-connected groups of fired pixels, per sensor image (dense image per sensor)."""
+    from scipy import ndimage
+
+    sizes = []
+    for event in batch:
+        for s in np.unique(event.sensor):
+            m = event.sensor == s
+            image = np.zeros((geometry.rows, geometry.cols), bool)
+            image[event.row[m], event.col[m]] = True
+            labels, n = ndimage.label(image, structure=np.ones((3, 3)))
+            sizes.append(np.bincount(labels.ravel())[1:])
+    return np.concatenate(sizes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200, help="full PXD events at L_CAL")
@@ -147,6 +162,12 @@ def main() -> None:
           f"| layer 1 opposite ladders | {opposite:.3f} | "
           f"{np.mean([corr_full[2 * i + s, 2 * ((i + 4) % 8) + s] for i in range(4) for s in (0, 1)]):.3f} |\n"
           f"| forward-backward, same ladder | {fb:.3f} | {np.mean([corr_full[s, s + 1] for s in range(0, 40, 2)]):.3f} |")
+
+    print("\n## Cluster size (8-connected fired pixels, first 5 full PXD events)\n")
+    sizes = cluster_sizes(full.slice(0, min(5, len(full))), pxd)
+    frac = np.bincount(sizes, minlength=7)[1:6] / len(sizes)
+    print(f"{len(sizes):,} clusters, mean {sizes.mean():.2f} pixels; fraction of size 1..5: "
+          f"{', '.join(f'{f:.3f}' for f in frac)}; larger than 5: {np.mean(sizes > 5):.3f}")
 
     print("\n## Speed (full PXD at L_CAL, one process)\n")
     print(f"{args.events} events, {full.n_hits / args.events:,.0f} fired pixels each: "
