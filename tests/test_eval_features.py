@@ -141,3 +141,20 @@ def test_large_calorimeters_feed_radial_rings_to_the_classifier():
     fs = calo_features(b, g)
     assert fs.vectors["low_level"].shape == (1, 1 + g.n_layers * 16)
     assert fs.distributions["response"].values[0] == pytest.approx(1.0)  # 2 hits / 2 GeV
+
+
+def test_validation_metrics_are_zero_for_identical_batches_and_see_a_shift():
+    from uhg.eval.quick import validation_metrics
+
+    events = [pixel_event([(s, r, c, 10 + r) for s in (0, 5, 30) for r in range(k % 4 + 1) for c in (0, 7)])
+              for k in range(12)]
+    ref = batch_of(*events)
+    same = validation_metrics(ref, ref, PXD)
+    assert same["occupancy_rel_diff"] == 0 and same["charge_sp"] == 0 and same["occupancy_per_sensor_mre"] == 0
+    doubled = batch_of(*[pixel_event([(s, r, c, 10 + r) for s in (0, 5, 30) for r in range(2 * (k % 4 + 1))
+                                      for c in (0, 7)]) for k in range(12)])
+    shifted = validation_metrics(ref, doubled, PXD)
+    assert shifted["occupancy_rel_diff"] == pytest.approx(1.0) and shifted["charge_sp"] > 0.05
+    calo = HitBatch.from_events("calo", [CaloEvent(np.array([0]), np.array([0]), np.array([e]), {"incident_energy": 1e3})
+                                         for e in (900.0, 950.0, 1000.0)])
+    assert validation_metrics(calo, calo, CALO)["response_rel_diff"] == 0
