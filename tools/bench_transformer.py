@@ -60,7 +60,7 @@ def main() -> None:
 
     from uhg.config import load_config
     from uhg.models.common import ConditionNorm
-    from uhg.models.transformer import count_parameters, mean_attended
+    from uhg.models.transformer import count_parameters, mean_attended, padded_tokens
     from uhg.models.transformer_tokens import encode_hits
     from uhg.seeding import event_seed
     from uhg.sparse.torch_hits import TorchHits
@@ -115,7 +115,7 @@ def main() -> None:
         "config": args.config, "geometry": cfg.geometry, "parameters": count_parameters(model),
         "precision": args.precision, "batch_events": batch,
         "hits_per_event": float(np.mean(hits)) / batch, "sequences_per_step": len(tok0.lengths),
-        "padded_tokens_per_step": int(tok0.rows.numel()), "tokens_per_step": float(np.mean(tokens)),
+        "padded_tokens_per_step": padded_tokens(tok0.lengths), "tokens_per_step": float(np.mean(tokens)),
         "train_step_s_median": step_s, "train_step_cpu_s_median": statistics.median(cpu),
         "train_events_per_s": batch / step_s,
         "train_tokens_per_s": float(np.mean(tokens)) / step_s,

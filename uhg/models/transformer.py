@@ -335,6 +335,11 @@ class HitTransformer(nn.Module):
         return float(3 * forward if training else forward)
 
 
+def padded_tokens(lengths: torch.Tensor, slack: float = BUCKET_SLACK) -> int:
+    """Token positions the blocks process for sequences of `lengths` hits (length buckets)."""
+    return sum(len(g) * (int(lengths[g].max()) + 1) for g in length_buckets(lengths, slack))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -346,4 +351,5 @@ def mean_attended(lengths: torch.Tensor) -> float:
     return float((n * (n + 1) / 2).sum() / n.sum()) if len(n) else 0.0
 
 
-__all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "count_parameters", "mean_attended"]
+__all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "count_parameters", "length_buckets", "mean_attended",
+           "padded_tokens"]

@@ -19,7 +19,7 @@ from uhg.config.schema import TrainConfig
 from uhg.config.transformer import TransformerConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
-from uhg.models.transformer import HitTransformer, mean_attended
+from uhg.models.transformer import HitTransformer, mean_attended, padded_tokens
 from uhg.models.transformer_sampling import sample_events
 from uhg.models.transformer_tokens import encode_hits, layout_for_geometry
 from uhg.seeding import event_seed
@@ -60,7 +60,7 @@ class TransformerFamily:
         engine.backward(out["loss"])
         engine.step()
         metrics = {k: float(v.detach()) for k, v in out.items()}
-        metrics.update(tokens=float(tokens.n_tokens), padded_tokens=float(tokens.rows.numel()),
+        metrics.update(tokens=float(tokens.n_tokens), padded_tokens=float(padded_tokens(tokens.lengths)),
                        hits_per_event=float(tokens.lengths.sum()) / max(len(batch), 1),
                        model_flops=engine.module.flops_per_token(mean_attended(tokens.lengths)) * tokens.n_tokens
                        if hasattr(engine.module, "flops_per_token") else 0.0)
