@@ -49,7 +49,9 @@ def generate_distributed(model: str, events: int, out: Path, *, luminosity: floa
                          part_size: int | None, distributed: bool, workers: int | None, gpus_per_worker: float,
                          cpus_per_worker: int, ray_address: str | None, device: str) -> None:
     """`uhg generate` through the part-wise writer (resumable; on Ray with --distributed)."""
-    from uhg.generate.distributed import cli_conditions, default_part_size, run_generate
+    import tempfile
+
+    from uhg.generate.distributed import cli_conditions, default_part_size, describe_model, run_generate
 
     enter_uhg_root()
     options = ray_options(distributed, workers, gpus_per_worker, cpus_per_worker, ray_address)
@@ -57,10 +59,12 @@ def generate_distributed(model: str, events: int, out: Path, *, luminosity: floa
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if part_size is not None and part_size < 1:
         raise ConfigError(f"--part-size must be >= 1, got {part_size}")
-    conditions = cli_conditions(model, events, seed, conditions_file=conditions_file, luminosity=luminosity,
-                                energy_min=energy_min, energy_max=energy_max)
-    run_generate(model, out, events, conditions, ray_options=options, device=device, seed=seed,
-                 batch_size=batch_size, part_size=part_size or default_part_size(events, batch_size))
+    with tempfile.TemporaryDirectory(prefix="uhg-model-") as cache:  # MLflow downloads live for the run only
+        info = describe_model(model, cache_dir=cache)
+        conditions = cli_conditions(info, events, seed, conditions_file=conditions_file, luminosity=luminosity,
+                                    energy_min=energy_min, energy_max=energy_max)
+        run_generate(info, out, events, conditions, ray_options=options, device=device, seed=seed,
+                     batch_size=batch_size, part_size=part_size or default_part_size(events, batch_size))
     typer.echo(f"generated store: {out.resolve()}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +47,17 @@ def model_id(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def describe_model(reference: str) -> dict[str, Any]:
+def describe_model(reference: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Resolve `reference` (export folder, `models:/name@alias`, `runs:/...`) on this machine
-    and read its sidecar (`generator.json`; no weights are loaded here).
+    and read its sidecar (`generator.json`; no weights are loaded here). MLflow references are
+    downloaded into `cache_dir` (default: a new temporary folder).
 
     Returns {reference, path, id, geometry (name), conditions (names the generator needs)}.
     Raises ConfigError when the reference names nothing, CheckpointError when it is no export.
     """
     from uhg.tracking.models import resolve_model_uri
 
-    path = resolve_model_uri(reference).resolve()
+    path = resolve_model_uri(reference, cache_dir=cache_dir).resolve()
     sidecar = path / "generator.json"
     if not sidecar.is_file():
         raise CheckpointError(f"model {reference!r} ({path}) is not a generator export: no generator.json "
@@ -100,8 +102,11 @@ def load_conditions(path: str | os.PathLike, n_events: int) -> dict[str, np.ndar
     if not path.is_file():
         raise ConfigError(f"conditions file {path} does not exist")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            raw: dict[str, Any] = {k: npz[k] for k in npz.files}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                raw: dict[str, Any] = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as err:  # ValueError: object arrays, i.e. pickles, are refused
+            raise ConfigError(f"conditions file {path}: not a plain numeric .npz ({err})") from None
     elif path.suffix in (".json", ".yaml", ".yml"):
         import yaml
 
@@ -155,7 +160,8 @@ class GenerateJob:
         return PartResult(part, len(batch), batch.n_hits, {"generate": t1 - t0, "write": time.perf_counter() - t1})
 
 
-def plan_generate(model: str, out: str | os.PathLike, n_events: int, conditions: dict[str, np.ndarray], *,
+def plan_generate(model: str | dict[str, Any], out: str | os.PathLike, n_events: int,
+                  conditions: dict[str, np.ndarray], *,
                   seed: int = 0, part_size: int = 64, batch_size: int = 16,
                   overwrite: bool = False) -> tuple[GenerateJob, list[int], dict[int, int]]:
     """Check the model and conditions, create (or reopen, to resume) the store. Returns the
@@ -164,7 +170,8 @@ def plan_generate(model: str, out: str | os.PathLike, n_events: int, conditions:
 
     if n_events < 1:
         raise UhgError(f"--events must be at least 1, got {n_events}")
-    info = describe_model(model)
+    info = model if isinstance(model, dict) else describe_model(model)
+    model = info["reference"]
     missing = [n for n in info["conditions"] if n not in conditions]
     if missing:
         raise ConditionError(f"model {model!r} needs conditions {info['conditions']}; missing {missing}")
@@ -188,18 +195,21 @@ def _is_pixel(geometry_name: str) -> bool:
     return get_geometry(geometry_name).kind == "pixel"
 
 
-def run_generate(model: str, out: str | os.PathLike, n_events: int, conditions: dict[str, np.ndarray], *,
+def run_generate(model: str | dict[str, Any], out: str | os.PathLike, n_events: int, conditions: dict[str, np.ndarray], *,
                  ray_options: RayOptions | None = None, device: str = "cpu", **plan_args: Any) -> RunReport:
     """Generate `n_events` events into the store `out`, in this process (on `device`) when
     `ray_options` is None, else on Ray actors (see `plan_generate` for the other arguments)."""
-    job, parts, sizes = plan_generate(model, out, n_events, conditions, **plan_args)
-    return run_parts(job, parts, sizes, ray_options=ray_options, description="generate", device=device)
+    with tempfile.TemporaryDirectory(prefix="uhg-model-") as cache:  # MLflow downloads live for the run only
+        info = model if isinstance(model, dict) else describe_model(model, cache_dir=cache)
+        job, parts, sizes = plan_generate(info, out, n_events, conditions, **plan_args)
+        return run_parts(job, parts, sizes, ray_options=ray_options, description="generate", device=device)
 
 
-def cli_conditions(model: str, n_events: int, seed: int, *, conditions_file: str | os.PathLike | None = None,
+def cli_conditions(info: dict[str, Any], n_events: int, seed: int, *, conditions_file: str | os.PathLike | None = None,
                    luminosity: float | None = None, energy_min: float | None = None,
                    energy_max: float | None = None) -> dict[str, np.ndarray]:
-    """Per-event conditions for `uhg generate --distributed`: from a file (JSON/YAML/NPZ, see
+    """Per-event conditions for `uhg generate --distributed` with the model described by
+    `info` (`describe_model`): from a file (JSON/YAML/NPZ, see
     `load_conditions`; beam currents the model needs are derived from the luminosity), else
     exactly those `uhg generate` uses in one process (`uhg.generate.single.event_conditions`),
     so both paths write the same events."""
@@ -208,7 +218,6 @@ def cli_conditions(model: str, n_events: int, seed: int, *, conditions_file: str
     from uhg.generate.single import event_conditions
     from uhg.geometry import get_geometry
 
-    info = describe_model(model)
     if conditions_file is not None:
         if luminosity is not None or energy_min is not None or energy_max is not None:
             raise ConfigError("--conditions FILE replaces --luminosity / --energy-min / --energy-max; give one or the other")

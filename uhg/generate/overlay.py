@@ -16,6 +16,7 @@ on the number of workers.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,11 +127,12 @@ class OverlayJob:
 
 def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
                  conditions: dict[str, float] | None = None, background: str | os.PathLike | None = None,
-                 seed: int = 0, part_size: int | None = None, batch_size: int = 16,
-                 overwrite: bool = False) -> tuple[OverlayJob, list[int], dict[int, int]]:
+                 seed: int = 0, part_size: int | None = None, batch_size: int = 16, overwrite: bool = False,
+                 model_cache: str | os.PathLike | None = None) -> tuple[OverlayJob, list[int], dict[int, int]]:
     """Check inputs, create (or reopen, to resume) the output store.
 
-    Returns the job, the parts still to write and the number of events of every part.
+    Returns the job, the parts still to write and the number of events of every part. An
+    MLflow model is downloaded into `model_cache` (default: a new temporary folder).
     Raises GeometryError if signal and background/model geometries differ, ConditionError if
     the generator's conditions are missing, StoreError/CheckpointError for bad paths.
     """
@@ -165,7 +167,7 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
         job = OverlayJob(str(signal_path), str(out_path), int(seed), background_store=str(bg_path),
                          batch_size=batch_size)
     else:
-        model_info = describe_model(model)
+        model_info = describe_model(model, cache_dir=model_cache)
         if model_info["geometry"] != geometry.name:
             raise GeometryError(f"model {model!r} generates geometry {model_info['geometry']!r} but signal store "
                                 f"{signal_path} holds {geometry.name!r}; they must match")
@@ -198,5 +200,6 @@ def run_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, ray_option
                 device: str = "cpu", **plan_args: Any) -> RunReport:
     """Plan and write an overlay store (see `plan_overlay` for the arguments); in this
     process (generator on `device`) when `ray_options` is None, else on Ray actors."""
-    job, parts, sizes = plan_overlay(signal, out, **plan_args)
-    return run_parts(job, parts, sizes, ray_options=ray_options, description="overlay", device=device)
+    with tempfile.TemporaryDirectory(prefix="uhg-model-") as cache:  # MLflow downloads live for the run only
+        job, parts, sizes = plan_overlay(signal, out, model_cache=cache, **plan_args)
+        return run_parts(job, parts, sizes, ray_options=ray_options, description="overlay", device=device)
