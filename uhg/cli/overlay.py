@@ -102,7 +102,8 @@ def overlay_command(
         help="take background event j from this store (event j mod its size) instead of a model")] = None,
     seed: Annotated[int, typer.Option(help="generator seed; background event j uses the stream of (seed, j)")] = 0,
     part_size: Annotated[int | None, typer.Option(help="events per output part (default: the signal store's)")] = None,
-    batch_size: Annotated[int, typer.Option(help="events per generator forward pass")] = 16,
+    batch_size: Annotated[int | None, typer.Option(
+        help="events per generator forward pass (default: 16, 1 for the full 7.68 M-channel PXD)")] = None,
     device: Annotated[str, typer.Option(help="generator device without --distributed: cpu or cuda")] = "cpu",
     distributed: DistributedOpt = False,
     workers: WorkersOpt = None,
@@ -123,7 +124,7 @@ def overlay_command(
         raise ConfigError("--luminosity / --conditions set generator conditions; they do not apply to --background")
     if part_size is not None and part_size < 1:
         raise ConfigError(f"--part-size must be >= 1, got {part_size}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     enter_uhg_root()
     options = ray_options(distributed, workers, gpus_per_worker, cpus_per_worker, ray_address)

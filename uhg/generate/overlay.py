@@ -37,6 +37,16 @@ from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
 ORIGIN_FLAGS = {str(ORIGIN_SIGNAL): "signal", str(ORIGIN_BACKGROUND): "background", str(ORIGIN_BOTH): "both"}
 
 
+DENSE_CHANNELS_PER_PASS = 4_000_000
+"""Budget of dense channels per generator pass for the default batch size: a full PXD event
+(7.68 M channels) peaks at ~1.4 GB in the GAN decoder on CPU, so it goes alone."""
+
+
+def default_batch_size(n_channels: int) -> int:
+    """Events per generator pass: 16, fewer when events are large (1 for the full PXD)."""
+    return max(1, min(16, DENSE_CHANNELS_PER_PASS // n_channels))
+
+
 def machine_conditions(given: dict[str, float], needed: list[str]) -> dict[str, float]:
     """Add the beam currents a generator needs but the user did not give, from the luminosity
     and the SuperKEKB machine model (design current ratio, `uhg.sim.pxd_machine`)."""
@@ -127,10 +137,11 @@ class OverlayJob:
 
 def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
                  conditions: dict[str, float] | None = None, background: str | os.PathLike | None = None,
-                 seed: int = 0, part_size: int | None = None, batch_size: int = 16, overwrite: bool = False,
+                 seed: int = 0, part_size: int | None = None, batch_size: int | None = None, overwrite: bool = False,
                  model_cache: str | os.PathLike | None = None) -> tuple[OverlayJob, list[int], dict[int, int]]:
     """Check inputs, create (or reopen, to resume) the output store.
 
+    `batch_size` (events per generator pass) defaults to `default_batch_size(geometry)`.
     Returns the job, the parts still to write and the number of events of every part. An
     MLflow model is downloaded into `model_cache` (default: a new temporary folder).
     Raises GeometryError if signal and background/model geometries differ, ConditionError if
@@ -145,6 +156,7 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
     if sig.kind != "pixel":
         raise GeometryError(f"signal store {signal_path} holds {sig.kind} hits; overlays merge pixel hits")
     geometry = sig.geometry
+    batch_size = default_batch_size(geometry.n_channels) if batch_size is None else int(batch_size)
     provenance: dict[str, Any] = {
         "signal": {"path": str(signal_path), "n_events": len(sig), "geometry": geometry.name,
                    "attributes": sig.attrs.get("attributes", {}), "provenance": sig.attrs.get("provenance", {})},
