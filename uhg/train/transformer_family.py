@@ -96,11 +96,14 @@ class TransformerFamily:
             out["sensor_occupancy_mean_rel_error"] = float((abs(occ_f - occ_r) / occ_r.clip(min=1e-9)).mean())
             out["charge_mean_fake"] = float(fake.columns["value"].mean()) if fake.n_hits else 0.0
             out["charge_mean_real"] = float(real.columns["value"].mean()) if real.n_hits else 0.0
-        elif "incident_energy" in real.conditions:
+        if self.layout.kind != "pixel" and "incident_energy" in real.conditions:
             e0 = real.conditions["incident_energy"]
             for tag, hb in (("fake", fake), ("real", real)):
                 sums = np.bincount(hb.event_index(), weights=hb.columns["value"].astype(np.float64), minlength=len(hb))
                 out[f"response_{tag}"] = float((sums / e0).mean())
+        from uhg.eval.quick import validation_metrics as quick_metrics  # separation powers etc.
+
+        out.update(quick_metrics(real, fake, self.geometry))
         return out
 
     @torch.no_grad()
