@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from uhg.data.hits import HitBatch
-from uhg.errors import CheckpointError, ConditionError, ConfigError, UhgError
+from uhg.errors import CheckpointError, ConditionError, ConfigError
 from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
 
 CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "incident_energy": "MeV"}
@@ -169,7 +169,7 @@ def plan_generate(model: str | dict[str, Any], out: str | os.PathLike, n_events:
     from uhg.data.store import create_store, missing_parts, part_range, read_attrs
 
     if n_events < 1:
-        raise UhgError(f"--events must be at least 1, got {n_events}")
+        raise ConfigError(f"--events must be at least 1, got {n_events}")
     info = model if isinstance(model, dict) else describe_model(model)
     model = info["reference"]
     missing = [n for n in info["conditions"] if n not in conditions]

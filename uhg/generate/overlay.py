@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from uhg.data.hits import COLUMNS, ORIGIN_BACKGROUND, ORIGIN_BOTH, ORIGIN_SIGNAL, HitBatch
-from uhg.errors import ConditionError, GeometryError, StoreError, UhgError
+from uhg.errors import ConditionError, ConfigError, GeometryError, StoreError
 from uhg.generate.distributed import (
     GeneratorSource,
     condition_specs,
@@ -150,7 +150,7 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
     from uhg.data.store import create_store, missing_parts, open_store, part_range
 
     if (model is None) == (background is None):
-        raise UhgError("give exactly one background source: --model (with conditions) or --background STORE")
+        raise ConfigError("give exactly one background source: --model (with conditions) or --background STORE")
     signal_path, out_path = Path(signal).resolve(), Path(out).resolve()
     sig = open_store(signal_path)
     if sig.kind != "pixel":

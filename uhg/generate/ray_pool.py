@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from uhg.errors import UhgError
+from uhg.errors import ConfigError, UhgError
 
 MAX_RESTARTS = 3
 """How often Ray restarts a dead actor, and retries a part whose worker died."""
@@ -89,11 +89,11 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise UhgError(f"--workers must be at least 1, got {self.workers}")
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.cpus_per_worker < 1:
-            raise UhgError(f"cpus per worker must be at least 1, got {self.cpus_per_worker}")
+            raise ConfigError(f"cpus per worker must be at least 1, got {self.cpus_per_worker}")
         if self.gpus_per_worker < 0:
-            raise UhgError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+            raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
 
 
 class Progress:
@@ -179,7 +179,7 @@ def init_ray(options: RayOptions) -> bool:
         found = ray.cluster_resources().get("GPU", 0)
         if wanted > found:
             ray.shutdown()
-            raise UhgError(f"--workers {options.workers} x --gpus-per-worker {options.gpus_per_worker} needs "
+            raise ConfigError(f"--workers {options.workers} x --gpus-per-worker {options.gpus_per_worker} needs "
                            f"{wanted:g} GPUs; this machine has {found:g}")
     return True
 
