@@ -128,6 +128,28 @@ def test_bad_input_gives_one_clear_message(pxd_stores, calo_store, tmp_path, cap
     assert rc == 2 and "--generated" in err
 
 
+def test_the_model_training_range_is_read_from_the_export_the_store_names(pxd_stores, tmp_path):
+    from uhg.models.common import ConditionNorm
+
+    export = tmp_path / "export"
+    export.mkdir()
+    norm = ConditionNorm.from_ranges({"luminosity": (1e35, 2e35)}, ["luminosity"])
+    (export / "generator.json").write_text(json.dumps({"condition_norm": norm.to_dict()}))
+    batch = simulate_pxd_background(PXD, 12, 7, luminosity=4e35)
+    conds = {"luminosity": {"min": 4e35, "max": 4e35, "unit": "cm^-2 s^-1"}}
+    gen = tmp_path / "gen.zarr"
+    create_store(gen, "pixel", PXD, 12, 12, conditions={**conds, "her_current": {"min": 0, "max": 9, "unit": "A"},
+                                                        "ler_current": {"min": 0, "max": 9, "unit": "A"}},
+                 attributes={"generated": {"model": str(export)}})
+    write_part(gen, 0, batch)
+    out = tmp_path / "o"
+    assert main(["eval", "--reference", pxd_stores["ref"], "--generated", str(gen), "--out", str(out),
+                 "--repeats", "2", "--no-classifier", "--no-plots"]) == 0
+    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert any("100.0% of the generated events have luminosity outside the model's training range" in w
+               for w in warnings), warnings
+
+
 def test_metrics_and_report_go_to_an_existing_mlflow_run(calo_store, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

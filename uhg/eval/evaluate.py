@@ -94,7 +94,8 @@ def condition_warnings(ref: FeatureSet, others: dict[str, FeatureSet],
         vals = others.get("generated", ref).conditions.get(name)
         if vals is None or len(vals) == 0:
             continue
-        outside = np.mean((vals < lo) | (vals > hi))
+        # relative tolerance: ranges read back from a log-scaled normalisation carry rounding
+        outside = np.mean((vals < lo * (1 - 1e-6)) | (vals > hi * (1 + 1e-6)))
         if outside > 0:
             out.append(f"{100 * outside:.1f}% of the generated events have {name} outside the model's training range "
                        f"[{lo:.4g}, {hi:.4g}] {CONDITION_UNITS.get(name, '')} (extrapolation)")
@@ -102,12 +103,33 @@ def condition_warnings(ref: FeatureSet, others: dict[str, FeatureSet],
 
 
 def training_range_from_store(store) -> dict[str, tuple[float, float]]:
-    """The generating model's training range if the generated store declares one under
-    attributes.generated.training_conditions ({name: {min, max}})."""
+    """The generating model's training range: declared by the generated store under
+    attributes.generated.training_conditions ({name: {min, max}}), else read from the condition
+    normalisation in the sidecar (generator.json) of the model export the store names, when that
+    export is on this machine. Empty when neither is available."""
     gen = store.attrs.get("attributes", {}).get("generated", {})
-    declared = gen.get("training_conditions", {}) if isinstance(gen, dict) else {}
-    return {k: (float(v["min"]), float(v["max"])) for k, v in declared.items()
-            if isinstance(v, dict) and "min" in v and "max" in v}
+    if not isinstance(gen, dict):
+        return {}
+    declared = gen.get("training_conditions", {})
+    out = {k: (float(v["min"]), float(v["max"])) for k, v in declared.items()
+           if isinstance(v, dict) and "min" in v and "max" in v}
+    if out or not isinstance(gen.get("model"), str):
+        return out
+    return training_range_of_export(gen["model"])
+
+
+def training_range_of_export(path: str | Path) -> dict[str, tuple[float, float]]:
+    """{condition: (min, max)} from a generator export's condition normalisation (log-scaled
+    conditions map [min, max] to [-1, 1]); empty if `path` holds no readable export."""
+    import json
+
+    sidecar = Path(path) / "generator.json"
+    try:
+        norm = json.loads(sidecar.read_text())["condition_norm"]
+        rows = zip(norm["names"], norm["log"], norm["center"], norm["scale"], strict=True)
+        return {n: ((math.exp(c - s), math.exp(c + s)) if lg else (c - s, c + s)) for n, lg, c, s in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _slug(name: str) -> str:
