@@ -118,8 +118,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _check_conditions(conditions: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    from uhg.paths import check_name
+
     out = {}
     for name, spec in conditions.items():
+        # each condition is stored as the array parts/<part>/conditions/<name>
+        check_name(name, "condition name", ConditionError, identifier=True)
         try:
             lo, hi, unit = float(spec["min"]), float(spec["max"]), str(spec["unit"])
         except (KeyError, TypeError, ValueError) as err:

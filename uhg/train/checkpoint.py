@@ -8,12 +8,18 @@ Layout of `RUN/checkpoints/step_000100/`:
     ema.safetensors            EMA generator weights (fp32)
     rng/rank_00000.json        torch / numpy / python RNG states of each rank
     trainer.json               step, skipped steps, events seen, world size, metrics
-    MANIFEST.json              written last: every file with its size (a checkpoint without
-                               it is incomplete and ignored)
+    MANIFEST.json              written last: every file with its size and CRC-32 (a checkpoint
+                               without it is incomplete and ignored)
 
 All ranks write into `.step_000100.tmp/`; after a barrier rank 0 writes the manifest and
 renames the directory, so a crash never leaves a directory that looks complete. Weights are
-checked for NaN/Inf on every rank before anything is written.
+checked for NaN/Inf on every rank before anything is written; a full disk ends in a
+CheckpointError and leaves the previous checkpoints as they were.
+
+Loading verifies every file against the manifest (size and CRC-32: a flipped bit in a tensor
+would otherwise load silently) and refuses pickles that reference anything beyond tensors,
+plain containers and the few DeepSpeed state classes (`SAFE_GLOBALS`): DeepSpeed itself
+unpickles with `weights_only=False`, so a checkpoint from outside could otherwise run code.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,14 @@ def _all_ok(flag: bool) -> bool:
             t = t.cuda()
         torch.distributed.all_reduce(t)
     return float(t.item()) == 0.0
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def checkpoint_name(step: int) -> str:
@@ -128,19 +144,26 @@ def save_checkpoint(root: Path, step: int, engines: Mapping[str, Any], ema: Mapp
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    tmp.mkdir(parents=True, exist_ok=True)  # node-local storage: each node makes its own
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp / name), tag=TAG, client_state={}, save_latest=False)
-    (tmp / "rng").mkdir(exist_ok=True)
-    (tmp / "rng" / f"rank_{rank:05d}.json").write_text(json.dumps(rng_state()))
-    if rank == 0:
-        if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(dict(trainer_state), indent=1))
-    _barrier()
-    if rank == 0:
-        _commit(tmp, final)
-    _barrier()
+    error: Exception | None = None
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)  # node-local storage: each node makes its own
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(tmp / name), tag=TAG, client_state={}, save_latest=False)
+        (tmp / "rng").mkdir(exist_ok=True)
+        (tmp / "rng" / f"rank_{rank:05d}.json").write_text(json.dumps(rng_state()))
+        if rank == 0:
+            if ema is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps(dict(trainer_state), indent=1))
+    except Exception as err:  # every rank must learn of it, or the others wait at the barrier forever
+        error = err
+    _raise_if_any_failed(error, tmp, root, step)
+    try:
+        if rank == 0:
+            _commit(tmp, final)
+    except Exception as err:
+        error = err
+    _raise_if_any_failed(error, tmp, root, step)
     if tmp.exists() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         _commit(tmp, final)  # node-local storage on another node
     _barrier()
@@ -150,9 +173,43 @@ def save_checkpoint(root: Path, step: int, engines: Mapping[str, Any], ema: Mapp
     return final
 
 
+def _raise_if_any_failed(error: Exception | None, tmp: Path, root: Path, step: int) -> None:
+    """Collective: if any rank failed to write, remove the partial checkpoint (freeing the space
+    it took) and raise on every rank; earlier checkpoints are untouched. A full disk or another
+    OS error becomes a CheckpointError (torch.save reports a full disk as an opaque
+    RuntimeError, hence the free-space check); any other exception is re-raised as it is."""
+    if _all_ok(error is None):
+        return
+    free = _free_bytes(root)
+    full = isinstance(error, OSError) or free < _NEARLY_FULL
+    shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None and not full:
+        raise error
+    previous = latest_checkpoint(root)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    cause = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+    if free < _NEARLY_FULL:
+        cause += f"; No space left on device: {free} bytes free"
+    raise CheckpointError(f"{tmp}: cannot write the checkpoint of step {step} ({cause}); the partial "
+                          f"checkpoint was removed and {kept}. Free space in {root} (or point "
+                          "output_dir / distributed.storage_path elsewhere) and resume") from error
+
+
+_NEARLY_FULL = 1 << 20
+"""Bytes free below which a failed write is blamed on a full disk."""
+
+
+def _free_bytes(root: Path) -> int:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return 0
+
+
 def _commit(tmp: Path, final: Path) -> None:
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    crc32 = {rel: _crc32(tmp / rel) for rel in files}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files, "crc32": crc32}, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -160,23 +217,70 @@ def _commit(tmp: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------------------- load
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check that every file of the manifest exists with its recorded size; returns the manifest."""
+    """Check that every file of the manifest exists with its recorded size and CRC-32 (when the
+    manifest has them); returns the manifest. The error names the broken file and the earlier
+    complete checkpoints one could resume from instead."""
     ckpt = Path(ckpt)
     manifest_path = ckpt / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
+        crc32 = manifest.get("crc32", {})
     except FileNotFoundError:
         raise CheckpointError(f"{manifest_path}: missing; {ckpt} is not a complete checkpoint") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: corrupt manifest ({err})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{manifest_path}: corrupt manifest ({err}){_earlier(ckpt)}") from None
     for rel, size in files.items():
         p = ckpt / rel
         if not p.is_file():
-            raise CheckpointError(f"{p}: file listed in the checkpoint manifest is missing")
+            raise CheckpointError(f"{p}: file listed in the checkpoint manifest is missing{_earlier(ckpt)}")
         if p.stat().st_size != size:
-            raise CheckpointError(f"{p}: truncated or modified ({p.stat().st_size} bytes, manifest says {size})")
+            raise CheckpointError(f"{p}: truncated or modified ({p.stat().st_size} bytes, manifest says {size})"
+                                  f"{_earlier(ckpt)}")
+        if rel in crc32 and _crc32(p) != crc32[rel]:
+            raise CheckpointError(f"{p}: corrupt (CRC-32 differs from the checkpoint manifest){_earlier(ckpt)}")
     return manifest
+
+
+def _earlier(ckpt: Path) -> str:
+    """'; earlier complete checkpoints: ...' hint for a broken checkpoint `ckpt`."""
+    earlier = [p for p in list_checkpoints(ckpt.parent) if p.name < ckpt.name]
+    if not earlier:
+        return "; no earlier complete checkpoint of this run"
+    return (f"; nothing was loaded. Earlier complete checkpoints: {', '.join(p.name for p in earlier)} "
+            f"(continue from one with --resume {earlier[-1]})")
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """Classes DeepSpeed pickles into its checkpoints besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def refuse_unsafe_pickles(ckpt: Path) -> None:
+    """Unpickle every `.pt` file of `ckpt` with torch's weights-only unpickler (tensors memory-
+    mapped, not read) before DeepSpeed loads them with `weights_only=False`. Raises
+    CheckpointError naming the first file that would import or call anything else."""
+    for path in sorted(Path(ckpt).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:  # a global outside the allow-list
+            detail = _unpickling_detail(err)
+            raise CheckpointError(f"{path}: refused, nothing was loaded: the file is not a plain tensor "
+                                  f"checkpoint and unpickling it could run code ({detail})") from None
+        except Exception as err:  # damaged beyond what the manifest records
+            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {err})") from None
+
+
+def _unpickling_detail(err: Exception) -> str:
+    """The line of torch's weights-only error that names the offending global."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(err).__name__])[0][:300]
 
 
 def load_checkpoint(ckpt: Path, engines: Mapping[str, Any], ema: dict[str, torch.Tensor] | None, rank: int,
@@ -187,6 +291,7 @@ def load_checkpoint(ckpt: Path, engines: Mapping[str, Any], ema: dict[str, torch
 
     ckpt = Path(ckpt)
     verify_checkpoint(ckpt)
+    refuse_unsafe_pickles(ckpt)
     trainer_path = ckpt / "trainer.json"
     try:
         state = json.loads(trainer_path.read_text())
