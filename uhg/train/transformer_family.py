@@ -91,9 +91,6 @@ class TransformerFamily:
         if self.layout.kind == "pixel":
             n = self.geometry.n_channels
             out.update(occupancy_fake_pct=100 * hf / n, occupancy_real_pct=100 * hr / n)
-            occ_f = np.bincount(fake.columns["sensor"], minlength=self.layout.n_units) / len(fake)
-            occ_r = np.bincount(real.columns["sensor"], minlength=self.layout.n_units) / len(real)
-            out["sensor_occupancy_mean_rel_error"] = float((abs(occ_f - occ_r) / occ_r.clip(min=1e-9)).mean())
             out["charge_mean_fake"] = float(fake.columns["value"].mean()) if fake.n_hits else 0.0
             out["charge_mean_real"] = float(real.columns["value"].mean()) if real.n_hits else 0.0
         if self.layout.kind != "pixel" and "incident_energy" in real.conditions:
