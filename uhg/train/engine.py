@@ -36,6 +36,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _prefer_environment_ninja() -> None:
+    """Put this interpreter's bin folder (with the pip `ninja`) first on PATH before DeepSpeed
+    JIT-builds its CPU comm op. Otherwise processes with and without the environment on PATH
+    use different ninja versions (here 1.13 from pip, 1.11 from the system), each rewrites the
+    shared build log in its own format and rebuilds the op (minutes on 2 cores) while every
+    other training process waits on the build lock."""
+    import sys
+
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if (Path(bin_dir) / "ninja").is_file() and path[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in path if p != bin_dir]])
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join (or create) the process group; returns (rank, world_size, local_rank).
 
@@ -48,6 +62,7 @@ def init_distributed() -> tuple[int, int, int]:
                           MASTER_PORT=str(_free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _prefer_environment_ninja()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
