@@ -39,7 +39,7 @@ def make_export(path: Path, geometry: str = "pxd-tiny") -> Path:
     g = family.build_modules()["generator"]
     # move the hit gate up so events carry a fair number of hits
     with torch.no_grad():
-        g.head.bias[0] = -2.0
+        g.head.bias[: g.shuffle**2] = -2.0
     return export_generator(path, family, cfg, g.state_dict(), step=1)
 
 

@@ -6,7 +6,8 @@
 Builds the config's data (simulating the store if the config says so), family and DeepSpeed
 engines in a world of one (the same code path as `uhg train --local`), times `steps` training
 steps after `warmup`, and prints one JSON line per config: median / mean step time (s),
-events/s, torch threads, and the machine's load average (other processes skew CPU figures).
+events/s, process CPU seconds per step, torch threads, and the machine's load average (other
+processes skew wall-clock figures on a shared machine; CPU time much less so).
 """
 
 from __future__ import annotations
@@ -42,24 +43,26 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
     micro = cfg.batch_size_for(world)
     engines = build_engines(cfg, family, modules, micro, world, device)
-    times = []
+    times, cpu_times = [], []
     for step in range(1, warmup + steps + 1):
         batch = TorchHits.from_batch(data.events(batch_indices(step, rank, world, micro, data.n_train, cfg.seed)))
         batch = batch.to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         family.train_step(engines, batch, step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step > warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     med = statistics.median(times)
     return {"config": config, "overrides": overrides, "family": family.name, "geometry": cfg.geometry,
             "batch_events": micro, "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
             "device": str(device), "parameters": n_params, "steps": steps,
             "step_s_median": round(med, 4), "step_s_mean": round(statistics.mean(times), 4),
-            "events_per_s": round(micro / med, 2), "torch_threads": torch.get_num_threads(),
+            "events_per_s": round(micro / med, 2),
+            "cpu_s_per_step_median": round(statistics.median(cpu_times), 4), "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "load_avg_1m": os.getloadavg()[0]}
 
 

@@ -29,6 +29,11 @@ class GanConfig(Section):
         description="Pixel detectors: conv decoder channels from the base grid up; "
         "len-1 nearest-neighbour x2 upsamplings (base grid = image size / 2^(len-1), rounded up).",
     )
+    pixel_shuffle: int = Field(
+        1, ge=1,
+        description="Pixel detectors: sub-pixel output factor s; the decoder works at 1/s resolution and its head "
+        "predicts s x s pixels per position (cuts full-resolution convolution cost ~s^2-fold).",
+    )
     discriminator_channels: list[int] = Field(
         default_factory=lambda: [8, 16, 32, 64],
         description="Pixel detectors: conv encoder channels of the per-sensor discriminator (stride-2 each).",

@@ -66,13 +66,15 @@ class Generator(nn.Module):
         )
         self.norm = nn.LayerNorm(e)
         ch = cfg.decoder_channels
-        self.h0, self.w0 = _base_grid(layout.height, layout.width, len(ch) - 1)
+        self.shuffle = cfg.pixel_shuffle
+        grid_h, grid_w = math.ceil(layout.height / self.shuffle), math.ceil(layout.width / self.shuffle)
+        self.h0, self.w0 = _base_grid(grid_h, grid_w, len(ch) - 1)
         self.to_grid = nn.Linear(e, ch[0] * self.h0 * self.w0)
         self.blocks = nn.ModuleList(UpBlock(a, b, e) for a, b in zip(ch[:-1], ch[1:], strict=True))
-        self.head = nn.Conv2d(ch[-1], 2, 3, padding=1)
-        with torch.no_grad():
-            self.head.bias[0] = math.log(INITIAL_OCCUPANCY / (1 - INITIAL_OCCUPANCY))
-            self.head.bias[1] = 0.0
+        self.head = nn.Conv2d(ch[-1], 2 * self.shuffle**2, 3, padding=1)
+        with torch.no_grad():  # channels are (gate, code) x s^2 sub-pixels, gate first
+            self.head.bias[: self.shuffle**2] = math.log(INITIAL_OCCUPANCY / (1 - INITIAL_OCCUPANCY))
+            self.head.bias[self.shuffle**2:] = 0.0
 
     def tokens(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
         """(B, U, E) unit tokens after the relational module."""
@@ -92,7 +94,10 @@ class Generator(nn.Module):
         x = self.to_grid(tok).view(b * u, -1, self.h0, self.w0)
         for block in self.blocks:
             x = block(x, tok)
-        out = self.head(x)[:, :, : self.layout.height, : self.layout.width]
+        out = self.head(x)
+        if self.shuffle > 1:
+            out = nn.functional.pixel_shuffle(out, self.shuffle)
+        out = out[:, :, : self.layout.height, : self.layout.width]
         gate = out[:, 0].reshape(b, u, self.layout.height, self.layout.width)
         lo = self.layout.min_code
         code = lo + (1 - lo) * torch.sigmoid(out[:, 1]).reshape(b, u, self.layout.height, self.layout.width)
