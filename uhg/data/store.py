@@ -403,6 +403,10 @@ def write_part(path: str | os.PathLike, part_index: int, batch: HitBatch, overwr
             if final.exists():
                 raise PartExistsError(f"store {path}: part {part_index} was committed by another writer") from err
             raise
+    except OSError as err:  # disk full, quota, permissions, vanished mount
+        raise StoreError(f"store {path}, part {part_index}: cannot write ({err.strerror or err}); the part was not "
+                         "committed and the committed parts are intact. Fix the cause and rerun: only missing "
+                         "parts are written") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
