@@ -1,7 +1,7 @@
 """Training throughput per model family: step time and events/s of one worker.
 
     python tools/bench_train.py --config configs/pxd_gan_mini.yaml --config configs/calo_gan_mini.yaml \
-        [--steps 10] [--warmup 2] [--set train.batch_size=8]
+        [--steps 10] [--warmup 2] [--threads 1] [--set train.batch_size=8]
 
 Builds the config's data (simulating the store if the config says so), family and DeepSpeed
 engines in a world of one (the same code path as `uhg train --local`), times `steps` training
@@ -72,7 +72,12 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for config in args.config:
         print(json.dumps(bench(config, args.overrides, args.steps, args.warmup)), flush=True)
 
