@@ -129,6 +129,10 @@ def launch(
     if not run.is_remote:
         Path(run.folder).mkdir(parents=True, exist_ok=True)
     _init_ray(address, cfg)
+    if not run.is_remote:
+        from uhg.train.preflight import check_shared_storage
+
+        check_shared_storage(run.folder)  # multi-node: every node must see the run folder
 
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig

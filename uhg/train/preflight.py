@@ -1,0 +1,82 @@
+"""Checks a Ray run makes before its workers start, so that a wrong setting fails in seconds
+with a clear message instead of minutes later inside a worker.
+
+`check_shared_storage`: on a multi-node cluster every node that can host a worker must see the
+run's storage folder (Ray Train: "all workers must be able to write to the same persistent
+storage location"). A node-local path, e.g. a /tmp or a home folder that is not shared, would
+otherwise scatter the checkpoints over the nodes, and a restart on another node would find none.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+from uhg.errors import ConfigError
+
+PROBE_TIMEOUT_S = 60.0
+
+
+def _sees_token(path: str, token: str) -> tuple[bool, str]:
+    """Runs on one node: does `path` exist there with `token` inside? Returns (seen, host)."""
+    try:
+        seen = Path(path).read_text() == token
+    except OSError:
+        seen = False
+    return seen, socket.gethostname()
+
+
+def worker_nodes() -> list[dict[str, Any]]:
+    """Alive nodes of the connected cluster that have CPUs or GPUs (where workers can run)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0
+                                                          or n["Resources"].get("GPU", 0) > 0)]
+
+
+def check_shared_storage(folder: str | Path, timeout_s: float = PROBE_TIMEOUT_S) -> int:
+    """Raise ConfigError unless every worker node sees a file the driver writes into `folder`
+    (a local or network filesystem path; object-store URIs need no check). Returns the number of
+    nodes checked (0 on a single-node cluster, where there is nothing to check)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = worker_nodes()
+    if len(nodes) < 2:
+        return 0
+    folder = Path(folder)
+    token = uuid.uuid4().hex
+    probe_file = folder / f".uhg-storage-probe-{token[:12]}"
+    probe_file.write_text(token)
+    try:
+        remote = ray.remote(num_cpus=0, max_retries=0)(_sees_token)
+        refs = {remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(probe_file), token): n for n in nodes}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        blind, silent = [], []
+        for ref, node in refs.items():
+            where = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
+            if ref not in ready:
+                silent.append(where)
+                continue
+            try:
+                seen, _host = ray.get(ref)
+            except Exception:  # the node died under the probe
+                silent.append(where)
+                continue
+            if not seen:
+                blind.append(where)
+    finally:
+        probe_file.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(
+            f"distributed.storage_path: {folder} is not shared between the nodes of this cluster: "
+            f"{', '.join(blind)} cannot see a file written there by the driver. Multi-node runs need "
+            "storage every node mounts at the same path (NFS, Lustre, EFS, ...) or object storage "
+            "(s3://, gs://); see docs/distributed.md and docs/reliability.md")
+    if silent:
+        raise ConfigError(f"distributed.storage_path: could not check {folder} on {', '.join(silent)} "
+                          f"(no answer within {timeout_s:.0f} s; is the node overloaded or dying?)")
+    return len(nodes)
