@@ -103,6 +103,9 @@ def main() -> None:
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)  # a private local Ray, not somebody's cluster
+    # Ray's OOM monitor kills workers when the *node* passes 95% memory, whoever uses it;
+    # torchrun has no such monitor, so on a shared machine it would only end the Ray run.
+    env.setdefault("RAY_memory_monitor_refresh_ms", "0")
     if not shutil.which("nvidia-smi"):
         env.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -165,7 +165,7 @@ def launch(
             storage_path=run.storage,
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+            worker_runtime_env={"env_vars": _worker_env(use_gpu, d.cpus_per_worker)},
         ),
     )
     result = trainer.fit()
@@ -207,8 +207,12 @@ def _init_ray(address: str | None, cfg: RunConfig) -> None:
     )
 
 
-def _worker_env(use_gpu: bool) -> dict[str, str]:
+def _worker_env(use_gpu: bool, cpus_per_worker: int) -> dict[str, str]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Ray Train leaves OMP_NUM_THREADS unset in its workers, so torch starts one intra-op
+    # thread per core of the node in every worker and N workers oversubscribe the CPUs.
+    # Match the reservation (torchrun likewise sets 1 per process).
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(cpus_per_worker))
     if not use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("PYTHONUNBUFFERED", "1")
