@@ -151,3 +151,12 @@ out: {tmp_path / 'ext'}
     assert resp["baseline"] == pytest.approx(resp["reference"], rel=0.05)
     assert (tmp_path / "ext" / point["directory"] / "binned_response_vs_energy.png").exists()
     assert (tmp_path / "ext" / "trend_mean_response.png").exists()
+
+
+def test_a_missing_model_export_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"geometry: pxd-tiny\nmodel: {tmp_path / 'no_export'}\ncondition: luminosity\n"
+                   f"training_range: [1.0e+35, 4.0e+35]\ntest_factors: [2]\nn_events: 5\nout: {tmp_path / 'o'}\n")
+    assert main(["eval", "extrapolate", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "no_export" in err and "Traceback" not in err
