@@ -170,7 +170,9 @@ class GanFamily:
             u = self.layout.n_units
             occ_f = _per_unit_counts(fake, "sensor", u)
             occ_r = _per_unit_counts(real, "sensor", u)
-            out["sensor_occupancy_mean_rel_error"] = float((abs(occ_f - occ_r) / (occ_r.clip(min=1e-9))).mean())
+            seen = occ_r > 0  # sensors without real hits in this sample have no relative error
+            if seen.any():
+                out["sensor_occupancy_mean_rel_error"] = float((abs(occ_f - occ_r)[seen] / occ_r[seen]).mean())
             out["charge_mean_fake"] = float(fake.columns["value"].mean()) if fake.n_hits else 0.0
             out["charge_mean_real"] = float(real.columns["value"].mean()) if real.n_hits else 0.0
         else:
