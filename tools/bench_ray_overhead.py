@@ -62,6 +62,31 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> float:
     return wall
 
 
+def _run_together(jobs: list[tuple[list[str], Path]], env: dict[str, str]) -> list[float]:
+    t0 = time.perf_counter()
+    running = []
+    for cmd, log in jobs:
+        fh = log.open("w")
+        running.append((cmd, log, fh, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)))
+    walls = []
+    for cmd, log, fh, proc in running:
+        code = proc.wait()
+        walls.append(time.perf_counter() - t0)
+        fh.close()
+        if code != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed (exit {code}); log {log}:\n{log.read_text()[-4000:]}")
+    return walls
+
+
+def _ensure_store(args: argparse.Namespace, env: dict[str, str], out: Path) -> None:
+    """Simulate the config's store first (one rank, tracking off) so that neither timed run does."""
+    cmd = [str(BIN / "uhg"), "train", "--local", "--no-tracking", "--config", args.config,
+           "--set", "train.steps=1", "--set", "distributed.workers=1", "--set", f"output_dir={out}/warmup"]
+    if args.data_store:
+        cmd += ["--set", f"data.store={args.data_store}"]
+    _run(cmd, env, out / "warmup.log")
+
+
 def _step_times(store: Path, run_name: str, warmup: int) -> tuple[list[float], list[float]]:
     """(wall seconds per step, compute seconds per step) of rank 0 after the warm-up steps."""
     from mlflow import MlflowClient
@@ -92,6 +117,10 @@ def main() -> None:
     parser.add_argument("--data-store", default=None, help="override data.store (default: the config's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_ray_overhead")
     parser.add_argument("--append-doc", type=Path, default=None, help="append the result table to this markdown file")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run both launchers at the same time (after simulating the store), so that on a "
+                             "shared, loaded machine both see the same background load; they also compete "
+                             "with each other symmetrically")
     args = parser.parse_args()
     if args.steps <= args.warmup + 5:
         raise SystemExit("--steps must exceed --warmup by more than 5")
@@ -114,8 +143,12 @@ def main() -> None:
                     "train", "--config", args.config, *_overrides(args, out, "bench-torchrun")]
     ray_cmd = [str(BIN / "uhg"), "train", "--config", args.config, "--run-name", "bench-ray",
                "--set", f"distributed.storage_path={out}/ray", *_overrides(args, out, "bench-ray")]
-    wall_torchrun = _run(torchrun_cmd, env, out / "torchrun.log")
-    wall_ray = _run(ray_cmd, env, out / "ray.log")
+    if args.concurrent:
+        _ensure_store(args, env, out)
+        wall_torchrun, wall_ray = _run_together([(torchrun_cmd, out / "torchrun.log"), (ray_cmd, out / "ray.log")], env)
+    else:
+        wall_torchrun = _run(torchrun_cmd, env, out / "torchrun.log")
+        wall_ray = _run(ray_cmd, env, out / "ray.log")
 
     store = out / "mlflow.db"
     torchrun_wall, torchrun_compute = _step_times(store, "bench-torchrun", args.warmup)
@@ -128,10 +161,11 @@ def main() -> None:
         "torchrun_compute_s": med(torchrun_compute), "ray_compute_s": med(ray_compute),
         "overhead": overhead, "torchrun_total_s": wall_torchrun, "ray_total_s": wall_ray,
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+        "concurrent": args.concurrent, "load_average_after": os.getloadavg(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     command = f"python tools/bench_ray_overhead.py --config {args.config} --workers {args.workers} " \
-              f"--steps {args.steps} --warmup {args.warmup}"
+              f"--steps {args.steps} --warmup {args.warmup}" + (" --concurrent" if args.concurrent else "")
     table = (
         f"| launcher | median step wall (s) | median step compute (s) | whole command (s) |\n"
         f"|---|---|---|---|\n"
