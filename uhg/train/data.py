@@ -109,6 +109,11 @@ class TrainingData:
                 if name not in s.conditions:
                     raise ConfigError(f"model.conditions: {name!r} is not a condition of store {s.path} "
                                       f"(it has {', '.join(s.condition_names) or 'none'})")
+                bad = np.flatnonzero(~np.isfinite(s.conditions[name]))
+                if len(bad):  # one NaN would make the normalisation, and so every step, NaN
+                    raise StoreError(f"store {s.path}: condition {name!r} of event {int(bad[0])} is "
+                                     f"{float(s.conditions[name][bad[0]])} ({len(bad)} non-finite values); "
+                                     "the store is corrupt, rewrite the parts holding them")
                 values.append(s.conditions[name])
             v = np.concatenate(values)[: self.n_train]
             out[name] = (float(v.min()), float(v.max()))
