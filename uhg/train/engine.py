@@ -11,6 +11,7 @@ family, so no DeepSpeed op is JIT-compiled.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 from collections.abc import Iterator, Mapping
@@ -64,6 +65,13 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _prefer_environment_ninja()
     import deepspeed
+
+    if not torch.cuda.is_available() and os.environ.get("UHG_DEEPSPEED_SHM_COMM", "0") != "1":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op at start-up (45 s on 2 cores, needs
+        # a C++ toolchain) that only its tensor-parallel *inference* all-reduce uses; training
+        # collectives go through torch.distributed (gloo) either way.
+        # (importlib: the attribute deepspeed.comm.torch is PyTorch itself, not the module)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                verbose=False)
