@@ -215,7 +215,7 @@ def _plan_problem(attrs: Any) -> str | None:
 
     if not isinstance(attrs, dict):
         return "'attributes' is not a mapping"
-    if attrs.get("kind") not in UNITS:
+    if not isinstance(attrs.get("kind"), str) or attrs["kind"] not in UNITS:
         return f"'kind' is {attrs.get('kind')!r}, expected one of {sorted(UNITS)}"
     for key in ("n_events", "part_size", "n_parts"):
         if not is_int(attrs.get(key)) or attrs[key] < (1 if key == "part_size" else 0):
