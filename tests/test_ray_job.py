@@ -138,7 +138,8 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 
 def _submit(env: dict[str, str], workdir: Path, *uhg_args: str, job_env: dict[str, str]) -> subprocess.CompletedProcess:
-    runtime_env = {"env_vars": {"UHG_ROOT": str(workdir), **job_env}}
+    # Sample system metrics every second: a tiny run can finish before MLflow's default 10 s.
+    runtime_env = {"env_vars": {"UHG_ROOT": str(workdir), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", **job_env}}
     return subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps(runtime_env), "--", "uhg", "train", *uhg_args],

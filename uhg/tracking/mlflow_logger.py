@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -201,7 +202,7 @@ def open_run(
     artifact_location: str | None = None,
     run_dir: str | Path | None = None,
     system_metrics: bool = True,
-    system_metrics_interval_s: float = 10.0,
+    system_metrics_interval_s: float | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> MlflowRunLogger:
     """Creates the MLflow run of uhg run `run_name`, or reopens it when it exists.
@@ -211,6 +212,8 @@ def open_run(
     run_dir: the run's own folder (Ray: `<storage_path>/<run name>`); the MLflow run id is
         stored there so every attempt of the run logs into the same MLflow run.
     tags: extra tags; git revision and package versions are always added.
+    system_metrics_interval_s: seconds between system-metric samples (default: MLflow's
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, else 10).
     """
     from mlflow import MlflowClient
 
@@ -232,6 +235,8 @@ def open_run(
     if system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        if system_metrics_interval_s is None:
+            system_metrics_interval_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10.0)
         monitor = SystemMetricsMonitor(
             run_id,
             sampling_interval=system_metrics_interval_s,

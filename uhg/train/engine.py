@@ -61,6 +61,12 @@ def init_distributed() -> tuple[int, int, int]:
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    elif dist.is_initialized() and dist.get_world_size() == 1:
+        # A world of one made by an earlier run in this process (tests, notebooks): DeepSpeed's
+        # engine still asserts on the launcher variables, which the caller may have cleared.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _prefer_environment_ninja()
