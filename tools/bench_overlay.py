@@ -1,7 +1,8 @@
 """Benchmark full-resolution PXD overlays on Ray: events/s, ms/event, scaling 1 -> K workers.
 
     .venv/bin/python tools/bench_overlay.py [--events 4] [--workers 1,2] [--model EXPORT]
-        [--geometry pxd] [--batch-size 1] [--work-dir /tmp/uhg-bench-overlay] [--gpus-per-worker 0]
+        [--config configs/pxd_gan.yaml] [--batch-size 1] [--work-dir /tmp/uhg-bench-overlay]
+        [--gpus-per-worker 0]
 
 Each worker count runs the same overlay (signal store + generated background at
 L = 2e34 cm^-2 s^-1, one event per part) on one local Ray started once with as many CPUs as
@@ -11,8 +12,8 @@ per-event time of each stage inside a worker (generator forward + sparsification
 write). The scaling ratio compares steady-state events/s of K workers with 1 worker in the same
 invocation.
 
-Without --model the generator is a freshly initialised (UNTRAINED) GAN of the default
-configuration at the geometry's full resolution: the timing is that of its forward pass,
+Without --model the generator is a freshly initialised (UNTRAINED) GAN built from the model
+section and geometry of --config (default configs/pxd_gan.yaml, the full-resolution PXD GAN): the timing is that of its forward pass,
 sparsification, merge and write, not of a trained model's output (an untrained gate fires
 ~1% of pixels, about the real PXD occupancy, so hit counts are realistic in size).
 The signal store holds simulated IP tracks (`uhg.sim.simulate_pxd_signal`, 2-10 tracks).
@@ -35,20 +36,19 @@ from pathlib import Path
 
 
 
-def export_untrained_gan(out: Path, geometry: str, seed: int = 0) -> Path:
-    """Default-config GAN conditioned on luminosity, freshly initialised, in the export format."""
+def export_untrained_gan(out: Path, config: Path, seed: int = 0) -> Path:
+    """The config's GAN, conditioned on luminosity, freshly initialised, in the export format."""
     import torch
 
-    from uhg.config.loading import config_from_dict
+    from uhg.config.loading import load_config
     from uhg.geometry import get_geometry
     from uhg.models.common import ConditionNorm
     from uhg.train.export import export_generator
     from uhg.train.family import build_family
 
-    cfg = config_from_dict({"name": "untrained-bench", "seed": seed, "geometry": geometry, "data": {"store": "none"},
-                            "model": {"family": "gan"}, "train": {"steps": 1, "batch_size": 1}})
-    family = build_family(get_geometry(geometry), cfg.model, ConditionNorm.from_ranges({"luminosity": (1e34, 3e34)},
-                                                                                       ["luminosity"]))
+    cfg = load_config(config, [f"seed={seed}"])
+    family = build_family(get_geometry(cfg.geometry), cfg.model,
+                          ConditionNorm.from_ranges({"luminosity": (1e34, 3e34)}, ["luminosity"]))
     torch.manual_seed(seed)
     generator = family.build_modules()[family.generator_name]
     return export_generator(out, family, cfg, generator.state_dict(), step=0)
@@ -85,7 +85,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=4, help="overlay events per run")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    parser.add_argument("--geometry", default="pxd")
+    parser.add_argument("--config", type=Path, default=Path("configs/pxd_gan.yaml"),
+                        help="GAN config whose model and geometry the untrained generator uses (without --model)")
     parser.add_argument("--model", default=None, help="generator export (default: untrained default-config GAN)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
@@ -106,8 +107,11 @@ def main() -> int:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = Path(args.model) if args.model else export_untrained_gan(work / f"untrained-gan-{args.geometry}", args.geometry)
-    signal = make_signal(work / "signal", args.geometry, args.events)
+    from uhg.config.loading import load_config
+
+    geometry = load_config(args.config).geometry
+    model = Path(args.model) if args.model else export_untrained_gan(work / f"untrained-gan-{args.config.stem}", args.config)
+    signal = make_signal(work / "signal", geometry, args.events)
     print(f"inputs ready in {time.perf_counter() - t0:.1f} s: model {model}, signal {signal}", flush=True)
 
     gpus = args.gpus_per_worker * max(workers)
@@ -141,7 +145,7 @@ def main() -> int:
     for run in runs:
         run["scaling_vs_first"] = run["events_per_s"] / base
     result = {
-        "geometry": args.geometry, "model": str(model), "untrained_default_gan": args.model is None,
+        "geometry": geometry, "model": str(model), "untrained_gan_from_config": None if args.model else str(args.config),
         "luminosity": args.luminosity, "batch_size": args.batch_size, "cpu": cpu_model(), "cores": os.cpu_count(),
         "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(), "python": sys.version.split()[0], "runs": runs,
     }
