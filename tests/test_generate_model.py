@@ -67,17 +67,27 @@ def test_export_loads_without_unpickling(pxd_export: Path, monkeypatch: pytest.M
     assert len(gen.generate({"luminosity": np.full(2, 2e34)}, seed=1)) == 2
 
 
+def hit_keys(b: HitBatch) -> set[tuple[int, ...]]:
+    cols = [b.event_index()] + [b.columns[k] for k in sorted(b.columns)]
+    return set(zip(*(c.tolist() for c in cols), strict=True))
+
+
 def test_same_seed_same_events_for_any_split(pxd_export: Path) -> None:
     gen = Generator.load(pxd_export)
     lum = np.geomspace(1e34, 8e34, 10)  # includes extrapolation beyond the training range
     whole = gen.generate({"luminosity": lum}, seed=3, batch_size=4)
     assert whole.n_hits > 0
     assert same(whole, gen.generate({"luminosity": lum}, seed=3, batch_size=4))
-    # parts aligned to the batch grid, unaligned parts, other batch sizes: all identical on CPU
-    for cuts, bs in (([0, 4, 8, 10], 4), ([0, 3, 7, 10], 4), ([0, 10], 1), ([0, 5, 10], 3)):
-        parts = [gen.generate({"luminosity": lum[a:b]}, seed=3, first_event=a, batch_size=bs)
+    # parts on the batch grid and off it: bit-identical for the same batch size, by construction
+    for cuts in ([0, 4, 8, 10], [0, 3, 7, 10], [0, 1, 2, 9, 10]):
+        parts = [gen.generate({"luminosity": lum[a:b]}, seed=3, first_event=a, batch_size=4)
                  for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-        assert same(whole, HitBatch.concat(parts)), (cuts, bs)
+        assert same(whole, HitBatch.concat(parts)), cuts
+    # other batch sizes: the same events up to rounding at the firing threshold
+    for bs in (1, 3, 16):
+        other = gen.generate({"luminosity": lum}, seed=3, batch_size=bs)
+        differ = len(hit_keys(whole) ^ hit_keys(other))
+        assert differ <= 1e-3 * whole.n_hits, (bs, differ, whole.n_hits)
     assert not same(whole, gen.generate({"luminosity": lum}, seed=4, batch_size=4))
 
 

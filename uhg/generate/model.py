@@ -7,8 +7,10 @@ Event i of a call with `first_event=f` draws all its randomness from
 `event_seed(seed, f + i, "generate")`. Events are generated in micro-batches aligned to
 multiples of `batch_size` in absolute event numbering, so splitting a run into parts gives
 the same micro-batches whenever part boundaries are multiples of `batch_size` (the part
-sizes used by `uhg generate`/overlay are). Measured on CPU: outputs are also bit-identical
-across different batch sizes for the GAN (tests/test_generate_model.py checks both).
+sizes used by `uhg generate`/overlay are). For families whose kernels round by batch shape
+(the GAN) a partial micro-batch is padded to the full batch with each event in its grid slot,
+so unaligned splits are bit-identical too. Across different batch sizes, BLAS may pick other
+kernels: expect agreement to rounding (a few threshold-borderline hits), not bits.
 """
 
 from __future__ import annotations
@@ -120,13 +122,21 @@ class Generator:
             raise ConditionError(f"batch_size must be >= 1, got {batch_size}")
         if n == 0:
             return HitBatch.empty(self.kind, conds)
+        pad = bool(getattr(self.family, "pads_partial_batches", False))
         out = []
         i = 0
         while i < n:
-            absolute = first_event + i
-            stop = min(n, i + batch_size - absolute % batch_size)  # micro-batches aligned to the global grid
+            slot = (first_event + i) % batch_size
+            stop = min(n, i + batch_size - slot)  # micro-batches aligned to the global grid
             seeds = [event_seed(seed, first_event + j, "generate") for j in range(i, stop)]
-            part = {k: torch.from_numpy(v[i:stop]) for k, v in conds.items()}
-            out.append(self.family.sample(self.module, part, seeds))
+            rows = np.arange(i, stop)
+            if pad and len(rows) < batch_size:
+                # Same batch shape and the same slot for each event as in an unsplit run; the
+                # filler slots repeat the first event and are dropped below.
+                rows = np.concatenate([np.full(slot, i), rows, np.full(batch_size - slot - len(rows), i)])
+                seeds = [seeds[0]] * slot + seeds + [seeds[0]] * (batch_size - slot - (stop - i))
+            part = {k: torch.from_numpy(v[rows]) for k, v in conds.items()}
+            batch = self.family.sample(self.module, part, seeds)
+            out.append(batch.slice(slot, slot + stop - i) if len(rows) > stop - i else batch)
             i = stop
         return HitBatch.concat(out)

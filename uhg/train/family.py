@@ -52,6 +52,10 @@ class ModelFamily(Protocol):
     """Key of the module that generates events: EMA-tracked, exported and sampled from."""
     ema_decay: float
     """EMA decay of the generator weights (0 = no EMA; the export then holds the raw weights)."""
+    pads_partial_batches: bool
+    """Whether `uhg.generate.model.Generator` pads a partial micro-batch to the full batch, each
+    event in its grid slot. True where kernels round differently by batch shape (the GAN's
+    per-event layers have one row per event); the transformer pads its own matmul rows."""
     condition_norm: ConditionNorm
 
     def build_modules(self) -> dict[str, nn.Module]:

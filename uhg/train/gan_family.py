@@ -35,6 +35,7 @@ class GanFamily:
 
     name = "gan"
     generator_name = "generator"
+    pads_partial_batches = True
 
     def __init__(self, geometry, cfg: GanConfig, condition_norm: ConditionNorm):
         self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm

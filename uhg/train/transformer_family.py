@@ -32,6 +32,7 @@ class TransformerFamily:
 
     name = "transformer"
     generator_name = "model"
+    pads_partial_batches = False
 
     def __init__(self, geometry, cfg: TransformerConfig, condition_norm: ConditionNorm):
         self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
