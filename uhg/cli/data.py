@@ -3,6 +3,7 @@
     uhg data info STORE [--json]
     uhg data import-calochallenge FILE.hdf5 --geometry ds2 --out STORE [--part-size 1000] [--workers 2]
     uhg data export-calochallenge STORE --out FILE.hdf5
+    uhg data check-calochallenge FILE.hdf5 --dataset ds2 [--lenient]
 """
 
 from __future__ import annotations
@@ -141,6 +142,26 @@ def export_command(
         raise ConfigError(f"--dtype must be float32 or float64, got {dtype!r}")
     n = export_calochallenge(store, out, dtype=dtype or None)
     typer.echo(f"exported {n} showers from {store} to {out}")
+
+
+@data_app.command("check-calochallenge")
+def check_command(
+    file: Annotated[Path, typer.Argument(help="CaloChallenge HDF5 file (incident_energies, showers)")],
+    dataset: Annotated[str, typer.Option(help="1-photons, 1-pions, 2, 3 (or ds1-photons, ds1-pions, ds2, ds3)")],
+    lenient: Annotated[bool, typer.Option(help="report energies outside the dataset's range and a unit mismatch "
+                                                "of showers and energies as warnings instead of errors")] = False,
+) -> None:
+    """Check a file against the input checks of the CaloChallenge evaluation script (keys, shapes,
+    voxel count, MeV units, energy range)."""
+    from uhg.data.calochallenge import check_calochallenge_file
+
+    result = check_calochallenge_file(file, dataset, strict=not lenient)
+    for w in result.warnings:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    lo, hi = result.incident_energy_mev
+    typer.echo(f"{file}: {result.n_events} showers pass the CaloChallenge dataset {result.dataset.name} input checks "
+               f"({result.dataset.n_voxels} voxels; incident energy {lo:.6g} .. {hi:.6g} MeV; median E_tot/E_inc "
+               f"{result.median_response:.3g})")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,12 +8,16 @@ The published files are float32. A store keeps the non-zero voxels as float32 hi
 incident energy as the float64 condition `incident_energy`, and remembers the source dtypes,
 so import followed by export gives back the same numbers in the same dtypes. float64 showers
 are accepted only when every value is exactly a float32 (otherwise pass `allow_rounding`).
+
+`check_calochallenge_file` checks a file against what the CaloChallenge evaluation script
+(`evaluate.py` of github.com/CaloChallenge/homepage) needs of its input, before it is sent there.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +161,164 @@ def export_calochallenge(store_path: str | os.PathLike, out: str | os.PathLike, 
                 bar.update(len(batch))
     os.replace(tmp, out)
     return n
+
+
+# ------------------------------------------------------------------ CaloChallenge input checks
+@dataclass(frozen=True)
+class CaloChallengeDataset:
+    """One dataset of the CaloChallenge 2022 as its evaluation script sees it."""
+
+    name: str
+    """evaluate.py --dataset value: 1-photons, 1-pions, 2, 3."""
+    geometry: str
+    """uhg geometry of the same binning."""
+    binning: str
+    """binning XML file (HighLevelFeatures reads the voxel layout from it)."""
+    n_voxels: int
+    energy_range_mev: tuple[float, float]
+    """Incident energies of the dataset, MeV (lowest, highest)."""
+    min_voxel_energy_mev: float
+    """Smallest voxel energy the detector reads out (evaluate.py `args.min_energy`), MeV."""
+
+
+# Voxel counts: evaluate.py `check_file` (num_features); readout minimum: evaluate.py `__main__`
+# (args.min_energy: ds1 10 MeV, ds2/3 0.5 keV / 0.033); energy ranges: the `avg-E` mode's bins of
+# evaluate.py (ds1: 2^8 .. 2^23 MeV, the datasets hold E = 2^8 .. 2^22 MeV; ds2/3: 10^3 .. 10^6 MeV,
+# log-uniform 1 GeV .. 1 TeV).
+CALOCHALLENGE_DATASETS: dict[str, CaloChallengeDataset] = {
+    d.name: d for d in (
+        CaloChallengeDataset("1-photons", "ds1-photons", "binning_dataset_1_photons.xml", 368, (2.0**8, 2.0**22), 10.0),
+        CaloChallengeDataset("1-pions", "ds1-pions", "binning_dataset_1_pions.xml", 533, (2.0**8, 2.0**22), 10.0),
+        CaloChallengeDataset("2", "ds2", "binning_dataset_2.xml", 6480, (1e3, 1e6), 0.5e-3 / 0.033),
+        CaloChallengeDataset("3", "ds3", "binning_dataset_3.xml", 40500, (1e3, 1e6), 0.5e-3 / 0.033),
+    )
+}
+# a median E_tot / E_inc outside [10^-2.5, 10^2.5] is ~1000x off: MeV and GeV mixed up
+RESPONSE_UNITS_LIMITS = (10**-2.5, 10**2.5)
+
+
+def calochallenge_dataset(name: str) -> CaloChallengeDataset:
+    """The dataset called `name` by evaluate.py (1-photons, 1-pions, 2, 3) or by uhg (ds1-photons, ...)."""
+    for d in CALOCHALLENGE_DATASETS.values():
+        if name in (d.name, d.geometry):
+            return d
+    known = ", ".join(f"{d.name} ({d.geometry})" for d in CALOCHALLENGE_DATASETS.values())
+    raise GeometryError(f"{name!r} is not a CaloChallenge dataset; known: {known}")
+
+
+@dataclass
+class CaloChallengeCheck:
+    """What `check_calochallenge_file` found in a file that passed."""
+
+    file: Path
+    dataset: CaloChallengeDataset
+    n_events: int
+    incident_energy_mev: tuple[float, float]
+    """Lowest and highest incident energy, MeV."""
+    median_response: float
+    """Median E_tot / E_inc over showers with energy (nan if none)."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_calochallenge_file(file: str | os.PathLike, dataset: str, *, strict: bool = True,
+                             chunk_events: int = 1000) -> CaloChallengeCheck:
+    """Check `file` against what the CaloChallenge evaluation script needs of its input.
+
+    `dataset`: evaluate.py's name (1-photons, 1-pions, 2, 3) or the uhg geometry (ds1-photons,
+    ds1-pions, ds2, ds3). Raises StoreError / GeometryError naming the file, dataset and value
+    for what evaluate.py would refuse or get wrong:
+
+    - evaluate.py `check_file`: datasets `incident_energies` and `showers` exist, their first
+      dimensions agree, showers have the dataset's voxel count (368, 533, 6480, 40500);
+    - what its feature code needs: `incident_energies` of shape (N, 1) (`prepare_low_data_for_classifier`
+      concatenates log10(E_inc) and the voxels along axis 1), floating-point values, finite
+      energies, E_inc > 0 (log10), no negative voxel energies (energies in MeV from 0 up);
+    - units (uhg's addition; `strict=False` makes these warnings): incident energies inside the
+      dataset's range in MeV (an out-of-range file is usually in GeV, or an extrapolation study),
+      and a median E_tot / E_inc that is not ~1000x off (showers and energies in different units).
+
+    The voxel order cannot be read from a file; `export_calochallenge` writes the order of the
+    binning XML (layer, then alpha, then radial) and the tests check it against HighLevelFeatures'
+    layout. Reads `chunk_events` showers at a time (files are GBs). Returns a `CaloChallengeCheck`
+    with warnings (e.g. voxels below the readout minimum) for a file that passed.
+    """
+    ds = calochallenge_dataset(dataset)
+    file = Path(file)
+    where = f"{file} (CaloChallenge dataset {ds.name})"
+    warnings: list[str] = []
+
+    def plausibility(message: str) -> None:
+        if strict:
+            raise StoreError(f"{where}: {message} (pass strict=False / --lenient to accept it)")
+        warnings.append(message)
+
+    with _open_h5(file) as h5:
+        # CaloChallenge/homepage code/evaluate.py, check_file(): the two keys, matching event counts,
+        # the voxel count (the script asserts nothing else; the checks after these are what its
+        # feature code and HighLevelFeatures.py assume)
+        for name in ("incident_energies", "showers"):
+            if name not in h5 or not hasattr(h5[name], "shape"):
+                raise StoreError(f"{where}: dataset {name!r} is missing (found {sorted(h5.keys())}); the evaluation "
+                                 "reads 'incident_energies' (N, 1) and 'showers' (N, voxels)")
+        energies_ds, showers_ds = h5["incident_energies"], h5["showers"]
+        if showers_ds.ndim != 2:
+            raise StoreError(f"{where}: dataset 'showers' has shape {showers_ds.shape}, expected (N, {ds.n_voxels})")
+        n = showers_ds.shape[0]
+        if energies_ds.ndim < 1 or energies_ds.shape[0] != n:
+            raise StoreError(f"{where}: number of energies {energies_ds.shape[0] if energies_ds.ndim else 'scalar'} "
+                             f"does not match the number of showers {n}")
+        if showers_ds.shape[1] != ds.n_voxels:
+            raise GeometryError(f"{where}: dataset 'showers' has {showers_ds.shape[1]} voxels per shower, expected "
+                                f"{ds.n_voxels} ({ds.binning}); is this another dataset's file?")
+        if energies_ds.shape != (n, 1):
+            raise StoreError(f"{where}: dataset 'incident_energies' has shape {energies_ds.shape}, expected ({n}, 1)")
+        for name, d in (("incident_energies", energies_ds), ("showers", showers_ds)):
+            if d.dtype.kind != "f":
+                raise StoreError(f"{where}: dataset {name!r} has dtype {d.dtype}, expected float32 or float64")
+        if n == 0:
+            raise StoreError(f"{where}: the file holds no showers")
+
+        energies = np.asarray(energies_ds[:, 0], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(energies) | (energies <= 0))
+        if len(bad):
+            raise StoreError(f"{where}: incident energy of event {int(bad[0])} is {float(energies[bad[0]])} "
+                             f"({len(bad)} events not finite and > 0); the evaluation takes log10(E_inc) in MeV")
+        responses = np.empty(n)
+        below_readout = hits = 0
+        for lo in range(0, n, chunk_events):
+            block = np.asarray(showers_ds[lo:lo + chunk_events])
+            bad_ev, bad_vox = np.nonzero(~np.isfinite(block) | (block < 0))
+            if len(bad_ev):
+                e, v = int(bad_ev[0]), int(bad_vox[0])
+                raise StoreError(f"{where}: shower {lo + e}, voxel {v} has energy {float(block[e, v])}; voxel energies "
+                                 "must be finite and >= 0 MeV")
+            responses[lo:lo + len(block)] = block.sum(axis=1, dtype=np.float64) / energies[lo:lo + len(block)]
+            nonzero = block[block > 0]
+            hits += nonzero.size
+            below_readout += int(np.count_nonzero(nonzero < ds.min_voxel_energy_mev))
+
+    e_lo, e_hi = ds.energy_range_mev
+
+    def outside(e: np.ndarray) -> np.ndarray:
+        return (e < e_lo * (1 - 1e-6)) | (e > e_hi * (1 + 1e-6))
+
+    n_out = int(outside(energies).sum())
+    if n_out:
+        # GeV: more energies would fit the range after x1000 than do now
+        hint = ("; they look like GeV: the CaloChallenge uses MeV (multiply by 1000)"
+                if int(outside(energies * 1e3).sum()) < n_out else "")
+        plausibility(f"{n_out} of {n} incident energies lie outside the dataset's range "
+                     f"[{e_lo:.10g}, {e_hi:.10g}] MeV (found {energies.min():.6g} .. {energies.max():.6g}){hint}")
+    with_energy = responses[responses > 0]
+    median = float(np.median(with_energy)) if len(with_energy) else float("nan")
+    lo_r, hi_r = RESPONSE_UNITS_LIMITS
+    if len(with_energy) and not lo_r <= median <= hi_r:
+        plausibility(f"median E_tot / E_inc is {median:.3g}, ~1000x off 1: showers and incident energies seem to "
+                     "be in different units (both must be MeV)")
+    if len(with_energy) < n:
+        warnings.append(f"{n - len(with_energy)} of {n} showers deposit no energy")
+    if below_readout:
+        warnings.append(f"{below_readout} of {hits} non-zero voxels lie below the readout minimum "
+                        f"{ds.min_voxel_energy_mev:.4g} MeV of the dataset (the evaluation's log-scale histograms "
+                        "start there)")
+    return CaloChallengeCheck(file, ds, n, (float(energies.min()), float(energies.max())), median, warnings)
