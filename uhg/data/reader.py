@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +65,27 @@ class Store:
         if missing and not allow_incomplete:
             raise StoreError(f"store {self.path} is incomplete: {len(missing)} of {self.attrs['n_parts']} parts "
                              f"missing ({_ranges(missing)}); rerun the writer to complete it")
-        self.parts: list[int] = sorted(set(range(self.attrs["n_parts"])) - set(missing))
-        sizes = [part_range(self.attrs, p)[1] - part_range(self.attrs, p)[0] for p in self.parts]
-        self._part_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._cache: OrderedDict[int, HitBatch] = OrderedDict()
         self._cache_parts = max(1, cache_parts)
+        self._use_parts(sorted(set(range(self.attrs["n_parts"])) - set(missing)))
+
+    def _use_parts(self, parts: list[int]) -> None:
+        self.parts: list[int] = parts
+        sizes = [part_range(self.attrs, p)[1] - part_range(self.attrs, p)[0] for p in self.parts]
+        self._part_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._conditions: dict[str, np.ndarray] | None = None
         self._n_hits: np.ndarray | None = None
+
+    def exclude_parts(self, parts: Iterable[int]) -> None:
+        """Leave committed `parts` out of this Store (e.g. parts found unreadable): events are
+        renumbered over the remaining parts as for an incomplete store; `event_ids` keeps the
+        planned event numbers."""
+        drop = set(parts)
+        if drop - set(self.parts):
+            raise ValueError(f"store {self.path}: parts {sorted(drop - set(self.parts))} are not readable parts")
+        for p in drop:
+            self._cache.pop(p, None)
+        self._use_parts([p for p in self.parts if p not in drop])
 
     # -- sizes and metadata
     def __len__(self) -> int:
