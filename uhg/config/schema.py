@@ -53,6 +53,12 @@ class DataConfig(Section):
     loader_workers: int = Field(
         0, ge=0, description="Batches read ahead by a background thread (0 = read inside each step)."
     )
+    on_corrupt: Literal["stop", "skip"] = Field(
+        "stop", description="A store part that cannot be read (corrupt or missing chunk, damaged part metadata) "
+        "stops training with an error naming store, part, array and chunk (stop), or is left out of training and "
+        "validation (skip: every part is read once before the first step; each left-out part is logged as a "
+        "warning and the count of left-out events is the data_skipped_events metric)."
+    )
 
     @field_validator("store", mode="before")
     @classmethod
@@ -114,7 +120,27 @@ class DistributedConfig(Section):
     gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker (0 = CPU training).")
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="Ray placement strategy of the workers.")
     max_failures: int = Field(0, ge=-1, description="Worker failures tolerated (restart from the last checkpoint); -1 = unlimited.")
+    min_workers: int | None = Field(
+        None, gt=0, description="Elastic run: after a node loss restart from the last checkpoint with as few as this "
+        "many workers (shards resharded) instead of waiting for a replacement; grows back to `workers` when "
+        "resources return. None = fixed size (wait for replacements)."
+    )
+    resize_interval_s: float = Field(
+        60.0, ge=0, description="Elastic run: how often a healthy run checks whether more workers fit (then restarts "
+        "from its last checkpoint with them)."
+    )
     storage_path: Path | None = Field(None, description="Shared checkpoint storage for Ray (default: the run's output_dir).")
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> DistributedConfig:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"distributed.min_workers ({self.min_workers}) exceeds distributed.workers ({self.workers})")
+        return self
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers the run may have (one value unless elastic)."""
+        return range(self.min_workers or self.workers, self.workers + 1)
 
 
 class TrackingConfig(Section):
@@ -128,6 +154,24 @@ class TrackingConfig(Section):
     alias: str | None = Field(None, description="Alias set on the registered model version (e.g. champion).")
 
 
+class EvaluateConfig(Section):
+    """Evaluation at the end of the run (rank 0, after the export), into the run's output_dir and MLflow run."""
+
+    final: bool = Field(
+        False, description="Evaluate the export on the held-out events (data.validation_fraction) with every "
+        "metric of `uhg eval` (floor from two halves of them): <output_dir>/eval, MLflow eval/... metrics and artifacts."
+    )
+    events: int = Field(1000, gt=0, description="At most this many held-out events; the generator makes as many.")
+    repeats: int = Field(5, ge=2, description="Repeated splits for mean +- std of every metric.")
+    classifier: bool = Field(True, description="Run the classifier two-sample test (AUC).")
+    classifier_repeats: int = Field(3, ge=1, description="Repeats of the classifier test.")
+    plots: bool = Field(True, description="Write the PNG figures (off: tables and report only).")
+    extrapolation: Path | None = Field(
+        None, description="Zero-shot protocol YAML (configs/extrapolate_*.yaml) run with the run's export as `model` "
+        "and the run's training range: <output_dir>/extrapolation, MLflow extrapolate/...; null = none."
+    )
+
+
 class RunConfig(Section):
     """A complete, validated uhg run."""
 
@@ -139,6 +183,7 @@ class RunConfig(Section):
     train: TrainConfig
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     output_dir: Path | None = Field(None, description="Run directory (checkpoints, export, logs); default runs/<name>.")
 
     @field_validator("name")
@@ -148,6 +193,12 @@ class RunConfig(Section):
         if v in {".", ".."}:
             raise ValueError(f"run name {v!r} names no folder of its own; use letters, digits, '_', '.', '-'")
         return v
+
+    @model_validator(mode="after")
+    def _held_out_events(self) -> RunConfig:
+        if self.evaluate.final and self.data.validation_fraction == 0:
+            raise ValueError("evaluate.final evaluates on the held-out events: set data.validation_fraction > 0")
+        return self
 
     @field_validator("geometry")
     @classmethod
@@ -171,6 +222,12 @@ class RunConfig(Section):
     def _batch_arithmetic(self) -> RunConfig:
         t, workers = self.train, self.distributed.workers
         if t.global_batch_size is not None:
+            uneven = [n for n in self.distributed.worker_counts if t.global_batch_size % n]
+            if uneven and self.distributed.min_workers is not None:
+                raise ValueError(
+                    f"train.global_batch_size ({t.global_batch_size}) is not divisible by {uneven[0]} workers, which "
+                    f"the elastic range distributed.min_workers..workers ({self.distributed.min_workers}..{workers}) allows"
+                )
             if t.global_batch_size % workers:
                 raise ValueError(
                     f"train.global_batch_size ({t.global_batch_size}) is not divisible by distributed.workers ({workers})"

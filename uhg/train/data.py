@@ -5,11 +5,17 @@ The batch order is a pure function of (seed, step): global position p = (step - 
 + j (G events per step over all ranks, B per rank) maps to event perm_e[p mod N] of the
 permutation of epoch e = p // N. Resuming at step s therefore needs nothing but s, and every
 rank reads disjoint events of the same global batch.
+
+With `data.on_corrupt: skip`, parts of the stores that cannot be read (a corrupt or missing
+chunk, damaged part metadata) are found before training and left out on every rank, so the
+training and validation events, and with them the batch order, are the same on every rank and
+again on resume (as long as the stores do not change).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +25,8 @@ import numpy as np
 from uhg.config.schema import RunConfig, SimulateConfig
 from uhg.data.hits import HitBatch
 from uhg.errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
 
 # Datasets up to this many hits are held in memory (mini configs); larger ones are read per event.
 IN_MEMORY_HITS = 50_000_000
@@ -76,9 +84,13 @@ class TrainingData:
     n_events: int
     n_train: int
     cache: HitBatch | None
+    skipped_events: int = 0
+    """Events left out because their part could not be read (data.on_corrupt=skip)."""
 
     @classmethod
-    def open(cls, cfg: RunConfig) -> TrainingData:
+    def open(cls, cfg: RunConfig, rank: int = 0, world: int = 1) -> TrainingData:
+        """Open the run's stores. Collective when `world` > 1 and data.on_corrupt is skip: every
+        rank of the process group must call it."""
         from uhg.data.store import open_store
 
         stores = []
@@ -87,14 +99,18 @@ class TrainingData:
                 stores.append(open_store(p, geometry=cfg.geometry))
             except StoreError as err:
                 raise StoreError(f"data.store: {err}") from None
+        skipped = _exclude_unreadable_parts(stores, rank, world) if cfg.data.on_corrupt == "skip" else 0
         n = sum(len(s) for s in stores)
+        if n == 0:
+            raise StoreError(f"data.store: none of the {skipped} events of {', '.join(str(s.path) for s in stores)} "
+                             "can be read (data.on_corrupt=skip left out every part; see the warnings above)")
         n_val = int(math.floor(n * cfg.data.validation_fraction))
         if n - n_val < 1:
             raise ConfigError(f"data.store: {n} events leave none for training (validation_fraction "
                               f"{cfg.data.validation_fraction})")
         total_hits = sum(int(s.part_n_hits().sum()) for s in stores)
         cache = HitBatch.concat([b for s in stores for b in s.iter_batches()]) if total_hits <= IN_MEMORY_HITS else None
-        return cls(stores, n, n - n_val, cache)
+        return cls(stores, n, n - n_val, cache, skipped)
 
     @property
     def n_validation(self) -> int:
@@ -132,6 +148,37 @@ class TrainingData:
 
     def validation_indices(self, limit: int) -> np.ndarray:
         return np.arange(self.n_train, min(self.n_events, self.n_train + limit))
+
+
+def _exclude_unreadable_parts(stores: list, rank: int, world: int) -> int:
+    """Read every part once (rank r reads parts r, r + world, ... of all stores), share what the
+    ranks found and leave the unreadable parts out of every rank's stores. Rank 0 logs each left-out
+    part with the reader's error (store, part, array, chunk). Returns the number of events left out."""
+    from uhg.data.store import part_range
+
+    parts = [(k, p) for k, s in enumerate(stores) for p in s.parts]
+    found: dict[tuple[int, int], str] = {}
+    for k, p in parts[rank::world]:
+        try:
+            stores[k].read_part(p)
+        except StoreError as err:
+            found[(k, p)] = str(err)
+    if world > 1:
+        import torch.distributed as dist
+
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, found)
+        found = {key: message for f in everyone for key, message in f.items()}
+    skipped = 0
+    for k, p in sorted(found):
+        start, stop = part_range(stores[k].attrs, p)
+        skipped += stop - start
+        if rank == 0:
+            log.warning("data.on_corrupt=skip: leaving out part %d (events %d-%d) of store %s: %s",
+                        p, start, stop - 1, stores[k].path, found[(k, p)])
+    for k, store in enumerate(stores):
+        store.exclude_parts(p for kk, p in found if kk == k)
+    return skipped
 
 
 def batch_indices(step: int, rank: int, world_size: int, batch_size: int, n_train: int, seed: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 `train(cfg)` runs as a plain process (a world of one), under torchrun (RANK/WORLD_SIZE from
 the environment) and inside Ray Train workers (the process group Ray created is reused).
 Read top to bottom: data -> family -> engines -> resume -> steps (log, validate, checkpoint)
--> export.
+-> export -> evaluation (rank 0, when the config's `evaluate:` section asks for it).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from uhg.models.common import EMA, ConditionNorm
 from uhg.sparse.torch_hits import TorchHits
 from uhg.tracking.logger import NullLogger, RunLogger
 from uhg.train.family import ModelFamily, NonFiniteLoss, build_family
+from uhg.train.evaluation import RunEvaluation, evaluate_run, load_extrapolation
 from uhg.train.hooks import LocalHooks, TrainHooks
 
 
@@ -46,6 +47,8 @@ class TrainResult:
     generator_fingerprint: float = 0.0
     """Sum of |w| over the final (EMA) generator weights on this rank: equal on every rank of a
     correct data-parallel run."""
+    evaluation: RunEvaluation | None = None
+    """End-of-run evaluation outputs (rank 0, when `evaluate.final` or `evaluate.extrapolation` is set)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -59,8 +62,10 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def prepare_data(cfg: RunConfig, rank: int):
-    """Simulate the store first if it is missing and `data.simulate` says how (rank 0 only)."""
+def prepare_data(cfg: RunConfig, rank: int, world: int = 1):
+    """Simulate the store first if it is missing and `data.simulate` says how (rank 0 only), then
+    open the data on every rank (collective: with data.on_corrupt=skip the ranks agree on the
+    parts left out)."""
     from uhg.train.data import TrainingData, simulate_store
 
     if cfg.data.simulate is not None and rank == 0:
@@ -70,7 +75,7 @@ def prepare_data(cfg: RunConfig, rank: int):
         if not path.exists() or missing_parts(path):
             simulate_store(path, cfg.geometry, cfg.data.simulate)
     _barrier()
-    return TrainingData.open(cfg)
+    return TrainingData.open(cfg, rank, world)
 
 
 def _generator_state(family: ModelFamily, engines: Mapping, ema: EMA | None) -> dict[str, torch.Tensor]:
@@ -97,9 +102,10 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     hooks = hooks if hooks is not None else LocalHooks(run_dir)
     logger = logger if logger is not None and rank == 0 else NullLogger()
     micro = cfg.batch_size_for(world)
+    protocol = load_extrapolation(cfg)  # a wrong protocol file fails now, not after training
 
     # data and the family bound to the training range of the conditions
-    data = prepare_data(cfg, rank)
+    data = prepare_data(cfg, rank, world)
     norm = ConditionNorm.from_ranges(data.condition_ranges(cfg.model.conditions), cfg.model.conditions)
     family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
 
@@ -122,6 +128,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
         logger.log_params({**flatten(config_to_dict(cfg)), "world_size": world, "device": str(device),
                            "train_events": data.n_train, "validation_events": data.n_validation})
         logger.set_tags({"family": family.name, "geometry": cfg.geometry, "resumed_from": str(resume or "")})
+        logger.log_metrics({"data_skipped_events": float(data.skipped_events)}, step=step)
 
     t = cfg.train
     history: list[dict[str, float]] = []
@@ -185,7 +192,11 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
         export = export_generator(run_dir / "export", family, cfg, gen_state, step, validation)
     _barrier()
     fingerprint = float(sum(v.double().abs().sum() for v in gen_state.values()))
-    return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint)
+    evaluation = None
+    if rank == 0 and export is not None and (cfg.evaluate.final or protocol is not None):
+        # after the barrier: the other ranks are finished, rank 0 needs no collective from here
+        evaluation = evaluate_run(cfg, export, data, logger=logger, step=step, device=str(device), protocol=protocol)
+    return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint, evaluation)
 
 
 class BatchReader:
