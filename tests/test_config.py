@@ -83,6 +83,18 @@ def test_impossible_batch_arithmetic(tmp_path: Path) -> None:
         cfg.batch_size_for(3)
 
 
+def test_elastic_worker_range(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"distributed.min_workers \(3\) exceeds distributed.workers \(2\)"):
+        load_config(write(tmp_path), ["distributed.workers=2", "distributed.min_workers=3"])
+    # every size the elastic run may shrink to must split the global batch
+    with pytest.raises(ConfigError, match=r"global_batch_size \(8\) is not divisible by 3 workers"):
+        load_config(write(tmp_path), ["train.batch_size=null", "train.global_batch_size=8", "distributed.workers=4",
+                                      "distributed.min_workers=2"])
+    cfg = load_config(write(tmp_path), ["train.batch_size=null", "train.global_batch_size=12",
+                                        "distributed.workers=4", "distributed.min_workers=2"])
+    assert list(cfg.distributed.worker_counts) == [2, 3, 4] and cfg.batch_size_for(3) == 4
+
+
 def test_other_problems(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="geometry: .*unknown geometry 'pxd-huge'"):
         load_config(write(tmp_path), ["geometry=pxd-huge"])

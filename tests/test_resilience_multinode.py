@@ -6,7 +6,10 @@
    (node loss); Ray Train waits for resources (max_failures: 1), a replacement node C joins, the
    run restarts from its latest checkpoint in the shared storage path and completes: one MLflow
    run, steps continuous.
-2. A node whose raylet runs in its own mount namespace with a private tmpfs over the storage
+2. The same with `distributed.min_workers: 1` (elastic) and no replacement: the run restarts from
+   its latest checkpoint with one worker on the remaining node, the two ranks' ZeRO shards
+   resharded, and completes: one MLflow run, steps continuous.
+3. A node whose raylet runs in its own mount namespace with a private tmpfs over the storage
    path (node-local storage, as on a cluster without a shared filesystem): `uhg train` refuses
    to start and names the path and the node.
 """
@@ -246,6 +249,46 @@ def test_spread_run_survives_node_loss_and_resumes_on_a_replacement(cluster) -> 
     print(f"\n[resilience] node loss after step-2 checkpoint: replacement joined in {joined_s:.1f} s, "
           f"run completed {recovered_s:.1f} s after the loss (resumed from step "
           f"{run.data.tags['uhg.resumed_from_step']})")
+
+
+def test_elastic_run_continues_on_the_remaining_node(cluster) -> None:
+    """distributed.min_workers: after the node loss nothing replaces the node; the run restarts
+    from its latest checkpoint with one worker (ZeRO shards of two ranks resharded) and completes."""
+    c, workdir = cluster
+    run_folder = workdir / "shared" / "elastic"
+    spare = next(name for name in reversed(list(c.nodes)) if name != "head" and c.nodes[name].poll() is None)
+    proc = _train(c, workdir, "--run-name", "elastic", "--set", "distributed.min_workers=1",
+                  "--set", "tracking.experiment=elastic")
+    try:
+        deadline = time.monotonic() + 420
+        while not (run_folder / "checkpoints" / "step_000002" / "MANIFEST.json").is_file():
+            assert proc.poll() is None, f"run ended before the node loss:\n{proc.stdout.read()[-4000:]}"
+            assert time.monotonic() < deadline, "no step-2 checkpoint within 420 s"
+            time.sleep(0.1)
+        c.kill(spare)
+        lost_at = time.monotonic()
+        out, _ = proc.communicate(timeout=480)
+        recovered_s = time.monotonic() - lost_at
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    assert proc.returncode == 0, out[-6000:]
+    assert "Ray run elastic finished at step 12" in out
+    assert "was written by 2 rank(s), this run has 1" in out
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/runs/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("elastic").experiment_id])
+    assert len(runs) == 1, f"expected one MLflow run across the node loss, found {len(runs)}"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["uhg.attempts"] == "2"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss_generator")})
+    assert steps == list(range(1, 13))
+    # the run ended with one worker: the last checkpoint holds one rank's RNG state
+    assert sorted(p.name for p in (run_folder / "checkpoint_step_000012" / "rng").iterdir()) == ["rank_00000.json"]
+    print(f"\n[resilience] elastic run: node lost after the step-2 checkpoint, completed on one worker "
+          f"{recovered_s:.1f} s after the loss (resumed from step {run.data.tags['uhg.resumed_from_step']})")
 
 
 def test_node_local_storage_path_is_refused_before_training(cluster) -> None:

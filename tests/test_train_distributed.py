@@ -1,7 +1,8 @@
 """Two-process data-parallel GAN training under torchrun (gloo on CPU) for every ZeRO stage
 uhg offers for the GAN (0, 1, 2, 3): the run completes, every rank ends with the same
 generator weights, both engines' checkpoints hold one shard set per rank, and a resumed
-2-process run continues from its checkpoint."""
+2-process run continues from its checkpoint, and one process resumes the 2-rank ZeRO-2 and ZeRO-3
+checkpoints (shards resharded through DeepSpeed's universal format) and trains on."""
 
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ r = train(cfg, hooks=LocalHooks(out / "zero2"))
 results["resumed"] = {"steps": [int(h["step"]) for h in r.history], "step": r.step}
 if torch.distributed.get_rank() == 0:
     (out / "results.json").write_text(json.dumps(results))
+'''
+
+RESHARD = r'''
+import json, math, sys
+from pathlib import Path
+from uhg.config import load_config
+from uhg.train.hooks import LocalHooks
+from uhg.train.loop import train
+
+cfg_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+results = {}
+for stage, steps in ((2, 4), (3, 3)):
+    run = out / f"zero{stage}"
+    cfg = load_config(cfg_path, [f"train.zero_stage={stage}", f"output_dir={run}", f"train.steps={steps}"])
+    r = train(cfg, hooks=LocalHooks(run))
+    results[stage] = {"steps": [int(h["step"]) for h in r.history], "step": r.step,
+                      "finite": all(math.isfinite(h["loss_generator"]) for h in r.history)}
+(out / "reshard.json").write_text(json.dumps(results))
 '''
 
 CONFIG = """
@@ -88,3 +107,15 @@ def test_two_process_training_for_every_zero_stage(tmp_path: Path) -> None:
                 assert sum(f.startswith("zero_pp_rank_") and "optim_states" in f for f in files) == 2, files
         assert (ckpt / "rng" / "rank_00001.json").is_file()
     assert results["resumed"] == {"steps": [3], "step": 3}
+
+    # one process resumes checkpoints that two ranks wrote (an elastic run after a node loss)
+    reshard = tmp_path / "reshard.py"
+    reshard.write_text(RESHARD)
+    proc = subprocess.run([sys.executable, str(reshard), str(cfg), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "was written by 2 rank(s), this run has 1" in proc.stderr
+    r = json.loads((tmp_path / "reshard.json").read_text())
+    assert r["2"]["steps"] == [4] and r["3"]["steps"] == [3] and r["2"]["finite"] and r["3"]["finite"]
+    for stage in ("2", "3"):  # the converted copy is gone; the original checkpoints are untouched
+        assert not any(p.name.endswith(".universal") for p in (tmp_path / f"zero{stage}" / "checkpoints").iterdir())

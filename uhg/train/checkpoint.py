@@ -20,12 +20,21 @@ Loading verifies every file against the manifest (size and CRC-32: a flipped bit
 would otherwise load silently) and refuses pickles that reference anything beyond tensors,
 plain containers and the few DeepSpeed state classes (`SAFE_GLOBALS`): DeepSpeed itself
 unpickles with `weights_only=False`, so a checkpoint from outside could otherwise run code.
+
+A checkpoint written by another number of ranks (an elastic run that lost or regained workers)
+cannot be loaded shard by shard under ZeRO 1-3: rank 0 converts each engine's shards to
+DeepSpeed's universal checkpoint format in `.step_000100.universal/` beside it, every rank
+loads that, and the converted copy is removed.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import contextlib
+import io
 import json
+import logging
 import os
 import pickle
 import random
@@ -40,6 +49,8 @@ import numpy as np
 import torch
 
 from uhg.errors import CheckpointError, TrainingError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 TAG = "state"
@@ -283,6 +294,38 @@ def _unpickling_detail(err: Exception) -> str:
     return (named or lines or [type(err).__name__])[0][:300]
 
 
+def _zero_stage(engine: Any) -> int:
+    get = getattr(engine, "zero_optimization_stage", None)
+    return int(get()) if get is not None else 0
+
+
+def _convert_to_universal(ckpt: Path, names: list[str], rank: int) -> Path:
+    """Rank 0 writes `names`' engines of `ckpt` in DeepSpeed's universal format (world-size
+    independent) to a hidden folder beside it; every rank returns that folder once it exists."""
+    out = ckpt.parent / f".{ckpt.name}.universal"
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            shutil.rmtree(out, ignore_errors=True)
+            for name in names:
+                args = argparse.Namespace(input_folder=str(ckpt / name / TAG), output_folder=str(out / name / TAG),
+                                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                          strict=True, inject_missing_state=True)
+                with contextlib.redirect_stdout(io.StringIO()):  # its progress lines say nothing to users
+                    ds_to_universal(args)
+        except Exception as err:  # conversion raises anything from asserts to OSError
+            error = err
+    if not _all_ok(error is None):
+        shutil.rmtree(out, ignore_errors=True) if rank == 0 else None
+        detail = f" ({type(error).__name__}: {error})" if error is not None else ""
+        raise CheckpointError(f"{ckpt}: cannot convert its ZeRO shards for another world size{detail}; resume "
+                              "with the number of workers that wrote it") from None
+    _barrier()
+    return out
+
+
 def load_checkpoint(ckpt: Path, engines: Mapping[str, Any], ema: dict[str, torch.Tensor] | None, rank: int,
                     world_size: int) -> dict[str, Any]:
     """Restore engines, EMA and this rank's RNG from `ckpt`; returns the trainer state."""
@@ -297,14 +340,31 @@ def load_checkpoint(ckpt: Path, engines: Mapping[str, Any], ema: dict[str, torch
         state = json.loads(trainer_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{trainer_path}: unreadable trainer state ({err})") from None
+    saved_world = int(state.get("world_size", world_size))
+    resized = saved_world != world_size and any(_zero_stage(e) > 0 for e in engines.values())
+    if resized:
+        log.warning("checkpoint %s was written by %d rank(s), this run has %d: loading its ZeRO shards "
+                    "through DeepSpeed's universal checkpoint format", ckpt, saved_world, world_size)
+        universal = _convert_to_universal(ckpt, [n for n, e in engines.items() if _zero_stage(e) > 0], rank)
     for name, engine in engines.items():
-        where = ckpt / name
+        where = universal / name if resized and _zero_stage(engine) > 0 else ckpt / name
+        config = getattr(engine, "_config", None)
+        reshard = where != ckpt / name and config is not None
+        if reshard:
+            config.load_universal_checkpoint = True
         try:
             path, _ = engine.load_checkpoint(str(where), tag=TAG)
         except Exception as err:  # DeepSpeed raises many types for damaged files
             raise CheckpointError(f"{where}/{TAG}: cannot load the {name} engine ({type(err).__name__}: {err})") from None
+        finally:
+            if reshard:
+                config.load_universal_checkpoint = False
         if path is None:
             raise CheckpointError(f"{where}/{TAG}: no {name} engine state found")
+    if resized:
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
     if ema is not None:
         ema_path = ckpt / "ema.safetensors"
         try:

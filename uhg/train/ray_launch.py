@@ -154,7 +154,9 @@ def launch(
             "run_name": run.name,
         },
         scaling_config=ScalingConfig(
-            num_workers=d.workers,
+            # (min, max) makes Ray Train elastic: a restart takes the workers that fit
+            num_workers=(d.min_workers, d.workers) if d.min_workers is not None else d.workers,
+            elastic_resize_monitor_interval_s=d.resize_interval_s,
             use_gpu=use_gpu,
             resources_per_worker=resources,
             placement_strategy=d.placement,
