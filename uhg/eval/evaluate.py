@@ -231,9 +231,10 @@ def evaluate_stores(reference: str | Path, generated: str | Path, out_dir: str |
     return report
 
 
-def log_report(logger, report: Report, out_dir: Path, prefix: str = "eval") -> None:
-    """Metrics (`<prefix>/<feature>/<metric>` and `.../floor`) and the output directory as
-    artifacts, through the RunLogger interface."""
+def log_report(logger, report: Report, out_dir: Path, prefix: str = "eval", step: int = 0) -> None:
+    """Metrics (`<prefix>/<feature>/<metric>` and `.../floor`, at `step`: 0 for `uhg eval`, the
+    last training step for the end-of-run evaluation) and the output directory as artifacts,
+    through the RunLogger interface."""
     metrics = {}
     for r in report.comparison.rows:
         key = f"{prefix}/{_slug(r.feature)}/{r.metric}"
@@ -241,5 +242,5 @@ def log_report(logger, report: Report, out_dir: Path, prefix: str = "eval") -> N
             metrics[key] = r.value
         if math.isfinite(r.floor):
             metrics[f"{key}/floor"] = r.floor
-    logger.log_metrics(metrics, step=0)
+    logger.log_metrics(metrics, step=step)
     logger.log_artifact(out_dir, artifact_path=prefix)
