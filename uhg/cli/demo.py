@@ -2,6 +2,7 @@
 
 simulate pxd-mini background (training luminosity range) + held-out references + signal
 -> train the mini GAN and the mini transformer on 2 Ray workers with DeepSpeed, tracked in MLflow
+   (each run ends with its evaluation on the held-out split: evaluate.final in the configs)
 -> generate in range and at 2x the top training luminosity (zero-shot) -> evaluation reports
 -> overlay generated background onto signal events.
 
@@ -134,6 +135,8 @@ def demo_command(
     for family in exports:
         typer.echo(f"  reports:       {reports / (family + '_in_range') / 'report.html'}  |  "
                    f"{reports / (family + '_2x') / 'report.html'}")
+    for family, export in exports.items():  # the runs' own evaluation on their held-out split (evaluate.final)
+        typer.echo(f"  run report:    {export.parent / 'eval' / 'report.html'}  (held-out {family} events; also in MLflow)")
     typer.echo("  MLflow UI:     mlflow ui --backend-store-uri " + tracking_uri
                + f" --host 127.0.0.1 --port 5000   (then open http://127.0.0.1:5000)")
 
