@@ -111,7 +111,7 @@ def demo_command(
         if steps is not None:
             argv += ["--set", f"train.steps={steps}"]
         _run(argv, f"train the mini {family} on {workers} Ray workers (DeepSpeed ZeRO, MLflow)",
-             (export / "model.json").exists())
+             (export / "generator.json").exists())
         exports[family] = export
 
     for family, export in exports.items():
