@@ -6,11 +6,19 @@ the discriminator of `uhg.config.models.ModelConfig`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from uhg.config.base import Section
+
+
+ABSOLUTE_RANGE_MEV = (0.01515, 1.0e6)
+"""Default bin range of energy_reference=absolute, MeV (the DS2 threshold, 15.15 keV, to 1 TeV)."""
+INCIDENT_RANGE_FRACTION = (1.0e-9, 1.0)
+"""Default bin range of energy_reference=incident, fractions of the incident energy."""
+_RANGE_KEYS = {"absolute": ("energy_min_mev", "energy_max_mev"),
+               "incident": ("energy_min_fraction", "energy_max_fraction")}
 
 
 class TransformerConfig(Section):
@@ -43,8 +51,34 @@ class TransformerConfig(Section):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
     top_q: float = Field(1.0, gt=0.0, le=1.0, description="Adaptive-nucleus (top-q) sampling mass; 1 = plain sampling.")
     energy_bins: int = Field(128, ge=2, description="Calorimeters: log-energy bins of a cell's value token.")
-    energy_min_mev: float = Field(0.01515, gt=0.0, description="Calorimeters: lower edge of the energy bins, MeV.")
-    energy_max_mev: float = Field(1.0e6, gt=0.0, description="Calorimeters: upper edge of the energy bins, MeV.")
+    energy_reference: Literal["absolute", "incident"] = Field(
+        "absolute",
+        description="Calorimeters: what a cell's energy bin is relative to. absolute: bins of log E in MeV "
+        "between energy_min_mev and energy_max_mev. incident: bins of log(E / E_inc) between "
+        "energy_min_fraction and energy_max_fraction, decoded with the shower's incident energy, so a "
+        "token means the same share of the shower at any energy (extrapolation in energy). Exports "
+        "written before this key existed are absolute.",
+    )
+    energy_min_mev: float | None = Field(
+        None, gt=0.0,
+        description=f"Calorimeters, energy_reference=absolute: lower edge of the energy bins, MeV "
+        f"(default {ABSOLUTE_RANGE_MEV[0]}).",
+    )
+    energy_max_mev: float | None = Field(
+        None, gt=0.0,
+        description=f"Calorimeters, energy_reference=absolute: upper edge of the energy bins, MeV "
+        f"(default {ABSOLUTE_RANGE_MEV[1]:g}).",
+    )
+    energy_min_fraction: float | None = Field(
+        None, gt=0.0,
+        description=f"Calorimeters, energy_reference=incident: lower edge of the bins as a fraction of the "
+        f"incident energy (default {INCIDENT_RANGE_FRACTION[0]:g}; smaller deposits land in the lowest bin).",
+    )
+    energy_max_fraction: float | None = Field(
+        None, gt=0.0,
+        description=f"Calorimeters, energy_reference=incident: upper edge of the bins as a fraction of the "
+        f"incident energy (default {INCIDENT_RANGE_FRACTION[1]:g}).",
+    )
     ema_decay: float = Field(
         0.0, ge=0.0, lt=1.0,
         description="EMA decay of the weights that are validated and exported (0 = the trained weights).",
@@ -52,6 +86,23 @@ class TransformerConfig(Section):
     generate_batch_sequences: int = Field(
         4096, gt=0, description="Generation: sequences sampled together (events per pass = this / sensors).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_energy_range(cls, data: Any) -> Any:
+        """Fill the bin range of the chosen energy_reference, so the export records the numbers."""
+        if not isinstance(data, dict):
+            return data
+        ref = data.get("energy_reference", "absolute")
+        keys = _RANGE_KEYS.get(ref) if isinstance(ref, str) else None
+        if keys is None:
+            return data  # an invalid reference is reported by its field
+        data = dict(data)
+        for key, default in zip(keys, ABSOLUTE_RANGE_MEV if ref == "absolute" else INCIDENT_RANGE_FRACTION,
+                                strict=True):
+            if data.get(key) is None:
+                data[key] = default
+        return data
 
     @model_validator(mode="after")
     def _shapes(self) -> TransformerConfig:
@@ -61,6 +112,26 @@ class TransformerConfig(Section):
             raise ValueError(
                 f"with rotary=true the head width d_model/n_heads ({self.d_model // self.n_heads}) must be a multiple of 4"
             )
-        if self.energy_max_mev <= self.energy_min_mev:
-            raise ValueError(f"energy_max_mev ({self.energy_max_mev}) must be > energy_min_mev ({self.energy_min_mev})")
+        ref = self.energy_reference
+        other = "incident" if ref == "absolute" else "absolute"
+        for key in _RANGE_KEYS[other]:
+            if getattr(self, key) is not None:
+                lo, hi = _RANGE_KEYS[ref]
+                raise ValueError(f"{key} ({getattr(self, key)}) is a bin edge of energy_reference={other}, but "
+                                 f"energy_reference={ref}: remove {key} and give the range as {lo}/{hi}")
+        lo_key, hi_key = _RANGE_KEYS[ref]
+        lo, hi = getattr(self, lo_key), getattr(self, hi_key)
+        if lo is None or hi is None:
+            raise ValueError(f"energy_reference={ref} needs {lo_key} and {hi_key}")
+        if hi <= lo:
+            raise ValueError(f"{hi_key} ({hi}) must be > {lo_key} ({lo})")
+        if ref == "incident" and "incident_energy" not in self.conditions:
+            raise ValueError(f"energy_reference=incident decodes cell energies with the incident energy, so "
+                             f"conditions must include incident_energy (got {self.conditions})")
         return self
+
+    @property
+    def energy_range(self) -> tuple[float, float]:
+        """(lowest, highest) bin edge: MeV (absolute) or fractions of the incident energy (incident)."""
+        lo_key, hi_key = _RANGE_KEYS[self.energy_reference]
+        return float(getattr(self, lo_key)), float(getattr(self, hi_key))

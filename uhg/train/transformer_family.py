@@ -36,7 +36,12 @@ class TransformerFamily:
 
     def __init__(self, geometry, cfg: TransformerConfig, condition_norm: ConditionNorm):
         self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
-        self.layout = layout_for_geometry(geometry, cfg.energy_bins, cfg.energy_min_mev, cfg.energy_max_mev)
+        lo, hi = cfg.energy_range
+        if cfg.energy_reference == "incident":
+            self.layout = layout_for_geometry(geometry, cfg.energy_bins, energy_reference="incident",
+                                              energy_min_fraction=lo, energy_max_fraction=hi)
+        else:
+            self.layout = layout_for_geometry(geometry, cfg.energy_bins, lo, hi)
         self.ema_decay = cfg.ema_decay
 
     def build_modules(self) -> dict[str, nn.Module]:
