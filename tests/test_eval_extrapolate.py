@@ -149,6 +149,8 @@ out: {tmp_path / 'ext'}
     resp = point["observables"]["mean response"]
     assert set(resp) == {"reference", "reference 2", "baseline"}
     assert resp["baseline"] == pytest.approx(resp["reference"], rel=0.05)
+    hits = point["observables"]["mean hits per shower"]
+    assert set(hits) == set(resp) and hits["reference"] > 0
     assert (tmp_path / "ext" / point["directory"] / "binned_response_vs_energy.png").exists()
     assert (tmp_path / "ext" / "trend_mean_response.png").exists()
 

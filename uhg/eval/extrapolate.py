@@ -148,7 +148,7 @@ class PointResult:
     generated: Comparison | None
     baseline: Comparison | None
     observables: dict[str, dict[str, float]] = field(default_factory=dict)
-    """{observable: {sample: mean}}: mean occupancy (%) or mean response per sample."""
+    """{observable: {sample: mean}}: mean occupancy (%), or mean response and hits per shower, per sample."""
     directory: str = ""
 
 
@@ -167,7 +167,10 @@ def _observables(kind: str, samples: dict[str, FeatureSet]) -> dict[str, dict[st
     if kind == "pixel":
         return {"mean occupancy [%]": {k: float(fs.profiles["occupancy_per_sensor"].values.mean())
                                        for k, fs in samples.items()}}
-    return {"mean response": {k: float(fs.distributions["response"].values.mean()) for k, fs in samples.items()}}
+    # Hits per shower: whether the generator's multiplicity follows the reference beyond the range.
+    return {"mean response": {k: float(fs.distributions["response"].values.mean()) for k, fs in samples.items()},
+            "mean hits per shower": {k: float(fs.distributions["hits_per_event"].values.mean())
+                                     for k, fs in samples.items()}}
 
 
 def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = None, logger=None) -> ExtrapolationResult:
