@@ -11,6 +11,7 @@ from uhg.config.gan import GanConfig
 from uhg.config.schema import TrainConfig
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
+from uhg.models.gan import gate_noise, relaxed_images
 from uhg.models.gan_layout import encode_hits, unit_layout
 from uhg.sim.calo import simulate_calo_showers
 from uhg.sim.pxd_background import simulate_pxd_background
@@ -112,3 +113,27 @@ def test_training_moves_the_generator_toward_the_data(geometry: str) -> None:
         assert np.isfinite(out["loss_generator"]) and np.isfinite(out["loss_discriminator"])
         losses.append(out["loss_physics"])
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_physics_term_pulls_an_empty_calorimeter_shower_back() -> None:
+    """With every gate far below zero no cell fires, yet the energy term still raises every gate:
+    it is taken in expectation over the gates, with no epsilon floor where its gradient would
+    vanish (a clamped log of the sampled energy gave an empty shower zero gradient, and training
+    collapsed to empty showers it could not leave)."""
+    geo = get_geometry("ds2")
+    fam = family("ds2", physics_weight=1.0)
+    batch = TorchHits.from_batch(simulate_calo_showers(geo, 2, seed=1, energy_min=1e3, energy_max=1e4))
+    valid = fam.valid(torch.device("cpu"))
+    real = encode_hits(fam.layout, batch) * valid
+    gate = torch.full_like(real, -30.0, requires_grad=True)
+    code = torch.full_like(real, 0.5, requires_grad=True)
+    fake, prob = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
+    assert not fake.any()
+    loss = fam._physics_loss(prob, gate, code, real, batch)
+    d_gate, d_code = torch.autograd.grad(loss, [gate, code])
+    assert torch.isfinite(loss) and loss > 100  # (log 1e-13 - log ~1)^2
+    cells = valid.expand_as(real) > 0
+    assert (d_gate[cells] < 0).all() and (d_code[cells] < 0).all()  # descent raises gates and energies
+    assert (d_gate[~cells] == 0).all()
+    # the summed pull on the gates is the log-energy gap itself (2 |log ratio| per shower, averaged)
+    assert -float(d_gate.sum()) == pytest.approx(2 * float(loss.sqrt()), rel=0.05)

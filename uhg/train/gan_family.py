@@ -73,7 +73,7 @@ class GanFamily:
         z, un, gn = self._noise(b, device)
         gate, code = generator(z, un, cond)
         images, prob = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device))
-        return images, prob, code
+        return images, prob, gate, code
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         G, D = engines["generator"], engines["discriminator"]
@@ -85,7 +85,7 @@ class GanFamily:
 
         # 1. discriminator
         with torch.no_grad():
-            fake, _, _ = self._fake(G, cond, b, device)
+            fake, _, _, _ = self._fake(G, cond, b, device)
         real_u, real_e = D(real, cond)
         fake_u, fake_e = D(fake.detach(), cond)
         if self.cfg.loss == "hinge":
@@ -110,7 +110,7 @@ class GanFamily:
         for p in d_params:
             p.requires_grad_(False)
         try:
-            fake, prob, code = self._fake(G, cond, b, device)
+            fake, prob, gate, code = self._fake(G, cond, b, device)
             with _autocast_like(D, device):
                 fu, fe = d_module(fake, cond)
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
@@ -121,7 +121,7 @@ class GanFamily:
                 out["loss_similarity"] = float(sim.detach())
                 g_loss = g_loss + sim
             if self.cfg.physics_weight:
-                phys = self.cfg.physics_weight * self._physics_loss(fake, prob, real, batch)
+                phys = self.cfg.physics_weight * self._physics_loss(prob, gate, code, real, batch)
                 out["loss_physics"] = float(phys.detach())
                 g_loss = g_loss + phys
             check_finite("loss_generator", g_loss)
@@ -136,22 +136,28 @@ class GanFamily:
         out.update(_grad_norm("generator", G))
         return out
 
-    def _physics_loss(self, fake: torch.Tensor, prob: torch.Tensor, real: torch.Tensor, batch: TorchHits) -> torch.Tensor:
-        """Pixel: log occupancy per unit vs real events of the same conditions. Calorimeter:
-        log of the deposited-energy fraction (digital: log hit count) per shower."""
+    def _physics_loss(self, prob: torch.Tensor, gate: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
+                      batch: TorchHits) -> torch.Tensor:
+        """Squared log ratio of a fake to a real event quantity, taken in expectation over the
+        generator's hit gates (sigmoid(gate), not the sampled 0/1 mask), so every gate logit gets
+        a gradient, also of a pixel that did not fire in this sample. Pixel: occupancy per unit.
+        Digital calorimeter: hit count per shower. Calorimeter: deposited / incident energy per
+        shower, computed in log space (log-sum-exp of log sigmoid(gate) + log cell fraction): no
+        epsilon, so the term keeps its gradient even when the fake shower is (nearly) empty."""
         if self.layout.kind == "pixel":
             occ_f = prob.mean(dim=(2, 3))
             occ_r = (real > 0).float().mean(dim=(2, 3))
             return ((torch.log(occ_f + LOG_EPS) - torch.log(occ_r + LOG_EPS)) ** 2).mean()
         if self.layout.digital:
             tot_f, tot_r = prob.sum(dim=(1, 2, 3)), (real > 0).float().sum(dim=(1, 2, 3))
-        else:
-            def fraction(img: torch.Tensor) -> torch.Tensor:
-                e = torch.where(img > 0, 10.0 ** ((img - 1) * CALO_DECADES), torch.zeros_like(img))
-                return e.sum(dim=(1, 2, 3))
-
-            tot_f, tot_r = fraction(fake), fraction(real)
-        return ((torch.log(tot_f + LOG_EPS) - torch.log(tot_r + LOG_EPS)) ** 2).mean()
+            return ((torch.log(tot_f + LOG_EPS) - torch.log(tot_r + LOG_EPS)) ** 2).mean()
+        ln_decade = CALO_DECADES * math.log(10.0)  # code -> log(E_cell / E_inc) = (code - 1) * ln_decade
+        valid = self.valid(gate.device) > 0
+        log_cell = (nn.functional.logsigmoid(gate) + (code - 1) * ln_decade).masked_fill(~valid, -math.inf)
+        log_f = torch.logsumexp(log_cell.flatten(1), dim=1)
+        e_r = torch.where(real > 0, torch.exp((real - 1) * ln_decade), torch.zeros_like(real)).sum(dim=(1, 2, 3))
+        log_r = torch.log(e_r.clamp_min(10.0 ** -CALO_DECADES))  # an empty real shower: one cell at the floor
+        return ((log_f - log_r) ** 2).mean()
 
     # -- validation and sampling
     @torch.no_grad()
