@@ -116,10 +116,10 @@ def test_training_moves_the_generator_toward_the_data(geometry: str) -> None:
 
 
 def test_physics_term_pulls_an_empty_calorimeter_shower_back() -> None:
-    """With every gate far below zero no cell fires, yet the energy term still raises every gate:
-    it is taken in expectation over the gates, with no epsilon floor where its gradient would
-    vanish (a clamped log of the sampled energy gave an empty shower zero gradient, and training
-    collapsed to empty showers it could not leave)."""
+    """With every gate far below zero no cell fires, yet the hit-count and energy terms still
+    raise every gate: they are taken in expectation over the gates, with no epsilon floor where
+    their gradient would vanish (a clamped log of the sampled energy gave an empty shower zero
+    gradient, and training collapsed to empty showers it could not leave)."""
     geo = get_geometry("ds2")
     fam = family("ds2", physics_weight=1.0)
     batch = TorchHits.from_batch(simulate_calo_showers(geo, 2, seed=1, energy_min=1e3, energy_max=1e4))
@@ -131,9 +131,9 @@ def test_physics_term_pulls_an_empty_calorimeter_shower_back() -> None:
     assert not fake.any()
     loss = fam._physics_loss(prob, gate, code, real, batch)
     d_gate, d_code = torch.autograd.grad(loss, [gate, code])
-    assert torch.isfinite(loss) and loss > 100  # (log 1e-13 - log ~1)^2
+    assert torch.isfinite(loss) and loss > 100  # log gaps of ~20-30 in hits and in energy
     cells = valid.expand_as(real) > 0
     assert (d_gate[cells] < 0).all() and (d_code[cells] < 0).all()  # descent raises gates and energies
-    assert (d_gate[~cells] == 0).all()
-    # the summed pull on the gates is the log-energy gap itself (2 |log ratio| per shower, averaged)
-    assert -float(d_gate.sum()) == pytest.approx(2 * float(loss.sqrt()), rel=0.05)
+    assert (d_gate[~cells] == 0).all() and (d_code[~cells] == 0).all()
+    # the summed pull on the gates is 2 x (hit-count gap + energy gap), not a vanishing remainder
+    assert -float(d_gate.sum()) > 40

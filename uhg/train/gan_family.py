@@ -138,26 +138,27 @@ class GanFamily:
 
     def _physics_loss(self, prob: torch.Tensor, gate: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
                       batch: TorchHits) -> torch.Tensor:
-        """Squared log ratio of a fake to a real event quantity, taken in expectation over the
-        generator's hit gates (sigmoid(gate), not the sampled 0/1 mask), so every gate logit gets
-        a gradient, also of a pixel that did not fire in this sample. Pixel: occupancy per unit.
-        Digital calorimeter: hit count per shower. Calorimeter: deposited / incident energy per
-        shower, computed in log space (log-sum-exp of log sigmoid(gate) + log cell fraction): no
-        epsilon, so the term keeps its gradient even when the fake shower is (nearly) empty."""
+        """Squared log ratio of fake to real event quantities, taken in expectation over the
+        generator's hit gates (sigmoid(gate), not the sampled 0/1 mask), so every gate logit gets a
+        gradient, also of a pixel that did not fire in this sample. Pixel: occupancy per sensor.
+        Calorimeter: hits per shower and (analog readout) deposited / incident energy, both as a
+        log-sum-exp over the cells (of log sigmoid(gate), plus the log cell energy fraction), with
+        no epsilon: the term keeps its full gradient when the fake shower is (nearly) empty."""
         if self.layout.kind == "pixel":
             occ_f = prob.mean(dim=(2, 3))
             occ_r = (real > 0).float().mean(dim=(2, 3))
             return ((torch.log(occ_f + LOG_EPS) - torch.log(occ_r + LOG_EPS)) ** 2).mean()
-        if self.layout.digital:
-            tot_f, tot_r = prob.sum(dim=(1, 2, 3)), (real > 0).float().sum(dim=(1, 2, 3))
-            return ((torch.log(tot_f + LOG_EPS) - torch.log(tot_r + LOG_EPS)) ** 2).mean()
-        ln_decade = CALO_DECADES * math.log(10.0)  # code -> log(E_cell / E_inc) = (code - 1) * ln_decade
         valid = self.valid(gate.device) > 0
-        log_cell = (nn.functional.logsigmoid(gate) + (code - 1) * ln_decade).masked_fill(~valid, -math.inf)
-        log_f = torch.logsumexp(log_cell.flatten(1), dim=1)
-        e_r = torch.where(real > 0, torch.exp((real - 1) * ln_decade), torch.zeros_like(real)).sum(dim=(1, 2, 3))
-        log_r = torch.log(e_r.clamp_min(10.0 ** -CALO_DECADES))  # an empty real shower: one cell at the floor
-        return ((log_f - log_r) ** 2).mean()
+        log_p = nn.functional.logsigmoid(gate).masked_fill(~valid, -math.inf)
+        hits_r = (real > 0).float().sum(dim=(1, 2, 3)).clamp_min(1.0)  # an empty real shower counts as one hit
+        loss = (torch.logsumexp(log_p.flatten(1), dim=1) - torch.log(hits_r)) ** 2
+        if not self.layout.digital:
+            ln_decade = CALO_DECADES * math.log(10.0)  # code -> log(E_cell / E_inc) = (code - 1) * ln_decade
+            log_f = torch.logsumexp((log_p + (code - 1) * ln_decade).flatten(1), dim=1)
+            e_r = torch.where(real > 0, torch.exp((real - 1) * ln_decade), torch.zeros_like(real)).sum(dim=(1, 2, 3))
+            log_r = torch.log(e_r.clamp_min(10.0 ** -CALO_DECADES))  # an empty real shower: one cell at the floor
+            loss = loss + (log_f - log_r) ** 2
+        return loss.mean()
 
     # -- validation and sampling
     @torch.no_grad()
