@@ -114,11 +114,11 @@ def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
 def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, temperature: float,
                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time images: hard 0/1 gate forward, gradient of the relaxed sigmoid gate backward.
-    Returns (images (B, U, H, W) in [0, 1], firing probability sigmoid(gate))."""
+    Returns (images (B, U, H, W) in [0, 1], that straight-through 0/1 hit mask (B, U, H, W))."""
     soft = torch.sigmoid((gate + noise) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     mask = (hard + soft - soft.detach()) * valid
-    return mask * code, torch.sigmoid(gate) * valid
+    return mask * code, mask
 
 
 class DownBlock(nn.Module):

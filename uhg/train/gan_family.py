@@ -72,8 +72,8 @@ class GanFamily:
     def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
         z, un, gn = self._noise(b, device)
         gate, code = generator(z, un, cond)
-        images, prob = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device))
-        return images, prob, gate, code
+        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device))
+        return images, mask, gate, code
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         G, D = engines["generator"], engines["discriminator"]
@@ -110,7 +110,7 @@ class GanFamily:
         for p in d_params:
             p.requires_grad_(False)
         try:
-            fake, prob, gate, code = self._fake(G, cond, b, device)
+            fake, mask, gate, code = self._fake(G, cond, b, device)
             with _autocast_like(D, device):
                 fu, fe = d_module(fake, cond)
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
@@ -121,7 +121,7 @@ class GanFamily:
                 out["loss_similarity"] = float(sim.detach())
                 g_loss = g_loss + sim
             if self.cfg.physics_weight:
-                phys = self.cfg.physics_weight * self._physics_loss(prob, gate, code, real, batch)
+                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real)
                 out["loss_physics"] = float(phys.detach())
                 g_loss = g_loss + phys
             check_finite("loss_generator", g_loss)
@@ -136,28 +136,29 @@ class GanFamily:
         out.update(_grad_norm("generator", G))
         return out
 
-    def _physics_loss(self, prob: torch.Tensor, gate: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
-                      batch: TorchHits) -> torch.Tensor:
-        """Squared log ratio of fake to real event quantities, taken in expectation over the
-        generator's hit gates (sigmoid(gate), not the sampled 0/1 mask), so every gate logit gets a
-        gradient, also of a pixel that did not fire in this sample. Pixel: occupancy per sensor.
-        Calorimeter: hits per shower and (analog readout) deposited / incident energy, both as a
-        log-sum-exp over the cells (of log sigmoid(gate), plus the log cell energy fraction), with
-        no epsilon: the term keeps its full gradient when the fake shower is (nearly) empty."""
+    def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Squared log ratio of fake to real event quantities at the same conditions.
+
+        Pixel: occupancy per sensor, expected over the gates (mean sigmoid(gate)). Calorimeter:
+        hits per shower, expected over the gates as a log-sum-exp of log sigmoid(gate) with no
+        epsilon, so every gate keeps a gradient even when the fake shower is empty; analog
+        readout adds the deposited / incident energy of the sampled shower (straight-through
+        mask x cell energy): its expectation could be met by rare cells of huge energy."""
+        valid = self.valid(gate.device)
         if self.layout.kind == "pixel":
-            occ_f = prob.mean(dim=(2, 3))
+            occ_f = (torch.sigmoid(gate) * valid).mean(dim=(2, 3))
             occ_r = (real > 0).float().mean(dim=(2, 3))
             return ((torch.log(occ_f + LOG_EPS) - torch.log(occ_r + LOG_EPS)) ** 2).mean()
-        valid = self.valid(gate.device) > 0
-        log_p = nn.functional.logsigmoid(gate).masked_fill(~valid, -math.inf)
+        log_p = nn.functional.logsigmoid(gate).masked_fill(valid == 0, -math.inf)
         hits_r = (real > 0).float().sum(dim=(1, 2, 3)).clamp_min(1.0)  # an empty real shower counts as one hit
         loss = (torch.logsumexp(log_p.flatten(1), dim=1) - torch.log(hits_r)) ** 2
         if not self.layout.digital:
-            ln_decade = CALO_DECADES * math.log(10.0)  # code -> log(E_cell / E_inc) = (code - 1) * ln_decade
-            log_f = torch.logsumexp((log_p + (code - 1) * ln_decade).flatten(1), dim=1)
-            e_r = torch.where(real > 0, torch.exp((real - 1) * ln_decade), torch.zeros_like(real)).sum(dim=(1, 2, 3))
-            log_r = torch.log(e_r.clamp_min(10.0 ** -CALO_DECADES))  # an empty real shower: one cell at the floor
-            loss = loss + (log_f - log_r) ** 2
+            def fraction(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # code -> E_cell / E_inc
+                return (m * torch.pow(10.0, (c - 1) * CALO_DECADES)).sum(dim=(1, 2, 3))
+
+            floor = 10.0 ** -CALO_DECADES  # one cell at the bottom of the encoding
+            e_f, e_r = fraction(mask, code), fraction((real > 0).float(), real)
+            loss = loss + (torch.log(e_f + floor) - torch.log(e_r + floor)) ** 2
         return loss.mean()
 
     # -- validation and sampling
