@@ -49,8 +49,9 @@ class GanConfig(Section):
     )
     physics_weight: float = Field(
         0.0, ge=0.0,
-        description="Physics term: log occupancy per sensor vs luminosity (pixel) or deposited/incident energy (calo), "
-        "matched to the real events of the same conditions.",
+        description="Physics term, matched to the real events of the same conditions: log occupancy per sensor "
+        "(pixel) or log hits per shower (calo), both expected over the hit gates, plus for analog calorimeters the "
+        "log deposited/incident energy of the sampled shower.",
     )
     cell_threshold_mev: float = Field(
         0.01515, ge=0.0, description="Calorimeters: cells below this energy (MeV) are not hits (CaloChallenge 15.15 keV)."
