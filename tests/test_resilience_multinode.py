@@ -208,16 +208,20 @@ def _train(c: LoopbackCluster, workdir: Path, *args: str) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+def _wait_for_step_2_checkpoint(proc: subprocess.Popen, run_folder: Path) -> None:
+    deadline = time.monotonic() + 420
+    while not (run_folder / "checkpoints" / "step_000002" / "MANIFEST.json").is_file():
+        assert proc.poll() is None, f"run ended before the node loss:\n{proc.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, "no step-2 checkpoint within 420 s"
+        time.sleep(0.1)
+
+
 def test_spread_run_survives_node_loss_and_resumes_on_a_replacement(cluster) -> None:
     c, workdir = cluster
     run_folder = workdir / "shared" / RUN
     proc = _train(c, workdir, "--run-name", RUN)
     try:
-        deadline = time.monotonic() + 420
-        while not (run_folder / "checkpoints" / "step_000002" / "MANIFEST.json").is_file():
-            assert proc.poll() is None, f"run ended before the node loss:\n{proc.stdout.read()[-4000:]}"
-            assert time.monotonic() < deadline, "no step-2 checkpoint within 420 s"
-            time.sleep(0.1)
+        _wait_for_step_2_checkpoint(proc, run_folder)
         c.kill("B")
         lost_at = time.monotonic()
         c.start("C")  # the replacement node Ray Train waits for
@@ -260,11 +264,7 @@ def test_elastic_run_continues_on_the_remaining_node(cluster) -> None:
     proc = _train(c, workdir, "--run-name", "elastic", "--set", "distributed.min_workers=1",
                   "--set", "tracking.experiment=elastic")
     try:
-        deadline = time.monotonic() + 420
-        while not (run_folder / "checkpoints" / "step_000002" / "MANIFEST.json").is_file():
-            assert proc.poll() is None, f"run ended before the node loss:\n{proc.stdout.read()[-4000:]}"
-            assert time.monotonic() < deadline, "no step-2 checkpoint within 420 s"
-            time.sleep(0.1)
+        _wait_for_step_2_checkpoint(proc, run_folder)
         c.kill(spare)
         lost_at = time.monotonic()
         out, _ = proc.communicate(timeout=480)

@@ -318,7 +318,8 @@ def _convert_to_universal(ckpt: Path, names: list[str], rank: int) -> Path:
         except Exception as err:  # conversion raises anything from asserts to OSError
             error = err
     if not _all_ok(error is None):
-        shutil.rmtree(out, ignore_errors=True) if rank == 0 else None
+        if rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
         detail = f" ({type(error).__name__}: {error})" if error is not None else ""
         raise CheckpointError(f"{ckpt}: cannot convert its ZeRO shards for another world size{detail}; resume "
                               "with the number of workers that wrote it") from None
