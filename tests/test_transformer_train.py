@@ -42,13 +42,15 @@ def test_configs_in_repository_validate():
         assert cfg.model.family == "transformer"
 
 
-def test_family_follows_protocol_and_steps_on_calorimeter_showers():
+@pytest.mark.parametrize("laws", [{}, {"energy_reference": "incident", "multiplicity": "count", "response_model": True}],
+                         ids=["end-token", "count-and-response-laws"])
+def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
     from uhg.sim.calo import simulate_calo_showers
 
     torch.manual_seed(0)
     g = get_geometry("ds1-photons")
     showers = TorchHits.from_batch(simulate_calo_showers(g, 4, seed=1, energy_min=1000.0, energy_max=8000.0))
-    cfg = config_from_dict(_run_config(__import__("pathlib").Path("/nonexistent"), "ds1-photons"))
+    cfg = config_from_dict(_run_config(__import__("pathlib").Path("/nonexistent"), "ds1-photons", **laws))
     norm = ConditionNorm.from_ranges({"incident_energy": (1000.0, 8000.0)}, ["incident_energy"])
     family = build_family(g, cfg.model, norm)
     assert isinstance(family, ModelFamily)
@@ -59,10 +61,14 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers():
     metrics = family.validation_metrics(modules, showers)
     assert {"nll_per_event", "hits_per_event_fake", "response_fake", "response_real", "response_sp"} <= set(metrics)
     assert np.isfinite(metrics["nll_per_event"]) and np.isfinite(metrics["response_fake"])
+    if laws:
+        assert np.isfinite(metrics["nll_count"]) and np.isfinite(metrics["nll_response"])
 
 
 @pytest.mark.slow
-def test_train_export_generate(tmp_path, monkeypatch):
+@pytest.mark.parametrize("laws", [{}, {"multiplicity": "count", "count_exponents": [1.0, 2.0]}],
+                         ids=["end-token", "count-law"])
+def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main
     from uhg.data.store import open_store
     from uhg.generate.model import Generator
@@ -70,9 +76,11 @@ def test_train_export_generate(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
-    result = train(config_from_dict(_run_config(tmp_path)))
+    result = train(config_from_dict(_run_config(tmp_path, **laws)))
     assert result.step == 4 and result.export is not None
     assert all(np.isfinite(h["loss"]) for h in result.history)
+    if laws:  # the law starts at its fit to the training events and is trained with the rest
+        assert all(np.isfinite(h["nll_count"]) for h in result.history)
     assert {"val_nll_per_event", "val_occupancy_fake_pct", "val_charge_sp"} <= set(result.validation)
     sidecar = json.loads((result.export / "generator.json").read_text())
     assert sidecar["family"] == "transformer" and sidecar["model"]["max_hits"] == 256
@@ -85,6 +93,8 @@ def test_train_export_generate(tmp_path, monkeypatch):
     for k in a.columns:
         np.testing.assert_array_equal(a.columns[k], b.columns[k])
     np.testing.assert_array_equal(a.offsets, b.offsets)
+    if laws:  # the exported law: twice the training maximum has more hits than the training events
+        assert a.hits_per_event.mean() > 1.5 * open_store(tmp_path / "data.zarr").read(0, 18).hits_per_event.mean()
 
     out = tmp_path / "gen.zarr"
     assert main(["generate", "--model", str(result.export), "--events", "6", "--out", str(out),

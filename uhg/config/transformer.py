@@ -79,6 +79,28 @@ class TransformerConfig(Section):
         description=f"Calorimeters, energy_reference=incident: upper edge of the bins as a fraction of the "
         f"incident energy (default {INCIDENT_RANGE_FRACTION[1]:g}).",
     )
+    multiplicity: Literal["end", "count"] = Field(
+        "end",
+        description="What decides the number of hits of a sequence. end: the END token. count: a "
+        "negative-binomial count model draws it first (mean = positions of the unit x sigmoid(eta), "
+        "eta linear in the log-scaled conditions, plus the event latent: a power law at low occupancy "
+        "that saturates at the full grid), the hits are then sampled knowing how many remain, and END "
+        "comes exactly after the drawn count. The count law, not the attention stack, carries the "
+        "condition dependence of the multiplicity, so it extrapolates as the law does.",
+    )
+    count_exponents: list[float] | None = Field(
+        None, min_length=1,
+        description="multiplicity=count with one condition: the expected hits of a unit are a sum of "
+        "fixed powers of the condition, sum_k a_uk (c / c_ref)^p_k with learned a_uk >= 0 per unit "
+        "(PXD backgrounds: [1, 2], luminosity-driven processes grow as L, beam-current-squared ones as "
+        "L^2 at a fixed current ratio), instead of one power law with a learned exponent.",
+    )
+    response_model: bool = Field(
+        False,
+        description="Calorimeters: draw each shower's deposited energy first, E_dep / E_inc from a "
+        "log-normal whose mean and log-width are linear in the log-scaled conditions (response "
+        "and resolution laws), and scale the sampled cell energies to it.",
+    )
     ema_decay: float = Field(
         0.0, ge=0.0, lt=1.0,
         description="EMA decay of the weights that are validated and exported (0 = the trained weights).",
@@ -128,6 +150,14 @@ class TransformerConfig(Section):
         if ref == "incident" and "incident_energy" not in self.conditions:
             raise ValueError(f"energy_reference=incident decodes cell energies with the incident energy, so "
                              f"conditions must include incident_energy (got {self.conditions})")
+        if self.response_model and "incident_energy" not in self.conditions:
+            raise ValueError(f"response_model draws E_dep / E_inc, so conditions must include incident_energy "
+                             f"(got {self.conditions})")
+        if self.count_exponents is not None:
+            if self.multiplicity != "count":
+                raise ValueError("count_exponents is a law of the count model: set multiplicity: count")
+            if len(self.conditions) != 1:
+                raise ValueError(f"count_exponents needs exactly one condition (got {self.conditions})")
         return self
 
     @property

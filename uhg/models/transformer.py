@@ -19,6 +19,12 @@ sequential steps as the longest sensor, not the sum over sensors.
 Positions: learned row/col embeddings of each hit plus optional 2-D rotary embedding of
 (row, col) in attention. No sequence-index position is used: the index of a hit grows with
 multiplicity, which is exactly what must extrapolate beyond the training range.
+
+With `multiplicity: count` the END token no longer decides multiplicity: a count law
+(uhg.models.transformer_laws.CountLaw) gives the hits of each sequence, the context carries
+that count and every token input the number of hits still to place, and END is forced right
+after the last one (masked before). With `response_model` a response law gives each shower's
+E_dep / E_inc, to which the sampled cell energies are scaled.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
+from uhg.models.transformer_laws import CountLaw, ResponseLaw, count_feature
 from uhg.models.transformer_tokens import TokenBatch, TokenLayout
 
 PROFILE_BINS = 16  # row-profile bins of the latent encoder's per-unit summary
@@ -159,13 +166,17 @@ class HitTransformer(nn.Module):
     `uhg.models.common.ConditionNorm` (C = len(config.conditions)); `forward` is the training
     loss so a DeepSpeed engine can wrap the module."""
 
-    def __init__(self, config: TransformerConfig, layout: TokenLayout):
+    def __init__(self, config: TransformerConfig, layout: TokenLayout, condition_log_scale: float | None = None):
+        """condition_log_scale: half-width in log of the first condition's training range (its
+        ConditionNorm scale); needed by count_exponents to turn powers into normalised units."""
         super().__init__()
         self.config, self.layout = config, layout
         d, L = config.d_model, layout
         n_cond = len(config.conditions)
         self.register_buffer("unit_features", torch.as_tensor(L.unit_features, dtype=torch.float32))
         self.register_buffer("row_width", torch.as_tensor(L.row_width, dtype=torch.long), persistent=False)
+        start = torch.cumsum(torch.as_tensor((0, *L.row_width[:-1]), dtype=torch.long), 0)
+        self.register_buffer("row_start", start, persistent=False)  # flat position of (row, 0)
         self.cond_mlp = nn.Sequential(nn.Linear(max(n_cond, 1), d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.unit_emb = nn.Embedding(L.n_units, d)
         self.unit_geom = nn.Linear(L.unit_features.shape[1], d)
@@ -188,6 +199,24 @@ class HitTransformer(nn.Module):
         self.val_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_values))
         for emb in (self.row_in, self.col_in, self.val_in, self.row_out, self.col_out, self.unit_emb):
             nn.init.normal_(emb.weight, std=0.02)
+        self.counts = None
+        if config.multiplicity == "count":
+            self.counts = CountLaw(L.n_units, n_cond, L.positions_per_unit,
+                                   config.count_exponents, condition_log_scale)
+            self.count_in, self.remain_in = nn.Linear(1, d), nn.Linear(1, d)
+        self.response = ResponseLaw(n_cond) if config.response_model else None
+
+    def law_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the count and response laws (a few per unit; trained faster)."""
+        return [p for m in (self.counts, self.response) if m is not None for p in m.parameters()]
+
+    def count_context(self, counts: torch.Tensor) -> torch.Tensor:
+        """(S, d) context term of sequences with `counts` (S,) hits."""
+        return self.count_in(count_feature(counts, self.layout.positions_per_unit))
+
+    def remaining_input(self, remaining: torch.Tensor) -> torch.Tensor:
+        """(..., d) token-input term for `remaining` (...) hits still to place."""
+        return self.remain_in(count_feature(remaining, self.layout.positions_per_unit))
 
     # ---- conditioning -------------------------------------------------------------------
     def unit_context(self, cond: torch.Tensor) -> torch.Tensor:
@@ -233,23 +262,46 @@ class HitTransformer(nn.Module):
         shift, scale = self.final_film(ctx).unsqueeze(1).chunk(2, -1)
         return self.norm(x) * (1 + scale) + shift
 
-    def row_logits(self, h: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor) -> torch.Tensor:
+    def _last_position(self, remaining: torch.Tensor) -> torch.Tensor:
+        """(..., 1) last flat grid position the next hit may take so that `remaining` - 1 more
+        hits still fit after it."""
+        return (self.layout.positions_per_unit - remaining).unsqueeze(-1)
+
+    def row_logits(self, h: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
+                   remaining: torch.Tensor | None = None) -> torch.Tensor:
         """(..., n_rows + 1) row logits, -inf where the row cannot follow (prev_row, prev_col);
-        prev_row = -1 before the first hit. END (last class) is always allowed."""
+        prev_row = -1 before the first hit. Without `remaining` END (last class) is always
+        allowed. With `remaining` (..., hits still to place, count law): END is the only class
+        where it is 0, and where it is positive END is masked and so is every row that would
+        leave too few grid positions for the hits after this one."""
         r = torch.arange(self.layout.n_rows + 1, device=h.device)
         width = torch.cat([self.row_width, self.row_width.new_ones(1)])
         pr, pc = prev_row.unsqueeze(-1), prev_col.unsqueeze(-1)
         ok = (r > pr) | ((r == pr) & (pc < width[r] - 1))
-        ok = ok & (width[r] > 0) | (r == self.layout.n_rows)
+        is_end = r == self.layout.n_rows
+        ok = ok & (width[r] > 0) & ~is_end
+        if remaining is None:
+            ok = ok | is_end
+        else:
+            start = torch.cat([self.row_start, self.row_start.new_zeros(1)])[r]
+            first_free = start + torch.where(r == pr, pc + 1, 0)
+            ok = ok & (first_free <= self._last_position(remaining))
+            done = (remaining <= 0).unsqueeze(-1)
+            ok = (ok & ~done) | (is_end & (done | ~ok.any(-1, keepdim=True)))
         return self.row_head(h).masked_fill(~ok, float("-inf"))
 
-    def col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor) -> torch.Tensor:
-        """(..., n_cols) column logits given the chosen row; invalid columns are -inf. For END
+    def col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
+                   remaining: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., n_cols) column logits given the chosen row; invalid columns are -inf (with
+        `remaining`, also those leaving too few positions for the hits after this one). For END
         (row = n_rows) every column is left open; that value is never used."""
         c = torch.arange(self.layout.n_cols, device=h.device)
         width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])
         r = row.unsqueeze(-1)
         ok = (c < width[row].unsqueeze(-1)) & ((r > prev_row.unsqueeze(-1)) | (c > prev_col.unsqueeze(-1)))
+        if remaining is not None:
+            start = torch.cat([self.row_start, self.row_start.new_zeros(1)])[row].unsqueeze(-1)
+            ok = ok & (start + c <= self._last_position(remaining))
         ok = ok | (r == self.layout.n_rows)
         return self.col_head(h + self.row_out(row)).masked_fill(~ok, float("-inf"))
 
@@ -258,13 +310,15 @@ class HitTransformer(nn.Module):
 
     # ---- training -----------------------------------------------------------------------
     def loss(self, tokens: TokenBatch, cond: torch.Tensor, sample_latent: bool = True,
-             bucket_slack: float = BUCKET_SLACK) -> dict[str, torch.Tensor]:
+             bucket_slack: float = BUCKET_SLACK, log_response: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Teacher-forced negative ELBO per token.
 
-        tokens: from `encode_hits`; cond: (B, C) normalised condition features.
+        tokens: from `encode_hits`; cond: (B, C) normalised condition features; log_response:
+        (B,) log(E_dep / E_inc) of the showers (needed with response_model).
         Returns `loss` (the objective: summed NLL of all targets + kl_weight * KL, divided by
         the number of real targets), `nll_row`, `nll_col`, `nll_value` (per hit, nats), `nll`
-        (per event, nats), `kl` (per event, nats). Padding never enters any of them.
+        (per event, nats; with a count law it includes `nll_count`), `kl` (per event, nats) and,
+        with the laws, `nll_count` and `nll_response` (per event). Padding never enters any of them.
         """
         B, L = len(cond), self.layout
         unit_ctx = self.unit_context(cond)
@@ -276,6 +330,9 @@ class HitTransformer(nn.Module):
             kl = kl_dim.sum() / B
             kl_penalised = (kl_dim.mean(0) - self.config.free_bits).clamp_min(0).sum()
         ctx = self.sequence_context(unit_ctx, z)
+        counting = self.counts is not None
+        if counting:
+            ctx = ctx + self.count_context(tokens.lengths)
         # Run the blocks per length bucket (sequences of similar length padded together) and
         # keep only real targets: padding costs at most ~bucket_slack x the real tokens.
         parts = []
@@ -287,24 +344,40 @@ class HitTransformer(nn.Module):
             # Input t is hit t-1 (t=0: start); its grid position is the "previous" one of target t.
             prev_r = torch.cat([rows.new_full((S, 1), -1), rows[:, 1:]], 1)
             prev_c = torch.cat([cols.new_full((S, 1), -1), cols[:, 1:]], 1)
-            h = self.hidden(self.embed(rows, cols, vals, True, ctx[idx]), ctx[idx], prev_r, prev_c)
+            x = self.embed(rows, cols, vals, True, ctx[idx])
             t = torch.arange(T, device=rows.device)[None]
-            real = t <= n[:, None]
+            if counting:
+                x = x + self.remaining_input(n[:, None] - t)
+            h = self.hidden(x, ctx[idx], prev_r, prev_c)
+            # With a count law END is not a prediction (it follows the last hit by construction).
+            real = t < n[:, None] if counting else t <= n[:, None]
             # Target t is hit t (stored at input slot t+1), END at t = length.
             t_row = torch.where(t == n[:, None], L.n_rows, torch.cat([rows[:, 1:], rows.new_zeros(S, 1)], 1))
             t_col = torch.cat([cols[:, 1:], cols.new_zeros(S, 1)], 1)
             t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1)], 1)
-            parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val)])
-        h, pr, pc, t_row, t_col, t_val = (torch.cat(x) for x in zip(*parts, strict=True))
-        nll_row = F.cross_entropy(self.row_logits(h, pr, pc), t_row, reduction="sum")
+            remaining = (n[:, None] - t).expand(S, T)  # hits still to place at target t (this one included)
+            parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val, remaining)])
+        h, pr, pc, t_row, t_col, t_val, rem = (torch.cat(x) for x in zip(*parts, strict=True))
+        rem = rem if counting else None
+        nll_row = F.cross_entropy(self.row_logits(h, pr, pc, rem), t_row, reduction="sum")
         hit = t_row != L.n_rows
         h, pr, pc, hr, hc = h[hit], pr[hit], pc[hit], t_row[hit], t_col[hit]
-        nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc), hc, reduction="sum")
+        nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc, None if rem is None else rem[hit]), hc,
+                                  reduction="sum")
         nll_val = F.cross_entropy(self.value_logits(h, hr, hc), t_val[hit], reduction="sum")
         nll = nll_row + nll_col + nll_val
-        n_tok, n_hit = len(t_row), max(int(hit.sum()), 1)
-        objective = nll + (self.config.kl_weight * kl_penalised * B if self.latent_dim else 0.0)
-        return {
+        laws = {}
+        if counting:
+            laws["nll_count"] = -self.counts.log_prob(tokens.lengths.view(B, L.n_units), cond).sum()
+            nll = nll + laws["nll_count"]
+        if self.response is not None:
+            if log_response is None:
+                raise ValueError("response_model needs the showers' log(E_dep / E_inc)")
+            laws["nll_response"] = -self.response.log_prob(log_response, cond).sum()
+        n_tok, n_hit = max(len(t_row), 1), max(int(hit.sum()), 1)
+        objective = nll + laws.get("nll_response", 0.0)
+        objective = objective + (self.config.kl_weight * kl_penalised * B if self.latent_dim else 0.0)
+        return {**{k: v.detach() / B for k, v in laws.items()},
             "loss": objective / n_tok,
             "nll": nll.detach() / B,
             "nll_row": nll_row.detach() / n_hit,
@@ -314,12 +387,13 @@ class HitTransformer(nn.Module):
         }
 
     def forward(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                cond: torch.Tensor, sample_latent: bool = True) -> dict[str, torch.Tensor]:
+                cond: torch.Tensor, sample_latent: bool = True,
+                log_response: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`loss` of a TokenBatch given as plain tensors (what an engine forwards)."""
         S = len(lengths)
         seq = torch.arange(S, device=lengths.device)
         tokens = TokenBatch(rows, cols, values, lengths, seq // self.layout.n_units, seq % self.layout.n_units)
-        return self.loss(tokens, cond, sample_latent)
+        return self.loss(tokens, cond, sample_latent, log_response=log_response)
 
     # ---- cost ---------------------------------------------------------------------------
     def flops_per_token(self, context: float, training: bool = True) -> float:

@@ -13,6 +13,11 @@ result bit-identical for any batch split (tests/test_transformer_sampling.py che
 
 Sequences of all events and units advance in lock-step, one hit per step; finished sequences
 are dropped from the active set (and their KV cache rows freed) as they end.
+
+With a count law the hits of each sequence are drawn first (inverse CDF of its count law by
+the counter uniforms of step -1: one per sequence, one per event for the shared copula factor,
+keyed as unit n_units), and END comes exactly after them; with a response law each
+shower's E_dep / E_inc is drawn (step -2) and its cell energies are scaled to it.
 """
 
 from __future__ import annotations
@@ -108,6 +113,8 @@ class Generated:
     value_u: torch.Tensor
     lengths: torch.Tensor
     n_capped: int
+    targets: torch.Tensor | None = None
+    """(S,) hits drawn by the count law (None without one)."""
 
 
 @torch.no_grad()
@@ -126,6 +133,14 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                          for s in seeds]).to(dev) if B else torch.zeros(0, model.latent_dim, device=dev)
     ev_pad = _padded(torch.arange(B, device=dev)) if B else torch.zeros(0, dtype=torch.long, device=dev)
     ctx_all = model.sequence_context(model.unit_context(cond[ev_pad]), None if z is None else z[ev_pad])[:S]
+    targets, n_capped_counts = None, 0
+    if model.counts is not None and S:
+        event_keys = torch.tensor(list(seeds), dtype=torch.int64, device=dev)
+        targets, n_capped_counts = model.counts.sample(counter_uniform(keys, units, -1, 0),
+                                                       counter_uniform(event_keys, torch.full_like(event_keys, U), -1, 0),
+                                                       cond, max_hits)
+        seq_pad = _padded(torch.arange(S, device=dev))
+        ctx_all = ctx_all + model.count_context(targets[seq_pad])[:S]
 
     cap = 16
     out = {k: torch.zeros(S, cap, dtype=torch.long, device=dev) for k in ("rows", "cols", "values")}
@@ -155,6 +170,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                 # rows whose sequence ended before its first hit still hold -1: embed them as 0
                 x = model.embed(prev_r[slots, None].clamp_min(0), prev_c[slots, None].clamp_min(0),
                                 prev_v[slots, None], False, ctx)
+            if targets is not None:
+                x = x + model.remaining_input(targets[slots, None] - t)
             h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches)[:, 0]
         else:  # full recomputation of the prefix: start token + hits 0..t-1
             first = torch.zeros_like(slots)[:, None]
@@ -163,10 +180,14 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             hv = torch.cat([first, out["values"][slots, :t]], 1)
             pr = torch.cat([first - 1, hr[:, 1:]], 1)
             pc = torch.cat([first - 1, hc[:, 1:]], 1)
-            h = model.hidden(model.embed(hr, hc, hv, True, ctx), ctx, pr, pc)[:, -1]
+            x = model.embed(hr, hc, hv, True, ctx)
+            if targets is not None:
+                x = x + model.remaining_input(targets[slots, None] - torch.arange(t + 1, device=dev)[None])
+            h = model.hidden(x, ctx, pr, pc)[:, -1]
         k, un, pr, pc = keys[slots], units[slots], prev_r[slots], prev_c[slots]
-        row = sample_top_q(model.row_logits(h, pr, pc), counter_uniform(k, un, t, 0), temperature, top_q)
-        col = sample_top_q(model.col_logits(h, row, pr, pc), counter_uniform(k, un, t, 1), temperature, top_q)
+        rem = None if targets is None else targets[slots] - t
+        row = sample_top_q(model.row_logits(h, pr, pc, rem), counter_uniform(k, un, t, 0), temperature, top_q)
+        col = sample_top_q(model.col_logits(h, row, pr, pc, rem), counter_uniform(k, un, t, 1), temperature, top_q)
         val = sample_top_q(model.value_logits(h, row, col), counter_uniform(k, un, t, 2), temperature, top_q)
         li = live.nonzero().squeeze(1)
         seq, row, col, val = slots[li], row[li], col[li], val[li]
@@ -192,12 +213,30 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             if caches is not None:
                 for c in caches:
                     c.select(pos)
+    n_capped = max(n_capped, n_capped_counts)
     if n_capped:
         log.warning("%d of %d sequences reached the cap of model.max_hits=%d hits and were cut there; "
                     "raise model.max_hits (or generate at lower luminosity/energy) for unbiased multiplicities",
                     n_capped, S, max_hits)
     T = int(lengths.max()) if S else 0
-    return Generated(out["rows"][:, :T], out["cols"][:, :T], out["values"][:, :T], out_u[:, :T], lengths, n_capped)
+    return Generated(out["rows"][:, :T], out["cols"][:, :T], out["values"][:, :T], out_u[:, :T], lengths, n_capped,
+                     targets)
+
+
+@torch.no_grad()
+def scale_to_response(batch: HitBatch, model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int]) -> HitBatch:
+    """Scale each shower's cell energies so that their sum is E_inc x a response drawn from the
+    model's response law (counter uniform of step -2 of the event's seed). Empty showers stay empty."""
+    keys = torch.tensor(list(seeds), dtype=torch.int64, device=cond.device)
+    u = counter_uniform(keys, torch.zeros_like(keys), -2, 0)
+    response = model.response.sample(u, cond).cpu().numpy()
+    e_inc = np.asarray(batch.conditions["incident_energy"], dtype=np.float64)
+    values = batch.columns["value"].astype(np.float64)
+    event = batch.event_index()
+    sums = np.bincount(event, weights=values, minlength=len(batch))
+    factor = np.where(sums > 0, response * e_inc / np.where(sums > 0, sums, 1.0), 1.0)
+    batch.columns["value"] = (values * factor[event]).astype(batch.columns["value"].dtype)
+    return batch
 
 
 def sample_events(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int], conditions: dict[str, np.ndarray],
@@ -215,9 +254,12 @@ def sample_events(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int
             hi = min(len(seeds), lo + batch_events)
             g = generate_tokens(model, cond[lo:hi], seeds[lo:hi], temperature=temperature, top_q=top_q,
                                 max_hits=max_hits)
-            parts.append(decode_tokens(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo,
-                                       {k: np.asarray(v, dtype=np.float64)[lo:hi] for k, v in conditions.items()},
-                                       g.value_u))
+            part = decode_tokens(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo,
+                                 {k: np.asarray(v, dtype=np.float64)[lo:hi] for k, v in conditions.items()},
+                                 g.value_u)
+            if model.response is not None:
+                part = scale_to_response(part, model, cond[lo:hi], seeds[lo:hi])
+            parts.append(part)
     finally:
         model.train(was_training)
     if not parts:

@@ -9,6 +9,7 @@ Read top to bottom: data -> family -> engines -> resume -> steps (log, validate,
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import time
@@ -28,6 +29,8 @@ from uhg.tracking.logger import NullLogger, RunLogger
 from uhg.train.family import ModelFamily, NonFiniteLoss, build_family
 from uhg.train.evaluation import RunEvaluation, evaluate_run, load_extrapolation
 from uhg.train.hooks import LocalHooks, TrainHooks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +81,22 @@ def prepare_data(cfg: RunConfig, rank: int, world: int = 1):
     return TrainingData.open(cfg, rank, world)
 
 
+def _initialise_from_data(family, modules, data) -> dict[str, float]:
+    """A family's optional data-driven start (`fit_sample` + `initialise_from_data`): the same
+    training events on every rank and a deterministic fit, so ranks start identical."""
+    pick = getattr(family, "fit_sample", None)
+    if pick is None:
+        return {}
+    idx = pick(data.n_train)
+    if not len(idx):
+        return {}
+    t0 = time.perf_counter()
+    fitted = family.initialise_from_data(modules, data.events(idx))
+    log.info("fitted the model's laws to %d training events in %.1f s: %s", len(idx), time.perf_counter() - t0,
+             ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
+    return fitted
+
+
 def _generator_state(family: ModelFamily, engines: Mapping, ema: EMA | None) -> dict[str, torch.Tensor]:
     """Full generator weights for validation/export: the EMA, or the gathered live weights."""
     from uhg.train.engine import full_parameters
@@ -112,6 +131,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     # identical initial weights on every rank; then per-rank noise streams
     seed_everything(cfg.seed)
     modules = family.build_modules()
+    law_fit = _initialise_from_data(family, modules, data)
     eval_module = copy.deepcopy(modules[family.generator_name]).to(device).eval()
     ema = EMA(modules[family.generator_name].to(device), family.ema_decay) if family.ema_decay > 0 else None
     engines = build_engines(cfg, family, modules, micro, world, device)
@@ -128,7 +148,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
         logger.log_params({**flatten(config_to_dict(cfg)), "world_size": world, "device": str(device),
                            "train_events": data.n_train, "validation_events": data.n_validation})
         logger.set_tags({"family": family.name, "geometry": cfg.geometry, "resumed_from": str(resume or "")})
-        logger.log_metrics({"data_skipped_events": float(data.skipped_events)}, step=step)
+        logger.log_metrics({"data_skipped_events": float(data.skipped_events), **law_fit}, step=step)
 
     t = cfg.train
     history: list[dict[str, float]] = []

@@ -18,13 +18,27 @@ from torch import nn
 from uhg.config.schema import TrainConfig
 from uhg.config.transformer import TransformerConfig
 from uhg.data.hits import HitBatch
+from uhg.errors import ConfigError
 from uhg.models.common import ConditionNorm
 from uhg.models.transformer import HitTransformer, mean_attended, padded_tokens
+from uhg.models.transformer_laws import fit_law
 from uhg.models.transformer_sampling import sample_events
 from uhg.models.transformer_tokens import encode_hits, layout_for_geometry
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
+
+
+LAW_FIT_EVENTS = 512
+"""Training events (spread over the training range) the laws are first fitted to."""
+
+
+def log_response(batch: TorchHits) -> torch.Tensor:
+    """(B,) log(E_dep / E_inc) of calorimeter showers (floored at 1e-6 for empty ones)."""
+    e_dep = torch.zeros(len(batch), dtype=torch.float64, device=batch.device)
+    e_dep.index_add_(0, batch.event_index(), batch.columns["value"].double())
+    e_inc = batch.conditions["incident_energy"].double().to(batch.device)
+    return (e_dep / e_inc).clamp_min(1e-6).log().float()
 
 
 class TransformerFamily:
@@ -43,25 +57,67 @@ class TransformerFamily:
         else:
             self.layout = layout_for_geometry(geometry, cfg.energy_bins, lo, hi)
         self.ema_decay = cfg.ema_decay
+        if cfg.response_model and self.layout.kind == "pixel":
+            raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
+        self.log_scale = None
+        if cfg.count_exponents is not None:
+            if not condition_norm.log[0]:
+                raise ConfigError(f"model.count_exponents needs a positive (log-scaled) condition; "
+                                  f"{condition_norm.names[0]!r} is not log-scaled in this training range")
+            self.log_scale = condition_norm.scale[0]
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": HitTransformer(self.cfg, self.layout)}
+        return {"model": HitTransformer(self.cfg, self.layout, self.log_scale)}
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+        # The laws' log-amplitudes must not be pulled to 0 by weight decay.
+        laws = module.law_parameters() if hasattr(module, "law_parameters") else []
+        law_ids = {id(p) for p in laws}
         # No weight decay on embeddings, norms and biases (the usual transformer recipe).
         decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2 and "emb" not in n
-                 and not n.endswith(("_in.weight", "_out.weight"))]
-        ids = {id(p) for p in decay}
+                 and not n.endswith(("_in.weight", "_out.weight")) and id(p) not in law_ids]
+        ids = {id(p) for p in decay} | law_ids
         rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        if laws:
+            groups.append({"params": laws, "weight_decay": 0.0})
         return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
+
+    def fit_sample(self, n_train: int) -> np.ndarray:
+        """Training-event positions `initialise_from_data` wants (evenly spread, at most LAW_FIT_EVENTS)."""
+        if self.cfg.multiplicity != "count" and not self.cfg.response_model:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.linspace(0, n_train - 1, min(n_train, LAW_FIT_EVENTS)).round().astype(np.int64))
+
+    def initialise_from_data(self, modules: Mapping[str, nn.Module], sample: HitBatch) -> dict[str, float]:
+        """Start the count and response laws at their maximum-likelihood fit to training events
+        (full-batch L-BFGS, deterministic, so every rank starts from the same weights): SGD at
+        the transformer's learning rate would take thousands of steps to move a log-occupancy
+        by a few units, and jitters around it afterwards. Training then refines them jointly."""
+        model = modules["model"]
+        if len(sample) == 0 or (model.counts is None and model.response is None):
+            return {}
+        hits = TorchHits.from_batch(sample)
+        cond = self.condition_norm(hits.conditions).double()
+        out = {}
+        if model.counts is not None:
+            law = model.counts
+            counts = encode_hits(hits, self.layout).lengths.view(len(sample), self.layout.n_units).double()
+            out["law_count_nll"] = fit_law(law, lambda m: -m.marginal_log_prob(counts, cond).mean())
+            y = law.scores(counts, cond.to(law.loading.dtype)).double()
+            out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
+        if model.response is not None:
+            target = log_response(hits).double()
+            out["law_response_nll"] = fit_law(model.response, lambda m: -m.log_prob(target, cond).mean())
+        return out
 
     # -- training
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         engine = engines["model"]
         tokens = encode_hits(batch, self.layout)
         cond = self.condition_norm(batch.conditions).to(batch.device)
-        out = engine(tokens.rows, tokens.cols, tokens.values, tokens.lengths, cond)
+        extra = {"log_response": log_response(batch)} if self.cfg.response_model else {}
+        out = engine(tokens.rows, tokens.cols, tokens.values, tokens.lengths, cond, **extra)
         check_finite("loss", out["loss"])
         engine.backward(out["loss"])
         engine.step()
@@ -85,11 +141,13 @@ class TransformerFamily:
         try:
             tokens = encode_hits(batch, self.layout)
             cond = self.condition_norm(batch.conditions).to(batch.device)
-            nll = model.loss(tokens, cond, sample_latent=False)
+            nll = model.loss(tokens, cond, sample_latent=False,
+                             log_response=log_response(batch) if self.cfg.response_model else None)
         finally:
             model.train(was_training)
         out = {"nll_per_event": float(nll["nll"]), "nll_row": float(nll["nll_row"]),
                "nll_col": float(nll["nll_col"]), "nll_value": float(nll["nll_value"]), "kl": float(nll["kl"])}
+        out.update({k: float(nll[k]) for k in ("nll_count", "nll_response") if k in nll})
         seeds = [event_seed(0, i, "generate") for i in range(len(batch))]
         fake, real = self.sample(model, batch.conditions, seeds), batch.to_batch()
         hf, hr = float(fake.hits_per_event.mean()), float(real.hits_per_event.mean())

@@ -1,0 +1,226 @@
+"""Physics-shaped laws the hit transformer draws from before it samples hits.
+
+Multiplicity and total energy are the quantities that must follow the conditions beyond the
+training range, and both have known functional forms: background hits grow as powers of the
+luminosity (saturating only when the grid fills), a calorimeter's response E_dep / E_inc is
+almost flat in energy with a resolution that shrinks as a power of it. A network that learns
+them through attention and FiLM saturates outside the range it saw; a law with a handful of
+parameters per unit extrapolates as the law does. Both laws are fitted by maximum likelihood
+in the same loss as the transformer.
+
+Every function of a per-sequence quantity here is elementwise (no matrix products), so a
+sequence's draw does not depend on the batch it is computed in (see transformer_sampling).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INIT_FRACTION = 0.05  # starting occupancy of every unit (logit -2.9): within 3 of any detector's
+QUANTILE_SIGMAS = 12.0  # support of an inverse-CDF count draw: mean + this many standard deviations
+QUANTILE_CHUNK = 1024  # sequences per inverse-CDF block (bounds memory to chunk x support)
+
+
+def nb_log_prob(n: torch.Tensor, mean: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """log NB(n | mean, dispersion r): variance mean + mean^2 / r (Poisson as r -> inf)."""
+    log_mean, log_r = mean.clamp_min(1e-12).log(), r.log()
+    return (torch.lgamma(n + r) - torch.lgamma(r) - torch.lgamma(n + 1)
+            - r * F.softplus(log_mean - log_r) - n * F.softplus(log_r - log_mean))
+
+
+def nb_quantile(u: torch.Tensor, mean: torch.Tensor, r: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """(N,) long: inverse-CDF draws of NB(mean, r) by uniforms u (N,), clamped to `upper` (N,).
+    Each row's support is its own (mean + QUANTILE_SIGMAS sd), so a draw does not depend on the
+    other rows of the batch."""
+    u, mean, r = u.double(), mean.double(), r.double()
+    sd = (mean + mean.square() / r).sqrt()
+    support = (mean + QUANTILE_SIGMAS * sd).ceil().long() + 16
+    support = torch.minimum(support, upper.long() + 1)
+    out = torch.zeros(len(u), dtype=torch.long, device=u.device)
+    for lo in range(0, len(u), QUANTILE_CHUNK):
+        sl = slice(lo, lo + QUANTILE_CHUNK)
+        K = int(support[sl].max()) if len(support[sl]) else 0
+        if K <= 0:
+            continue
+        k = torch.arange(K, dtype=torch.float64, device=u.device)[None]
+        p = nb_log_prob(k, mean[sl, None], r[sl, None]).exp() * (k < support[sl, None])
+        cdf = torch.cumsum(p, -1)
+        choice = torch.searchsorted(cdf, (u[sl] * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        out[sl] = torch.minimum(choice, support[sl] - 1)
+    return torch.minimum(out, upper.long())
+
+
+def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, U): sum_c x[b, c] w[u, c], elementwise (no BLAS) for batch-independent rounding."""
+    return (x[:, None, :] * w[None]).sum(-1)
+
+
+class CountLaw(nn.Module):
+    """Hits per unit: NB(mean, r_u), mean = P_u sigmoid(eta), P_u the unit's grid positions.
+
+    Without exponents, eta = a_u + b_u . x over the normalised conditions x (log of the physical
+    ones), i.e. a power law c^(b_u / scale) at low occupancy. With exponents p_k (one condition,
+    physical log-scale `log_scale` = scale of its normalisation),
+    eta = log sum_k exp(a_uk + p_k log_scale x): a sum of fixed powers of the condition (expected
+    hits per position P_u x).
+
+    Event-wide fluctuations (all sensors of an event busier together) come from a one-factor
+    Gaussian copula: the normal score of unit u's count is l_u g + sqrt(1 - l_u^2) e_u with one
+    g per event. The marginal of each unit stays exactly its NB law, so the mean occupancy a
+    law predicts is what generation delivers; l_u is fitted on the normal scores of the data.
+    (An event latent inside eta would be inferred from the counts themselves in training and
+    let the law's own mean drift away from the data's.)"""
+
+    def __init__(self, n_units: int, n_cond: int, positions: int,
+                 exponents: list[float] | None = None, log_scale: float | None = None):
+        super().__init__()
+        self.register_buffer("positions", torch.full((n_units,), float(positions)))
+        init = math.log(INIT_FRACTION / (1 - INIT_FRACTION))
+        if exponents is not None:
+            if n_cond != 1 or log_scale is None:
+                raise ValueError("count exponents need exactly one log-scaled condition")
+            self.register_buffer("exponents", torch.tensor([float(p) for p in exponents]) * float(log_scale))
+            self.amplitude = nn.Parameter(torch.full((n_units, len(exponents)), init - math.log(len(exponents))))
+        else:
+            self.exponents = None
+            self.bias = nn.Parameter(torch.full((n_units,), init))
+            self.slope = nn.Parameter(torch.zeros(n_units, max(n_cond, 1)))
+        # atanh of l_u; not 0, where the copula density is flat in every loading (a saddle)
+        self.loading = nn.Parameter(torch.full((n_units,), math.atanh(0.3)))
+        self.log_dispersion = nn.Parameter(torch.full((n_units,), math.log(20.0)))
+
+    def eta(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, U) logit of the expected occupancy of each unit. cond (B, C)."""
+        if self.exponents is not None:
+            return torch.logsumexp(self.amplitude[None] + cond[:, :1, None] * self.exponents[None, None], -1)
+        x = cond if cond.shape[1] else cond.new_zeros(len(cond), 1)
+        return self.bias[None] + _dot(x, self.slope)
+
+    def mean(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, U) expected hits."""
+        return self.positions[None] * torch.sigmoid(self.eta(cond))
+
+    def dispersion(self) -> torch.Tensor:
+        return self.log_dispersion.clamp(-5.0, 12.0).exp()
+
+    def loadings(self) -> torch.Tensor:
+        return torch.tanh(self.loading).clamp(-0.999, 0.999)
+
+    def marginal_log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B,) sum over units of the NB log-likelihood of hits per unit `counts` (B, U)."""
+        return nb_log_prob(counts.to(cond.dtype), self.mean(cond), self.dispersion()[None]).sum(-1)
+
+    def scores(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B, U) normal scores of the counts under the current marginals (no gradient)."""
+        with torch.no_grad():
+            mean = self.mean(cond)
+            return normal_scores(counts, mean, self.dispersion()[None].expand_as(mean))
+
+    def copula_log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """(B,) Gaussian log-density of normal scores y (B, U) under the one-factor copula."""
+        return one_factor_log_density(y, self.loadings().to(y.dtype))
+
+    def log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B,) log-likelihood of observed hits per unit `counts` (B, U): the NB marginals plus
+        the copula's Gaussian log-density of the (fixed) normal scores."""
+        return self.marginal_log_prob(counts, cond) + self.copula_log_prob(self.scores(counts, cond))
+
+    def sample(self, u_unit: torch.Tensor, u_event: torch.Tensor, cond: torch.Tensor, cap: int) -> tuple[torch.Tensor, int]:
+        """(B*U,) counts (event-major) from uniforms u_unit (B*U,) and u_event (B,), at most
+        min(cap, positions); and how many draws the cap cut."""
+        B, U = len(cond), len(self.positions)
+        mean = self.mean(cond).reshape(-1)
+        r = self.dispersion().repeat(B)
+        load = self.loadings().double().repeat(B)
+        g = torch.special.ndtri(u_event.double().clamp(1e-12, 1 - 1e-12)).repeat_interleave(U)
+        e = torch.special.ndtri(u_unit.double().clamp(1e-12, 1 - 1e-12))
+        u = torch.special.ndtr(load * g + (1 - load.square()).sqrt() * e)
+        raw = nb_quantile(u, mean, r, self.positions.long().repeat(B))
+        capped = int((raw > cap).sum())
+        return raw.clamp_max(cap), capped
+
+
+def normal_scores(counts: torch.Tensor, mean: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(B, U) Phi^-1 of the mid-point NB CDF of each count (the randomised-PIT centre)."""
+    dtype = mean.dtype
+    n, mean, r = counts.long().reshape(-1), mean.double().reshape(-1), r.double().reshape(-1)
+    mid = torch.zeros(len(n), dtype=torch.float64, device=n.device)
+    for lo in range(0, len(n), QUANTILE_CHUNK):
+        sl = slice(lo, lo + QUANTILE_CHUNK)
+        k = torch.arange(int(n[sl].max()) + 1, dtype=torch.float64, device=n.device)
+        p = nb_log_prob(k[None], mean[sl, None], r[sl, None]).exp()
+        at = n[sl, None]
+        mid[sl] = (torch.cumsum(p, -1).gather(-1, at) - 0.5 * p.gather(-1, at)).squeeze(-1)
+    return torch.special.ndtri(mid.clamp(1e-6, 1 - 1e-6)).view(counts.shape).to(dtype)
+
+
+def one_factor_log_density(y: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """(B,) log N(y | 0, diag(1 - l^2) + l l^T) for y (B, U), loadings l (U,) (Woodbury)."""
+    d = 1 - load.square()
+    a = load / d
+    quad = (y.square() / d).sum(-1) - (y * a).sum(-1).square() / (1 + (load * a).sum())
+    logdet = d.log().sum() + torch.log1p((load * a).sum())
+    return -0.5 * (quad + logdet + y.shape[-1] * math.log(2 * math.pi))
+
+
+class ResponseLaw(nn.Module):
+    """log(E_dep / E_inc) ~ Normal(m_0 + m . x, exp(s_0 + s . x)): a response and a resolution
+    that are power laws of the (log-scaled) conditions."""
+
+    def __init__(self, n_cond: int):
+        super().__init__()
+        self.m0 = nn.Parameter(torch.zeros(()))
+        self.m = nn.Parameter(torch.zeros(max(n_cond, 1)))
+        self.s0 = nn.Parameter(torch.tensor(math.log(0.1)))
+        self.s = nn.Parameter(torch.zeros(max(n_cond, 1)))
+
+    def params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = cond if cond.shape[1] else cond.new_zeros(len(cond), 1)
+        mu = self.m0 + (x * self.m[None]).sum(-1)
+        log_sigma = (self.s0 + (x * self.s[None]).sum(-1)).clamp(-12.0, 3.0)
+        return mu, log_sigma
+
+    def log_prob(self, log_response: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B,) log-density of observed log(E_dep / E_inc)."""
+        mu, log_sigma = self.params(cond)
+        return -0.5 * ((log_response - mu) / log_sigma.exp()).square() - log_sigma - 0.5 * math.log(2 * math.pi)
+
+    def sample(self, u: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B,) E_dep / E_inc drawn by uniforms u (B,) in (0, 1)."""
+        mu, log_sigma = self.params(cond.double())
+        normal = torch.special.ndtri(u.double().clamp(1e-12, 1 - 1e-12))
+        return (mu.double() + log_sigma.double().exp() * normal).exp()
+
+
+def fit_law(law: nn.Module, loss_fn, max_iter: int = 200) -> float:
+    """Minimise loss_fn(law) over the law's parameters by full-batch L-BFGS in float64 (a
+    deterministic maximum-likelihood fit); the parameters keep their dtype. Returns the loss."""
+    dtype = next(law.parameters()).dtype
+    law.double()
+    opt = torch.optim.LBFGS(law.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(law)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        final = float(loss_fn(law))
+    law.to(dtype)
+    return final
+
+
+def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
+    """Hits (or hits still to place) as an O(1) input: log(1 + n) / log(1 + positions)."""
+    return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
+
+
+__all__ = ["CountLaw", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+           "one_factor_log_density"]
