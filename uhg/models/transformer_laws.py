@@ -173,9 +173,10 @@ class ResponseLaw(nn.Module):
 
     def __init__(self, n_cond: int):
         super().__init__()
-        self.m0 = nn.Parameter(torch.zeros(()))
+        # (1,), not 0-d: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
+        self.m0 = nn.Parameter(torch.zeros(1))
         self.m = nn.Parameter(torch.zeros(max(n_cond, 1)))
-        self.s0 = nn.Parameter(torch.tensor(math.log(0.1)))
+        self.s0 = nn.Parameter(torch.full((1,), math.log(0.1)))
         self.s = nn.Parameter(torch.zeros(max(n_cond, 1)))
 
     def params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
