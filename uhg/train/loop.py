@@ -81,6 +81,9 @@ def prepare_data(cfg: RunConfig, rank: int, world: int = 1):
     return TrainingData.open(cfg, rank, world)
 
 
+LAW_FIT_CHUNK = 256  # events read at a time for a family's data-driven start
+
+
 def _initialise_from_data(family, modules, data) -> dict[str, float]:
     """A family's optional data-driven start (`fit_sample` + `initialise_from_data`): the same
     training events on every rank and a deterministic fit, so ranks start identical."""
@@ -91,7 +94,8 @@ def _initialise_from_data(family, modules, data) -> dict[str, float]:
     if not len(idx):
         return {}
     t0 = time.perf_counter()
-    fitted = family.initialise_from_data(modules, data.events(idx))
+    chunks = (data.events(idx[i:i + LAW_FIT_CHUNK]) for i in range(0, len(idx), LAW_FIT_CHUNK))
+    fitted = family.initialise_from_data(modules, chunks)
     log.info("fitted the model's laws to %d training events in %.1f s: %s", len(idx), time.perf_counter() - t0,
              ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
     return fitted

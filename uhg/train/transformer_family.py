@@ -9,7 +9,7 @@ figures of events sampled at the validation events' conditions.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,10 @@ from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
 
 
-LAW_FIT_EVENTS = 512
-"""Training events (spread over the training range) the laws are first fitted to."""
+LAW_FIT_EVENTS = 8192
+"""Training events (spread over the training range) the laws are first fitted to: a law with a
+few parameters per sensor needs thousands of events for percent-level per-sensor means. Only
+per-unit counts and energy sums are kept, so memory does not grow with the hits."""
 
 
 def log_response(batch: TorchHits) -> torch.Tensor:
@@ -89,25 +91,35 @@ class TransformerFamily:
             return np.zeros(0, dtype=np.int64)
         return np.unique(np.linspace(0, n_train - 1, min(n_train, LAW_FIT_EVENTS)).round().astype(np.int64))
 
-    def initialise_from_data(self, modules: Mapping[str, nn.Module], sample: HitBatch) -> dict[str, float]:
+    def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         """Start the count and response laws at their maximum-likelihood fit to training events
-        (full-batch L-BFGS, deterministic, so every rank starts from the same weights): SGD at
-        the transformer's learning rate would take thousands of steps to move a log-occupancy
-        by a few units, and jitters around it afterwards. Training then refines them jointly."""
+        (`batches`, the events of `fit_sample`; full-batch L-BFGS, deterministic, so every rank
+        starts from the same weights): SGD at the transformer's learning rate would take
+        thousands of steps to move a log-occupancy by a few units, and jitters around it
+        afterwards. Training then refines them jointly."""
         model = modules["model"]
-        if len(sample) == 0 or (model.counts is None and model.response is None):
+        if model.counts is None and model.response is None:
             return {}
-        hits = TorchHits.from_batch(sample)
-        cond = self.condition_norm(hits.conditions).double()
+        conds, counts, responses = [], [], []
+        for batch in batches:
+            hits = TorchHits.from_batch(batch)
+            conds.append(self.condition_norm(hits.conditions).double())
+            units = hits.columns["sensor"] if self.layout.kind == "pixel" else torch.zeros_like(hits.event_index())
+            flat = hits.event_index() * self.layout.n_units + units.long()
+            counts.append(torch.bincount(flat, minlength=len(batch) * self.layout.n_units).view(len(batch), -1))
+            if model.response is not None:
+                responses.append(log_response(hits).double())
+        if not conds:
+            return {}
+        cond, n = torch.cat(conds), torch.cat(counts).double()
         out = {}
         if model.counts is not None:
             law = model.counts
-            counts = encode_hits(hits, self.layout).lengths.view(len(sample), self.layout.n_units).double()
-            out["law_count_nll"] = fit_law(law, lambda m: -m.marginal_log_prob(counts, cond).mean())
-            y = law.scores(counts, cond.to(law.loading.dtype)).double()
+            out["law_count_nll"] = fit_law(law, lambda m: -m.marginal_log_prob(n, cond).mean())
+            y = law.scores(n, cond.to(law.loading.dtype)).double()
             out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
         if model.response is not None:
-            target = log_response(hits).double()
+            target = torch.cat(responses)
             out["law_response_nll"] = fit_law(model.response, lambda m: -m.log_prob(target, cond).mean())
         return out
 
