@@ -133,16 +133,16 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
 
     # identical initial weights on every rank; then per-rank noise streams
+    resume = hooks.resume_dir()
     seed_everything(cfg.seed)
     modules = family.build_modules()
-    law_fit = _initialise_from_data(family, modules, data)
+    law_fit = _initialise_from_data(family, modules, data) if resume is None else {}  # a checkpoint holds them
     eval_module = copy.deepcopy(modules[family.generator_name]).to(device).eval()
     ema = EMA(modules[family.generator_name].to(device), family.ema_decay) if family.ema_decay > 0 else None
     engines = build_engines(cfg, family, modules, micro, world, device)
     seed_everything(cfg.seed * 1_000_003 + rank)
 
     step, skipped, events_seen = 0, 0, 0
-    resume = hooks.resume_dir()
     if resume is not None:
         state = load_checkpoint(resume, engines, ema.shadow if ema else None, rank, world)
         step, skipped, events_seen = int(state["step"]), int(state["skipped_steps"]), int(state["events_seen"])
