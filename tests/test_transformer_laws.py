@@ -24,12 +24,7 @@ from uhg.seeding import event_seed
 from uhg.train.family import build_family
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _seeds(seed: int, n: int, first: int = 0) -> list[int]:

@@ -19,13 +19,7 @@ from uhg.sparse.torch_hits import TorchHits
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, latent_dim=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster on a shared 2-core machine than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

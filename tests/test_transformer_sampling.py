@@ -23,12 +23,7 @@ from uhg.models.transformer_tokens import layout_for_geometry
 from uhg.seeding import event_seed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(geometry: str = "pxd-tiny", end_bias: float = 0.0, row0_bias: float = 0.0, **kw) -> HitTransformer:
