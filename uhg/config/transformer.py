@@ -83,8 +83,8 @@ class TransformerConfig(Section):
         "end",
         description="What decides the number of hits of a sequence. end: the END token. count: a "
         "negative-binomial count model draws it first (mean = positions of the unit x sigmoid(eta), "
-        "eta linear in the log-scaled conditions, plus the event latent: a power law at low occupancy "
-        "that saturates at the full grid), the hits are then sampled knowing how many remain, and END "
+        "eta linear in the log-scaled conditions: a power law at low occupancy that saturates at "
+        "the full grid; event-wide fluctuations through a one-factor copula), the hits are then sampled knowing how many remain, and END "
         "comes exactly after the drawn count. The count law, not the attention stack, carries the "
         "condition dependence of the multiplicity, so it extrapolates as the law does.",
     )

@@ -207,7 +207,7 @@ class HitTransformer(nn.Module):
         self.response = ResponseLaw(n_cond) if config.response_model else None
 
     def law_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the count and response laws (a few per unit; trained faster)."""
+        """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
         return [p for m in (self.counts, self.response) if m is not None for p in m.parameters()]
 
     def count_context(self, counts: torch.Tensor) -> torch.Tensor:
