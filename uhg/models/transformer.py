@@ -175,8 +175,9 @@ class HitTransformer(nn.Module):
         n_cond = len(config.conditions)
         self.register_buffer("unit_features", torch.as_tensor(L.unit_features, dtype=torch.float32))
         self.register_buffer("row_width", torch.as_tensor(L.row_width, dtype=torch.long), persistent=False)
+        # flat position of (row, 0) for every row and END (which never takes a position: 0)
         start = torch.cumsum(torch.as_tensor((0, *L.row_width[:-1]), dtype=torch.long), 0)
-        self.register_buffer("row_start", start, persistent=False)  # flat position of (row, 0)
+        self.register_buffer("row_start", torch.cat([start, start.new_zeros(1)]), persistent=False)
         self.cond_mlp = nn.Sequential(nn.Linear(max(n_cond, 1), d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.unit_emb = nn.Embedding(L.n_units, d)
         self.unit_geom = nn.Linear(L.unit_features.shape[1], d)
@@ -283,8 +284,7 @@ class HitTransformer(nn.Module):
         if remaining is None:
             ok = ok | is_end
         else:
-            start = torch.cat([self.row_start, self.row_start.new_zeros(1)])[r]
-            first_free = start + torch.where(r == pr, pc + 1, 0)
+            first_free = self.row_start[r] + torch.where(r == pr, pc + 1, 0)
             ok = ok & (first_free <= self._last_position(remaining))
             done = (remaining <= 0).unsqueeze(-1)
             ok = (ok & ~done) | (is_end & (done | ~ok.any(-1, keepdim=True)))
@@ -300,8 +300,7 @@ class HitTransformer(nn.Module):
         r = row.unsqueeze(-1)
         ok = (c < width[row].unsqueeze(-1)) & ((r > prev_row.unsqueeze(-1)) | (c > prev_col.unsqueeze(-1)))
         if remaining is not None:
-            start = torch.cat([self.row_start, self.row_start.new_zeros(1)])[row].unsqueeze(-1)
-            ok = ok & (start + c <= self._last_position(remaining))
+            ok = ok & (self.row_start[row].unsqueeze(-1) + c <= self._last_position(remaining))
         ok = ok | (r == self.layout.n_rows)
         return self.col_head(h + self.row_out(row)).masked_fill(~ok, float("-inf"))
 
