@@ -27,8 +27,6 @@ from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
 
-LOG_EPS = 1e-5
-
 
 class GanFamily:
     """`ModelFamily` of the sensor-conditioned GAN for a pixel or calorimeter geometry."""
@@ -137,18 +135,24 @@ class GanFamily:
         return out
 
     def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Squared log ratio of fake to real event quantities at the same conditions.
+        """Squared log ratio of fake to real quantities at the same conditions.
 
-        Pixel: occupancy per sensor, expected over the gates (mean sigmoid(gate)). Calorimeter:
+        Pixel: hits per sensor summed over the batch, expected over the gates (sum of
+        sigmoid(gate)), against the real batch's; its optimum is the mean occupancy. Calorimeter,
+        per shower (the incident energy sets the scale of each):
         hits per shower, expected over the gates as a log-sum-exp of log sigmoid(gate) with no
         epsilon, so every gate keeps a gradient even when the fake shower is empty; analog
         readout adds the deposited / incident energy of the sampled shower (straight-through
         mask x cell energy): its expectation could be met by rare cells of huge energy."""
         valid = self.valid(gate.device)
         if self.layout.kind == "pixel":
-            occ_f = (torch.sigmoid(gate) * valid).mean(dim=(2, 3))
-            occ_r = (real > 0).float().mean(dim=(2, 3))
-            return ((torch.log(occ_f + LOG_EPS) - torch.log(occ_r + LOG_EPS)) ** 2).mean()
+            # Hits per sensor summed over the batch (fake events share the real events' conditions):
+            # the sums of unpaired events compare means, so the optimum is the mean occupancy. A
+            # squared log ratio per event would be minimal at the geometric mean (biased low) and
+            # would also squeeze the event-to-event spread; the spread is left to the discriminator.
+            hits_f = (torch.sigmoid(gate) * valid).sum(dim=(0, 2, 3))
+            hits_r = (real > 0).float().sum(dim=(0, 2, 3))
+            return ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
         log_p = nn.functional.logsigmoid(gate).masked_fill(valid == 0, -math.inf)
         hits_r = (real > 0).float().sum(dim=(1, 2, 3)).clamp_min(1.0)  # an empty real shower counts as one hit
         loss = (torch.logsumexp(log_p.flatten(1), dim=1) - torch.log(hits_r)) ** 2

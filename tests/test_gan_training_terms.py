@@ -1,0 +1,68 @@
+"""What the GAN's training terms optimise: the physics term's optimum is the mean occupancy,
+the discriminator's hit channel passes a gradient to the generator, and the exported EMA
+forgets its initialisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uhg.config.gan import GanConfig
+from uhg.data.hits import HitBatch
+from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
+from uhg.models.gan import gate_noise, relaxed_images
+from uhg.models.gan_layout import encode_hits
+from uhg.sparse.torch_hits import TorchHits
+from uhg.train.gan_family import GanFamily
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = dict(embed_dim=32, attention_layers=1, z_dim=8, sensor_noise_dim=4, decoder_channels=[16, 8, 4],
+             discriminator_channels=[8, 16])
+
+
+def pxd_family(**kw) -> GanFamily:
+    cfg = GanConfig(conditions=["luminosity"], **{**SMALL, **kw})
+    return GanFamily(get_geometry("pxd-tiny"), cfg, ConditionNorm.from_ranges({"luminosity": (1e34, 4e34)},
+                                                                                ["luminosity"]))
+
+
+def events_with_occupancy(geo, fractions: list[float], seed: int = 0) -> HitBatch:
+    """One event per entry: every sensor has that fraction of its pixels fired (charge 20 ADU)."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list[np.ndarray]] = {"sensor": [], "row": [], "col": [], "value": []}
+    counts = []
+    per_sensor = geo.rows * geo.cols
+    for f in fractions:
+        n = int(round(f * per_sensor))
+        for s in range(geo.n_sensors):
+            flat = np.sort(rng.choice(per_sensor, n, replace=False))
+            cols["sensor"].append(np.full(n, s, np.int64))
+            cols["row"].append(flat // geo.cols)
+            cols["col"].append(flat % geo.cols)
+            cols["value"].append(np.full(n, 20, np.uint8))
+        counts.append(n * geo.n_sensors)
+    columns = {k: np.concatenate(v) for k, v in cols.items()}
+    return HitBatch("pixel", columns, np.concatenate([[0], np.cumsum(counts)]),
+                    {"luminosity": np.full(len(fractions), 2e34)})
+
+
+def test_physics_term_is_minimal_at_the_mean_occupancy_not_the_geometric_mean() -> None:
+    """Two events at the same conditions with 1% and 9% occupancy: a generator whose every pixel
+    fires with probability p is best at p = 5% (their mean). The geometric mean (3%) is what a
+    squared log ratio of unpaired events rewards: biased low."""
+    fam = pxd_family(physics_weight=1.0)
+    geo = fam.geometry
+    real = encode_hits(fam.layout, TorchHits.from_batch(events_with_occupancy(geo, [0.01, 0.09])))
+    valid = fam.valid(torch.device("cpu"))
+    probabilities = np.linspace(0.01, 0.10, 91)
+    losses = []
+    for p in probabilities:
+        gate = torch.full_like(real, float(np.log(p / (1 - p))))
+        code = torch.full_like(real, 0.5)
+        _, mask = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
+        losses.append(float(fam._physics_loss(gate, mask, code, real)))
+    best = probabilities[int(np.argmin(losses))]
+    assert best == pytest.approx(0.05, abs=0.0025)
