@@ -12,7 +12,7 @@ from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import gate_noise, relaxed_images
+from uhg.models.gan import Discriminator, gate_noise, relaxed_images
 from uhg.models.gan_layout import encode_hits
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.gan_family import GanFamily
@@ -66,3 +66,20 @@ def test_physics_term_is_minimal_at_the_mean_occupancy_not_the_geometric_mean() 
         losses.append(float(fam._physics_loss(gate, mask, code, real)))
     best = probabilities[int(np.argmin(losses))]
     assert best == pytest.approx(0.05, abs=0.0025)
+
+
+def test_a_gradient_reaches_the_gates_through_the_discriminators_hit_channel() -> None:
+    """With the discriminator's charge channel switched off it sees only where hits are; the
+    generator's hit gates must still get a gradient (a hard `x > 0` gives them none)."""
+    torch.manual_seed(0)
+    fam = pxd_family()
+    d = Discriminator(fam.layout, fam.cfg, 1)
+    with torch.no_grad():  # input channel 0 is the charge, channel 1 the hit mask
+        d.blocks[0].conv.parametrizations.weight.original[:, 0] = 0.0
+    shape = (2, fam.layout.n_units, fam.layout.height, fam.layout.width)
+    gate = torch.zeros(shape, requires_grad=True)
+    code = torch.full(shape, 0.5)
+    images, mask = relaxed_images(gate, code, gate_noise(shape), fam.cfg.gate_temperature, fam.valid(torch.device("cpu")))
+    per_unit, event = d(images, torch.zeros(2, 1), hits=mask)
+    (per_unit.sum() + event.sum()).backward()
+    assert gate.grad is not None and float(gate.grad.abs().sum()) > 0

@@ -132,7 +132,8 @@ class DownBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """(images (B, U, H, W) in [0, 1], conditions (B, C)) -> (per-unit scores (B, U), event score (B,))."""
+    """(images (B, U, H, W) in [0, 1], conditions (B, C), optional hit mask (B, U, H, W)) ->
+    (per-unit scores (B, U), event score (B,))."""
 
     def __init__(self, layout: UnitLayout, cfg: GanConfig, n_conditions: int):
         super().__init__()
@@ -148,19 +149,23 @@ class Discriminator(nn.Module):
         self.event_attention = nn.MultiheadAttention(f, num_heads=1, batch_first=True)
         self.event_score = spectral_norm(nn.Linear(f, 1))
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, hits: torch.Tensor | None = None) -> torch.Tensor:
         """(B, U, F) per-unit features, sum-pooled (they grow with the number of hits) and scaled
-        by 1/sqrt(positions) to stay O(1) for any image size."""
+        by 1/sqrt(positions) to stay O(1) for any image size. `hits` is the 0/1 hit mask; generated
+        images pass their straight-through mask so the hit channel carries a gradient to the hit
+        gates (a mask recomputed as `images > 0` carries none)."""
         b, u, h, w = images.shape
-        x = images.reshape(b * u, 1, h, w)
-        x = torch.cat([x, (x > 0).to(x.dtype)], dim=1)
+        if hits is None:
+            hits = (images > 0).to(images.dtype)
+        x = torch.stack([images, hits.to(images.dtype)], dim=2).reshape(b * u, 2, h, w)
         for block in self.blocks:
             x = block(x)
         return (x.sum(dim=(2, 3)) / math.sqrt(x.shape[2] * x.shape[3])).view(b, u, -1)
 
-    def forward(self, images: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, cond: torch.Tensor,
+                hits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b = images.shape[0]
-        feat = self.features(images)
+        feat = self.features(images, hits)
         emb = self.units().unsqueeze(0) + self.cond(cond, b).unsqueeze(1)  # (B, U, F)
         per_unit = self.unit_score(feat).squeeze(-1) + (feat * emb).sum(-1) / math.sqrt(feat.shape[-1])
         tok = feat + emb

@@ -83,9 +83,9 @@ class GanFamily:
 
         # 1. discriminator
         with torch.no_grad():
-            fake, _, _, _ = self._fake(G, cond, b, device)
+            fake, fake_hits, _, _ = self._fake(G, cond, b, device)
         real_u, real_e = D(real, cond)
-        fake_u, fake_e = D(fake.detach(), cond)
+        fake_u, fake_e = D(fake.detach(), cond, fake_hits.detach())
         if self.cfg.loss == "hinge":
             d_loss = (torch.relu(1 - real_u).mean() + torch.relu(1 + fake_u).mean()
                       + w * (torch.relu(1 - real_e).mean() + torch.relu(1 + fake_e).mean()))
@@ -110,7 +110,7 @@ class GanFamily:
         try:
             fake, mask, gate, code = self._fake(G, cond, b, device)
             with _autocast_like(D, device):
-                fu, fe = d_module(fake, cond)
+                fu, fe = d_module(fake, cond, mask)  # the straight-through mask: hit positions get a gradient
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
                 nn.functional.softplus(-fu).mean() + w * nn.functional.softplus(-fe).mean()
             g_loss = adv
