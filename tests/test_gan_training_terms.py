@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.geometry import get_geometry
-from uhg.models.common import ConditionNorm
+from uhg.models.common import EMA, ConditionNorm
 from uhg.models.gan import Discriminator, gate_noise, relaxed_images
 from uhg.models.gan_layout import encode_hits
 from uhg.sparse.torch_hits import TorchHits
@@ -83,3 +84,26 @@ def test_a_gradient_reaches_the_gates_through_the_discriminators_hit_channel() -
     per_unit, event = d(images, torch.zeros(2, 1), hits=mask)
     (per_unit.sum() + event.sum()).backward()
     assert gate.grad is not None and float(gate.grad.abs().sum()) > 0
+
+
+def test_ema_forgets_its_initialisation_during_warm_up() -> None:
+    """decay 0.99 over 100 updates would keep 0.99^100 = 37% of the initial weights; with the
+    warm-up min(d, (1 + n) / (10 + n)) the initialisation is gone and the average follows the
+    recent weights."""
+    module = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(0.0)
+    ema = EMA(module, 0.99)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    for _ in range(100):
+        ema.update(module)
+    assert float(ema.shadow["weight"]) > 0.999
+    assert ema.updates == 100
+    # late in training the configured decay is reached and used as is
+    before = float(ema.shadow["weight"])
+    ema.updates = 10_000
+    with torch.no_grad():
+        module.weight.fill_(2.0)
+    ema.update(module)
+    assert float(ema.shadow["weight"]) == pytest.approx(0.99 * before + 0.01 * 2.0, rel=1e-6)

@@ -118,16 +118,21 @@ class EMA:
     """Exponential moving average of a module's floating-point parameters and buffers.
 
     Kept on the same device as the module, as plain tensors (no autograd); `state_dict()` is
-    what the export writes."""
+    what the export writes. Update n (from 0) uses the decay min(decay, (1 + n) / (10 + n)): a
+    fixed 0.99 over a 100-step run would still export 37% of the initial weights. `updates` is
+    the number of updates so far (a resumed run sets it from its step count)."""
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = float(decay)
+        self.updates = 0
         self.shadow: dict[str, torch.Tensor] = {k: v.detach().clone().float() for k, v in _float_state(module).items()}
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for k, v in _float_state(module).items():
-            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+            self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+        self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

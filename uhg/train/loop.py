@@ -146,6 +146,8 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     if resume is not None:
         state = load_checkpoint(resume, engines, ema.shadow if ema else None, rank, world)
         step, skipped, events_seen = int(state["step"]), int(state["skipped_steps"]), int(state["events_seen"])
+        if ema is not None:  # one update per completed step: the warm-up continues where it stopped
+            ema.updates = step - skipped
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(__import__("json").dumps(config_to_dict(cfg), indent=1))
