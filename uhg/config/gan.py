@@ -34,6 +34,27 @@ class GanConfig(Section):
         description="Pixel detectors: sub-pixel output factor s; the decoder works at 1/s resolution and its head "
         "predicts s x s pixels per position (cuts full-resolution convolution cost ~s^2-fold).",
     )
+    cluster_growth: bool = Field(
+        False,
+        description="Pixel detectors: the hit gate fires cluster seeds, and each seed fires each of its 8 neighbours "
+        "with a learned probability, so hits come in clusters (false: every pixel fires independently).",
+    )
+    charge_noise: bool = Field(
+        False,
+        description="Pixel detectors: stochastic charge, drawn through a table of charge quantiles fitted to the "
+        "training data (the generator shifts each pixel's percentile); false: one charge per pixel given the noise.",
+    )
+    fit_from_data: bool = Field(
+        False,
+        description="Pixel detectors: before the first step, fit each sensor's occupancy (log-linear in the "
+        "conditions, Poisson likelihood), the charge quantiles and the neighbour probability of cluster growth "
+        "(from the mean cluster size) to the training events.",
+    )
+    discriminator_stem_channels: int = Field(
+        0, ge=0,
+        description="Pixel detectors: channels of a stride-1 3x3 convolution before the discriminator's stride-2 "
+        "encoder, which sees cluster shapes pixel by pixel (0 = none: cheaper at full resolution).",
+    )
     discriminator_channels: list[int] = Field(
         default_factory=lambda: [8, 16, 32, 64],
         description="Pixel detectors: conv encoder channels of the per-sensor discriminator (stride-2 each).",

@@ -5,12 +5,14 @@ An event is `n_units` same-shape images (PXD sensors or calorimeter layers, see
 (learned id + geometry features) and the event conditions (FiLM) into one token per unit,
 couples the tokens of an event by self-attention (the relational module), and decodes every
 token into an image with a conv decoder. Each pixel gets two outputs: a hit gate (logit of
-"this pixel fires") and an encoded charge/energy. Sparsity is learnable because the gate is a
-hard 0/1 decision in the forward pass (relaxed logistic noise, straight-through gradient), so
-the discriminator sees exactly-zero pixels like in real data.
+"this pixel fires") and an encoded charge/energy; with cluster growth (pixel detectors) also 8
+spread logits, the odds that a seed fires each neighbour. Sparsity is learnable because the
+gates are hard 0/1 decisions in the forward pass (relaxed logistic noise, straight-through
+gradient), so the discriminator sees exactly-zero pixels like in real data.
 
 The discriminator scores every unit image (conv encoder with spectral norm, projection on the
-unit + condition embedding) and the whole event (self-attention over the unit features).
+unit + condition embedding) and the whole event (self-attention over the unit features). Its
+hit channel is the generator's straight-through mask, so where hits are gets a gradient too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from uhg.models.common import ConditionEmbedding, FiLM, SensorEmbedding
 from uhg.models.gan_layout import UnitLayout
 
 INITIAL_OCCUPANCY = 0.01  # gate bias at start: ~1% of pixels fire, the order of PXD occupancy
+CHARGE_QUANTILES = 65  # knots of the charge quantile table (every 1/64 in percentile)
+INITIAL_SPREAD = 0.1  # probability that a seed fires each neighbour, at start (without a data fit)
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))  # (row, col) steps
 
 
 def _base_grid(height: int, width: int, n_up: int) -> tuple[int, int]:
@@ -48,8 +53,21 @@ class UpBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """(z (B, z_dim), unit noise (B, U, sensor_noise_dim), conditions (B, C)) ->
-    gate logits and encoded values, both (B, U, H, W)."""
+    """(z (B, z_dim), unit noise (B, U, sensor_noise_dim), conditions (B, C), pixel noise
+    (B, U, pixel_noise_channels, H, W) standard normal or None) -> gate logits and encoded
+    values, both (B, U, H, W), and the spread logits of cluster growth (or None).
+
+    Clusters and stochastic charge (pixel detectors, optional):
+    - cluster growth: the gate fires cluster *seeds*; each seed also fires each of its 8
+      neighbours with a learned probability (8 more logits per pixel, `spread`), a noisy OR
+      (see `grow_clusters`). Independent pixels cannot make clusters: real background is
+      ~3-pixel clusters of which only a quarter are single pixels;
+    - stochastic charge: the charge logit plus a standard-normal noise map is a score whose
+      percentile is mapped through a table of charge quantiles (`charge_quantiles`, fitted to the
+      training data before the first step), so a generator that has learned nothing yet already
+      draws the data's charge spectrum, and training shifts each pixel's percentile.
+    A per-unit gate offset linear in the conditions (`unit_gate`, fitted to the
+    per-sensor occupancy of the training data) starts every sensor at its mean occupancy."""
 
     def __init__(self, layout: UnitLayout, cfg: GanConfig, n_conditions: int):
         super().__init__()
@@ -71,10 +89,23 @@ class Generator(nn.Module):
         self.h0, self.w0 = _base_grid(grid_h, grid_w, len(ch) - 1)
         self.to_grid = nn.Linear(e, ch[0] * self.h0 * self.w0)
         self.blocks = nn.ModuleList(UpBlock(a, b, e) for a, b in zip(ch[:-1], ch[1:], strict=True))
-        self.head = nn.Conv2d(ch[-1], 2 * self.shuffle**2, 3, padding=1)
-        with torch.no_grad():  # channels are (gate, code) x s^2 sub-pixels, gate first
-            self.head.bias[: self.shuffle**2] = math.log(INITIAL_OCCUPANCY / (1 - INITIAL_OCCUPANCY))
-            self.head.bias[self.shuffle**2:] = 0.0
+        pixel = layout.kind == "pixel"
+        self.growth = cfg.cluster_growth and pixel
+        self.charge_noise = cfg.charge_noise and pixel
+        n_spread = len(NEIGHBOURS) if self.growth else 0
+        self.head = nn.Conv2d(ch[-1], (2 + n_spread) * self.shuffle**2, 3, padding=1)
+        with torch.no_grad():  # channels are (gate, code, spread...) x s^2 sub-pixels, gate first
+            s2 = self.shuffle**2
+            self.head.bias.zero_()
+            self.head.bias[:s2] = _logit(INITIAL_OCCUPANCY / (1 + n_spread * INITIAL_SPREAD))
+            self.head.bias[2 * s2:] = _logit(INITIAL_SPREAD)
+        self.unit_gate = nn.Parameter(torch.zeros(layout.n_units, 1 + n_conditions))
+        self.register_buffer("charge_quantiles", torch.linspace(layout.min_code, 1.0, CHARGE_QUANTILES))
+
+    @property
+    def pixel_noise_channels(self) -> int:
+        """Standard-normal noise maps per unit image that `forward` takes (0: it takes none)."""
+        return int(self.charge_noise)
 
     def tokens(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
         """(B, U, E) unit tokens after the relational module."""
@@ -88,8 +119,11 @@ class Generator(nn.Module):
             t = block(t)
         return self.norm(t)
 
-    def forward(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, u = z.shape[0], self.layout.n_units
+    def forward(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor,
+                pixel_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (gate logits (B, U, H, W), encoded values (B, U, H, W), spread logits (B, U, 8, H, W)
+        or None without cluster growth)."""
+        b, u, h, w = z.shape[0], self.layout.n_units, self.layout.height, self.layout.width
         tok = self.tokens(z, unit_noise, cond).reshape(b * u, -1)
         x = self.to_grid(tok).view(b * u, -1, self.h0, self.w0)
         for block in self.blocks:
@@ -97,11 +131,51 @@ class Generator(nn.Module):
         out = self.head(x)
         if self.shuffle > 1:
             out = nn.functional.pixel_shuffle(out, self.shuffle)
-        out = out[:, :, : self.layout.height, : self.layout.width]
-        gate = out[:, 0].reshape(b, u, self.layout.height, self.layout.width)
-        lo = self.layout.min_code
-        code = lo + (1 - lo) * torch.sigmoid(out[:, 1]).reshape(b, u, self.layout.height, self.layout.width)
-        return gate, code
+        out = out[:, :, :h, :w]
+        gate, score = out[:, 0], out[:, 1]
+        if self.charge_noise:
+            if pixel_noise is None or pixel_noise.shape[2] != 1:
+                raise ValueError("the generator takes one pixel noise map per unit image (charge_noise)")
+            score = score + pixel_noise.reshape(b * u, h, w)
+        offset = self.unit_gate[:, 0].expand(b, -1)  # (B, U)
+        if self.unit_gate.shape[1] > 1:
+            offset = offset + cond @ self.unit_gate[:, 1:].T
+        gate = gate.reshape(b, u, h, w) + offset[:, :, None, None]
+        spread = out[:, 2:].reshape(b, u, -1, h, w) if self.growth else None
+        return gate, self._code(score).reshape(b, u, h, w), spread
+
+    def _code(self, score: torch.Tensor) -> torch.Tensor:
+        """Encoded charge from the charge logit/score (see the class docstring)."""
+        if not self.charge_noise:
+            lo = self.layout.min_code
+            return lo + (1 - lo) * torch.sigmoid(score)
+        q = self.charge_quantiles
+        pos = 0.5 * (1 + torch.erf(score / math.sqrt(2))) * (len(q) - 1)  # percentile -> table position
+        i = pos.detach().floor().clamp(0, len(q) - 2)
+        frac = pos - i
+        i = i.long()
+        return q[i] + frac * (q[i + 1] - q[i])
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def shift(x: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
+    """x (..., H, W) moved by (dr, dc) pixels (|dr|, |dc| <= 1), zeros shifted in."""
+    h, w = x.shape[-2:]
+    padded = nn.functional.pad(x, (1, 1, 1, 1))
+    return padded[..., 1 - dr: 1 - dr + h, 1 - dc: 1 - dc + w]
+
+
+def grow_clusters(seed: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Noisy OR of cluster growth: a pixel fires if it is a seed, or if the seed at a neighbour
+    fires it. seed (B, U, H, W) and spread (B, U, 8, H, W; spread[:, :, k] at the seed pixel:
+    it fires its neighbour NEIGHBOURS[k]) are probabilities (relaxed) or exact 0/1 masks."""
+    miss = 1 - seed
+    for k, (dr, dc) in enumerate(NEIGHBOURS):
+        miss = miss * (1 - shift(seed * spread[:, :, k], dr, dc))
+    return 1 - miss
 
 
 def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -112,11 +186,17 @@ def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
 
 
 def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, temperature: float,
-                   valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time images: hard 0/1 gate forward, gradient of the relaxed sigmoid gate backward.
+                   valid: torch.Tensor, spread: torch.Tensor | None = None,
+                   spread_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time images: hard 0/1 gates forward, gradient of the relaxed sigmoid gates backward
+    (with cluster growth: of the noisy OR of the relaxed seeds and spreads).
     Returns (images (B, U, H, W) in [0, 1], that straight-through 0/1 hit mask (B, U, H, W))."""
     soft = torch.sigmoid((gate + noise) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
+    if spread is not None:
+        soft_spread = torch.sigmoid((spread + spread_noise) / temperature)
+        soft = grow_clusters(soft, soft_spread)
+        hard = grow_clusters(hard, (soft_spread > 0.5).to(soft.dtype))
     mask = (hard + soft - soft.detach()) * valid
     return mask * code, mask
 
@@ -139,9 +219,12 @@ class Discriminator(nn.Module):
         super().__init__()
         self.layout = layout
         ch = cfg.discriminator_channels
-        # An occupancy channel alongside the values: hit/no-hit is the main information. The
-        # first block already strides by 2: full-resolution convolutions dominate the cost.
-        self.blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip([2, *ch[:-1]], ch, strict=True))
+        # An occupancy channel alongside the values: hit/no-hit is the main information. An
+        # optional stem (3x3, stride 1) sees cluster shapes pixel by pixel; without it the first
+        # block already strides by 2 (full-resolution convolutions dominate the cost).
+        stem = cfg.discriminator_stem_channels
+        self.stem = nn.Sequential(spectral_norm(nn.Conv2d(2, stem, 3, padding=1)), nn.LeakyReLU(0.2)) if stem else None
+        self.blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip([stem or 2, *ch[:-1]], ch, strict=True))
         f = ch[-1]
         self.units = SensorEmbedding(layout.features, f)
         self.cond = ConditionEmbedding(n_conditions, f)
@@ -158,6 +241,8 @@ class Discriminator(nn.Module):
         if hits is None:
             hits = (images > 0).to(images.dtype)
         x = torch.stack([images, hits.to(images.dtype)], dim=2).reshape(b * u, 2, h, w)
+        if self.stem is not None:
+            x = self.stem(x)
         for block in self.blocks:
             x = block(x)
         return (x.sum(dim=(2, 3)) / math.sqrt(x.shape[2] * x.shape[3])).view(b, u, -1)

@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from uhg.config.gan import GanConfig
 from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
+from uhg.eval.features_pxd import pixel_clusters
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import Discriminator, Generator, gate_noise, relaxed_images
+from uhg.models.gan import NEIGHBOURS, Discriminator, Generator, gate_noise, grow_clusters, relaxed_images
 from uhg.models.gan_layout import CALO_DECADES, decode_images, encode_hits, unit_layout
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
+
+FIT_EVENTS = 2000  # training events read for the data-driven start
+QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
 
 
 class GanFamily:
@@ -59,19 +64,93 @@ class GanFamily:
             self._valid[device] = torch.as_tensor(self.layout.valid, device=device).float()
         return self._valid[device]
 
+    # -- data-driven start
+    def fit_sample(self, n_train: int) -> np.ndarray:
+        """Training-event positions `initialise_from_data` wants (evenly spread, at most FIT_EVENTS)."""
+        if not (self.cfg.fit_from_data and self.layout.kind == "pixel"):
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.linspace(0, n_train - 1, min(n_train, FIT_EVENTS)).round().astype(np.int64))
+
+    def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
+        """Start the generator at the training data's per-sensor occupancy and charge spectrum
+        (`batches`: the events of `fit_sample`): the gate offset of sensor u is the Poisson
+        maximum-likelihood fit of log occupancy = a_u + b_u . conditions (full-batch L-BFGS,
+        deterministic, so every rank starts alike), and the charge quantile table holds the
+        quantiles of the encoded charges. The adversarial game would need thousands of steps to
+        move a log occupancy by units; it refines both afterwards."""
+        g = modules[self.generator_name]
+        conds, counts, codes, sizes = [], [], [], []
+        for batch in batches:
+            hits = TorchHits.from_batch(batch)
+            conds.append(self.condition_norm(hits.conditions).double())
+            flat = hits.event_index() * self.layout.n_units + hits.columns["sensor"].long()
+            counts.append(torch.bincount(flat, minlength=len(batch) * self.layout.n_units).view(len(batch), -1))
+            codes.append(torch.log1p(hits.columns["value"].double()) / math.log1p(self.layout.adc_max))
+            if g.growth:
+                labels, n_clusters = pixel_clusters(batch, self.geometry)
+                sizes.extend(np.bincount(labels, minlength=n_clusters).tolist())
+        if not conds:
+            return {}
+        cond, n = torch.cat(conds), torch.cat(counts).double()  # (E, C), (E, U)
+        if cond.shape[1] == 0:
+            cond = torch.zeros(len(n), 0, dtype=torch.float64)
+        pixels = self.layout.height * self.layout.width
+        x = torch.cat([torch.ones(len(n), 1, dtype=torch.float64), cond], dim=1)  # (E, 1 + C)
+        start = torch.log(n.mean(0).clamp_min(0.5) / pixels)
+        theta = torch.zeros(self.layout.n_units, x.shape[1], dtype=torch.float64)
+        theta[:, 0] = start
+        theta.requires_grad_(True)
+        opt = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
+
+        def nll() -> torch.Tensor:
+            opt.zero_grad()
+            log_rate = x @ theta.T + math.log(pixels)  # (E, U)
+            loss = (torch.exp(log_rate) - n * log_rate).mean()
+            loss.backward()
+            return loss
+
+        opt.step(nll)
+        with torch.no_grad():
+            log_occ = theta.detach()
+            # Seeds fire at occupancy / (expected cluster size); each of the 8 neighbours of a seed
+            # fires with (mean data cluster size - 1) / 8, overlaps of clusters ignored.
+            spread = 0.0
+            if g.growth:
+                spread = min(max((float(np.mean(sizes)) - 1) / len(NEIGHBOURS), 0.01), 0.9) if sizes else 0.1
+                s2 = g.shuffle**2
+                g.head.bias[2 * s2:] = math.log(spread / (1 - spread))
+                g.head.bias[:s2] = 0.0
+            seed = torch.exp(log_occ[:, 0]) / (1 + len(NEIGHBOURS) * spread)
+            offset = log_occ.clone()
+            offset[:, 0] = torch.log(seed) - torch.log1p(-seed) - g.head.bias[0].double()
+            g.unit_gate.copy_(offset.to(g.unit_gate.dtype))
+            out = {"fit_occupancy_pct": float(100 * torch.exp(log_occ[:, 0]).mean()), "fit_spread": spread}
+            if g.charge_noise:
+                code = torch.cat(codes)
+                if len(code) > QUANTILE_SAMPLE:  # torch.quantile's input limit; an even thinning keeps the shape
+                    code = code[torch.linspace(0, len(code) - 1, QUANTILE_SAMPLE).long()]
+                probs = torch.linspace(0, 1, len(g.charge_quantiles), dtype=torch.float64)
+                g.charge_quantiles.copy_(torch.quantile(code, probs).to(g.charge_quantiles.dtype))
+                out["fit_charge_median_adu"] = float(torch.expm1(torch.quantile(code, 0.5) * math.log1p(self.layout.adc_max)))
+        return out
+
     # -- training
-    def _noise(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _noise(self, generator: Engine | nn.Module, b: int, device: torch.device):
         lay, cfg = self.layout, self.cfg
+        g = getattr(generator, "module", generator)
         z = torch.randn(b, cfg.z_dim, device=device)
         un = torch.randn(b, lay.n_units, cfg.sensor_noise_dim, device=device)
         gn = gate_noise((b, lay.n_units, lay.height, lay.width), device=device)
-        return z, un, gn
+        p = g.pixel_noise_channels
+        pn = torch.randn(b, lay.n_units, p, lay.height, lay.width, device=device) if p else None
+        sn = gate_noise((b, lay.n_units, len(NEIGHBOURS), lay.height, lay.width), device=device) if g.growth else None
+        return z, un, gn, pn, sn
 
     def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
-        z, un, gn = self._noise(b, device)
-        gate, code = generator(z, un, cond)
-        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device))
-        return images, mask, gate, code
+        z, un, gn, pn, sn = self._noise(generator, b, device)
+        gate, code, spread = generator(z, un, cond, pn)
+        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), spread, sn)
+        return images, mask, gate, code, spread
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         G, D = engines["generator"], engines["discriminator"]
@@ -83,7 +162,7 @@ class GanFamily:
 
         # 1. discriminator
         with torch.no_grad():
-            fake, fake_hits, _, _ = self._fake(G, cond, b, device)
+            fake, fake_hits, _, _, _ = self._fake(G, cond, b, device)
         real_u, real_e = D(real, cond)
         fake_u, fake_e = D(fake.detach(), cond, fake_hits.detach())
         if self.cfg.loss == "hinge":
@@ -108,7 +187,7 @@ class GanFamily:
         for p in d_params:
             p.requires_grad_(False)
         try:
-            fake, mask, gate, code = self._fake(G, cond, b, device)
+            fake, mask, gate, code, spread = self._fake(G, cond, b, device)
             with _autocast_like(D, device):
                 fu, fe = d_module(fake, cond, mask)  # the straight-through mask: hit positions get a gradient
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
@@ -119,7 +198,7 @@ class GanFamily:
                 out["loss_similarity"] = float(sim.detach())
                 g_loss = g_loss + sim
             if self.cfg.physics_weight:
-                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real)
+                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real, spread)
                 out["loss_physics"] = float(phys.detach())
                 g_loss = g_loss + phys
             check_finite("loss_generator", g_loss)
@@ -134,12 +213,14 @@ class GanFamily:
         out.update(_grad_norm("generator", G))
         return out
 
-    def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
+                      spread: torch.Tensor | None = None) -> torch.Tensor:
         """Squared log ratio of fake to real quantities at the same conditions.
 
         Pixel: hits per sensor summed over the batch, expected over the gates (sum of
-        sigmoid(gate)), against the real batch's; its optimum is the mean occupancy. Calorimeter,
-        per shower (the incident energy sets the scale of each):
+        sigmoid(gate), grown into clusters where the generator grows them), against the real
+        batch's; its optimum is the mean occupancy. Calorimeter, per shower (the incident energy
+        sets the scale of each):
         hits per shower, expected over the gates as a log-sum-exp of log sigmoid(gate) with no
         epsilon, so every gate keeps a gradient even when the fake shower is empty; analog
         readout adds the deposited / incident energy of the sampled shower (straight-through
@@ -150,7 +231,10 @@ class GanFamily:
             # the sums of unpaired events compare means, so the optimum is the mean occupancy. A
             # squared log ratio per event would be minimal at the geometric mean (biased low) and
             # would also squeeze the event-to-event spread; the spread is left to the discriminator.
-            hits_f = (torch.sigmoid(gate) * valid).sum(dim=(0, 2, 3))
+            fires = torch.sigmoid(gate)
+            if spread is not None:  # exact: seeds and spreads are independent given their logits
+                fires = grow_clusters(fires, torch.sigmoid(spread))
+            hits_f = (fires * valid).sum(dim=(0, 2, 3))
             hits_r = (real > 0).float().sum(dim=(0, 2, 3))
             return ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
         log_p = nn.functional.logsigmoid(gate).masked_fill(valid == 0, -math.inf)
@@ -206,15 +290,22 @@ class GanFamily:
         # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
         # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels.
         u = torch.stack([torch.rand((lay.n_units, lay.height, lay.width), generator=g, device=device) for g in gens])
+        p = module.pixel_noise_channels
+        pn = torch.stack([torch.randn((lay.n_units, p, lay.height, lay.width), generator=g, device=device)
+                          for g in gens]) if p else None
+        us = torch.stack([torch.rand((lay.n_units, len(NEIGHBOURS), lay.height, lay.width), generator=g, device=device)
+                          for g in gens]) if module.growth else None
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         was_training = module.training
         module.eval()
         try:
-            gate, code = module(z, un, cond)
+            gate, code, spread = module(z, un, cond, pn)
         finally:
             module.train(was_training)
         mask = u < torch.sigmoid(gate)
+        if spread is not None:
+            mask = grow_clusters(mask.float(), (us < torch.sigmoid(spread)).float()) > 0.5
         return decode_images(lay, mask, code, {k: conds[k] for k in conds})
 
 
@@ -249,13 +340,9 @@ def _similarity_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def _per_unit_counts(hb: HitBatch, column: str, n_units: int):
-    import numpy as np
-
     return np.bincount(hb.columns[column].astype(np.int64), minlength=n_units) / max(len(hb), 1)
 
 
 def _per_event_sums(hb: HitBatch):
-    import numpy as np
-
     return np.add.reduceat(np.append(hb.columns["value"].astype(np.float64), 0.0), hb.offsets[:-1]) * \
         (hb.hits_per_event > 0)
