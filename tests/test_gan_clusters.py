@@ -14,7 +14,7 @@ from uhg.eval.distances import separation_power
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import NEIGHBOURS, grow_clusters
+from uhg.models.gan import NEIGHBOURS, grow_cluster_masks, grow_clusters
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import PlainEngine
@@ -31,24 +31,27 @@ def test_a_seed_grows_into_its_neighbours_and_the_expectation_is_exact() -> None
     seed = torch.zeros(1, 1, 5, 6)
     seed[0, 0, 2, 3] = 1.0
     seed[0, 0, 0, 0] = 1.0  # at the corner: the neighbours outside the image are lost
-    everything = grow_clusters(seed, torch.ones(1, 1, len(NEIGHBOURS), 5, 6))
+    everything = grow_cluster_masks(seed, torch.ones(1, 1, len(NEIGHBOURS), 5, 6))
     expected = torch.zeros(5, 6)
     expected[1:4, 2:5] = 1.0
     expected[0:2, 0:2] = 1.0
     assert torch.equal(everything[0, 0], expected)
-    assert torch.equal(grow_clusters(seed, torch.zeros(1, 1, len(NEIGHBOURS), 5, 6)), seed)
+    assert torch.equal(grow_cluster_masks(seed, torch.zeros(1, 1, len(NEIGHBOURS), 5, 6)), seed)
     # only the row below (dr = +1, dc = 0) of the middle seed
     below = torch.zeros(1, 1, len(NEIGHBOURS), 5, 6)
     below[0, 0, NEIGHBOURS.index((1, 0)), 2, 3] = 1.0
-    grown = grow_clusters(seed, below)
+    grown = grow_cluster_masks(seed, below)
     assert grown[0, 0, 3, 3] == 1 and int(grown.sum()) == 3
 
-    # with probabilities, the noisy OR is the exact firing probability of the sampled masks
+    # with probabilities, the noisy OR is the exact firing probability of the sampled masks, and
+    # the masks' growth is that of probabilities 0 and 1
+    np.testing.assert_allclose(grow_clusters(seed, torch.ones(1, 1, len(NEIGHBOURS), 5, 6)).numpy(),
+                               everything.numpy(), atol=1e-5)
     g = torch.Generator().manual_seed(0)
     p_seed = torch.rand(1, 1, 4, 4, generator=g) * 0.5
     p_spread = torch.rand(1, 1, len(NEIGHBOURS), 4, 4, generator=g)
     n = 40_000
-    draws = grow_clusters((torch.rand(n, 1, 4, 4, generator=g) < p_seed).float(),
+    draws = grow_cluster_masks((torch.rand(n, 1, 4, 4, generator=g) < p_seed).float(),
                           (torch.rand(n, 1, len(NEIGHBOURS), 4, 4, generator=g) < p_spread).float())
     np.testing.assert_allclose(draws.mean(0).numpy(), grow_clusters(p_seed, p_spread)[0].numpy(), atol=0.015)
 

@@ -161,21 +161,35 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def shift(x: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
-    """x (..., H, W) moved by (dr, dc) pixels (|dr|, |dc| <= 1), zeros shifted in."""
-    h, w = x.shape[-2:]
-    padded = nn.functional.pad(x, (1, 1, 1, 1))
-    return padded[..., 1 - dr: 1 - dr + h, 1 - dc: 1 - dc + w]
+def _neighbour_kernel(device, dtype) -> torch.Tensor:
+    """(1, 8, 3, 3) one-hot kernel: the cross-correlation of a (N, 8, H, W) map with it moves
+    channel k by NEIGHBOURS[k] and sums the channels."""
+    k = torch.zeros(1, len(NEIGHBOURS), 3, 3, device=device, dtype=dtype)
+    for i, (dr, dc) in enumerate(NEIGHBOURS):
+        k[0, i, 1 - dr, 1 - dc] = 1.0
+    return k
+
+
+def _from_neighbours(x: torch.Tensor) -> torch.Tensor:
+    """x (B, U, 8, H, W), channel k at a seed pixel -> (B, U, H, W): at each pixel the sum of the
+    channels k of its neighbours that point at it (one convolution, not eight shifted copies)."""
+    b, u, k, h, w = x.shape
+    out = nn.functional.conv2d(x.reshape(b * u, k, h, w), _neighbour_kernel(x.device, x.dtype), padding=1)
+    return out.view(b, u, h, w)
 
 
 def grow_clusters(seed: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-    """Noisy OR of cluster growth: a pixel fires if it is a seed, or if the seed at a neighbour
-    fires it. seed (B, U, H, W) and spread (B, U, 8, H, W; spread[:, :, k] at the seed pixel:
-    it fires its neighbour NEIGHBOURS[k]) are probabilities (relaxed) or exact 0/1 masks."""
-    miss = 1 - seed
-    for k, (dr, dc) in enumerate(NEIGHBOURS):
-        miss = miss * (1 - shift(seed * spread[:, :, k], dr, dc))
-    return 1 - miss
+    """Probability that a pixel fires under cluster growth: it is a seed, or a seed at a neighbour
+    fires it (noisy OR, exact for independent seeds and spreads). seed (B, U, H, W) and spread
+    (B, U, 8, H, W; spread[:, :, k] at the seed pixel: it fires its neighbour NEIGHBOURS[k]) are
+    probabilities; differentiable."""
+    reach = (seed.unsqueeze(2) * spread).clamp(max=1 - 1e-6)
+    return 1 - (1 - seed) * torch.exp(_from_neighbours(torch.log1p(-reach)))
+
+
+def grow_cluster_masks(seed: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """`grow_clusters` for sampled 0/1 seed and spread masks: a 0/1 mask, exactly."""
+    return torch.maximum(seed, (_from_neighbours(seed.unsqueeze(2) * spread) > 0).to(seed.dtype))
 
 
 def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -189,14 +203,17 @@ def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, 
                    valid: torch.Tensor, spread: torch.Tensor | None = None,
                    spread_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time images: hard 0/1 gates forward, gradient of the relaxed sigmoid gates backward
-    (with cluster growth: of the noisy OR of the relaxed seeds and spreads).
+    (with cluster growth: of the noisy OR of the relaxed seeds and the spread probabilities;
+    `spread_noise` is uniform in [0, 1)).
     Returns (images (B, U, H, W) in [0, 1], that straight-through 0/1 hit mask (B, U, H, W))."""
     soft = torch.sigmoid((gate + noise) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     if spread is not None:
-        soft_spread = torch.sigmoid((spread + spread_noise) / temperature)
-        soft = grow_clusters(soft, soft_spread)
-        hard = grow_clusters(hard, (soft_spread > 0.5).to(soft.dtype))
+        # spreads: sampled as uniform < p, gradient of p (straight-through Bernoulli: one random
+        # number per neighbour and pixel, cheaper than a relaxed logistic draw)
+        p = torch.sigmoid(spread)
+        soft = grow_clusters(soft, p)
+        hard = grow_cluster_masks(hard, (spread_noise < p).to(p.dtype))
     mask = (hard + soft - soft.detach()) * valid
     return mask * code, mask
 

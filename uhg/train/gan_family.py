@@ -23,7 +23,8 @@ from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import NEIGHBOURS, Discriminator, Generator, gate_noise, grow_clusters, relaxed_images
+from uhg.models.gan import (NEIGHBOURS, Discriminator, Generator, gate_noise, grow_cluster_masks, grow_clusters,
+                            relaxed_images)
 from uhg.models.gan_layout import CALO_DECADES, decode_images, encode_hits, unit_layout
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
@@ -143,7 +144,7 @@ class GanFamily:
         gn = gate_noise((b, lay.n_units, lay.height, lay.width), device=device)
         p = g.pixel_noise_channels
         pn = torch.randn(b, lay.n_units, p, lay.height, lay.width, device=device) if p else None
-        sn = gate_noise((b, lay.n_units, len(NEIGHBOURS), lay.height, lay.width), device=device) if g.growth else None
+        sn = torch.rand(b, lay.n_units, len(NEIGHBOURS), lay.height, lay.width, device=device) if g.growth else None
         return z, un, gn, pn, sn
 
     def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
@@ -305,7 +306,7 @@ class GanFamily:
             module.train(was_training)
         mask = u < torch.sigmoid(gate)
         if spread is not None:
-            mask = grow_clusters(mask.float(), (us < torch.sigmoid(spread)).float()) > 0.5
+            mask = grow_cluster_masks(mask.float(), (us < torch.sigmoid(spread)).float()) > 0
         return decode_images(lay, mask, code, {k: conds[k] for k in conds})
 
 
