@@ -14,7 +14,7 @@ from uhg.eval.distances import separation_power
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import NEIGHBOURS, grow_cluster_masks, grow_clusters
+from uhg.models.gan import NEIGHBOURS, grow_cluster_masks, grow_clusters, grow_seeds
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import PlainEngine
@@ -42,6 +42,14 @@ def test_a_seed_grows_into_its_neighbours_and_the_expectation_is_exact() -> None
     below[0, 0, NEIGHBOURS.index((1, 0)), 2, 3] = 1.0
     grown = grow_cluster_masks(seed, below)
     assert grown[0, 0, 3, 3] == 1 and int(grown.sum()) == 3
+
+    # sparse growth (draws only at seeds) gives the same mask as the dense growth
+    g = torch.Generator().manual_seed(1)
+    seeds = torch.rand(2, 3, 7, 9, generator=g) < 0.1
+    dense = torch.rand(2, 3, len(NEIGHBOURS), 7, 9, generator=g) < 0.4
+    at = seeds.nonzero()
+    fires = dense[at[:, 0], at[:, 1], :, at[:, 2], at[:, 3]]
+    assert torch.equal(grow_seeds(seeds, fires), grow_cluster_masks(seeds.float(), dense.float()) > 0)
 
     # with probabilities, the noisy OR is the exact firing probability of the sampled masks, and
     # the masks' growth is that of probabilities 0 and 1

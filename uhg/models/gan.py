@@ -5,8 +5,8 @@ An event is `n_units` same-shape images (PXD sensors or calorimeter layers, see
 (learned id + geometry features) and the event conditions (FiLM) into one token per unit,
 couples the tokens of an event by self-attention (the relational module), and decodes every
 token into an image with a conv decoder. Each pixel gets two outputs: a hit gate (logit of
-"this pixel fires") and an encoded charge/energy; with cluster growth (pixel detectors) also 8
-spread logits, the odds that a seed fires each neighbour. Sparsity is learnable because the
+"this pixel fires") and an encoded charge/energy; with cluster growth (pixel detectors) each
+sensor token also gives 8 spread logits, the odds that a seed fires each neighbour. Sparsity is learnable because the
 gates are hard 0/1 decisions in the forward pass (relaxed logistic noise, straight-through
 gradient), so the discriminator sees exactly-zero pixels like in real data.
 
@@ -55,12 +55,12 @@ class UpBlock(nn.Module):
 class Generator(nn.Module):
     """(z (B, z_dim), unit noise (B, U, sensor_noise_dim), conditions (B, C), pixel noise
     (B, U, pixel_noise_channels, H, W) standard normal or None) -> gate logits and encoded
-    values, both (B, U, H, W), and the spread logits of cluster growth (or None).
+    values, both (B, U, H, W), and the spread logits of cluster growth (B, U, 8, 1, 1) (or None).
 
     Clusters and stochastic charge (pixel detectors, optional):
     - cluster growth: the gate fires cluster *seeds*; each seed also fires each of its 8
-      neighbours with a learned probability (8 more logits per pixel, `spread`), a noisy OR
-      (see `grow_clusters`). Independent pixels cannot make clusters: real background is
+      neighbours with a learned probability (8 logits per sensor of the event, from its token:
+      `spread`), a noisy OR (see `grow_clusters`). Independent pixels cannot make clusters: real background is
       ~3-pixel clusters of which only a quarter are single pixels;
     - stochastic charge: the charge logit plus a standard-normal noise map is a score whose
       percentile is mapped through a table of charge quantiles (`charge_quantiles`, fitted to the
@@ -93,12 +93,16 @@ class Generator(nn.Module):
         self.growth = cfg.cluster_growth and pixel
         self.charge_noise = cfg.charge_noise and pixel
         n_spread = len(NEIGHBOURS) if self.growth else 0
-        self.head = nn.Conv2d(ch[-1], (2 + n_spread) * self.shuffle**2, 3, padding=1)
-        with torch.no_grad():  # channels are (gate, code, spread...) x s^2 sub-pixels, gate first
+        self.head = nn.Conv2d(ch[-1], 2 * self.shuffle**2, 3, padding=1)
+        with torch.no_grad():  # channels are (gate, code) x s^2 sub-pixels, gate first
             s2 = self.shuffle**2
             self.head.bias.zero_()
             self.head.bias[:s2] = _logit(INITIAL_OCCUPANCY / (1 + n_spread * INITIAL_SPREAD))
-            self.head.bias[2 * s2:] = _logit(INITIAL_SPREAD)
+        # Per sensor, not per pixel: 8 more head channels at full resolution tripled the step time.
+        self.spread = nn.Linear(e, n_spread) if self.growth else None
+        if self.spread is not None:
+            nn.init.zeros_(self.spread.weight)
+            nn.init.constant_(self.spread.bias, _logit(INITIAL_SPREAD))
         self.unit_gate = nn.Parameter(torch.zeros(layout.n_units, 1 + n_conditions))
         self.register_buffer("charge_quantiles", torch.linspace(layout.min_code, 1.0, CHARGE_QUANTILES))
 
@@ -121,7 +125,7 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor,
                 pixel_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (gate logits (B, U, H, W), encoded values (B, U, H, W), spread logits (B, U, 8, H, W)
+        """-> (gate logits (B, U, H, W), encoded values (B, U, H, W), spread logits (B, U, 8, 1, 1)
         or None without cluster growth)."""
         b, u, h, w = z.shape[0], self.layout.n_units, self.layout.height, self.layout.width
         tok = self.tokens(z, unit_noise, cond).reshape(b * u, -1)
@@ -141,7 +145,7 @@ class Generator(nn.Module):
         if self.unit_gate.shape[1] > 1:
             offset = offset + cond @ self.unit_gate[:, 1:].T
         gate = gate.reshape(b, u, h, w) + offset[:, :, None, None]
-        spread = out[:, 2:].reshape(b, u, -1, h, w) if self.growth else None
+        spread = self.spread(tok).view(b, u, -1, 1, 1) if self.spread is not None else None
         return gate, self._code(score).reshape(b, u, h, w), spread
 
     def _code(self, score: torch.Tensor) -> torch.Tensor:
@@ -181,15 +185,31 @@ def _from_neighbours(x: torch.Tensor) -> torch.Tensor:
 def grow_clusters(seed: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
     """Probability that a pixel fires under cluster growth: it is a seed, or a seed at a neighbour
     fires it (noisy OR, exact for independent seeds and spreads). seed (B, U, H, W) and spread
-    (B, U, 8, H, W; spread[:, :, k] at the seed pixel: it fires its neighbour NEIGHBOURS[k]) are
-    probabilities; differentiable."""
+    (B, U, 8, H, W) or broadcastable (B, U, 8, 1, 1); spread[:, :, k] at the seed pixel: it fires
+    its neighbour NEIGHBOURS[k]) are probabilities; differentiable."""
     reach = (seed.unsqueeze(2) * spread).clamp(max=1 - 1e-6)
     return 1 - (1 - seed) * torch.exp(_from_neighbours(torch.log1p(-reach)))
 
 
 def grow_cluster_masks(seed: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-    """`grow_clusters` for sampled 0/1 seed and spread masks: a 0/1 mask, exactly."""
+    """`grow_clusters` for 0/1 seed and spread masks (B, U, 8, H, W): a 0/1 mask, exactly."""
     return torch.maximum(seed, (_from_neighbours(seed.unsqueeze(2) * spread) > 0).to(seed.dtype))
+
+
+def grow_seeds(seeds: torch.Tensor, fires: torch.Tensor) -> torch.Tensor:
+    """Sampled cluster growth, sparse: seeds (B, U, H, W) bool; fires (n_seeds, 8) bool, row i
+    for the i-th seed of `seeds.nonzero()` (row-major order), column k: it fires its neighbour
+    NEIGHBOURS[k]. Returns the (B, U, H, W) bool hit mask. Draws only where seeds are, not
+    8 random numbers per pixel."""
+    out = seeds.clone()
+    at = seeds.nonzero()
+    h, w = seeds.shape[-2:]
+    for k, (dr, dc) in enumerate(NEIGHBOURS):
+        t = at[fires[:, k]]
+        r, c = t[:, 2] + dr, t[:, 3] + dc
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        out[t[inside, 0], t[inside, 1], r[inside], c[inside]] = True
+    return out
 
 
 def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -200,20 +220,21 @@ def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
 
 
 def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, temperature: float,
-                   valid: torch.Tensor, spread: torch.Tensor | None = None,
-                   spread_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   valid: torch.Tensor, spread: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time images: hard 0/1 gates forward, gradient of the relaxed sigmoid gates backward
-    (with cluster growth: of the noisy OR of the relaxed seeds and the spread probabilities;
-    `spread_noise` is uniform in [0, 1)).
+    (with cluster growth, `spread` logits (B, U, 8, 1, 1): of the noisy OR of the relaxed seeds and
+    the spread probabilities; the spreads of the hard seeds are drawn from torch's RNG).
     Returns (images (B, U, H, W) in [0, 1], that straight-through 0/1 hit mask (B, U, H, W))."""
     soft = torch.sigmoid((gate + noise) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     if spread is not None:
-        # spreads: sampled as uniform < p, gradient of p (straight-through Bernoulli: one random
-        # number per neighbour and pixel, cheaper than a relaxed logistic draw)
+        # spreads: straight-through Bernoulli (drawn for the hard seeds, gradient of p)
         p = torch.sigmoid(spread)
+        seeds = hard > 0
+        at = seeds.nonzero()
+        fires = torch.rand(len(at), p.shape[2], device=p.device) < p[at[:, 0], at[:, 1], :, 0, 0]
         soft = grow_clusters(soft, p)
-        hard = grow_cluster_masks(hard, (spread_noise < p).to(p.dtype))
+        hard = grow_seeds(seeds, fires).to(soft.dtype)
     mask = (hard + soft - soft.detach()) * valid
     return mask * code, mask
 

@@ -17,7 +17,7 @@ from torch import nn
 from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import NEIGHBOURS, Discriminator, Generator, grow_cluster_masks
+from uhg.models.gan import Discriminator, Generator, grow_seeds
 from uhg.models.gan_layout import decode_images, unit_layout
 
 
@@ -59,8 +59,6 @@ class GanFamily:
         p = module.pixel_noise_channels
         pn = torch.stack([torch.randn((lay.n_units, p, lay.height, lay.width), generator=g, device=device)
                           for g in gens]) if p else None
-        us = torch.stack([torch.rand((lay.n_units, len(NEIGHBOURS), lay.height, lay.width), generator=g, device=device)
-                          for g in gens]) if module.growth else None
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         was_training = module.training
@@ -70,6 +68,10 @@ class GanFamily:
         finally:
             module.train(was_training)
         mask = u < torch.sigmoid(gate)
-        if spread is not None:  # cluster growth: each seed fires each neighbour k with sigmoid(spread_k)
-            mask = grow_cluster_masks(mask.float(), (us < torch.sigmoid(spread)).float()) > 0
+        if spread is not None:  # cluster growth: each seed fires neighbour k with sigmoid(spread_k), per event
+            p = torch.sigmoid(spread)[:, :, :, 0, 0]
+            n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
+            fires = [torch.rand(int(n), p.shape[2], generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
+            at = mask.nonzero()
+            mask = grow_seeds(mask, torch.cat(fires) < p[at[:, 0], at[:, 1]])
         return decode_images(lay, mask, code, {k: conds[k] for k in conds})

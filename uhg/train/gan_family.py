@@ -97,9 +97,8 @@ class GanFamily(model.GanFamily):
             spread = 0.0
             if g.growth:
                 spread = min(max((float(np.mean(sizes)) - 1) / len(NEIGHBOURS), 0.01), 0.9) if sizes else 0.1
-                s2 = g.shuffle**2
-                g.head.bias[2 * s2:] = math.log(spread / (1 - spread))
-                g.head.bias[:s2] = 0.0
+                g.spread.bias.fill_(math.log(spread / (1 - spread)))
+                g.head.bias[: g.shuffle**2] = 0.0
             seed = torch.exp(log_occ[:, 0]) / (1 + len(NEIGHBOURS) * spread)
             offset = log_occ.clone()
             offset[:, 0] = torch.log(seed) - torch.log1p(-seed) - g.head.bias[0].double()
@@ -123,13 +122,12 @@ class GanFamily(model.GanFamily):
         gn = gate_noise((b, lay.n_units, lay.height, lay.width), device=device)
         p = g.pixel_noise_channels
         pn = torch.randn(b, lay.n_units, p, lay.height, lay.width, device=device) if p else None
-        sn = torch.rand(b, lay.n_units, len(NEIGHBOURS), lay.height, lay.width, device=device) if g.growth else None
-        return z, un, gn, pn, sn
+        return z, un, gn, pn
 
     def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
-        z, un, gn, pn, sn = self._noise(generator, b, device)
+        z, un, gn, pn = self._noise(generator, b, device)
         gate, code, spread = generator(z, un, cond, pn)
-        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), spread, sn)
+        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), spread)
         return images, mask, gate, code, spread
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
