@@ -105,3 +105,18 @@ def test_short_training_moves_cluster_sizes_and_charges_toward_the_data() -> Non
     assert size_before > 0.1 and size_after < 0.6 * size_before
     assert charge_before > 0.1 and charge_after < charge_before / 10
     assert 0.6 < hit_ratio < 1.4
+
+
+def test_sampling_with_cluster_growth_is_per_event_deterministic() -> None:
+    """Spreads are drawn per event from its own seed, so an event does not depend on its batch."""
+    torch.manual_seed(1)
+    geo = get_geometry("pxd-tiny")
+    fam = GanFamily(geo, GanConfig(conditions=["luminosity"], **CLUSTERS),
+                    ConditionNorm.from_ranges({"luminosity": (2e35, 8e35)}, ["luminosity"]))
+    g = fam.build_modules()["generator"]
+    lum = torch.tensor([2e35, 3e35, 5e35, 8e35], dtype=torch.float64)
+    whole = fam.sample(g, {"luminosity": lum}, seeds=[5, 6, 7, 8])
+    tail = fam.sample(g, {"luminosity": lum[2:]}, seeds=[7, 8])
+    assert whole.slice(2, 4).n_hits > 0
+    for k in ("sensor", "row", "col", "value"):
+        assert np.array_equal(whole.slice(2, 4).columns[k], tail.columns[k])
