@@ -107,3 +107,18 @@ def test_ema_forgets_its_initialisation_during_warm_up() -> None:
         module.weight.fill_(2.0)
     ema.update(module)
     assert float(ema.shadow["weight"]) == pytest.approx(0.99 * before + 0.01 * 2.0, rel=1e-6)
+
+
+def test_empty_sensor_images_give_zero_discriminator_features() -> None:
+    """PXD images are >99% empty; the discriminator's features must come from the hits only (conv
+    biases would add the same activation at every empty position and drown them)."""
+    torch.manual_seed(0)
+    fam = pxd_family()
+    d = Discriminator(fam.layout, fam.cfg, 1)
+    shape = (1, fam.layout.n_units, fam.layout.height, fam.layout.width)
+    empty = torch.zeros(shape)
+    assert torch.equal(d.features(empty), torch.zeros_like(d.features(empty)))
+    one_hit = empty.clone()
+    one_hit[0, 3, 5, 7] = 0.5
+    feat = d.features(one_hit)
+    assert feat[0, 3].abs().sum() > 0 and feat[0, 4].abs().sum() == 0

@@ -240,9 +240,9 @@ def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, 
 
 
 class DownBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, bias: bool = True):
         super().__init__()
-        self.conv = spectral_norm(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
+        self.conv = spectral_norm(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=bias))
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,8 +261,14 @@ class Discriminator(nn.Module):
         # optional stem (3x3, stride 1) sees cluster shapes pixel by pixel; without it the first
         # block already strides by 2 (full-resolution convolutions dominate the cost).
         stem = cfg.discriminator_stem_channels
-        self.stem = nn.Sequential(spectral_norm(nn.Conv2d(2, stem, 3, padding=1)), nn.LeakyReLU(0.2)) if stem else None
-        self.blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip([stem or 2, *ch[:-1]], ch, strict=True))
+        # Pixel images are >99% empty: with conv biases every empty position adds the same
+        # activation to the sum-pooled features and drowns the few hits (the scores of real and
+        # generated events stayed equal through training). Without biases an empty patch gives
+        # exactly zero, so the features are made of hits only.
+        bias = layout.kind != "pixel"
+        self.stem = nn.Sequential(spectral_norm(nn.Conv2d(2, stem, 3, padding=1, bias=bias)),
+                                  nn.LeakyReLU(0.2)) if stem else None
+        self.blocks = nn.ModuleList(DownBlock(a, b, bias) for a, b in zip([stem or 2, *ch[:-1]], ch, strict=True))
         f = ch[-1]
         self.units = SensorEmbedding(layout.features, f)
         self.cond = ConditionEmbedding(n_conditions, f)
