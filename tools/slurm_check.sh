@@ -91,10 +91,11 @@ cp -r "$ROOT/configs" "$WORK/configs"
 cd "$WORK"
 
 export UHG_ROOT="$WORK" UHG_CPU_ONLY=1 UHG_RAY_PORT=26379 UHG_RAY_DASHBOARD_PORT=26380 UHG_RAY_CLIENT_PORT=26381
-export RAY_TMPDIR="$WORK/tmp" PYTHONPATH="$ROOT" DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+# Ray session folders hold unix sockets: their path must stay short (< 108 bytes).
+export RAY_TMPDIR=/tmp/uhg-slurm-ray PYTHONPATH="$ROOT" DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 export RAY_AUTH_TOKEN_PATH="$WORK/.ray/auth_token"
 unset MLFLOW_TRACKING_URI RAY_ADDRESS RAY_AUTH_TOKEN
-mkdir -p "$RAY_TMPDIR"
+rm -rf "$RAY_TMPDIR" && mkdir -p "$RAY_TMPDIR"
 
 start=$(date +%s)
 set +e
