@@ -309,7 +309,8 @@ def _slurm_unavailable() -> str | None:
 @pytest.mark.distributed
 def test_slurm_recipe_runs(tmp_path: Path) -> None:
     """cluster/slurm/uhg-ray.sbatch on a real one-node SLURM cluster (tools/slurm_check.sh):
-    the mini GAN on CPU under `ray symmetric-run`, token auth, checkpoint, export, MLflow run."""
+    the mini GAN on CPU under `ray symmetric-run`, token auth, checkpoint, export, MLflow run;
+    and a job whose Ray head cannot start fails."""
     reason = _slurm_unavailable()
     if reason:
         pytest.skip(reason)
@@ -320,6 +321,7 @@ def test_slurm_recipe_runs(tmp_path: Path) -> None:
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     assert "SLURM check passed" in out.stdout
     assert "generated a Ray auth token" in out.stdout
+    assert "SLURM check passed: a job whose Ray head could not start failed" in out.stdout
 
 
 def test_referenced_configs_exist() -> None:

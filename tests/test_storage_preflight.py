@@ -65,15 +65,26 @@ def head_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loopba
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _wait_for_head_only(c: LoopbackCluster) -> None:
+    """A node killed by an earlier test stays listed alive until the GCS misses its heartbeats."""
+    deadline = time.monotonic() + 180
+    while len(c.alive_node_ports()) != 1:
+        assert time.monotonic() < deadline, "a killed node is still listed alive after 180 s"
+        time.sleep(1)
+
+
 def test_blind_worker_node_at_launch_is_refused_by_the_driver(head_only) -> None:
     """0-CPU head + one worker node: the only node that can host workers is not the driver's,
     so it is checked (before, a cluster with fewer than two such nodes was not checked at all)."""
     c, workdir = head_only
     storage = workdir / "shared"
+    _wait_for_head_only(c)
     c.start("blind", private_mount=storage)
     try:
+        t0 = time.monotonic()
         proc = _train(c, workdir, "--run-name", "at-launch")
         out, _ = proc.communicate(timeout=300)
+        elapsed = time.monotonic() - t0
     finally:
         c.kill("blind")
     assert proc.returncode == 2, out[-4000:]
@@ -81,6 +92,7 @@ def test_blind_worker_node_at_launch_is_refused_by_the_driver(head_only) -> None
     assert f"distributed.storage_path: {storage / 'at-launch'} is not shared between the nodes" in message
     assert "cannot see a file written there by the driver" in message
     assert not (storage / "at-launch" / "checkpoints").exists()
+    print(f"\n[preflight] 0-CPU head + blind worker node: refused by the driver {elapsed:.1f} s after the command started")
 
 
 def test_blind_worker_node_added_after_launch_is_refused_by_the_worker(head_only) -> None:
@@ -89,6 +101,7 @@ def test_blind_worker_node_added_after_launch_is_refused_by_the_worker(head_only
     c, workdir = head_only
     storage = workdir / "shared"
     run_folder = storage / "late"
+    _wait_for_head_only(c)
     proc = _train(c, workdir, "--run-name", "late")
     try:
         deadline = time.monotonic() + 180
@@ -97,14 +110,18 @@ def test_blind_worker_node_added_after_launch_is_refused_by_the_worker(head_only
             assert time.monotonic() < deadline, "the driver wrote no storage marker within 180 s"
             time.sleep(0.2)
         c.start("late", private_mount=storage)  # the node an autoscaler would add
+        joined = time.monotonic()
         out, _ = proc.communicate(timeout=300)
+        refused_s = time.monotonic() - joined
     finally:
         if proc.poll() is None:
             _kill_tree(proc.pid)
-        c.kill("late")
+        if "late" in c.nodes:
+            c.kill("late")
     assert proc.returncode != 0, out[-4000:]
     message = " ".join(out.split())
     assert f"distributed.storage_path: {run_folder} is not shared between the nodes of this cluster: " \
            "the worker of rank 0 on" in message, out[-4000:]
     assert not (run_folder / "checkpoints").exists()
     assert not (run_folder / ".uhg-storage-marker").exists(), "the driver removes its marker when the run ends"
+    print(f"\n[preflight] blind node added after the launch: run refused {refused_s:.1f} s after the node joined")

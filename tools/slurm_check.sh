@@ -13,6 +13,8 @@
 # 3. Submits the mini GAN config on CPU (2 workers, 4 steps) with UHG_ROOT in a scratch folder
 #    and waits (`sbatch --wait`: its exit code is the job's), then checks the run folder and
 #    the sqlite MLflow store.
+# 4. Submits once more with the head's GCS port taken: the job must fail ("the run never
+#    started"), since `ray symmetric-run` exits 0 when the head's `ray start` fails.
 # Environment: UHG_SLURM_CHECK_DIR (scratch folder, default /tmp/uhg-slurm-check, emptied first),
 # UHG_VENV (environment with uhg's dependencies, default: the one of `python` on PATH).
 set -euo pipefail
@@ -134,3 +136,23 @@ assert run.data.metrics, f"MLflow run {run.info.run_id} has no metrics"
 print(f"SLURM check passed: {folder}: checkpoints {checkpoints}, export {export}; MLflow run "
       f"{run.info.run_id} FINISHED with {len(run.data.metrics)} metrics")
 PYEOF
+
+# A head whose `ray start` fails (here: its GCS port is taken) must fail the job; `ray
+# symmetric-run` itself exits 0 then.
+"$PYTHON" -c 'import socket, time; s = socket.socket(); s.bind(("0.0.0.0", 26389)); s.listen(); time.sleep(900)' &
+holder=$!
+trap 'kill "$holder" 2>/dev/null || true' EXIT
+sleep 1
+set +e
+UHG_RAY_PORT=26389 sbatch --wait --nodes=1 --cpus-per-task="$CPUS" --gpus-per-task=0 --time=00:10:00 \
+    --output="$WORK/nostart-%j.out" "$ROOT/cluster/slurm/uhg-ray.sbatch" \
+    "$WORK/configs/pxd_gan_mini.yaml" --run-name slurm-check-nostart --set train.steps=4
+rc=$?
+set -e
+kill "$holder" 2>/dev/null || true
+cat "$WORK"/nostart-*.out
+if [ "$rc" = 0 ] || ! grep -q "the run never started" "$WORK"/nostart-*.out; then
+    echo "SLURM check failed: a job whose Ray head could not start ended with exit code ${rc}" >&2
+    exit 1
+fi
+echo "SLURM check passed: a job whose Ray head could not start failed (sbatch exit code ${rc})"
