@@ -299,6 +299,9 @@ def _slurm_unavailable() -> str | None:
         return "SLURM is not installed (no sbatch on PATH; tools/slurm_check.sh installs it as root)"
     if os.geteuid() != 0:
         return "tools/slurm_check.sh starts SLURM daemons and needs root"
+    conf = Path("/etc/slurm/slurm.conf")
+    if conf.is_file() and "ClusterName=uhgcheck\n" not in conf.read_text():
+        return f"{conf} belongs to another SLURM cluster; tools/slurm_check.sh only runs on its own one-node cluster"
     probe = subprocess.run(["sinfo", "--noheader"], capture_output=True, text=True, timeout=30)
     if probe.returncode != 0 and not shutil.which("slurmctld"):
         return f"SLURM client present but no controller to start: {probe.stderr.strip()[:200]}"

@@ -5,8 +5,8 @@
 #   sudo tools/slurm_check.sh          (root: installs and starts SLURM if needed)
 #
 # 1. Installs Debian's slurm-wlm and munge if slurmctld is missing, starts munged, writes a
-#    one-node slurm.conf (this host, all its cores, no GPUs; kept if it exists and names this
-#    host), and starts slurmctld and slurmd.
+#    one-node slurm.conf (cluster "uhgcheck": this host, all its cores, no GPUs; a slurm.conf
+#    it did not write is left alone and the check refuses to run), and starts slurmctld and slurmd.
 # 2. slurmd runs in a PID namespace of its own: the job's `ray symmetric-run` ends with
 #    `ray stop`, which stops every Ray process it can see; in the namespace it sees only the
 #    job's own. Ports 26379-26381 keep the job's Ray away from a Ray on the default ports.
@@ -30,6 +30,11 @@ RUN_NAME=slurm-check
 
 if [ "$(id -u)" != 0 ]; then
     echo "tools/slurm_check.sh installs and starts SLURM daemons: run it as root" >&2
+    exit 2
+fi
+
+if [ -f "$CONF" ] && ! grep -q '^ClusterName=uhgcheck$' "$CONF"; then
+    echo "$CONF exists and was not written by this script: it only sets up and uses its own one-node cluster" >&2
     exit 2
 fi
 
