@@ -26,12 +26,8 @@ import numpy as np
 
 from uhg.data.hits import COLUMNS, ORIGIN_BACKGROUND, ORIGIN_BOTH, ORIGIN_SIGNAL, HitBatch
 from uhg.errors import ConditionError, ConfigError, GeometryError, StoreError
-from uhg.generate.distributed import (
-    GeneratorSource,
-    condition_specs,
-    describe_model,
-    open_generator,
-)
+from uhg.generate.conditions import condition_specs, with_beam_currents
+from uhg.generate.distributed import GeneratorSource, describe_model, open_generator
 from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
 
 ORIGIN_FLAGS = {str(ORIGIN_SIGNAL): "signal", str(ORIGIN_BACKGROUND): "background", str(ORIGIN_BOTH): "both"}
@@ -45,18 +41,6 @@ DENSE_CHANNELS_PER_PASS = 4_000_000
 def default_batch_size(n_channels: int) -> int:
     """Events per generator pass: 16, fewer when events are large (1 for the full PXD)."""
     return max(1, min(16, DENSE_CHANNELS_PER_PASS // n_channels))
-
-
-def machine_conditions(given: dict[str, float], needed: list[str]) -> dict[str, float]:
-    """Add the beam currents a generator needs but the user did not give, from the luminosity
-    and the SuperKEKB machine model (design current ratio, `uhg.sim.pxd_machine`)."""
-    wanted = [n for n in ("her_current", "ler_current") if n in needed and n not in given]
-    if wanted and "luminosity" in given:
-        from uhg.sim.pxd_machine import currents_for_luminosity
-
-        her, ler = currents_for_luminosity(given["luminosity"])
-        given |= {k: float(v) for k, v in (("her_current", her), ("ler_current", ler)) if k in wanted}
-    return given
 
 
 def pixel_columns_only(batch: HitBatch) -> HitBatch:
@@ -183,7 +167,7 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
         if model_info["geometry"] != geometry.name:
             raise GeometryError(f"model {model!r} generates geometry {model_info['geometry']!r} but signal store "
                                 f"{signal_path} holds {geometry.name!r}; they must match")
-        given = machine_conditions(dict(conditions or {}), model_info["conditions"])
+        given = with_beam_currents(dict(conditions or {}), model_info["conditions"])
         missing = [n for n in model_info["conditions"] if n not in given]
         if missing:
             raise ConditionError(f"model {model!r} needs conditions {model_info['conditions']}; missing {missing} "

@@ -106,7 +106,8 @@ def evaluate_held_out(cfg: RunConfig, export: Path, sample: HeldOutSample, out_d
                       step: int = 0):
     """Every metric of `uhg eval` on the held-out sample; returns the uhg.eval Report (see the
     module docstring)."""
-    from uhg.eval.evaluate import CONDITION_UNITS, condition_warnings, evaluate_features, log_report
+    from uhg.data.hits import CONDITION_UNITS
+    from uhg.eval.evaluate import condition_warnings, evaluate_features, log_report
 
     e = cfg.evaluate
     ref, gen, indices = sample.reference, sample.generated, sample.indices

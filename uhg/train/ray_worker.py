@@ -21,6 +21,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     from uhg.tracking.logger import NullLogger, RunLogger
     from uhg.train.loop import train
     from uhg.train.ray_hooks import RayHooks
+    from uhg.train.ray_launch import is_remote_storage
 
     root = Path(loop_config["root"])
     if root.is_dir():
@@ -31,7 +32,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     storage, name = loop_config["run_storage"], loop_config["run_name"]
 
     raw = dict(loop_config["config"])
-    remote = "://" in storage
+    remote = is_remote_storage(storage)
     # One folder per Ray run: the loop's checkpoints and export go beside Ray's checkpoints.
     run_folder = Path(raw.get("output_dir") or f"runs/{raw['name']}") / name if remote else Path(storage) / name
     raw["output_dir"] = str(run_folder)
