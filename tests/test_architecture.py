@@ -54,9 +54,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path, module: str) -> list[tuple[int, str]]:
+def imports(path: Path, module: str, lazy: bool = True) -> list[tuple[int, str]]:
     """(line, absolute dotted name) of every import in the file of `module`, relative ones
-    resolved."""
+    resolved; with `lazy`, also the "uhg.module:attribute" targets it imports by name."""
     tree = ast.parse(path.read_text(), filename=str(path))
     here = module.split(".")
     if path.name != "__init__.py":
@@ -70,10 +70,10 @@ def imports(path: Path, module: str) -> list[tuple[int, str]]:
             if node.level:
                 base = ".".join(here[: len(here) - node.level + 1] + ([base] if base else []))
             found.append((node.lineno, base))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            lazy = LAZY_TARGET.match(node.value)
-            if lazy:
-                found.append((node.lineno, lazy.group(1)))
+        elif lazy and isinstance(node, ast.Constant) and isinstance(node.value, str):
+            target = LAZY_TARGET.match(node.value)
+            if target:
+                found.append((node.lineno, target.group(1)))
     return found
 
 
@@ -104,6 +104,53 @@ def test_the_map_names_every_package_and_module() -> None:
 def test_imports_point_down_the_layer_map() -> None:
     wrong = violations(FILES, *layer_map(MAP.read_text()))
     assert wrong == [], "imports against docs/architecture.md:\n" + "\n".join(wrong)
+
+
+def import_cycles(files: dict[str, Path]) -> list[list[str]]:
+    """Groups of modules of `files` that import each other (directly or round a loop). A
+    registry's lazy "module:attribute" targets do not count: they are imported on first use,
+    after both modules are loaded."""
+    graph = {m: sorted({n for _, n in imports(p, m, lazy=False) if n in files} - {m}) for m, p in files.items()}
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(m: str) -> None:  # Tarjan's strongly connected components
+        order[m] = low[m] = len(order)
+        stack.append(m)
+        for n in graph[m]:
+            if n not in order:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in stack:
+                low[m] = min(low[m], order[n])
+        if low[m] == order[m]:
+            group = []
+            while not group or group[-1] != m:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for m in sorted(graph):
+        if m not in order:
+            visit(m)
+    return cycles
+
+
+def test_no_two_modules_import_each_other() -> None:
+    assert import_cycles(FILES) == []
+
+
+def test_a_cycle_is_found(tmp_path: Path) -> None:
+    sources = {"uhg.data.store": "from uhg.data.reader import Store\n",
+               "uhg.data.reader": "def f():\n    from uhg.data.store import PARTS\n",
+               "uhg.data.hits": "", "uhg.data.writer": "from uhg.data.hits import HitBatch\n"}
+    files = {}
+    for module, text in sources.items():
+        files[module] = tmp_path / f"{module}.py"
+        files[module].write_text(text)
+    assert import_cycles(files) == [["uhg.data.reader", "uhg.data.store"]]
 
 
 def test_models_know_nothing_of_ray_mlflow_or_deepspeed() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from overlay_stores import export_untrained_gan, part_files, simulated_store
 
-from uhg.data.store import missing_parts
+from uhg.data.layout import missing_parts
 from uhg.errors import CheckpointError
 from uhg.generate.overlay import OverlayJob, plan_overlay, run_overlay
 from uhg.generate.ray_pool import PartResult, RayOptions, run_parts

@@ -84,7 +84,7 @@ def pxd_command(
     """Simulate beam-induced PXD background (two-photon, radiative Bhabha, Touschek, beam-gas, SR)."""
     from uhg.data.hits import CONDITION_UNITS
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
     from uhg.sim.pxd_machine import check_conditions, currents_for_luminosity
 
     geom = _pixel_geometry(geometry)
@@ -130,7 +130,7 @@ def signal_command(
 ) -> None:
     """Simulate PXD signal: charged tracks from the interaction point crossing both layers."""
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
 
     geom = _pixel_geometry(geometry)
     _check_run(events, workers, part_size)

@@ -44,7 +44,7 @@ def calo_command(
     """Simulate electromagnetic showers (GFlash parameterisation) and write a calorimeter store."""
     from uhg.data.hits import CONDITION_UNITS
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
     from uhg.geometry import get_geometry
 
     geom = get_geometry(geometry)

@@ -99,7 +99,7 @@ def import_calochallenge(file: str | os.PathLike, geometry: str, out: str | os.P
     import. Raises GeometryError when the voxel count does not match `geometry`.
     """
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
     from uhg.geometry import get_geometry
 
     file = Path(file)
@@ -133,7 +133,7 @@ def export_calochallenge(store_path: str | os.PathLike, out: str | os.PathLike, 
     import h5py
     from tqdm.auto import tqdm
 
-    from uhg.data.store import open_store
+    from uhg.data.reader import open_store
     from uhg.sparse.dense import dense_batch
 
     store = open_store(store_path)

@@ -197,7 +197,7 @@ def evaluate_stores(reference: str | Path, generated: str | Path, out_dir: str |
                     logger=None) -> Report:
     """Evaluate the generated store against the reference (and the optional second reference
     for the floor); see the module docstring. `logger` is a uhg.tracking RunLogger."""
-    from uhg.data.store import open_store
+    from uhg.data.reader import open_store
 
     stores = {"reference": open_store(reference), "generated": open_store(generated)}
     if reference2 is not None:

@@ -101,13 +101,14 @@ class GenerateJob:
     batch_size: int = 16
 
     def open(self, device: str) -> None:
-        from uhg.data.store import read_attrs
+        from uhg.data.layout import read_attrs
 
         self._attrs = read_attrs(self.out)
         self._source = GeneratorSource(open_generator(self.model_path, device), {}, self.seed, self.batch_size)
 
     def write_part(self, part: int) -> PartResult:
-        from uhg.data.store import part_range, write_part
+        from uhg.data.layout import part_range
+        from uhg.data.writer import write_part
 
         start, stop = part_range(self._attrs, part)
         t0 = time.perf_counter()
@@ -123,7 +124,8 @@ def plan_generate(model: str | dict[str, Any], out: str | os.PathLike, n_events:
                   overwrite: bool = False) -> tuple[GenerateJob, list[int], dict[int, int]]:
     """Check the model and conditions, create (or reopen, to resume) the store. Returns the
     job, the parts still to write and the events of every part."""
-    from uhg.data.store import create_store, missing_parts, part_range, read_attrs
+    from uhg.data.layout import missing_parts, part_range, read_attrs
+    from uhg.data.writer import create_store
 
     if n_events < 1:
         raise ConfigError(f"--events must be at least 1, got {n_events}")

@@ -54,7 +54,7 @@ class StoreBackground:
     """Background event j = event `j mod len(store)` of a background store."""
 
     def __init__(self, path: str) -> None:
-        from uhg.data.store import open_store
+        from uhg.data.reader import open_store
 
         self.store = open_store(path)
         if len(self.store) == 0:
@@ -89,7 +89,8 @@ class OverlayJob:
     batch_size: int = 16
 
     def open(self, device: str) -> None:
-        from uhg.data.store import open_store, read_attrs
+        from uhg.data.layout import read_attrs
+        from uhg.data.reader import open_store
 
         self._out_attrs = read_attrs(self.out)
         self._signal = open_store(self.signal)
@@ -101,7 +102,8 @@ class OverlayJob:
             self._background = GeneratorSource(generator, self.conditions, self.seed, self.batch_size)
 
     def write_part(self, part: int) -> PartResult:
-        from uhg.data.store import part_range, write_part
+        from uhg.data.layout import part_range
+        from uhg.data.writer import write_part
         from uhg.sparse.overlay import merge_overlay
 
         start, stop = part_range(self._out_attrs, part)
@@ -131,7 +133,9 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
     Raises GeometryError if signal and background/model geometries differ, ConditionError if
     the generator's conditions are missing, StoreError/CheckpointError for bad paths.
     """
-    from uhg.data.store import create_store, missing_parts, open_store, part_range
+    from uhg.data.layout import missing_parts, part_range
+    from uhg.data.reader import open_store
+    from uhg.data.writer import create_store
 
     if (model is None) == (background is None):
         raise ConfigError("give exactly one background source: --model (with conditions) or --background STORE")

@@ -2,7 +2,7 @@
 
 A *part job* (`PartJob`) knows how to produce one part of an output store: `open()` loads
 what a worker needs once (a generator, input stores), `write_part(part)` computes the part's
-events and writes them with `uhg.data.store.write_part` (atomic: a part is visible only when
+events and writes them with `uhg.data.writer.write_part` (atomic: a part is visible only when
 complete), returning the number of events and hits. The same job object runs
 
 - in this process (`workers=0`): parts one after another;

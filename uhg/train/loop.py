@@ -74,7 +74,7 @@ def prepare_data(cfg: RunConfig, rank: int, world: int = 1):
 
     if cfg.data.simulate is not None and rank == 0:
         path = cfg.data.store[0]
-        from uhg.data.store import missing_parts
+        from uhg.data.layout import missing_parts
 
         if not path.exists() or missing_parts(path):
             simulate_store(path, cfg.geometry, cfg.data.simulate)

@@ -158,6 +158,7 @@ def launch(
             "config": config_to_dict(cfg),
             "root": str(Path.cwd()),
             "run_storage": run.storage,
+            "run_storage_is_remote": run.is_remote,
             "run_name": run.name,
         },
         scaling_config=ScalingConfig(

@@ -21,7 +21,6 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     from uhg.tracking.logger import NullLogger, RunLogger
     from uhg.train.loop import train
     from uhg.train.ray_hooks import RayHooks
-    from uhg.train.ray_launch import is_remote_storage
 
     root = Path(loop_config["root"])
     if root.is_dir():
@@ -32,7 +31,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     storage, name = loop_config["run_storage"], loop_config["run_name"]
 
     raw = dict(loop_config["config"])
-    remote = is_remote_storage(storage)
+    remote = loop_config["run_storage_is_remote"]  # the launcher's RayRun.is_remote
     # One folder per Ray run: the loop's checkpoints and export go beside Ray's checkpoints.
     run_folder = Path(raw.get("output_dir") or f"runs/{raw['name']}") / name if remote else Path(storage) / name
     raw["output_dir"] = str(run_folder)
