@@ -14,8 +14,6 @@ import torch
 
 from uhg.cli import main
 
-pytestmark = pytest.mark.slow  # two tiny training runs with MLflow: ~80 s on 2 cores
-
 CONFIG = """\
 name: tiny-local
 geometry: pxd-tiny
@@ -46,6 +44,7 @@ def single_process_world(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+@pytest.mark.slow  # two tiny training runs with MLflow: ~80 s on 2 cores
 def test_a_local_run_ends_like_a_ray_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
@@ -76,3 +75,32 @@ def test_a_local_run_ends_like_a_ray_run(tmp_path: Path, monkeypatch: pytest.Mon
     assert run.data.tags["uhg.resumed_from_step"] == "4"
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss_generator")}) == list(range(1, 7))
     assert client.get_model_version_by_alias("uhg-tiny-local", "candidate").version in (2, "2")
+
+
+def test_a_tracked_run_without_held_out_events_has_no_plots_and_no_error(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from uhg.config import load_config
+    from uhg.tracking.mlflow_logger import open_run
+    from uhg.train.data import TrainingData, simulate_store
+    from uhg.train.finish import finish_run
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.format(root=tmp_path))
+    cfg = load_config(config, ["data.validation_fraction=0", "evaluate.final=false",
+                               "tracking.registered_model_name=null", "data.simulate.n_events=8", "data.simulate.part_size=8"])
+    simulate_store(cfg.data.store[0], cfg.geometry, cfg.data.simulate, progress=False)
+    export = tmp_path / "export"  # never loaded: without held-out events there is nothing to generate for
+    export.mkdir()
+    (export / "generator.json").write_text("{}")
+    logger = open_run(experiment="finish-test", run_name="no-held-out", tracking_uri=cfg.tracking.tracking_uri,
+                      run_dir=cfg.run_dir, system_metrics=False)
+    result = finish_run(cfg, export, TrainingData.open(cfg), logger, step=1)
+    logger.close("FINISHED")
+
+    assert result.errors == [] and result.held_out is None
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    assert not {"uhg.eval_error", "uhg.plots_error"} & set(client.get_run(logger.run_id).data.tags)
+    assert {a.path for a in client.list_artifacts(logger.run_id)} == {"generator"}

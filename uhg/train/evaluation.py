@@ -161,9 +161,10 @@ def evaluate_run(cfg: RunConfig, export: Path, data: Any, *, logger=None, step: 
             return None
 
     sample = None
-    if cfg.evaluate.final or physics_plots:
+    plots = physics_plots and len(data.validation_indices(1)) > 0  # no held-out events: no plots, no error
+    if cfg.evaluate.final or plots:
         sample = attempt("held_out", lambda: held_out_sample(cfg, export, data, device))
-    if sample is not None and physics_plots and logger is not None:
+    if sample is not None and plots and logger is not None:
         from uhg.tracking.physics_plots import log_physics_plots
 
         log_physics_plots(logger, sample.reference, sample.generated, cfg.name)
