@@ -77,6 +77,7 @@ def test_a_local_run_ends_like_a_ray_run(tmp_path: Path, monkeypatch: pytest.Mon
     assert client.get_model_version_by_alias("uhg-tiny-local", "candidate").version in (2, "2")
 
 
+@pytest.mark.slow  # a fresh sqlite MLflow store: ~35 s on the shared 2-core machine
 def test_a_tracked_run_without_held_out_events_has_no_plots_and_no_error(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
