@@ -1,5 +1,6 @@
 """The rules `uhg generate`, `uhg overlay` and `uhg train` share, each defined once: beam currents
-from the luminosity, condition units in stores, per-event energies, and which run storage is remote."""
+from the luminosity, condition units in stores, per-event energies, which run storage is remote,
+and the UHG_ROOT folder a `ray job submit` command works in."""
 
 from __future__ import annotations
 
@@ -66,3 +67,23 @@ def test_storage_root_keeps_object_store_uris_and_resolves_paths(tmp_path: Path)
 
     assert root("s3://bucket/runs") == "s3://bucket/runs"
     assert root(str(tmp_path / "x" / ".." / "runs")) == str(tmp_path / "runs")
+
+
+def test_uhg_root_is_entered_by_every_command_the_same_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from uhg.cli import main
+    from uhg.errors import ConfigError
+    from uhg.ray_connect import enter_uhg_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UHG_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="UHG_ROOT=.*missing: no such directory"):
+        enter_uhg_root()
+    for command in (["generate", "--model", "m", "--events", "1", "--out", "o"],
+                    ["overlay", "--signal", "s", "--out", "o", "--background", "b"]):
+        assert main(command) == 2
+        assert "no such directory on this node" in capsys.readouterr().err
+    (tmp_path / "root").mkdir()
+    monkeypatch.setenv("UHG_ROOT", str(tmp_path / "root"))
+    enter_uhg_root()
+    assert Path.cwd() == tmp_path / "root"

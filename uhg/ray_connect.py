@@ -1,4 +1,5 @@
-"""How uhg connects to Ray: one rule for `uhg train` and for `uhg generate` / `uhg overlay`.
+"""How uhg connects to Ray, and where a `ray job submit` job works: one rule for `uhg train`
+and for `uhg generate` / `uhg overlay`.
 
 Ray is imported inside the function: importing uhg never imports Ray.
 """
@@ -6,8 +7,21 @@ Ray is imported inside the function: importing uhg never imports Ray.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from uhg.errors import ConfigError
+
+
+def enter_uhg_root() -> None:
+    """Under `ray job submit` the command runs in Ray's temporary copy of the working dir; with
+    UHG_ROOT set (cluster/local.sh prints how), it changes to that folder, so relative paths
+    (stores, runs/, the sqlite MLflow store) resolve there instead."""
+    root = os.environ.get("UHG_ROOT")
+    if root:
+        root_path = Path(root).expanduser()
+        if not root_path.is_dir():
+            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
+        os.chdir(root_path)
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int, num_gpus: float = 0.0) -> bool:

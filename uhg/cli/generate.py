@@ -25,10 +25,10 @@ from uhg.cli.overlay import (
     DistributedOpt,
     GpusOpt,
     WorkersOpt,
-    enter_uhg_root,
     ray_options,
 )
 from uhg.errors import ConfigError
+from uhg.ray_connect import enter_uhg_root
 
 
 def generate_command(

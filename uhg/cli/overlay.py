@@ -32,18 +32,6 @@ def ray_options(distributed: bool, workers: int | None, gpus_per_worker: float, 
                       gpus_per_worker=gpus_per_worker, address=address)
 
 
-def enter_uhg_root() -> None:
-    """Under `ray job submit` the command runs in Ray's temporary copy of the working dir;
-    with UHG_ROOT set (cluster/local.sh prints how), relative paths resolve there instead."""
-    import os
-
-    root = os.environ.get("UHG_ROOT")
-    if root:
-        if not Path(root).expanduser().is_dir():
-            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
-        os.chdir(Path(root).expanduser())
-
-
 def scalar_conditions(luminosity: float | None, conditions_file: Path | None) -> dict[str, float]:
     """Fixed generator conditions from --luminosity and a JSON/YAML file {name: value}."""
     from uhg.generate.conditions import load_conditions
@@ -102,6 +90,8 @@ def overlay_command(
         raise ConfigError(f"--part-size must be >= 1, got {part_size}")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    from uhg.ray_connect import enter_uhg_root
+
     enter_uhg_root()
     options = ray_options(distributed, workers, gpus_per_worker, cpus_per_worker, ray_address)
     plan_args = {"seed": seed, "part_size": part_size, "batch_size": batch_size, "overwrite": overwrite}

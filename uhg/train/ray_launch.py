@@ -68,15 +68,12 @@ class RayRun:
 def enter_uhg_root(config: Path) -> Path:
     """Under `ray job submit`, the job runs in Ray's temporary copy of the working dir. With
     UHG_ROOT set, relative paths of the run (stores, runs/, the sqlite store) resolve there
-    instead; the config file itself is still read from the uploaded copy. Returns the
-    config's absolute path."""
+    instead (`uhg.ray_connect.enter_uhg_root`); the config file itself is still read from the
+    uploaded copy. Returns the config's absolute path."""
+    from uhg.ray_connect import enter_uhg_root as enter_root
+
     config = Path(config).resolve()
-    root = os.environ.get("UHG_ROOT")
-    if root:
-        root_path = Path(root).expanduser()
-        if not root_path.is_dir():
-            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
-        os.chdir(root_path)
+    enter_root()
     return config
 
 
