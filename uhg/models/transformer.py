@@ -224,10 +224,9 @@ class HitTransformer(nn.Module):
         self.col_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_cols))
         self.col_out = nn.Embedding(L.n_cols, d)
         self.val_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_values))
-        embs = [self.row_in, self.col_in, self.row_out, self.col_out, self.unit_emb]
-        embs += [self.shape_in, self.charge_in, self.shape_out, self.charge_out, self.offset_out] if self.clusters \
-            else [self.val_in]
-        for emb in embs:
+        values_in = [self.shape_in, self.charge_in] if self.clusters else [self.val_in]
+        values_out = [self.shape_out, self.charge_out, self.offset_out] if self.clusters else []
+        for emb in (self.row_in, self.col_in, *values_in, self.row_out, self.col_out, self.unit_emb, *values_out):
             nn.init.normal_(emb.weight, std=0.02)
         self.counts = None
         if config.multiplicity == "count":
