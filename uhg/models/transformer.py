@@ -133,11 +133,12 @@ class Block(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, film: torch.Tensor | None = None) -> torch.Tensor:
         """x (S, T, d); ctx (S, d); rows/cols (S, T) positions of the input tokens. With a cache,
-        x holds only the new tokens and attends to everything cached before them."""
+        x holds only the new tokens and attends to everything cached before them. film: (S, 4d)
+        `self.film(ctx)` if already computed (generation computes it once per sequence)."""
         S, T, d = x.shape
-        shift1, scale1, shift2, scale2 = self.film(ctx).unsqueeze(1).chunk(4, -1)
+        shift1, scale1, shift2, scale2 = (self.film(ctx) if film is None else film).unsqueeze(1).chunk(4, -1)
         h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = self.qkv(h).view(S, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
@@ -321,11 +322,18 @@ class HitTransformer(nn.Module):
         return x
 
     def hidden(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-               caches: list[KVCache] | None = None) -> torch.Tensor:
+               caches: list[KVCache] | None = None, films: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Final hidden states (S, T, d). films: `context_films(ctx)` if already computed."""
+        films = films if films is not None else self.context_films(ctx)
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, rows, cols, None if caches is None else caches[i])
-        shift, scale = self.final_film(ctx).unsqueeze(1).chunk(2, -1)
+            x = block(x, ctx, rows, cols, None if caches is None else caches[i], films[i])
+        shift, scale = films[-1].unsqueeze(1).chunk(2, -1)
         return self.norm(x) * (1 + scale) + shift
+
+    def context_films(self, ctx: torch.Tensor) -> list[torch.Tensor]:
+        """FiLM shifts/scales of every block and the final norm for sequence contexts (S, d): they
+        depend on the sequence only, so generation computes them once, not at every step."""
+        return [*(block.film(ctx) for block in self.blocks), self.final_film(ctx)]
 
     def _last_position(self, remaining: torch.Tensor) -> torch.Tensor:
         """(..., 1) last flat grid position the next hit may take so that `remaining` - 1 more

@@ -172,6 +172,9 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         seq_pad = _padded(torch.arange(S, device=dev))
         ctx_all = ctx_all + model.count_context(targets[seq_pad])[:S]
 
+    # FiLM of each sequence's context, once (padded rows, as every product here)
+    films_all = [f[:S] for f in model.context_films(ctx_all[_padded(torch.arange(S, device=dev))])] if S else []
+
     cap = 16
     vshape = (2 + model.config.cluster_max_pixels,) if model.clusters else ()  # cluster values per token
     out = {k: torch.zeros(S, cap, *(vshape if k == "values" else ()), dtype=torch.long, device=dev)
@@ -195,6 +198,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if not bool(live.any()):
             break
         ctx = ctx_all[slots]
+        films = [f[slots] for f in films_all]
         if caches is not None:
             if t == 0:
                 x = (model.start + ctx)[:, None]
@@ -204,7 +208,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                                 prev_v[slots, None], False, ctx)
             if targets is not None:
                 x = x + model.remaining_input(targets[slots, None] - t)
-            h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches)[:, 0]
+            h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches, films)[:, 0]
         else:  # full recomputation of the prefix: start token + hits 0..t-1
             first = torch.zeros_like(slots)[:, None]
             hr = torch.cat([first, out["rows"][slots, :t]], 1)
@@ -215,7 +219,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             x = model.embed(hr, hc, hv, True, ctx)
             if targets is not None:
                 x = x + model.remaining_input(targets[slots, None] - torch.arange(t + 1, device=dev)[None])
-            h = model.hidden(x, ctx, pr, pc)[:, -1]
+            h = model.hidden(x, ctx, pr, pc, films=films)[:, -1]
         k, un, pr, pc = keys[slots], units[slots], prev_r[slots], prev_c[slots]
         rem = None if targets is None else targets[slots] - t
         row = sample_top_q(model.row_logits(h, pr, pc, rem), counter_uniform(k, un, t, 0), temperature, top_q)
