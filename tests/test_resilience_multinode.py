@@ -103,21 +103,21 @@ class LoopbackCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def start(self, name: str, *, head: bool = False, private_mount: Path | None = None) -> None:
+    def start(self, name: str, *, head: bool = False, private_mount: Path | None = None, cpus: int = 1) -> None:
         """Start node `name` and wait until the GCS lists it alive; with `private_mount`, its
         raylet (and so its workers) runs in its own mount namespace with an empty tmpfs over
         that folder. A worker node gets a second try: on a loaded machine its registration
         with the GCS can time out (`RPC error: Deadline Exceeded`)."""
         for attempt in (1, 2):
             try:
-                return self._start(name, head=head, private_mount=private_mount)
+                return self._start(name, head=head, private_mount=private_mount, cpus=cpus)
             except RuntimeError:
                 if head or attempt == 2:
                     raise
 
-    def _start(self, name: str, *, head: bool, private_mount: Path | None) -> None:
+    def _start(self, name: str, *, head: bool, private_mount: Path | None, cpus: int) -> None:
         agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = _free_ports(6)
-        cmd = [str(BIN / "ray"), "start", "--block", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
+        cmd = [str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats",
                f"--temp-dir={self.temp_dir}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}",

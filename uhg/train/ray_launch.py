@@ -129,10 +129,12 @@ def launch(
     if not run.is_remote:
         Path(run.folder).mkdir(parents=True, exist_ok=True)
     _init_ray(address, cfg)
+    marker = None
     if not run.is_remote:
-        from uhg.train.preflight import check_shared_storage
+        from uhg.train.preflight import check_shared_storage, write_storage_marker
 
         check_shared_storage(run.folder)  # multi-node: every node must see the run folder
+        marker = write_storage_marker(run.folder)  # ... and nodes that join later: checked by each worker
 
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -152,6 +154,7 @@ def launch(
             "root": str(Path.cwd()),
             "run_storage": run.storage,
             "run_name": run.name,
+            "storage_marker": marker,
         },
         scaling_config=ScalingConfig(
             # (min, max) makes Ray Train elastic: a restart takes the workers that fit
@@ -170,7 +173,13 @@ def launch(
             worker_runtime_env={"env_vars": _worker_env(use_gpu, d.cpus_per_worker)},
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if marker is not None:
+            from uhg.train.preflight import remove_storage_marker
+
+            remove_storage_marker(run.folder)
     if result.error is not None:
         raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}") from result.error
     metrics = result.metrics or {}

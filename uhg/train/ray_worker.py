@@ -35,6 +35,10 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     # One folder per Ray run: the loop's checkpoints and export go beside Ray's checkpoints.
     run_folder = Path(raw.get("output_dir") or f"runs/{raw['name']}") / name if remote else Path(storage) / name
     raw["output_dir"] = str(run_folder)
+    if loop_config.get("storage_marker"):
+        from uhg.train.preflight import check_worker_sees_storage
+
+        check_worker_sees_storage(run_folder, loop_config["storage_marker"], rank)
     cfg = config_from_dict(raw, source=f"Ray run {name}")
     hooks = RayHooks(rank, world, run_folder)
 
