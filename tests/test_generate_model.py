@@ -15,7 +15,7 @@ import torch
 from uhg.cli import main
 from uhg.config import config_from_dict
 from uhg.data.hits import HitBatch
-from uhg.data.store import open_store
+from uhg.data.reader import open_store
 from uhg.errors import CheckpointError, ConditionError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm

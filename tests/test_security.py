@@ -179,17 +179,16 @@ def test_services_bind_to_loopback_with_an_explicit_auth_mode() -> None:
     assert "--dashboard-host 127.0.0.1" in script
     assert 'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-' in script
     assert "--host 127.0.0.1" in script  # the mlflow ui command it prints
-    for module in ("uhg/train/ray_launch.py", "uhg/generate/ray_pool.py"):
-        text = (ROOT / module).read_text()
-        assert "include_dashboard=False" in text, module
-    assert 'os.environ.setdefault("RAY_AUTH_MODE"' in (ROOT / "uhg/train/ray_launch.py").read_text()
+    connect = (ROOT / "uhg/ray_connect.py").read_text()  # how uhg train / generate / overlay start Ray
+    assert "include_dashboard=False" in connect
+    assert 'os.environ.setdefault("RAY_AUTH_MODE"' in connect
     demo = (ROOT / "uhg/cli/demo.py").read_text()
     assert "mlflow ui" not in demo or "--host 127.0.0.1" in demo
 
 
 def test_numpy_inputs_are_read_without_pickle(tmp_path: Path) -> None:
     """Condition files for `uhg generate --conditions` are .npz: object arrays (pickles) are refused."""
-    from uhg.generate.distributed import load_conditions
+    from uhg.generate.conditions import load_conditions
 
     marker = tmp_path / "PWNED"
     path = tmp_path / "conditions.npz"

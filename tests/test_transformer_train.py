@@ -72,7 +72,7 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
                          ids=["end-token", "count-law", "cluster-tokens"])
 def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main
-    from uhg.data.store import open_store
+    from uhg.data.reader import open_store
     from uhg.models.generator import Generator
     from uhg.train.loop import train
 

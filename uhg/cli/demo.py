@@ -58,7 +58,7 @@ def _run(argv: list[str], title: str, done: bool = False) -> None:
 def _store_complete(path: Path) -> bool:
     if not path.exists():
         return False
-    from uhg.data.store import missing_parts
+    from uhg.data.layout import missing_parts
 
     try:
         return not missing_parts(path)

@@ -1,13 +1,12 @@
-"""`uhg generate`: events from a trained generator into a standard store (one process).
+"""`uhg generate`: events from a trained generator into a standard store.
 
     uhg generate --model runs/pxd_gan_mini/export --events 1000 --out gen.zarr --luminosity 2e34
     uhg generate --model runs/calo_gan_mini/export --events 1000 --out showers.zarr \
         --energy-min 1000 --energy-max 100000
 
-The same --seed gives the same store, bit for bit.
-
-With --distributed, Ray actors (one loaded generator each) write the store's parts in
-parallel: same events, resumable, see docs/overlay.md.
+The same --seed gives the same store, bit for bit. The store is written part by part
+(rerunning a stopped command writes only the missing parts); with --distributed, Ray actors
+(one loaded generator each) write the parts in parallel: the same bytes, see docs/overlay.md.
 
     uhg generate --model models:/pxd-gan@prod --events 100000 --out gen.zarr --luminosity 2e34 \
         --distributed --workers 4 [--gpus-per-worker 1] [--conditions conditions.npz]
@@ -20,7 +19,16 @@ from typing import Annotated
 
 import typer
 
-from uhg.cli.overlay import AddressOpt, CpusOpt, DistributedOpt, GpusOpt, WorkersOpt
+from uhg.cli.overlay import (
+    AddressOpt,
+    CpusOpt,
+    DistributedOpt,
+    GpusOpt,
+    WorkersOpt,
+    ray_options,
+)
+from uhg.errors import ConfigError
+from uhg.ray_connect import enter_uhg_root
 
 
 def generate_command(
@@ -39,30 +47,28 @@ def generate_command(
     cpus_per_worker: CpusOpt = 1,
     ray_address: AddressOpt = None,
     conditions: Annotated[Path | None, typer.Option(
-        help="per-event conditions file (JSON/YAML/NPZ {name: value or list}); implies the part-wise writer")] = None,
-    part_size: Annotated[int | None, typer.Option(help="events per store part; implies the part-wise writer")] = None,
+        help="per-event conditions file (JSON/YAML/NPZ {name: value or list})")] = None,
+    part_size: Annotated[int | None, typer.Option(help="events per store part (default: a multiple of --batch-size near 1000)")] = None,
 ) -> None:
     """Generate events into a store, in this process or (--distributed) on Ray actors."""
-    from uhg.generate.single import generate_store
+    import tempfile
 
-    if distributed or conditions is not None or part_size is not None:
-        from uhg.cli.overlay import generate_distributed
+    from uhg.generate.conditions import cli_conditions
+    from uhg.generate.distributed import default_part_size, describe_model, run_generate
 
-        generate_distributed(model, events, out, luminosity=luminosity, energy_min=energy_min, energy_max=energy_max,
-                             conditions_file=conditions, seed=seed, batch_size=batch_size, part_size=part_size,
-                             distributed=distributed, workers=workers, gpus_per_worker=gpus_per_worker,
-                             cpus_per_worker=cpus_per_worker, ray_address=ray_address, device=device)
-        return
-
-    path = model
-    if model.startswith(("models:/", "runs:/")):
-        from uhg.tracking.models import resolve_model_uri
-
-        path = str(resolve_model_uri(model))
-    info = generate_store(path, events, out, seed=seed, batch_size=batch_size, luminosity=luminosity,
-                          energy_min=energy_min, energy_max=energy_max, device=device)
-    typer.echo(f"wrote {info['events']} events to {info['path']} in {info['seconds']:.1f} s "
-               f"({info['ms_per_event']:.1f} ms/event)")
+    enter_uhg_root()
+    options = ray_options(distributed, workers, gpus_per_worker, cpus_per_worker, ray_address)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if part_size is not None and part_size < 1:
+        raise ConfigError(f"--part-size must be >= 1, got {part_size}")
+    with tempfile.TemporaryDirectory(prefix="uhg-model-") as cache:  # MLflow downloads live for the run only
+        info = describe_model(model, cache_dir=cache)
+        conds = cli_conditions(info, events, seed, conditions_file=conditions, luminosity=luminosity,
+                               energy_min=energy_min, energy_max=energy_max)
+        run_generate(info, out, events, conds, ray_options=options, device=device, seed=seed,
+                     batch_size=batch_size, part_size=part_size or default_part_size(events, batch_size))
+    typer.echo(f"generated store: {out.resolve()}")
 
 
 def register(app: typer.Typer) -> None:

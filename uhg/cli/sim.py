@@ -82,8 +82,9 @@ def pxd_command(
     part_size: Annotated[int, typer.Option(help="events per store part")] = 100,
 ) -> None:
     """Simulate beam-induced PXD background (two-photon, radiative Bhabha, Touschek, beam-gas, SR)."""
+    from uhg.data.hits import CONDITION_UNITS
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
     from uhg.sim.pxd_machine import check_conditions, currents_for_luminosity
 
     geom = _pixel_geometry(geometry)
@@ -98,9 +99,9 @@ def pxd_command(
     create_store(
         out, "pixel", geom.name, events, part_size,
         conditions={
-            "luminosity": {"min": luminosity, "max": lum_hi, "unit": "cm^-2 s^-1"},
-            "her_current": {"min": her_lo, "max": her_hi, "unit": "A"},
-            "ler_current": {"min": ler_lo, "max": ler_hi, "unit": "A"},
+            "luminosity": {"min": luminosity, "max": lum_hi, "unit": CONDITION_UNITS["luminosity"]},
+            "her_current": {"min": her_lo, "max": her_hi, "unit": CONDITION_UNITS["her_current"]},
+            "ler_current": {"min": ler_lo, "max": ler_hi, "unit": CONDITION_UNITS["ler_current"]},
         },
         attributes={
             "simulator": "uhg.sim.pxd_background.simulate_pxd_background",
@@ -129,7 +130,7 @@ def signal_command(
 ) -> None:
     """Simulate PXD signal: charged tracks from the interaction point crossing both layers."""
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
 
     geom = _pixel_geometry(geometry)
     _check_run(events, workers, part_size)

@@ -26,12 +26,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from uhg.data.hits import HitBatch
+from uhg.data.hits import CONDITION_UNITS, HitBatch
 from uhg.errors import ConditionError, ConfigError
 from uhg.eval import baselines
 from uhg.eval.classifier import add_classifier_rows
 from uhg.eval.compare import Comparison, MetricRow, compare
-from uhg.eval.evaluate import CONDITION_UNITS, features_of, make_plots
+from uhg.eval.evaluate import features_of, make_plots
 from uhg.eval.features import FeatureSet
 from uhg.eval.report import HEADLINE, finite_or_null, fmt, render_html
 

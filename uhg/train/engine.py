@@ -186,9 +186,3 @@ class PlainEngine:
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
-
-
-def plain_engines(cfg: RunConfig, family: ModelFamily, modules: Mapping[str, nn.Module],
-                  device: torch.device) -> dict[str, PlainEngine]:
-    return {name: PlainEngine(m.to(device), family.build_optimizer(name, m, cfg.train), cfg.train.gradient_clipping)
-            for name, m in modules.items()}

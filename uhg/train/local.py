@@ -38,11 +38,7 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, fresh: bool =
                           system_metrics=False)
     status = "FAILED"
     try:
-        result = train(cfg, hooks=hooks, logger=logger)
-        if logger is not None and result.export is not None:
-            logger.log_artifact(result.export, "generator")
-            if cfg.tracking.registered_model_name:
-                logger.register_model(result.export, cfg.tracking.registered_model_name, alias=cfg.tracking.alias)
+        result = train(cfg, hooks=hooks, logger=logger)  # ends with finish_run on rank 0
         status = "FINISHED"
         return result
     finally:

@@ -38,7 +38,14 @@ FORWARDED_ENV = (
     "UHG_FAULT_KILL_WORKER",
     "PYTHONUNBUFFERED",
 )
-_REMOTE_STORAGE = re.compile(r"^(s3|gs|gcs|abfss|hdfs)://")
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfss", "hdfs")
+"""URI schemes of object stores and remote filesystems a Ray run may keep its state in."""
+
+
+def is_remote_storage(storage: str) -> bool:
+    """Whether `storage` (a run's storage root or folder) is an object-store / remote URI
+    rather than a local or shared-filesystem path."""
+    return re.match(rf"^({'|'.join(REMOTE_SCHEMES)})://", storage) is not None
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class RayRun:
 
     @property
     def is_remote(self) -> bool:
-        return bool(_REMOTE_STORAGE.match(self.storage))
+        return is_remote_storage(self.storage)
 
     @property
     def folder(self) -> str:
@@ -61,15 +68,12 @@ class RayRun:
 def enter_uhg_root(config: Path) -> Path:
     """Under `ray job submit`, the job runs in Ray's temporary copy of the working dir. With
     UHG_ROOT set, relative paths of the run (stores, runs/, the sqlite store) resolve there
-    instead; the config file itself is still read from the uploaded copy. Returns the
-    config's absolute path."""
+    instead (`uhg.ray_connect.enter_uhg_root`); the config file itself is still read from the
+    uploaded copy. Returns the config's absolute path."""
+    from uhg.ray_connect import enter_uhg_root as enter_root
+
     config = Path(config).resolve()
-    root = os.environ.get("UHG_ROOT")
-    if root:
-        root_path = Path(root).expanduser()
-        if not root_path.is_dir():
-            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
-        os.chdir(root_path)
+    enter_root()
     return config
 
 
@@ -82,8 +86,8 @@ def storage_root(cfg: RunConfig) -> str:
     """`distributed.storage_path`, default the config's run directory, made absolute."""
     raw = str(cfg.distributed.storage_path) if cfg.distributed.storage_path is not None else str(cfg.run_dir)
     # pydantic's Path collapses "s3://b" to "s3:/b"; restore the URI.
-    raw = re.sub(r"^(s3|gs|gcs|abfss|hdfs):/(?=[^/])", r"\1://", raw)
-    if _REMOTE_STORAGE.match(raw):
+    raw = re.sub(rf"^({'|'.join(REMOTE_SCHEMES)}):/(?=[^/])", r"\1://", raw)
+    if is_remote_storage(raw):
         return raw
     return str(Path(raw).expanduser().resolve())
 
@@ -153,6 +157,7 @@ def launch(
             "config": config_to_dict(cfg),
             "root": str(Path.cwd()),
             "run_storage": run.storage,
+            "run_storage_is_remote": run.is_remote,
             "run_name": run.name,
             "storage_marker": marker,
         },
@@ -194,28 +199,11 @@ def launch(
 
 
 def _init_ray(address: str | None, cfg: RunConfig) -> None:
-    """Connect to `address` / RAY_ADDRESS, or start a local Ray sized for the run."""
-    # Client and cluster must agree on the auth mode; a local cluster started here takes it too.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    """Connect to `address` / RAY_ADDRESS, or start a private local Ray sized for the run."""
+    from uhg.ray_connect import connect_ray
 
-    if ray.is_initialized():
-        return
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target:
-        if target.startswith(("http://", "https://")):
-            # The dashboard/job API address users export for `ray job submit`; a driver joins
-            # through the GCS, which "auto" finds for a head on this machine.
-            target = "auto"
-        ray.init(address=target, log_to_driver=True)
-        return
     d = cfg.distributed
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker),
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+    connect_ray(address, num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker))
 
 
 def _worker_env(use_gpu: bool, cpus_per_worker: int) -> dict[str, str]:

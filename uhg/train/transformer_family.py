@@ -26,7 +26,6 @@ from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
 
-
 LAW_FIT_EVENTS = 8192
 """Training events (spread over the training range) the laws are first fitted to: a law with a
 few parameters per sensor needs thousands of events for percent-level per-sensor means. Only

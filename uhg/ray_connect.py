@@ -1,0 +1,57 @@
+"""How uhg connects to Ray, and where a `ray job submit` job works: one rule for `uhg train`
+and for `uhg generate` / `uhg overlay`.
+
+Ray is imported inside the function: importing uhg never imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from uhg.errors import ConfigError
+
+
+def enter_uhg_root() -> None:
+    """Under `ray job submit` the command runs in Ray's temporary copy of the working dir; with
+    UHG_ROOT set (cluster/local.sh prints how), it changes to that folder, so relative paths
+    (stores, runs/, the sqlite MLflow store) resolve there instead."""
+    root = os.environ.get("UHG_ROOT")
+    if root:
+        root_path = Path(root).expanduser()
+        if not root_path.is_dir():
+            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
+        os.chdir(root_path)
+
+
+def connect_ray(address: str | None = None, *, num_cpus: int, num_gpus: float = 0.0) -> bool:
+    """Join a Ray cluster, or start a private local one.
+
+    address: the cluster to join; None takes RAY_ADDRESS (set by `ray job submit` for its
+        entrypoint). The job-API address users export for `ray job submit`
+        (http(s)://host:8265) joins through "auto", which finds the GCS of a head on this machine.
+    Without either, a private local Ray starts with `num_cpus` CPUs (`address="local"`: it never
+    attaches to a cluster someone else started on this machine); needing more GPUs
+    (`num_gpus`) than it detects is a ConfigError before any work.
+
+    Returns True when this call connected (the caller then shuts Ray down), False when Ray
+    was already initialised by the caller."""
+    # Client and cluster must agree on the auth mode; a local Ray started here takes it too.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        if target.startswith(("http://", "https://")):
+            target = "auto"
+        ray.init(address=target, log_to_driver=True)
+        return True
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    found = ray.cluster_resources().get("GPU", 0)
+    if num_gpus > found:
+        ray.shutdown()
+        raise ConfigError(f"the run needs {num_gpus:g} GPUs; this machine has {found:g}")
+    return True
