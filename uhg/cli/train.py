@@ -19,7 +19,7 @@ import typer
 
 
 def train_command(
-    config: Annotated[Path, typer.Option(help="run config YAML (see configs/)")],
+    config: Annotated[str, typer.Option(help="run config: a YAML file, or the name of a shipped one (`uhg configs list`)")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: --set train.steps=20 (repeatable)")] = None,
     resume: Annotated[str | None, typer.Option(help="resume RUN (run name, run directory or checkpoint directory)")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore the run's own checkpoints and start from step 0")] = False,
@@ -37,14 +37,17 @@ def train_command(
     if not local and "RANK" not in os.environ:
         from uhg.train.ray_launch import enter_uhg_root, launch
 
-        config = enter_uhg_root(config)
-        cfg = load_config(config, set_ or [])
+        path, base = enter_uhg_root(config)
+        cfg = load_config(path, set_ or [], base=base)
         if no_tracking:
             cfg.tracking.enabled = False
         if fresh and resume:
             from uhg.errors import ConfigError
 
             raise ConfigError("--fresh and --resume contradict each other")
+        from uhg.train.preflight import check_run_inputs
+
+        check_run_inputs(cfg)  # before Ray starts and a worker simulates the store
         summary = launch(cfg, run_name=run_name, resume=resume, address=ray_address)
         typer.echo(summary_text(summary))
         return

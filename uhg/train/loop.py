@@ -27,8 +27,9 @@ from uhg.models.common import EMA, ConditionNorm
 from uhg.sparse.torch_hits import TorchHits
 from uhg.tracking.logger import NullLogger, RunLogger
 from uhg.train.family import ModelFamily, NonFiniteLoss, build_family
-from uhg.train.evaluation import RunEvaluation, evaluate_run, load_extrapolation
+from uhg.train.evaluation import RunEvaluation, evaluate_run
 from uhg.train.hooks import LocalHooks, TrainHooks
+from uhg.train.preflight import check_run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     hooks = hooks if hooks is not None else LocalHooks(run_dir)
     logger = logger if logger is not None and rank == 0 else NullLogger()
     micro = cfg.batch_size_for(world)
-    protocol = load_extrapolation(cfg)  # a wrong protocol file fails now, not after training
+    protocol = check_run_inputs(cfg)  # a wrong file or setting fails now, not after simulation or training
 
     # data and the family bound to the training range of the conditions
     data = prepare_data(cfg, rank, world)

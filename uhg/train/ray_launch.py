@@ -58,19 +58,26 @@ class RayRun:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
 
-def enter_uhg_root(config: Path) -> Path:
+def enter_uhg_root(config: Path) -> tuple[Path, Path | None]:
     """Under `ray job submit`, the job runs in Ray's temporary copy of the working dir. With
-    UHG_ROOT set, relative paths of the run (stores, runs/, the sqlite store) resolve there
-    instead; the config file itself is still read from the uploaded copy. Returns the
-    config's absolute path."""
-    config = Path(config).resolve()
+    UHG_ROOT set, the run's relative paths (stores, runs/, the sqlite store) resolve there
+    instead: the working directory becomes UHG_ROOT, and a config given by a relative path is
+    read from the uploaded copy but resolves its own paths from the same folder under UHG_ROOT.
+    Returns the config's absolute path and that folder (None: the config file's own folder)."""
+    from uhg.config.shipped import find_config
+
+    given = Path(config)
+    relative_file = not given.is_absolute() and given.is_file()  # not a shipped name
+    config = find_config(config).resolve()
     root = os.environ.get("UHG_ROOT")
-    if root:
-        root_path = Path(root).expanduser()
-        if not root_path.is_dir():
-            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
-        os.chdir(root_path)
-    return config
+    if not root:
+        return config, None
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
+    os.chdir(root_path)
+    base = root_path.resolve() / given.parent if relative_file else None
+    return config, base
 
 
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
