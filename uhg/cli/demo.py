@@ -29,17 +29,6 @@ LUMI_ZERO_SHOT = 2 * LUMI_MAX
 GEOMETRY = "pxd-mini"
 
 
-def _configs_dir() -> Path:
-    """configs/ of the source tree (editable installs and the repository checkout)."""
-    here = Path(__file__).resolve().parents[2] / "configs"
-    if here.is_dir():
-        return here
-    cwd = Path.cwd() / "configs"
-    if cwd.is_dir():
-        return cwd
-    raise typer.BadParameter("cannot find the configs/ folder: run `uhg demo` from the uhg repository")
-
-
 def _run(argv: list[str], title: str, done: bool = False) -> None:
     line = "uhg " + shlex.join(argv)
     typer.secho(f"\n== {title}", fg=typer.colors.CYAN, bold=True)
@@ -81,7 +70,6 @@ def demo_command(
     data, runs, reports = out / "data", out / "runs", out / "reports"
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    configs = _configs_dir()
     t_start = time.perf_counter()
 
     train_store = data / "pxd_mini_train.zarr"
@@ -104,7 +92,7 @@ def demo_command(
     for family in ("gan", "transformer"):
         run_dir = runs / family
         export = run_dir / family / "export"
-        argv = ["train", "--config", str(configs / f"pxd_{family}_mini.yaml"), "--run-name", family,
+        argv = ["train", "--config", f"pxd_{family}_mini", "--run-name", family,  # shipped with uhg
                 "--set", f"data.store={train_store}", "--set", f"output_dir={run_dir}",
                 "--set", f"distributed.workers={workers}", "--set", f"tracking.tracking_uri={tracking_uri}",
                 "--set", f"tracking.registered_model_name=uhg-demo-pxd-{family}", "--set", "tracking.alias=demo"]

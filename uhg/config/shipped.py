@@ -39,13 +39,17 @@ class ShippedConfig:
     """The first comment line of the file."""
 
 
-def _summary(path: Path) -> str:
+def _summary(path: Path, width: int = 100) -> str:
+    """The first sentence of the file's leading comment block, at most `width` characters."""
+    words = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-        if line.strip():
+        if not line.startswith("#"):
             break
-    return ""
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    if ". " in text:
+        text = text[: text.index(". ") + 1]
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
 
 
 def shipped_configs() -> list[ShippedConfig]:
@@ -92,7 +96,8 @@ def find_config(value: str | Path, kind: str = "run") -> Path:
         return path
     if "/" not in str(value):
         return shipped_path(str(value), kind)
-    raise ConfigError(f"{value}: cannot read config file (no such file; shipped configs are named without "
+    what = "protocol" if kind == "protocol" else "config"
+    raise ConfigError(f"{value}: cannot read {what} file (no such file; shipped configs are named without "
                       "a folder, e.g. pxd_gan_mini: `uhg configs list`)")
 
 
