@@ -161,6 +161,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     last_ckpt: Path | None = resume
     window_t0, window_events = time.perf_counter(), 0
     reader = BatchReader(data, rank, world, micro, cfg.seed, t.steps, cfg.data.loader_workers)
+    hooks.on_start(step, t.steps)
     while step < t.steps:
         step += 1
         batch = reader.get(step).to(device)
@@ -220,7 +221,9 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     evaluation = None
     if rank == 0 and export is not None and (cfg.evaluate.final or protocol is not None):
         # after the barrier: the other ranks are finished, rank 0 needs no collective from here
+        hooks.on_phase("evaluating")
         evaluation = evaluate_run(cfg, export, data, logger=logger, step=step, device=str(device), protocol=protocol)
+    hooks.on_phase("done")
     return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint, evaluation)
 
 

@@ -13,6 +13,7 @@ checkpoints and export, and `mlflow_run.json`, which ties every attempt to one M
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -127,15 +128,20 @@ def launch(
     run_name: str | None = None,
     resume: str | None = None,
     address: str | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg` with Ray Train; returns a summary (run folder, final step, checkpoint,
-    MLflow run id). Raises TrainingError when the run fails after its allowed restarts."""
+    MLflow run id). Raises TrainingError when the run fails after its allowed restarts.
+
+    The driver draws one progress line from what rank 0 writes into the run folder. Ray's own
+    messages and the workers' output (their logs stay in Ray's session folder) are shown only
+    with `verbose`."""
     from uhg.config.loading import config_to_dict
 
     run = resolve_run(cfg, run_name=run_name, resume=resume)
     if not run.is_remote:
         Path(run.folder).mkdir(parents=True, exist_ok=True)
-    _init_ray(address, cfg)
+    _init_ray(address, cfg, verbose)
     if not run.is_remote:
         from uhg.train.preflight import check_shared_storage
 
@@ -177,9 +183,20 @@ def launch(
             worker_runtime_env={"env_vars": _worker_env(use_gpu, d.cpus_per_worker)},
         ),
     )
-    result = trainer.fit()
+    follower = None
+    if not run.is_remote:
+        from uhg.train.progress import ProgressLine, ProgressState, follow_file
+
+        follower = follow_file(Path(run.folder), ProgressLine(), ProgressState(run.name, cfg.train.steps))
+    try:
+        result = trainer.fit()
+    finally:
+        if follower is not None:
+            follower[1].set()
+            follower[0].join(timeout=5)
     if result.error is not None:
-        raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}") from result.error
+        hint = "" if verbose else " (the workers' output: rerun with --verbose, or see Ray's session logs)"
+        raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}{hint}") from result.error
     metrics = result.metrics or {}
     return {
         "run_name": run.name,
@@ -191,8 +208,9 @@ def launch(
     }
 
 
-def _init_ray(address: str | None, cfg: RunConfig) -> None:
-    """Connect to `address` / RAY_ADDRESS, or start a local Ray sized for the run."""
+def _init_ray(address: str | None, cfg: RunConfig, verbose: bool = False) -> None:
+    """Connect to `address` / RAY_ADDRESS, or start a local Ray sized for the run. Unless
+    `verbose`, the output of Ray's actors and the workers is not forwarded to this driver."""
     # Client and cluster must agree on the auth mode; a local cluster started here takes it too.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -206,13 +224,14 @@ def _init_ray(address: str | None, cfg: RunConfig) -> None:
             # The dashboard/job API address users export for `ray job submit`; a driver joins
             # through the GCS, which "auto" finds for a head on this machine.
             target = "auto"
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
         return
     d = cfg.distributed
     ray.init(
         num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker),
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
     )
 
 

@@ -37,6 +37,10 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     raw["output_dir"] = str(run_folder)
     cfg = config_from_dict(raw, source=f"Ray run {name}")
     hooks = RayHooks(rank, world, run_folder)
+    if rank == 0 and not remote:  # the driver follows it and draws the progress line
+        from uhg.train.progress import ProgressFile, ProgressTracker
+
+        hooks.progress = ProgressTracker(name, ProgressFile(run_folder))
 
     logger: RunLogger = NullLogger()
     mlflow_logger = None
