@@ -84,6 +84,11 @@ def summary_text(summary: dict) -> str:
         lines.append(f"  latest checkpoint: {summary['checkpoint']}")
     if summary.get("mlflow_run_id"):
         lines.append(f"  MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+        if summary.get("mlflow_experiment_id"):
+            from uhg.tracking.store import ui_hint
+
+            lines.append("  MLflow UI: " + ui_hint(summary["tracking_uri"], summary["mlflow_experiment_id"],
+                                                 summary["mlflow_run_id"]))
     return "\n".join(lines)
 
 

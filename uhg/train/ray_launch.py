@@ -204,6 +204,7 @@ def launch(
         "step": metrics.get("step"),
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
         "mlflow_run_id": metrics.get("mlflow_run_id"),
+        "mlflow_experiment_id": metrics.get("mlflow_experiment_id"),
         "tracking_uri": metrics.get("tracking_uri"),
     }
 

@@ -47,7 +47,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     if rank == 0 and cfg.tracking.enabled:
         mlflow_logger = _open_tracking(cfg, name, run_folder, context)
         logger = mlflow_logger
-        hooks.report_extra = {"mlflow_run_id": mlflow_logger.run_id, "tracking_uri": mlflow_logger.tracking_uri}
+        hooks.report_extra = {"mlflow_run_id": mlflow_logger.run_id, "tracking_uri": mlflow_logger.tracking_uri,
+                              "mlflow_experiment_id": mlflow_logger.experiment_id}
     try:
         result = train(cfg, hooks=hooks, logger=logger)
         if mlflow_logger is not None:
