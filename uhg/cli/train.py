@@ -49,9 +49,6 @@ def train_command(
             from uhg.errors import ConfigError
 
             raise ConfigError("--fresh and --resume contradict each other")
-        from uhg.train.preflight import check_run_inputs
-
-        check_run_inputs(cfg)  # before Ray starts and a worker simulates the store
         summary = launch(cfg, run_name=run_name, resume=resume, address=ray_address, verbose=verbose)
         typer.echo(summary_text(summary))
         return

@@ -138,7 +138,10 @@ def launch(
     with `verbose`."""
     from uhg.config.loading import config_to_dict
 
+    from uhg.train.preflight import check_run_inputs
+
     run = resolve_run(cfg, run_name=run_name, resume=resume)
+    check_run_inputs(cfg)  # before Ray starts and a worker simulates the store
     if not run.is_remote:
         Path(run.folder).mkdir(parents=True, exist_ok=True)
     _init_ray(address, cfg, verbose)
