@@ -82,6 +82,9 @@ def test_shipped_configs_by_name_keep_data_in_the_working_directory(tmp_path: Pa
     assert cfg.train.deepspeed is not None and cfg.train.deepspeed.is_file()
     assert cfg.train.deepspeed.parent == SHIPPED_DIR / "deepspeed"
     assert find_config("pxd_gan_mini.yaml") == SHIPPED_DIR / "pxd_gan_mini.yaml"
+    # the same file by its path in the repository (configs/ is the shipped folder) behaves alike
+    repo_copy = load_config(Path(__file__).resolve().parents[1] / "configs" / "pxd_gan_mini.yaml")
+    assert repo_copy.data.store == cfg.data.store and repo_copy.train.deepspeed == cfg.train.deepspeed
     names = {(c.kind, c.name) for c in shipped_configs()}
     assert {("run", "pxd_transformer_mini"), ("protocol", "extrapolate_pxd_luminosity"),
             ("deepspeed", "zero3")} <= names
