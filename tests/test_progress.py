@@ -49,14 +49,16 @@ def test_line_redraws_on_a_terminal_and_prints_every_interval_in_a_log() -> None
         tracker = ProgressTracker("run", sink)
         tracker.start(0, 100)
         for step in range(1, 101):
-            tracker.step(step, {"loss_g": 1.0 / step, "d_real": 0.3, "loss_d": 2.0, "loss_x": 0, "loss_y": 0})
+            tracker.step(step, {"loss_g": 1.0 / step, "d_real": 0.3, "loss_d": 2.0, "loss_discriminator": 3.0,
+                                "loss_y": 0})
             if step % 50 == 0:
                 tracker.checkpoint(step)
         tracker.phase("done")
         tracker.close()
     # terminal: drawn in place (carriage returns), one line in the end
     assert tty.getvalue().count("\n") == 1 and "\r" in tty.getvalue()
-    assert tty.getvalue().rstrip().split("\r")[-1].startswith("run  step 100/100  loss_g 0.01  loss_d 2  loss_x 0")
+    # the main losses first, at most three
+    assert tty.getvalue().rstrip().split("\r")[-1].startswith("run  step 100/100  loss_discriminator 3  loss_g 0.01  loss_d 2")
     # log: the first state, the last step and the phase change, not one line per step
     lines = log.getvalue().splitlines()
     assert len(lines) == 3, lines

@@ -26,6 +26,7 @@ PROGRESS_FILE = "progress.json"
 INTERVAL_ENV = "UHG_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL_S = 30.0
 LOSSES_SHOWN = 3
+MAIN_LOSSES = ("loss", "loss_generator", "loss_discriminator")
 
 
 @dataclass
@@ -150,8 +151,10 @@ class ProgressTracker:
     def step(self, step: int, metrics: Mapping[str, float]) -> None:
         s = self.state
         s.step = step
-        s.losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
-        s.losses = dict(list(s.losses.items())[:LOSSES_SHOWN])
+        # the main losses first (a GAN's generator and discriminator), then the family's others
+        names = sorted((k for k in metrics if k.startswith("loss")),
+                       key=lambda k: MAIN_LOSSES.index(k) if k in MAIN_LOSSES else len(MAIN_LOSSES))
+        s.losses = {k: float(metrics[k]) for k in names[:LOSSES_SHOWN]}
         elapsed = time.monotonic() - self._t0
         done = step - s.first_step
         if done > 0 and elapsed > 0:
