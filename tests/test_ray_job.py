@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -172,8 +173,9 @@ def _single_run(workdir: Path):
 
 
 def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(ray_head: dict[str, str], workdir: Path) -> None:
+    # --verbose: the workers' own messages (the injected kill, the resume) reach the job's log
     done = _submit(ray_head, workdir, "--config", str(workdir / "configs" / "tiny.yaml"), "--run-name", RUN,
-                   job_env={"UHG_FAULT_KILL_WORKER": "1@3"})
+                   "--verbose", job_env={"UHG_FAULT_KILL_WORKER": "1@3"})
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     assert "rank 1" in log and "SIGKILLs itself after step 3" in log
@@ -211,6 +213,12 @@ def test_resume_continues_the_finished_run(ray_head: dict[str, str], workdir: Pa
     done = _submit(ray_head, workdir, "--config", str(workdir / "configs" / "tiny.yaml"), "--resume", RUN,
                    "--set", "train.steps=8", job_env={})
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    # the job's log: uhg's progress line, none of Ray's internal messages
+    log = done.stdout + done.stderr
+    assert re.search(rf"{RUN}  step 6/8  \(resumed at step 6\)", log), log[-6000:]
+    assert re.search(r"step 8/8 .*steps/s.*checkpoint step 8  done", log), log[-6000:]
+    for chatter in ("PlacementGroupCleaner", "Reporting training result", "RayTrainWorker", "TrainController"):
+        assert chatter not in log, log[-6000:]
     client, run = _single_run(workdir)
     assert run.info.status == "FINISHED"
     assert run.data.tags["uhg.attempts"] == "3"

@@ -38,7 +38,7 @@ name: tiny-multinode
 geometry: pxd-tiny
 seed: 3
 data:
-  store: data/tiny.zarr
+  store: ../data/tiny.zarr           # relative to this file (configs/)
   simulate: {n_events: 24, part_size: 12, luminosity_min: 1.0e34, luminosity_max: 4.0e34}
   validation_events: 4
 model:
@@ -57,7 +57,7 @@ train:
   keep_checkpoints: 2
   log_every: 1
   zero_stage: 1
-distributed: {workers: 2, cpus_per_worker: 1, max_failures: 1, placement: SPREAD, storage_path: shared}
+distributed: {workers: 2, cpus_per_worker: 1, max_failures: 1, placement: SPREAD, storage_path: ../shared}
 tracking:
   experiment: multinode
 """
