@@ -161,9 +161,8 @@ def init_ray(options: RayOptions) -> bool:
     was already initialised by the caller."""
     import ray
 
-    # Token auth is on by default for new clusters in Ray 2.60; client and server must agree,
-    # so say it explicitly (tools/env.sh sets the same).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Auth: Ray's default is kept (token auth for the private local Ray, whose ports listen
+    # beyond loopback; a client uses a token when one is found); RAY_AUTH_MODE=disabled opts out.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False

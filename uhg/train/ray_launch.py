@@ -186,8 +186,10 @@ def launch(
 
 def _init_ray(address: str | None, cfg: RunConfig) -> None:
     """Connect to `address` / RAY_ADDRESS, or start a local Ray sized for the run."""
-    # Client and cluster must agree on the auth mode; a local cluster started here takes it too.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Auth: with RAY_AUTH_MODE unset, Ray 2.60 starts a local cluster with token auth (token in
+    # ~/.ray/auth_token, generated if missing) and a client joining a cluster uses the token
+    # when it finds one. Its ports listen beyond loopback, so uhg leaves that default on;
+    # RAY_AUTH_MODE=disabled (head and clients alike) is the explicit opt-out.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
