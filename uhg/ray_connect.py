@@ -37,8 +37,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int, num_gpus: float = 
 
     Returns True when this call connected (the caller then shuts Ray down), False when Ray
     was already initialised by the caller."""
-    # Client and cluster must agree on the auth mode; a local Ray started here takes it too.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Auth: with RAY_AUTH_MODE unset, Ray 2.60 starts a local cluster with token auth (token in
+    # ~/.ray/auth_token, generated if missing) and a client joining a cluster uses the token
+    # when it finds one. Its ports listen beyond loopback, so uhg leaves that default on;
+    # RAY_AUTH_MODE=disabled (head and clients alike) is the explicit opt-out.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import logging
 

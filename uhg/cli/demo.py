@@ -65,7 +65,6 @@ def demo_command(
     """Run the main job end to end on CPU: simulate, train a GAN and a transformer with Ray +
     DeepSpeed + MLflow, generate in range and zero-shot, evaluate, overlay."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = out.resolve()
     data, runs, reports = out / "data", out / "runs", out / "reports"
