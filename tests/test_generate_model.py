@@ -72,6 +72,7 @@ def hit_keys(b: HitBatch) -> set[tuple[int, ...]]:
     return set(zip(*(c.tolist() for c in cols), strict=True))
 
 
+@pytest.mark.slow  # 22 s on the shared 2-core machine
 def test_same_seed_same_events_for_any_split(pxd_export: Path) -> None:
     gen = Generator.load(pxd_export)
     lum = np.geomspace(1e34, 8e34, 10)  # includes extrapolation beyond the training range

@@ -24,7 +24,7 @@ def enter_uhg_root() -> None:
         os.chdir(root_path)
 
 
-def connect_ray(address: str | None = None, *, num_cpus: int, num_gpus: float = 0.0) -> bool:
+def connect_ray(address: str | None = None, *, num_cpus: int, num_gpus: float = 0.0, verbose: bool = True) -> bool:
     """Join a Ray cluster, or start a private local one.
 
     address: the cluster to join; None takes RAY_ADDRESS (set by `ray job submit` for its
@@ -32,24 +32,31 @@ def connect_ray(address: str | None = None, *, num_cpus: int, num_gpus: float = 
         (http(s)://host:8265) joins through "auto", which finds the GCS of a head on this machine.
     Without either, a private local Ray starts with `num_cpus` CPUs (`address="local"`: it never
     attaches to a cluster someone else started on this machine); needing more GPUs
-    (`num_gpus`) than it detects is a ConfigError before any work.
+    (`num_gpus`) than it detects is a ConfigError before any work. Unless `verbose`, Ray's
+    messages below warnings and the output of its workers are not forwarded to this process.
 
     Returns True when this call connected (the caller then shuts Ray down), False when Ray
     was already initialised by the caller."""
-    # Client and cluster must agree on the auth mode; a local Ray started here takes it too.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Auth: with RAY_AUTH_MODE unset, Ray 2.60 starts a local cluster with token auth (token in
+    # ~/.ray/auth_token, generated if missing) and a client joining a cluster uses the token
+    # when it finds one. Its ports listen beyond loopback, so uhg leaves that default on;
+    # RAY_AUTH_MODE=disabled (head and clients alike) is the explicit opt-out.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return False
+    level = logging.INFO if verbose else logging.WARNING
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         if target.startswith(("http://", "https://")):
             target = "auto"
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=verbose, logging_level=level)
         return True
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose,
+             logging_level=level)
     found = ray.cluster_resources().get("GPU", 0)
     if num_gpus > found:
         ray.shutdown()

@@ -80,12 +80,14 @@ class ExtrapolationConfig(BaseModel):
 
 
 def load_protocol(path: str | Path) -> ExtrapolationConfig:
-    """Read and validate a protocol YAML; ConfigError names the file and the key."""
+    """Read and validate a protocol YAML (a file or a shipped name); ConfigError names the file
+    and the key."""
     import yaml
 
     from uhg.config.loading import describe_errors
+    from uhg.config.shipped import find_config
 
-    path = Path(path)
+    path = find_config(path, "protocol")
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:

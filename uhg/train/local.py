@@ -21,11 +21,12 @@ def resolve_resume(resume: str | Path | None) -> Path | None:
 
 
 def run_local(cfg: RunConfig, *, resume: str | Path | None = None, fresh: bool = False,
-              tracking: bool | None = None) -> TrainResult:
+              tracking: bool | None = None, progress: bool = False) -> TrainResult:
     """Train `cfg` in this process (data-parallel when started by torchrun), with MLflow
     tracking on rank 0 when `cfg.tracking.enabled` (or `tracking`) is true. Resumes from
-    `resume`, else from the run's own latest checkpoint unless `fresh`."""
-    hooks = LocalHooks(cfg.run_dir, resolve_resume(resume), fresh=fresh)
+    `resume`, else from the run's own latest checkpoint unless `fresh`. With `progress`, rank 0
+    draws the progress line on stderr."""
+    hooks = LocalHooks(cfg.run_dir, resolve_resume(resume), fresh=fresh, progress=cfg.name if progress else None)
     use_tracking = cfg.tracking.enabled if tracking is None else tracking
     rank = int(os.environ.get("RANK", "0"))
     logger = None
@@ -42,5 +43,7 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, fresh: bool =
         status = "FINISHED"
         return result
     finally:
+        if hooks.progress is not None:
+            hooks.progress.close()  # a failed run: the error starts on a line of its own
         if logger is not None:
             logger.close(status)

@@ -26,10 +26,11 @@ from uhg.errors import TrainingError
 from uhg.models.common import EMA, ConditionNorm
 from uhg.sparse.torch_hits import TorchHits
 from uhg.tracking.logger import NullLogger, RunLogger
-from uhg.train.evaluation import RunEvaluation, load_extrapolation
+from uhg.train.evaluation import RunEvaluation
 from uhg.train.family import ModelFamily, NonFiniteLoss, build_family
 from uhg.train.finish import finish_run
 from uhg.train.hooks import LocalHooks, TrainHooks
+from uhg.train.preflight import check_run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     hooks = hooks if hooks is not None else LocalHooks(run_dir)
     logger = logger if logger is not None and rank == 0 else NullLogger()
     micro = cfg.batch_size_for(world)
-    protocol = load_extrapolation(cfg)  # a wrong protocol file fails now, not after training
+    protocol = check_run_inputs(cfg)  # a wrong file or setting fails now, not after simulation or training
 
     # data and the family bound to the training range of the conditions
     data = prepare_data(cfg, rank, world)
@@ -164,6 +165,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     last_ckpt: Path | None = resume
     window_t0, window_events = time.perf_counter(), 0
     reader = BatchReader(data, rank, world, micro, cfg.seed, t.steps, cfg.data.loader_workers)
+    hooks.on_start(step, t.steps)
     while step < t.steps:
         step += 1
         batch = reader.get(step).to(device)
@@ -223,8 +225,10 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     evaluation = None
     if rank == 0 and export is not None:
         # after the barrier: the other ranks are finished, rank 0 needs no collective from here
+        hooks.on_phase("evaluating")
         evaluation = finish_run(cfg, export, data, logger, step=step, resumed_step=resumed_step, device=str(device),
                                 protocol=protocol)
+    hooks.on_phase("done")
     return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint, evaluation)
 
 

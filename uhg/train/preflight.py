@@ -23,13 +23,64 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from uhg.errors import ConfigError
+import yaml
+
+from uhg.config.schema import RunConfig
+from uhg.errors import ConfigError, StoreError
 
 PROBE_TIMEOUT_S = 60.0
 MARKER = ".uhg-storage-marker"
 _NOT_SHARED_HINT = ("Multi-node runs need storage every node mounts at the same path (NFS, Lustre, EFS, "
                     "a ReadWriteMany volume, ...) or object storage (s3://, gs://); see docs/distributed.md "
                     "and docs/reliability.md")
+
+# Keys of a DeepSpeed preset that uhg sets itself; a preset must not contradict them.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "torch_autocast")
+
+
+def read_deepspeed_preset(cfg: RunConfig) -> dict[str, Any]:
+    """The preset of `train.deepspeed` ({} when none), checked against the train section."""
+    t = cfg.train
+    if t.deepspeed is None:
+        return {}
+    try:
+        preset = yaml.safe_load(Path(t.deepspeed).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"train.deepspeed: cannot read preset {t.deepspeed}: {err}") from None
+    if not isinstance(preset, dict):
+        raise ConfigError(f"train.deepspeed: preset {t.deepspeed} must be a mapping")
+    clash = [k for k in OWNED_KEYS if k in preset]
+    if clash:
+        raise ConfigError(f"train.deepspeed: preset {t.deepspeed} sets {', '.join(clash)}; these come from "
+                          "the train section (batch_size, precision, gradient_clipping, lr)")
+    stage = preset.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != t.zero_stage:
+        raise ConfigError(f"train.zero_stage is {t.zero_stage} but preset {t.deepspeed} sets "
+                          f"zero_optimization.stage {stage}")
+    return preset
+
+
+def check_run_inputs(cfg: RunConfig):
+    """Every check of the run's inputs that can fail, cheapest first; returns the zero-shot
+    protocol of `evaluate.extrapolation` (or None) so that it is read once."""
+    from uhg.geometry import get_geometry
+    from uhg.train.evaluation import load_extrapolation
+
+    read_deepspeed_preset(cfg)
+    protocol = load_extrapolation(cfg)
+    sim = cfg.data.simulate
+    if sim is not None:
+        if get_geometry(cfg.geometry).kind == "pixel":
+            if sim.luminosity_min is None:
+                raise ConfigError("data.simulate.luminosity_min is required for a pixel geometry")
+        elif sim.energy_min is None or sim.energy_max is None:
+            raise ConfigError("data.simulate.energy_min and energy_max are required for a calorimeter geometry")
+    for path in cfg.data.store:
+        if sim is None and not Path(path).exists():
+            raise StoreError(f"data.store: {path} does not exist (relative paths in a config file are relative "
+                             "to its folder; add a data.simulate section to create the store)")
+    return protocol
 
 
 def _sees_token(path: str, token: str) -> tuple[bool, str]:

@@ -65,16 +65,24 @@ class RayRun:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
 
-def enter_uhg_root(config: Path) -> Path:
+def enter_uhg_root(config: Path) -> tuple[Path, Path | None]:
     """Under `ray job submit`, the job runs in Ray's temporary copy of the working dir. With
-    UHG_ROOT set, relative paths of the run (stores, runs/, the sqlite store) resolve there
-    instead (`uhg.ray_connect.enter_uhg_root`); the config file itself is still read from the
-    uploaded copy. Returns the config's absolute path."""
+    UHG_ROOT set, the run's relative paths (stores, runs/, the sqlite store) resolve there
+    instead: the working directory becomes UHG_ROOT (`uhg.ray_connect.enter_uhg_root`), and a
+    config given by a relative path is read from the uploaded copy but resolves its own paths
+    from the same folder under UHG_ROOT. Returns the config's absolute path and that folder
+    (None: the config file's own folder)."""
+    from uhg.config.shipped import find_config
     from uhg.ray_connect import enter_uhg_root as enter_root
 
-    config = Path(config).resolve()
+    given = Path(config)
+    relative_file = not given.is_absolute() and given.is_file()  # not a shipped name
+    config = find_config(config).resolve()
+    if not os.environ.get("UHG_ROOT"):
+        return config, None
     enter_root()
-    return config
+    base = Path.cwd() / given.parent if relative_file else None
+    return config, base
 
 
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
@@ -124,15 +132,23 @@ def launch(
     run_name: str | None = None,
     resume: str | None = None,
     address: str | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg` with Ray Train; returns a summary (run folder, final step, checkpoint,
-    MLflow run id). Raises TrainingError when the run fails after its allowed restarts."""
+    MLflow run id). Raises TrainingError when the run fails after its allowed restarts.
+
+    The driver draws one progress line from what rank 0 writes into the run folder. Ray's own
+    messages and the workers' output (their logs stay in Ray's session folder) are shown only
+    with `verbose`."""
     from uhg.config.loading import config_to_dict
 
+    from uhg.train.preflight import check_run_inputs
+
     run = resolve_run(cfg, run_name=run_name, resume=resume)
+    check_run_inputs(cfg)  # before Ray starts and a worker simulates the store
     if not run.is_remote:
         Path(run.folder).mkdir(parents=True, exist_ok=True)
-    _init_ray(address, cfg)
+    _init_ray(address, cfg, verbose)
     marker = None
     if not run.is_remote:
         from uhg.train.preflight import check_shared_storage, write_storage_marker
@@ -178,15 +194,24 @@ def launch(
             worker_runtime_env={"env_vars": _worker_env(use_gpu, d.cpus_per_worker)},
         ),
     )
+    follower = None
+    if not run.is_remote:
+        from uhg.train.progress import ProgressLine, ProgressState, follow_file
+
+        follower = follow_file(Path(run.folder), ProgressLine(), ProgressState(run.name, cfg.train.steps))
     try:
         result = trainer.fit()
     finally:
+        if follower is not None:
+            follower[1].set()
+            follower[0].join(timeout=5)
         if marker is not None:
             from uhg.train.preflight import remove_storage_marker
 
             remove_storage_marker(run.folder)
     if result.error is not None:
-        raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}") from result.error
+        hint = "" if verbose else " (the workers' output: rerun with --verbose, or see Ray's session logs)"
+        raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}{hint}") from result.error
     metrics = result.metrics or {}
     return {
         "run_name": run.name,
@@ -194,16 +219,18 @@ def launch(
         "step": metrics.get("step"),
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
         "mlflow_run_id": metrics.get("mlflow_run_id"),
+        "mlflow_experiment_id": metrics.get("mlflow_experiment_id"),
         "tracking_uri": metrics.get("tracking_uri"),
     }
 
 
-def _init_ray(address: str | None, cfg: RunConfig) -> None:
-    """Connect to `address` / RAY_ADDRESS, or start a private local Ray sized for the run."""
+def _init_ray(address: str | None, cfg: RunConfig, verbose: bool = False) -> None:
+    """Connect to `address` / RAY_ADDRESS, or start a private local Ray sized for the run. Unless
+    `verbose`, the output of Ray's actors and the workers is not forwarded to this driver."""
     from uhg.ray_connect import connect_ray
 
     d = cfg.distributed
-    connect_ray(address, num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker))
+    connect_ray(address, num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker), verbose=verbose)
 
 
 def _worker_env(use_gpu: bool, cpus_per_worker: int) -> dict[str, str]:

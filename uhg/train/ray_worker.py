@@ -41,13 +41,18 @@ def worker_main(loop_config: dict[str, Any]) -> None:
         check_worker_sees_storage(run_folder, loop_config["storage_marker"], rank)
     cfg = config_from_dict(raw, source=f"Ray run {name}")
     hooks = RayHooks(rank, world, run_folder)
+    if rank == 0 and not remote:  # the driver follows it and draws the progress line
+        from uhg.train.progress import ProgressFile, ProgressTracker
+
+        hooks.progress = ProgressTracker(name, ProgressFile(run_folder))
 
     logger: RunLogger = NullLogger()
     mlflow_logger = None
     if rank == 0 and cfg.tracking.enabled:
         mlflow_logger = _open_tracking(cfg, name, run_folder, context)
         logger = mlflow_logger
-        hooks.report_extra = {"mlflow_run_id": mlflow_logger.run_id, "tracking_uri": mlflow_logger.tracking_uri}
+        hooks.report_extra = {"mlflow_run_id": mlflow_logger.run_id, "tracking_uri": mlflow_logger.tracking_uri,
+                              "mlflow_experiment_id": mlflow_logger.experiment_id}
     try:
         train(cfg, hooks=hooks, logger=logger)  # ends with finish_run on rank 0
     except BaseException:
