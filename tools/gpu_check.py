@@ -222,7 +222,7 @@ class Check:
         step_s = known.get("step_s_median") or known.get("train_step_s_median")
         steps = max(1, int(minutes * 60 / step_s)) if step_s else self.args.fallback_steps
         run_dir = self.work / f"train-{family}"
-        sets = self.store_sets(config, self.args.train_events) + self.train_sets() + [
+        sets = self.store_sets(config, 16 if self.args.quick else self.args.train_events) + self.train_sets() + [
             f"train.steps={steps}", f"output_dir={run_dir}", "train.checkpoint_every=0", "train.validate_every=0",
             "distributed.workers=1", f"name={Path(config).stem}"]
         if self.args.quick:
