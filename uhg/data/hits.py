@@ -108,8 +108,14 @@ class ChannelBatch:
         return len(self.channel)
 
     def take(self, indices: Sequence[int] | np.ndarray) -> ChannelBatch:
-        """Events at `indices` (any order) as a new batch of copies."""
+        """Events at `indices` (any order) as a new batch: copies, or views when the indices are
+        one ascending run (what an unshuffled loader asks for)."""
         idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+            lo, hi = self.offsets[idx[0]], self.offsets[idx[-1] + 1]
+            return ChannelBatch(self.kind, self.channel[lo:hi], {k: v[lo:hi] for k, v in self.columns.items()},
+                                self.offsets[idx[0]:idx[-1] + 2] - lo,
+                                {k: v[idx[0]:idx[-1] + 1] for k, v in self.conditions.items()})
         pos, offsets = gather_positions(self.offsets, idx)
         return ChannelBatch(self.kind, self.channel[pos], {k: v[pos] for k, v in self.columns.items()}, offsets,
                             {k: v[idx] for k, v in self.conditions.items()})
