@@ -118,7 +118,7 @@ class Check:
     def store_sets(self, config: str, n_events: int) -> list[str]:
         """Overrides that give a config a private, small simulated training store under the work folder."""
         tag = Path(config).stem.split("_")[0] + ("-mini" if self.args.quick else "")
-        return [f"data.store={self.work}/{tag}.zarr", f"data.simulate.n_events={n_events}",
+        return [f"data.store={self.work}/{tag}-{n_events}.zarr", f"data.simulate.n_events={n_events}",
                 f"data.simulate.part_size={min(n_events, 64)}", f"data.simulate.workers={self.args.sim_workers}"]
 
     def train_sets(self) -> list[str]:
@@ -183,7 +183,7 @@ class Check:
 
     def gan_train_step(self) -> tuple[float, str, float | None, dict]:
         config = self.cfg("gan")
-        sets = self.store_sets(config, 16 if self.args.quick else self.args.train_events) + self.train_sets()
+        sets = self.store_sets(config, 16 if self.args.quick else 64) + self.train_sets()
         if self.args.quick:
             sets.append("train.batch_size=2")
         cmd = ["tools/bench_train.py", "--config", config, *self.flags(sets),
@@ -206,7 +206,7 @@ class Check:
                 raise FigureError(f"package {package} is not installed (carry its wheel: see docs/benchmarks.md)")
         config = self.cfg("gan")
         q = self.args.quick
-        sets = self.store_sets(config, 16 if q else self.args.train_events) + self.train_sets()
+        sets = self.store_sets(config, 16 if q else 64) + self.train_sets()
         sets += ["train.batch_size=2"] if q else []
         sets += ["distributed.gpus_per_worker=1"] if self.cuda else []
         cmd = ["tools/bench_ray_overhead.py", "--config", config, "--workers", "1", "--steps", "12" if q else "40",
@@ -277,7 +277,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check", help="exports go here (default: $OUT)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the figures")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: by device name)")
-    ap.add_argument("--train-events", type=int, default=256, help="events of the simulated training store")
+    ap.add_argument("--train-events", type=int, default=256,
+                    help="events of the simulated store --train-minutes trains on (the figures use 64)")
     ap.add_argument("--sim-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
     ap.add_argument("--fallback-steps", type=int, default=200, help="training steps when no step time was measured")
     ap.add_argument("--only", default="", help="comma-separated figure names to run (default: all)")
