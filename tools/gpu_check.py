@@ -12,7 +12,8 @@ carries "error" instead of "value". Lines: {"figure", "value", "unit", "target",
 
 Figures: GAN and transformer full-resolution PXD generation (events/s; on CUDA in bf16, the GAN
 eager and torch.compile'd, the better one counts), GAN training step time, transformer training
-MFU in bf16 (peak from the device name, or --peak-tflops), calorimeter ds2 ms per shower at
+MFU in bf16 (peak from the device name, or --peak-tflops), the fraction of GAN training step
+time spent waiting on data (tools/bench_data_wait.py, loader_workers 0 and 2), calorimeter ds2 ms per shower at
 batch 10 000, and the same training loop under Ray with one worker vs torchrun (overhead).
 With --train-minutes N the full-resolution PXD configs then train for about N minutes each
 (steps from the measured step time) and their exports are written under --out/exports, each
@@ -191,6 +192,17 @@ class Check:
         res = self.json_lines(self.run(cmd, 240))[-1]
         return res["step_s_median"], "s/step", None, res
 
+    def data_wait(self) -> tuple[float, str, float | None, dict]:
+        config = self.cfg("gan")
+        q = self.args.quick
+        sets = self.store_sets(config, 16 if q else 64) + self.train_sets() + ["data.validation_events=4"]
+        sets += ["train.batch_size=2"] if q else []
+        cmd = ["tools/bench_data_wait.py", "--config", config, "--steps", "4" if q else "20", "--warmup", "1" if q else "5",
+               "--workers", "0", "2", *self.flags(sets)]
+        runs = self.json_lines(self.run(cmd, 180))
+        best = min(runs, key=lambda r: r["data_wait_fraction_median"])
+        return best["data_wait_fraction_median"], "fraction of step time waiting on data (median)", None, {"runs": runs}
+
     def calo_generation(self) -> tuple[float, str, float | None, dict]:
         batch = "100" if self.args.quick else "10000"
         cmd = ["tools/bench_generate.py", "--config", self.cfg("calo"), "--batch-sizes", batch, "--min-events",
@@ -295,6 +307,7 @@ def main() -> int:
                ("transformer_train_mfu", check.transformer_train, True),
                ("transformer_generate_events_per_s", check.transformer_generation, True),
                ("gan_train_step_s", check.gan_train_step, False),
+               ("train_data_wait_fraction", check.data_wait, False),
                ("calo_ds2_ms_per_shower", check.calo_generation, False),
                ("ray_overhead", check.ray_overhead, False)]
     only = {x for x in re.split(r"[,\s]+", args.only) if x}
