@@ -12,6 +12,8 @@ import torch
 from uhg.data import open_store
 from uhg.data.loader import HitDataset, make_loader
 from uhg.errors import ConfigError, GeometryError
+from uhg.geometry import get_geometry
+from uhg.sparse.torch_hits import CompactHits, TorchHits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_store import ENERGY, LUMI, calo_events, pixel_events, write_all  # noqa: E402
@@ -26,8 +28,9 @@ def stores(tmp_path_factory):
     return root
 
 
-def as_key(hits) -> tuple:
-    """A comparable fingerprint of a TorchHits batch."""
+def as_key(batch: CompactHits) -> tuple:
+    """A comparable fingerprint of a loader batch."""
+    hits = batch.widen(get_geometry("pxd-tiny"))
     return (tuple(hits.offsets.tolist()), tuple(hits.columns["value"].tolist()),
             tuple(hits.columns["row"].tolist()), tuple(hits.conditions["luminosity"].tolist()))
 
@@ -38,10 +41,13 @@ def test_batches_hold_the_planned_events(stores):
     batches = list(make_loader([stores / "a", stores / "b"], 6, seed=3))
     plan = ds.plan(0)
     assert len(batches) == len(plan) == 12  # ceil(70 / 6)
-    for ids, hits in zip(plan, batches, strict=True):
+    for ids, batch in zip(plan, batches, strict=True):
+        assert batch.channel.dtype == torch.int32 and batch.columns["value"].dtype == torch.uint8
+        hits = batch.widen(get_geometry("pxd-tiny"))
         want = [reference[0].take([i]) if i < 47 else reference[1].take([i - 47]) for i in ids]
         assert hits.offsets.tolist() == [0, *np.cumsum([w.n_hits for w in want]).tolist()]
-        assert hits.columns["col"].tolist() == np.concatenate([w.columns["col"] for w in want]).tolist()
+        for name in ("sensor", "row", "col", "value"):
+            assert hits.columns[name].tolist() == np.concatenate([w.columns[name] for w in want]).tolist()
         assert hits.conditions["luminosity"].tolist() == [w.conditions["luminosity"][0] for w in want]
 
 
@@ -116,11 +122,27 @@ def test_spawn_workers_keep_the_order(stores):
 
 
 def test_densify_and_calo(stores):
-    hits, dense = next(iter(make_loader(stores / "a", 3, densify=True, shuffle=False)))
+    hits, dense = next(iter(make_loader(stores / "a", 3, densify=True, shuffle=False, compact=False)))
     assert dense.shape == (3, 40, 16, 48) and dense.sum() == hits.columns["value"].sum()
+    assert torch.equal(dense, hits.pixel_dense(40, 16, 48))
     hits, dense = next(iter(make_loader(stores / "c", 4, densify=True, shuffle=False)))
-    assert dense.shape == (4, 6480)
+    assert dense.shape == (4, 6480) and isinstance(hits, CompactHits)
     want = open_store(stores / "c").dense(2)
     assert torch.equal(dense[2], torch.from_numpy(want))
     with pytest.raises(GeometryError, match="cannot be mixed"):
         HitDataset([stores / "a", stores / "c"], 4)
+
+
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_compact_batches_widen_to_the_store_columns(stores, name):
+    """Widened compact batches equal TorchHits of the store's own columns, for pixels and calorimeters."""
+    store = open_store(stores / name)
+    want = TorchHits.from_batch(store.read(0, 4))
+    compact = next(iter(make_loader(stores / name, 4, shuffle=False, in_memory=False)))
+    wide = next(iter(make_loader(stores / name, 4, shuffle=False, compact=False)))
+    assert compact.columns["value"].dtype == (torch.uint8 if name == "a" else torch.float32)
+    for hits in (compact.widen(store.geometry), wide):
+        assert hits.offsets.tolist() == want.offsets.tolist()
+        assert set(hits.columns) == set(want.columns)
+        for k, v in want.columns.items():
+            assert hits.columns[k].dtype == v.dtype and torch.equal(hits.columns[k], v), k

@@ -85,6 +85,8 @@ def test_resume_reproduces_the_uninterrupted_run(config_file: Path, tmp_path: Pa
                                                  "trainer.json", "MANIFEST.json"}
     assert set(json.loads((full.export / "generator.json").read_text())) >= {"family", "model", "condition_norm"}
     assert "val_occupancy_fake_pct" in full.validation
+    # every step records how long it waited for its batch, and that wait's share of the step
+    assert all(h["data_wait_s"] > 0 and 0 < h["data_wait_fraction"] < 1 for h in full.history)
 
     # interrupted after step 2, then resumed from that checkpoint to step 4
     half = train(load_config(config_file, [f"output_dir={tmp_path / 'half'}", "train.steps=2"]),

@@ -4,6 +4,7 @@ ms/event at several batch sizes, model forward + conversion to sparse hits (no s
     python tools/bench_generate.py --model runs/pxd_gan_mini/export --batch-sizes 1 16 64
     python tools/bench_generate.py --config configs/pxd_gan.yaml --batch-sizes 1 4 --device cpu
     python tools/bench_generate.py --config configs/calo_gan_mini.yaml --batch-sizes 1 100 10000
+    python tools/bench_generate.py --config configs/pxd_gan.yaml --batch-sizes 64 --device cuda --precision bf16 --compile
 
 With --config the weights are freshly initialised (the cost of a forward pass does not depend
 on training; the number of hits does, through the gate's initial 1% occupancy). Each
@@ -15,6 +16,7 @@ machine it is closer than wall time to what one dedicated core would take (with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,21 +58,30 @@ def main() -> None:
     ap.add_argument("--min-events", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: generate under autocast")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the generator module (the warm-up compiles)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else export_from_config(args.config, Path(tmp) / "export")
         gen = Generator.load(path, device=args.device)
+        if args.compile:
+            gen.module = torch.compile(gen.module)
+        device_type = torch.device(args.device).type
+        autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "bf16"
+                    else contextlib.nullcontext())
         for bs in args.batch_sizes:
             n = max(bs, args.min_events)
             values = {"luminosity": 2e34, "her_current": 1.5, "ler_current": 1.5, "incident_energy": 1e4}
             conds = {k: np.full(n, values[k]) for k in gen.condition_names}
-            gen.generate({k: v[: min(bs, 64)] for k, v in conds.items()}, seed=0, batch_size=bs)  # warm-up
+            with autocast:
+                gen.generate({k: v[: min(bs, 64)] for k, v in conds.items()}, seed=0, batch_size=bs)  # warm-up
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
-            hits = gen.generate(conds, seed=1, batch_size=bs)
+            with autocast:
+                hits = gen.generate(conds, seed=1, batch_size=bs)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -79,6 +90,7 @@ def main() -> None:
                               "ms_per_event": round(1000 * dt / n, 3),
                               "cpu_ms_per_event": round(1000 * cpu / n, 3), "events_per_s": round(n / dt, 2),
                               "hits_per_event": float(hits.hits_per_event.mean()), "device": args.device,
+                              "precision": args.precision, "compiled": args.compile,
                               "torch_threads": torch.get_num_threads(),
                               "machine": f"{platform.machine()} {os.cpu_count()} cores",
                               "load_avg_1m": os.getloadavg()[0]}), flush=True)

@@ -48,6 +48,7 @@ def _overrides(args: argparse.Namespace, out: Path, name: str) -> list[str]:
     }
     if args.data_store:
         sets["data.store"] = args.data_store
+    sets.update(dict(item.split("=", 1) for item in args.overrides))
     return [item for key, value in sets.items() for item in ("--set", f"{key}={value}")]
 
 
@@ -84,6 +85,7 @@ def _ensure_store(args: argparse.Namespace, env: dict[str, str], out: Path) -> N
            "--set", "train.steps=1", "--set", "distributed.workers=1", "--set", f"output_dir={out}/warmup"]
     if args.data_store:
         cmd += ["--set", f"data.store={args.data_store}"]
+    cmd += [item for kv in args.overrides for item in ("--set", kv)]
     _run(cmd, env, out / "warmup.log")
 
 
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="steps dropped from the start of each run")
     parser.add_argument("--data-store", default=None, help="override data.store (default: the config's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="further config override for both runs, e.g. --set train.device=cuda (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_ray_overhead")
     parser.add_argument("--append-doc", type=Path, default=None, help="append the result table to this markdown file")
     parser.add_argument("--concurrent", action="store_true",
@@ -176,6 +180,7 @@ def main() -> None:
     )
     print(table)
     print(f"details: {out}/result.json")
+    print(json.dumps(result))
     if args.append_doc is not None:
         with args.append_doc.open("a") as fh:
             fh.write(f"\n### {args.config}, {args.workers} workers ({time.strftime('%Y-%m-%d', time.gmtime())})\n\n"

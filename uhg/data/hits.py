@@ -77,6 +77,58 @@ class CaloEvent:
 Event = PixelEvent | CaloEvent
 
 
+def gather_positions(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hit positions of events `idx` (in that order) in a batch with `offsets`, and the offsets of
+    the gathered batch."""
+    counts = offsets[idx + 1] - offsets[idx]
+    out = np.zeros(len(idx) + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    # hit k of output event j sits at offsets[idx[j]] + (k - out[j])
+    pos = np.repeat(offsets[idx] - out[:-1], counts) + np.arange(out[-1], dtype=np.int64)
+    return pos, out
+
+
+@dataclass
+class ChannelBatch:
+    """Events as the store keeps them: flat channel indices (uint32, `uhg.sparse.dense.channel_index`),
+    `value` in the store's dtype and any extra columns, with offsets and conditions as in `HitBatch`.
+    5 bytes per pixel hit: what the torch loader gathers and ships, widening only where hits are used."""
+
+    kind: str
+    channel: np.ndarray
+    columns: dict[str, np.ndarray]  # "value" and extra columns, each (n_hits,)
+    offsets: np.ndarray
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_hits(self) -> int:
+        return len(self.channel)
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> ChannelBatch:
+        """Events at `indices` (any order) as a new batch: copies, or views when the indices are
+        one ascending run (what an unshuffled loader asks for)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+            lo, hi = self.offsets[idx[0]], self.offsets[idx[-1] + 1]
+            return ChannelBatch(self.kind, self.channel[lo:hi], {k: v[lo:hi] for k, v in self.columns.items()},
+                                self.offsets[idx[0]:idx[-1] + 2] - lo,
+                                {k: v[idx[0]:idx[-1] + 1] for k, v in self.conditions.items()})
+        pos, offsets = gather_positions(self.offsets, idx)
+        return ChannelBatch(self.kind, self.channel[pos], {k: v[pos] for k, v in self.columns.items()}, offsets,
+                            {k: v[idx] for k, v in self.conditions.items()})
+
+    @classmethod
+    def concat(cls, batches: Sequence[ChannelBatch]) -> ChannelBatch:
+        counts = np.concatenate([np.diff(b.offsets) for b in batches])
+        return cls(batches[0].kind, np.concatenate([b.channel for b in batches]),
+                   {k: np.concatenate([b.columns[k] for b in batches]) for k in batches[0].columns},
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                   {k: np.concatenate([b.conditions[k] for b in batches]) for k in batches[0].conditions})
+
+
 @dataclass
 class HitBatch:
     """Events `0..n-1` as flat hit columns; event i owns hits `offsets[i]:offsets[i+1]`."""
@@ -152,10 +204,7 @@ class HitBatch:
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
             return self.slice(int(idx[0]), int(idx[-1]) + 1)
-        counts = self.hits_per_event[idx]
-        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        # hit k of output event j sits at self.offsets[idx[j]] + (k - offsets[j])
-        pos = np.repeat(self.offsets[idx] - offsets[:-1], counts) + np.arange(offsets[-1], dtype=np.int64)
+        pos, offsets = gather_positions(self.offsets, idx)
         return HitBatch(self.kind, {k: v[pos] for k, v in self.columns.items()}, offsets,
                         {k: v[idx] for k, v in self.conditions.items()})
 

@@ -1,9 +1,10 @@
-"""PyTorch loading of sparse stores: batches of `TorchHits`, sharded, shuffled, resumable.
+"""PyTorch loading of sparse stores: batches of `CompactHits`, sharded, shuffled, resumable.
 
     loader = make_loader(["train.zarr"], batch_size=32, split="train", seed=0,
                          rank=rank, world_size=world_size, num_workers=2)
     for epoch in range(n_epochs):
-        for hits in loader:          # TorchHits (or (TorchHits, dense) with densify=True)
+        for batch in loader:         # CompactHits (or (CompactHits, dense) with densify=True)
+            hits = batch.widen(geometry, device)   # TorchHits on the device that uses them
             ...
         # loader.state_dict() -> {"epoch", "position", ...}; load_state_dict() resumes exactly
 
@@ -17,6 +18,11 @@ The plan of an epoch is a pure function of (seed, epoch, split, rank, world_size
 4. the rank's events are cut into batches; DataLoader worker w builds batches w, w+W, ...,
    which the DataLoader returns in order, so the sequence does not depend on num_workers.
 Workers are started with forkserver or spawn, never fork (zarr's I/O thread deadlocks).
+
+Batches travel in the store's own compact form (uint32 channel index + uint8 ADC value: 5 bytes
+per pixel hit, against 28 for int64/float32 columns), from the decoded part through the gather
+and the worker-to-trainer hand-off; `CompactHits.widen` splits the channel into columns on the
+device. `compact=False` widens in the loader instead (the TorchHits of earlier versions).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +39,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from uhg.data.hits import HitBatch
+from uhg.data.hits import ChannelBatch
 from uhg.data.reader import Store, open_store
 from uhg.errors import ConditionError, ConfigError, GeometryError
-from uhg.sparse.torch_hits import TorchHits
+from uhg.sparse.dense import n_channels
+from uhg.sparse.torch_hits import CompactHits
 
 IN_MEMORY_MAX_HITS = 50_000_000  # ~0.3 GB of columns: below this a worker holds whole stores
 _MASK64 = (1 << 64) - 1
@@ -65,15 +73,16 @@ def _store_salt(store: Store) -> int:
 class HitDataset(IterableDataset):
     """Batches of events from one or more stores of the same kind and geometry.
 
-    Yields `TorchHits` of up to `batch_size` events, or `(TorchHits, dense)` with
-    `densify=True` (dense: (B, n_sensors, rows, cols) or (B, n_cells) float32).
+    Yields `CompactHits` of up to `batch_size` events (`TorchHits` with `compact=False`), or
+    `(hits, dense)` with `densify=True` (dense: (B, n_sensors, rows, cols) or (B, n_cells) float32).
     `split` is None (all events), "train" or "val" (see module docstring).
     """
 
     def __init__(self, stores: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int, *,
                  split: str | None = None, val_fraction: float = 0.1, split_seed: int = 0,
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, densify: bool = False, in_memory: bool | None = None):
+                 drop_last: bool = False, densify: bool = False, in_memory: bool | None = None,
+                 compact: bool = True):
         paths = [stores] if isinstance(stores, (str, os.PathLike)) else list(stores)
         if not paths:
             raise ConfigError("the loader needs at least one store")
@@ -88,7 +97,7 @@ class HitDataset(IterableDataset):
         self.paths = [str(Path(p)) for p in paths]
         self.batch_size, self.split, self.val_fraction, self.split_seed = batch_size, split, val_fraction, split_seed
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.drop_last, self.densify = drop_last, densify
+        self.drop_last, self.densify, self.compact = drop_last, densify, compact
         self.epoch, self.start_batch = 0, 0
 
         opened = [open_store(p) for p in self.paths]
@@ -101,6 +110,8 @@ class HitDataset(IterableDataset):
                 raise ConditionError(f"store {s.path} has conditions {s.condition_names}, "
                                      f"{first.path} has {first.condition_names}")
         self.kind, self.geometry = first.kind, first.geometry
+        if n_channels(self.geometry) > 2**31:  # CompactHits carries channels as int32
+            raise GeometryError(f"{self.geometry.name}: {n_channels(self.geometry)} channels exceed the loader's 2**31")
         # global event numbering: store k's local events follow those of stores 0..k-1
         self._store_starts = np.concatenate([[0], np.cumsum([len(s) for s in opened])]).astype(np.int64)
         self._part_starts = [s._part_starts for s in opened]
@@ -115,7 +126,8 @@ class HitDataset(IterableDataset):
         total_hits = sum(int(s.part_n_hits().sum()) for s in opened)
         self.in_memory = total_hits <= IN_MEMORY_MAX_HITS if in_memory is None else bool(in_memory)
         self._stores: list[Store] | None = None
-        self._memory: list[HitBatch] | None = None
+        self._memory: list[ChannelBatch] | None = None
+        self._parts: OrderedDict[tuple[int, int], ChannelBatch] = OrderedDict()
 
     # -- the plan
     def set_epoch(self, epoch: int) -> None:
@@ -155,33 +167,59 @@ class HitDataset(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_stores"] = state["_memory"] = None  # workers open their own handles
+        state["_parts"] = OrderedDict()
         return state
 
-    def _read(self, global_ids: np.ndarray) -> HitBatch:
+    def _part(self, k: int, index: int) -> ChannelBatch:
+        """Part `index` (position among the readable parts) of store k, decoded; the last two kept."""
+        key = (k, index)
+        if key in self._parts:
+            self._parts.move_to_end(key)
+            return self._parts[key]
+        store = self._stores[k]
+        self._parts[key] = batch = store.read_part_channels(store.parts[index])
+        while len(self._parts) > 2:
+            self._parts.popitem(last=False)
+        return batch
+
+    def _take(self, k: int, local: np.ndarray) -> ChannelBatch:
+        if self.in_memory:
+            return self._memory[k].take(local)
+        part_of = np.searchsorted(self._part_starts[k], local, side="right") - 1
+        pieces, where = [], []
+        for p in np.unique(part_of):
+            sel = np.flatnonzero(part_of == p)
+            pieces.append(self._part(k, int(p)).take(local[sel] - self._part_starts[k][p]))
+            where.append(sel)
+        return _merge(pieces, where)
+
+    def _read(self, global_ids: np.ndarray) -> ChannelBatch:
         if self._stores is None:
-            self._stores = [open_store(p, cache_parts=2) for p in self.paths]
+            self._stores = [open_store(p) for p in self.paths]
         store_of = np.searchsorted(self._store_starts, global_ids, side="right") - 1
         local = global_ids - self._store_starts[store_of]
         if self.in_memory and self._memory is None:
-            self._memory = [s.read() for s in self._stores]
+            self._memory = [ChannelBatch.concat([s.read_part_channels(p) for p in s.parts]) if s.parts else
+                            ChannelBatch(s.kind, np.zeros(0, np.uint32), {"value": np.zeros(0)}, np.zeros(1, np.int64),
+                                         {n: np.zeros(0) for n in s.condition_names})
+                            for s in self._stores]
         pieces, where = [], []
         for k in np.unique(store_of):
             sel = np.flatnonzero(store_of == k)
-            source = self._memory[k] if self.in_memory else self._stores[k]
-            pieces.append(source.take(local[sel]))
+            pieces.append(self._take(int(k), local[sel]))
             where.append(sel)
-        if len(pieces) == 1:
-            return pieces[0]
-        return HitBatch.concat(pieces).take(np.argsort(np.concatenate(where), kind="stable"))
+        return _merge(pieces, where)
 
     def make_batch(self, global_ids: np.ndarray):
-        hits = TorchHits.from_batch(self._read(global_ids))
-        if not self.densify:
-            return hits
-        g = self.geometry
-        if self.kind == "pixel":
-            return hits, hits.pixel_dense(g.n_sensors, g.rows, g.cols)
-        return hits, hits.calo_dense(g.layer_offsets, g.n_cells)
+        hits = CompactHits.from_channels(self._read(global_ids))
+        dense = None
+        if self.densify:
+            g = self.geometry
+            dense = hits.dense(n_channels(g))
+            dense = dense.view(len(hits), g.n_sensors, g.rows, g.cols) if self.kind == "pixel" else dense
+        if not self.compact:
+            hits = hits.widen(self.geometry)
+        return hits if dense is None else (hits, dense)
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()
@@ -189,6 +227,13 @@ class HitDataset(IterableDataset):
         batches = self.plan()
         for k in range(self.start_batch + worker, len(batches), n_workers):
             yield self.make_batch(batches[k])
+
+
+def _merge(pieces: list[ChannelBatch], where: list[np.ndarray]) -> ChannelBatch:
+    """Pieces gathered for positions `where` of a batch, back in batch order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return ChannelBatch.concat(pieces).take(np.argsort(np.concatenate(where), kind="stable"))
 
 
 def _context(start_method: str):
@@ -260,6 +305,7 @@ class HitLoader:
 def make_loader(stores: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int, *,
                 num_workers: int = 0, start_method: str = "forkserver", pin_memory: bool = False,
                 **dataset_options: Any) -> HitLoader:
-    """A resumable loader of TorchHits batches; `dataset_options` go to `HitDataset`."""
+    """A resumable loader of CompactHits batches (TorchHits with compact=False); `dataset_options`
+    go to `HitDataset`."""
     return HitLoader(HitDataset(stores, batch_size, **dataset_options), num_workers=num_workers,
                      start_method=start_method, pin_memory=pin_memory)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from uhg.data.hits import EXTRA_COLUMNS, HitBatch
+from uhg.data.hits import EXTRA_COLUMNS, ChannelBatch, HitBatch
 from uhg.data.layout import (
     PARTS,
     jsonable,
@@ -158,6 +158,13 @@ class Store:
         return batch
 
     def _load_part(self, part: int) -> HitBatch:
+        raw = self.read_part_channels(part)
+        cols = columns_from_channel(self.kind, raw.channel, self.geometry)
+        return HitBatch(self.kind, cols | raw.columns, raw.offsets, raw.conditions)
+
+    def read_part_channels(self, part: int) -> ChannelBatch:
+        """Committed part `part` as stored (channel indices, not split into columns; not cached),
+        checked for consistency like every read."""
         meta = self._part_meta(part)
         names = ["channel", "value", "event_offsets", *self.attrs["extra_columns"],
                  *(f"conditions/{n}" for n in self.condition_names)]
@@ -179,12 +186,10 @@ class Store:
         if len(channel) and int(channel.max()) >= n_channels(self.geometry):
             raise StoreError(f"store {self.path}, part {part}: array 'channel' holds index {int(channel.max())} "
                              f"beyond the {n_channels(self.geometry)} channels of {self.geometry.name!r}")
-        cols = columns_from_channel(self.kind, channel, self.geometry)
-        cols["value"] = value
-        for name in self.attrs["extra_columns"]:
-            cols[name] = arrays[name]
-        conds = {n: arrays[f"conditions/{n}"] for n in self.condition_names}
-        return HitBatch(self.kind, cols, offsets, conds)
+        cols = {"value": value} | {name: arrays[name] for name in self.attrs["extra_columns"]}
+        conds = {n: np.asarray(arrays[f"conditions/{n}"], dtype=np.float64) for n in self.condition_names}
+        return ChannelBatch(self.kind, channel.astype(np.uint32, copy=False), cols,
+                            offsets.astype(np.int64, copy=False), conds)
 
     def _read_arrays(self, part: int, names: list[str]) -> dict[str, np.ndarray]:
         """Read whole arrays of a part concurrently in one call into zarr's event loop (one

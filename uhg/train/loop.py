@@ -168,8 +168,10 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     hooks.on_start(step, t.steps)
     while step < t.steps:
         step += 1
+        t_data = time.perf_counter()
         batch = reader.get(step).to(device)
         t0 = time.perf_counter()
+        wait_s = t0 - t_data  # the step's wait for its batch: read (unless read ahead) and copy to the device
         try:
             metrics = family.train_step(engines, batch, step)
         except NonFiniteLoss as err:
@@ -188,7 +190,8 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
         step_s = time.perf_counter() - t0
         events_seen += micro * world
         window_events += micro
-        metrics = {**metrics, "step_time_s": step_s, "skipped_steps": float(skipped)}
+        metrics = {**metrics, "step_time_s": step_s, "data_wait_s": wait_s,
+                   "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-12), "skipped_steps": float(skipped)}
         history.append({"step": float(step), **metrics})
         hooks.on_step(step, metrics)
         last = step == t.steps
