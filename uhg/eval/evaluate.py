@@ -25,7 +25,8 @@ from uhg.eval.features import FeatureSet
 from uhg.eval.report import Report, write_report
 
 READ_CHUNK_EVENTS = 2000
-CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "incident_energy": "MeV"}
+CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "beta_y_star": "mm",
+                   "incident_energy": "MeV"}
 
 
 def features_of(batch: HitBatch, geometry) -> FeatureSet:

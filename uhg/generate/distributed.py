@@ -27,7 +27,8 @@ from uhg.data.hits import HitBatch
 from uhg.errors import CheckpointError, ConditionError, ConfigError
 from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
 
-CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "incident_energy": "MeV"}
+CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "beta_y_star": "mm",
+                   "incident_energy": "MeV"}
 
 
 def condition_specs(conditions: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
@@ -222,12 +223,12 @@ def cli_conditions(info: dict[str, Any], n_events: int, seed: int, *, conditions
         if luminosity is not None or energy_min is not None or energy_max is not None:
             raise ConfigError("--conditions FILE replaces --luminosity / --energy-min / --energy-max; give one or the other")
         conds = load_conditions(conditions_file, n_events)
-        wanted = [n for n in ("her_current", "ler_current") if n in info["conditions"] and n not in conds]
+        wanted = [n for n in ("her_current", "ler_current", "beta_y_star") if n in info["conditions"] and n not in conds]
         if wanted and "luminosity" in conds:
-            from uhg.sim.pxd_machine import currents_for_luminosity
+            from uhg.sim.pxd_machine import load_scenario
 
-            her, ler = currents_for_luminosity(conds["luminosity"])
-            conds |= {k: np.asarray(v, np.float64) for k, v in (("her_current", her), ("ler_current", ler)) if k in wanted}
+            machine = load_scenario().conditions(conds["luminosity"])
+            conds |= {k: np.asarray(machine[k], np.float64) for k in wanted}
         return conds
     shape = SimpleNamespace(condition_names=info["conditions"], kind=get_geometry(info["geometry"]).kind)
     return event_conditions(shape, 0, n_events, seed, luminosity, energy_min, energy_max)

@@ -48,14 +48,14 @@ def default_batch_size(n_channels: int) -> int:
 
 
 def machine_conditions(given: dict[str, float], needed: list[str]) -> dict[str, float]:
-    """Add the beam currents a generator needs but the user did not give, from the luminosity
-    and the SuperKEKB machine model (design current ratio, `uhg.sim.pxd_machine`)."""
-    wanted = [n for n in ("her_current", "ler_current") if n in needed and n not in given]
+    """Add the beam currents and beta_y* a generator needs but the user did not give, from the
+    luminosity and the design machine scenario (`uhg.sim.pxd_machine`)."""
+    wanted = [n for n in ("her_current", "ler_current", "beta_y_star") if n in needed and n not in given]
     if wanted and "luminosity" in given:
-        from uhg.sim.pxd_machine import currents_for_luminosity
+        from uhg.sim.pxd_machine import load_scenario
 
-        her, ler = currents_for_luminosity(given["luminosity"])
-        given |= {k: float(v) for k, v in (("her_current", her), ("ler_current", ler)) if k in wanted}
+        machine = load_scenario().conditions(given["luminosity"])
+        given |= {k: float(machine[k]) for k in wanted}
     return given
 
 

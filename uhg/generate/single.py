@@ -32,11 +32,10 @@ def event_conditions(generator, start: int, stop: int, seed: int, luminosity: fl
             raise ConditionError("a PXD generator needs --luminosity (cm^-2 s^-1)")
         if luminosity <= 0:
             raise ConditionError(f"--luminosity must be positive, got {luminosity}")
-        from uhg.sim.pxd_machine import currents_for_luminosity
+        from uhg.sim.pxd_machine import load_scenario
 
-        her, ler = currents_for_luminosity(np.full(n, float(luminosity)))
-        conds = {"luminosity": np.full(n, float(luminosity)), "her_current": np.asarray(her, np.float64) * np.ones(n),
-                 "ler_current": np.asarray(ler, np.float64) * np.ones(n)}
+        # currents and beta_y* of the design machine at this luminosity
+        conds = load_scenario().conditions(np.full(n, float(luminosity)))
     else:
         if energy_min is None or energy_max is None:
             raise ConditionError("a calorimeter generator needs --energy-min and --energy-max (MeV)")
@@ -69,10 +68,10 @@ def generate_store(model: str | Path, n_events: int, out: str | Path, seed: int 
         part_size = max(batch_size, (max(1, min(n_events, 1000)) // batch_size) * batch_size)
     ranges = {}
     if generator.kind == "pixel":
+        from uhg.sim.pxd_machine import CONDITION_UNITS
+
         c = event_conditions(generator, 0, 1, seed, luminosity=luminosity)
-        ranges = {"luminosity": {"min": float(luminosity), "max": float(luminosity), "unit": "cm^-2 s^-1"},
-                  "her_current": {"min": float(c["her_current"][0]), "max": float(c["her_current"][0]), "unit": "A"},
-                  "ler_current": {"min": float(c["ler_current"][0]), "max": float(c["ler_current"][0]), "unit": "A"}}
+        ranges = {k: {"min": float(v[0]), "max": float(v[0]), "unit": CONDITION_UNITS[k]} for k, v in c.items()}
     else:
         event_conditions(generator, 0, 0, seed, energy_min=energy_min, energy_max=energy_max)
         ranges = {"incident_energy": {"min": float(energy_min), "max": float(energy_max), "unit": "MeV"}}
