@@ -45,6 +45,12 @@ def generate_command(
     """Generate events into a store, in this process or (--distributed) on Ray actors."""
     from uhg.generate.single import generate_store
 
+    path = model
+    if model.startswith(("models:/", "runs:/")):
+        from uhg.tracking.models import resolve_model_uri
+
+        path = str(resolve_model_uri(model))
+    _warn_outside_training_range(path, luminosity, energy_min, energy_max)
     if distributed or conditions is not None or part_size is not None:
         from uhg.cli.overlay import generate_distributed
 
@@ -54,15 +60,32 @@ def generate_command(
                              cpus_per_worker=cpus_per_worker, ray_address=ray_address, device=device)
         return
 
-    path = model
-    if model.startswith(("models:/", "runs:/")):
-        from uhg.tracking.models import resolve_model_uri
-
-        path = str(resolve_model_uri(model))
     info = generate_store(path, events, out, seed=seed, batch_size=batch_size, luminosity=luminosity,
                           energy_min=energy_min, energy_max=energy_max, device=device)
     typer.echo(f"wrote {info['events']} events to {info['path']} in {info['seconds']:.1f} s "
                f"({info['ms_per_event']:.1f} ms/event)")
+
+
+def _warn_outside_training_range(path: str, luminosity: float | None, energy_min: float | None,
+                                 energy_max: float | None) -> None:
+    """Print how far the requested conditions lie outside the export's training range."""
+    import json
+
+    from uhg.generate.model import SIDECAR
+    from uhg.generate.single import range_warnings
+
+    sidecar = Path(path) / SIDECAR
+    try:
+        norm = json.loads(sidecar.read_text())["condition_norm"]
+    except (OSError, ValueError, KeyError):
+        return  # loading the generator reports a missing or broken export clearly
+    values: dict = {}
+    if luminosity is not None and luminosity > 0:
+        values["luminosity"] = float(luminosity)
+    if energy_min is not None and energy_max is not None and 0 < energy_min <= energy_max:
+        values["incident_energy"] = (float(energy_min), float(energy_max))
+    for message in range_warnings(norm, values):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -51,6 +51,32 @@ def event_conditions(generator, start: int, stop: int, seed: int, luminosity: fl
     return conds
 
 
+def range_warnings(condition_norm: dict, values: dict[str, float | tuple[float, float]]) -> list[str]:
+    """How far each requested condition lies outside the model's training range.
+
+    `condition_norm`: the export's `condition_norm` (names, log, center, scale); `values`:
+    {name: value or (min, max)} in physical units. One message per condition outside the range,
+    e.g. "luminosity 2.4e+36 is 3x the training maximum 8e+35 ...": a count or response law
+    extrapolates as its fitted form does, which the training data cannot confirm there."""
+    out = []
+    for name, lg, c, s in zip(condition_norm["names"], condition_norm["log"], condition_norm["center"],
+                              condition_norm["scale"], strict=True):
+        if name not in values or not lg:
+            continue
+        lo, hi = math.exp(c - s), math.exp(c + s)
+        v = values[name]
+        v_lo, v_hi = (v, v) if isinstance(v, (int, float)) else v
+        if v_hi > hi * (1 + 1e-6):
+            out.append(f"{name} {v_hi:.4g} is {v_hi / hi:.3g}x the training maximum {hi:.4g} (training range "
+                       f"{lo:.4g} .. {hi:.4g}; {math.log(v_hi / hi) / (2 * s):.2f} training widths beyond it in log): "
+                       "the model extrapolates there")
+        if v_lo < lo * (1 - 1e-6):
+            out.append(f"{name} {v_lo:.4g} is {v_lo / lo:.3g}x the training minimum {lo:.4g} (training range "
+                       f"{lo:.4g} .. {hi:.4g}; {math.log(lo / v_lo) / (2 * s):.2f} training widths below it in log): "
+                       "the model extrapolates there")
+    return out
+
+
 def generate_store(model: str | Path, n_events: int, out: str | Path, seed: int = 0, batch_size: int = 16,
                    part_size: int | None = None, luminosity: float | None = None, energy_min: float | None = None,
                    energy_max: float | None = None, device: str = "cpu", progress: bool = True) -> dict:

@@ -27,6 +27,24 @@ WEIGHTS = "generator.safetensors"
 SIDECAR = "generator.json"
 
 
+def _training_data(cfg: RunConfig) -> dict[str, Any]:
+    """Stores and simulator seeds of the training data (stores without a seed were not simulated),
+    so a zero-shot protocol can refuse a reference that reuses them."""
+    from uhg.data.store import read_attrs
+    from uhg.errors import StoreError
+
+    seeds: list[int] | None = []
+    for path in cfg.data.store:
+        try:
+            seed = read_attrs(path).get("provenance", {}).get("seed")
+        except StoreError:
+            seeds = None  # unknown: a protocol must then be told the training seeds
+            break
+        if seed is not None and int(seed) not in seeds:
+            seeds.append(int(seed))
+    return {"stores": [str(p) for p in cfg.data.store], "seeds": seeds}
+
+
 def export_generator(out_dir: Path, family: ModelFamily, cfg: RunConfig, state_dict: Mapping[str, torch.Tensor],
                      step: int, metrics: Mapping[str, float] | None = None) -> Path:
     """Write the generator weights (EMA if the family keeps one) to `out_dir`, atomically."""
@@ -58,6 +76,7 @@ def export_generator(out_dir: Path, family: ModelFamily, cfg: RunConfig, state_d
         "step": int(step),
         "ema_decay": float(family.ema_decay),
         "seed": cfg.seed,
+        "training_data": _training_data(cfg),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }
