@@ -66,7 +66,7 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("laws", [{}, {"multiplicity": "count", "count_exponents": [1.0, 2.0]}],
+@pytest.mark.parametrize("laws", [{}, {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4}],
                          ids=["end-token", "count-law"])
 def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main

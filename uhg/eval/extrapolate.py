@@ -308,7 +308,7 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
             comparisons[role] = c
         figures = make_plots(feats, point_dir) if cfg.plots_per_condition else []
         observables = _observables(kind, feats)
-        if generator is not None:
+        if generator is not None and kind == "pixel":
             observables |= _law_band(generator, ref_b.conditions)
         point = PointResult(value, value / hi, lo <= value <= hi * (1 + 1e-9), comparisons.get("generated"),
                             comparisons.get("baseline"), observables, label)

@@ -32,10 +32,13 @@ def event_conditions(generator, start: int, stop: int, seed: int, luminosity: fl
             raise ConditionError("a PXD generator needs --luminosity (cm^-2 s^-1)")
         if luminosity <= 0:
             raise ConditionError(f"--luminosity must be positive, got {luminosity}")
-        from uhg.sim.pxd_machine import load_scenario
+        from uhg.sim.pxd_machine import MachineScenario, load_scenario
 
-        # currents and beta_y* of the design machine at this luminosity
-        conds = load_scenario().conditions(np.full(n, float(luminosity)))
+        # currents and beta_y* at this luminosity in the machine scenario of the training data
+        # (recorded in the export; design when the export does not say)
+        machine = getattr(generator, "sidecar", {}).get("training_data", {}).get("machine")
+        scenario = MachineScenario.model_validate(machine) if machine else load_scenario()
+        conds = scenario.conditions(np.full(n, float(luminosity)))
     else:
         if energy_min is None or energy_max is None:
             raise ConditionError("a calorimeter generator needs --energy-min and --energy-max (MeV)")

@@ -34,15 +34,23 @@ def _training_data(cfg: RunConfig) -> dict[str, Any]:
     from uhg.errors import StoreError
 
     seeds: list[int] | None = []
+    machines = []
     for path in cfg.data.store:
         try:
-            seed = read_attrs(path).get("provenance", {}).get("seed")
+            attrs = read_attrs(path)
         except StoreError:
             seeds = None  # unknown: a protocol must then be told the training seeds
             break
+        seed = attrs.get("provenance", {}).get("seed")
         if seed is not None and int(seed) not in seeds:
             seeds.append(int(seed))
-    return {"stores": [str(p) for p in cfg.data.store], "seeds": seeds}
+        machine = attrs.get("attributes", {}).get("machine")
+        if machine is not None and machine not in machines:
+            machines.append(machine)
+    out: dict[str, Any] = {"stores": [str(p) for p in cfg.data.store], "seeds": seeds}
+    if len(machines) == 1:  # the PXD machine scenario every store was simulated with
+        out["machine"] = machines[0]
+    return out
 
 
 def export_generator(out_dir: Path, family: ModelFamily, cfg: RunConfig, state_dict: Mapping[str, torch.Tensor],

@@ -21,7 +21,7 @@ from uhg.data.hits import HitBatch
 from uhg.errors import ConfigError
 from uhg.models.common import ConditionNorm
 from uhg.models.transformer import HitTransformer, mean_attended, padded_tokens
-from uhg.models.transformer_laws import fit_law
+from uhg.models.transformer_laws import fit_count_law, fit_law
 from uhg.models.transformer_sampling import sample_events
 from uhg.models.transformer_tokens import encode_hits, layout_for_geometry
 from uhg.seeding import event_seed
@@ -61,15 +61,9 @@ class TransformerFamily:
         self.ema_decay = cfg.ema_decay
         if cfg.response_model and self.layout.kind == "pixel":
             raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
-        self.log_scale = None
-        if cfg.count_exponents is not None:
-            if not condition_norm.log[0]:
-                raise ConfigError(f"model.count_exponents needs a positive (log-scaled) condition; "
-                                  f"{condition_norm.names[0]!r} is not log-scaled in this training range")
-            self.log_scale = condition_norm.scale[0]
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": HitTransformer(self.cfg, self.layout, self.log_scale)}
+        return {"model": HitTransformer(self.cfg, self.layout)}
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         # The laws' log-amplitudes must not be pulled to 0 by weight decay.
@@ -114,10 +108,7 @@ class TransformerFamily:
         cond, n = torch.cat(conds), torch.cat(counts).double()
         out = {}
         if model.counts is not None:
-            law = model.counts
-            out["law_count_nll"] = fit_law(law, lambda m: -m.marginal_log_prob(n, cond).mean())
-            y = law.scores(n, cond.to(law.loading.dtype)).double()
-            out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
+            out |= fit_count_law(model.counts, n, cond)
         if model.response is not None:
             target = torch.cat(responses)
             out["law_response_nll"] = fit_law(model.response, lambda m: -m.log_prob(target, cond).mean())
