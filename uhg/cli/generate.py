@@ -71,7 +71,7 @@ def _warn_outside_training_range(path: str, luminosity: float | None, energy_min
     """Print how far the requested conditions lie outside the export's training range."""
     import json
 
-    from uhg.generate.model import SIDECAR
+    from uhg.models.generator import SIDECAR
     from uhg.generate.single import range_warnings
 
     sidecar = Path(path) / SIDECAR
