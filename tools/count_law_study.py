@@ -9,7 +9,7 @@ Training events: 2e35-8e35 (log-uniform, seed 1); test points 1.5x, 2x, 3x the t
 maximum (seeds 101 and 102: reference and an independent second reference, the floor). Prints a
 Markdown table: per scenario, form and point, the error of the predicted mean occupancy, the
 per-sensor mean relative error (MRE) against its floor (reference vs second reference) and
-whether the 68 % bootstrap band covers the reference. The law sees only simulated counts and the
+whether the band (+- one standard deviation of the bootstrap refits) covers the reference. The law sees only simulated counts and the
 recorded conditions (luminosity, both currents, beta_y*), never the scenario's exponents.
 """
 
@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     g = get_geometry(args.geometry)
     positions = g.pixels_per_sensor
-    print("| scenario | form | L / training max | mean occupancy error | in 68 % band | per-sensor MRE | floor |")
+    print("| scenario | form | L / training max | mean occupancy error | in band | per-sensor MRE | floor |")
     print("|---|---|---|---|---|---|---|")
     for scenario in args.scenarios:
         t0 = time.perf_counter()

@@ -60,7 +60,6 @@ def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 COUNT_LAWS = ("power", "powers", "quadratic")
-BOOTSTRAP_QUANTILES = (0.16, 0.84)  # the reported band: central 68 % of the bootstrap predictions
 
 
 class CountLaw(nn.Module):
@@ -91,7 +90,7 @@ class CountLaw(nn.Module):
 
     Parameter uncertainty: `bootstrap` holds the mean parameters refitted on resampled training
     events (`set_bootstrap`), from which `occupancy_band` gives a band on the predicted mean
-    occupancy."""
+    occupancy (+- one standard deviation of the refits' predictions)."""
 
     def __init__(self, n_units: int, n_cond: int, positions: int, form: str = "quadratic", terms: int = 2,
                  bootstrap: int = 0):
@@ -159,16 +158,17 @@ class CountLaw(nn.Module):
 
     def occupancy_band(self, cond: torch.Tensor) -> tuple[float, float, float] | None:
         """(predicted, low, high) mean occupancy over the events `cond` (B, C): the law's own
-        prediction and the central 68 % of the bootstrap refits' predictions (None without a
-        bootstrap)."""
+        prediction +- the standard deviation of the bootstrap refits' predictions (None without
+        a bootstrap). A standard deviation, not quantiles: with heavy-tailed counts (injection
+        bursts) a few refits land far off, and 16 refits give unstable quantiles."""
         if len(self.bootstrap) < 2:
             return None
         with torch.no_grad():
             cond = cond.to(self.positions.dtype)
             mean = float(self.mean_occupancy(cond).mean())
             draws = torch.stack([self.mean_occupancy(cond, self._unflatten(b)).mean() for b in self.bootstrap])
-            low, high = torch.quantile(draws.double(), torch.tensor(BOOTSTRAP_QUANTILES, dtype=torch.float64))
-        return mean, float(low), float(high)
+            sd = float(draws.double().std())
+        return mean, mean - sd, mean + sd
 
     def mean(self, cond: torch.Tensor) -> torch.Tensor:
         """(B, U) expected hits."""
@@ -314,15 +314,15 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
     n_boot = len(law.bootstrap)
     if n_boot:
-        fitted = [p.detach().clone() for p in law.mean_parameters()]
+        fitted = [p.detach().clone() for p in law.parameters()]
         gen = torch.Generator().manual_seed(seed)
         samples = []
         for _ in range(n_boot):
             idx = torch.randint(len(counts), (len(counts),), generator=gen)
             fit_law(law, lambda m, i=idx: count_law_loss(m, counts[i], cond[i]), max_iter=100)
             samples.append(torch.cat([p.detach().double().reshape(-1) for p in law.mean_parameters()]))
-            with torch.no_grad():
-                for p, f in zip(law.mean_parameters(), fitted, strict=True):
+            with torch.no_grad():  # every refit starts from the fit to all events
+                for p, f in zip(law.parameters(), fitted, strict=True):
                     p.copy_(f)
         law.set_bootstrap(torch.stack(samples))
     return out
