@@ -207,6 +207,7 @@ processes:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("machine", ["high-vacuum", "steep"])
 def test_law_learns_a_scaling_it_was_not_given(tmp_path, machine):
     """Counts of the reference simulator under a machine scenario whose occupancy scales unlike
