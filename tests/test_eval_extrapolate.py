@@ -208,3 +208,42 @@ def test_a_missing_model_export_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "extrapolate", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "no_export" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_protocol_reports_the_count_law_band(tmp_path):
+    """A transformer export whose count law was fitted (with bootstrap refits) to simulated
+    training events: every protocol point carries the law's predicted mean occupancy and its
+    band, and the export's conditions (luminosity, currents, beta_y*) come from the reference."""
+    import torch
+
+    from uhg.config import config_from_dict
+    from uhg.models.common import ConditionNorm
+    from uhg.sim.pxd_machine import CONDITIONS
+    from uhg.train.export import export_generator
+    from uhg.train.family import build_family
+
+    torch.manual_seed(0)
+    run = config_from_dict({
+        "name": "law", "geometry": "pxd-tiny", "data": {"store": str(tmp_path / "unused.zarr")},
+        "train": {"steps": 1, "batch_size": 2},
+        "model": {"family": "transformer", "conditions": list(CONDITIONS), "d_model": 16, "n_layers": 1,
+                  "n_heads": 2, "latent_dim": 0, "max_hits": 64, "multiplicity": "count", "count_bootstrap": 3}})
+    train = simulate_pxd_background(PXD, 120, seed=1, luminosity=2e35, luminosity_max=4e35)
+    norm = ConditionNorm.from_ranges({k: (float(v.min()), float(v.max())) for k, v in train.conditions.items()},
+                                     list(CONDITIONS))
+    family = build_family(PXD, run.model, norm)
+    modules = family.build_modules()
+    assert "law_count_nll" in family.initialise_from_data(modules, [train])
+    export = export_generator(tmp_path / "export", family, run, modules["model"].state_dict(), step=1)
+    cfg = ExtrapolationConfig(geometry="pxd-tiny", model=str(export), condition="luminosity",
+                              training_range=(2e35, 4e35), test_factors=[1.0, 2.0], n_events=4, repeats=2,
+                              classifier=False, plots_per_condition=False, out=str(tmp_path / "ext"),
+                              training_seeds=[1], seed=100, baseline="none")
+    result = run_protocol(cfg)
+    for point in result.points:
+        law = point.observables["law mean occupancy [%]"]
+        assert law["band low"] < law["predicted"] < law["band high"]
+        assert 0.2 * point.observables["mean occupancy [%]"]["reference"] < law["predicted"]
+    inside, outside = (p.observables["law mean occupancy [%]"] for p in result.points)
+    assert outside["band high"] - outside["band low"] > inside["band high"] - inside["band low"]
