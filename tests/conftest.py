@@ -11,7 +11,18 @@ import pytest
 # Set before anything imports deepspeed or ray.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "uhg" / "torch_extensions"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Token auth as for users (tools/env.sh); the token of test clusters lives in the test cache,
+# not in ~/.ray, unless the caller set one.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    _token = Path.home() / ".cache" / "uhg" / "test_ray_auth_token"
+    if not _token.is_file():
+        import secrets
+
+        _token.parent.mkdir(parents=True, exist_ok=True)
+        _token.touch(mode=0o600)
+        _token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Tests must never write MLflow data into the working tree by accident.
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from uhg.data.hits import HitBatch
 from uhg.data.parallel import fill_store
-from uhg.data.store import create_store
+from uhg.data.writer import create_store
 from uhg.geometry import get_geometry
+
 
 def _simulated(kind: str, geometry_name: str, seed: int, start: int, stop: int) -> HitBatch:
     from uhg.sim import simulate_pxd_background, simulate_pxd_signal

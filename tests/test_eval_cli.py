@@ -9,7 +9,7 @@ import pytest
 
 from uhg.cli import main
 from uhg.data.hits import HitBatch
-from uhg.data.store import create_store, write_part
+from uhg.data.writer import create_store, write_part
 from uhg.geometry import get_geometry
 from uhg.sim.calo import simulate_calo_showers
 from uhg.sim.pxd_background import simulate_pxd_background

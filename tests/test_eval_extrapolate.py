@@ -174,6 +174,7 @@ def test_protocol_flags_a_generator_at_the_wrong_luminosity(tmp_path):
     assert "report.html" in result.summary() or "metrics.md" in result.summary()
 
 
+@pytest.mark.slow  # 21 s on the shared 2-core machine
 def test_uhg_eval_extrapolate_baseline_only_calorimeter(tmp_path, capsys):
     cfg = tmp_path / "calo.yaml"
     cfg.write_text(f"""geometry: ds1-photons

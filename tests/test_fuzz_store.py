@@ -1,10 +1,13 @@
 """Property-based tests: a store with random damage (metadata JSON edits, random bytes in
-zarr.json files and chunks, truncated chunks) is either read completely and consistently or
-refused with a StoreError/GeometryError naming the store; never another exception or a hang.
+zarr.json files and chunks, truncated chunks) is either read with exactly the content that was
+written or refused with a StoreError/GeometryError naming the store; never another exception,
+a hang, or different data. Every chunk ends in a CRC-32 (uhg.data.store codecs), so any change
+of a chunk's bytes must be an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -46,18 +49,30 @@ def _files(root: Path, suffix: str) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and (p.name == suffix if suffix else p.parent.name == "c"))
 
 
-def _read_everything(path: Path) -> None:
-    """What a training loader does: open, read every event; check what it returns."""
+def _content(path: Path) -> dict[str, np.ndarray]:
+    """What a training loader sees: every event's hits and conditions, read whole and one by one."""
+    store = open_store(path)
+    batch = store.read(0, len(store))
+    content = {"offsets": batch.offsets, **{f"column/{k}": v for k, v in batch.columns.items()},
+               **{f"condition/{k}": v for k, v in batch.conditions.items()}}
+    for i in range(len(store)):
+        for f in dataclasses.fields(event := store[i]):
+            content[f"event{i}/{f.name}"] = np.asarray(getattr(event, f.name), dtype=object)
+    return content
+
+
+def _read_everything(path: Path, pristine: Path, must_fail: bool = False) -> None:
+    """Either a StoreError/GeometryError naming the store, or exactly the pristine content."""
     try:
-        store = open_store(path)
-        batch = store.read(0, len(store))
-        for i in range(len(store)):
-            store[i]
+        got = _content(path)
     except UhgError as err:
         assert str(path) in str(err) or "store" in str(err), f"error does not name the store: {err}"
         return
-    assert len(batch) == N_EVENTS
-    assert np.all(np.diff(batch.offsets) >= 0)
+    assert not must_fail, "changed chunk bytes were read without an error"
+    want = _content(pristine)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} differs from what was written")
 
 
 json_values = st.recursive(
@@ -86,7 +101,7 @@ def test_edited_metadata_json_gives_store_error(pristine: Path, tmp_path: Path, 
     shutil.copytree(pristine, store)
     target = _files(store, "zarr.json")[which % len(_files(store, "zarr.json"))]
     target.write_text(json.dumps(_edit(json.loads(target.read_text()), path, value)))
-    _read_everything(store)
+    _read_everything(store, pristine)
 
 
 @FUZZ
@@ -105,8 +120,9 @@ def test_random_bytes_in_metadata_or_chunks_give_store_error(pristine: Path, tmp
         data = data[:at]
     else:
         data[at:at + len(junk)] = junk
+    changed = bytes(data) != target.read_bytes()
     target.write_bytes(bytes(data))
-    _read_everything(store)
+    _read_everything(store, pristine, must_fail=changed and kind == "")
 
 
 def test_damage_is_reported_not_silently_read(pristine: Path, tmp_path: Path) -> None:

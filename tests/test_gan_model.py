@@ -92,6 +92,7 @@ def test_encoding_of_real_hits() -> None:
     assert img.shape == (2, 45, 16, 9) and int((img > 0).sum()) == showers.n_hits
 
 
+@pytest.mark.slow  # 66-87 s each on the shared 2-core machine
 @pytest.mark.parametrize("geometry", ["pxd-tiny", "ds2"])
 def test_training_moves_the_generator_toward_the_data(geometry: str) -> None:
     """With the physics term on, the occupancy (pixel) or energy-response (calo) mismatch

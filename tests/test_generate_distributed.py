@@ -1,6 +1,6 @@
 """Generation and overlays on a real local Ray: identical stores for 0 (in-process), 1 and 2
 workers, also when a worker dies mid-part (Ray restarts it and retries the part), and
-`uhg generate --distributed` writes the same parts as the single-process `uhg generate`."""
+`uhg generate --distributed` writes the same parts as `uhg generate` in one process."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from overlay_stores import export_untrained_gan, part_files, simulated_store
 
-from uhg.data.store import missing_parts
+from uhg.data.layout import missing_parts
 from uhg.errors import CheckpointError
 from uhg.generate.overlay import OverlayJob, plan_overlay, run_overlay
 from uhg.generate.ray_pool import PartResult, RayOptions, run_parts
@@ -42,13 +42,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 def test_distributed_generate_equals_single_process(ray_cluster, inputs, tmp_path) -> None:
     from uhg.cli import main
-    from uhg.generate.single import generate_store
 
-    generate_store(inputs["export"], 8, tmp_path / "single", seed=3, batch_size=4, part_size=4, luminosity=2e34,
-                   progress=False)
-    assert main(["generate", "--model", str(inputs["export"]), "--events", "8", "--out", str(tmp_path / "ray"),
-                 "--luminosity", "2e34", "--seed", "3", "--batch-size", "4", "--part-size", "4",
-                 "--distributed", "--workers", "2"]) == 0
+    args = ["generate", "--model", str(inputs["export"]), "--events", "8", "--luminosity", "2e34", "--seed", "3",
+            "--batch-size", "4", "--part-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--distributed", "--workers", "2"]) == 0
     assert part_files(tmp_path / "ray") == part_files(tmp_path / "single")
 
 

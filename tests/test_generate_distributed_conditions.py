@@ -11,7 +11,7 @@ import pytest
 from overlay_stores import export_untrained_gan, part_files
 
 from uhg.cli import main
-from uhg.data.store import open_store
+from uhg.data.reader import open_store
 from uhg.models.generator import Generator
 
 

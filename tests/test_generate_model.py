@@ -15,7 +15,7 @@ import torch
 from uhg.cli import main
 from uhg.config import config_from_dict
 from uhg.data.hits import HitBatch
-from uhg.data.store import open_store
+from uhg.data.reader import open_store
 from uhg.errors import CheckpointError, ConditionError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
@@ -72,6 +72,7 @@ def hit_keys(b: HitBatch) -> set[tuple[int, ...]]:
     return set(zip(*(c.tolist() for c in cols), strict=True))
 
 
+@pytest.mark.slow  # 22 s on the shared 2-core machine
 def test_same_seed_same_events_for_any_split(pxd_export: Path) -> None:
     gen = Generator.load(pxd_export)
     lum = np.geomspace(1e34, 8e34, 10)  # includes extrapolation beyond the training range

@@ -106,6 +106,7 @@ def test_resume_continues_exactly(stores):
         make_loader(stores / "a", 4, seed=8).load_state_dict(state)
 
 
+@pytest.mark.slow  # spawned workers import torch: 25 s on the shared 2-core machine
 def test_spawn_workers_keep_the_order(stores):
     single = [as_key(h) for h in make_loader([stores / "a", stores / "b"], 7, seed=5)]
     loader = make_loader([stores / "a", stores / "b"], 7, seed=5, num_workers=2, start_method="spawn")

@@ -14,7 +14,8 @@ import pytest
 from overlay_stores import part_files, simulated_store
 
 from uhg.cli import main
-from uhg.data.store import missing_parts, open_store
+from uhg.data.layout import missing_parts
+from uhg.data.reader import open_store
 from uhg.sparse.overlay import merge_overlay
 
 

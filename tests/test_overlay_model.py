@@ -10,7 +10,7 @@ import pytest
 from overlay_stores import export_untrained_gan, part_files, simulated_store
 
 from uhg.cli import main
-from uhg.data.store import open_store
+from uhg.data.reader import open_store
 from uhg.generate.distributed import model_id
 from uhg.models.generator import Generator
 from uhg.sparse.overlay import merge_overlay

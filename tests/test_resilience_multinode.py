@@ -12,6 +12,8 @@
 3. A node whose raylet runs in its own mount namespace with a private tmpfs over the storage
    path (node-local storage, as on a cluster without a shared filesystem): `uhg train` refuses
    to start and names the path and the node.
+Each test starts from the head plus one live worker node (`LoopbackCluster.one_worker_node`)
+and leaves no extra node behind, so they run alone and in any order.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ name: tiny-multinode
 geometry: pxd-tiny
 seed: 3
 data:
-  store: data/tiny.zarr
+  store: ../data/tiny.zarr           # relative to this file (configs/)
   simulate: {n_events: 24, part_size: 12, luminosity_min: 1.0e34, luminosity_max: 4.0e34}
   validation_events: 4
 model:
@@ -57,7 +59,7 @@ train:
   keep_checkpoints: 2
   log_every: 1
   zero_stage: 1
-distributed: {workers: 2, cpus_per_worker: 1, max_failures: 1, placement: SPREAD, storage_path: shared}
+distributed: {workers: 2, cpus_per_worker: 1, max_failures: 1, placement: SPREAD, storage_path: ../shared}
 tracking:
   experiment: multinode
 """
@@ -97,27 +99,44 @@ class LoopbackCluster:
         self.env = env
         self.gcs_port = _free_ports(1)[0]
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.node_ports: dict[str, int] = {}
         self._state = None
+
+    def one_worker_node(self) -> str:
+        """Bring the cluster to the head plus exactly one live worker node (the tests kill nodes
+        and add others), wait until the GCS lists just those, and return that node's name."""
+        alive = [n for n, proc in self.nodes.items() if n != "head" and proc.poll() is None]
+        for name in alive[1:]:
+            self.kill(name)
+        if not alive:
+            alive = [f"node{len(self.nodes)}"]
+            self.start(alive[0])
+        wanted = {self.node_ports["head"], self.node_ports[alive[0]]}
+        deadline = time.monotonic() + 180
+        while self.alive_node_ports() != wanted:  # a killed raylet is declared dead after its health checks
+            assert time.monotonic() < deadline, f"GCS lists nodes {self.alive_node_ports()}, expected {wanted}"
+            time.sleep(1)
+        return alive[0]
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def start(self, name: str, *, head: bool = False, private_mount: Path | None = None) -> None:
+    def start(self, name: str, *, head: bool = False, private_mount: Path | None = None, cpus: int = 1) -> None:
         """Start node `name` and wait until the GCS lists it alive; with `private_mount`, its
         raylet (and so its workers) runs in its own mount namespace with an empty tmpfs over
         that folder. A worker node gets a second try: on a loaded machine its registration
         with the GCS can time out (`RPC error: Deadline Exceeded`)."""
         for attempt in (1, 2):
             try:
-                return self._start(name, head=head, private_mount=private_mount)
+                return self._start(name, head=head, private_mount=private_mount, cpus=cpus)
             except RuntimeError:
                 if head or attempt == 2:
                     raise
 
-    def _start(self, name: str, *, head: bool, private_mount: Path | None) -> None:
+    def _start(self, name: str, *, head: bool, private_mount: Path | None, cpus: int) -> None:
         agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = _free_ports(6)
-        cmd = [str(BIN / "ray"), "start", "--block", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
+        cmd = [str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats",
                f"--temp-dir={self.temp_dir}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}",
@@ -134,6 +153,7 @@ class LoopbackCluster:
         with open(log, "w") as out:
             self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
+        self.node_ports[name] = node_mgr
         deadline = time.monotonic() + 180
         while node_mgr not in self.alive_node_ports():
             if self.nodes[name].poll() is not None or time.monotonic() > deadline:
@@ -219,12 +239,13 @@ def _wait_for_step_2_checkpoint(proc: subprocess.Popen, run_folder: Path) -> Non
 def test_spread_run_survives_node_loss_and_resumes_on_a_replacement(cluster) -> None:
     c, workdir = cluster
     run_folder = workdir / "shared" / RUN
+    node = c.one_worker_node()
     proc = _train(c, workdir, "--run-name", RUN)
     try:
         _wait_for_step_2_checkpoint(proc, run_folder)
-        c.kill("B")
+        c.kill(node)
         lost_at = time.monotonic()
-        c.start("C")  # the replacement node Ray Train waits for
+        c.start(f"replacement{len(c.nodes)}")  # the node Ray Train waits for
         joined_s = time.monotonic() - lost_at
         out, _ = proc.communicate(timeout=480)
         recovered_s = time.monotonic() - lost_at
@@ -260,7 +281,7 @@ def test_elastic_run_continues_on_the_remaining_node(cluster) -> None:
     from its latest checkpoint with one worker (ZeRO shards of two ranks resharded) and completes."""
     c, workdir = cluster
     run_folder = workdir / "shared" / "elastic"
-    spare = next(name for name in reversed(list(c.nodes)) if name != "head" and c.nodes[name].poll() is None)
+    spare = c.one_worker_node()
     proc = _train(c, workdir, "--run-name", "elastic", "--set", "distributed.min_workers=1",
                   "--set", "tracking.experiment=elastic")
     try:
@@ -294,12 +315,16 @@ def test_elastic_run_continues_on_the_remaining_node(cluster) -> None:
 def test_node_local_storage_path_is_refused_before_training(cluster) -> None:
     c, workdir = cluster
     storage = workdir / "shared"
+    c.one_worker_node()
     # This node sees its own empty tmpfs at the storage path: node-local storage.
     c.start("private", private_mount=storage)
-    t0 = time.monotonic()
-    proc = _train(c, workdir, "--run-name", "refused")
-    out, _ = proc.communicate(timeout=300)
-    elapsed = time.monotonic() - t0
+    try:
+        t0 = time.monotonic()
+        proc = _train(c, workdir, "--run-name", "refused")
+        out, _ = proc.communicate(timeout=300)
+        elapsed = time.monotonic() - t0
+    finally:
+        c.kill("private")  # no node with node-local storage is left for the other tests
     assert proc.returncode == 2, out[-4000:]
     assert "Traceback" not in out
     message = " ".join(out.split())

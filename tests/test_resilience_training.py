@@ -1,14 +1,18 @@
 """Faults injected into real `uhg train --local` runs (subprocesses on a tiny GAN).
 
-One module-wide run folder is carried through the scenarios, in order:
+Every test makes the run it damages (one module-wide training store is shared, read-only), so
+each runs alone and in any order:
 1. the training process is SIGKILLed mid-run; `--resume RUN` continues from the last complete
    checkpoint into the same MLflow run, steps continuous;
-2. a byte of the newest checkpoint is flipped (same size): resuming stops with a message naming
+2. the training process is SIGKILLed while it writes a checkpoint: the half-written
+   `.step_N.tmp` folder is never resumed from, `--resume` continues from the checkpoint before
+   it into the same MLflow run and replaces the debris;
+3. a byte of the newest checkpoint is flipped (same size): resuming stops with a message naming
    the file and the earlier checkpoints, nothing is loaded; resuming from the named earlier
    checkpoint then completes;
-3. checkpointing onto a full disk (a 1.2 MB tmpfs): clear error, the previous checkpoint intact;
-4. a corrupt Zarr chunk in the training store: the error names store, part, array and chunk;
-5. a NaN condition injected into one event of the store: the run stops before its first step,
+4. checkpointing onto a full disk (a 1.2 MB tmpfs): clear error, the previous checkpoint intact;
+5. a corrupt Zarr chunk in the training store: the error names store, part, array and chunk;
+6. a NaN condition injected into one event of the store: the run stops before its first step,
    naming store, condition and event.
 
 Timings of each recovery are printed (`-s`) and reported in docs/reliability.md.
@@ -88,11 +92,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root
 
 
-def _mlflow_run(workdir: Path):
+def _mlflow_run(workdir: Path, experiment: str = "resilience"):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/runs/mlflow.db")
-    experiment = client.get_experiment_by_name("resilience")
+    experiment = client.get_experiment_by_name(experiment)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, f"expected one MLflow run across the kill and the resume, found {len(runs)}"
@@ -148,18 +152,69 @@ def test_sigkilled_training_resumes_from_its_last_checkpoint(workdir: Path) -> N
           f"resumed from step {last_step} (lost {lost_steps} steps); resume to step 16 took {resume_s:.1f} s")
 
 
+def test_killed_while_writing_a_checkpoint_resumes_from_the_one_before(workdir: Path) -> None:
+    from uhg.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+
+    run = "tiny-ckpt-kill"
+    ckpts = workdir / "runs" / run / "checkpoints"
+    partial = ckpts / ".step_000008.tmp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([str(BIN / "uhg"), "train", "--local", "--config", "configs/tiny.yaml", "--set",
+                             f"name={run}", "--set", "tracking.experiment=resilience-ckpt-kill"], cwd=workdir,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 800
+        # the step-8 checkpoint has begun: its folder holds a first file, the manifest is not written
+        while not (partial.is_dir() and any(p.is_file() for p in partial.rglob("*"))):
+            assert proc.poll() is None, f"training ended before the kill:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no step-8 checkpoint within 800 s"
+            time.sleep(0.001)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert partial.is_dir() and not (partial / "MANIFEST.json").exists(), "the kill came after the commit"
+    assert not (ckpts / "step_000008").exists()
+    assert [_step(p) for p in list_checkpoints(ckpts)] == [4], "a half-written checkpoint is listed"
+    verify_checkpoint(latest_checkpoint(ckpts))
+
+    done, resume_s = _train(workdir, "--set", f"name={run}", "--set", "tracking.experiment=resilience-ckpt-kill",
+                            "--resume", run)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "to step 16" in done.stdout
+    assert not partial.exists(), "the half-written checkpoint must be replaced"
+    assert [_step(p) for p in list_checkpoints(ckpts)] == [8, 12, 16]
+    for ckpt in list_checkpoints(ckpts):
+        verify_checkpoint(ckpt)
+    client, mlflow_run = _mlflow_run(workdir, "resilience-ckpt-kill")
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["resumed_from"].endswith("step_000004")
+    steps = sorted({m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss_generator")})
+    assert steps == list(range(1, 17))
+    print(f"\n[resilience] SIGKILL while writing the step-8 checkpoint; resumed from step 4 to 16 in {resume_s:.1f} s")
+
+
 def test_corrupt_checkpoint_is_never_loaded_and_the_earlier_one_resumes(workdir: Path) -> None:
     from uhg.errors import CheckpointError
     from uhg.train.checkpoint import list_checkpoints, verify_checkpoint
 
-    ckpts = workdir / "runs" / RUN / "checkpoints"
+    run = "tiny-corrupt-ckpt"
+    done, _ = _train(workdir, "--no-tracking", "--set", f"name={run}")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    ckpts = workdir / "runs" / run / "checkpoints"
+    assert [_step(p) for p in list_checkpoints(ckpts)] == [8, 12, 16]
     newest, previous = list_checkpoints(ckpts)[-1], list_checkpoints(ckpts)[-2]
     weights = newest / "generator" / "state" / "mp_rank_00_model_states.pt"
     data = bytearray(weights.read_bytes())
     data[int(len(data) * 0.6)] ^= 0xFF  # inside the tensor data: torch.load would not notice
     weights.write_bytes(bytes(data))
 
-    done, _ = _train(workdir, "--resume", RUN, "--set", "train.steps=18")
+    done, _ = _train(workdir, "--no-tracking", "--set", f"name={run}", "--resume", run, "--set", "train.steps=18")
     assert done.returncode == 2, (done.stdout + done.stderr)[-4000:]
     assert "Traceback" not in done.stderr
     message = " ".join(done.stderr.split())
@@ -180,7 +235,8 @@ def test_corrupt_checkpoint_is_never_loaded_and_the_earlier_one_resumes(workdir:
         verify_checkpoint(damaged / previous.name)
     shutil.rmtree(damaged)
 
-    done, recover_s = _train(workdir, "--resume", str(previous), "--set", "train.steps=18")
+    done, recover_s = _train(workdir, "--no-tracking", "--set", f"name={run}", "--resume", str(previous),
+                             "--set", "train.steps=18")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "to step 18" in done.stdout
     assert [_step(p) for p in list_checkpoints(ckpts)][-2:] == [16, 18]

@@ -171,25 +171,28 @@ def test_check_name_rules() -> None:
         check_name("lumi-nosity", "c", identifier=True)
 
 
-def test_services_bind_to_loopback_with_an_explicit_auth_mode() -> None:
-    """What uhg starts itself: the local head script (dashboard/job API on 127.0.0.1, auth
-    mode exported for head and clients), Ray started by the launchers without a dashboard, and
-    the MLflow UI commands uhg prints bound to 127.0.0.1."""
+def test_services_bind_to_loopback_with_token_auth_by_default() -> None:
+    """What uhg starts itself: the local head script (dashboard/job API on 127.0.0.1, token
+    auth unless RAY_AUTH_MODE says otherwise), Ray started by the launchers without a dashboard
+    and with Ray's token-auth default left on, and the MLflow UI commands uhg prints bound to
+    127.0.0.1. (At run time: tests/test_ray_auth.py.)"""
     script = (ROOT / "cluster" / "local.sh").read_text()
     assert "--dashboard-host 127.0.0.1" in script
-    assert 'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-' in script
+    assert 'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"' in script
+    assert 'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"' in (ROOT / "tools" / "env.sh").read_text()
     assert "--host 127.0.0.1" in script  # the mlflow ui command it prints
-    for module in ("uhg/train/ray_launch.py", "uhg/generate/ray_pool.py"):
-        text = (ROOT / module).read_text()
-        assert "include_dashboard=False" in text, module
-    assert 'os.environ.setdefault("RAY_AUTH_MODE"' in (ROOT / "uhg/train/ray_launch.py").read_text()
+    connect = (ROOT / "uhg/ray_connect.py").read_text()  # how uhg train / generate / overlay start Ray
+    assert "include_dashboard=False" in connect
+    for module in ROOT.joinpath("uhg").rglob("*.py"):
+        text = module.read_text()
+        assert '"RAY_AUTH_MODE", "disabled"' not in text and "RAY_AUTH_MODE='disabled'" not in text, module
     demo = (ROOT / "uhg/cli/demo.py").read_text()
     assert "mlflow ui" not in demo or "--host 127.0.0.1" in demo
 
 
 def test_numpy_inputs_are_read_without_pickle(tmp_path: Path) -> None:
     """Condition files for `uhg generate --conditions` are .npz: object arrays (pickles) are refused."""
-    from uhg.generate.distributed import load_conditions
+    from uhg.generate.conditions import load_conditions
 
     marker = tmp_path / "PWNED"
     path = tmp_path / "conditions.npz"

@@ -8,7 +8,7 @@ import pytest
 import typer
 
 from uhg.cli.sim_calo import calo_command
-from uhg.data.store import open_store
+from uhg.data.reader import open_store
 from uhg.errors import ConditionError, ConfigError, GeometryError, UhgError
 from uhg.geometry import get_geometry
 from uhg.sim.calo import simulate_calo_showers

@@ -8,7 +8,7 @@ import pytest
 
 from uhg.cli import main
 from uhg.cli.sim import L_CAL as CLI_L_CAL
-from uhg.data.store import open_store
+from uhg.data.reader import open_store
 from uhg.geometry import get_geometry
 from uhg.sim import L_CAL, simulate_pxd_background, simulate_pxd_signal
 from uhg.sim.pxd_machine import currents_for_luminosity

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from uhg.cli import main
-from uhg.data.store import open_store
+from uhg.data.reader import open_store
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.sim.pxd_background import simulate_pxd_background

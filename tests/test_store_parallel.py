@@ -55,7 +55,7 @@ def test_worker_error_reaches_the_parent(tmp_path):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    import uhg.data.store as store
+    import uhg.data.writer as store
     from test_store import pixel_events
     write_array = store._write_array
     def slow_write(group, name, *args, **kw):

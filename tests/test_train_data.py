@@ -147,6 +147,7 @@ def test_every_rank_leaves_out_the_same_parts(intact: Path, tmp_path: Path) -> N
     assert results[0]["event_ids"] == [*range(0, 12), *range(24, 36)]
 
 
+@pytest.mark.slow  # a 4-step run with MLflow: 25-74 s on the shared 2-core machine
 def test_local_run_skips_the_corrupt_part_and_counts_it_in_mlflow(intact: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture) -> None:

@@ -66,11 +66,13 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("laws", [{}, {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4}],
-                         ids=["end-token", "count-law"])
+@pytest.mark.parametrize("laws", [{}, {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4},
+                                  {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4,
+                                   "token": "cluster", "cluster_shapes": 64, "cluster_max_pixels": 8}],
+                         ids=["end-token", "count-law", "cluster-tokens"])
 def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main
-    from uhg.data.store import open_store
+    from uhg.data.reader import open_store
     from uhg.models.generator import Generator
     from uhg.train.loop import train
 
@@ -86,6 +88,8 @@ def test_train_export_generate(tmp_path, monkeypatch, laws):
     assert sidecar["family"] == "transformer" and sidecar["model"]["max_hits"] == 256
 
     gen = Generator.load(result.export)
+    if laws.get("token") == "cluster":  # the shape vocabulary fitted to the training clusters travels in the export
+        assert gen.module.clusters and int((gen.module.shape_size > 0).sum()) > 4
     lum = {"luminosity": np.full(6, 1.6e36)}  # twice the highest training luminosity
     a = gen.generate(lum, seed=5, batch_size=6)
     b = gen.generate(lum, seed=5, batch_size=4)

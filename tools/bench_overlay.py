@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 
-
 def export_untrained_gan(out: Path, config: Path, seed: int = 0) -> Path:
     """The config's GAN, conditioned on luminosity, freshly initialised, in the export format."""
     import torch
@@ -63,7 +62,7 @@ def _signal_events(geometry_name: str, start: int, stop: int):
 
 def make_signal(path: Path, geometry: str, n_events: int) -> Path:
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
 
     create_store(path, "pixel", geometry, n_events, 1, overwrite=True,
                  conditions={"n_tracks": {"min": 0, "max": 100, "unit": "tracks"}})

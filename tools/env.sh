@@ -3,8 +3,10 @@
 # (the first build of the comm op takes ~45 s; later runs reuse it).
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"; fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/uhg/torch_extensions}"
-# Ray: the same explicit auth mode for client and server, no usage reporting.
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# Ray: token authentication for every head and client (Ray's ports listen beyond loopback;
+# the token is ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN), no usage reporting.
+# RAY_AUTH_MODE=disabled opts out, for head and clients alike.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_USAGE_STATS_ENABLED=0
 export PYTHONUNBUFFERED=1
 

@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Order is the order of `uhg --help`.
-COMMAND_MODULES: list[str] = ["demo", "sim", "data", "train", "generate", "overlay", "eval"]
+COMMAND_MODULES: list[str] = ["demo", "sim", "data", "train", "generate", "overlay", "eval", "configs"]
 for _name in COMMAND_MODULES:
     importlib.import_module(f"uhg.cli.{_name}").register(app)
 

@@ -27,17 +27,7 @@ import typer
 LUMI_MIN, LUMI_MAX = 2.0e35, 8.0e35
 LUMI_ZERO_SHOT = 2 * LUMI_MAX
 GEOMETRY = "pxd-mini"
-
-
-def _configs_dir() -> Path:
-    """configs/ of the source tree (editable installs and the repository checkout)."""
-    here = Path(__file__).resolve().parents[2] / "configs"
-    if here.is_dir():
-        return here
-    cwd = Path.cwd() / "configs"
-    if cwd.is_dir():
-        return cwd
-    raise typer.BadParameter("cannot find the configs/ folder: run `uhg demo` from the uhg repository")
+EXPERIMENT = "uhg-pxd"  # MLflow experiment of both demo runs
 
 
 def _run(argv: list[str], title: str, done: bool = False) -> None:
@@ -58,7 +48,7 @@ def _run(argv: list[str], title: str, done: bool = False) -> None:
 def _store_complete(path: Path) -> bool:
     if not path.exists():
         return False
-    from uhg.data.store import missing_parts
+    from uhg.data.layout import missing_parts
 
     try:
         return not missing_parts(path)
@@ -75,13 +65,12 @@ def demo_command(
     """Run the main job end to end on CPU: simulate, train a GAN and a transformer with Ray +
     DeepSpeed + MLflow, generate in range and zero-shot, evaluate, overlay."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = out.resolve()
     data, runs, reports = out / "data", out / "runs", out / "reports"
-    tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+    # MLFLOW_TRACKING_URI overrides (a shared server, say); else a sqlite store beside the outputs
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    configs = _configs_dir()
     t_start = time.perf_counter()
 
     train_store = data / "pxd_mini_train.zarr"
@@ -104,9 +93,10 @@ def demo_command(
     for family in ("gan", "transformer"):
         run_dir = runs / family
         export = run_dir / family / "export"
-        argv = ["train", "--config", str(configs / f"pxd_{family}_mini.yaml"), "--run-name", family,
+        argv = ["train", "--config", f"pxd_{family}_mini", "--run-name", family,  # shipped with uhg
                 "--set", f"data.store={train_store}", "--set", f"output_dir={run_dir}",
                 "--set", f"distributed.workers={workers}", "--set", f"tracking.tracking_uri={tracking_uri}",
+                "--set", "tracking.enabled=true", "--set", f"tracking.experiment={EXPERIMENT}",
                 "--set", f"tracking.registered_model_name=uhg-demo-pxd-{family}", "--set", "tracking.alias=demo"]
         if steps is not None:
             argv += ["--set", f"train.steps={steps}"]
@@ -137,8 +127,15 @@ def demo_command(
                    f"{reports / (family + '_2x') / 'report.html'}")
     for family, export in exports.items():  # the runs' own evaluation on their held-out split (evaluate.final)
         typer.echo(f"  run report:    {export.parent / 'eval' / 'report.html'}  (held-out {family} events; also in MLflow)")
-    typer.echo("  MLflow UI:     mlflow ui --backend-store-uri " + tracking_uri
-               + f" --host 127.0.0.1 --port 5000   (then open http://127.0.0.1:5000)")
+    typer.echo(f"  MLflow:        {tracking_uri}: experiment {EXPERIMENT} (runs gan and transformer), "
+               "models uhg-demo-pxd-gan and uhg-demo-pxd-transformer")
+    from mlflow import MlflowClient
+
+    from uhg.tracking.store import ui_hint
+
+    experiment = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        typer.echo(f"  MLflow UI:     {ui_hint(tracking_uri, experiment.experiment_id)}")
 
 
 def register(app: typer.Typer) -> None:

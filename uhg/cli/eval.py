@@ -114,7 +114,7 @@ def _print_summary(report, out: Path) -> None:
 
 @eval_app.command("extrapolate")
 def extrapolate_command(
-    config: Annotated[Path, typer.Option(help="protocol YAML, e.g. configs/extrapolate_pxd_luminosity.yaml")],
+    config: Annotated[Path, typer.Option(help="protocol YAML, or a shipped name such as extrapolate_pxd_luminosity")],
     out: Annotated[Path | None, typer.Option(help="output directory (overrides the config's `out`)")] = None,
     mlflow_run: Annotated[str | None, typer.Option(help="MLflow run id to log the tables and plots into")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,

@@ -32,45 +32,9 @@ def ray_options(distributed: bool, workers: int | None, gpus_per_worker: float, 
                       gpus_per_worker=gpus_per_worker, address=address)
 
 
-def enter_uhg_root() -> None:
-    """Under `ray job submit` the command runs in Ray's temporary copy of the working dir;
-    with UHG_ROOT set (cluster/local.sh prints how), relative paths resolve there instead."""
-    import os
-
-    root = os.environ.get("UHG_ROOT")
-    if root:
-        if not Path(root).expanduser().is_dir():
-            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
-        os.chdir(Path(root).expanduser())
-
-
-def generate_distributed(model: str, events: int, out: Path, *, luminosity: float | None, energy_min: float | None,
-                         energy_max: float | None, conditions_file: Path | None, seed: int, batch_size: int,
-                         part_size: int | None, distributed: bool, workers: int | None, gpus_per_worker: float,
-                         cpus_per_worker: int, ray_address: str | None, device: str) -> None:
-    """`uhg generate` through the part-wise writer (resumable; on Ray with --distributed)."""
-    import tempfile
-
-    from uhg.generate.distributed import cli_conditions, default_part_size, describe_model, run_generate
-
-    enter_uhg_root()
-    options = ray_options(distributed, workers, gpus_per_worker, cpus_per_worker, ray_address)
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if part_size is not None and part_size < 1:
-        raise ConfigError(f"--part-size must be >= 1, got {part_size}")
-    with tempfile.TemporaryDirectory(prefix="uhg-model-") as cache:  # MLflow downloads live for the run only
-        info = describe_model(model, cache_dir=cache)
-        conditions = cli_conditions(info, events, seed, conditions_file=conditions_file, luminosity=luminosity,
-                                    energy_min=energy_min, energy_max=energy_max)
-        run_generate(info, out, events, conditions, ray_options=options, device=device, seed=seed,
-                     batch_size=batch_size, part_size=part_size or default_part_size(events, batch_size))
-    typer.echo(f"generated store: {out.resolve()}")
-
-
 def scalar_conditions(luminosity: float | None, conditions_file: Path | None) -> dict[str, float]:
     """Fixed generator conditions from --luminosity and a JSON/YAML file {name: value}."""
-    from uhg.generate.distributed import load_conditions
+    from uhg.generate.conditions import load_conditions
 
     conditions: dict[str, float] = {}
     if conditions_file is not None:
@@ -126,6 +90,8 @@ def overlay_command(
         raise ConfigError(f"--part-size must be >= 1, got {part_size}")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    from uhg.ray_connect import enter_uhg_root
+
     enter_uhg_root()
     options = ray_options(distributed, workers, gpus_per_worker, cpus_per_worker, ray_address)
     plan_args = {"seed": seed, "part_size": part_size, "batch_size": batch_size, "overwrite": overwrite}

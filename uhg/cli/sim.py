@@ -89,9 +89,10 @@ def pxd_command(
     part_size: Annotated[int, typer.Option(help="events per store part")] = 100,
 ) -> None:
     """Simulate beam-induced PXD background (two-photon, radiative Bhabha, Touschek, beam-gas, SR)."""
+    from uhg.data.hits import CONDITION_UNITS
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
-    from uhg.sim.pxd_machine import CONDITION_UNITS, check_conditions, load_scenario
+    from uhg.data.writer import create_store
+    from uhg.sim.pxd_machine import check_conditions, load_scenario
 
     geom = _pixel_geometry(geometry)
     _check_run(events, workers, part_size)
@@ -134,7 +135,7 @@ def signal_command(
 ) -> None:
     """Simulate PXD signal: charged tracks from the interaction point crossing both layers."""
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
 
     geom = _pixel_geometry(geometry)
     _check_run(events, workers, part_size)

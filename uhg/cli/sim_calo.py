@@ -42,8 +42,9 @@ def calo_command(
     part_size: Annotated[int, typer.Option(help="events per store part; 0 = 1000 (50 for digital pixel readouts)")] = 0,
 ) -> None:
     """Simulate electromagnetic showers (GFlash parameterisation) and write a calorimeter store."""
+    from uhg.data.hits import CONDITION_UNITS
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
     from uhg.geometry import get_geometry
 
     geom = get_geometry(geometry)
@@ -68,7 +69,7 @@ def calo_command(
 
     create_store(
         out, "calo", geom.name, events, part_size,
-        conditions={"incident_energy": {"min": energy_min, "max": energy_max, "unit": "MeV"}},
+        conditions={"incident_energy": {"min": energy_min, "max": energy_max, "unit": CONDITION_UNITS["incident_energy"]}},
         attributes={
             "simulator": "uhg.sim.calo.simulate_calo_showers",
             "model": "GFlash EM shower parameterisation (Grindhammer-Peters), see docs/calorimeter.md",

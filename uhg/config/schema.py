@@ -2,7 +2,8 @@
 
 Every YAML in configs/ is validated against it; unknown keys and wrong types are errors
 (`uhg.config.load_config` turns them into a ConfigError naming the file and the dotted key).
-Relative paths are relative to the working directory the command runs in.
+Relative paths written in a config file are relative to that file's folder (shipped configs: data
+and output paths relative to the working directory); see `uhg.config.shipped`.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class TrainConfig(Section):
         0.0, ge=0, description="Global gradient-norm clip per engine, 0 = off (set explicitly: DeepSpeed's own default is 1.0)."
     )
     deepspeed: Path | None = Field(
-        None, description="DeepSpeed preset YAML (configs/deepspeed/zero*.yaml); batch, precision, stage and "
+        None, description="DeepSpeed preset: a shipped name (zero1, zero2, zero3) or a YAML file; batch, precision, stage and "
         "clipping are always taken from this section."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available, else cpu.")
@@ -171,7 +172,7 @@ class EvaluateConfig(Section):
     classifier_repeats: int = Field(3, ge=1, description="Repeats of the classifier test.")
     plots: bool = Field(True, description="Write the PNG figures (off: tables and report only).")
     extrapolation: Path | None = Field(
-        None, description="Zero-shot protocol YAML (configs/extrapolate_*.yaml) run with the run's export as `model` "
+        None, description="Zero-shot protocol (a shipped name such as extrapolate_pxd_luminosity, or a YAML file) run with the run's export as `model` "
         "and the run's training range: <output_dir>/extrapolation, MLflow extrapolate/...; null = none."
     )
 

@@ -31,6 +31,25 @@ class TransformerConfig(Section):
         description="Event conditions (log-scaled; the training range of each maps to [-1, 1], "
         "higher values extrapolate linearly in log).",
     )
+    token: Literal["pixel", "cluster"] = Field(
+        "pixel",
+        description="What one token is (PXD). pixel: one fired pixel (row, col, ADC code). cluster: one "
+        "connected group of fired pixels (anchor row, anchor col, shape from a vocabulary built from the "
+        "training store's clusters, cluster-charge class, ADC code of each of its pixels), so clusters "
+        "have the shapes of the data and an event takes ~mean-cluster-size times fewer steps. The count "
+        "law then counts cluster tokens. Calorimeters: pixel only. Exports written before this key "
+        "existed are pixel.",
+    )
+    cluster_shapes: int = Field(
+        512, ge=2,
+        description="token=cluster: shapes in the vocabulary (the most frequent pixel patterns of the "
+        "training clusters; rarer or larger clusters are split into vocabulary shapes).",
+    )
+    cluster_max_pixels: int = Field(16, ge=1, le=64, description="token=cluster: largest shape in the vocabulary, pixels.")
+    cluster_charge_bins: int = Field(
+        32, ge=2,
+        description="token=cluster: classes of the cluster charge (equal in log ADU), drawn before the pixels' codes.",
+    )
     d_model: int = Field(128, gt=0, description="Token width.")
     n_layers: int = Field(4, gt=0, description="Transformer blocks (pre-norm, FiLM-modulated by the sequence context).")
     n_heads: int = Field(4, gt=0, description="Attention heads per block; d_model / n_heads must be a multiple of 4 (2-D rotary).")

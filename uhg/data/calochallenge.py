@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from uhg.data.hits import HitBatch
+from uhg.data.hits import CONDITION_UNITS, HitBatch
 from uhg.errors import GeometryError, StoreError
 
 ENERGY_CONDITION = "incident_energy"
@@ -99,7 +99,7 @@ def import_calochallenge(file: str | os.PathLike, geometry: str, out: str | os.P
     import. Raises GeometryError when the voxel count does not match `geometry`.
     """
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
     from uhg.geometry import get_geometry
 
     file = Path(file)
@@ -113,7 +113,7 @@ def import_calochallenge(file: str | os.PathLike, geometry: str, out: str | os.P
         raise StoreError(f"{file}: dataset 'incident_energies' holds non-finite values")
     lo, hi = (float(energies.min()), float(energies.max())) if n else (0.0, 0.0)
     create_store(out, "calo", geom.name, n, part_size,
-                 conditions={ENERGY_CONDITION: {"min": lo, "max": hi, "unit": "MeV"}},
+                 conditions={ENERGY_CONDITION: {"min": lo, "max": hi, "unit": CONDITION_UNITS[ENERGY_CONDITION]}},
                  attributes={"source": "CaloChallenge HDF5", "source_file": file.name,
                              "showers_dtype": str(showers_dtype), "incident_energies_dtype": str(energies_dtype),
                              "float32_rounding": bool(allow_rounding and showers_dtype != np.float32)},
@@ -133,7 +133,7 @@ def export_calochallenge(store_path: str | os.PathLike, out: str | os.PathLike, 
     import h5py
     from tqdm.auto import tqdm
 
-    from uhg.data.store import open_store
+    from uhg.data.reader import open_store
     from uhg.sparse.dense import dense_batch
 
     store = open_store(store_path)

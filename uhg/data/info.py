@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from uhg.data.store import PARTIAL, PARTS, missing_parts, open_store
+from uhg.data.layout import PARTIAL, PARTS, missing_parts
+from uhg.data.reader import open_store
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from uhg.data.hits import HitBatch
-from uhg.data.store import Store, open_store
+from uhg.data.reader import Store, open_store
 from uhg.errors import ConditionError, ConfigError, GeometryError
 from uhg.sparse.torch_hits import TorchHits
 

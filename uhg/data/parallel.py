@@ -17,7 +17,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from uhg.data.hits import HitBatch
-from uhg.data.store import PARTS, PartExistsError, missing_parts, part_name, part_range, read_attrs, write_part
+from uhg.data.layout import PARTS, missing_parts, part_name, part_range, read_attrs
+from uhg.data.writer import PartExistsError, write_part
 from uhg.errors import StoreError
 
 MakePart = Callable[[int, int], HitBatch]
@@ -69,7 +70,7 @@ def fill_store(path: str | os.PathLike, make_part: MakePart, workers: int = 1, d
             if start_method == "forkserver":
                 # the server imports the writer and make_part's module once; workers fork from it
                 module = getattr(getattr(make_part, "func", make_part), "__module__", None)
-                ctx.set_forkserver_preload(["uhg.data.store"] + ([module] if module and module != "__main__" else []))
+                ctx.set_forkserver_preload(["uhg.data.writer"] + ([module] if module and module != "__main__" else []))
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
                 pending = {pool.submit(_produce, str(path), part, start, stop, make_part) for part, start, stop in todo}
                 try:

@@ -1,4 +1,4 @@
-"""Reading a uhg store: `open_store(path) -> Store` (layout in `uhg.data.store`).
+"""Reading a uhg store: `open_store(path) -> Store` (layout in `uhg.data.layout`; writing in `uhg.data.writer`).
 
 A `Store` keeps the root attributes and the list of committed parts; event data is read one
 whole part at a time (all arrays of a part in one concurrent zarr call) and the last parts
@@ -18,10 +18,17 @@ from typing import Any
 import numpy as np
 
 from uhg.data.hits import EXTRA_COLUMNS, HitBatch
-from uhg.data.store import PARTS, _jsonable, _zarr, missing_parts, part_name, part_range, read_attrs
+from uhg.data.layout import (
+    PARTS,
+    jsonable,
+    missing_parts,
+    part_name,
+    part_range,
+    read_attrs,
+    zarr_module,
+)
 from uhg.errors import GeometryError, StoreError
 from uhg.sparse.dense import columns_from_channel, dense_event, n_channels
-
 
 
 def open_store(path: str | os.PathLike, allow_incomplete: bool = False, geometry: Any = None,
@@ -51,7 +58,7 @@ class Store:
         except GeometryError as err:
             raise GeometryError(f"store {self.path}: {err}") from err
         # keys the geometry gained since the store was written are fine; changed ones are not
-        now, then = _jsonable(self.geometry.to_dict()), self.attrs["geometry_spec"]
+        now, then = jsonable(self.geometry.to_dict()), self.attrs["geometry_spec"]
         changed = [k for k in then if k in now and now[k] != then[k]]
         if changed:
             detail = "; ".join(f"{k}: store {str(then[k])[:60]}, now {str(now[k])[:60]}" for k in changed[:3])
@@ -203,7 +210,7 @@ class Store:
                 if not (where / name / "zarr.json").is_file():
                     raise StoreError(f"{label} is missing ({where / name})") from result
                 try:
-                    arr = _zarr().open_array(where / name, mode="r")
+                    arr = zarr_module().open_array(where / name, mode="r")
                 except Exception as err:
                     raise StoreError(f"{label} is unreadable: {err}") from err
                 self._check_chunks(arr, where / name, label)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from uhg.eval import distances
-from uhg.eval.features import Binned, Correlation, FeatureSet, Observable, Profile, weighted_correlation
+from uhg.eval.features import Binned, FeatureSet, Observable, Profile, weighted_correlation
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from uhg.data.hits import HitBatch
+from uhg.data.hits import CONDITION_UNITS, HitBatch
 from uhg.errors import ConditionError, GeometryError, StoreError
 from uhg.eval.classifier import add_classifier_rows
 from uhg.eval.compare import compare
@@ -25,8 +25,6 @@ from uhg.eval.features import FeatureSet
 from uhg.eval.report import Report, write_report
 
 READ_CHUNK_EVENTS = 2000
-CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "beta_y_star": "mm",
-                   "incident_energy": "MeV"}
 
 
 def features_of(batch: HitBatch, geometry) -> FeatureSet:
@@ -199,7 +197,7 @@ def evaluate_stores(reference: str | Path, generated: str | Path, out_dir: str |
                     logger=None) -> Report:
     """Evaluate the generated store against the reference (and the optional second reference
     for the floor); see the module docstring. `logger` is a uhg.tracking RunLogger."""
-    from uhg.data.store import open_store
+    from uhg.data.reader import open_store
 
     stores = {"reference": open_store(reference), "generated": open_store(generated)}
     if reference2 is not None:

@@ -37,12 +37,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from uhg.data.hits import HitBatch
+from uhg.data.hits import CONDITION_UNITS, HitBatch
 from uhg.errors import ConditionError, ConfigError
 from uhg.eval import baselines
 from uhg.eval.classifier import add_classifier_rows
 from uhg.eval.compare import Comparison, MetricRow, compare
-from uhg.eval.evaluate import CONDITION_UNITS, features_of, make_plots
+from uhg.eval.evaluate import features_of, make_plots
 from uhg.eval.features import FeatureSet
 from uhg.eval.report import HEADLINE, finite_or_null, fmt, render_html
 
@@ -127,12 +127,14 @@ def training_seeds_of(cfg: ExtrapolationConfig, generator: Any) -> list[int] | N
 
 
 def load_protocol(path: str | Path) -> ExtrapolationConfig:
-    """Read and validate a protocol YAML; ConfigError names the file and the key."""
+    """Read and validate a protocol YAML (a file or a shipped name); ConfigError names the file
+    and the key."""
     import yaml
 
     from uhg.config.loading import describe_errors
+    from uhg.config.shipped import find_config, is_name, resolve_reference
 
-    path = Path(path)
+    path = find_config(path, "protocol")
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:
@@ -141,6 +143,11 @@ def load_protocol(path: str | Path) -> ExtrapolationConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping (geometry, model, condition, training_range, ...)")
+    machine = raw.get("machine")
+    if isinstance(machine, str | list):  # scenario files resolve from the protocol's folder; names stay names
+        files = [m if not isinstance(m, str) or is_name(m) else str(resolve_reference(m, path.parent, "machine"))
+                 for m in (machine if isinstance(machine, list) else [machine])]
+        raw["machine"] = files if isinstance(machine, list) else files[0]
     try:
         cfg = ExtrapolationConfig.model_validate(raw)
     except ValidationError as err:

@@ -16,51 +16,25 @@ classifier test.
 from __future__ import annotations
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.csgraph import connected_components
 
 from uhg.data.hits import HitBatch
 from uhg.errors import GeometryError
 from uhg.eval.features import Correlation, FeatureSet, Observable, Profile
 from uhg.geometry.pxd import SENSOR_LENGTH_MM, SENSOR_WIDTH_MM, PixelGeometry
+from uhg.sparse.clusters import connected_pixels
 
 N_PHI_BINS = 24
 N_Z_BINS = 16
-# 8-connectivity: each pixel looks at 4 of its 8 neighbours, the other 4 look back at it.
-_NEIGHBOUR_STEPS = ((0, 1), (1, -1), (1, 0), (1, 1))
 
 
 def pixel_clusters(batch: HitBatch, geometry: PixelGeometry) -> tuple[np.ndarray, int]:
     """Connected components (8-connectivity) of fired pixels within each sensor of each event.
 
-    Returns (labels, n_clusters): labels (n_hits,) int64 in 0..n_clusters-1, one per hit.
-    Works on a sorted key per hit and a sparse adjacency graph, so an event costs
-    O(n_hits log n_hits) whatever the sensor size.
+    Returns (labels, n_clusters): labels (n_hits,) int64 in 0..n_clusters-1, one per hit
+    (`uhg.sparse.clusters.connected_pixels`, O(n_hits log n_hits) whatever the sensor size).
     """
-    n = batch.n_hits
-    if n == 0:
-        return np.zeros(0, np.int64), 0
-    rows, cols = geometry.rows, geometry.cols
-    row = batch.columns["row"].astype(np.int64)
-    col = batch.columns["col"].astype(np.int64)
     image = batch.event_index() * geometry.n_sensors + batch.columns["sensor"].astype(np.int64)
-    key = (image * rows + row) * cols + col
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    src, dst = [], []
-    for dr, dc in _NEIGHBOUR_STEPS:
-        inside = (row + dr < rows) & (col + dc >= 0) & (col + dc < cols)
-        target = key + dr * cols + dc
-        pos = np.searchsorted(sorted_key, target)
-        pos_clipped = np.minimum(pos, n - 1)
-        hit = inside & (pos < n) & (sorted_key[pos_clipped] == target)
-        src.append(np.nonzero(hit)[0])
-        dst.append(order[pos_clipped[hit]])
-    src = np.concatenate(src)
-    dst = np.concatenate(dst)
-    graph = sparse.coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
-    n_clusters, labels = connected_components(graph, directed=False)
-    return labels.astype(np.int64), int(n_clusters)
+    return connected_pixels(image, batch.columns["row"], batch.columns["col"], geometry.rows, geometry.cols)
 
 
 def hit_positions(batch: HitBatch, geometry: PixelGeometry) -> tuple[np.ndarray, np.ndarray]:

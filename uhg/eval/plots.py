@@ -52,7 +52,6 @@ def distribution_figure(samples: dict[str, Observable], title: str = "") -> Figu
     fig = Figure(figsize=(6, 4.8))
     top, bottom = _ratio_axes(fig)
     edges = binning.edges
-    ref_counts = None
     ref_h = None
     ratios = []
     for name, o in samples.items():
@@ -60,7 +59,7 @@ def distribution_figure(samples: dict[str, Observable], title: str = "") -> Figu
         counts = np.histogram(np.clip(o.values, edges[0], np.nextafter(edges[-1], edges[0])), edges)[0]
         top.stairs(h, edges, label=f"{name} ({len(np.unique(o.event))} ev.)", **_style(name))
         if ref_h is None:
-            ref_h, ref_counts = h, counts
+            ref_h = h
             with np.errstate(divide="ignore", invalid="ignore"):
                 rel = 1 / np.sqrt(counts)
             bottom.stairs(1 + np.nan_to_num(rel, nan=0, posinf=0), edges, baseline=1 - np.nan_to_num(rel, nan=0, posinf=0),

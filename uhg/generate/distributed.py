@@ -1,10 +1,11 @@
-"""Distributed batch generation: a generator export (or MLflow model) -> a sparse event store.
+"""Generation into a store: a generator export (or MLflow model) -> a sparse event store.
 
 `run_generate` writes N generated events at given conditions into a store, one part per work
-item, with Ray actors that each hold one loaded generator (`uhg.generate.ray_pool`). Event j
+item, in this process or with Ray actors that each hold one loaded generator
+(`uhg.generate.ray_pool`): `uhg generate` takes this path with and without --distributed. Event j
 draws its randomness from `event_seed(seed, j, "generate")` (inside `Generator.generate`), and
 every part is produced by one `generate` call over exactly its events, so the store is
-byte-identical for 1 or K workers, across reruns and after a resume.
+byte-identical for 0 (in process), 1 or K workers, across reruns and after a resume.
 
 The helpers here (`describe_model`, `open_generator`, `GeneratorSource`) are shared with
 overlays (`uhg.generate.overlay`).
@@ -25,16 +26,8 @@ import numpy as np
 
 from uhg.data.hits import HitBatch
 from uhg.errors import CheckpointError, ConditionError, ConfigError
+from uhg.generate.conditions import condition_specs
 from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
-
-CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "beta_y_star": "mm",
-                   "incident_energy": "MeV"}
-
-
-def condition_specs(conditions: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """Store declaration {name: {min, max, unit}} covering the given per-event values."""
-    return {n: {"min": float(np.min(v)), "max": float(np.max(v)), "unit": CONDITION_UNITS.get(n, "")}
-            for n, v in conditions.items()}
 
 
 def model_id(path: str | os.PathLike) -> str:
@@ -53,7 +46,9 @@ def describe_model(reference: str, cache_dir: str | os.PathLike | None = None) -
     and read its sidecar (`generator.json`; no weights are loaded here). MLflow references are
     downloaded into `cache_dir` (default: a new temporary folder).
 
-    Returns {reference, path, id, geometry (name), conditions (names the generator needs)}.
+    Returns {reference, path, id, geometry (name), conditions (names the generator needs),
+    condition_norm (the training range, see `uhg.generate.conditions.range_warnings`), machine
+    (the PXD machine scenario of the training data as a dict, or None when not recorded)}.
     Raises ConfigError when the reference names nothing, CheckpointError when it is no export.
     """
     from uhg.tracking.models import resolve_model_uri
@@ -65,11 +60,13 @@ def describe_model(reference: str, cache_dir: str | os.PathLike | None = None) -
                               "(export one with `uhg train` or `uhg.train.export.export_generator`)")
     try:
         meta = json.loads(sidecar.read_text())
-        geometry, conditions = str(meta["geometry"]), list(meta["condition_norm"]["names"])
+        geometry, norm = str(meta["geometry"]), dict(meta["condition_norm"])
+        conditions = list(norm["names"])
+        machine = (meta.get("training_data") or {}).get("machine")
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"model {reference!r}: {sidecar} is not a valid generator sidecar ({err})") from err
     return {"reference": str(reference), "path": str(path), "id": model_id(path), "geometry": geometry,
-            "conditions": conditions}
+            "conditions": conditions, "condition_norm": norm, "machine": machine}
 
 
 def open_generator(path: str | os.PathLike, device: str = "cpu"):
@@ -96,43 +93,6 @@ class GeneratorSource:
             return self.generator.generate(conds, seed=self.seed, first_event=start, batch_size=self.batch_size)
 
 
-def load_conditions(path: str | os.PathLike, n_events: int) -> dict[str, np.ndarray]:
-    """Per-event conditions from a file: JSON/YAML {name: value or list of n_events values}
-    or NPZ {name: (n_events,) array}. Returns {name: (n_events,) float64}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"conditions file {path} does not exist")
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                raw: dict[str, Any] = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as err:  # ValueError: object arrays, i.e. pickles, are refused
-            raise ConfigError(f"conditions file {path}: not a plain numeric .npz ({err})") from None
-    elif path.suffix in (".json", ".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
-        if not isinstance(raw, dict):
-            raise ConfigError(f"conditions file {path}: expected a mapping name -> value(s), got {type(raw).__name__}")
-    else:
-        raise ConfigError(f"conditions file {path}: expected .json, .yaml or .npz")
-    out = {}
-    for name, values in raw.items():
-        try:
-            arr = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ConditionError(f"conditions file {path}: {name!r} is not numeric") from err
-        if arr.ndim == 0:
-            arr = np.full(n_events, float(arr))
-        if arr.shape != (n_events,):
-            raise ConditionError(f"conditions file {path}: {name!r} has shape {arr.shape}; expected a scalar "
-                                 f"or ({n_events},) for {n_events} events")
-        if not np.all(np.isfinite(arr)):
-            raise ConditionError(f"conditions file {path}: {name!r} has non-finite values")
-        out[str(name)] = arr
-    return out
-
-
 @dataclass
 class GenerateJob:
     """One generation run, as sent to every worker: events of part p are generated by one
@@ -145,13 +105,14 @@ class GenerateJob:
     batch_size: int = 16
 
     def open(self, device: str) -> None:
-        from uhg.data.store import read_attrs
+        from uhg.data.layout import read_attrs
 
         self._attrs = read_attrs(self.out)
         self._source = GeneratorSource(open_generator(self.model_path, device), {}, self.seed, self.batch_size)
 
     def write_part(self, part: int) -> PartResult:
-        from uhg.data.store import part_range, write_part
+        from uhg.data.layout import part_range
+        from uhg.data.writer import write_part
 
         start, stop = part_range(self._attrs, part)
         t0 = time.perf_counter()
@@ -167,7 +128,8 @@ def plan_generate(model: str | dict[str, Any], out: str | os.PathLike, n_events:
                   overwrite: bool = False) -> tuple[GenerateJob, list[int], dict[int, int]]:
     """Check the model and conditions, create (or reopen, to resume) the store. Returns the
     job, the parts still to write and the events of every part."""
-    from uhg.data.store import create_store, missing_parts, part_range, read_attrs
+    from uhg.data.layout import missing_parts, part_range, read_attrs
+    from uhg.data.writer import create_store
 
     if n_events < 1:
         raise ConfigError(f"--events must be at least 1, got {n_events}")
@@ -204,34 +166,6 @@ def run_generate(model: str | dict[str, Any], out: str | os.PathLike, n_events: 
         info = model if isinstance(model, dict) else describe_model(model, cache_dir=cache)
         job, parts, sizes = plan_generate(info, out, n_events, conditions, **plan_args)
         return run_parts(job, parts, sizes, ray_options=ray_options, description="generate", device=device)
-
-
-def cli_conditions(info: dict[str, Any], n_events: int, seed: int, *, conditions_file: str | os.PathLike | None = None,
-                   luminosity: float | None = None, energy_min: float | None = None,
-                   energy_max: float | None = None) -> dict[str, np.ndarray]:
-    """Per-event conditions for `uhg generate --distributed` with the model described by
-    `info` (`describe_model`): from a file (JSON/YAML/NPZ, see
-    `load_conditions`; beam currents the model needs are derived from the luminosity), else
-    exactly those `uhg generate` uses in one process (`uhg.generate.single.event_conditions`),
-    so both paths write the same events."""
-    from types import SimpleNamespace
-
-    from uhg.generate.single import event_conditions
-    from uhg.geometry import get_geometry
-
-    if conditions_file is not None:
-        if luminosity is not None or energy_min is not None or energy_max is not None:
-            raise ConfigError("--conditions FILE replaces --luminosity / --energy-min / --energy-max; give one or the other")
-        conds = load_conditions(conditions_file, n_events)
-        wanted = [n for n in ("her_current", "ler_current", "beta_y_star") if n in info["conditions"] and n not in conds]
-        if wanted and "luminosity" in conds:
-            from uhg.sim.pxd_machine import load_scenario
-
-            machine = load_scenario().conditions(conds["luminosity"])
-            conds |= {k: np.asarray(machine[k], np.float64) for k in wanted}
-        return conds
-    shape = SimpleNamespace(condition_names=info["conditions"], kind=get_geometry(info["geometry"]).kind)
-    return event_conditions(shape, 0, n_events, seed, luminosity, energy_min, energy_max)
 
 
 def default_part_size(n_events: int, batch_size: int) -> int:

@@ -26,12 +26,8 @@ import numpy as np
 
 from uhg.data.hits import COLUMNS, ORIGIN_BACKGROUND, ORIGIN_BOTH, ORIGIN_SIGNAL, HitBatch
 from uhg.errors import ConditionError, ConfigError, GeometryError, StoreError
-from uhg.generate.distributed import (
-    GeneratorSource,
-    condition_specs,
-    describe_model,
-    open_generator,
-)
+from uhg.generate.conditions import condition_specs, with_beam_currents
+from uhg.generate.distributed import GeneratorSource, describe_model, open_generator
 from uhg.generate.ray_pool import PartResult, RayOptions, RunReport, run_parts
 
 ORIGIN_FLAGS = {str(ORIGIN_SIGNAL): "signal", str(ORIGIN_BACKGROUND): "background", str(ORIGIN_BOTH): "both"}
@@ -47,18 +43,6 @@ def default_batch_size(n_channels: int) -> int:
     return max(1, min(16, DENSE_CHANNELS_PER_PASS // n_channels))
 
 
-def machine_conditions(given: dict[str, float], needed: list[str]) -> dict[str, float]:
-    """Add the beam currents and beta_y* a generator needs but the user did not give, from the
-    luminosity and the design machine scenario (`uhg.sim.pxd_machine`)."""
-    wanted = [n for n in ("her_current", "ler_current", "beta_y_star") if n in needed and n not in given]
-    if wanted and "luminosity" in given:
-        from uhg.sim.pxd_machine import load_scenario
-
-        machine = load_scenario().conditions(given["luminosity"])
-        given |= {k: float(machine[k]) for k in wanted}
-    return given
-
-
 def pixel_columns_only(batch: HitBatch) -> HitBatch:
     """The batch without optional extra columns (an overlay of an overlay starts afresh)."""
     if not batch.extra_columns:
@@ -70,7 +54,7 @@ class StoreBackground:
     """Background event j = event `j mod len(store)` of a background store."""
 
     def __init__(self, path: str) -> None:
-        from uhg.data.store import open_store
+        from uhg.data.reader import open_store
 
         self.store = open_store(path)
         if len(self.store) == 0:
@@ -105,7 +89,8 @@ class OverlayJob:
     batch_size: int = 16
 
     def open(self, device: str) -> None:
-        from uhg.data.store import open_store, read_attrs
+        from uhg.data.layout import read_attrs
+        from uhg.data.reader import open_store
 
         self._out_attrs = read_attrs(self.out)
         self._signal = open_store(self.signal)
@@ -117,7 +102,8 @@ class OverlayJob:
             self._background = GeneratorSource(generator, self.conditions, self.seed, self.batch_size)
 
     def write_part(self, part: int) -> PartResult:
-        from uhg.data.store import part_range, write_part
+        from uhg.data.layout import part_range
+        from uhg.data.writer import write_part
         from uhg.sparse.overlay import merge_overlay
 
         start, stop = part_range(self._out_attrs, part)
@@ -147,7 +133,9 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
     Raises GeometryError if signal and background/model geometries differ, ConditionError if
     the generator's conditions are missing, StoreError/CheckpointError for bad paths.
     """
-    from uhg.data.store import create_store, missing_parts, open_store, part_range
+    from uhg.data.layout import missing_parts, part_range
+    from uhg.data.reader import open_store
+    from uhg.data.writer import create_store
 
     if (model is None) == (background is None):
         raise ConfigError("give exactly one background source: --model (with conditions) or --background STORE")
@@ -183,7 +171,7 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
         if model_info["geometry"] != geometry.name:
             raise GeometryError(f"model {model!r} generates geometry {model_info['geometry']!r} but signal store "
                                 f"{signal_path} holds {geometry.name!r}; they must match")
-        given = machine_conditions(dict(conditions or {}), model_info["conditions"])
+        given = with_beam_currents(dict(conditions or {}), model_info["conditions"], model_info["machine"])
         missing = [n for n in model_info["conditions"] if n not in given]
         if missing:
             raise ConditionError(f"model {model!r} needs conditions {model_info['conditions']}; missing {missing} "

@@ -2,7 +2,7 @@
 
 A *part job* (`PartJob`) knows how to produce one part of an output store: `open()` loads
 what a worker needs once (a generator, input stores), `write_part(part)` computes the part's
-events and writes them with `uhg.data.store.write_part` (atomic: a part is visible only when
+events and writes them with `uhg.data.writer.write_part` (atomic: a part is visible only when
 complete), returning the number of events and hits. The same job object runs
 
 - in this process (`workers=0`): parts one after another;
@@ -18,7 +18,6 @@ counts; events never pass through it.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -156,32 +155,15 @@ def _run_here(job: PartJob, parts: list[int], progress: Progress, device: str) -
 
 
 def init_ray(options: RayOptions) -> bool:
-    """Join the given cluster, the cluster of a Ray job, or start a private local Ray.
-    Returns True when this call connected (the caller then shuts Ray down), False when Ray
-    was already initialised by the caller."""
-    import ray
+    """Connect as `uhg.ray_connect.connect_ray` does, with a private local Ray sized for the
+    actors. Returns True when this call connected (the caller then shuts Ray down)."""
+    from uhg.ray_connect import connect_ray
 
-    # Token auth is on by default for new clusters in Ray 2.60; client and server must agree,
-    # so say it explicitly (tools/env.sh sets the same).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
-    address = options.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local" never joins a cluster someone else started on this machine. GPUs are
-        # detected, not declared, so asking for more than exist fails here, not in CUDA.
-        ray.init(address="local", num_cpus=options.workers * options.cpus_per_worker,
-                 include_dashboard=False, log_to_driver=True)
-        wanted = options.workers * options.gpus_per_worker
-        found = ray.cluster_resources().get("GPU", 0)
-        if wanted > found:
-            ray.shutdown()
-            raise ConfigError(f"--workers {options.workers} x --gpus-per-worker {options.gpus_per_worker} needs "
-                           f"{wanted:g} GPUs; this machine has {found:g}")
-    return True
+    try:
+        return connect_ray(options.address, num_cpus=options.workers * options.cpus_per_worker,
+                           num_gpus=options.workers * options.gpus_per_worker)
+    except ConfigError as err:
+        raise ConfigError(f"--workers {options.workers} x --gpus-per-worker {options.gpus_per_worker}: {err}") from None
 
 
 class _PartWorker:

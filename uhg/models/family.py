@@ -54,48 +54,27 @@ FamilyFactory = Callable[[Any, Any, ConditionNorm], Any]
 
 
 class FamilyRegistry:
-    """Family name -> factory `(geometry, model_config, condition_norm) -> family`. Targets are
-    factories or "module:attribute" paths, imported on first use so a family's imports stay its
-    own. `uhg.train.family` keeps a second registry of the same names for the training half."""
+    """Family name -> factory `(geometry, model_config, condition_norm) -> family`, given as
+    "module:attribute" paths imported on first use, so a family's imports stay its own.
+    `uhg.train.family` keeps a second registry of the same names for the training half."""
 
     def __init__(self, targets: Mapping[str, str]):
         self._targets: dict[str, str] = dict(targets)
         self._loaded: dict[str, FamilyFactory] = {}
 
-    def register(self, name: str, target: str | FamilyFactory) -> None:
-        """Add a family: `target` is a factory or a "module:attribute" path imported lazily."""
-        if isinstance(target, str):
-            self._targets[name] = target
-        else:
-            self._loaded[name] = target
-
-    def names(self) -> list[str]:
-        return sorted(set(self._targets) | set(self._loaded))
-
     def get(self, name: str) -> FamilyFactory:
-        if name in self._loaded:
-            return self._loaded[name]
-        if name not in self._targets:
-            raise ConfigError(f"model.family: unknown family {name!r}; known: {', '.join(self.names())}")
-        module_name, attr = self._targets[name].split(":")
-        factory = getattr(importlib.import_module(module_name), attr)
-        self._loaded[name] = factory
-        return factory
+        if name not in self._loaded:
+            if name not in self._targets:
+                raise ConfigError(f"model.family: unknown family {name!r}; known: {', '.join(sorted(self._targets))}")
+            module_name, attr = self._targets[name].split(":")
+            self._loaded[name] = getattr(importlib.import_module(module_name), attr)
+        return self._loaded[name]
 
 
 _REGISTRY = FamilyRegistry({
     "gan": "uhg.models.gan_family:GanFamily",
     "transformer": "uhg.models.transformer_family:TransformerFamily",
 })
-
-
-def register_family(name: str, target: str | FamilyFactory) -> None:
-    """Add a family: `target` is a factory or a "module:attribute" path imported lazily."""
-    _REGISTRY.register(name, target)
-
-
-def family_names() -> list[str]:
-    return _REGISTRY.names()
 
 
 def get_family(name: str) -> FamilyFactory:

@@ -48,7 +48,6 @@ class GanFamily:
     def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
         lay, cfg = self.layout, self.cfg
         device = next(module.parameters()).device
-        b = len(seeds)
         gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
         z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
         un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])

@@ -20,6 +20,11 @@ Positions: learned row/col embeddings of each hit plus optional 2-D rotary embed
 (row, col) in attention. No sequence-index position is used: the index of a hit grows with
 multiplicity, which is exactly what must extrapolate beyond the training range.
 
+With `token: cluster` (PXD) a token is a whole pixel cluster: anchor row/col, then its shape
+from a vocabulary learned from the training clusters, its charge class and the ADC code of
+each of its pixels (uhg.models.transformer_clusters); the vocabulary lives in the buffers
+`shape_offsets`/`shape_size`, so exports carry it.
+
 With `multiplicity: count` the END token no longer decides multiplicity: a count law
 (uhg.models.transformer_laws.CountLaw) gives the hits of each sequence, the context carries
 that count and every token input the number of hits still to place, and END is forced right
@@ -36,8 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
+from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
 from uhg.models.transformer_laws import CountLaw, ResponseLaw, count_feature
-from uhg.models.transformer_tokens import TokenBatch, TokenLayout
+from uhg.models.transformer_tokens import TokenBatch, TokenLayout, encode_hits
+from uhg.sparse.torch_hits import TorchHits
 
 PROFILE_BINS = 16  # row-profile bins of the latent encoder's per-unit summary
 BUCKET_SLACK = 1.3  # padded tokens per real token allowed in a length bucket
@@ -126,11 +133,12 @@ class Block(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, film: torch.Tensor | None = None) -> torch.Tensor:
         """x (S, T, d); ctx (S, d); rows/cols (S, T) positions of the input tokens. With a cache,
-        x holds only the new tokens and attends to everything cached before them."""
+        x holds only the new tokens and attends to everything cached before them. film: (S, 4d)
+        `self.film(ctx)` if already computed (generation computes it once per sequence)."""
         S, T, d = x.shape
-        shift1, scale1, shift2, scale2 = self.film(ctx).unsqueeze(1).chunk(4, -1)
+        shift1, scale1, shift2, scale2 = (self.film(ctx) if film is None else film).unsqueeze(1).chunk(4, -1)
         h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = self.qkv(h).view(S, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
@@ -184,7 +192,26 @@ class HitTransformer(nn.Module):
             self.latent_proj = nn.Linear(config.latent_dim, d)
             self.encoder = LatentEncoder(d, n_cond, config.latent_dim)
         self.start = nn.Parameter(torch.zeros(d))
-        self.row_in, self.col_in, self.val_in = nn.Embedding(L.n_rows, d), nn.Embedding(L.n_cols, d), nn.Embedding(L.n_values, d)
+        self.row_in, self.col_in = nn.Embedding(L.n_rows, d), nn.Embedding(L.n_cols, d)
+        self.clusters = config.token == "cluster"
+        if self.clusters:
+            if L.kind != "pixel":
+                raise ValueError("token=cluster needs a pixel geometry")
+            K, P, Q = config.cluster_shapes, config.cluster_max_pixels, config.cluster_charge_bins
+            # The shape table is filled from the training clusters (`set_shapes`); until then only
+            # the single pixel exists. Float buffers: exports and the EMA keep floating-point state.
+            size = torch.zeros(K)
+            size[0] = 1
+            self.register_buffer("shape_offsets", torch.zeros(K, P, 2))
+            self.register_buffer("shape_size", size)
+            self.shape_in, self.charge_in = nn.Embedding(K, d), nn.Embedding(Q, d)
+            self.shape_out, self.charge_out = nn.Embedding(K, d), nn.Embedding(Q, d)
+            self.offset_out = nn.Embedding(P * (2 * P - 1), d)  # (dr, dc) of a pixel in its shape
+            self.shape_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, K))
+            self.charge_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, Q))
+            self._vocab: tuple[bytes, ShapeVocab] | None = None
+        else:
+            self.val_in = nn.Embedding(L.n_values, d)
         rotary = Rotary2D(d // config.n_heads) if config.rotary else None
         self.blocks = nn.ModuleList(Block(d, config.n_heads, config.mlp_ratio, rotary) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
@@ -196,7 +223,9 @@ class HitTransformer(nn.Module):
         self.col_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_cols))
         self.col_out = nn.Embedding(L.n_cols, d)
         self.val_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_values))
-        for emb in (self.row_in, self.col_in, self.val_in, self.row_out, self.col_out, self.unit_emb):
+        values_in = [self.shape_in, self.charge_in] if self.clusters else [self.val_in]
+        values_out = [self.shape_out, self.charge_out, self.offset_out] if self.clusters else []
+        for emb in (self.row_in, self.col_in, *values_in, self.row_out, self.col_out, self.unit_emb, *values_out):
             nn.init.normal_(emb.weight, std=0.02)
         self.counts = None
         if config.multiplicity == "count":
@@ -208,6 +237,33 @@ class HitTransformer(nn.Module):
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
         return [p for m in (self.counts, self.response) if m is not None for p in m.parameters()]
+
+    # ---- tokens ---------------------------------------------------------------------------
+    def tokenize(self, hits: TorchHits) -> TokenBatch:
+        """Teacher-forcing token sequences of a batch (pixel or cluster tokens)."""
+        if self.clusters:
+            return encode_clusters(hits, self.layout, self.shape_vocab(), self.config.cluster_charge_bins)
+        return encode_hits(hits, self.layout)
+
+    def shape_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """token=cluster: (offsets (K, P, 2), sizes (K,)) long, the shape vocabulary."""
+        return self.shape_offsets.round().long(), self.shape_size.round().long()
+
+    def shape_vocab(self) -> ShapeVocab:
+        """The shape table as a `ShapeVocab` (rebuilt when the buffers change)."""
+        off, size = (t.cpu().numpy() for t in self.shape_table())
+        stamp = off.tobytes() + size.tobytes()
+        if self._vocab is None or self._vocab[0] != stamp:
+            self._vocab = (stamp, ShapeVocab(off, size, self.layout.n_cols))
+        return self._vocab[1]
+
+    @torch.no_grad()
+    def set_shapes(self, vocab: ShapeVocab) -> None:
+        """Install a shape vocabulary (same K and P as the config)."""
+        if vocab.offsets.shape != tuple(self.shape_offsets.shape):
+            raise ValueError(f"shape vocabulary {vocab.offsets.shape} does not fit the model's {tuple(self.shape_offsets.shape)}")
+        self.shape_offsets.copy_(torch.as_tensor(vocab.offsets, dtype=self.shape_offsets.dtype))
+        self.shape_size.copy_(torch.as_tensor(vocab.sizes, dtype=self.shape_size.dtype))
 
     def count_context(self, counts: torch.Tensor) -> torch.Tensor:
         """(S, d) context term of sequences with `counts` (S,) hits."""
@@ -241,25 +297,41 @@ class HitTransformer(nn.Module):
         bins = (tokens.rows * PROFILE_BINS // L.n_rows).clamp_(max=PROFILE_BINS - 1)
         prof = torch.zeros(len(tokens.lengths), PROFILE_BINS, device=hit.device).scatter_add_(1, bins, hit.float())
         n = tokens.lengths.float()
-        mean_val = (tokens.values.float() * hit).sum(1) / n.clamp_min(1) / L.n_values
+        if self.clusters:  # the charge class stands for the value
+            v = tokens.values[..., 1].float() / self.config.cluster_charge_bins
+        else:
+            v = tokens.values.float() / L.n_values
+        mean_val = (v * hit).sum(1) / n.clamp_min(1)
         s = torch.cat([torch.log1p(prof), torch.log1p(n)[:, None], mean_val[:, None]], 1)
         return s.view(n_events, L.n_units, -1)
 
     # ---- network ------------------------------------------------------------------------
     def embed(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, first: bool,
               ctx: torch.Tensor) -> torch.Tensor:
-        """Input embeddings (S, T, d) of tokens; if `first`, position 0 is the start token."""
-        x = self.row_in(rows) + self.col_in(cols) + self.val_in(values)
+        """Input embeddings (S, T, d) of tokens; if `first`, position 0 is the start token.
+        values: (S, T) value classes, or (S, T, 2 + P) cluster values (shape, charge class, ...)."""
+        x = self.row_in(rows) + self.col_in(cols)
+        if self.clusters:
+            x = x + self.shape_in(values[..., 0]) + self.charge_in(values[..., 1])
+        else:
+            x = x + self.val_in(values)
         if first:
             x = torch.cat([(self.start + ctx)[:, None], x[:, 1:]], 1)
         return x
 
     def hidden(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-               caches: list[KVCache] | None = None) -> torch.Tensor:
+               caches: list[KVCache] | None = None, films: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Final hidden states (S, T, d). films: `context_films(ctx)` if already computed."""
+        films = films if films is not None else self.context_films(ctx)
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, rows, cols, None if caches is None else caches[i])
-        shift, scale = self.final_film(ctx).unsqueeze(1).chunk(2, -1)
+            x = block(x, ctx, rows, cols, None if caches is None else caches[i], films[i])
+        shift, scale = films[-1].unsqueeze(1).chunk(2, -1)
         return self.norm(x) * (1 + scale) + shift
+
+    def context_films(self, ctx: torch.Tensor) -> list[torch.Tensor]:
+        """FiLM shifts/scales of every block and the final norm for sequence contexts (S, d): they
+        depend on the sequence only, so generation computes them once, not at every step."""
+        return [*(block.film(ctx) for block in self.blocks), self.final_film(ctx)]
 
     def _last_position(self, remaining: torch.Tensor) -> torch.Tensor:
         """(..., 1) last flat grid position the next hit may take so that `remaining` - 1 more
@@ -305,6 +377,46 @@ class HitTransformer(nn.Module):
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return self.val_head(h + self.row_out(row) + self.col_out(col))
 
+    def shape_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """(N, K) logits of the cluster shape at anchor (row, col); shapes that would leave the
+        sensor and unused entries are -inf (all open for END, whose shape is never used)."""
+        off, size = self.shape_table()
+        valid = torch.arange(off.shape[1], device=h.device)[None] < size[:, None]
+        dr, dc = off[..., 0], off[..., 1]
+        max_dr = torch.where(valid, dr, 0).amax(1)
+        min_dc, max_dc = torch.where(valid, dc, 0).amin(1), torch.where(valid, dc, 0).amax(1)
+        r, c = row.unsqueeze(-1), col.unsqueeze(-1)
+        ok = (size > 0) & (r + max_dr < self.layout.n_rows) & (c + min_dc >= 0) & (c + max_dc < self.layout.n_cols)
+        ok = ok | (r == self.layout.n_rows)
+        return self.shape_head(h + self.row_out(row) + self.col_out(col)).masked_fill(~ok, float("-inf"))
+
+    def charge_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        """(N, cluster_charge_bins) logits of the cluster-charge class given the shape."""
+        return self.charge_head(h + self.row_out(row) + self.col_out(col) + self.shape_out(shape))
+
+    def pixel_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor, shape: torch.Tensor,
+                     charge: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """(N, n_values) logits of the ADC code of pixel `slot` of a cluster token (one row per
+        pixel: h, row, col, shape, charge of its token, repeated)."""
+        off = self.shape_table()[0][shape, slot]  # (N, 2)
+        P = self.config.cluster_max_pixels
+        where = off[:, 0] * (2 * P - 1) + off[:, 1] + (P - 1)
+        base = h + self.row_out(row) + self.col_out(col) + self.shape_out(shape) + self.charge_out(charge)
+        return self.val_head(base + self.offset_out(where))
+
+    def cluster_value_nll(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                          target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Summed NLL of the shape, charge class and pixel codes of cluster tokens. target:
+        (N, 2 + P) as `encode_clusters` makes it."""
+        shape, charge, codes = target[:, 0], target[:, 1], target[:, 2:]
+        nll_shape = F.cross_entropy(self.shape_logits(h, row, col), shape, reduction="sum")
+        nll_charge = F.cross_entropy(self.charge_logits(h, row, col, shape), charge, reduction="sum")
+        size = self.shape_table()[1][shape]
+        tok, slot = (torch.arange(codes.shape[1], device=h.device)[None] < size[:, None]).nonzero(as_tuple=True)
+        logits = self.pixel_logits(h[tok], row[tok], col[tok], shape[tok], charge[tok], slot)
+        nll_pixels = F.cross_entropy(logits, codes[tok, slot], reduction="sum")
+        return {"shape": nll_shape, "charge": nll_charge, "pixels": nll_pixels}
+
     # ---- training -----------------------------------------------------------------------
     def loss(self, tokens: TokenBatch, cond: torch.Tensor, sample_latent: bool = True,
              bucket_slack: float = BUCKET_SLACK, log_response: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -315,7 +427,9 @@ class HitTransformer(nn.Module):
         Returns `loss` (the objective: summed NLL of all targets + kl_weight * KL, divided by
         the number of real targets), `nll_row`, `nll_col`, `nll_value` (per hit, nats), `nll`
         (per event, nats; with a count law it includes `nll_count`), `kl` (per event, nats) and,
-        with the laws, `nll_count` and `nll_response` (per event). Padding never enters any of them.
+        with the laws, `nll_count` and `nll_response` (per event). With cluster tokens "hit" means
+        token: `nll_value` is shape + charge class + pixel codes, also given as `nll_shape`,
+        `nll_charge`, `nll_pixels` (per token). Padding never enters any of them.
         """
         B, L = len(cond), self.layout
         unit_ctx = self.unit_context(cond)
@@ -351,7 +465,7 @@ class HitTransformer(nn.Module):
             # Target t is hit t (stored at input slot t+1), END at t = length.
             t_row = torch.where(t == n[:, None], L.n_rows, torch.cat([rows[:, 1:], rows.new_zeros(S, 1)], 1))
             t_col = torch.cat([cols[:, 1:], cols.new_zeros(S, 1)], 1)
-            t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1)], 1)
+            t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1, *vals.shape[2:])], 1)
             remaining = (n[:, None] - t).expand(S, T)  # hits still to place at target t (this one included)
             parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val, remaining)])
         h, pr, pc, t_row, t_col, t_val, rem = (torch.cat(x) for x in zip(*parts, strict=True))
@@ -361,7 +475,12 @@ class HitTransformer(nn.Module):
         h, pr, pc, hr, hc = h[hit], pr[hit], pc[hit], t_row[hit], t_col[hit]
         nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc, None if rem is None else rem[hit]), hc,
                                   reduction="sum")
-        nll_val = F.cross_entropy(self.value_logits(h, hr, hc), t_val[hit], reduction="sum")
+        cluster_nll = {}
+        if self.clusters:
+            cluster_nll = self.cluster_value_nll(h, hr, hc, t_val[hit])
+            nll_val = sum(cluster_nll.values())
+        else:
+            nll_val = F.cross_entropy(self.value_logits(h, hr, hc), t_val[hit], reduction="sum")
         nll = nll_row + nll_col + nll_val
         laws = {}
         if counting:
@@ -375,6 +494,7 @@ class HitTransformer(nn.Module):
         objective = nll + laws.get("nll_response", 0.0)
         objective = objective + (self.config.kl_weight * kl_penalised * B if self.latent_dim else 0.0)
         return {**{k: v.detach() / B for k, v in laws.items()},
+            **{f"nll_{k}": v.detach() / n_hit for k, v in cluster_nll.items()},
             "loss": objective / n_tok,
             "nll": nll.detach() / B,
             "nll_row": nll_row.detach() / n_hit,
@@ -393,15 +513,19 @@ class HitTransformer(nn.Module):
         return self.loss(tokens, cond, sample_latent, log_response=log_response)
 
     # ---- cost ---------------------------------------------------------------------------
-    def flops_per_token(self, context: float, training: bool = True) -> float:
+    def flops_per_token(self, context: float, training: bool = True, pixels_per_token: float = 1.0) -> float:
         """Model FLOPs per token (matmuls only, 2 per multiply-add): weight matmuls of blocks
         and heads plus attention scores and weighted sum over `context` attended keys
         (causal training over length T attends (T+1)/2 on average). Training = 3 x forward
-        (backward costs twice the forward). Per-sequence terms (FiLM, context) are excluded."""
+        (backward costs twice the forward). Per-sequence terms (FiLM, context) are excluded.
+        pixels_per_token: mean pixels of a cluster token (token=cluster)."""
         c, L = self.config, self.layout
         d = c.d_model
         block = 4 * d * d + 2 * c.mlp_ratio * d * d  # qkv + proj + mlp
         heads = d * (L.n_rows + 1) + (d * d + d * L.n_cols) + (d * d + d * L.n_values)
+        if self.clusters:  # shape and charge heads; the value head runs once per pixel of the token
+            heads += (d * d + d * c.cluster_shapes) + (d * d + d * c.cluster_charge_bins)
+            heads += (pixels_per_token - 1) * (d * d + d * L.n_values)
         forward = 2 * (c.n_layers * block + heads) + 4 * c.n_layers * d * context
         return float(3 * forward if training else forward)
 

@@ -38,6 +38,9 @@ class TransformerFamily:
         else:
             self.layout = layout_for_geometry(geometry, cfg.energy_bins, lo, hi)
         self.ema_decay = cfg.ema_decay
+        if cfg.token == "cluster" and self.layout.kind != "pixel":
+            raise ConfigError(f"model.token: cluster makes tokens of pixel clusters; geometry {geometry.name!r} is a "
+                              f"calorimeter (use token: pixel)")
         if cfg.response_model and self.layout.kind == "pixel":
             raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
 

@@ -18,6 +18,9 @@ With a count law the hits of each sequence are drawn first (inverse CDF of its c
 the counter uniforms of step -1: one per sequence, one per event for the shared copula factor,
 keyed as unit n_units), and END comes exactly after them; with a response law each
 shower's E_dep / E_inc is drawn (step -2) and its cell energies are scaled to it.
+
+Cluster tokens draw row (0), col (1), shape (2), charge class (3) and the code of each pixel
+(draw 2 keyed further by 1 + its slot in the shape), all within the one step of the token.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from uhg.data.hits import HitBatch
 from uhg.models.transformer import HitTransformer, KVCache
+from uhg.models.transformer_clusters import decode_clusters
 from uhg.models.transformer_tokens import decode_tokens
 
 log = logging.getLogger("uhg.models.transformer")
@@ -54,16 +58,20 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: int) -> torch.Tensor:
-    """(N,) float64 uniforms in [0, 1) that are a pure function of (key, unit, step, draw).
+def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: int,
+                    sub: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) float64 uniforms in [0, 1) that are a pure function of (key, unit, step, draw[, sub]).
 
     keys: (N,) int64 event seeds (63-bit); units: (N,) int64 sequence unit; step: token index;
-    draw: which of the token's draws (0 row, 1 col, 2 value, 3 value spread).
+    draw: which of the token's draws (0 row, 1 col, 2 value, 3 value spread; clusters: 2 shape,
+    3 charge class); sub: optional (N,) int64 further key (a pixel's slot in a cluster token).
     """
     h = _mix32((keys & _M32) ^ 0x9E3779B9)
     h = _mix32(h ^ ((keys >> 32) & _M32))
     h = _mix32(h ^ (units & _M32))
     h = _mix32(h ^ ((step * 4 + draw) & _M32))
+    if sub is not None:
+        h = _mix32(h ^ (sub & _M32))
     h2 = _mix32(h ^ 0x85EBCA6B)
     return ((h >> 5).double() * 2.0**26 + (h2 >> 6).double()) / 2.0**53  # 27 + 26 random bits
 
@@ -100,6 +108,28 @@ def _padded(index: torch.Tensor) -> torch.Tensor:
     """`index` padded to a multiple of ROW_PAD by repeating its first entry."""
     n = _pad_rows(len(index))
     return torch.cat([index, index[:1].expand(n - len(index))])
+
+
+def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                          keys: torch.Tensor, units: torch.Tensor, step: int, temperature: float,
+                          top_q: float) -> torch.Tensor:
+    """(N, 2 + P) long: shape, charge class and pixel codes of the cluster tokens of one step.
+    Pixel rows are gathered per real pixel of the drawn shapes (not all P slots) and padded to
+    ROW_PAD, so each draw is the same whatever else is in the batch."""
+    shape = sample_top_q(model.shape_logits(h, row, col), counter_uniform(keys, units, step, 2), temperature, top_q)
+    charge = sample_top_q(model.charge_logits(h, row, col, shape), counter_uniform(keys, units, step, 3),
+                          temperature, top_q)
+    P = model.config.cluster_max_pixels
+    codes = torch.zeros(len(shape), P, dtype=torch.long, device=h.device)
+    size = model.shape_table()[1][shape]
+    tok, slot = (torch.arange(P, device=h.device)[None] < size[:, None]).nonzero(as_tuple=True)
+    if len(tok):
+        pad = _padded(torch.arange(len(tok), device=h.device))
+        tp, sp = tok[pad], slot[pad]
+        logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sp)[:len(tok)]
+        u = counter_uniform(keys[tok], units[tok], step, 2, sub=slot + 1)
+        codes[tok, slot] = sample_top_q(logits, u, temperature, top_q)
+    return torch.cat([shape[:, None], charge[:, None], codes], 1)
 
 
 @dataclass
@@ -142,13 +172,18 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         seq_pad = _padded(torch.arange(S, device=dev))
         ctx_all = ctx_all + model.count_context(targets[seq_pad])[:S]
 
+    # FiLM of each sequence's context, once (padded rows, as every product here)
+    films_all = [f[:S] for f in model.context_films(ctx_all[_padded(torch.arange(S, device=dev))])] if S else []
+
     cap = 16
-    out = {k: torch.zeros(S, cap, dtype=torch.long, device=dev) for k in ("rows", "cols", "values")}
+    vshape = (2 + model.config.cluster_max_pixels,) if model.clusters else ()  # cluster values per token
+    out = {k: torch.zeros(S, cap, *(vshape if k == "values" else ()), dtype=torch.long, device=dev)
+           for k in ("rows", "cols", "values")}
     out_u = torch.zeros(S, cap, dtype=torch.float64, device=dev)
     lengths = torch.zeros(S, dtype=torch.long, device=dev)
     prev_r = torch.full((S,), -1, dtype=torch.long, device=dev)
     prev_c = torch.full((S,), -1, dtype=torch.long, device=dev)
-    prev_v = torch.zeros(S, dtype=torch.long, device=dev)
+    prev_v = torch.zeros(S, *vshape, dtype=torch.long, device=dev)
     n_capped = 0
     # slots: the sequence each row of the active batch works on (padded to ROW_PAD rows by
     # repeating a sequence); live: rows whose sequence still runs and is not a repeat.
@@ -163,6 +198,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if not bool(live.any()):
             break
         ctx = ctx_all[slots]
+        films = [f[slots] for f in films_all]
         if caches is not None:
             if t == 0:
                 x = (model.start + ctx)[:, None]
@@ -172,23 +208,26 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                                 prev_v[slots, None], False, ctx)
             if targets is not None:
                 x = x + model.remaining_input(targets[slots, None] - t)
-            h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches)[:, 0]
+            h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches, films)[:, 0]
         else:  # full recomputation of the prefix: start token + hits 0..t-1
             first = torch.zeros_like(slots)[:, None]
             hr = torch.cat([first, out["rows"][slots, :t]], 1)
             hc = torch.cat([first, out["cols"][slots, :t]], 1)
-            hv = torch.cat([first, out["values"][slots, :t]], 1)
+            hv = torch.cat([out["values"].new_zeros(len(slots), 1, *vshape), out["values"][slots, :t]], 1)
             pr = torch.cat([first - 1, hr[:, 1:]], 1)
             pc = torch.cat([first - 1, hc[:, 1:]], 1)
             x = model.embed(hr, hc, hv, True, ctx)
             if targets is not None:
                 x = x + model.remaining_input(targets[slots, None] - torch.arange(t + 1, device=dev)[None])
-            h = model.hidden(x, ctx, pr, pc)[:, -1]
+            h = model.hidden(x, ctx, pr, pc, films=films)[:, -1]
         k, un, pr, pc = keys[slots], units[slots], prev_r[slots], prev_c[slots]
         rem = None if targets is None else targets[slots] - t
         row = sample_top_q(model.row_logits(h, pr, pc, rem), counter_uniform(k, un, t, 0), temperature, top_q)
         col = sample_top_q(model.col_logits(h, row, pr, pc, rem), counter_uniform(k, un, t, 1), temperature, top_q)
-        val = sample_top_q(model.value_logits(h, row, col), counter_uniform(k, un, t, 2), temperature, top_q)
+        if model.clusters:
+            val = sample_cluster_values(model, h, row, col, k, un, t, temperature, top_q)
+        else:
+            val = sample_top_q(model.value_logits(h, row, col), counter_uniform(k, un, t, 2), temperature, top_q)
         li = live.nonzero().squeeze(1)
         seq, row, col, val = slots[li], row[li], col[li], val[li]
         ended = row == L.n_rows
@@ -254,9 +293,12 @@ def sample_events(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int
             hi = min(len(seeds), lo + batch_events)
             g = generate_tokens(model, cond[lo:hi], seeds[lo:hi], temperature=temperature, top_q=top_q,
                                 max_hits=max_hits)
-            part = decode_tokens(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo,
-                                 {k: np.asarray(v, dtype=np.float64)[lo:hi] for k, v in conditions.items()},
-                                 g.value_u)
+            conds = {k: np.asarray(v, dtype=np.float64)[lo:hi] for k, v in conditions.items()}
+            if model.clusters:
+                part = decode_clusters(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo, conds,
+                                       *model.shape_table())
+            else:
+                part = decode_tokens(g.rows, g.cols, g.values, g.lengths, model.layout, hi - lo, conds, g.value_u)
             if model.response is not None:
                 part = scale_to_response(part, model, cond[lo:hi], seeds[lo:hi])
             parts.append(part)

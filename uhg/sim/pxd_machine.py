@@ -49,6 +49,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from uhg.data.hits import CONDITION_UNITS as ALL_CONDITION_UNITS
 from uhg.errors import ConditionError, ConfigError
 
 L_CAL = 8.0e35
@@ -64,7 +65,7 @@ PROCESSES = ("two_photon", "rad_bhabha", "touschek", "beam_gas", "synchrotron")
 """Background processes, in the order used by the rate arrays."""
 CONDITIONS = ("luminosity", "her_current", "ler_current", "beta_y_star")
 """Conditions that drive the rates, recorded per event in every background store."""
-CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "beta_y_star": "mm"}
+CONDITION_UNITS = {name: ALL_CONDITION_UNITS[name] for name in CONDITIONS}
 CALIBRATION_VALUES = {"luminosity": L_CAL, "her_current": I_HER_DESIGN, "ler_current": I_LER_DESIGN,
                       "beta_y_star": BETA_Y_DESIGN}
 SHIPPED_SCENARIOS = ("design", "squeeze", "high-vacuum", "luminosity-dominated")

@@ -26,6 +26,12 @@ class RunLogger(Protocol):
     def log_figure(self, figure: Any, name: str) -> None:
         """A matplotlib figure saved as PNG artifact `name`."""
 
+    def log_loss_curves(self) -> list[str]:
+        """Plots the run's stored loss histories (all attempts); returns the plotted keys."""
+
+    def register_model(self, export_dir: str | Path, name: str, *, alias: str | None = None) -> str | None:
+        """Logs a generator export and registers it as a new version of model `name`."""
+
 
 class NullLogger:
     """A logger that drops everything (non-zero ranks, tests, tracking switched off)."""
@@ -44,3 +50,9 @@ class NullLogger:
 
     def log_figure(self, figure: Any, name: str) -> None:
         pass
+
+    def log_loss_curves(self) -> list[str]:
+        return []
+
+    def register_model(self, export_dir: str | Path, name: str, *, alias: str | None = None) -> str | None:
+        return None

@@ -54,6 +54,7 @@ class MlflowRunLogger:
     ) -> None:
         self.client = client
         self.run_id = run_id
+        self.experiment_id = client.get_run(run_id).info.experiment_id
         self.tracking_uri = tracking_uri
         self.resumed = resumed
         self._system_metrics = system_metrics
@@ -249,22 +250,25 @@ def open_run(
     return logger
 
 
-def find_run_id(run_name: str, *, experiment: str, tracking_uri: str | None = None) -> str | None:
-    """The MLflow run id of uhg run `run_name` (by tag), or None."""
-    from mlflow import MlflowClient
-
-    uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    return _run_id_by_tag(client, exp.experiment_id, run_name)
-
-
 # -- helpers ----------------------------------------------------------------------------------
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""The experiment tag the MLflow 3 UI reads to choose its view; without it the UI guesses and may
+open the GenAI traces view. uhg experiments train models: "custom_model_development"."""
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _experiment_id(client: MlflowClient, name: str, uri: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created if missing, tagged as model training (a kind a user
+    chose in the UI is kept)."""
+    exp_id = _find_or_create_experiment(client, name, uri, artifact_location)
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(exp_id).tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp_id
+
+
+def _find_or_create_experiment(client: MlflowClient, name: str, uri: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)

@@ -59,3 +59,26 @@ def default_artifact_root(tracking_uri: str) -> Path | None:
     if db is None:
         return None
     return db.parent / ARTIFACT_FOLDER_NAME
+
+
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+"""Query parameter that opens the MLflow 3 UI in its model-training view. MLflow 3.17's UI picks
+GenAI or model training from this parameter (else the browser's last choice, default GenAI), not
+from the experiment's `mlflow.experimentKind` tag, which uhg sets as well."""
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of one run) in the model-training view:
+    on the tracking server itself, or on `mlflow ui` at 127.0.0.1:5000 for a sqlite store."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    page = f"/runs/{run_id}" if run_id else "/runs"
+    return f"{base}/#/experiments/{experiment_id}{page}?{MODEL_TRAINING_VIEW}"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """How to look at it: the `mlflow ui` command for a sqlite store, then the page to open."""
+    url = ui_url(tracking_uri, experiment_id, run_id)
+    if tracking_uri.startswith(_SQLITE_PREFIX):
+        return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000, then open {url}"
+    return f"open {url}"

@@ -53,7 +53,7 @@ def _simulate_part(geometry_name: str, sim: dict, start: int, stop: int) -> HitB
 def simulate_store(path: Path, geometry_name: str, sim: SimulateConfig, progress: bool = True) -> None:
     """Create and fill `path` with the reference simulator (resumes a partial store)."""
     from uhg.data.parallel import fill_store
-    from uhg.data.store import create_store
+    from uhg.data.writer import create_store
     from uhg.geometry import get_geometry
 
     geometry = get_geometry(geometry_name)
@@ -96,7 +96,7 @@ class TrainingData:
     def open(cls, cfg: RunConfig, rank: int = 0, world: int = 1) -> TrainingData:
         """Open the run's stores. Collective when `world` > 1 and data.on_corrupt is skip: every
         rank of the process group must call it."""
-        from uhg.data.store import open_store
+        from uhg.data.reader import open_store
 
         stores = []
         for p in cfg.data.store:
@@ -159,7 +159,7 @@ def _exclude_unreadable_parts(stores: list, rank: int, world: int) -> int:
     """Read every part once (rank r reads parts r, r + world, ... of all stores), share what the
     ranks found and leave the unreadable parts out of every rank's stores. Rank 0 logs each left-out
     part with the reader's error (store, part, array, chunk). Returns the number of events left out."""
-    from uhg.data.store import part_range
+    from uhg.data.layout import part_range
 
     parts = [(k, p) for k, s in enumerate(stores) for p in s.parts]
     found: dict[tuple[int, int], str] = {}

@@ -19,16 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from uhg.config.schema import RunConfig
 from uhg.errors import ConfigError, TrainingError
 from uhg.train.family import ModelFamily
-
-# Keys of a preset that uhg sets itself; a preset must not contradict them.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "torch_autocast")
+from uhg.train.preflight import read_deepspeed_preset
 
 
 def _free_port() -> int:
@@ -96,22 +92,7 @@ def select_device(choice: str, local_rank: int) -> torch.device:
 def deepspeed_config(cfg: RunConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict of one engine."""
     t = cfg.train
-    preset: dict[str, Any] = {}
-    if t.deepspeed is not None:
-        try:
-            preset = yaml.safe_load(Path(t.deepspeed).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"train.deepspeed: cannot read preset {t.deepspeed}: {err}") from None
-        if not isinstance(preset, dict):
-            raise ConfigError(f"train.deepspeed: preset {t.deepspeed} must be a mapping")
-        clash = [k for k in OWNED_KEYS if k in preset]
-        if clash:
-            raise ConfigError(f"train.deepspeed: preset {t.deepspeed} sets {', '.join(clash)}; these come from "
-                              "the train section (batch_size, precision, gradient_clipping, lr)")
-        stage = preset.get("zero_optimization", {}).get("stage")
-        if stage is not None and stage != t.zero_stage:
-            raise ConfigError(f"train.zero_stage is {t.zero_stage} but preset {t.deepspeed} sets "
-                              f"zero_optimization.stage {stage}")
+    preset = read_deepspeed_preset(cfg)
     ds = dict(preset)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = 1
@@ -186,9 +167,3 @@ class PlainEngine:
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
-
-
-def plain_engines(cfg: RunConfig, family: ModelFamily, modules: Mapping[str, nn.Module],
-                  device: torch.device) -> dict[str, PlainEngine]:
-    return {name: PlainEngine(m.to(device), family.build_optimizer(name, m, cfg.train), cfg.train.gradient_clipping)
-            for name, m in modules.items()}

@@ -1,8 +1,11 @@
-"""The evaluation at the end of a run (`evaluate:` section of the config), on rank 0 after the export.
+"""The evaluation at the end of a run (`evaluate:` section of the config), on rank 0 after the
+export, called by `uhg.train.finish.finish_run`.
 
-- held-out (`evaluate.final`): the run's held-out events (the last `data.validation_fraction` of
-  its dataset, at most `evaluate.events`) are the reference; the exported generator makes as many
-  events at their conditions; every metric of `uhg eval`, with the floor from two random halves
+- one held-out sample: the run's held-out events (the last `data.validation_fraction` of its
+  dataset, at most `evaluate.events`) are the reference; the exported generator makes as many
+  events at their conditions (seed cfg.seed + GENERATION_SEED_OFFSET). The physics plots of a
+  tracked run (plots/*.png) and the held-out report are both made from it;
+- held-out (`evaluate.final`): every metric of `uhg eval`, with the floor from two random halves
   of the held-out events, goes to <output_dir>/eval/ (metrics.json, metrics.md, report.html,
   figures) and into the run's MLflow run as `eval/<feature>/<metric>[/floor]` and artifact
   folder `eval/`;
@@ -17,6 +20,7 @@ uhg.eval.extrapolate); this module only chooses the samples and the output folde
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,18 +71,31 @@ def load_extrapolation(cfg: RunConfig):
     return protocol
 
 
-def evaluate_held_out(cfg: RunConfig, export: Path, data: Any, out_dir: Path, *, logger=None, step: int = 0,
-                      device: str = "cpu"):
-    """Held-out events of `data` (uhg.train.data.TrainingData) vs as many events of the export
-    at their conditions; returns the uhg.eval Report (see the module docstring)."""
-    from uhg.eval.evaluate import CONDITION_UNITS, condition_warnings, evaluate_features, features_of, log_report
-    from uhg.models.generator import Generator
-    from uhg.geometry import get_geometry
+@dataclass
+class HeldOutSample:
+    """The end-of-run sample: held-out events of the run's data and as many events of the export
+    at their conditions, with their features. The physics plots and the held-out report both
+    use it, so they describe the same events."""
 
-    e = cfg.evaluate
-    indices = data.validation_indices(e.events)
+    indices: Any
+    """Dataset positions of the reference events."""
+    reference: Any
+    generated: Any
+    """FeatureSets of the reference and the generated events."""
+    training_range: dict[str, tuple[float, float]]
+
+
+def held_out_sample(cfg: RunConfig, export: Path, data: Any, device: str = "cpu") -> HeldOutSample:
+    """The run's held-out events (at most `evaluate.events` of `data`, a uhg.train.data.TrainingData)
+    and as many events of the export at their conditions, drawn from seed cfg.seed +
+    GENERATION_SEED_OFFSET."""
+    from uhg.eval.evaluate import features_of
+    from uhg.geometry import get_geometry
+    from uhg.models.generator import Generator
+
+    indices = data.validation_indices(cfg.evaluate.events)
     if len(indices) == 0:
-        raise ConfigError(f"evaluate.final: the run has no held-out events (data.validation_fraction "
+        raise ConfigError(f"the run has no held-out events to evaluate on (data.validation_fraction "
                           f"{cfg.data.validation_fraction} of {data.n_events})")
     reference = data.events(indices)
     generator = Generator.load(export, device=device)
@@ -86,8 +103,19 @@ def evaluate_held_out(cfg: RunConfig, export: Path, data: Any, out_dir: Path, *,
     generated = generator.generate(dict(reference.conditions), seed=cfg.seed + GENERATION_SEED_OFFSET,
                                    batch_size=cfg.batch_size_for(1))
     geometry = get_geometry(cfg.geometry)
-    ref, gen = features_of(reference, geometry), features_of(generated, geometry)
-    training_range = data.condition_ranges(cfg.model.conditions)
+    return HeldOutSample(indices, features_of(reference, geometry), features_of(generated, geometry),
+                         data.condition_ranges(cfg.model.conditions))
+
+
+def evaluate_held_out(cfg: RunConfig, export: Path, sample: HeldOutSample, out_dir: Path, *, logger=None,
+                      step: int = 0):
+    """Every metric of `uhg eval` on the held-out sample; returns the uhg.eval Report (see the
+    module docstring)."""
+    from uhg.data.hits import CONDITION_UNITS
+    from uhg.eval.evaluate import condition_warnings, evaluate_features, log_report
+
+    e = cfg.evaluate
+    ref, gen, indices = sample.reference, sample.generated, sample.indices
     inputs: dict[str, Any] = {
         "geometry": cfg.geometry,
         "reference": f"held-out events {int(indices[0])}..{int(indices[-1])} of {', '.join(map(str, cfg.data.store))} "
@@ -96,11 +124,11 @@ def evaluate_held_out(cfg: RunConfig, export: Path, data: Any, out_dir: Path, *,
         "floor from": "two random halves of the held-out events",
         "repeats": f"{e.repeats} (classifier: {e.classifier_repeats})",
     }
-    for name, (lo, hi) in training_range.items():
+    for name, (lo, hi) in sample.training_range.items():
         inputs[f"training {name}"] = f"{lo:.4g} .. {hi:.4g} {CONDITION_UNITS.get(name, '')}"
     report = evaluate_features(ref, gen, out_dir, title=f"uhg evaluation of run {cfg.name}: held-out events vs "
                                f"generated", inputs=inputs, warnings=condition_warnings(ref, {"generated": gen},
-                                                                                        training_range),
+                                                                                        sample.training_range),
                                n_repeats=e.repeats, classifier_repeats=e.classifier_repeats, classifier=e.classifier,
                                plots=e.plots, seed=cfg.seed)
     if logger is not None:
@@ -118,27 +146,41 @@ def evaluate_extrapolation(cfg: RunConfig, protocol: Any, export: Path, data: An
 
 
 def evaluate_run(cfg: RunConfig, export: Path, data: Any, *, logger=None, step: int = 0, device: str = "cpu",
-                 protocol: Any = None) -> RunEvaluation:
-    """The end-of-run evaluation the config asks for. A failure is logged as a warning and as tag
-    `uhg.eval_error` and returned in `errors`: the trained model and its checkpoints are saved."""
+                 protocol: Any = None, physics_plots: bool = False) -> RunEvaluation:
+    """The end-of-run evaluation: one held-out sample (when `evaluate.final` or `physics_plots`)
+    for the held-out report and the physics plots (logged to `logger`), then the zero-shot
+    protocol. A failed evaluation is logged as a warning and as tag `uhg.eval_error` and returned
+    in `errors`: the trained model and its checkpoints are saved."""
     result = RunEvaluation()
-    jobs = []
-    if cfg.evaluate.final:
-        jobs.append(("held_out", cfg.run_dir / "eval", lambda out: evaluate_held_out(
-            cfg, export, data, out, logger=logger, step=step, device=device)))
-    if protocol is not None:
-        jobs.append(("extrapolation", cfg.run_dir / "extrapolation", lambda out: evaluate_extrapolation(
-            cfg, protocol, export, data, out, logger=logger)))
-    for name, out, job in jobs:
+
+    def attempt(name: str, job: Callable[[], Any]) -> Any:
+        """job()'s value, or None after a failure (warned, tagged and kept in `errors`)."""
         try:
-            job(out)
+            return job()
         except Exception as err:  # evaluating must never lose a finished training run
             message = f"{name} evaluation failed: {type(err).__name__}: {err}"
             log.warning("%s", message)
             result.errors.append(message)
             if logger is not None:
                 logger.set_tags({"uhg.eval_error": "; ".join(result.errors)[:500]})
-            continue
-        setattr(result, name, out)
-        print(f"[uhg] {name.replace('_', '-')} evaluation: {out / 'report.html'}", flush=True)
+            return None
+
+    sample = None
+    plots = physics_plots and len(data.validation_indices(1)) > 0  # no held-out events: no plots, no error
+    if cfg.evaluate.final or plots:
+        sample = attempt("held_out", lambda: held_out_sample(cfg, export, data, device))
+    if sample is not None and plots and logger is not None:
+        from uhg.tracking.physics_plots import log_physics_plots
+
+        log_physics_plots(logger, sample.reference, sample.generated, cfg.name)
+    if sample is not None and cfg.evaluate.final:
+        out = cfg.run_dir / "eval"
+        if attempt("held_out", lambda: evaluate_held_out(cfg, export, sample, out, logger=logger, step=step)):
+            result.held_out = out
+            print(f"[uhg] held-out evaluation: {out / 'report.html'}", flush=True)
+    if protocol is not None:
+        out = cfg.run_dir / "extrapolation"
+        if attempt("extrapolation", lambda: evaluate_extrapolation(cfg, protocol, export, data, out, logger=logger)):
+            result.extrapolation = out
+            print(f"[uhg] extrapolation evaluation: {out / 'report.html'}", flush=True)
     return result

@@ -27,7 +27,7 @@ from uhg.models.generator import FORMAT, SIDECAR, WEIGHTS
 def _training_data(cfg: RunConfig) -> dict[str, Any]:
     """Stores and simulator seeds of the training data (stores without a seed were not simulated),
     so a zero-shot protocol can refuse a reference that reuses them."""
-    from uhg.data.store import read_attrs
+    from uhg.data.layout import read_attrs
     from uhg.errors import StoreError
 
     seeds: list[int] | None = []

@@ -89,15 +89,6 @@ _REGISTRY = model_family.FamilyRegistry({
 })
 
 
-def register_family(name: str, target: str | FamilyFactory) -> None:
-    """Add a trainable family: a factory or a "module:attribute" path imported lazily."""
-    _REGISTRY.register(name, target)
-
-
-def family_names() -> list[str]:
-    return _REGISTRY.names()
-
-
 def get_family(name: str) -> FamilyFactory:
     """The factory `(geometry, model_config, condition_norm) -> ModelFamily` called `name`."""
     return _REGISTRY.get(name)

@@ -21,11 +21,12 @@ def resolve_resume(resume: str | Path | None) -> Path | None:
 
 
 def run_local(cfg: RunConfig, *, resume: str | Path | None = None, fresh: bool = False,
-              tracking: bool | None = None) -> TrainResult:
+              tracking: bool | None = None, progress: bool = False) -> TrainResult:
     """Train `cfg` in this process (data-parallel when started by torchrun), with MLflow
     tracking on rank 0 when `cfg.tracking.enabled` (or `tracking`) is true. Resumes from
-    `resume`, else from the run's own latest checkpoint unless `fresh`."""
-    hooks = LocalHooks(cfg.run_dir, resolve_resume(resume), fresh=fresh)
+    `resume`, else from the run's own latest checkpoint unless `fresh`. With `progress`, rank 0
+    draws the progress line on stderr."""
+    hooks = LocalHooks(cfg.run_dir, resolve_resume(resume), fresh=fresh, progress=cfg.name if progress else None)
     use_tracking = cfg.tracking.enabled if tracking is None else tracking
     rank = int(os.environ.get("RANK", "0"))
     logger = None
@@ -38,13 +39,11 @@ def run_local(cfg: RunConfig, *, resume: str | Path | None = None, fresh: bool =
                           system_metrics=False)
     status = "FAILED"
     try:
-        result = train(cfg, hooks=hooks, logger=logger)
-        if logger is not None and result.export is not None:
-            logger.log_artifact(result.export, "generator")
-            if cfg.tracking.registered_model_name:
-                logger.register_model(result.export, cfg.tracking.registered_model_name, alias=cfg.tracking.alias)
+        result = train(cfg, hooks=hooks, logger=logger)  # ends with finish_run on rank 0
         status = "FINISHED"
         return result
     finally:
+        if hooks.progress is not None:
+            hooks.progress.close()  # a failed run: the error starts on a line of its own
         if logger is not None:
             logger.close(status)

@@ -3,7 +3,7 @@
 `train(cfg)` runs as a plain process (a world of one), under torchrun (RANK/WORLD_SIZE from
 the environment) and inside Ray Train workers (the process group Ray created is reused).
 Read top to bottom: data -> family -> engines -> resume -> steps (log, validate, checkpoint)
--> export -> evaluation (rank 0, when the config's `evaluate:` section asks for it).
+-> export -> finish (rank 0: tracking and evaluation, `uhg.train.finish.finish_run`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from uhg.errors import TrainingError
 from uhg.models.common import EMA, ConditionNorm
 from uhg.sparse.torch_hits import TorchHits
 from uhg.tracking.logger import NullLogger, RunLogger
+from uhg.train.evaluation import RunEvaluation
 from uhg.train.family import ModelFamily, NonFiniteLoss, build_family
-from uhg.train.evaluation import RunEvaluation, evaluate_run, load_extrapolation
+from uhg.train.finish import finish_run
 from uhg.train.hooks import LocalHooks, TrainHooks
+from uhg.train.preflight import check_run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class TrainResult:
     """Sum of |w| over the final (EMA) generator weights on this rank: equal on every rank of a
     correct data-parallel run."""
     evaluation: RunEvaluation | None = None
-    """End-of-run evaluation outputs (rank 0, when `evaluate.final` or `evaluate.extrapolation` is set)."""
+    """End-of-run evaluation outputs (rank 0; None on other ranks)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -73,7 +75,7 @@ def prepare_data(cfg: RunConfig, rank: int, world: int = 1):
 
     if cfg.data.simulate is not None and rank == 0:
         path = cfg.data.store[0]
-        from uhg.data.store import missing_parts
+        from uhg.data.layout import missing_parts
 
         if not path.exists() or missing_parts(path):
             simulate_store(path, cfg.geometry, cfg.data.simulate)
@@ -125,7 +127,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     hooks = hooks if hooks is not None else LocalHooks(run_dir)
     logger = logger if logger is not None and rank == 0 else NullLogger()
     micro = cfg.batch_size_for(world)
-    protocol = load_extrapolation(cfg)  # a wrong protocol file fails now, not after training
+    protocol = check_run_inputs(cfg)  # a wrong file or setting fails now, not after simulation or training
 
     # data and the family bound to the training range of the conditions
     data = prepare_data(cfg, rank, world)
@@ -146,6 +148,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     if resume is not None:
         state = load_checkpoint(resume, engines, ema.shadow if ema else None, rank, world)
         step, skipped, events_seen = int(state["step"]), int(state["skipped_steps"]), int(state["events_seen"])
+    resumed_step = step if resume is not None else None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(__import__("json").dumps(config_to_dict(cfg), indent=1))
@@ -160,6 +163,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     last_ckpt: Path | None = resume
     window_t0, window_events = time.perf_counter(), 0
     reader = BatchReader(data, rank, world, micro, cfg.seed, t.steps, cfg.data.loader_workers)
+    hooks.on_start(step, t.steps)
     while step < t.steps:
         step += 1
         batch = reader.get(step).to(device)
@@ -217,9 +221,12 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     _barrier()
     fingerprint = float(sum(v.double().abs().sum() for v in gen_state.values()))
     evaluation = None
-    if rank == 0 and export is not None and (cfg.evaluate.final or protocol is not None):
+    if rank == 0 and export is not None:
         # after the barrier: the other ranks are finished, rank 0 needs no collective from here
-        evaluation = evaluate_run(cfg, export, data, logger=logger, step=step, device=str(device), protocol=protocol)
+        hooks.on_phase("evaluating")
+        evaluation = finish_run(cfg, export, data, logger, step=step, resumed_step=resumed_step, device=str(device),
+                                protocol=protocol)
+    hooks.on_phase("done")
     return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint, evaluation)
 
 

@@ -67,6 +67,7 @@ class RayHooks(TrainHooks):
         return self.resumed_from
 
     def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        super().on_step(step, metrics)
         if self._fault is None or self._fault != (self.rank, step):
             return
         marker = self.run_folder / f".fault_injected_rank{self.rank}_step{step}"
@@ -84,6 +85,7 @@ class RayHooks(TrainHooks):
         import ray.train
         from ray.train import Checkpoint
 
+        super().on_checkpoint(ckpt_dir, step, metrics)
         share = self.run_folder / ".upload" / f"step_{step:06d}_rank{self.rank:05d}"
         if share.exists():
             shutil.rmtree(share)

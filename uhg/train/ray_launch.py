@@ -38,7 +38,14 @@ FORWARDED_ENV = (
     "UHG_FAULT_KILL_WORKER",
     "PYTHONUNBUFFERED",
 )
-_REMOTE_STORAGE = re.compile(r"^(s3|gs|gcs|abfss|hdfs)://")
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfss", "hdfs")
+"""URI schemes of object stores and remote filesystems a Ray run may keep its state in."""
+
+
+def is_remote_storage(storage: str) -> bool:
+    """Whether `storage` (a run's storage root or folder) is an object-store / remote URI
+    rather than a local or shared-filesystem path."""
+    return re.match(rf"^({'|'.join(REMOTE_SCHEMES)})://", storage) is not None
 
 
 @dataclass(frozen=True)
@@ -51,26 +58,31 @@ class RayRun:
 
     @property
     def is_remote(self) -> bool:
-        return bool(_REMOTE_STORAGE.match(self.storage))
+        return is_remote_storage(self.storage)
 
     @property
     def folder(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
 
-def enter_uhg_root(config: Path) -> Path:
+def enter_uhg_root(config: Path) -> tuple[Path, Path | None]:
     """Under `ray job submit`, the job runs in Ray's temporary copy of the working dir. With
-    UHG_ROOT set, relative paths of the run (stores, runs/, the sqlite store) resolve there
-    instead; the config file itself is still read from the uploaded copy. Returns the
-    config's absolute path."""
-    config = Path(config).resolve()
-    root = os.environ.get("UHG_ROOT")
-    if root:
-        root_path = Path(root).expanduser()
-        if not root_path.is_dir():
-            raise ConfigError(f"UHG_ROOT={root}: no such directory on this node")
-        os.chdir(root_path)
-    return config
+    UHG_ROOT set, the run's relative paths (stores, runs/, the sqlite store) resolve there
+    instead: the working directory becomes UHG_ROOT (`uhg.ray_connect.enter_uhg_root`), and a
+    config given by a relative path is read from the uploaded copy but resolves its own paths
+    from the same folder under UHG_ROOT. Returns the config's absolute path and that folder
+    (None: the config file's own folder)."""
+    from uhg.config.shipped import find_config
+    from uhg.ray_connect import enter_uhg_root as enter_root
+
+    given = Path(config)
+    relative_file = not given.is_absolute() and given.is_file()  # not a shipped name
+    config = find_config(config).resolve()
+    if not os.environ.get("UHG_ROOT"):
+        return config, None
+    enter_root()
+    base = Path.cwd() / given.parent if relative_file else None
+    return config, base
 
 
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
@@ -82,8 +94,8 @@ def storage_root(cfg: RunConfig) -> str:
     """`distributed.storage_path`, default the config's run directory, made absolute."""
     raw = str(cfg.distributed.storage_path) if cfg.distributed.storage_path is not None else str(cfg.run_dir)
     # pydantic's Path collapses "s3://b" to "s3:/b"; restore the URI.
-    raw = re.sub(r"^(s3|gs|gcs|abfss|hdfs):/(?=[^/])", r"\1://", raw)
-    if _REMOTE_STORAGE.match(raw):
+    raw = re.sub(rf"^({'|'.join(REMOTE_SCHEMES)}):/(?=[^/])", r"\1://", raw)
+    if is_remote_storage(raw):
         return raw
     return str(Path(raw).expanduser().resolve())
 
@@ -120,19 +132,29 @@ def launch(
     run_name: str | None = None,
     resume: str | None = None,
     address: str | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg` with Ray Train; returns a summary (run folder, final step, checkpoint,
-    MLflow run id). Raises TrainingError when the run fails after its allowed restarts."""
+    MLflow run id). Raises TrainingError when the run fails after its allowed restarts.
+
+    The driver draws one progress line from what rank 0 writes into the run folder. Ray's own
+    messages and the workers' output (their logs stay in Ray's session folder) are shown only
+    with `verbose`."""
     from uhg.config.loading import config_to_dict
 
+    from uhg.train.preflight import check_run_inputs
+
     run = resolve_run(cfg, run_name=run_name, resume=resume)
+    check_run_inputs(cfg)  # before Ray starts and a worker simulates the store
     if not run.is_remote:
         Path(run.folder).mkdir(parents=True, exist_ok=True)
-    _init_ray(address, cfg)
+    _init_ray(address, cfg, verbose)
+    marker = None
     if not run.is_remote:
-        from uhg.train.preflight import check_shared_storage
+        from uhg.train.preflight import check_shared_storage, write_storage_marker
 
         check_shared_storage(run.folder)  # multi-node: every node must see the run folder
+        marker = write_storage_marker(run.folder)  # ... and nodes that join later: checked by each worker
 
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -151,7 +173,9 @@ def launch(
             "config": config_to_dict(cfg),
             "root": str(Path.cwd()),
             "run_storage": run.storage,
+            "run_storage_is_remote": run.is_remote,
             "run_name": run.name,
+            "storage_marker": marker,
         },
         scaling_config=ScalingConfig(
             # (min, max) makes Ray Train elastic: a restart takes the workers that fit
@@ -170,9 +194,24 @@ def launch(
             worker_runtime_env={"env_vars": _worker_env(use_gpu, d.cpus_per_worker)},
         ),
     )
-    result = trainer.fit()
+    follower = None
+    if not run.is_remote:
+        from uhg.train.progress import ProgressLine, ProgressState, follow_file
+
+        follower = follow_file(Path(run.folder), ProgressLine(), ProgressState(run.name, cfg.train.steps))
+    try:
+        result = trainer.fit()
+    finally:
+        if follower is not None:
+            follower[1].set()
+            follower[0].join(timeout=5)
+        if marker is not None:
+            from uhg.train.preflight import remove_storage_marker
+
+            remove_storage_marker(run.folder)
     if result.error is not None:
-        raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}") from result.error
+        hint = "" if verbose else " (the workers' output: rerun with --verbose, or see Ray's session logs)"
+        raise TrainingError(f"Ray run {run.name} ({run.folder}) failed: {result.error}{hint}") from result.error
     metrics = result.metrics or {}
     return {
         "run_name": run.name,
@@ -180,33 +219,18 @@ def launch(
         "step": metrics.get("step"),
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
         "mlflow_run_id": metrics.get("mlflow_run_id"),
+        "mlflow_experiment_id": metrics.get("mlflow_experiment_id"),
         "tracking_uri": metrics.get("tracking_uri"),
     }
 
 
-def _init_ray(address: str | None, cfg: RunConfig) -> None:
-    """Connect to `address` / RAY_ADDRESS, or start a local Ray sized for the run."""
-    # Client and cluster must agree on the auth mode; a local cluster started here takes it too.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+def _init_ray(address: str | None, cfg: RunConfig, verbose: bool = False) -> None:
+    """Connect to `address` / RAY_ADDRESS, or start a private local Ray sized for the run. Unless
+    `verbose`, the output of Ray's actors and the workers is not forwarded to this driver."""
+    from uhg.ray_connect import connect_ray
 
-    if ray.is_initialized():
-        return
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target:
-        if target.startswith(("http://", "https://")):
-            # The dashboard/job API address users export for `ray job submit`; a driver joins
-            # through the GCS, which "auto" finds for a head on this machine.
-            target = "auto"
-        ray.init(address=target, log_to_driver=True)
-        return
     d = cfg.distributed
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker),
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+    connect_ray(address, num_cpus=max(os.cpu_count() or 1, d.workers * d.cpus_per_worker), verbose=verbose)
 
 
 def _worker_env(use_gpu: bool, cpus_per_worker: int) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The function every Ray Train worker runs: rebuild the config, set up tracking on rank 0,
-run the training loop, register the generator export.
+run the training loop (which ends with `uhg.train.finish.finish_run`: export, plots, evaluation).
 
 Heavy and GPU-specific imports (torch, deepspeed via the loop, mlflow) happen here, inside
 the worker, never in the driver: the Ray Train controller may run on a CPU-only node.
@@ -31,23 +31,30 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     storage, name = loop_config["run_storage"], loop_config["run_name"]
 
     raw = dict(loop_config["config"])
-    remote = "://" in storage
+    remote = loop_config["run_storage_is_remote"]  # the launcher's RayRun.is_remote
     # One folder per Ray run: the loop's checkpoints and export go beside Ray's checkpoints.
     run_folder = Path(raw.get("output_dir") or f"runs/{raw['name']}") / name if remote else Path(storage) / name
     raw["output_dir"] = str(run_folder)
+    if loop_config.get("storage_marker"):
+        from uhg.train.preflight import check_worker_sees_storage
+
+        check_worker_sees_storage(run_folder, loop_config["storage_marker"], rank)
     cfg = config_from_dict(raw, source=f"Ray run {name}")
     hooks = RayHooks(rank, world, run_folder)
+    if rank == 0 and not remote:  # the driver follows it and draws the progress line
+        from uhg.train.progress import ProgressFile, ProgressTracker
+
+        hooks.progress = ProgressTracker(name, ProgressFile(run_folder))
 
     logger: RunLogger = NullLogger()
     mlflow_logger = None
     if rank == 0 and cfg.tracking.enabled:
         mlflow_logger = _open_tracking(cfg, name, run_folder, context)
         logger = mlflow_logger
-        hooks.report_extra = {"mlflow_run_id": mlflow_logger.run_id, "tracking_uri": mlflow_logger.tracking_uri}
+        hooks.report_extra = {"mlflow_run_id": mlflow_logger.run_id, "tracking_uri": mlflow_logger.tracking_uri,
+                              "mlflow_experiment_id": mlflow_logger.experiment_id}
     try:
-        result = train(cfg, hooks=hooks, logger=logger)
-        if mlflow_logger is not None:
-            _finish_tracking(mlflow_logger, cfg, result, hooks)
+        train(cfg, hooks=hooks, logger=logger)  # ends with finish_run on rank 0
     except BaseException:
         if mlflow_logger is not None:
             mlflow_logger.close("FAILED")  # a restarted attempt sets it RUNNING again
@@ -71,32 +78,3 @@ def _open_tracking(cfg: Any, name: str, run_folder: Path, context: Any) -> Any:
     attempts = int(logger.client.get_run(logger.run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
     logger.set_tags({RESTARTS_TAG: str(attempts)})
     return logger
-
-
-def _finish_tracking(logger: Any, cfg: Any, result: Any, hooks: Any) -> None:
-    """Rank 0 after the loop: loss curves and physics plots (generated vs held-out events), the
-    generator export as artifact + registered version."""
-    from uhg.tracking.physics_plots import log_physics_plots
-
-    logger.log_loss_curves()
-    if hooks.resumed_from is not None:
-        logger.set_tags({"uhg.resumed_from_step": str(hooks.resumed_step)})
-    if result.export is None:
-        return
-    log_physics_plots(logger, cfg, result.export, lambda: _plot_reference(cfg))
-    if cfg.tracking.registered_model_name:
-        version = logger.register_model(result.export, cfg.tracking.registered_model_name, alias=cfg.tracking.alias)
-        print(f"[uhg] registered {cfg.tracking.registered_model_name} version {version}"
-              + (f" as @{cfg.tracking.alias}" if cfg.tracking.alias else ""), flush=True)
-    else:
-        logger.log_artifact(result.export, "generator")
-
-
-def _plot_reference(cfg: Any, max_events: int = 256) -> Any:
-    """Up to `max_events` held-out events of the run's data (None if it holds none), for the
-    physics plots."""
-    from uhg.train.data import TrainingData
-
-    data = TrainingData.open(cfg)
-    indices = data.validation_indices(min(cfg.data.validation_events, max_events))
-    return data.events(indices) if len(indices) else None

@@ -20,12 +20,11 @@ from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.models import transformer_family as model
 from uhg.models.transformer import mean_attended, padded_tokens
+from uhg.models.transformer_clusters import ShapeCensus
 from uhg.models.transformer_laws import fit_count_law, fit_law
-from uhg.models.transformer_tokens import encode_hits
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
-
 
 LAW_FIT_EVENTS = 8192
 """Training events (spread over the training range) the laws are first fitted to: a law with a
@@ -60,7 +59,7 @@ class TransformerFamily(model.TransformerFamily):
 
     def fit_sample(self, n_train: int) -> np.ndarray:
         """Training-event positions `initialise_from_data` wants (evenly spread, at most LAW_FIT_EVENTS)."""
-        if self.cfg.multiplicity != "count" and not self.cfg.response_model:
+        if self.cfg.multiplicity != "count" and not self.cfg.response_model and self.cfg.token != "cluster":
             return np.zeros(0, dtype=np.int64)
         return np.unique(np.linspace(0, n_train - 1, min(n_train, LAW_FIT_EVENTS)).round().astype(np.int64))
 
@@ -71,21 +70,30 @@ class TransformerFamily(model.TransformerFamily):
         thousands of steps to move a log-occupancy by a few units, and jitters around it
         afterwards. Training then refines them jointly."""
         model = modules["model"]
-        if model.counts is None and model.response is None:
+        if model.counts is None and model.response is None and not model.clusters:
             return {}
+        census = ShapeCensus(self.layout) if model.clusters else None
         conds, counts, responses = [], [], []
         for batch in batches:
             hits = TorchHits.from_batch(batch)
             conds.append(self.condition_norm(hits.conditions).double())
-            units = hits.columns["sensor"] if self.layout.kind == "pixel" else torch.zeros_like(hits.event_index())
-            flat = hits.event_index() * self.layout.n_units + units.long()
-            counts.append(torch.bincount(flat, minlength=len(batch) * self.layout.n_units).view(len(batch), -1))
+            if census is not None:  # cluster tokens: the laws count tokens, known once the vocabulary is
+                census.add(batch)
+            else:
+                units = hits.columns["sensor"] if self.layout.kind == "pixel" else torch.zeros_like(hits.event_index())
+                flat = hits.event_index() * self.layout.n_units + units.long()
+                counts.append(torch.bincount(flat, minlength=len(batch) * self.layout.n_units).view(len(batch), -1))
             if model.response is not None:
                 responses.append(log_response(hits).double())
         if not conds:
             return {}
-        cond, n = torch.cat(conds), torch.cat(counts).double()
         out = {}
+        if census is not None:
+            vocab = census.vocabulary(self.cfg.cluster_shapes, self.cfg.cluster_max_pixels)
+            model.set_shapes(vocab)
+            out.update(census.coverage(vocab))
+            counts = [census.token_counts(vocab)]
+        cond, n = torch.cat(conds), torch.cat(counts).double()
         if model.counts is not None:
             out |= fit_count_law(model.counts, n, cond)
         if model.response is not None:
@@ -96,7 +104,7 @@ class TransformerFamily(model.TransformerFamily):
     # -- training
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         engine = engines["model"]
-        tokens = encode_hits(batch, self.layout)
+        tokens = engine.module.tokenize(batch)
         cond = self.condition_norm(batch.conditions).to(batch.device)
         extra = {"log_response": log_response(batch)} if self.cfg.response_model else {}
         out = engine(tokens.rows, tokens.cols, tokens.values, tokens.lengths, cond, **extra)
@@ -104,10 +112,13 @@ class TransformerFamily(model.TransformerFamily):
         engine.backward(out["loss"])
         engine.step()
         metrics = {k: float(v.detach()) for k, v in out.items()}
+        n_hits = int(batch.columns["value"].numel())
+        per_token = n_hits / max(int(tokens.lengths.sum()), 1) if getattr(engine.module, "clusters", False) else 1.0
         metrics.update(tokens=float(tokens.n_tokens), padded_tokens=float(padded_tokens(tokens.lengths)),
-                       hits_per_event=float(tokens.lengths.sum()) / max(len(batch), 1),
-                       model_flops=engine.module.flops_per_token(mean_attended(tokens.lengths)) * tokens.n_tokens
-                       if hasattr(engine.module, "flops_per_token") else 0.0)
+                       hits_per_event=float(n_hits) / max(len(batch), 1),
+                       tokens_per_event=float(tokens.lengths.sum()) / max(len(batch), 1),
+                       model_flops=engine.module.flops_per_token(mean_attended(tokens.lengths), pixels_per_token=per_token)
+                       * tokens.n_tokens if hasattr(engine.module, "flops_per_token") else 0.0)
         get = getattr(engine, "get_global_grad_norm", None)
         norm = get() if get is not None else None
         if norm is not None and math.isfinite(float(norm)):
@@ -121,7 +132,7 @@ class TransformerFamily(model.TransformerFamily):
         was_training = model.training
         model.eval()
         try:
-            tokens = encode_hits(batch, self.layout)
+            tokens = model.tokenize(batch)
             cond = self.condition_norm(batch.conditions).to(batch.device)
             nll = model.loss(tokens, cond, sample_latent=False,
                              log_response=log_response(batch) if self.cfg.response_model else None)
@@ -129,7 +140,8 @@ class TransformerFamily(model.TransformerFamily):
             model.train(was_training)
         out = {"nll_per_event": float(nll["nll"]), "nll_row": float(nll["nll_row"]),
                "nll_col": float(nll["nll_col"]), "nll_value": float(nll["nll_value"]), "kl": float(nll["kl"])}
-        out.update({k: float(nll[k]) for k in ("nll_count", "nll_response") if k in nll})
+        out.update({k: float(nll[k]) for k in ("nll_count", "nll_response", "nll_shape", "nll_charge", "nll_pixels")
+                    if k in nll})
         seeds = [event_seed(0, i, "generate") for i in range(len(batch))]
         fake, real = self.sample(model, batch.conditions, seeds), batch.to_batch()
         hf, hr = float(fake.hits_per_event.mean()), float(real.hits_per_event.mean())
