@@ -25,8 +25,10 @@ def simulated_store(path: Path, kind: str, geometry: str, n_events: int, part_si
     """A complete store of PXD `signal` (IP tracks) or `background` events from the reference
     simulators (background at design luminosity, ~0.9% occupancy)."""
     sample = _simulated(kind, geometry, seed, 0, 1)
-    units = {"n_tracks": "tracks", "luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A"}
-    bounds = {"n_tracks": (0, 100), "luminosity": (1e33, 1e37), "her_current": (0, 10), "ler_current": (0, 10)}
+    units = {"n_tracks": "tracks", "luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A",
+             "beta_y_star": "mm"}
+    bounds = {"n_tracks": (0, 100), "luminosity": (1e33, 1e37), "her_current": (0, 10), "ler_current": (0, 10),
+              "beta_y_star": (0, 10)}
     conditions = {k: {"min": bounds[k][0], "max": bounds[k][1], "unit": units[k]} for k in sample.conditions}
     create_store(path, "pixel", geometry, n_events, part_size, conditions=conditions, seed=seed)
     fill_store(path, functools.partial(_simulated, kind, geometry, seed), progress=False)

@@ -12,13 +12,15 @@ from uhg.cli import main
 from uhg.config import load_config
 from uhg.config.shipped import SHIPPED_DIR, find_config, shipped_configs
 from uhg.errors import ConfigError
+from uhg.eval.extrapolate import load_protocol
+from uhg.sim.pxd_machine import load_scenario
 
 RUN = """\
 name: paths
 geometry: pxd-tiny
 data:
   store: {store}
-  simulate: {{n_events: 8, part_size: 4, luminosity_min: 1.0e34, luminosity_max: 2.0e34}}
+  simulate: {{n_events: 8, part_size: 4, luminosity_min: 1.0e34, luminosity_max: 2.0e34, machine: {machine}}}
 model: {{family: gan, z_dim: 8, embed_dim: 16, attention_heads: 2, decoder_channels: [8, 4],
         discriminator_channels: [4, 8]}}
 train: {{steps: 1, batch_size: 2, deepspeed: {deepspeed}}}
@@ -35,12 +37,14 @@ test_factors: [2.0]
 
 
 def _write(folder: Path, store: str = "data/x.zarr", deepspeed: str = "presets/z1.yaml",
-           protocol: str = "protocol.yaml") -> Path:
+           protocol: str = "protocol.yaml", machine: str = "scenarios/m.yaml") -> Path:
     (folder / "presets").mkdir(parents=True, exist_ok=True)
     (folder / "presets" / "z1.yaml").write_text("zero_optimization: {stage: 1}\n")
+    (folder / "scenarios").mkdir(exist_ok=True)
+    (folder / "scenarios" / "m.yaml").write_text((SHIPPED_DIR / "machine" / "squeeze.yaml").read_text())
     (folder / "protocol.yaml").write_text(PROTOCOL)
     path = folder / "run.yaml"
-    path.write_text(RUN.format(store=store, deepspeed=deepspeed, protocol=protocol))
+    path.write_text(RUN.format(store=store, deepspeed=deepspeed, protocol=protocol, machine=machine))
     return path
 
 
@@ -55,6 +59,10 @@ def test_paths_in_a_config_file_resolve_from_its_folder(tmp_path: Path, monkeypa
     assert cfg.train.deepspeed == folder / "presets" / "z1.yaml"
     assert cfg.evaluate.extrapolation == folder / "protocol.yaml"
     assert cfg.output_dir == folder / "out"
+    assert cfg.data.simulate.machine == str(folder / "scenarios" / "m.yaml")
+    # a protocol's scenario files resolve from its folder too; scenario names stay names
+    (folder / "protocol_m.yaml").write_text(PROTOCOL + "machine: [design, scenarios/m.yaml]\n")
+    assert load_protocol(folder / "protocol_m.yaml").machine == ["design", str(folder / "scenarios" / "m.yaml")]
     # a relative path to the config itself works the same way
     monkeypatch.chdir(tmp_path)
     assert load_config("project/run.yaml").data.store == [folder / "data" / "x.zarr"]
@@ -78,7 +86,9 @@ def test_shipped_configs_by_name_keep_data_in_the_working_directory(tmp_path: Pa
     monkeypatch.chdir(tmp_path)
     cfg = load_config("pxd_gan_mini")
     assert cfg.name == "pxd_gan_mini"
-    assert cfg.data.store == [Path("data/pxd_mini_bg.zarr")]  # not inside the package
+    assert cfg.data.store == [Path("data/pxd_mini_bg_design.zarr")]  # not inside the package
+    assert cfg.data.simulate.machine == str(SHIPPED_DIR / "machine" / "design.yaml")  # a shipped scenario by name
+    assert load_scenario(cfg.data.simulate.machine).name == "design"
     assert cfg.train.deepspeed is not None and cfg.train.deepspeed.is_file()
     assert cfg.train.deepspeed.parent == SHIPPED_DIR / "deepspeed"
     assert find_config("pxd_gan_mini.yaml") == SHIPPED_DIR / "pxd_gan_mini.yaml"
@@ -92,6 +102,8 @@ def test_shipped_configs_by_name_keep_data_in_the_working_directory(tmp_path: Pa
         load_config("pxd_gan_maxi")
     with pytest.raises(ConfigError, match=r"train.deepspeed: 'zero9' is neither a file nor a shipped deepspeed config"):
         load_config("pxd_gan_mini", ["train.deepspeed=zero9"])
+    with pytest.raises(ConfigError, match=r"data.simulate.machine: 'squeez' is neither a file nor a shipped machine config"):
+        load_config("pxd_gan_mini", ["data.simulate.machine=squeez"])
 
 
 @pytest.mark.parametrize("mode", [["--local"], []], ids=["local", "ray"])

@@ -15,6 +15,7 @@ from uhg.eval.features_pxd import pixel_clusters
 from uhg.geometry import get_geometry
 from uhg.sim.calo import simulate_calo_showers
 from uhg.sim.pxd_background import simulate_pxd_background
+from uhg.sim.pxd_machine import SHIPPED_SCENARIOS
 
 PXD = get_geometry("pxd-tiny")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,6 +42,51 @@ def test_shipped_protocols_are_valid():
     assert pxd.condition == "luminosity" and pxd.test_points()[-1] == pytest.approx(3 * pxd.training_range[1])
     calo = load_protocol(CONFIGS / "extrapolate_calo_energy.yaml")
     assert calo.condition == "incident_energy" and calo.test_points()[-1] == pytest.approx(10 * calo.training_range[1])
+    scenarios = load_protocol(CONFIGS / "extrapolate_pxd_scenarios.yaml")
+    assert scenarios.machine == list(SHIPPED_SCENARIOS) and scenarios.baseline == "overlay"
+    assert scenarios.test_points() == pytest.approx([1.2e36, 1.6e36, 2.4e36])
+    assert scenarios.training_range == pytest.approx((2e35, 8e35))
+    # the reference and baseline seeds of every shipped protocol are not the training seeds
+    for protocol in (pxd, calo, scenarios):
+        assert protocol.training_seeds and not set(protocol.simulator_seeds().values()) & set(protocol.training_seeds)
+
+
+def test_a_protocol_reusing_training_seeds_is_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("geometry: pxd-tiny\ncondition: luminosity\ntraining_range: [1.0e+35, 4.0e+35]\n"
+                    "test_factors: [2]\nseed: 0\ntraining_seeds: [1]\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml.*reference seed 1 is a seed of the training data.*seed: 100"):
+        load_protocol(path)
+    # seeds the export recorded count too; an export that recorded none is refused
+    cfg = ExtrapolationConfig(geometry="pxd-tiny", condition="luminosity", training_range=(2e35, 4e35),
+                              test_factors=[2.0], n_events=4, repeats=2, classifier=False, out=str(tmp_path / "x"))
+    generator = ReferenceSimulatorAtWrongLuminosity(1.0)
+    generator.sidecar = {"training_data": {"seeds": [5, 2]}}
+    with pytest.raises(ConfigError, match="reference 2 seed 2 is a seed of the training data"):
+        run_protocol(cfg, generator)
+    generator.sidecar = {}
+    with pytest.raises(ConfigError, match="set training_seeds"):
+        run_protocol(cfg, generator)
+    with pytest.raises(ConfigError, match="machine: machine scenario .warp-drive.: neither a shipped scenario"):
+        path.write_text(path.read_text().replace("seed: 0", "seed: 100") + "machine: warp-drive\n")
+        load_protocol(path)
+
+
+def test_protocol_per_machine_scenario(tmp_path, capsys):
+    """Baseline-only protocol over two scenarios: each scenario's reference scales as its own
+    machine does, and scenarios.md puts them side by side."""
+    path = tmp_path / "p.yaml"
+    path.write_text("geometry: pxd-tiny\ncondition: luminosity\ntraining_range: [2.0e+35, 8.0e+35]\n"
+                    "test_factors: [3]\nmodel: null\nmachine: [luminosity-dominated, high-vacuum]\nn_events: 30\n"
+                    "repeats: 2\nclassifier: false\nplots_per_condition: false\nseed: 100\n"
+                    f"out: {tmp_path / 'scen'}\n")
+    assert main(["eval", "extrapolate", "--config", str(path)]) == 0
+    assert "| high-vacuum | 3 (outside)" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "scen" / "scenarios.json").read_text())
+    occ = {r["machine"]: r["occupancy"]["reference"] for r in rows}
+    assert occ["high-vacuum"] > 1.5 * occ["luminosity-dominated"]  # 5.3 % vs 2.6 % at 2.4e36
+    assert all(r["per-sensor MRE floor"] is not None for r in rows)
+    assert (tmp_path / "scen" / "high-vacuum" / "extrapolation.json").exists()
 
 
 def test_bad_protocols_name_the_file_and_key(tmp_path):
@@ -102,7 +148,7 @@ def test_scale_baseline_multiplies_cell_energies_and_incident_energy():
 def test_protocol_flags_a_generator_at_the_wrong_luminosity(tmp_path):
     cfg = ExtrapolationConfig(geometry="pxd-tiny", condition="luminosity", training_range=(2e35, 4e35),
                               test_factors=[1.0, 2.0], n_events=40, repeats=2, classifier=False,
-                              plots_per_condition=False, out=str(tmp_path / "ext"))
+                              plots_per_condition=False, out=str(tmp_path / "ext"), training_seeds=[7])
     result = run_protocol(cfg, ReferenceSimulatorAtWrongLuminosity(0.5))
     out = tmp_path / "ext"
     doc = json.loads((out / "extrapolation.json").read_text())
@@ -163,3 +209,42 @@ def test_a_missing_model_export_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "extrapolate", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "no_export" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_protocol_reports_the_count_law_band(tmp_path):
+    """A transformer export whose count law was fitted (with bootstrap refits) to simulated
+    training events: every protocol point carries the law's predicted mean occupancy and its
+    band, and the export's conditions (luminosity, currents, beta_y*) come from the reference."""
+    import torch
+
+    from uhg.config import config_from_dict
+    from uhg.models.common import ConditionNorm
+    from uhg.sim.pxd_machine import CONDITIONS
+    from uhg.train.export import export_generator
+    from uhg.train.family import build_family
+
+    torch.manual_seed(0)
+    run = config_from_dict({
+        "name": "law", "geometry": "pxd-tiny", "data": {"store": str(tmp_path / "unused.zarr")},
+        "train": {"steps": 1, "batch_size": 2},
+        "model": {"family": "transformer", "conditions": list(CONDITIONS), "d_model": 16, "n_layers": 1,
+                  "n_heads": 2, "latent_dim": 0, "max_hits": 64, "multiplicity": "count", "count_bootstrap": 3}})
+    train = simulate_pxd_background(PXD, 120, seed=1, luminosity=2e35, luminosity_max=4e35)
+    norm = ConditionNorm.from_ranges({k: (float(v.min()), float(v.max())) for k, v in train.conditions.items()},
+                                     list(CONDITIONS))
+    family = build_family(PXD, run.model, norm)
+    modules = family.build_modules()
+    assert "law_count_nll" in family.initialise_from_data(modules, [train])
+    export = export_generator(tmp_path / "export", family, run, modules["model"].state_dict(), step=1)
+    cfg = ExtrapolationConfig(geometry="pxd-tiny", model=str(export), condition="luminosity",
+                              training_range=(2e35, 4e35), test_factors=[1.0, 2.0], n_events=4, repeats=2,
+                              classifier=False, plots_per_condition=False, out=str(tmp_path / "ext"),
+                              training_seeds=[1], seed=100, baseline="none")
+    result = run_protocol(cfg)
+    for point in result.points:
+        law = point.observables["law mean occupancy [%]"]
+        assert law["band low"] < law["predicted"] < law["band high"]
+        assert 0.2 * point.observables["mean occupancy [%]"]["reference"] < law["predicted"]
+    inside, outside = (p.observables["law mean occupancy [%]"] for p in result.points)
+    assert outside["band high"] - outside["band low"] > inside["band high"] - inside["band low"]

@@ -34,7 +34,7 @@ def test_generated_stores_declare_conditions_in_the_shared_units() -> None:
     conds = event_conditions(pixel, 0, 3, seed=1, luminosity=2e34)
     specs = condition_specs(conds)
     assert {k: v["unit"] for k, v in specs.items()} == {k: CONDITION_UNITS[k] for k in
-                                                         ("luminosity", "her_current", "ler_current")}
+                                                         ("luminosity", "her_current", "ler_current", "beta_y_star")}
     with pytest.raises(ConditionError, match="--luminosity"):
         event_conditions(pixel, 0, 3, seed=1)
 
@@ -87,3 +87,16 @@ def test_uhg_root_is_entered_by_every_command_the_same_way(tmp_path: Path, monke
     monkeypatch.setenv("UHG_ROOT", str(tmp_path / "root"))
     enter_uhg_root()
     assert Path.cwd() == tmp_path / "root"
+
+
+def test_machine_conditions_follow_the_scenario_the_model_was_trained_on() -> None:
+    from uhg.sim.pxd_machine import load_scenario
+
+    squeeze = load_scenario("squeeze")
+    got = with_beam_currents({"luminosity": 1.6e36}, ["her_current", "ler_current", "beta_y_star"],
+                             squeeze.model_dump(mode="json"))
+    want = squeeze.conditions(1.6e36)
+    assert {k: got[k] for k in want} == pytest.approx({k: float(v) for k, v in want.items()})
+    design = with_beam_currents({"luminosity": 1.6e36}, ["her_current", "beta_y_star"])  # no scenario recorded
+    assert design["beta_y_star"] == pytest.approx(load_scenario("design").conditions(1.6e36)["beta_y_star"])
+    assert got["beta_y_star"] < design["beta_y_star"] and got["her_current"] < design["her_current"]

@@ -132,3 +132,17 @@ def test_broken_exports_are_named(pxd_export: Path, tmp_path: Path) -> None:
         Generator.load(broken)
     with pytest.raises(ConditionError, match="needs condition"):
         Generator.load(pxd_export).generate({"incident_energy": np.ones(2)}, seed=0)
+
+
+def test_generate_beyond_the_training_range_says_how_far(pxd_export: Path, tmp_path: Path, capsys) -> None:
+    # the export was trained on 1e34 .. 4e34
+    assert main(["generate", "--model", str(pxd_export), "--events", "2", "--out", str(tmp_path / "in.zarr"),
+                 "--luminosity", "3e34"]) == 0
+    assert "training maximum" not in capsys.readouterr().err
+    assert main(["generate", "--model", str(pxd_export), "--events", "2", "--out", str(tmp_path / "out.zarr"),
+                 "--luminosity", "1.2e35"]) == 0
+    err = capsys.readouterr().err
+    assert "luminosity 1.2e+35 is 3x the training maximum 4e+34" in err and "0.79 training widths" in err
+    assert main(["generate", "--model", str(pxd_export), "--events", "2", "--out", str(tmp_path / "low.zarr"),
+                 "--luminosity", "5e33"]) == 0
+    assert "0.5x the training minimum 1e+34" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def test_overlay_with_background_store(stores, tmp_path) -> None:
             np.testing.assert_array_equal(getattr(got, column), getattr(expected, column))
         np.testing.assert_array_equal(got.extra["origin"], expected.extra["origin"])
         assert got.conditions == expected.conditions
-        assert set(got.conditions) == {"n_tracks", "luminosity", "her_current", "ler_current"}
+        assert set(got.conditions) == {"n_tracks", "luminosity", "her_current", "ler_current", "beta_y_star"}
     origin = result.read().columns["origin"]
     assert set(np.unique(origin)) == {1, 2, 3}
     provenance = result.attrs["attributes"]["overlay"]

@@ -153,4 +153,4 @@ def test_calorimeter_geometry_is_rejected():
 
 def test_zero_events_give_an_empty_batch():
     batch = simulate_pxd_background(TINY, 0, seed=0)
-    assert len(batch) == 0 and batch.n_hits == 0 and set(batch.conditions) == {"luminosity", "her_current", "ler_current"}
+    assert len(batch) == 0 and batch.n_hits == 0 and set(batch.conditions) == {"luminosity", "her_current", "ler_current", "beta_y_star"}

@@ -46,7 +46,9 @@ def test_pxd_with_fixed_currents_and_signal_store(tmp_path):
     assert main(["sim", "pxd", "--geometry", "pxd-tiny", "--events", "4", "--her-current", "1.2",
                  "--ler-current", "1.8", "--out", str(out)]) == 0
     event = open_store(out)[2]
-    assert event.conditions == {"luminosity": L_CAL, "her_current": 1.2, "ler_current": 1.8}
+    beta = 0.27 * np.sqrt(1.2 / 2.6 * 1.8 / 3.6)  # beta_y* that delivers L_CAL with these currents
+    assert event.conditions == pytest.approx({"luminosity": L_CAL, "her_current": 1.2, "ler_current": 1.8,
+                                              "beta_y_star": beta})
     sig = tmp_path / "signal.zarr"
     assert main(["sim", "signal", "--geometry", "pxd-tiny", "--events", "6", "--tracks-min", "1",
                  "--tracks-max", "3", "--seed", "2", "--out", str(sig)]) == 0

@@ -42,6 +42,7 @@ n_events: 12
 repeats: 2
 classifier: false
 plots_per_condition: false
+seed: 100
 out: unused
 """
 
@@ -98,6 +99,9 @@ def test_evaluation_settings_are_checked_before_training(tmp_path: Path) -> None
 
     with pytest.raises(ConfigError, match=r"protocol.yaml is a protocol for geometry 'ds2', the run trains 'ds1-photons'"):
         load_extrapolation(cfg)
+    (tmp_path / "protocol.yaml").write_text(PROTOCOL.replace("seed: 100", "seed: 0"))
+    with pytest.raises(ConfigError, match=r"protocol.yaml: seed 0: .*reference seed 1 is a seed of the training data"):
+        load_extrapolation(cfg)  # data.simulate.seed 1 (default) is the reference's seed
     cfg = load_config(tmp_path / "run.yaml", [f"evaluate.extrapolation={tmp_path / 'missing.yaml'}"])
     with pytest.raises(ConfigError, match=r"evaluate.extrapolation: .*missing.yaml: cannot read protocol file"):
         load_extrapolation(cfg)

@@ -66,9 +66,9 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("laws", [{}, {"multiplicity": "count", "count_exponents": [1.0, 2.0]},
-                                  {"multiplicity": "count", "count_exponents": [1.0, 2.0], "token": "cluster",
-                                   "cluster_shapes": 64, "cluster_max_pixels": 8}],
+@pytest.mark.parametrize("laws", [{}, {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4},
+                                  {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4,
+                                   "token": "cluster", "cluster_shapes": 64, "cluster_max_pixels": 8}],
                          ids=["end-token", "count-law", "cluster-tokens"])
 def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main

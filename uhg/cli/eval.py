@@ -121,11 +121,17 @@ def extrapolate_command(
 ) -> None:
     """Zero-shot extrapolation: generate and simulate at conditions beyond the training range,
     compare with the floor and a naive baseline, per condition."""
-    from uhg.eval.extrapolate import load_protocol, run_protocol
+    from uhg.eval.extrapolate import load_protocol, run_protocol, run_scenarios
 
     protocol = load_protocol(config)
     if out is not None:
         protocol.out = str(out)
+    if isinstance(protocol.machine, list):
+        results = run_scenarios(protocol, logger=run_logger(mlflow_run, tracking_uri))
+        typer.echo((Path(protocol.out) / "scenarios.md").read_text())
+        for r in results:
+            typer.echo(f"report: {Path(r.config.out) / 'report.html'}")
+        return
     result = run_protocol(protocol, logger=run_logger(mlflow_run, tracking_uri))
     typer.echo(result.summary())
     typer.echo(f"report: {Path(protocol.out) / 'report.html'}")

@@ -66,9 +66,26 @@ def generate_command(
         info = describe_model(model, cache_dir=cache)
         conds = cli_conditions(info, events, seed, conditions_file=conditions, luminosity=luminosity,
                                energy_min=energy_min, energy_max=energy_max)
+        _warn_outside_training_range(info, conds, given=None if conditions is not None else
+                                     ("luminosity", "incident_energy"), energy_range=(energy_min, energy_max))
         run_generate(info, out, events, conds, ray_options=options, device=device, seed=seed,
                      batch_size=batch_size, part_size=part_size or default_part_size(events, batch_size))
     typer.echo(f"generated store: {out.resolve()}")
+
+
+def _warn_outside_training_range(info: dict, conds: dict, given: tuple[str, ...] | None,
+                                 energy_range: tuple[float | None, float | None]) -> None:
+    """Print how far the requested conditions (`given`; None: all, as from a conditions file)
+    lie outside the export's training range. Conditions derived from the luminosity are not
+    reported again."""
+    from uhg.generate.conditions import range_warnings
+
+    values: dict = {n: (float(v.min()), float(v.max())) for n, v in conds.items()
+                    if (given is None or n in given) and len(v)}
+    if given is not None and None not in energy_range and "incident_energy" in values:
+        values["incident_energy"] = tuple(map(float, energy_range))  # the requested range, not the draws
+    for message in range_warnings(info["condition_norm"], values):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
 def register(app: typer.Typer) -> None:

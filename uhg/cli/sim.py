@@ -1,7 +1,8 @@
 """`uhg sim`: reference simulators writing sparse event stores.
 
     uhg sim pxd --luminosity 8e35 [--luminosity-max 1.6e36] [--her-current 2.6 --ler-current 3.6] \
-        --events 1000 --out bkg.zarr [--geometry pxd] [--seed 0] [--workers 2] [--part-size 100]
+        --events 1000 --out bkg.zarr [--machine design|squeeze|high-vacuum|luminosity-dominated|FILE.yaml] \
+        [--geometry pxd] [--seed 0] [--workers 2] [--part-size 100]
     uhg sim signal --events 1000 --out signal.zarr [--geometry pxd] [--seed 0] [--workers 2]
     uhg sim calo --geometry ds2 --energy-min 1000 --energy-max 1000000 --events 1000 --out ds2.zarr
 
@@ -27,14 +28,16 @@ L_CAL = 8.0e35  # mirrors uhg.sim.pxd_machine.L_CAL (importing it here would slo
 
 
 def _pxd_part(geometry_name: str, seed: int, luminosity: float, luminosity_max: float | None,
-              her_current: float | None, ler_current: float | None, start: int, stop: int):
+              her_current: float | None, ler_current: float | None, scenario: dict, start: int, stop: int):
     """Background events start..stop-1 (module level so worker processes can unpickle it)."""
     from uhg.geometry import get_geometry
     from uhg.sim.pxd_background import simulate_pxd_background
+    from uhg.sim.pxd_machine import MachineScenario
 
     return simulate_pxd_background(get_geometry(geometry_name), stop - start, seed, first_event=start,
                                    luminosity=luminosity, luminosity_max=luminosity_max,
-                                   her_current=her_current, ler_current=ler_current)
+                                   her_current=her_current, ler_current=ler_current,
+                                   scenario=MachineScenario.model_validate(scenario))
 
 
 def _signal_part(geometry_name: str, seed: int, tracks_min: int, tracks_max: int, start: int, stop: int):
@@ -76,6 +79,10 @@ def pxd_command(
     her_current: Annotated[float | None, typer.Option(
         help="HER (e-) current in A; give with --ler-current, else the currents follow the luminosity")] = None,
     ler_current: Annotated[float | None, typer.Option(help="LER (e+) current in A")] = None,
+    machine: Annotated[str, typer.Option(
+        help="machine scenario: design, squeeze, high-vacuum, luminosity-dominated (configs/machine/) or a "
+             "YAML file of the same schema (docs/calibration.md): how currents and beta_y* follow the "
+             "luminosity and how each background process scales")] = "design",
     geometry: Annotated[str, typer.Option(help="pixel geometry: pxd (7.68 M channels), pxd-mini, pxd-tiny")] = "pxd",
     seed: Annotated[int, typer.Option(help="random seed; event i uses its own stream of (seed, i)")] = 0,
     workers: Annotated[int, typer.Option(help="parallel worker processes")] = 1,
@@ -85,36 +92,34 @@ def pxd_command(
     from uhg.data.hits import CONDITION_UNITS
     from uhg.data.parallel import fill_store
     from uhg.data.writer import create_store
-    from uhg.sim.pxd_machine import check_conditions, currents_for_luminosity
+    from uhg.sim.pxd_machine import check_conditions, load_scenario
 
     geom = _pixel_geometry(geometry)
     _check_run(events, workers, part_size)
     check_conditions(luminosity, luminosity_max, her_current, ler_current)
+    scenario = load_scenario(machine)
     lum_hi = luminosity_max if luminosity_max is not None else luminosity
-    if her_current is None:
-        (her_lo, ler_lo), (her_hi, ler_hi) = (tuple(map(float, currents_for_luminosity(x))) for x in (luminosity, lum_hi))
-    else:
-        her_lo = her_hi = float(her_current)
-        ler_lo = ler_hi = float(ler_current)
+    ends = scenario.conditions([luminosity, lum_hi], her_current, ler_current)
     create_store(
         out, "pixel", geom.name, events, part_size,
-        conditions={
-            "luminosity": {"min": luminosity, "max": lum_hi, "unit": CONDITION_UNITS["luminosity"]},
-            "her_current": {"min": her_lo, "max": her_hi, "unit": CONDITION_UNITS["her_current"]},
-            "ler_current": {"min": ler_lo, "max": ler_hi, "unit": CONDITION_UNITS["ler_current"]},
-        },
+        # every condition that drives the rates, so a model can condition on all of them
+        conditions={name: {"min": float(values.min()), "max": float(values.max()), "unit": CONDITION_UNITS[name]}
+                    for name, values in ends.items()},
         attributes={
             "simulator": "uhg.sim.pxd_background.simulate_pxd_background",
             "model": "beam-induced PXD background, calibrated at L = 8e35 cm^-2 s^-1 (docs/calibration.md)",
             "luminosity_distribution": "log-uniform" if luminosity_max is not None else "fixed",
             "currents": "given" if her_current is not None else "machine model (follow the luminosity)",
+            "machine": scenario.model_dump(mode="json"),
         },
         seed=seed,
     )
-    make_part = functools.partial(_pxd_part, geom.name, seed, luminosity, luminosity_max, her_current, ler_current)
+    make_part = functools.partial(_pxd_part, geom.name, seed, luminosity, luminosity_max, her_current, ler_current,
+                                  scenario.model_dump(mode="json"))
     fill_store(out, make_part, workers=workers, desc=f"sim pxd {geom.name}")
     lum_text = f"{luminosity:.3g}" + (f"-{luminosity_max:.3g}" if luminosity_max is not None else "")
-    typer.echo(f"wrote {events} PXD background events ({geom.name}, L = {lum_text} cm^-2 s^-1) to {out}")
+    typer.echo(f"wrote {events} PXD background events ({geom.name}, L = {lum_text} cm^-2 s^-1, "
+               f"machine {scenario.name}) to {out}")
 
 
 @sim_app.command("signal")

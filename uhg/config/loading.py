@@ -8,7 +8,8 @@ and what was expected.
 Paths written in the file resolve relative to the file's folder (see `uhg.config.shipped`:
 shipped configs keep their data and output paths in the working directory); paths given with
 `--set` are relative to the working directory, as on any command line. Files a config refers to
-(`train.deepspeed`, `evaluate.extrapolation`) may also be shipped names (`zero1`).
+(`train.deepspeed`, `evaluate.extrapolation`, `data.simulate.machine`) may also be shipped names
+(`zero1`, `squeeze`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from uhg.errors import ConfigError
 
 DATA_PATHS = (("data", "store"), ("output_dir",), ("distributed", "storage_path"))
 """Keys holding data or output paths (resolved from the config's folder)."""
-REFERENCES = {("train", "deepspeed"): "deepspeed", ("evaluate", "extrapolation"): "protocol"}
+REFERENCES = {("train", "deepspeed"): "deepspeed", ("evaluate", "extrapolation"): "protocol",
+              ("data", "simulate", "machine"): "machine"}
 """Keys naming another config file -> the kind of shipped file a bare name means."""
 
 

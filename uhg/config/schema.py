@@ -27,6 +27,10 @@ class SimulateConfig(Section):
         None, gt=0, description="Pixel detectors: lowest instantaneous luminosity, cm^-2 s^-1 (log-uniform up to luminosity_max)."
     )
     luminosity_max: float | None = Field(None, gt=0, description="Pixel detectors: highest luminosity, cm^-2 s^-1.")
+    machine: str = Field(
+        "design", description="Pixel detectors: machine scenario (design, squeeze, high-vacuum, luminosity-dominated or "
+        "a scenario YAML file; docs/calibration.md): how currents and beta_y* follow the luminosity and how each "
+        "background process scales.")
     energy_min: float | None = Field(None, gt=0, description="Calorimeters: lowest incident energy, MeV.")
     energy_max: float | None = Field(None, gt=0, description="Calorimeters: highest incident energy, MeV.")
     workers: int = Field(1, gt=0, description="Processes filling the store in parallel.")

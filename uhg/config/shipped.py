@@ -72,7 +72,7 @@ def is_shipped(path: Path) -> bool:
         return False
 
 
-def _is_name(value: str) -> bool:
+def is_name(value: str) -> bool:
     """A bare name (`zero1`, `pxd_gan_mini`), not a path: no folder part, no .yaml suffix."""
     return "/" not in value and "\\" not in value and not value.endswith((".yaml", ".yml"))
 
@@ -106,7 +106,7 @@ def resolve_reference(value: str | Path, base: Path, kind: str) -> Path:
     the shipped file of that kind, an absolute path stays, a relative path is taken from `base`
     (the folder of the config that names it)."""
     text = str(value)
-    if _is_name(text):
+    if is_name(text):
         return shipped_path(text, kind)
     path = Path(text).expanduser()
     return path if path.is_absolute() else base / path

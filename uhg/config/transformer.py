@@ -107,12 +107,21 @@ class TransformerConfig(Section):
         "comes exactly after the drawn count. The count law, not the attention stack, carries the "
         "condition dependence of the multiplicity, so it extrapolates as the law does.",
     )
-    count_exponents: list[float] | None = Field(
-        None, min_length=1,
-        description="multiplicity=count with one condition: the expected hits of a unit are a sum of "
-        "fixed powers of the condition, sum_k a_uk (c / c_ref)^p_k with learned a_uk >= 0 per unit "
-        "(PXD backgrounds: [1, 2], luminosity-driven processes grow as L, beam-current-squared ones as "
-        "L^2 at a fixed current ratio), instead of one power law with a learned exponent.",
+    count_law: Literal["power", "powers", "quadratic"] = Field(
+        "quadratic",
+        description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "
+        "`conditions`), all learned from the data. power: a_u + b_u . x (one power law per unit, free exponents); "
+        "powers: log sum_k exp(a_uk + beta_k . x), `count_terms` power-law components with free real exponents "
+        "beta_k shared by the units and amplitudes per unit (backgrounds made of processes that scale "
+        "differently); quadratic: a_u + (b + d_u) . x + x^T Q x (shared slope and curvature, per-unit slope deviations shrunk towards "
+        "the shared slope). docs/transformer.md has the measurement behind the default.",
+    )
+    count_terms: int = Field(2, ge=1, le=8, description="count_law=powers: number of power-law components.")
+    count_bootstrap: int = Field(
+        16, ge=0, le=256,
+        description="multiplicity=count: refits of the law's mean parameters on resampled training events, kept "
+        "with the model; `uhg eval extrapolate` reports the band they give on the predicted mean occupancy "
+        "(0 = no band).",
     )
     response_model: bool = Field(
         False,
@@ -172,11 +181,6 @@ class TransformerConfig(Section):
         if self.response_model and "incident_energy" not in self.conditions:
             raise ValueError(f"response_model draws E_dep / E_inc, so conditions must include incident_energy "
                              f"(got {self.conditions})")
-        if self.count_exponents is not None:
-            if self.multiplicity != "count":
-                raise ValueError("count_exponents is a law of the count model: set multiplicity: count")
-            if len(self.conditions) != 1:
-                raise ValueError(f"count_exponents needs exactly one condition (got {self.conditions})")
         return self
 
     @property

@@ -10,7 +10,7 @@ Columns and units
 - calorimeters: `layer` (uint16), `cell` (uint32, index within the layer), `value` (float32,
   deposited energy in MeV).
 Conditions are float64 per event, in the units of `CONDITION_UNITS`: `luminosity`
-(cm^-2 s^-1), `her_current`, `ler_current` (A), `incident_energy` (MeV), ...
+(cm^-2 s^-1), `her_current`, `ler_current` (A), `beta_y_star` (mm), `incident_energy` (MeV), ...
 Within an event, hits are sorted by (sensor, row, col) or (layer, cell), and unique.
 
 Optional extra columns (`EXTRA_COLUMNS`) may ride along with either kind: `origin` (uint8) marks
@@ -39,7 +39,8 @@ COLUMNS = {"pixel": PIXEL_COLUMNS, "calo": CALO_COLUMNS}
 EXTRA_COLUMNS: dict[str, np.dtype] = {"origin": np.dtype("uint8")}
 """Optional per-hit columns a batch may carry besides those of its kind."""
 ORIGIN_SIGNAL, ORIGIN_BACKGROUND, ORIGIN_BOTH = 1, 2, 3
-CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "incident_energy": "MeV"}
+CONDITION_UNITS = {"luminosity": "cm^-2 s^-1", "her_current": "A", "ler_current": "A", "beta_y_star": "mm",
+                   "incident_energy": "MeV"}
 """Unit of each known event condition, as stores declare it and reports print it."""
 
 

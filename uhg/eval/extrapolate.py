@@ -13,6 +13,17 @@ the protocol
 and writes per-condition reports, tables (extrapolation.json / .md) and plots of each headline
 metric vs the condition with the training range shaded, linked from report.html.
 Without a model (`model: null`) only the baseline is evaluated.
+
+Independence: reference, second reference and baseline draw simulator seeds `seed + 1`,
+`seed + 2` and `seed + 4` (`simulator_seeds`); a protocol whose simulator seeds include a seed
+of the model's training data (`training_seeds`, or the seeds the export recorded) is refused,
+since reference event i would then be training event i.
+
+Machine scenarios (PXD): `machine` names the scenario (uhg.sim.pxd_machine) the reference and
+the baseline are simulated with; a list of scenarios runs the protocol once per scenario
+(`run_scenarios`), with `model` a template holding `{machine}`, and writes scenarios.md/.json.
+When the model has a count law with parameter uncertainty, the protocol reports its predicted
+mean occupancy with a band at every point ("law mean occupancy").
 """
 
 from __future__ import annotations
@@ -62,9 +73,20 @@ class ExtrapolationConfig(BaseModel):
     classifier_repeats: int = Field(2, ge=1)
     plots_per_condition: bool = Field(True, description="write the full set of figures for every test condition")
     out: str = Field("extrapolation", description="output directory")
+    machine: str | list[str] | None = Field(
+        None, description="PXD: machine scenario(s) of the reference simulator (shipped name or YAML file); "
+                          "a list runs the protocol per scenario, model may then contain {machine}")
+    training_seeds: list[int] | None = Field(
+        None, description="simulator seeds of the model's training data; null: read from the model export")
 
     @model_validator(mode="after")
     def _check(self) -> ExtrapolationConfig:
+        if isinstance(self.machine, list) and not self.machine:
+            raise ValueError("machine: give at least one scenario (or null)")
+        if self.model is not None and "{machine}" in self.model and not isinstance(self.machine, list):
+            raise ValueError("model contains {machine}, which needs machine to be a list of scenarios")
+        if self.training_seeds is not None and (problem := seed_conflict(self, self.training_seeds)):
+            raise ValueError(problem)
         lo, hi = self.training_range
         if not 0 < lo <= hi:
             raise ValueError(f"training_range must be 0 < min <= max, got {list(self.training_range)}")
@@ -78,6 +100,31 @@ class ExtrapolationConfig(BaseModel):
         hi = self.training_range[1]
         return sorted({*(f * hi for f in self.test_factors), *self.test_values})
 
+    def simulator_seeds(self) -> dict[str, int]:
+        """Seeds the reference simulator runs with (the generator's own seed is `seed + 3`)."""
+        return {"reference": self.seed + 1, "reference 2": self.seed + 2, "baseline": self.seed + 4}
+
+
+def seed_conflict(cfg: ExtrapolationConfig, training_seeds: list[int]) -> str | None:
+    """Why the protocol's reference or baseline would reuse a seed of the training data, or None."""
+    shared = {role: s for role, s in cfg.simulator_seeds().items() if s in set(training_seeds)}
+    if not shared:
+        return None
+    used = sorted(cfg.simulator_seeds().values())
+    free = next(s for s in range(100, 10**6, 100) if not {s + 1, s + 2, s + 4} & set(training_seeds))
+    return (f"seed {cfg.seed}: the protocol simulates its samples with seeds {used}, and "
+            + ", ".join(f"the {r} seed {s}" for r, s in shared.items())
+            + f" is a seed of the training data (training seeds {sorted(set(training_seeds))}): its events would "
+            f"be the training events; choose another seed (e.g. seed: {free})")
+
+
+def training_seeds_of(cfg: ExtrapolationConfig, generator: Any) -> list[int] | None:
+    """The training data's simulator seeds: the protocol's, else those the export recorded."""
+    if cfg.training_seeds is not None:
+        return list(cfg.training_seeds)
+    recorded = getattr(generator, "sidecar", {}).get("training_data", {}).get("seeds")
+    return None if recorded is None else [int(s) for s in recorded]
+
 
 def load_protocol(path: str | Path) -> ExtrapolationConfig:
     """Read and validate a protocol YAML (a file or a shipped name); ConfigError names the file
@@ -85,7 +132,7 @@ def load_protocol(path: str | Path) -> ExtrapolationConfig:
     import yaml
 
     from uhg.config.loading import describe_errors
-    from uhg.config.shipped import find_config
+    from uhg.config.shipped import find_config, is_name, resolve_reference
 
     path = find_config(path, "protocol")
     try:
@@ -96,6 +143,11 @@ def load_protocol(path: str | Path) -> ExtrapolationConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping (geometry, model, condition, training_range, ...)")
+    machine = raw.get("machine")
+    if isinstance(machine, str | list):  # scenario files resolve from the protocol's folder; names stay names
+        files = [m if not isinstance(m, str) or is_name(m) else str(resolve_reference(m, path.parent, "machine"))
+                 for m in (machine if isinstance(machine, list) else [machine])]
+        raw["machine"] = files if isinstance(machine, list) else files[0]
     try:
         cfg = ExtrapolationConfig.model_validate(raw)
     except ValidationError as err:
@@ -106,6 +158,16 @@ def load_protocol(path: str | Path) -> ExtrapolationConfig:
     if SCANNED[geom.kind] != cfg.condition:
         raise ConfigError(f"{path}: condition {cfg.condition!r} does not apply to {geom.kind} geometry "
                           f"{cfg.geometry!r}; use {SCANNED[geom.kind]!r}")
+    if cfg.machine is not None:
+        if geom.kind != "pixel":
+            raise ConfigError(f"{path}: machine: scenarios are for the PXD background simulator, not {cfg.geometry!r}")
+        from uhg.sim.pxd_machine import load_scenario
+
+        for m in cfg.machine if isinstance(cfg.machine, list) else [cfg.machine]:
+            try:
+                load_scenario(m)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: machine: {err}") from None
     return cfg
 
 
@@ -118,12 +180,15 @@ class EventGenerator(Protocol):
                  batch_size: int = 16) -> HitBatch: ...
 
 
-def simulate_reference(geometry, condition: str, value: float, n_events: int, seed: int, first_event: int) -> HitBatch:
-    """Reference events at exactly `value` of `condition` from the reference simulator."""
+def simulate_reference(geometry, condition: str, value: float, n_events: int, seed: int, first_event: int,
+                       machine: str | None = None) -> HitBatch:
+    """Reference events at exactly `value` of `condition` from the reference simulator
+    (PXD: with machine scenario `machine`, default design)."""
     if geometry.kind == "pixel":
         from uhg.sim.pxd_background import simulate_pxd_background
 
-        return simulate_pxd_background(geometry, n_events, seed, first_event=first_event, luminosity=value)
+        return simulate_pxd_background(geometry, n_events, seed, first_event=first_event, luminosity=value,
+                                       scenario=machine)
     from uhg.sim.calo import simulate_calo_showers
 
     return simulate_calo_showers(geometry, n_events, seed, first_event=first_event,
@@ -180,9 +245,9 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
     `generate(conditions, seed, first_event, batch_size)` and `condition_names`)."""
     from uhg.geometry import get_geometry
 
+    if isinstance(cfg.machine, list):
+        raise ConfigError("machine lists several scenarios: run them with run_scenarios")
     geometry = get_geometry(cfg.geometry)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     if generator is None and cfg.model is not None:
         from uhg.models.generator import Generator
@@ -191,6 +256,12 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
     if generator is None:
         warnings.append("no model given (model: null): only the naive baseline is evaluated")
     else:
+        seeds = training_seeds_of(cfg, generator)
+        if seeds is None:
+            raise ConfigError(f"model {cfg.model} does not record the seeds of its training data, so the protocol "
+                              "cannot check that its reference samples are independent of them: set training_seeds")
+        if problem := seed_conflict(cfg, seeds):
+            raise ConfigError(f"model {cfg.model}: {problem}")
         model_geometry = getattr(getattr(generator, "geometry", None), "name", cfg.geometry)
         if model_geometry != cfg.geometry:
             raise ConfigError(f"model {cfg.model} was trained for geometry {model_geometry!r}, the protocol names "
@@ -203,6 +274,8 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
             warnings.append(f"the model declares the training range [{declared[0]:.4g}, {declared[1]:.4g}] for "
                             f"{cfg.condition}, the protocol says [{cfg.training_range[0]:.4g}, "
                             f"{cfg.training_range[1]:.4g}]; points are flagged against the protocol's range")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     kind = geometry.kind
     method = cfg.baseline if cfg.baseline != "auto" else (
         "scale" if kind == "calo" and getattr(geometry, "readout", "analog") == "analog" else "overlay")
@@ -215,8 +288,9 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
         point_dir = out / label
         point_dir.mkdir(parents=True, exist_ok=True)
         first = k * n  # distinct event streams per condition point
-        ref_b = simulate_reference(geometry, cfg.condition, value, n, cfg.seed + 1, first)
-        ref2_b = simulate_reference(geometry, cfg.condition, value, n, cfg.seed + 2, first)
+        seeds = cfg.simulator_seeds()
+        ref_b = simulate_reference(geometry, cfg.condition, value, n, seeds["reference"], first, cfg.machine)
+        ref2_b = simulate_reference(geometry, cfg.condition, value, n, seeds["reference 2"], first, cfg.machine)
         feats = {"reference": features_of(ref_b, geometry), "reference 2": features_of(ref2_b, geometry)}
         if generator is not None:
             conds = {name: ref_b.conditions[name] for name in generator.condition_names if name in ref_b.conditions}
@@ -240,8 +314,11 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
                                     n_repeats=cfg.classifier_repeats, seed=cfg.seed)
             comparisons[role] = c
         figures = make_plots(feats, point_dir) if cfg.plots_per_condition else []
+        observables = _observables(kind, feats)
+        if generator is not None and kind == "pixel":
+            observables |= _law_band(generator, ref_b.conditions)
         point = PointResult(value, value / hi, lo <= value <= hi * (1 + 1e-9), comparisons.get("generated"),
-                            comparisons.get("baseline"), _observables(kind, feats), label)
+                            comparisons.get("baseline"), observables, label)
         _write_point(point, cfg, point_dir, figures, unit)
         points.append(point)
 
@@ -253,16 +330,102 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
     return result
 
 
+def _law_band(generator: Any, conditions: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """The count law's predicted mean occupancy (%) at the reference conditions with its
+    parameter-uncertainty band, when the model has such a law (empty otherwise)."""
+    law = getattr(getattr(generator, "module", None), "counts", None)
+    norm = getattr(getattr(generator, "family", None), "condition_norm", None)
+    if law is None or norm is None or not hasattr(law, "occupancy_band"):
+        return {}
+    import torch
+
+    cond = norm({k: torch.as_tensor(np.asarray(v, np.float64)) for k, v in conditions.items() if k in norm.names})
+    band = law.occupancy_band(cond.to(next(law.parameters()).device))
+    if band is None:
+        return {}
+    mean, low, high = (100 * float(x) for x in band)
+    return {"law mean occupancy [%]": {"predicted": mean, "band low": low, "band high": high}}
+
+
+def run_scenarios(cfg: ExtrapolationConfig, logger=None) -> list[ExtrapolationResult]:
+    """The protocol once per machine scenario of `cfg.machine` (a list), into out/<scenario>,
+    with `model` formatted with {machine}; writes out/scenarios.md and scenarios.json."""
+    from uhg.sim.pxd_machine import load_scenario
+
+    machines = cfg.machine if isinstance(cfg.machine, list) else [cfg.machine]
+    out = Path(cfg.out)
+    results = []
+    for m in machines:
+        name = load_scenario(m).name
+        model = cfg.model.format(machine=name) if cfg.model is not None else None
+        one = cfg.model_copy(update={"machine": m, "model": model, "out": str(out / name)})
+        results.append(run_protocol(one, logger=logger))
+    out.mkdir(parents=True, exist_ok=True)
+    table = scenario_table(results)
+    (out / "scenarios.json").write_text(json.dumps(finite_or_null(table), indent=2))
+    (out / "scenarios.md").write_text(scenario_markdown(table))
+    return results
+
+
+def scenario_table(results: list[ExtrapolationResult]) -> list[dict[str, Any]]:
+    """One row per (scenario, point): mean occupancy of every sample, relative errors and the
+    per-sensor occupancy MRE of generated and baseline with its floor."""
+    rows = []
+    for res in results:
+        for p in res.points:
+            occ = p.observables.get("mean occupancy [%]", {})
+            ref = occ.get("reference", math.nan)
+            row = {"machine": res.config.machine, "model": res.config.model, "value": p.value, "factor": p.factor,
+                   "in_training_range": p.in_training_range, "occupancy": occ,
+                   "law": p.observables.get("law mean occupancy [%]")}
+            for role in ("generated", "baseline", "reference 2"):
+                if role in occ:
+                    row[f"{role} mean occupancy error"] = occ[role] / ref - 1
+            for role in ("generated", "baseline"):
+                c = getattr(p, role)
+                r = c.get("occupancy_per_sensor", "mean_abs_rel_error") if c else None
+                if r is not None:
+                    row[f"{role} per-sensor MRE"] = r.value
+                    row["per-sensor MRE floor"] = r.floor
+            rows.append(row)
+    return rows
+
+
+def scenario_markdown(rows: list[dict[str, Any]]) -> str:
+    def pct(x):
+        return "—" if x is None or not math.isfinite(x) else f"{100 * x:+.1f} %"
+
+    def num(x):
+        return "—" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+    md = ["# Zero-shot extrapolation per machine scenario", "",
+          "Mean occupancy error = sample / reference - 1 (floor: the second reference sample); per-sensor MRE: "
+          "mean relative error of the per-sensor occupancy (floor: reference vs reference 2).", "",
+          "| scenario | L / training max | reference occ. [%] | generated | law prediction [band] | naive baseline | "
+          "floor | per-sensor MRE generated | baseline | floor |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        law = r.get("law")
+        law_text = "—" if not law else (f"{law['predicted']:.3g} [{law['band low']:.3g}, {law['band high']:.3g}]")
+        md.append(f"| {r['machine']} | {r['factor']:.3g}{'' if r['in_training_range'] else ' (outside)'} | "
+                  f"{num(r['occupancy'].get('reference'))} | {pct(r.get('generated mean occupancy error'))} | {law_text} | "
+                  f"{pct(r.get('baseline mean occupancy error'))} | {pct(r.get('reference 2 mean occupancy error'))} | "
+                  f"{num(r.get('generated per-sensor MRE'))} | {num(r.get('baseline per-sensor MRE'))} | "
+                  f"{num(r.get('per-sensor MRE floor'))} |")
+    return "\n".join(md) + "\n"
+
+
 def _baseline(method: str, geometry, cfg: ExtrapolationConfig, value: float, n: int, first: int) -> HitBatch:
     hi = cfg.training_range[1]
     ratio = value / hi
-    rng = np.random.default_rng([cfg.seed + 4, first])
+    seed = cfg.simulator_seeds()["baseline"]
+    rng = np.random.default_rng([seed, first])
     if method == "scale":
-        train = simulate_reference(geometry, cfg.condition, hi, n, cfg.seed + 4, first)
+        train = simulate_reference(geometry, cfg.condition, hi, n, seed, first)
         return baselines.scale_baseline(train, ratio)
     # overlay: training events come from a stream disjoint from the reference's
     batch = baselines.overlay_baseline(
-        lambda m, offset: simulate_reference(geometry, cfg.condition, hi, m, cfg.seed + 4, first * 16 + offset),
+        lambda m, offset: simulate_reference(geometry, cfg.condition, hi, m, seed, first * 16 + offset, cfg.machine),
         geometry, ratio, n, rng)
     conds = {k: np.full(n, value) if k == cfg.condition else v for k, v in batch.conditions.items()}
     return HitBatch(batch.kind, batch.columns, batch.offsets, conds)

@@ -1,8 +1,11 @@
 """Conditions of generated events: what `uhg generate` and `uhg overlay` hand the generator,
 and how a store declares them.
 
-Units: `uhg.data.hits.CONDITION_UNITS`. Beam currents a PXD generator needs but the user did
-not give follow from the luminosity through the SuperKEKB machine model (`with_beam_currents`).
+Units: `uhg.data.hits.CONDITION_UNITS`. Beam currents and beta_y* a PXD generator needs but the
+user did not give follow from the luminosity through the SuperKEKB machine scenario the
+generator was trained on, as its export records it (the design scenario when it does not;
+`with_beam_currents`). `range_warnings` says how far requested conditions lie outside the
+training range.
 Calorimeter energies are drawn per event from the event's own stream (`condition_rng`), so a
 store is identical for the same seed however it is split into parts.
 """
@@ -22,21 +25,52 @@ from uhg.data.hits import CONDITION_UNITS
 from uhg.errors import ConditionError, ConfigError
 
 BEAM_CURRENTS = ("her_current", "ler_current")
+MACHINE_CONDITIONS = (*BEAM_CURRENTS, "beta_y_star")
+"""PXD conditions that follow from the luminosity in a machine scenario when not given."""
 
 
-def with_beam_currents(given: Mapping[str, Any], needed: Iterable[str]) -> dict[str, Any]:
-    """`given` plus the beam currents (A) among `needed` that it lacks, from its luminosity
-    (cm^-2 s^-1; a scalar or per-event array, returned in the same shape) and the machine
-    model's design current ratio (`uhg.sim.pxd_machine.currents_for_luminosity`)."""
+def with_beam_currents(given: Mapping[str, Any], needed: Iterable[str],
+                       machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`given` plus the beam currents (A) and beta_y* (mm) among `needed` that it lacks, from its
+    luminosity (cm^-2 s^-1; a scalar or per-event array, returned in the same shape) in the
+    machine scenario `machine` (a `uhg.sim.pxd_machine.MachineScenario` as a dict, e.g. the one
+    an export records; None: the design scenario)."""
     out = dict(given)
-    wanted = [n for n in BEAM_CURRENTS if n in set(needed) and n not in out]
+    wanted = [n for n in MACHINE_CONDITIONS if n in set(needed) and n not in out]
     if wanted and "luminosity" in out:
-        from uhg.sim.pxd_machine import currents_for_luminosity
+        from uhg.sim.pxd_machine import MachineScenario, load_scenario
 
+        scenario = MachineScenario.model_validate(machine) if machine else load_scenario()
         lum = out["luminosity"]
-        currents = dict(zip(BEAM_CURRENTS, currents_for_luminosity(lum), strict=True))
+        derived = scenario.conditions(lum)
         scalar = np.ndim(lum) == 0
-        out |= {k: float(currents[k]) if scalar else np.asarray(currents[k], np.float64) for k in wanted}
+        out |= {k: float(derived[k]) if scalar else np.asarray(derived[k], np.float64) for k in wanted}
+    return out
+
+
+def range_warnings(condition_norm: Mapping[str, Any], values: Mapping[str, float | tuple[float, float]]) -> list[str]:
+    """How far each requested condition lies outside the model's training range.
+
+    `condition_norm`: the export's `condition_norm` (names, log, center, scale); `values`:
+    {name: value or (min, max)} in physical units. One message per condition outside the range,
+    e.g. "luminosity 2.4e+36 is 3x the training maximum 8e+35 ...": a count or response law
+    extrapolates as its fitted form does, which the training data cannot confirm there."""
+    out = []
+    for name, lg, c, s in zip(condition_norm["names"], condition_norm["log"], condition_norm["center"],
+                              condition_norm["scale"], strict=True):
+        if name not in values or not lg:
+            continue
+        lo, hi = math.exp(c - s), math.exp(c + s)
+        v = values[name]
+        v_lo, v_hi = (v, v) if isinstance(v, (int, float)) else v
+        if v_hi > hi * (1 + 1e-6):
+            out.append(f"{name} {v_hi:.4g} is {v_hi / hi:.3g}x the training maximum {hi:.4g} (training range "
+                       f"{lo:.4g} .. {hi:.4g}; {math.log(v_hi / hi) / (2 * s):.2f} training widths beyond it in log): "
+                       "the model extrapolates there")
+        if v_lo < lo * (1 - 1e-6):
+            out.append(f"{name} {v_lo:.4g} is {v_lo / lo:.3g}x the training minimum {lo:.4g} (training range "
+                       f"{lo:.4g} .. {hi:.4g}; {math.log(lo / v_lo) / (2 * s):.2f} training widths below it in log): "
+                       "the model extrapolates there")
     return out
 
 
@@ -52,8 +86,10 @@ def condition_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def event_conditions(generator, start: int, stop: int, seed: int, luminosity: float | None = None,
-                     energy_min: float | None = None, energy_max: float | None = None) -> dict[str, np.ndarray]:
-    """{name: (stop-start,) float64} conditions of events start..stop-1."""
+                     energy_min: float | None = None, energy_max: float | None = None,
+                     machine: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """{name: (stop-start,) float64} conditions of events start..stop-1 (PXD: the luminosity and
+    what follows from it in the machine scenario `machine`, see `with_beam_currents`)."""
     n = stop - start
     names = generator.condition_names
     if generator.kind == "pixel":
@@ -61,7 +97,7 @@ def event_conditions(generator, start: int, stop: int, seed: int, luminosity: fl
             raise ConditionError("a PXD generator needs --luminosity (cm^-2 s^-1)")
         if luminosity <= 0:
             raise ConditionError(f"--luminosity must be positive, got {luminosity}")
-        conds = with_beam_currents({"luminosity": np.full(n, float(luminosity))}, BEAM_CURRENTS)
+        conds = with_beam_currents({"luminosity": np.full(n, float(luminosity))}, MACHINE_CONDITIONS, machine)
     else:
         if energy_min is None or energy_max is None:
             raise ConditionError("a calorimeter generator needs --energy-min and --energy-max (MeV)")
@@ -119,8 +155,8 @@ def cli_conditions(info: dict[str, Any], n_events: int, seed: int, *, conditions
                    energy_max: float | None = None) -> dict[str, np.ndarray]:
     """Per-event conditions for `uhg generate` with the model described by `info`
     (`uhg.generate.distributed.describe_model`): from a file (JSON/YAML/NPZ, see
-    `load_conditions`; beam currents the model needs are derived from the luminosity), else
-    from the command line (`event_conditions`)."""
+    `load_conditions`; beam currents and beta_y* the model needs are derived from the
+    luminosity in its training scenario), else from the command line (`event_conditions`)."""
     from types import SimpleNamespace
 
     from uhg.geometry import get_geometry
@@ -128,6 +164,6 @@ def cli_conditions(info: dict[str, Any], n_events: int, seed: int, *, conditions
     if conditions_file is not None:
         if luminosity is not None or energy_min is not None or energy_max is not None:
             raise ConfigError("--conditions FILE replaces --luminosity / --energy-min / --energy-max; give one or the other")
-        return with_beam_currents(load_conditions(conditions_file, n_events), info["conditions"])
+        return with_beam_currents(load_conditions(conditions_file, n_events), info["conditions"], info.get("machine"))
     shape = SimpleNamespace(condition_names=info["conditions"], kind=get_geometry(info["geometry"]).kind)
-    return event_conditions(shape, 0, n_events, seed, luminosity, energy_min, energy_max)
+    return event_conditions(shape, 0, n_events, seed, luminosity, energy_min, energy_max, info.get("machine"))

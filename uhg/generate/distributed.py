@@ -46,7 +46,9 @@ def describe_model(reference: str, cache_dir: str | os.PathLike | None = None) -
     and read its sidecar (`generator.json`; no weights are loaded here). MLflow references are
     downloaded into `cache_dir` (default: a new temporary folder).
 
-    Returns {reference, path, id, geometry (name), conditions (names the generator needs)}.
+    Returns {reference, path, id, geometry (name), conditions (names the generator needs),
+    condition_norm (the training range, see `uhg.generate.conditions.range_warnings`), machine
+    (the PXD machine scenario of the training data as a dict, or None when not recorded)}.
     Raises ConfigError when the reference names nothing, CheckpointError when it is no export.
     """
     from uhg.tracking.models import resolve_model_uri
@@ -58,11 +60,13 @@ def describe_model(reference: str, cache_dir: str | os.PathLike | None = None) -
                               "(export one with `uhg train` or `uhg.train.export.export_generator`)")
     try:
         meta = json.loads(sidecar.read_text())
-        geometry, conditions = str(meta["geometry"]), list(meta["condition_norm"]["names"])
+        geometry, norm = str(meta["geometry"]), dict(meta["condition_norm"])
+        conditions = list(norm["names"])
+        machine = (meta.get("training_data") or {}).get("machine")
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"model {reference!r}: {sidecar} is not a valid generator sidecar ({err})") from err
     return {"reference": str(reference), "path": str(path), "id": model_id(path), "geometry": geometry,
-            "conditions": conditions}
+            "conditions": conditions, "condition_norm": norm, "machine": machine}
 
 
 def open_generator(path: str | os.PathLike, device: str = "cpu"):

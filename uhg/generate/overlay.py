@@ -171,7 +171,7 @@ def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: st
         if model_info["geometry"] != geometry.name:
             raise GeometryError(f"model {model!r} generates geometry {model_info['geometry']!r} but signal store "
                                 f"{signal_path} holds {geometry.name!r}; they must match")
-        given = with_beam_currents(dict(conditions or {}), model_info["conditions"])
+        given = with_beam_currents(dict(conditions or {}), model_info["conditions"], model_info["machine"])
         missing = [n for n in model_info["conditions"] if n not in given]
         if missing:
             raise ConditionError(f"model {model!r} needs conditions {model_info['conditions']}; missing {missing} "

@@ -174,9 +174,7 @@ class HitTransformer(nn.Module):
     `uhg.models.common.ConditionNorm` (C = len(config.conditions)); `forward` is the training
     loss so a DeepSpeed engine can wrap the module."""
 
-    def __init__(self, config: TransformerConfig, layout: TokenLayout, condition_log_scale: float | None = None):
-        """condition_log_scale: half-width in log of the first condition's training range (its
-        ConditionNorm scale); needed by count_exponents to turn powers into normalised units."""
+    def __init__(self, config: TransformerConfig, layout: TokenLayout):
         super().__init__()
         self.config, self.layout = config, layout
         d, L = config.d_model, layout
@@ -231,8 +229,8 @@ class HitTransformer(nn.Module):
             nn.init.normal_(emb.weight, std=0.02)
         self.counts = None
         if config.multiplicity == "count":
-            self.counts = CountLaw(L.n_units, n_cond, L.positions_per_unit,
-                                   config.count_exponents, condition_log_scale)
+            self.counts = CountLaw(L.n_units, n_cond, L.positions_per_unit, config.count_law, config.count_terms,
+                                   config.count_bootstrap)
             self.count_in, self.remain_in = nn.Linear(1, d), nn.Linear(1, d)
         self.response = ResponseLaw(n_cond) if config.response_model else None
 

@@ -43,15 +43,9 @@ class TransformerFamily:
                               f"calorimeter (use token: pixel)")
         if cfg.response_model and self.layout.kind == "pixel":
             raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
-        self.log_scale = None
-        if cfg.count_exponents is not None:
-            if not condition_norm.log[0]:
-                raise ConfigError(f"model.count_exponents needs a positive (log-scaled) condition; "
-                                  f"{condition_norm.names[0]!r} is not log-scaled in this training range")
-            self.log_scale = condition_norm.scale[0]
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": HitTransformer(self.cfg, self.layout, self.log_scale)}
+        return {"model": HitTransformer(self.cfg, self.layout)}
 
 
     @torch.no_grad()

@@ -59,46 +59,116 @@ def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x[:, None, :] * w[None]).sum(-1)
 
 
-class CountLaw(nn.Module):
-    """Hits per unit: NB(mean, r_u), mean = P_u sigmoid(eta), P_u the unit's grid positions.
+COUNT_LAWS = ("power", "powers", "quadratic")
 
-    Without exponents, eta = a_u + b_u . x over the normalised conditions x (log of the physical
-    ones), i.e. a power law c^(b_u / scale) at low occupancy. With exponents p_k (one condition,
-    physical log-scale `log_scale` = scale of its normalisation),
-    eta = log sum_k exp(a_uk + p_k log_scale x): a sum of fixed powers of the condition (expected
-    hits per position P_u x).
+
+class CountLaw(nn.Module):
+    """Hits per unit: NB(mean, r_u), mean = P_u sigmoid(eta), P_u the unit's grid positions, x
+    the normalised conditions (log of the physical ones, training range -> [-1, 1]). The
+    dependence on every condition is learned; nothing about the physics of the detector is
+    fixed in advance. Forms (`form`):
+
+    - power: eta = a_u + b_u . x, one power law per unit with its own free exponents;
+    - powers: eta = log sum_k exp(a_uk + beta_k . x), K = `terms` power-law components whose
+      real exponents beta_k (one per condition) are shared by all units and whose amplitudes
+      a_uk are per unit: backgrounds made of processes that scale differently, each with its
+      own pattern over the units; the effective exponent of every unit can only grow with the
+      conditions (a log-sum-exp is convex), which is how a mixture of power laws behaves;
+    - quadratic: eta = a_u + (b + d_u) . x + x^T Q x, a shared slope b and symmetric Q and
+      per-unit slope deviations d_u shrunk towards 0 (`SHRINK`): a low-order polynomial in the
+      log-conditions whose per-unit part stays as precise as the data on each unit allow.
+
+    All three saturate at the full grid (sigmoid). docs/transformer.md has the measurement that
+    chose the default.
 
     Event-wide fluctuations (all sensors of an event busier together) come from a one-factor
     Gaussian copula: the normal score of unit u's count is l_u g + sqrt(1 - l_u^2) e_u with one
     g per event. The marginal of each unit stays exactly its NB law, so the mean occupancy a
     law predicts is what generation delivers; l_u is fitted on the normal scores of the data.
     (An event latent inside eta would be inferred from the counts themselves in training and
-    let the law's own mean drift away from the data's.)"""
+    let the law's own mean drift away from the data's.)
 
-    def __init__(self, n_units: int, n_cond: int, positions: int,
-                 exponents: list[float] | None = None, log_scale: float | None = None):
+    Parameter uncertainty: `bootstrap` holds the mean parameters refitted on resampled training
+    events (`set_bootstrap`), from which `occupancy_band` gives a band on the predicted mean
+    occupancy (+- one standard deviation of the refits' predictions)."""
+
+    def __init__(self, n_units: int, n_cond: int, positions: int, form: str = "quadratic", terms: int = 2,
+                 bootstrap: int = 0):
         super().__init__()
+        if form not in COUNT_LAWS:
+            raise ValueError(f"count law form must be one of {COUNT_LAWS}, got {form!r}")
+        self.form = form
+        c = max(n_cond, 1)
         self.register_buffer("positions", torch.full((n_units,), float(positions)))
         init = math.log(INIT_FRACTION / (1 - INIT_FRACTION))
-        if exponents is not None:
-            if n_cond != 1 or log_scale is None:
-                raise ValueError("count exponents need exactly one log-scaled condition")
-            self.register_buffer("exponents", torch.tensor([float(p) for p in exponents]) * float(log_scale))
-            self.amplitude = nn.Parameter(torch.full((n_units, len(exponents)), init - math.log(len(exponents))))
+        if form == "powers":
+            self.amplitude = nn.Parameter(torch.full((n_units, terms), init - math.log(terms)))
+            # distinct starting exponents, or every term would stay a copy of the others
+            spread = torch.linspace(-0.5, 0.5, terms) if terms > 1 else torch.zeros(1)
+            self.exponent = nn.Parameter((1.0 + spread)[:, None].repeat(1, c) / c)
         else:
-            self.exponents = None
             self.bias = nn.Parameter(torch.full((n_units,), init))
-            self.slope = nn.Parameter(torch.zeros(n_units, max(n_cond, 1)))
+            self.slope = nn.Parameter(torch.zeros(n_units, c))
+            if form == "quadratic":
+                self.shared_slope = nn.Parameter(torch.zeros(c))
+                self.curvature = nn.Parameter(torch.zeros(c, c))
         # atanh of l_u; not 0, where the copula density is flat in every loading (a saddle)
         self.loading = nn.Parameter(torch.full((n_units,), math.atanh(0.3)))
         self.log_dispersion = nn.Parameter(torch.full((n_units,), math.log(20.0)))
+        self.register_buffer("bootstrap", torch.zeros(bootstrap, self.n_mean_parameters()))
 
-    def eta(self, cond: torch.Tensor) -> torch.Tensor:
-        """(B, U) logit of the expected occupancy of each unit. cond (B, C)."""
-        if self.exponents is not None:
-            return torch.logsumexp(self.amplitude[None] + cond[:, :1, None] * self.exponents[None, None], -1)
+    def mean_parameters(self) -> list[nn.Parameter]:
+        """The parameters that set the expected counts (the bootstrap refits these)."""
+        names = {"powers": ("amplitude", "exponent"), "power": ("bias", "slope"),
+                 "quadratic": ("bias", "slope", "shared_slope", "curvature")}[self.form]
+        return [getattr(self, n) for n in names]
+
+    def n_mean_parameters(self) -> int:
+        return sum(p.numel() for p in self.mean_parameters())
+
+    def eta(self, cond: torch.Tensor, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, U) logit of the expected occupancy of each unit. cond (B, C); `params`: mean
+        parameters to use instead of the module's (same shapes as `mean_parameters`)."""
         x = cond if cond.shape[1] else cond.new_zeros(len(cond), 1)
-        return self.bias[None] + _dot(x, self.slope)
+        p = params if params is not None else self.mean_parameters()
+        if self.form == "powers":
+            amplitude, exponent = p
+            return torch.logsumexp(amplitude[None] + _dot(x, exponent)[:, None, :], -1)
+        if self.form == "power":
+            return p[0][None] + _dot(x, p[1])
+        bias, unit_slope, slope, curvature = p
+        q = (curvature + curvature.T) / 2
+        return bias[None] + _dot(x, unit_slope + slope[None]) + ((x @ q) * x).sum(-1, keepdim=True)
+
+    def mean_occupancy(self, cond: torch.Tensor, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B,) expected fraction of fired positions over all units."""
+        mean = self.positions[None] * torch.sigmoid(self.eta(cond, params))
+        return mean.sum(-1) / self.positions.sum()
+
+    def set_bootstrap(self, samples: torch.Tensor) -> None:
+        """Store (n, n_mean_parameters) refitted mean parameters."""
+        self.bootstrap = samples.detach().to(self.bootstrap.dtype).clone()
+
+    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, i = [], 0
+        for p in self.mean_parameters():
+            out.append(flat[i:i + p.numel()].view_as(p).to(p.dtype))
+            i += p.numel()
+        return out
+
+    def occupancy_band(self, cond: torch.Tensor) -> tuple[float, float, float] | None:
+        """(predicted, low, high) mean occupancy over the events `cond` (B, C): the law's own
+        prediction +- the standard deviation of the bootstrap refits' predictions (None without
+        a bootstrap). A standard deviation, not quantiles: with heavy-tailed counts (injection
+        bursts) a few refits land far off, and 16 refits give unstable quantiles."""
+        if len(self.bootstrap) < 2:
+            return None
+        with torch.no_grad():
+            cond = cond.to(self.positions.dtype)
+            mean = float(self.mean_occupancy(cond).mean())
+            draws = torch.stack([self.mean_occupancy(cond, self._unflatten(b)).mean() for b in self.bootstrap])
+            sd = float(draws.double().std())
+        return mean, mean - sd, mean + sd
 
     def mean(self, cond: torch.Tensor) -> torch.Tensor:
         """(B, U) expected hits."""
@@ -218,10 +288,50 @@ def fit_law(law: nn.Module, loss_fn, max_iter: int = 200) -> float:
     return final
 
 
+RIDGE = 1e-4  # per-event weight of a ridge on the shared exponent-like parameters: conditions that
+# move together in the training data (currents that follow the luminosity) make only their sum identifiable
+SHRINK = 1.0  # per-event weight of the ridge on per-unit slope deviations (quadratic): one unit's
+# counts are far noisier than the detector's (curlers leave many hits on one sensor), and a noisy
+# slope is multiplied by the distance beyond the training range
+
+
+def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Mean negative NB log-likelihood per event plus the ridges on the shape parameters."""
+    nll = -law.marginal_log_prob(counts, cond).mean()
+    if law.form == "quadratic":
+        _, unit_slope, slope, curvature = law.mean_parameters()
+        return nll + SHRINK * unit_slope.square().sum() + RIDGE * (slope.square().sum() + curvature.square().sum())
+    return nll + RIDGE * sum(p.square().sum() for p in law.mean_parameters()[1:])
+
+
+def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """Maximum-likelihood fit of `law` to hits per unit `counts` (N, U) at normalised
+    conditions `cond` (N, C): NB marginals, then the copula loadings on the normal scores; then,
+    when the law has a bootstrap buffer, refits of the mean parameters on events resampled with
+    replacement (seeded, so deterministic), stored for `occupancy_band`. Returns the losses."""
+    out = {"law_count_nll": fit_law(law, lambda m: count_law_loss(m, counts, cond))}
+    y = law.scores(counts, cond.to(law.loading.dtype)).double()
+    out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
+    n_boot = len(law.bootstrap)
+    if n_boot:
+        fitted = [p.detach().clone() for p in law.parameters()]
+        gen = torch.Generator().manual_seed(seed)
+        samples = []
+        for _ in range(n_boot):
+            idx = torch.randint(len(counts), (len(counts),), generator=gen)
+            fit_law(law, lambda m, i=idx: count_law_loss(m, counts[i], cond[i]), max_iter=100)
+            samples.append(torch.cat([p.detach().double().reshape(-1) for p in law.mean_parameters()]))
+            with torch.no_grad():  # every refit starts from the fit to all events
+                for p, f in zip(law.parameters(), fitted, strict=True):
+                    p.copy_(f)
+        law.set_bootstrap(torch.stack(samples))
+    return out
+
+
 def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     """Hits (or hits still to place) as an O(1) input: log(1 + n) / log(1 + positions)."""
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["CountLaw", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "count_law_loss", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
            "one_factor_log_density"]

@@ -17,8 +17,10 @@ Calibration (at `L_CAL` = 8e35 cm^-2 s^-1, design currents; targets in DESIGN.md
 - `SENSOR_OCCUPANCY`: the 40 published per-sensor occupancies O_s. A pixel fires with
   probability 1 - exp(-lambda_s) for a Poisson density lambda_s of cluster pixels, so the
   simulator aims at lambda_s = -ln(1 - O_s) fired-pixel equivalents per pixel.
-- `LAYER_SHARES`: fraction of lambda_s from each process at the calibration point. The
-  two-photon part of layer 1 is fixed to 0.45 by the curler rate; the curler geometry then
+- Layer shares (the machine scenario's `share`): fraction of lambda_s from each process at the
+  calibration point (design: layer 1 two-photon 0.45, radiative Bhabha 0.10, Touschek 0.15,
+  beam-gas 0.14, SR 0.16; layer 2 proportions 0.13 : 0.22 : 0.22 : 0.10). The
+  two-photon part of layer 1 is fixed by the curler rate; the curler geometry then
   fixes it on layer 2. The rest of lambda_s is split between the other four processes in the
   given proportions; its azimuthal modulation around the (layer, forward/backward) mean comes
   from beam losses, which concentrate in the horizontal plane, and is given to Touschek and
@@ -46,17 +48,11 @@ from functools import cache
 import numpy as np
 
 from uhg.data.hits import HitBatch
-from uhg.errors import ConditionError, GeometryError
+from uhg.errors import ConditionError, ConfigError, GeometryError
 from uhg.geometry.pxd import LADDERS_PER_LAYER, PixelGeometry, pxd_geometry
 from uhg.seeding import event_rng
 from uhg.sim.pxd_clusters import CHARGE_MODEL, HEAVY, PHOTON, TRACK, ChargeModel, Clusters, digitize, incidence, split_keys
-from uhg.sim.pxd_machine import (
-    L_CAL,
-    PROCESSES,
-    check_conditions,
-    currents_for_luminosity,
-    process_rates,
-)
+from uhg.sim.pxd_machine import L_CAL, PROCESSES, MachineScenario, as_scenario, check_conditions
 from uhg.sim.pxd_tracks import crossing_pixels, helix_crossings
 
 SENSOR_OCCUPANCY = np.array([
@@ -65,13 +61,6 @@ SENSOR_OCCUPANCY = np.array([
     0.49, 0.45, 0.53, 0.48, 0.57, 0.51, 0.61, 0.54,
 ]) / 100.0
 """Mean occupancy per sensor at L_CAL (fraction; canonical sensor order, threshold 7 ADU)."""
-
-LAYER_SHARES = {
-    1: {"two_photon": 0.45, "rad_bhabha": 0.10, "touschek": 0.15, "beam_gas": 0.14, "synchrotron": 0.16},
-    2: {"rad_bhabha": 0.13, "touschek": 0.22, "beam_gas": 0.22, "synchrotron": 0.10},
-}
-"""Process shares of the fired pixels at L_CAL per layer (layer 2: proportions of the
-non-two-photon part; its two-photon share follows from the curler geometry)."""
 
 PROCESS_CLUSTER_TYPES = {
     "rad_bhabha": {PHOTON: 0.40, HEAVY: 0.60},
@@ -177,15 +166,20 @@ def _process_clusters(geometry: PixelGeometry, sensor: np.ndarray, process: np.n
     return Clusters(sensor, row, col, du, dv, path, kind)
 
 
-def calibration(geometry: PixelGeometry, model: ChargeModel = CHARGE_MODEL) -> Calibration:
-    """Rates reproducing `SENSOR_OCCUPANCY` and `LAYER_SHARES` at L_CAL on `geometry`'s grid
-    (Monte Carlo with a fixed seed, so deterministic; computed once per grid and charge model:
-    coarse grids lose a larger share of cluster charge over the sensor edges)."""
-    return _calibration(geometry.rows, geometry.cols, model)
+def calibration(geometry: PixelGeometry, model: ChargeModel = CHARGE_MODEL,
+                scenario: MachineScenario | str | None = None) -> Calibration:
+    """Rates reproducing `SENSOR_OCCUPANCY` and the scenario's layer shares at L_CAL on
+    `geometry`'s grid (Monte Carlo with a fixed seed, so deterministic; computed once per grid,
+    charge model and shares: coarse grids lose a larger share of cluster charge over the sensor
+    edges)."""
+    shares = as_scenario(scenario).layer_shares()
+    key = tuple((layer, tuple(sorted(s.items()))) for layer, s in sorted(shares.items()))
+    return _calibration(geometry.rows, geometry.cols, model, key)
 
 
 @cache
-def _calibration(rows: int, cols: int, model: ChargeModel) -> Calibration:
+def _calibration(rows: int, cols: int, model: ChargeModel, shares_key: tuple) -> Calibration:
+    layer_shares = {layer: dict(items) for layer, items in shares_key}
     rng = np.random.default_rng(20240611)
     grid = pxd_geometry("calibration", rows, cols)
     lam = -np.log1p(-SENSOR_OCCUPANCY)  # fired-pixel equivalents per pixel
@@ -197,7 +191,7 @@ def _calibration(rows: int, cols: int, model: ChargeModel) -> Calibration:
     fired = _fired_per_cluster(grid, curl, rng, model)
     per_curler = _group_mean(np.bincount(curl.sensor, fired, minlength=n_sensors) / n_mc) / grid.pixels_per_sensor
     layer1 = slice(0, N_LAYER1)
-    curler_rate = LAYER_SHARES[1]["two_photon"] * lam[layer1].mean() / per_curler[layer1].mean()
+    curler_rate = layer_shares[1]["two_photon"] * lam[layer1].mean() / per_curler[layer1].mean()
     curler_lam = curler_rate * per_curler
 
     # Other processes: mean fired pixels per cluster and layer.
@@ -211,16 +205,19 @@ def _calibration(rows: int, cols: int, model: ChargeModel) -> Calibration:
 
     rest = lam - curler_lam
     if np.any(rest <= 0):
-        raise RuntimeError("curler share exceeds a sensor's target occupancy; lower LAYER_SHARES two_photon")
+        raise ConfigError("machine scenario: the curlers of processes.two_photon.share.layer1 exceed a sensor's "
+                          "target occupancy; lower it")
     mean_rest = _group_mean(lam) - curler_lam
     modulation = lam - _group_mean(lam)
-    shares = np.array([[LAYER_SHARES[int(layer)][n] for n in names] for layer in _layer_of(np.arange(n_sensors))])
+    shares = np.array([[layer_shares[int(layer)][n] for n in names] for layer in _layer_of(np.arange(n_sensors))])
     shares /= shares.sum(axis=1, keepdims=True)
     process_lam = shares * mean_rest[:, None]
     loss = np.array([n in ("touschek", "beam_gas") for n in names])
     process_lam[:, loss] += modulation[:, None] * shares[:, loss] / shares[:, loss].sum(axis=1, keepdims=True)
     if np.any(process_lam <= 0):
-        raise RuntimeError("negative process rate in the calibration")
+        raise ConfigError("machine scenario: the touschek and beam_gas shares are too small to carry the "
+                          "azimuthal modulation of the per-sensor occupancy; raise processes.touschek.share or "
+                          "processes.beam_gas.share")
     cluster_rate = process_lam * grid.pixels_per_sensor / mean_fired
     return Calibration(cluster_rate, float(curler_rate), curler_lam / lam)
 
@@ -234,11 +231,13 @@ def _event_factors(rng: np.random.Generator) -> tuple[float, float]:
 
 
 def simulate_event(geometry: PixelGeometry, rates: np.ndarray, rng: np.random.Generator,
-                   model: ChargeModel = CHARGE_MODEL) -> tuple[np.ndarray, np.ndarray]:
+                   model: ChargeModel = CHARGE_MODEL, scenario: MachineScenario | str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """One event: (keys, adc) as from `digitize`; `rates` (5,) process rates relative to L_CAL."""
-    cal = calibration(geometry, model)
+    scenario = as_scenario(scenario)
+    cal = calibration(geometry, model, scenario)
     f_lumi, f_beam = _event_factors(rng)
-    factor = rates * np.array([f_lumi if p in ("two_photon", "rad_bhabha") else f_beam for p in PROCESSES])
+    factor = rates * np.where(scenario.luminosity_driven(), f_lumi, f_beam)
     n_curlers = rng.poisson(cal.curler_rate * factor[0])
     counts = rng.poisson(cal.cluster_rate * factor[1:][None, :])  # (40, 4)
     flat = counts.ravel()
@@ -252,13 +251,16 @@ def simulate_event(geometry: PixelGeometry, rates: np.ndarray, rng: np.random.Ge
 def simulate_pxd_background(geometry: PixelGeometry, n_events: int, seed: int, first_event: int = 0,
                             luminosity: float = L_CAL, her_current: float | None = None,
                             ler_current: float | None = None, luminosity_max: float | None = None,
-                            model: ChargeModel = CHARGE_MODEL) -> HitBatch:
+                            model: ChargeModel = CHARGE_MODEL,
+                            scenario: MachineScenario | str | None = None) -> HitBatch:
     """`n_events` PXD background readouts (pixel HitBatch, hits sorted and unique per event).
 
     Event i draws from `event_rng(seed, first_event + i, "pxd")`, so any split of a run into
-    parts gives the same events. Conditions per event: `luminosity` (cm^-2 s^-1; log-uniform in
-    [luminosity, luminosity_max] when a maximum is given), `her_current`, `ler_current` (A;
-    the given values, or the machine model's currents for the event's luminosity)."""
+    parts gives the same events. `scenario`: a `MachineScenario`, a shipped scenario name or a
+    YAML path (default: design). Conditions per event (`uhg.sim.pxd_machine.CONDITIONS`):
+    `luminosity` (cm^-2 s^-1; log-uniform in [luminosity, luminosity_max] when a maximum is
+    given), `her_current`, `ler_current` (A; the given values, or the scenario's currents for
+    the event's luminosity) and `beta_y_star` (mm, from the luminosity and the currents)."""
     if not isinstance(geometry, PixelGeometry):
         raise GeometryError(f"the PXD simulator needs a pixel geometry, got {getattr(geometry, 'name', geometry)!r}")
     if geometry.n_sensors != len(SENSOR_OCCUPANCY):
@@ -266,6 +268,7 @@ def simulate_pxd_background(geometry: PixelGeometry, n_events: int, seed: int, f
     if int(n_events) != n_events or n_events < 0:
         raise ConditionError(f"number of events must be a non-negative integer, got {n_events!r}")
     check_conditions(luminosity, luminosity_max, her_current, ler_current)
+    scenario = as_scenario(scenario)
     keys_all, adc_all, counts = [], [], np.zeros(n_events, np.int64)
     lum = np.empty(n_events)
     for i in range(n_events):
@@ -275,19 +278,11 @@ def simulate_pxd_background(geometry: PixelGeometry, n_events: int, seed: int, f
             lum[i] = min(max(draw, luminosity), luminosity_max)  # exp(log(x)) may round past x
         else:
             lum[i] = luminosity
-        if her_current is None:
-            her, ler = currents_for_luminosity(lum[i])
-        else:
-            her, ler = np.float64(her_current), np.float64(ler_current)
-        rates = process_rates(lum[i], her, ler)
-        keys, adc = simulate_event(geometry, rates, rng, model)
+        rates = scenario.process_rates(scenario.conditions(lum[i], her_current, ler_current))
+        keys, adc = simulate_event(geometry, rates, rng, model, scenario)
         keys_all.append(keys)
         adc_all.append(adc)
         counts[i] = len(keys)
-    if her_current is None:
-        her_all, ler_all = currents_for_luminosity(lum)
-    else:
-        her_all, ler_all = np.full(n_events, float(her_current)), np.full(n_events, float(ler_current))
     keys = np.concatenate(keys_all) if keys_all else np.zeros(0, np.int64)
     sensor, row, col = split_keys(geometry, keys)
     return HitBatch(
@@ -295,5 +290,5 @@ def simulate_pxd_background(geometry: PixelGeometry, n_events: int, seed: int, f
         {"sensor": sensor, "row": row, "col": col,
          "value": np.concatenate(adc_all) if adc_all else np.zeros(0, np.uint8)},
         np.concatenate([[0], np.cumsum(counts)]),
-        {"luminosity": lum, "her_current": her_all, "ler_current": ler_all},
+        scenario.conditions(lum, her_current, ler_current),
     )

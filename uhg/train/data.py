@@ -39,8 +39,11 @@ def _simulate_part(geometry_name: str, sim: dict, start: int, stop: int) -> HitB
     if geometry.kind == "pixel":
         from uhg.sim.pxd_background import simulate_pxd_background
 
+        from uhg.sim.pxd_machine import MachineScenario
+
         return simulate_pxd_background(geometry, stop - start, sim["seed"], first_event=start,
-                                       luminosity=sim["luminosity_min"], luminosity_max=sim["luminosity_max"])
+                                       luminosity=sim["luminosity_min"], luminosity_max=sim["luminosity_max"],
+                                       scenario=MachineScenario.model_validate(sim["machine"]))
     from uhg.sim.calo import simulate_calo_showers
 
     return simulate_calo_showers(geometry, stop - start, sim["seed"], first_event=start,
@@ -57,9 +60,14 @@ def simulate_store(path: Path, geometry_name: str, sim: SimulateConfig, progress
     if geometry.kind == "pixel":
         if sim.luminosity_min is None:
             raise ConfigError("data.simulate.luminosity_min is required for a pixel geometry")
+        from uhg.sim.pxd_machine import CONDITION_UNITS, load_scenario
+
         lmax = sim.luminosity_max if sim.luminosity_max is not None else sim.luminosity_min
-        conditions = {"luminosity": {"min": sim.luminosity_min, "max": lmax, "unit": "cm^-2 s^-1"}}
-        settings = {"seed": sim.seed, "luminosity_min": sim.luminosity_min, "luminosity_max": lmax}
+        scenario = load_scenario(sim.machine)
+        ends = scenario.conditions([sim.luminosity_min, lmax])
+        conditions = {k: {"min": float(v.min()), "max": float(v.max()), "unit": CONDITION_UNITS[k]} for k, v in ends.items()}
+        settings = {"seed": sim.seed, "luminosity_min": sim.luminosity_min, "luminosity_max": lmax,
+                    "machine": scenario.model_dump(mode="json")}
         kind = "pixel"
     else:
         if sim.energy_min is None or sim.energy_max is None:
@@ -67,9 +75,6 @@ def simulate_store(path: Path, geometry_name: str, sim: SimulateConfig, progress
         conditions = {"incident_energy": {"min": sim.energy_min, "max": sim.energy_max, "unit": "MeV"}}
         settings = {"seed": sim.seed, "energy_min": sim.energy_min, "energy_max": sim.energy_max}
         kind = "calo"
-    if kind == "pixel":
-        conditions.update({"her_current": {"min": 0.0, "max": 10.0, "unit": "A"},
-                           "ler_current": {"min": 0.0, "max": 10.0, "unit": "A"}})
     create_store(path, kind, geometry_name, sim.n_events, sim.part_size, conditions=conditions,
                  attributes={"simulator": "uhg.sim", **settings}, seed=sim.seed)
     fill_store(path, functools.partial(_simulate_part, geometry_name, settings), workers=sim.workers,

@@ -63,6 +63,11 @@ def load_extrapolation(cfg: RunConfig):
     if protocol.condition not in cfg.model.conditions:
         raise ConfigError(f"evaluate.extrapolation: {path} scans {protocol.condition!r}, which is not one of the "
                           f"model's conditions {cfg.model.conditions}")
+    if cfg.data.simulate is not None:
+        from uhg.eval.extrapolate import seed_conflict
+
+        if problem := seed_conflict(protocol, [cfg.data.simulate.seed]):
+            raise ConfigError(f"evaluate.extrapolation: {path}: {problem}")
     return protocol
 
 

@@ -24,6 +24,32 @@ from uhg.models.family import ModelFamily
 from uhg.models.generator import FORMAT, SIDECAR, WEIGHTS
 
 
+def _training_data(cfg: RunConfig) -> dict[str, Any]:
+    """Stores and simulator seeds of the training data (stores without a seed were not simulated),
+    so a zero-shot protocol can refuse a reference that reuses them."""
+    from uhg.data.layout import read_attrs
+    from uhg.errors import StoreError
+
+    seeds: list[int] | None = []
+    machines = []
+    for path in cfg.data.store:
+        try:
+            attrs = read_attrs(path)
+        except StoreError:
+            seeds = None  # unknown: a protocol must then be told the training seeds
+            break
+        seed = attrs.get("provenance", {}).get("seed")
+        if seed is not None and int(seed) not in seeds:
+            seeds.append(int(seed))
+        machine = attrs.get("attributes", {}).get("machine")
+        if machine is not None and machine not in machines:
+            machines.append(machine)
+    out: dict[str, Any] = {"stores": [str(p) for p in cfg.data.store], "seeds": seeds}
+    if len(machines) == 1:  # the PXD machine scenario every store was simulated with
+        out["machine"] = machines[0]
+    return out
+
+
 def export_generator(out_dir: Path, family: ModelFamily, cfg: RunConfig, state_dict: Mapping[str, torch.Tensor],
                      step: int, metrics: Mapping[str, float] | None = None) -> Path:
     """Write the generator weights (EMA if the family keeps one) to `out_dir`, atomically."""
@@ -55,6 +81,7 @@ def export_generator(out_dir: Path, family: ModelFamily, cfg: RunConfig, state_d
         "step": int(step),
         "ema_decay": float(family.ema_decay),
         "seed": cfg.seed,
+        "training_data": _training_data(cfg),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }

@@ -21,7 +21,7 @@ from uhg.data.hits import HitBatch
 from uhg.models import transformer_family as model
 from uhg.models.transformer import mean_attended, padded_tokens
 from uhg.models.transformer_clusters import ShapeCensus
-from uhg.models.transformer_laws import fit_law
+from uhg.models.transformer_laws import fit_count_law, fit_law
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
@@ -95,10 +95,7 @@ class TransformerFamily(model.TransformerFamily):
             counts = [census.token_counts(vocab)]
         cond, n = torch.cat(conds), torch.cat(counts).double()
         if model.counts is not None:
-            law = model.counts
-            out["law_count_nll"] = fit_law(law, lambda m: -m.marginal_log_prob(n, cond).mean())
-            y = law.scores(n, cond.to(law.loading.dtype)).double()
-            out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
+            out |= fit_count_law(model.counts, n, cond)
         if model.response is not None:
             target = torch.cat(responses)
             out["law_response_nll"] = fit_law(model.response, lambda m: -m.log_prob(target, cond).mean())
