@@ -139,7 +139,8 @@ def test_the_model_training_range_is_read_from_the_export_the_store_names(pxd_st
     conds = {"luminosity": {"min": 4e35, "max": 4e35, "unit": "cm^-2 s^-1"}}
     gen = tmp_path / "gen.zarr"
     create_store(gen, "pixel", PXD, 12, 12, conditions={**conds, "her_current": {"min": 0, "max": 9, "unit": "A"},
-                                                        "ler_current": {"min": 0, "max": 9, "unit": "A"}},
+                                                        "ler_current": {"min": 0, "max": 9, "unit": "A"},
+                                                        "beta_y_star": {"min": 0, "max": 1, "unit": "mm"}},
                  attributes={"generated": {"model": str(export)}})
     write_part(gen, 0, batch)
     out = tmp_path / "o"
