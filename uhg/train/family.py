@@ -110,6 +110,7 @@ FamilyFactory = Callable[[Any, Any, ConditionNorm], ModelFamily]
 _FAMILIES: dict[str, str] = {
     "gan": "uhg.train.gan_family:GanFamily",
     "transformer": "uhg.train.transformer_family:TransformerFamily",
+    "calo_layers": "uhg.train.calo_layers_family:CaloLayersFamily",
 }
 _LOADED: dict[str, FamilyFactory] = {}
 
