@@ -12,7 +12,7 @@ from overlay_stores import export_untrained_gan, part_files
 
 from uhg.cli import main
 from uhg.data.store import open_store
-from uhg.generate.model import Generator
+from uhg.models.generator import Generator
 
 
 @pytest.fixture(scope="module")

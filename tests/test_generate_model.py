@@ -17,9 +17,9 @@ from uhg.config import config_from_dict
 from uhg.data.hits import HitBatch
 from uhg.data.store import open_store
 from uhg.errors import CheckpointError, ConditionError
-from uhg.generate.model import Generator
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
+from uhg.models.generator import Generator
 from uhg.train.export import export_generator
 from uhg.train.family import build_family
 

@@ -12,7 +12,7 @@ from overlay_stores import export_untrained_gan, part_files, simulated_store
 from uhg.cli import main
 from uhg.data.store import open_store
 from uhg.generate.distributed import model_id
-from uhg.generate.model import Generator
+from uhg.models.generator import Generator
 from uhg.sparse.overlay import merge_overlay
 
 SMALL_GAN = {"embed_dim": 32, "z_dim": 16, "sensor_noise_dim": 4, "attention_layers": 1, "decoder_channels": [16, 8]}

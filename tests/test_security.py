@@ -90,7 +90,7 @@ def test_malicious_pickle_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_malicious_pickle_as_a_generator_export_is_refused(tmp_path: Path) -> None:
     from overlay_stores import export_untrained_gan
 
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
 
     export = export_untrained_gan(tmp_path / "export", "pxd-tiny", z_dim=4, embed_dim=8, attention_layers=1,
                                   attention_heads=2, decoder_channels=[4, 4], discriminator_channels=[4, 4])

@@ -124,7 +124,7 @@ def test_absolute_config_refuses_fraction_keys_and_keeps_its_defaults():
 def test_export_without_energy_reference_loads_as_absolute(tmp_path):
     """An export written before energy_reference existed (its sidecar lacks the key and the
     fraction keys) rebuilds the absolute MeV code; a new export keeps 'incident'."""
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
     from uhg.train.export import SIDECAR, export_generator
     from uhg.train.family import build_family
 

@@ -71,7 +71,7 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
 def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main
     from uhg.data.store import open_store
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
     from uhg.train.loop import train
 
     monkeypatch.chdir(tmp_path)
@@ -110,7 +110,7 @@ def test_calorimeter_laws_train_through_deepspeed_and_export(tmp_path, monkeypat
     """Count and response laws on showers: trained by the DeepSpeed loop (which broadcasts
     every parameter), exported, reloaded; generated showers at 5x the training maximum deposit
     what the response law says."""
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
     from uhg.train.loop import train
 
     monkeypatch.chdir(tmp_path)

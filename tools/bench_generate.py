@@ -46,7 +46,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)

@@ -44,7 +44,7 @@ class ExtrapolationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     geometry: str = Field(description="detector geometry of the model and the reference simulator")
-    model: str | None = Field(None, description="generator export directory (uhg.generate.model.Generator); "
+    model: str | None = Field(None, description="generator export directory (uhg.models.generator.Generator); "
                                                 "null evaluates only the naive baseline")
     device: str = Field("cpu", description="device for generation: cpu or cuda")
     condition: Literal["luminosity", "incident_energy"] = Field(description="the condition that is scanned")
@@ -108,7 +108,7 @@ def load_protocol(path: str | Path) -> ExtrapolationConfig:
 
 
 class EventGenerator(Protocol):
-    """What the protocol needs of a model (uhg.generate.model.Generator satisfies it)."""
+    """What the protocol needs of a model (uhg.models.generator.Generator satisfies it)."""
 
     condition_names: list[str]
 
@@ -183,7 +183,7 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
     out.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     if generator is None and cfg.model is not None:
-        from uhg.generate.model import Generator
+        from uhg.models.generator import Generator
 
         generator = Generator.load(cfg.model, device=cfg.device)
     if generator is None:

@@ -73,7 +73,7 @@ def describe_model(reference: str, cache_dir: str | os.PathLike | None = None) -
 
 def open_generator(path: str | os.PathLike, device: str = "cpu"):
     """Load a generator export for inference on `device` ("cpu" or "cuda")."""
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
 
     return Generator.load(path, device=device)
 

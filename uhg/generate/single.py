@@ -60,7 +60,7 @@ def generate_store(model: str | Path, n_events: int, out: str | Path, seed: int 
     from tqdm.auto import tqdm
 
     from uhg.data.store import create_store, missing_parts, part_range, read_attrs, write_part
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
 
     if n_events < 1:
         raise ConditionError(f"--events must be >= 1, got {n_events}")

@@ -1,54 +1,30 @@
-"""Training step, validation metrics and sampling of the layer-energy calorimeter family
-(uhg.models.calo_layers): one engine ("model"), trained by maximum likelihood (the layer-energy
-law) plus the ELBO of the voxel-share VAE."""
+"""Training half of the layer-energy calorimeter family: one engine ("model"), trained by maximum
+likelihood of the layer-energy law plus the ELBO of the voxel-share VAE. The module and `sample`
+are the model half, `uhg.models.calo_layers_family.CaloLayersFamily`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from uhg.config.calo_layers import CaloLayersConfig
 from uhg.config.schema import TrainConfig
-from uhg.data.calochallenge import dense_to_hits
 from uhg.data.hits import HitBatch
-from uhg.errors import ConfigError
-from uhg.models.calo_layers import CaloLayersModel
-from uhg.models.common import ConditionNorm
+from uhg.models import calo_layers_family as model_half
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
 
 STATS_EVENTS = 4096
 """Training showers (spread over the training range) that set the layer-energy standardisation."""
-ENERGY = "incident_energy"
+ENERGY = model_half.ENERGY
 
 
-class CaloLayersFamily:
-    """`ModelFamily` of the layer-energy model for an analog calorimeter geometry."""
-
-    name = "calo_layers"
-    generator_name = "model"
-    pads_partial_batches = False
-
-    def __init__(self, geometry, cfg: CaloLayersConfig, condition_norm: ConditionNorm):
-        if geometry.kind != "calo" or getattr(geometry, "readout", "analog") != "analog":
-            raise ConfigError(f"model.family calo_layers models analog calorimeter showers; geometry "
-                              f"{geometry.name!r} is {geometry.kind} / {getattr(geometry, 'readout', '-')}")
-        if ENERGY not in cfg.conditions:
-            raise ConfigError(f"model.conditions must contain {ENERGY!r} for calo_layers, got {cfg.conditions}")
-        self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
-        self.ema_decay = cfg.ema_decay
-        offsets = np.asarray(geometry.layer_offsets)
-        active = list(geometry.active_layers)
-        layer_of_voxel = np.searchsorted(offsets, np.arange(geometry.n_cells), side="right") - 1
-        self.voxel_layer = torch.as_tensor(np.searchsorted(active, layer_of_voxel), dtype=torch.long)
-
-    def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": CaloLayersModel(self.voxel_layer, len(self.cfg.conditions), self.cfg)}
+class CaloLayersFamily(model_half.CaloLayersFamily):
+    """Trainable `calo_layers` family."""
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(module.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
@@ -89,7 +65,7 @@ class CaloLayersFamily:
             metrics["grad_norm"] = float(norm)
         return metrics
 
-    # -- validation and sampling
+    # -- validation
     @torch.no_grad()
     def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
         model = modules[self.generator_name]
@@ -110,28 +86,3 @@ class CaloLayersFamily:
 
         out.update(quick_metrics(real, fake, self.geometry))
         return out
-
-    @torch.no_grad()
-    def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
-        """Showers for per-event `conditions`; shower i draws all its noise from a torch.Generator
-        seeded with seeds[i], so it does not depend on the batch it is generated in."""
-        device = next(module.parameters()).device
-        conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
-        shapes = module.noise_shapes()
-        parts = []
-        for lo in range(0, len(seeds), self.cfg.generate_batch):
-            ids = list(seeds[lo:lo + self.cfg.generate_batch])
-            noise: dict[str, list[torch.Tensor]] = {k: [] for k in shapes}
-            for s in ids:
-                gen = torch.Generator().manual_seed(int(s))
-                for k, shape in shapes.items():
-                    noise[k].append(torch.rand(shape, generator=gen) if k.endswith("_u")
-                                    else torch.randn(shape, generator=gen))
-            part = {k: v[lo:lo + len(ids)] for k, v in conds.items()}
-            cond = self.condition_norm(part).to(device)
-            e_inc = part[ENERGY].to(device, torch.float32)
-            dense = module.sample(e_inc, cond, {k: torch.stack(v).to(device) for k, v in noise.items()})
-            parts.append(dense_to_hits(dense.cpu().numpy(), part[ENERGY].double().cpu().numpy(), self.geometry))
-        if not parts:
-            return dense_to_hits(np.zeros((0, self.geometry.n_cells), np.float32), np.zeros(0), self.geometry)
-        return HitBatch.concat(parts) if len(parts) > 1 else parts[0]

@@ -67,7 +67,7 @@ def evaluate_held_out(cfg: RunConfig, export: Path, data: Any, out_dir: Path, *,
     """Held-out events of `data` (uhg.train.data.TrainingData) vs as many events of the export
     at their conditions; returns the uhg.eval Report (see the module docstring)."""
     from uhg.eval.evaluate import CONDITION_UNITS, condition_warnings, evaluate_features, features_of, log_report
-    from uhg.generate.model import Generator
+    from uhg.models.generator import Generator
     from uhg.geometry import get_geometry
 
     e = cfg.evaluate

@@ -2,7 +2,7 @@
 
 The JSON sidecar holds everything needed to rebuild the generator without unpickling
 anything: format version, family, the model config, the geometry (name and spec), the
-condition normalisation, the uhg version and the training provenance. `uhg.generate.model.
+condition normalisation, the uhg version and the training provenance. `uhg.models.generator.
 Generator.load(dir)` reads it back.
 """
 
@@ -20,11 +20,8 @@ import torch
 
 from uhg.config.schema import RunConfig
 from uhg.errors import TrainingError
-from uhg.train.family import ModelFamily
-
-FORMAT = "uhg-generator/1"
-WEIGHTS = "generator.safetensors"
-SIDECAR = "generator.json"
+from uhg.models.family import ModelFamily
+from uhg.models.generator import FORMAT, SIDECAR, WEIGHTS
 
 
 def export_generator(out_dir: Path, family: ModelFamily, cfg: RunConfig, state_dict: Mapping[str, torch.Tensor],

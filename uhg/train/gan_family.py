@@ -1,4 +1,4 @@
-"""Training step, validation metrics and sampling of the sensor-conditioned GAN family.
+"""Training step and validation metrics of the sensor-conditioned GAN family.
 
 Two engines, stepped alternately (DeepSpeed GAN pattern, see docs/training.md):
 1. discriminator: generator forward without gradients, hinge loss on real vs fake images,
@@ -6,23 +6,24 @@ Two engines, stepped alternately (DeepSpeed GAN pattern, see docs/training.md):
 2. generator: fresh noise, discriminator parameters frozen (requires_grad=False) so its engine
    accumulates no gradients, adversarial loss plus the optional intra-event similarity and
    physics terms, `engines["generator"].backward/step`.
+
+The modules and `sample` are the model half, `uhg.models.gan_family.GanFamily`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from uhg.config.gan import GanConfig
 from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
-from uhg.models.common import ConditionNorm
-from uhg.models.gan import Discriminator, Generator, gate_noise, relaxed_images
-from uhg.models.gan_layout import CALO_DECADES, decode_images, encode_hits, unit_layout
+from uhg.models import gan_family as model
+from uhg.models.gan import gate_noise, relaxed_images
+from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
@@ -30,24 +31,8 @@ from uhg.train.family import Engine, check_finite
 LOG_EPS = 1e-5
 
 
-class GanFamily:
-    """`ModelFamily` of the sensor-conditioned GAN for a pixel or calorimeter geometry."""
-
-    name = "gan"
-    generator_name = "generator"
-    pads_partial_batches = True
-
-    def __init__(self, geometry, cfg: GanConfig, condition_norm: ConditionNorm):
-        self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
-        self.layout = unit_layout(geometry, cfg.cell_threshold_mev)
-        self.ema_decay = cfg.ema_decay
-        self._valid: dict[torch.device, torch.Tensor] = {}
-
-    # -- modules
-    def build_modules(self) -> dict[str, nn.Module]:
-        n_cond = len(self.condition_norm.names)
-        return {"generator": Generator(self.layout, self.cfg, n_cond),
-                "discriminator": Discriminator(self.layout, self.cfg, n_cond)}
+class GanFamily(model.GanFamily):
+    """The GAN family with its training half (`uhg.train.family.ModelFamily`)."""
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         lr = train.lr if name == "generator" else (train.lr_discriminator or train.lr)
@@ -55,11 +40,6 @@ class GanFamily:
         if train.weight_decay:
             return torch.optim.AdamW(params, lr=lr, betas=train.betas, weight_decay=train.weight_decay)
         return torch.optim.Adam(params, lr=lr, betas=train.betas)
-
-    def valid(self, device: torch.device) -> torch.Tensor:
-        if device not in self._valid:
-            self._valid[device] = torch.as_tensor(self.layout.valid, device=device).float()
-        return self._valid[device]
 
     # -- training
     def _noise(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +141,7 @@ class GanFamily:
             loss = loss + (torch.log(e_f + floor) - torch.log(e_r + floor)) ** 2
         return loss.mean()
 
-    # -- validation and sampling
+    # -- validation
     @torch.no_grad()
     def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
         n = len(batch)
@@ -190,28 +170,6 @@ class GanFamily:
                 sums = _per_event_sums(hb)
                 out[f"response_{tag}"] = float((sums / e0).mean())
         return out
-
-    @torch.no_grad()
-    def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
-        lay, cfg = self.layout, self.cfg
-        device = next(module.parameters()).device
-        b = len(seeds)
-        gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
-        z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
-        un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
-        # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
-        # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels.
-        u = torch.stack([torch.rand((lay.n_units, lay.height, lay.width), generator=g, device=device) for g in gens])
-        conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
-        cond = self.condition_norm(conds).to(device)
-        was_training = module.training
-        module.eval()
-        try:
-            gate, code = module(z, un, cond)
-        finally:
-            module.train(was_training)
-        mask = u < torch.sigmoid(gate)
-        return decode_images(lay, mask, code, {k: conds[k] for k in conds})
 
 
 def _autocast_like(engine: Engine, device: torch.device):

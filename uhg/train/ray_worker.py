@@ -83,10 +83,20 @@ def _finish_tracking(logger: Any, cfg: Any, result: Any, hooks: Any) -> None:
         logger.set_tags({"uhg.resumed_from_step": str(hooks.resumed_step)})
     if result.export is None:
         return
-    log_physics_plots(logger, cfg, result.export)
+    log_physics_plots(logger, cfg, result.export, lambda: _plot_reference(cfg))
     if cfg.tracking.registered_model_name:
         version = logger.register_model(result.export, cfg.tracking.registered_model_name, alias=cfg.tracking.alias)
         print(f"[uhg] registered {cfg.tracking.registered_model_name} version {version}"
               + (f" as @{cfg.tracking.alias}" if cfg.tracking.alias else ""), flush=True)
     else:
         logger.log_artifact(result.export, "generator")
+
+
+def _plot_reference(cfg: Any, max_events: int = 256) -> Any:
+    """Up to `max_events` held-out events of the run's data (None if it holds none), for the
+    physics plots."""
+    from uhg.train.data import TrainingData
+
+    data = TrainingData.open(cfg)
+    indices = data.validation_indices(min(cfg.data.validation_events, max_events))
+    return data.events(indices) if len(indices) else None

@@ -1,29 +1,27 @@
-"""Training step, validation metrics and sampling of the autoregressive hit-transformer family.
+"""Training step and validation metrics of the autoregressive hit-transformer family.
 
 One engine ("model"). A step encodes the batch's hits as padded token sequences (one per
 event and sensor, or per shower; cost ~ hits, never channels), runs the teacher-forced loss
 through the engine and steps it. Validation reports the held-out NLL and a few physics
-figures of events sampled at the validation events' conditions.
+figures of events sampled at the validation events' conditions. The module and `sample` are
+the model half, `uhg.models.transformer_family.TransformerFamily`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from uhg.config.schema import TrainConfig
-from uhg.config.transformer import TransformerConfig
 from uhg.data.hits import HitBatch
-from uhg.errors import ConfigError
-from uhg.models.common import ConditionNorm
-from uhg.models.transformer import HitTransformer, mean_attended, padded_tokens
+from uhg.models import transformer_family as model
+from uhg.models.transformer import mean_attended, padded_tokens
 from uhg.models.transformer_laws import fit_law
-from uhg.models.transformer_sampling import sample_events
-from uhg.models.transformer_tokens import encode_hits, layout_for_geometry
+from uhg.models.transformer_tokens import encode_hits
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import Engine, check_finite
@@ -43,33 +41,8 @@ def log_response(batch: TorchHits) -> torch.Tensor:
     return (e_dep / e_inc).clamp_min(1e-6).log().float()
 
 
-class TransformerFamily:
-    """`ModelFamily` of the hit transformer for a pixel or calorimeter geometry."""
-
-    name = "transformer"
-    generator_name = "model"
-    pads_partial_batches = False
-
-    def __init__(self, geometry, cfg: TransformerConfig, condition_norm: ConditionNorm):
-        self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
-        lo, hi = cfg.energy_range
-        if cfg.energy_reference == "incident":
-            self.layout = layout_for_geometry(geometry, cfg.energy_bins, energy_reference="incident",
-                                              energy_min_fraction=lo, energy_max_fraction=hi)
-        else:
-            self.layout = layout_for_geometry(geometry, cfg.energy_bins, lo, hi)
-        self.ema_decay = cfg.ema_decay
-        if cfg.response_model and self.layout.kind == "pixel":
-            raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
-        self.log_scale = None
-        if cfg.count_exponents is not None:
-            if not condition_norm.log[0]:
-                raise ConfigError(f"model.count_exponents needs a positive (log-scaled) condition; "
-                                  f"{condition_norm.names[0]!r} is not log-scaled in this training range")
-            self.log_scale = condition_norm.scale[0]
-
-    def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": HitTransformer(self.cfg, self.layout, self.log_scale)}
+class TransformerFamily(model.TransformerFamily):
+    """The hit-transformer family with its training half (`uhg.train.family.ModelFamily`)."""
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         # The laws' log-amplitudes must not be pulled to 0 by weight decay.
@@ -144,7 +117,7 @@ class TransformerFamily:
             metrics["grad_norm"] = float(norm)
         return metrics
 
-    # -- validation and sampling
+    # -- validation
     @torch.no_grad()
     def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
         model = modules[self.generator_name]
@@ -178,15 +151,3 @@ class TransformerFamily:
 
         out.update(quick_metrics(real, fake, self.geometry))
         return out
-
-    @torch.no_grad()
-    def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
-        """Events for per-event `conditions`; event i's randomness derives only from seeds[i]
-        (its latent from a torch.Generator seeded with it, its tokens from a counter-based
-        hash of it), so events do not depend on the batch they are generated in."""
-        device = next(module.parameters()).device
-        conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
-        cond = self.condition_norm(conds).to(device)
-        return sample_events(module, cond, list(seeds), {k: v.cpu().numpy() for k, v in conds.items()},
-                             temperature=self.cfg.temperature, top_q=self.cfg.top_q, max_hits=self.cfg.max_hits,
-                             batch_events=max(1, self.cfg.generate_batch_sequences // self.layout.n_units))

@@ -52,7 +52,7 @@ class Generator:
         from uhg.config.models import ModelConfig
         from uhg.geometry import get_geometry
         from uhg.models.common import ConditionNorm
-        from uhg.train.family import build_family
+        from uhg.models.family import build_family
 
         path = Path(path)
         if path.is_file() and path.name in (SIDECAR, WEIGHTS):

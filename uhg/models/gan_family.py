@@ -1,0 +1,67 @@
+"""The sensor-conditioned GAN family: its modules and sampling (inference half).
+
+An event is `n_units` same-shape images (PXD sensors or calorimeter layers, `unit_layout`); the
+generator maps event noise, per-sensor noise and the normalised conditions to a hit-gate logit
+and an encoded charge per pixel. The training half (two engines, losses, validation metrics) is
+`uhg.train.gan_family`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from uhg.config.gan import GanConfig
+from uhg.data.hits import HitBatch
+from uhg.models.common import ConditionNorm
+from uhg.models.gan import Discriminator, Generator
+from uhg.models.gan_layout import decode_images, unit_layout
+
+
+class GanFamily:
+    """`ModelFamily` of the sensor-conditioned GAN for a pixel or calorimeter geometry."""
+
+    name = "gan"
+    generator_name = "generator"
+    pads_partial_batches = True
+
+    def __init__(self, geometry, cfg: GanConfig, condition_norm: ConditionNorm):
+        self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
+        self.layout = unit_layout(geometry, cfg.cell_threshold_mev)
+        self.ema_decay = cfg.ema_decay
+        self._valid: dict[torch.device, torch.Tensor] = {}
+
+    # -- modules
+    def build_modules(self) -> dict[str, nn.Module]:
+        n_cond = len(self.condition_norm.names)
+        return {"generator": Generator(self.layout, self.cfg, n_cond),
+                "discriminator": Discriminator(self.layout, self.cfg, n_cond)}
+
+    def valid(self, device: torch.device) -> torch.Tensor:
+        if device not in self._valid:
+            self._valid[device] = torch.as_tensor(self.layout.valid, device=device).float()
+        return self._valid[device]
+
+    @torch.no_grad()
+    def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
+        lay, cfg = self.layout, self.cfg
+        device = next(module.parameters()).device
+        b = len(seeds)
+        gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
+        z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
+        un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
+        # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
+        # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels.
+        u = torch.stack([torch.rand((lay.n_units, lay.height, lay.width), generator=g, device=device) for g in gens])
+        conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
+        cond = self.condition_norm(conds).to(device)
+        was_training = module.training
+        module.eval()
+        try:
+            gate, code = module(z, un, cond)
+        finally:
+            module.train(was_training)
+        mask = u < torch.sigmoid(gate)
+        return decode_images(lay, mask, code, {k: conds[k] for k in conds})

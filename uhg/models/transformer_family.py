@@ -1,0 +1,64 @@
+"""The autoregressive hit-transformer family: its modules and sampling (inference half).
+
+One module ("model"): hits as token sequences (one per event and sensor, or per shower; cost ~
+hits, never channels), conditions normalised by the family's `ConditionNorm`. The training half
+(optimiser groups, law fitting, the teacher-forced step, validation) is
+`uhg.train.transformer_family`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from uhg.config.transformer import TransformerConfig
+from uhg.data.hits import HitBatch
+from uhg.errors import ConfigError
+from uhg.models.common import ConditionNorm
+from uhg.models.transformer import HitTransformer
+from uhg.models.transformer_sampling import sample_events
+from uhg.models.transformer_tokens import layout_for_geometry
+
+
+class TransformerFamily:
+    """`ModelFamily` of the hit transformer for a pixel or calorimeter geometry."""
+
+    name = "transformer"
+    generator_name = "model"
+    pads_partial_batches = False
+
+    def __init__(self, geometry, cfg: TransformerConfig, condition_norm: ConditionNorm):
+        self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
+        lo, hi = cfg.energy_range
+        if cfg.energy_reference == "incident":
+            self.layout = layout_for_geometry(geometry, cfg.energy_bins, energy_reference="incident",
+                                              energy_min_fraction=lo, energy_max_fraction=hi)
+        else:
+            self.layout = layout_for_geometry(geometry, cfg.energy_bins, lo, hi)
+        self.ema_decay = cfg.ema_decay
+        if cfg.response_model and self.layout.kind == "pixel":
+            raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
+        self.log_scale = None
+        if cfg.count_exponents is not None:
+            if not condition_norm.log[0]:
+                raise ConfigError(f"model.count_exponents needs a positive (log-scaled) condition; "
+                                  f"{condition_norm.names[0]!r} is not log-scaled in this training range")
+            self.log_scale = condition_norm.scale[0]
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"model": HitTransformer(self.cfg, self.layout, self.log_scale)}
+
+
+    @torch.no_grad()
+    def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
+        """Events for per-event `conditions`; event i's randomness derives only from seeds[i]
+        (its latent from a torch.Generator seeded with it, its tokens from a counter-based
+        hash of it), so events do not depend on the batch they are generated in."""
+        device = next(module.parameters()).device
+        conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
+        cond = self.condition_norm(conds).to(device)
+        return sample_events(module, cond, list(seeds), {k: v.cpu().numpy() for k, v in conds.items()},
+                             temperature=self.cfg.temperature, top_q=self.cfg.top_q, max_hits=self.cfg.max_hits,
+                             batch_events=max(1, self.cfg.generate_batch_sequences // self.layout.n_units))
