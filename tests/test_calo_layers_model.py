@@ -9,7 +9,7 @@ from uhg.config.calo_layers import CaloLayersConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.family import build_family
+from uhg.train.family import build_family
 
 G = get_geometry("ds1-photons")
 NORM = ConditionNorm.from_ranges({"incident_energy": (1e3, 1e5)}, ["incident_energy"])
