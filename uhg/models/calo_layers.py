@@ -150,10 +150,13 @@ class CaloLayersModel(nn.Module):
                 "kl": kl.mean().detach()}
 
     @torch.no_grad()
-    def sample(self, e_inc: torch.Tensor, cond: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
+    def sample(self, e_inc: torch.Tensor, cond: torch.Tensor, noise: dict[str, torch.Tensor],
+               y: torch.Tensor | None = None) -> torch.Tensor:
         """Dense voxel energies (B, V) MeV for incident energies (B,) MeV and normalised
-        conditions (B, C), all randomness from `noise` (see `noise_shapes`)."""
-        y = self.law.sample(cond, noise["law_u"], noise["law_eps"])
+        conditions (B, C), all randomness from `noise` (see `noise_shapes`). `y` (B, L) replaces
+        the law's normalised log layer energies (ablation studies)."""
+        if y is None:
+            y = self.law.sample(cond, noise["law_u"], noise["law_eps"])
         e_layer = ((y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor).clamp_min(0.0) * e_inc[:, None]
         logit, mu, log_sigma = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
