@@ -31,7 +31,7 @@ def test_voxels_sum_to_the_sampled_layer_energies(family):
     noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((n, *s), generator=gen)
              for k, s in model.noise_shapes().items()}
     voxels = model.sample(e_inc, cond, noise)
-    y = model.law.sample(cond, noise["law_u"], noise["law_eps"])
+    y = model.law.sample(cond, noise["law_u"], noise["law_eps"], model.y_lo, model.y_hi)
     expected = ((y * model.y_std + model.y_mean).exp() - model.cfg.layer_floor).clamp_min(0) * e_inc[:, None]
     assert voxels.shape == (n, G.n_cells) and bool((voxels >= 0).all())
     torch.testing.assert_close(model.layer_energies(voxels), expected, rtol=1e-4, atol=1e-3)
@@ -62,6 +62,15 @@ def test_training_loss_is_finite_and_decreases(family):
     for step in range(1, 40):
         last = fam.train_step({"model": engine}, hits, step)["loss"]
     assert np.isfinite(first) and last < first
+    # the law's support is the training range of the standardised log layer energies
+    y = model.normalise(model.log_layer(model.layer_energies(hits.calo_dense(G.layer_offsets, G.n_cells)),
+                                        hits.conditions["incident_energy"].float()))
+    torch.testing.assert_close(model.y_lo, y.min(0).values)
+    torch.testing.assert_close(model.y_hi, y.max(0).values)
+    cond = NORM({"incident_energy": torch.full((256,), 5e4, dtype=torch.float64)})
+    wide = model.law.sample(cond, torch.rand(256, model.n_layers), 50 * torch.randn(256, model.n_layers),
+                            model.y_lo, model.y_hi)
+    assert bool(((wide >= model.y_lo) & (wide <= model.y_hi)).all())
 
 
 def test_refuses_pixel_and_digital_geometries():

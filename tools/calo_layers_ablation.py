@@ -42,9 +42,10 @@ def main() -> None:
              for k, s in model.noise_shapes().items()}
     e32 = e_inc.float()
     with torch.no_grad():
-        y = model.law.sample(cond, noise["law_u"], noise["law_eps"])
+        y = model.law.sample(cond, noise["law_u"], noise["law_eps"], model.y_lo, model.y_hi)
         # (b) shuffle each layer's value among showers in 20 log-energy bins
-        bins = np.digitize(np.log(e_inc.numpy()), np.linspace(np.log(e_inc.min()), np.log(e_inc.max()), 21)[1:-1])
+        log_e = np.log(e_inc.numpy())
+        bins = np.digitize(log_e, np.linspace(log_e.min(), log_e.max(), 21)[1:-1])
         y_shuf = y.clone()
         prng = np.random.default_rng(a.seed)
         for b in np.unique(bins):

@@ -61,7 +61,8 @@ def dnn_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_t
     def tensor(x):
         return torch.from_numpy(((x - mean) / std).astype(np.float32))
 
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng: the caller's torch RNG is untouched; enable_grad: callers may be inside no_grad
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         net = _network(x_train.shape[1], settings)
         opt = torch.optim.Adam(net.parameters(), lr=settings.lr)

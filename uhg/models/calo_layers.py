@@ -65,8 +65,10 @@ class LayerEnergyLaw(nn.Module):
         return torch.logsumexp(comp, -1).sum(-1)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """(B, L) samples from uniforms u (B, L) (component choice) and normals eps (B, L)."""
+    def sample(self, cond: torch.Tensor, u: torch.Tensor, eps: torch.Tensor,
+               lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) samples from uniforms u (B, L) (component choice) and normals eps (B, L),
+        each layer clamped to [lo, hi] ((L,)) before the next layer conditions on it."""
         y = torch.zeros(len(cond), self.n_layers, device=cond.device)
         for layer in range(self.n_layers):
             log_w, mu, log_sigma = self._params(y, cond, torch.tensor([layer], device=cond.device))
@@ -74,6 +76,8 @@ class LayerEnergyLaw(nn.Module):
             k = torch.searchsorted(cdf, u[:, layer:layer + 1] * cdf[:, -1:]).clamp_max(self.components - 1)
             m, s = mu[:, 0].gather(1, k)[:, 0], log_sigma[:, 0].gather(1, k)[:, 0].exp()
             y[:, layer] = m + s * eps[:, layer]
+            if lo is not None and hi is not None:
+                y[:, layer] = y[:, layer].clamp(lo[layer], hi[layer])
         return y
 
 
@@ -120,6 +124,10 @@ class CaloLayersModel(nn.Module):
         # standardisation of the log layer energies, set from training showers before training
         self.register_buffer("y_mean", torch.zeros(self.n_layers))
         self.register_buffer("y_std", torch.ones(self.n_layers))
+        # support of the law: the range of the training showers' standardised log layer energies
+        # (a wide mixture component must not draw a layer with 10^6 x the incident energy)
+        self.register_buffer("y_lo", torch.full((self.n_layers,), -1e4))
+        self.register_buffer("y_hi", torch.full((self.n_layers,), 1e4))
         self.law = LayerEnergyLaw(self.n_layers, n_cond, cfg.law_hidden, cfg.law_components)
         self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim)
 
@@ -156,7 +164,7 @@ class CaloLayersModel(nn.Module):
         conditions (B, C), all randomness from `noise` (see `noise_shapes`). `y` (B, L) replaces
         the law's normalised log layer energies (ablation studies)."""
         if y is None:
-            y = self.law.sample(cond, noise["law_u"], noise["law_eps"])
+            y = self.law.sample(cond, noise["law_u"], noise["law_eps"], self.y_lo, self.y_hi)
         e_layer = ((y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor).clamp_min(0.0) * e_inc[:, None]
         logit, mu, log_sigma = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)

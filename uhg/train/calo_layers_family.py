@@ -49,6 +49,9 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
         y = torch.cat(ys)
         model.y_mean.copy_(y.mean(0))
         model.y_std.copy_(y.std(0).clamp_min(1e-3) if len(y) > 1 else torch.ones_like(model.y_std))
+        y_norm = model.normalise(y)
+        model.y_lo.copy_(y_norm.min(0).values)
+        model.y_hi.copy_(y_norm.max(0).values)
         return {"layer_log_energy_std_mean": float(model.y_std.mean())}
 
     # -- training
