@@ -165,7 +165,10 @@ class CaloLayersModel(nn.Module):
         the law's normalised log layer energies (ablation studies)."""
         if y is None:
             y = self.law.sample(cond, noise["law_u"], noise["law_eps"], self.y_lo, self.y_hi)
-        e_layer = ((y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor).clamp_min(0.0) * e_inc[:, None]
+        frac = (y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor
+        # the mixture smears the spike of empty layers (at log(floor)) over fractions of ~floor:
+        # a layer within one floor of empty is empty
+        e_layer = torch.where(frac < self.cfg.layer_floor, 0.0, frac) * e_inc[:, None]
         logit, mu, log_sigma = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
         share = torch.exp(mu + log_sigma.exp() * noise["voxel_eps"]) * hit
