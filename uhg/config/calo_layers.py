@@ -30,5 +30,9 @@ class CaloLayersConfig(Section):
     share_floor: float = Field(
         1e-6, gt=0.0,
         description="Voxel shares (energy / layer energy) below this are clipped in the log-share target.")
+    share_temperature: float = Field(
+        1.0, ge=0.0,
+        description="Generation: scale of the per-voxel noise of the log shares (1 = the learned width; smaller "
+        "values leave more of the shower-to-shower variation to the latent, whose shapes are coherent).")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")

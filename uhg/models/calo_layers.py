@@ -171,7 +171,7 @@ class CaloLayersModel(nn.Module):
         e_layer = torch.where(frac < self.cfg.layer_floor, 0.0, frac) * e_inc[:, None]
         logit, mu, log_sigma = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
-        share = torch.exp(mu + log_sigma.exp() * noise["voxel_eps"]) * hit
+        share = torch.exp(mu + self.cfg.share_temperature * log_sigma.exp() * noise["voxel_eps"]) * hit
         # a layer with energy but no sampled hit keeps it in its most likely voxel
         per_layer = torch.zeros(len(share), self.n_layers, device=share.device).index_add_(1, self.voxel_layer, share)
         empty = per_layer <= 0
