@@ -179,7 +179,7 @@ def test_malformed_files_are_refused_by_name(tmp_path: Path, capsys: pytest.Capt
         check_calochallenge_file(write(tmp_path / "gev_showers.h5", showers / 1000, energies), "1-photons")
     # --lenient (an extrapolation study beyond the dataset's range) turns these into warnings
     lenient = check_calochallenge_file(gev, "1-photons", strict=False)
-    assert "look like GeV" in lenient.warnings[0] and "below the readout minimum 10 MeV" in lenient.warnings[1]
+    assert "look like GeV" in lenient.warnings[0] and "below the readout minimum 1 MeV" in lenient.warnings[1]
 
     assert main(["data", "check-calochallenge", str(gev), "--dataset", "1-photons"]) == 2
     assert "look like GeV" in capsys.readouterr().err

@@ -213,13 +213,13 @@ class CaloChallengeDataset:
 
 
 # Voxel counts: evaluate.py `check_file` (num_features); readout minimum: evaluate.py `__main__`
-# (args.min_energy: ds1 10 MeV, ds2/3 0.5 keV / 0.033); energy ranges: the `avg-E` mode's bins of
-# evaluate.py (ds1: 2^8 .. 2^23 MeV, the datasets hold E = 2^8 .. 2^22 MeV; ds2/3: 10^3 .. 10^6 MeV,
+# (args.min_energy: ds1 1 MeV since the script of 2023-11, 10 MeV before; ds2/3 0.5 keV / 0.033);
+# energy ranges: the `avg-E` mode's bins of evaluate.py (ds1: 2^8 .. 2^23 MeV, the datasets hold E = 2^8 .. 2^22 MeV; ds2/3: 10^3 .. 10^6 MeV,
 # log-uniform 1 GeV .. 1 TeV).
 CALOCHALLENGE_DATASETS: dict[str, CaloChallengeDataset] = {
     d.name: d for d in (
-        CaloChallengeDataset("1-photons", "ds1-photons", "binning_dataset_1_photons.xml", 368, (2.0**8, 2.0**22), 10.0),
-        CaloChallengeDataset("1-pions", "ds1-pions", "binning_dataset_1_pions.xml", 533, (2.0**8, 2.0**22), 10.0),
+        CaloChallengeDataset("1-photons", "ds1-photons", "binning_dataset_1_photons.xml", 368, (2.0**8, 2.0**22), 1.0),
+        CaloChallengeDataset("1-pions", "ds1-pions", "binning_dataset_1_pions.xml", 533, (2.0**8, 2.0**22), 1.0),
         CaloChallengeDataset("2", "ds2", "binning_dataset_2.xml", 6480, (1e3, 1e6), 0.5e-3 / 0.033),
         CaloChallengeDataset("3", "ds3", "binning_dataset_3.xml", 40500, (1e3, 1e6), 0.5e-3 / 0.033),
     )
