@@ -39,8 +39,14 @@ def profile_distance(fake, real, g) -> float:
     return float(np.abs(f - r).sum() / r.sum())
 
 
+# measured: 150 steps of the calorimeter GAN on 200 DS2 showers do not halve the distance
+# (docs/calorimeter.md, "GAN on DS2 showers": its longitudinal profile is still too deep)
+GAN_TOO_DEEP = pytest.mark.xfail(strict=True, reason="the calorimeter GAN's short training does not fix its too deep "
+                                 "longitudinal profile")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SHORT))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=GAN_TOO_DEEP) if "gan" in n else n for n in sorted(SHORT)])
 def test_short_training_moves_the_layer_profile_toward_the_data(name, one_torch_thread):
     n_train, steps = SHORT[name]
     cfg = load_config(CONFIGS / name, [f"train.steps={steps}"])
