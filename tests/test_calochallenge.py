@@ -45,7 +45,8 @@ def test_round_trip_is_lossless(tmp_path, dtype):
     assert np.array_equal(store.dense(7), showers[7].astype(np.float32))
     export_calochallenge(tmp_path / "store", tmp_path / "out.hdf5", progress=False)
     out_showers, out_energies = read_h5(tmp_path / "out.hdf5")
-    assert out_showers.dtype == dtype and out_energies.dtype == dtype
+    # the export always writes the official float64; float32 values are exact in it
+    assert out_showers.dtype == np.float64 and out_energies.dtype == np.float64
     assert out_showers.shape == (25, g.n_cells) and out_energies.shape == (25, 1)
     assert np.array_equal(out_showers, showers) and np.array_equal(out_energies, energies)
     assert not (tmp_path / "out.hdf5.partial").exists()
@@ -79,3 +80,37 @@ def test_bad_files(tmp_path, capsys):
     assert main(["data", "import-calochallenge", str(tmp_path / "ds2.hdf5"), "--geometry", "pxd", "--out",
                  str(tmp_path / "t")]) == 2
     assert "not a calorimeter" in capsys.readouterr().err
+
+
+# The official CaloChallenge files as written down in docs/calorimeter.md (source: the
+# CaloChallenge homepage repository, Dataset_creation.ipynb and README.md), kept here
+# independently of uhg.data.calochallenge: dataset -> (dtype, shape after N, compression)
+OFFICIAL = {"incident_energies": ("float64", (1,), "gzip"), "showers": ("float64", ("voxels",), "gzip")}
+
+
+@pytest.mark.parametrize("geometry", ["ds1-photons", "ds1-pions", "ds2", "ds3"])
+def test_export_matches_the_official_format(tmp_path, geometry):
+    """Export a simulated store with uhg, read it back with plain h5py: every dataset's name,
+    dtype, shape and compression are those of the official files, energies in MeV."""
+    from uhg.data import create_store, write_part
+    from uhg.data.calochallenge import dense_to_hits
+
+    g = get_geometry(geometry)
+    n = 6
+    rng = np.random.default_rng(1)
+    dense = np.where(rng.random((n, g.n_cells)) < 0.1, rng.exponential(30.0, (n, g.n_cells)), 0.0).astype(np.float32)
+    energies_mev = 2.0 ** np.arange(10, 10 + n)
+    batch = dense_to_hits(dense, energies_mev, g)
+    create_store(tmp_path / "s", "calo", geometry, n, n,
+                 conditions={"incident_energy": {"min": 2.0**10, "max": 2.0**15, "unit": "MeV"}})
+    write_part(tmp_path / "s", 0, batch)
+    assert main(["data", "export-calochallenge", str(tmp_path / "s"), "--out", str(tmp_path / "o.hdf5")]) == 0
+    with h5py.File(tmp_path / "o.hdf5", "r") as h5:
+        assert sorted(h5.keys()) == sorted(OFFICIAL)
+        for name, (dtype, tail, compression) in OFFICIAL.items():
+            ds = h5[name]
+            assert str(ds.dtype) == dtype, name
+            assert ds.shape == (n, *(g.n_cells if t == "voxels" else t for t in tail)), name
+            assert ds.compression == compression, name
+        energies, showers = h5["incident_energies"][:, 0], h5["showers"][:]
+    assert np.array_equal(energies, energies_mev) and np.array_equal(showers, dense)  # MeV in, MeV out

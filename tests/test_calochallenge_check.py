@@ -61,7 +61,7 @@ def test_generated_showers_pass_the_evaluation_input_checks(tmp_path: Path, geom
     with h5py.File(h5, "r") as f:
         assert sorted(f.keys()) == ["incident_energies", "showers"]
         assert f["incident_energies"].shape == (2, 1) and f["showers"].shape == (2, dataset.n_voxels)
-        assert f["showers"].dtype == np.float32 and np.all(f["showers"][:] >= 0)
+        assert f["showers"].dtype == np.float64 and np.all(f["showers"][:] >= 0)
         assert np.all((f["incident_energies"][:] >= 1000) & (f["incident_energies"][:] <= 50000))
     assert main(["data", "check-calochallenge", str(h5), "--dataset", geometry]) == 0
 
@@ -103,10 +103,12 @@ def test_voxel_lands_where_high_level_features_expects_it(tmp_path: Path, geomet
         assert ec_x[0] == pytest.approx(cx[cells[i]], abs=1e-6) and ec_y[0] == pytest.approx(cy[cells[i]], abs=1e-6)
 
 
-def write(path: Path, showers: np.ndarray, energies: np.ndarray, **extra: np.ndarray) -> Path:
+def write(path: Path, showers: np.ndarray, energies: np.ndarray, compression: str | None = "gzip",
+          **extra: np.ndarray) -> Path:
+    """A file written the way the official ones were: h5py create_dataset(..., compression='gzip')."""
     with h5py.File(path, "w") as f:
-        f["showers"] = showers
-        f["incident_energies"] = energies
+        f.create_dataset("showers", data=showers, compression=compression if showers.ndim else None)
+        f.create_dataset("incident_energies", data=energies, compression=compression if energies.ndim else None)
         for k, v in extra.items():
             f[k] = v
     return path
@@ -115,9 +117,9 @@ def write(path: Path, showers: np.ndarray, energies: np.ndarray, **extra: np.nda
 def good(n: int = 4, voxels: int = 368) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     energies = 2.0 ** rng.integers(8, 23, (n, 1))
-    showers = np.zeros((n, voxels), np.float32)
-    showers[:, :10] = (energies / 10).astype(np.float32)  # E_tot = E_inc
-    return showers, energies.astype(np.float32)
+    showers = np.zeros((n, voxels))
+    showers[:, :10] = energies / 10  # E_tot = E_inc
+    return showers, energies.astype(np.float64)
 
 
 def test_malformed_files_are_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,8 +154,20 @@ def test_malformed_files_are_refused_by_name(tmp_path: Path, capsys: pytest.Capt
     zero_e[3] = 0
     with pytest.raises(StoreError, match=r"incident energy of event 3 is 0.0 .*log10\(E_inc\) in MeV"):
         check_calochallenge_file(write(tmp_path / "e0.h5", showers, zero_e), "1-photons")
-    with pytest.raises(StoreError, match="dtype int32, expected float32 or float64"):
+    with pytest.raises(StoreError, match="'showers' has dtype int32, the official files hold float64"):
         check_calochallenge_file(write(tmp_path / "int.h5", showers.astype(np.int32), energies), "1-photons")
+    # float32 energies and showers: what evaluate.py's float64 classifiers fail on
+    with pytest.raises(StoreError, match="'incident_energies' has dtype float32, the official files hold float64 "
+                                         r"\(evaluate.py trains its classifiers in float64\)"):
+        check_calochallenge_file(write(tmp_path / "f32.h5", showers.astype(np.float32),
+                                       energies.astype(np.float32)), "1-photons")
+    with pytest.raises(StoreError, match="'showers' has dtype float32, the official files hold float64"):
+        check_calochallenge_file(write(tmp_path / "s32.h5", showers.astype(np.float32), energies), "1-photons")
+    # uncompressed: refused unless lenient
+    raw = write(tmp_path / "raw.h5", showers, energies, compression=None)
+    with pytest.raises(StoreError, match="'incident_energies' is stored with compression None, the official files use 'gzip'"):
+        check_calochallenge_file(raw, "1-photons")
+    assert "compression None" in check_calochallenge_file(raw, "1-photons", strict=False).warnings[0]
 
     # a whole file in GeV: incident energies below the dataset's range, with the hint
     gev = write(tmp_path / "gev.h5", showers / 1000, energies / 1000)
@@ -165,7 +179,7 @@ def test_malformed_files_are_refused_by_name(tmp_path: Path, capsys: pytest.Capt
         check_calochallenge_file(write(tmp_path / "gev_showers.h5", showers / 1000, energies), "1-photons")
     # --lenient (an extrapolation study beyond the dataset's range) turns these into warnings
     lenient = check_calochallenge_file(gev, "1-photons", strict=False)
-    assert "look like GeV" in lenient.warnings[0] and "below the readout minimum 10 MeV" in lenient.warnings[1]
+    assert "look like GeV" in lenient.warnings[0] and "below the readout minimum 1 MeV" in lenient.warnings[1]
 
     assert main(["data", "check-calochallenge", str(gev), "--dataset", "1-photons"]) == 2
     assert "look like GeV" in capsys.readouterr().err
@@ -178,6 +192,7 @@ def test_malformed_files_are_refused_by_name(tmp_path: Path, capsys: pytest.Capt
 
 def test_readout_minimum_is_a_warning(tmp_path: Path) -> None:
     showers, energies = good(voxels=6480)
+    showers = showers.astype(np.float32)  # DS2/DS3 showers may be float32
     energies = np.full_like(energies, 5e4)
     showers[:, :10] = 5e3
     showers[0, 20] = 1e-3  # 1 keV: below the 15.15 keV readout minimum of DS2

@@ -133,14 +133,12 @@ def import_command(
 def export_command(
     store: Annotated[Path, typer.Argument(help="calorimeter store directory")],
     out: Annotated[Path, typer.Option(help="output CaloChallenge HDF5 file")],
-    dtype: Annotated[str, typer.Option(help="float32 or float64; default: the dtype the store was imported from")] = "",
 ) -> None:
-    """Write a calorimeter store as a CaloChallenge HDF5 file (incident_energies, showers)."""
+    """Write a calorimeter store as a CaloChallenge HDF5 file in the official layout
+    (incident_energies (N, 1) and showers (N, voxels), float64, gzip, MeV)."""
     from uhg.data.calochallenge import export_calochallenge
 
-    if dtype not in ("", "float32", "float64"):
-        raise ConfigError(f"--dtype must be float32 or float64, got {dtype!r}")
-    n = export_calochallenge(store, out, dtype=dtype or None)
+    n = export_calochallenge(store, out)
     typer.echo(f"exported {n} showers from {store} to {out}")
 
 
@@ -148,11 +146,12 @@ def export_command(
 def check_command(
     file: Annotated[Path, typer.Argument(help="CaloChallenge HDF5 file (incident_energies, showers)")],
     dataset: Annotated[str, typer.Option(help="1-photons, 1-pions, 2, 3 (or ds1-photons, ds1-pions, ds2, ds3)")],
-    lenient: Annotated[bool, typer.Option(help="report energies outside the dataset's range and a unit mismatch "
-                                                "of showers and energies as warnings instead of errors")] = False,
+    lenient: Annotated[bool, typer.Option(help="report energies outside the dataset's range, a unit mismatch "
+                                                "of showers and energies and a compression other than gzip as "
+                                                "warnings instead of errors")] = False,
 ) -> None:
-    """Check a file against the input checks of the CaloChallenge evaluation script (keys, shapes,
-    voxel count, MeV units, energy range)."""
+    """Check a file against the official CaloChallenge layout and the input checks of its evaluation
+    script (keys, shapes, dtypes, compression, voxel count, MeV units, energy range)."""
     from uhg.data.calochallenge import check_calochallenge_file
 
     result = check_calochallenge_file(file, dataset, strict=not lenient)

@@ -10,9 +10,10 @@ from typing import Annotated
 
 from pydantic import Field
 
+from uhg.config.calo_layers import CaloLayersConfig
 from uhg.config.gan import GanConfig
 from uhg.config.transformer import TransformerConfig
 
-ModelConfig = Annotated[GanConfig | TransformerConfig, Field(discriminator="family")]
+ModelConfig = Annotated[GanConfig | TransformerConfig | CaloLayersConfig, Field(discriminator="family")]
 
-__all__ = ["GanConfig", "ModelConfig", "TransformerConfig"]
+__all__ = ["CaloLayersConfig", "GanConfig", "ModelConfig", "TransformerConfig"]

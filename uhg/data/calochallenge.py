@@ -1,13 +1,16 @@
 """CaloChallenge 2022 HDF5 files <-> sparse calorimeter stores.
 
 The CaloChallenge format is one HDF5 file with two datasets:
-- `incident_energies`: (N, 1) incident particle energy in MeV;
-- `showers`: (N, n_voxels) deposited energy per voxel in MeV, voxels ordered (layer, alpha,
-  radial) and flattened, i.e. voxel = layer_offsets[layer] + cell in uhg's calorimeter geometry.
-The published files are float32. A store keeps the non-zero voxels as float32 hits and the
-incident energy as the float64 condition `incident_energy`, and remembers the source dtypes,
-so import followed by export gives back the same numbers in the same dtypes. float64 showers
-are accepted only when every value is exactly a float32 (otherwise pass `allow_rounding`).
+- `incident_energies`: (N, 1) float64, incident particle energy in MeV, gzip-compressed;
+- `showers`: (N, n_voxels) float64, deposited energy per voxel in MeV, gzip-compressed, voxels
+  ordered (layer, alpha, radial) and flattened, i.e. voxel = layer_offsets[layer] + cell in uhg's
+  calorimeter geometry.
+`OFFICIAL_FORMAT` writes that down with its source (docs/calorimeter.md). A store keeps the
+non-zero voxels as float32 hits and the incident energy as the float64 condition
+`incident_energy`; the export always writes the official float64 + gzip layout (float32 voxel
+energies are exact in float64, so import followed by export gives back the same numbers).
+float64 showers are imported only when every value is exactly a float32 (otherwise pass
+`allow_rounding`).
 
 `check_calochallenge_file` checks a file against what the CaloChallenge evaluation script
 (`evaluate.py` of github.com/CaloChallenge/homepage) needs of its input, before it is sent there.
@@ -19,7 +22,6 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -28,6 +30,34 @@ from uhg.errors import GeometryError, StoreError
 
 ENERGY_CONDITION = "incident_energy"
 DEFAULT_PART_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """How one HDF5 dataset of the official CaloChallenge files is stored."""
+
+    name: str
+    dtype: str
+    shape: str
+    """(N, 1) or (N, voxels)."""
+    compression: str
+    unit: str
+
+
+# Source: CaloChallenge/homepage, Dataset_creation.ipynb (the notebook that wrote the published
+# files): `create_dataset('incident_energies', data=energies.reshape(N, -1), compression='gzip')`
+# with energies built from Python floats / `energy * np.ones(N)` (float64), and
+# `create_dataset('showers', data=showers.reshape(N, -1), compression='gzip')` with DS1 showers
+# from pandas.read_csv (float64); README.md "Datasets": both in MeV. evaluate.py sets
+# torch.set_default_dtype(torch.float64), so its classifiers need float64 input: a file with
+# float32 energies and float32 showers fails there with a dtype mismatch.
+OFFICIAL_FORMAT: dict[str, DatasetFormat] = {
+    "incident_energies": DatasetFormat("incident_energies", "float64", "(N, 1)", "gzip", "MeV"),
+    "showers": DatasetFormat("showers", "float64", "(N, voxels)", "gzip", "MeV"),
+}
+# DS2/DS3 showers: the notebook rescales the Geant4 Par04 arrays by a Python float, so their dtype
+# follows the source files, which are not public; the checker accepts float32 there as well.
+SHOWERS_DTYPES_DS23 = ("float32", "float64")
 
 
 def _open_h5(file: Path):
@@ -123,12 +153,11 @@ def import_calochallenge(file: str | os.PathLike, geometry: str, out: str | os.P
     return n
 
 
-def export_calochallenge(store_path: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-                         progress: bool = True) -> int:
-    """Write a calorimeter store as a CaloChallenge HDF5 file; returns N.
+def export_calochallenge(store_path: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> int:
+    """Write a calorimeter store as a CaloChallenge HDF5 file in the official layout; returns N.
 
-    `dtype` of both datasets defaults to the dtypes the store was imported from (float32 for
-    simulated stores). The file is written under a temporary name and renamed when complete.
+    Both datasets are float64, gzip-compressed, in MeV (`OFFICIAL_FORMAT`). The file is written
+    under a temporary name and renamed when complete.
     """
     import h5py
     from tqdm.auto import tqdm
@@ -141,22 +170,24 @@ def export_calochallenge(store_path: str | os.PathLike, out: str | os.PathLike, 
         raise StoreError(f"store {store_path} holds {store.kind} hits; CaloChallenge export needs a calorimeter store")
     if ENERGY_CONDITION not in store.condition_names:
         raise StoreError(f"store {store_path} has no {ENERGY_CONDITION!r} condition (has {store.condition_names})")
-    src: dict[str, Any] = store.attrs.get("attributes", {})
-    shower_dtype = np.dtype(dtype or src.get("showers_dtype", "float32"))
-    energy_dtype = np.dtype(dtype or src.get("incident_energies_dtype", "float32"))
+    unit = store.attrs.get("conditions", {}).get(ENERGY_CONDITION, {}).get("unit", "MeV")
+    if unit != "MeV":
+        raise StoreError(f"store {store_path}: {ENERGY_CONDITION} is in {unit!r}; the CaloChallenge format is MeV")
+    fmt_e, fmt_s = OFFICIAL_FORMAT["incident_energies"], OFFICIAL_FORMAT["showers"]
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     n, g = len(store), store.geometry
     with h5py.File(tmp, "w") as h5:
-        energies = h5.create_dataset("incident_energies", shape=(n, 1), dtype=energy_dtype)
-        showers = h5.create_dataset("showers", shape=(n, g.n_cells), dtype=shower_dtype,
-                                    chunks=(max(1, min(n, max(1, 2**20 // g.n_cells))), g.n_cells) if n else None)
+        energies = h5.create_dataset(fmt_e.name, shape=(n, 1), dtype=fmt_e.dtype, compression=fmt_e.compression,
+                                     chunks=(max(1, min(n, 2**16)), 1) if n else None)
+        showers = h5.create_dataset(fmt_s.name, shape=(n, g.n_cells), dtype=fmt_s.dtype, compression=fmt_s.compression,
+                                    chunks=(max(1, min(n, max(1, 2**17 // g.n_cells))), g.n_cells) if n else None)
         done = 0
         with tqdm(total=n, desc=f"export {out.name}", unit="ev", disable=not progress) as bar:
             for batch in store.iter_batches():
                 stop = done + len(batch)
-                showers[done:stop] = dense_batch(batch, g).astype(shower_dtype)
-                energies[done:stop, 0] = batch.conditions[ENERGY_CONDITION].astype(energy_dtype)
+                showers[done:stop] = dense_batch(batch, g).astype(fmt_s.dtype)
+                energies[done:stop, 0] = batch.conditions[ENERGY_CONDITION].astype(fmt_e.dtype)
                 done = stop
                 bar.update(len(batch))
     os.replace(tmp, out)
@@ -182,13 +213,13 @@ class CaloChallengeDataset:
 
 
 # Voxel counts: evaluate.py `check_file` (num_features); readout minimum: evaluate.py `__main__`
-# (args.min_energy: ds1 10 MeV, ds2/3 0.5 keV / 0.033); energy ranges: the `avg-E` mode's bins of
-# evaluate.py (ds1: 2^8 .. 2^23 MeV, the datasets hold E = 2^8 .. 2^22 MeV; ds2/3: 10^3 .. 10^6 MeV,
+# (args.min_energy: ds1 1 MeV since the script of 2023-11, 10 MeV before; ds2/3 0.5 keV / 0.033);
+# energy ranges: the `avg-E` mode's bins of evaluate.py (ds1: 2^8 .. 2^23 MeV, the datasets hold E = 2^8 .. 2^22 MeV; ds2/3: 10^3 .. 10^6 MeV,
 # log-uniform 1 GeV .. 1 TeV).
 CALOCHALLENGE_DATASETS: dict[str, CaloChallengeDataset] = {
     d.name: d for d in (
-        CaloChallengeDataset("1-photons", "ds1-photons", "binning_dataset_1_photons.xml", 368, (2.0**8, 2.0**22), 10.0),
-        CaloChallengeDataset("1-pions", "ds1-pions", "binning_dataset_1_pions.xml", 533, (2.0**8, 2.0**22), 10.0),
+        CaloChallengeDataset("1-photons", "ds1-photons", "binning_dataset_1_photons.xml", 368, (2.0**8, 2.0**22), 1.0),
+        CaloChallengeDataset("1-pions", "ds1-pions", "binning_dataset_1_pions.xml", 533, (2.0**8, 2.0**22), 1.0),
         CaloChallengeDataset("2", "ds2", "binning_dataset_2.xml", 6480, (1e3, 1e6), 0.5e-3 / 0.033),
         CaloChallengeDataset("3", "ds3", "binning_dataset_3.xml", 40500, (1e3, 1e6), 0.5e-3 / 0.033),
     )
@@ -231,8 +262,11 @@ def check_calochallenge_file(file: str | os.PathLike, dataset: str, *, strict: b
     - evaluate.py `check_file`: datasets `incident_energies` and `showers` exist, their first
       dimensions agree, showers have the dataset's voxel count (368, 533, 6480, 40500);
     - what its feature code needs: `incident_energies` of shape (N, 1) (`prepare_low_data_for_classifier`
-      concatenates log10(E_inc) and the voxels along axis 1), floating-point values, finite
-      energies, E_inc > 0 (log10), no negative voxel energies (energies in MeV from 0 up);
+      concatenates log10(E_inc) and the voxels along axis 1), finite energies, E_inc > 0 (log10),
+      no negative voxel energies (energies in MeV from 0 up);
+    - the official layout `OFFICIAL_FORMAT`: float64 incident energies and showers (DS2/DS3
+      showers float32 or float64), an error otherwise since evaluate.py's float64 classifiers
+      fail on float32 input; gzip compression of both datasets (a `strict` check);
     - units (uhg's addition; `strict=False` makes these warnings): incident energies inside the
       dataset's range in MeV (an out-of-range file is usually in GeV, or an extrapolation study),
       and a median E_tot / E_inc that is not ~1000x off (showers and energies in different units).
@@ -272,9 +306,21 @@ def check_calochallenge_file(file: str | os.PathLike, dataset: str, *, strict: b
                                 f"{ds.n_voxels} ({ds.binning}); is this another dataset's file?")
         if energies_ds.shape != (n, 1):
             raise StoreError(f"{where}: dataset 'incident_energies' has shape {energies_ds.shape}, expected ({n}, 1)")
+        # the official layout (OFFICIAL_FORMAT): float64 energies, float64 showers (DS2/DS3 may be
+        # float32), gzip. A dtype off the official one is an error: evaluate.py trains its classifiers
+        # in float64 and fails on float32 input.
+        allowed = {"incident_energies": (OFFICIAL_FORMAT["incident_energies"].dtype,),
+                   "showers": (OFFICIAL_FORMAT["showers"].dtype,) if ds.name.startswith("1")
+                   else SHOWERS_DTYPES_DS23}
         for name, d in (("incident_energies", energies_ds), ("showers", showers_ds)):
-            if d.dtype.kind != "f":
-                raise StoreError(f"{where}: dataset {name!r} has dtype {d.dtype}, expected float32 or float64")
+            if str(d.dtype) not in allowed[name]:
+                raise StoreError(f"{where}: dataset {name!r} has dtype {d.dtype}, the official files hold "
+                                 f"{' or '.join(allowed[name])} (evaluate.py trains its classifiers in float64); "
+                                 "`uhg data export-calochallenge` writes the official dtypes")
+            expected = OFFICIAL_FORMAT[name].compression
+            if d.compression != expected:
+                plausibility(f"dataset {name!r} is stored with compression {d.compression!r}, the official files "
+                             f"use {expected!r}")
         if n == 0:
             raise StoreError(f"{where}: the file holds no showers")
 

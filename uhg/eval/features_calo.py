@@ -5,7 +5,8 @@ E_dep = sum of cell values, response E_dep / E_inc, energy per layer, lateral sh
 (energy-weighted mean of x and y, mm) and width (energy-weighted std of x and y, mm) per layer,
 longitudinal centre (energy-weighted mean depth, X0) and width (std of depth, X0), number of hits,
 sparsity per layer (fraction of the layer's cells that hold energy); per hit: the cell-energy
-spectrum (MeV). Digital calorimeters (cell value 1 = fired pixel) use hit counts in place of
+spectrum (MeV). Classifier inputs: `vectors["low_level"]` is the CaloChallenge `cls-low` input
+(log10 E_inc, voxel energies / E_inc), `vectors["high_level"]` the `cls-high` input (a superset). Digital calorimeters (cell value 1 = fired pixel) use hit counts in place of
 energies: the response is then hits per GeV of incident energy.
 
 Per-layer lateral centres and widths are histogrammed over the events whose layer holds
@@ -114,11 +115,22 @@ def calo_features(batch: HitBatch, geometry) -> FeatureSet:
                    np.nan_to_num(np.sqrt(0.5 * (wx**2 + wy**2)))[:, active], layer_names, "layer"))
     fs.add(Binned("response_vs_energy", "E_inc [MeV]", resp_label, e_inc, response))
 
-    frac = e_layer[:, active] / np.maximum(e_dep, 1e-12)[:, None]
+    # cls-high input: what the CaloChallenge evaluation's high-level classifier sees (log10 E_inc,
+    # log10 layer energies, centres and widths in x (eta) and y (phi) per layer, log10 E_tot,
+    # sparsity, radial centre and width per layer), plus uhg's response, hits and longitudinal
+    # centre and width; centres and widths in mm / 100 as there
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rr = np.hypot(x, y)
+        cr = per_event_layer(e * rr) / e_layer
+        wr = np.sqrt(np.clip(per_event_layer(e * rr * rr) / e_layer - cr**2, 0, None))
+
+    def mm(a):
+        return np.nan_to_num(a[:, active]) / 100.0
+
     fs.vectors["high_level"] = np.column_stack([
-        np.log10(e_inc), response, np.log1p(batch.hits_per_event), np.nan_to_num(depth), np.nan_to_num(depth_width),
-        frac, np.nan_to_num(cx[:, active]), np.nan_to_num(cy[:, active]), np.nan_to_num(wx[:, active]),
-        np.nan_to_num(wy[:, active]),
+        np.log10(e_inc), np.log10(e_layer[:, active] + 1e-8), mm(cx), mm(cy), mm(wx), mm(wy), np.log10(e_dep + 1e-8),
+        sparsity[:, active], mm(cr), mm(wr),
+        response, np.log1p(batch.hits_per_event), np.nan_to_num(depth), np.nan_to_num(depth_width),
     ]).astype(np.float32)
     fs.vectors["low_level"] = _voxel_vectors(batch, geometry, ev, e, e_inc, x, y)
     return fs

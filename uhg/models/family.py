@@ -74,6 +74,7 @@ class FamilyRegistry:
 _REGISTRY = FamilyRegistry({
     "gan": "uhg.models.gan_family:GanFamily",
     "transformer": "uhg.models.transformer_family:TransformerFamily",
+    "calo_layers": "uhg.models.calo_layers_family:CaloLayersFamily",
 })
 
 

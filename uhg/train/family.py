@@ -86,6 +86,7 @@ FamilyFactory = model_family.FamilyFactory
 _REGISTRY = model_family.FamilyRegistry({
     "gan": "uhg.train.gan_family:GanFamily",
     "transformer": "uhg.train.transformer_family:TransformerFamily",
+    "calo_layers": "uhg.train.calo_layers_family:CaloLayersFamily",
 })
 
 

@@ -1,0 +1,80 @@
+"""A short training of every shipped calorimeter config moves the per-layer energy profile of
+generated showers toward the simulated showers (energy-weighted L1 distance of the mean energy
+per layer, against showers of a disjoint seed)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uhg.config.loading import load_config
+from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
+from uhg.seeding import event_seed
+from uhg.sim.calo import simulate_calo_showers
+from uhg.sparse.torch_hits import TorchHits
+from uhg.train.engine import plain_engines
+from uhg.train.family import build_family
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# config -> (training showers, steps); small enough for a test, long enough to learn the profile
+SHORT = {"calo_layers_ds1.yaml": (600, 300), "calo_transformer_mini.yaml": (300, 150),
+         "calo_transformer.yaml": (200, 100), "calo_gan_mini.yaml": (200, 150), "calo_gan.yaml": (200, 150)}
+
+
+def test_every_shipped_calorimeter_config_is_covered():
+    shipped = {p.name for p in CONFIGS.glob("calo_*.yaml")}
+    assert shipped == set(SHORT)
+
+
+def layer_profile(batch, g) -> np.ndarray:
+    """Mean energy per layer (MeV)."""
+    layer = batch.columns["layer"].astype(np.int64)
+    return np.bincount(layer, weights=batch.columns["value"].astype(np.float64), minlength=g.n_layers) / len(batch)
+
+
+def profile_distance(fake, real, g) -> float:
+    f, r = layer_profile(fake, g), layer_profile(real, g)
+    return float(np.abs(f - r).sum() / r.sum())
+
+
+# measured: 150 steps of the calorimeter GAN on 200 DS2 showers do not halve the distance
+# (docs/calorimeter.md, "GAN on DS2 showers": its longitudinal profile is still too deep)
+GAN_TOO_DEEP = pytest.mark.xfail(strict=True, reason="the calorimeter GAN's short training does not fix its too deep "
+                                 "longitudinal profile")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=GAN_TOO_DEEP) if "gan" in n else n for n in sorted(SHORT)])
+def test_short_training_moves_the_layer_profile_toward_the_data(name, one_torch_thread):
+    n_train, steps = SHORT[name]
+    cfg = load_config(CONFIGS / name, [f"train.steps={steps}"])
+    g = get_geometry(cfg.geometry)
+    sim = cfg.data.simulate
+    train = simulate_calo_showers(g, n_train, seed=11, energy_min=sim.energy_min, energy_max=sim.energy_max)
+    real = simulate_calo_showers(g, 200, seed=12, energy_min=sim.energy_min, energy_max=sim.energy_max)
+    norm = ConditionNorm.from_ranges({"incident_energy": (sim.energy_min, sim.energy_max)}, cfg.model.conditions)
+    family = build_family(g, cfg.model, norm)
+    torch.manual_seed(0)
+    modules = family.build_modules()
+    if hasattr(family, "fit_sample"):
+        family.initialise_from_data(modules, [train.take(family.fit_sample(n_train))])
+    engines = plain_engines(cfg, family, modules, torch.device("cpu"))
+    conds = {"incident_energy": torch.as_tensor(real.conditions["incident_energy"])}
+    seeds = [event_seed(5, i, "generate") for i in range(len(real))]
+    generator = modules[family.generator_name]
+
+    def distance() -> float:
+        generator.eval()
+        d = profile_distance(family.sample(generator, conds, seeds), real, g)
+        generator.train()
+        return d
+
+    before = distance()
+    rng = np.random.default_rng(0)
+    batch = cfg.train.batch_size
+    for step in range(steps):
+        family.train_step(engines, TorchHits.from_batch(train.take(rng.choice(n_train, batch, replace=False))), step)
+    after = distance()
+    assert after < 0.5 * before, (name, before, after)

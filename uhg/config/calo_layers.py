@@ -1,0 +1,38 @@
+"""Configuration of the layer-energy calorimeter family (uhg.models.calo_layers)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from uhg.config.base import Section
+
+
+class CaloLayersConfig(Section):
+    """Calorimeter showers in two stages: the energy of every layer first (an autoregressive
+    mixture law conditioned on the incident energy), then the voxel energies of each layer given
+    those layer energies (a conditional VAE over the energy shares within each layer)."""
+
+    family: Literal["calo_layers"] = Field("calo_layers", description="Model family selector.")
+    conditions: list[str] = Field(default_factory=lambda: ["incident_energy"],
+                                  description="Event conditions (log-scaled; training range -> [-1, 1]).")
+    law_hidden: int = Field(128, gt=0, description="Hidden width of the layer-energy law's network.")
+    law_components: int = Field(8, gt=0, description="Gaussian components per layer of the layer-energy law.")
+    layer_floor: float = Field(
+        1e-7, gt=0.0,
+        description="Layer energies are modelled as log(E_layer / E_inc + layer_floor): an empty layer sits at "
+        "log(layer_floor).")
+    latent_dim: int = Field(32, gt=0, description="Latent dimension of the voxel VAE (carries the shower's shape).")
+    hidden_dim: int = Field(512, gt=0, description="Hidden width of the voxel VAE's encoder and decoder.")
+    kl_weight: float = Field(1.0, ge=0.0, description="Weight of the VAE's KL term.")
+    free_bits: float = Field(0.05, ge=0.0, description="KL nats per latent dimension not penalised.")
+    share_floor: float = Field(
+        1e-6, gt=0.0,
+        description="Voxel shares (energy / layer energy) below this are clipped in the log-share target.")
+    share_temperature: float = Field(
+        1.0, ge=0.0,
+        description="Generation: scale of the per-voxel noise of the log shares (1 = the learned width; smaller "
+        "values leave more of the shower-to-shower variation to the latent, whose shapes are coherent).")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
+    generate_batch: int = Field(1024, gt=0, description="Showers generated together.")

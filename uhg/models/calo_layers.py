@@ -1,0 +1,191 @@
+"""Layer-energy calorimeter model: how the energy is shared between layers first, then how each
+layer's energy is shared between its voxels.
+
+Stage 1, `LayerEnergyLaw`: y_l = log(E_layer_l / E_inc + floor) for the layers that hold voxels,
+an autoregressive mixture of Gaussians in layer order, p(y) = prod_l p(y_l | y_<l, condition),
+one shared network fed the condition, the masked earlier layers and a one-hot of l. The
+classifiers of the CaloChallenge see the layer energies first; this stage learns their joint law
+(longitudinal profile and its event-by-event fluctuations) exactly by maximum likelihood.
+
+Stage 2, `VoxelShareVae`: the share s_v = E_v / E_layer of every voxel inside its layer, from a
+conditional VAE given the condition and the (normalised) layer energies: per voxel a hit
+probability and a Gaussian of log s_v; the latent carries the shower's lateral shape and
+position. Sampled shares are renormalised within each layer and multiplied by the stage-1 layer
+energies, so the energy per layer is exactly that of stage 1.
+
+Nothing here is specific to one simulator: all shapes and fluctuations are learned from showers.
+The model is dense in voxels (the CaloChallenge geometries have <= 40 500); stores and generated
+showers stay sparse (the fired voxels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, depth: int = 2) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, hidden), nn.SiLU()]
+        d = hidden
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+class LayerEnergyLaw(nn.Module):
+    """Autoregressive Gaussian mixture over n_layers normalised log layer energies."""
+
+    def __init__(self, n_layers: int, n_cond: int, hidden: int, components: int):
+        super().__init__()
+        self.n_layers, self.components = n_layers, components
+        self.net = _mlp(n_cond + 2 * n_layers, hidden, 3 * components)
+        # earlier layers only: row l sees y_0 .. y_{l-1}
+        self.register_buffer("mask", torch.tril(torch.ones(n_layers, n_layers), diagonal=-1), persistent=False)
+
+    def _params(self, y: torch.Tensor, cond: torch.Tensor, rows: torch.Tensor):
+        """Mixture parameters of layers `rows` ((R,) long) given y (B, L) and cond (B, C) -> (B, R, K) x3."""
+        b, r = len(y), len(rows)
+        eye = torch.eye(self.n_layers, device=y.device)[rows]
+        x = torch.cat([cond[:, None, :].expand(b, r, -1), y[:, None, :] * self.mask[rows], eye.expand(b, r, -1)], -1)
+        logit, mu, log_sigma = self.net(x).chunk(3, dim=-1)
+        return F.log_softmax(logit, -1), mu, log_sigma.clamp(-7.0, 3.0)
+
+    def log_prob(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B,) log density of normalised log layer energies y (B, L)."""
+        log_w, mu, log_sigma = self._params(y, cond, torch.arange(self.n_layers, device=y.device))
+        z = (y[..., None] - mu) / log_sigma.exp()
+        comp = log_w - 0.5 * z * z - log_sigma - 0.5 * LOG_2PI
+        return torch.logsumexp(comp, -1).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, u: torch.Tensor, eps: torch.Tensor,
+               lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) samples from uniforms u (B, L) (component choice) and normals eps (B, L),
+        each layer clamped to [lo, hi] ((L,)) before the next layer conditions on it."""
+        y = torch.zeros(len(cond), self.n_layers, device=cond.device)
+        for layer in range(self.n_layers):
+            log_w, mu, log_sigma = self._params(y, cond, torch.tensor([layer], device=cond.device))
+            cdf = log_w[:, 0].exp().cumsum(-1)
+            k = torch.searchsorted(cdf, u[:, layer:layer + 1] * cdf[:, -1:]).clamp_max(self.components - 1)
+            m, s = mu[:, 0].gather(1, k)[:, 0], log_sigma[:, 0].gather(1, k)[:, 0].exp()
+            y[:, layer] = m + s * eps[:, layer]
+            if lo is not None and hi is not None:
+                y[:, layer] = y[:, layer].clamp(lo[layer], hi[layer])
+        return y
+
+
+class VoxelShareVae(nn.Module):
+    """Conditional VAE of the voxel shares within layers."""
+
+    def __init__(self, n_voxels: int, n_ctx: int, latent: int, hidden: int):
+        super().__init__()
+        self.latent = latent
+        self.encoder = _mlp(2 * n_voxels + n_ctx, hidden, 2 * latent)
+        self.decoder = _mlp(latent + n_ctx, hidden, 3 * n_voxels)
+
+    def decode(self, z: torch.Tensor, ctx: torch.Tensor):
+        """(hit logit, mean of log share, log sigma of log share), each (B, V)."""
+        hit, mu, log_sigma = self.decoder(torch.cat([z, ctx], -1)).chunk(3, dim=-1)
+        return hit, mu, log_sigma.clamp(-5.0, 2.0)
+
+    def loss(self, log_share: torch.Tensor, hit: torch.Tensor, ctx: torch.Tensor, free_bits: float):
+        """Per-event (reconstruction NLL, KL) for log shares (B, V) (any value where not hit)."""
+        hit_f = hit.float()
+        stats = self.encoder(torch.cat([log_share * hit_f, hit_f, ctx], -1))
+        mu_z, logvar_z = stats.chunk(2, dim=-1)
+        logvar_z = logvar_z.clamp(-12.0, 6.0)
+        z = mu_z + torch.randn_like(mu_z) * (0.5 * logvar_z).exp()
+        logit, mu, log_sigma = self.decode(z, ctx)
+        bce = F.binary_cross_entropy_with_logits(logit, hit_f, reduction="none").sum(-1)
+        r = (log_share - mu) / log_sigma.exp()
+        gauss = ((0.5 * r * r + log_sigma + 0.5 * LOG_2PI) * hit_f).sum(-1)
+        kl = 0.5 * (mu_z.pow(2) + logvar_z.exp() - 1.0 - logvar_z)
+        kl = kl.clamp_min(free_bits).sum(-1) if free_bits > 0 else kl.sum(-1)
+        return bce + gauss, kl
+
+
+class CaloLayersModel(nn.Module):
+    """Both stages for one geometry. `voxel_layer` ((V,) long) gives the position of each voxel's
+    layer among the `n_layers` layers holding voxels."""
+
+    def __init__(self, voxel_layer: torch.Tensor, n_cond: int, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_layers = int(voxel_layer.max()) + 1
+        self.n_voxels = len(voxel_layer)
+        self.register_buffer("voxel_layer", voxel_layer.long())
+        # standardisation of the log layer energies, set from training showers before training
+        self.register_buffer("y_mean", torch.zeros(self.n_layers))
+        self.register_buffer("y_std", torch.ones(self.n_layers))
+        # support of the law: the range of the training showers' standardised log layer energies
+        # (a wide mixture component must not draw a layer with 10^6 x the incident energy)
+        self.register_buffer("y_lo", torch.full((self.n_layers,), -1e4))
+        self.register_buffer("y_hi", torch.full((self.n_layers,), 1e4))
+        self.law = LayerEnergyLaw(self.n_layers, n_cond, cfg.law_hidden, cfg.law_components)
+        self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim)
+
+    # -- representation
+    def layer_energies(self, voxels: torch.Tensor) -> torch.Tensor:
+        """(B, L) energy per layer of dense voxel energies (B, V)."""
+        out = torch.zeros(len(voxels), self.n_layers, device=voxels.device, dtype=voxels.dtype)
+        return out.index_add_(1, self.voxel_layer, voxels)
+
+    def log_layer(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
+        return torch.log(e_layer / e_inc[:, None] + self.cfg.layer_floor)
+
+    def normalise(self, y_log: torch.Tensor) -> torch.Tensor:
+        return (y_log - self.y_mean) / self.y_std
+
+    def forward(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training loss of dense voxel energies (B, V) MeV, incident energies (B,) MeV and
+        normalised conditions (B, C): per-event NLL of the law plus the VAE's ELBO terms."""
+        e_layer = self.layer_energies(voxels)
+        y = self.normalise(self.log_layer(e_layer, e_inc))
+        nll_law = -self.law.log_prob(y, cond).mean()
+        share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
+        hit = voxels > 0
+        log_share = torch.log(share.clamp_min(self.cfg.share_floor))
+        rec, kl = self.vae.loss(log_share, hit, torch.cat([cond, y], -1), self.cfg.free_bits)
+        loss = nll_law + rec.mean() + self.cfg.kl_weight * kl.mean()
+        return {"loss": loss, "nll_layers": nll_law.detach(), "nll_voxels": rec.mean().detach(),
+                "kl": kl.mean().detach()}
+
+    @torch.no_grad()
+    def sample(self, e_inc: torch.Tensor, cond: torch.Tensor, noise: dict[str, torch.Tensor],
+               y: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense voxel energies (B, V) MeV for incident energies (B,) MeV and normalised
+        conditions (B, C), all randomness from `noise` (see `noise_shapes`). `y` (B, L) replaces
+        the law's normalised log layer energies (ablation studies)."""
+        if y is None:
+            y = self.law.sample(cond, noise["law_u"], noise["law_eps"], self.y_lo, self.y_hi)
+        frac = (y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor
+        # the mixture smears the spike of empty layers (at log(floor)) over fractions of ~floor:
+        # a layer within one floor of empty is empty
+        e_layer = torch.where(frac < self.cfg.layer_floor, 0.0, frac) * e_inc[:, None]
+        logit, mu, log_sigma = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
+        hit = noise["voxel_u"] < torch.sigmoid(logit)
+        share = torch.exp(mu + self.cfg.share_temperature * log_sigma.exp() * noise["voxel_eps"]) * hit
+        # a layer with energy but no sampled hit keeps it in its most likely voxel
+        per_layer = torch.zeros(len(share), self.n_layers, device=share.device).index_add_(1, self.voxel_layer, share)
+        empty = per_layer <= 0
+        if bool(empty.any()):
+            masked = torch.where(empty[:, self.voxel_layer], logit, torch.full_like(logit, -torch.inf))
+            best = torch.full((len(share), self.n_layers), -torch.inf, device=share.device)
+            best = best.scatter_reduce(1, self.voxel_layer.expand(len(share), -1), masked, "amax")
+            top = empty[:, self.voxel_layer] & (masked == best[:, self.voxel_layer])
+            share = torch.where(top, torch.ones_like(share), share)
+            per_layer = torch.zeros_like(per_layer).index_add_(1, self.voxel_layer, share)
+        share = share / per_layer.clamp_min(1e-30)[:, self.voxel_layer]
+        return share * e_layer[:, self.voxel_layer]
+
+    def noise_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-shower noise: name -> shape (uniform for *_u, standard normal otherwise)."""
+        return {"law_u": (self.n_layers,), "law_eps": (self.n_layers,), "z": (self.cfg.latent_dim,),
+                "voxel_u": (self.n_voxels,), "voxel_eps": (self.n_voxels,)}

@@ -1,0 +1,91 @@
+"""Training half of the layer-energy calorimeter family: one engine ("model"), trained by maximum
+likelihood of the layer-energy law plus the ELBO of the voxel-share VAE. The module and `sample`
+are the model half, `uhg.models.calo_layers_family.CaloLayersFamily`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from uhg.config.schema import TrainConfig
+from uhg.data.hits import HitBatch
+from uhg.models import calo_layers_family as model_half
+from uhg.seeding import event_seed
+from uhg.sparse.torch_hits import TorchHits
+from uhg.train.family import Engine, check_finite
+
+STATS_EVENTS = 4096
+"""Training showers (spread over the training range) that set the layer-energy standardisation."""
+ENERGY = model_half.ENERGY
+
+
+class CaloLayersFamily(model_half.CaloLayersFamily):
+    """Trainable `calo_layers` family."""
+
+    def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(module.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+
+    def _dense(self, batch: TorchHits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        voxels = batch.calo_dense(self.geometry.layer_offsets, self.geometry.n_cells)
+        e_inc = batch.conditions[ENERGY].to(batch.device, torch.float32)
+        return voxels, e_inc, self.condition_norm(batch.conditions).to(batch.device)
+
+    # -- data-driven start: standardisation of the log layer energies
+    def fit_sample(self, n_train: int) -> np.ndarray:
+        return np.unique(np.linspace(0, n_train - 1, min(n_train, STATS_EVENTS)).round().astype(np.int64))
+
+    def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
+        model = modules["model"]
+        ys = []
+        for batch in batches:
+            voxels, e_inc, _ = self._dense(TorchHits.from_batch(batch))
+            ys.append(model.log_layer(model.layer_energies(voxels), e_inc))
+        if not ys:
+            return {}
+        y = torch.cat(ys)
+        model.y_mean.copy_(y.mean(0))
+        model.y_std.copy_(y.std(0).clamp_min(1e-3) if len(y) > 1 else torch.ones_like(model.y_std))
+        y_norm = model.normalise(y)
+        model.y_lo.copy_(y_norm.min(0).values)
+        model.y_hi.copy_(y_norm.max(0).values)
+        return {"layer_log_energy_std_mean": float(model.y_std.mean())}
+
+    # -- training
+    def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
+        engine = engines["model"]
+        out = engine(*self._dense(batch))
+        check_finite("loss", out["loss"])
+        engine.backward(out["loss"])
+        engine.step()
+        metrics = {k: float(v.detach()) for k, v in out.items()}
+        get = getattr(engine, "get_global_grad_norm", None)
+        norm = get() if get is not None else None
+        if norm is not None and math.isfinite(float(norm)):
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+    # -- validation
+    @torch.no_grad()
+    def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
+        model = modules[self.generator_name]
+        was_training = model.training
+        model.eval()
+        try:
+            out = {k: float(v) for k, v in model(*self._dense(batch)).items()}
+        finally:
+            model.train(was_training)
+        seeds = [event_seed(0, i, "generate") for i in range(len(batch))]
+        fake, real = self.sample(model, batch.conditions, seeds), batch.to_batch()
+        e0 = real.conditions[ENERGY]
+        for tag, hb in (("fake", fake), ("real", real)):
+            sums = np.bincount(hb.event_index(), weights=hb.columns["value"].astype(np.float64), minlength=len(hb))
+            out[f"response_{tag}"] = float((sums / e0).mean())
+            out[f"hits_per_event_{tag}"] = float(hb.hits_per_event.mean())
+        from uhg.eval.quick import validation_metrics as quick_metrics
+
+        out.update(quick_metrics(real, fake, self.geometry))
+        return out
