@@ -38,3 +38,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_world_of_one_left_behind():
+    """Training in the test process makes it a DeepSpeed world of one through RANK, WORLD_SIZE,
+    ... in os.environ (uhg.train.engine.init_distributed). Left set, they would make every later
+    `uhg train` subprocess believe it runs under torchrun, so each test gets them back as it found them."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

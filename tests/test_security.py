@@ -154,7 +154,7 @@ def test_run_name_traversal_is_a_clear_cli_error(tmp_path: Path) -> None:
                       "train: {steps: 1, batch_size: 1}\n")
     done = subprocess.run([str(Path(sys.executable).parent / "uhg"), "train", "--config", str(config),
                            "--run-name", "../../escaped"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr[-3000:]
     assert "run name '../../escaped'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path.parent / "escaped").exists()
 
