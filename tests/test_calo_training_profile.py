@@ -19,13 +19,15 @@ from uhg.train.family import build_family
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # config -> (training showers, steps); small enough for a test, long enough to learn the profile
-SHORT = {"calo_layers_ds1.yaml": (600, 300), "calo_transformer_mini.yaml": (300, 150),
-         "calo_transformer.yaml": (200, 100), "calo_gan_mini.yaml": (200, 150), "calo_gan.yaml": (200, 150)}
+SHORT = {"calo_layers_ds1.yaml": (600, 300), "calo_transformer_mini.yaml": (300, 150), "calo_gan_mini.yaml": (200, 150)}
+# GPU-sized: minutes per step on a 2-core CPU and ~8 GB for the full transformer, so their short
+# training is not a CPU test (they share the family code of the mini configs; test_config validates them)
+GPU_SIZED = {"calo_transformer.yaml", "calo_gan.yaml"}
 
 
 def test_every_shipped_calorimeter_config_is_covered():
     shipped = {p.name for p in CONFIGS.glob("calo_*.yaml")}
-    assert shipped == set(SHORT)
+    assert shipped == set(SHORT) | GPU_SIZED
 
 
 def layer_profile(batch, g) -> np.ndarray:
@@ -58,8 +60,9 @@ def test_short_training_moves_the_layer_profile_toward_the_data(name, one_torch_
     family = build_family(g, cfg.model, norm)
     torch.manual_seed(0)
     modules = family.build_modules()
-    if hasattr(family, "fit_sample"):
-        family.initialise_from_data(modules, [train.take(family.fit_sample(n_train))])
+    fit = family.fit_sample(n_train) if hasattr(family, "fit_sample") else []
+    if len(fit):  # as the training loop: a family that wants no events has no data-driven start
+        family.initialise_from_data(modules, [train.take(fit)])
     # the modules' own optimisers without DeepSpeed: the profile test is about the model, not the engine
     engines = {name: PlainEngine(m, family.build_optimizer(name, m, cfg.train), cfg.train.gradient_clipping)
                for name, m in modules.items()}
