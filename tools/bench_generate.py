@@ -37,7 +37,7 @@ def export_from_config(config: str, out: Path) -> Path:
     cfg = load_config(config)
     geometry = get_geometry(cfg.geometry)
     ranges = {"luminosity": (1e34, 4e34), "her_current": (1.0, 2.0), "ler_current": (1.0, 2.0),
-              "incident_energy": (1e3, 1e5)}
+              "beta_y_star": (0.2, 0.4), "incident_energy": (1e3, 1e5)}
     family = build_family(geometry, cfg.model, ConditionNorm.from_ranges(ranges, cfg.model.conditions))
     torch.manual_seed(0)
     module = family.build_modules()[family.generator_name]
@@ -73,7 +73,8 @@ def main() -> None:
                     else contextlib.nullcontext())
         for bs in args.batch_sizes:
             n = max(bs, args.min_events)
-            values = {"luminosity": 2e34, "her_current": 1.5, "ler_current": 1.5, "incident_energy": 1e4}
+            values = {"luminosity": 2e34, "her_current": 1.5, "ler_current": 1.5, "beta_y_star": 0.3,
+                      "incident_energy": 1e4}
             conds = {k: np.full(n, values[k]) for k in gen.condition_names}
             with autocast:
                 gen.generate({k: v[: min(bs, 64)] for k, v in conds.items()}, seed=0, batch_size=bs)  # warm-up
