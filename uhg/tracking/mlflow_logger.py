@@ -250,6 +250,18 @@ def open_run(
     return logger
 
 
+def find_run_id(run_name: str, *, experiment: str, tracking_uri: str | None = None) -> str | None:
+    """The MLflow run id of uhg run `run_name` (by tag), or None."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    return _run_id_by_tag(client, exp.experiment_id, run_name)
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 
