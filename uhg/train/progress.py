@@ -55,7 +55,7 @@ def describe(state: ProgressState) -> str:
     if state.phase == "starting":
         return f"{state.name}  starting workers, data and model ({state.total} steps)"
     parts = [state.name, f"step {state.step}/{state.total}"]
-    if state.first_step and state.step == state.first_step:
+    if state.first_step:  # on every line: a follower that polls may never see the first one
         parts.append(f"(resumed at step {state.first_step})")
     parts += [f"{k} {v:.4g}" for k, v in state.losses.items()]
     if state.steps_per_s is not None:
