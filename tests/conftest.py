@@ -40,15 +40,18 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# As the session found them: a module-scoped fixture that trains in this process sets them
+# before any test's own fixtures run, so "as this test found them" would keep them set.
+_LAUNCHER_AT_START = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
 @pytest.fixture(autouse=True)
 def _no_world_of_one_left_behind():
     """Training in the test process makes it a DeepSpeed world of one through RANK, WORLD_SIZE,
     ... in os.environ (uhg.train.engine.init_distributed). Left set, they would make every later
-    `uhg train` subprocess believe it runs under torchrun, so each test gets them back as it found them."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    before = {k: os.environ.get(k) for k in keys}
+    `uhg train` subprocess believe it runs under torchrun, so after each test they are back as the session found them."""
     yield
-    for key, value in before.items():
+    for key, value in _LAUNCHER_AT_START.items():
         if value is None:
             os.environ.pop(key, None)
         else:

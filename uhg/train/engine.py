@@ -54,9 +54,20 @@ def init_distributed() -> tuple[int, int, int]:
     process becomes a world of one (RANK=0, WORLD_SIZE=1 on a free local port)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() and "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    missing = [k for k in launcher if k not in os.environ]
+    if not dist.is_initialized() and missing:
+        if os.environ.get("WORLD_SIZE", "1") != "1" or os.environ.get("RANK", "0") != "0":
+            # Part of a launcher's environment: DeepSpeed would fall back to MPI discovery and
+            # fail on a missing mpi4py, which names neither the cause nor the variables.
+            raise TrainingError(f"a distributed launch (WORLD_SIZE={os.environ.get('WORLD_SIZE')}, "
+                                f"RANK={os.environ.get('RANK')}) lacks {', '.join(missing)}: start the "
+                                "workers with torchrun, Ray Train or `uhg train`, which set all of "
+                                + ", ".join(launcher))
+        # A plain process (or one that inherited part of a world of one): a world of one.
+        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        for key in missing:
+            os.environ[key] = defaults[key] if key in defaults else str(_free_port())
     elif dist.is_initialized() and dist.get_world_size() == 1:
         # A world of one made by an earlier run in this process (tests, notebooks): DeepSpeed's
         # engine still asserts on the launcher variables, which the caller may have cleared.
