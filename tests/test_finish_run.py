@@ -65,9 +65,14 @@ def test_a_local_run_ends_like_a_ray_run(tmp_path: Path, monkeypatch: pytest.Mon
         "generator/generator.json", "generator/generator.safetensors"}
     version = client.get_model_version_by_alias("uhg-tiny-local", "candidate")
     assert version.run_id == run.info.run_id and version.source == f"runs:/{run.info.run_id}/generator"
-    # the held-out report and the plots describe one sample: the held-out events (at most evaluate.events)
+    # the held-out report and the plots describe one sample: the first evaluate.events events of
+    # the validation split, which is the loader's own "val" split of the store
+    from uhg.data.loader import HitDataset
+
+    val = HitDataset(tmp_path / "tiny.zarr", 1, split="val", val_fraction=0.1).events[:16]
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
-    assert metrics["inputs"]["reference"].startswith("held-out events 44..47 of")
+    assert metrics["inputs"]["reference"].startswith(
+        f"{len(val)} held-out events (validation split, event numbers {val[0]}..{val[-1]}) of")
 
     # resumed: the same MLflow run, tagged with the step it resumed from, a second model version
     assert main(["train", "--local", "--config", str(config), "--set", "train.steps=6"]) == 0

@@ -146,3 +146,49 @@ def test_compact_batches_widen_to_the_store_columns(stores, name):
         assert set(hits.columns) == set(want.columns)
         for k, v in want.columns.items():
             assert hits.columns[k].dtype == v.dtype and torch.equal(hits.columns[k], v), k
+
+
+def test_step_stream_continues_the_epoch_plan_across_epochs(stores):
+    """Training's step stream: within an epoch it is the epoch plan (drop_last), it runs on across
+    epoch ends without a short batch, every rank's steps are disjoint and together cover each
+    epoch, and a step's batch depends on nothing but its number."""
+    world, b = 3, 4
+    ranks = [HitDataset(stores / "a", b, seed=6, rank=r, world_size=world, drop_last=True) for r in range(world)]
+    for r, ds in enumerate(ranks):
+        plan = ds.plan(0)
+        assert all(np.array_equal(ds.step_ids(k + 1), plan[k]) for k in range(len(plan))), r
+    steps = 10  # 10 steps * 12 events = 120 positions: 2 full epochs of 47 and 26 of the third
+    stream = np.stack([np.stack([ds.step_ids(s) for ds in ranks]) for s in range(1, steps + 1)])  # step, rank, j
+    positions = stream.transpose(0, 2, 1).reshape(-1)  # global stream order: step, then j, then rank
+    orders = [ranks[0]._order(e) for e in range(3)]
+    assert np.array_equal(positions, np.concatenate(orders)[:steps * world * b])
+    fresh = HitDataset(stores / "a", b, seed=6, rank=1, world_size=world)  # resumed in a new process
+    assert np.array_equal(fresh.step_ids(7), stream[6, 1])
+
+
+def test_step_reader_reads_ahead_on_threads_without_changing_batches(stores):
+    from uhg.data.loader import StepReader
+
+    ds = HitDataset([stores / "a", stores / "b"], 5, split="train", seed=2, in_memory=False)
+    plain = StepReader(ds, 12)
+    want = [as_key(plain.get(s)) for s in range(1, 13)]
+    ahead = StepReader(HitDataset([stores / "a", stores / "b"], 5, split="train", seed=2, in_memory=False), 12, ahead=3)
+    try:
+        assert [as_key(ahead.get(s)) for s in range(1, 13)] == want
+    finally:
+        ahead.close()
+    with pytest.raises(ConfigError, match="read-ahead must be >= 0"):
+        StepReader(ds, 12, ahead=-1)
+
+
+def test_split_is_by_event_number_and_store(stores, tmp_path):
+    """The split of an event depends on its planned number and the store's seed/attributes, not
+    on its position: left-out parts move no event between splits, and a store written again from
+    the same plan holds out the same events."""
+    whole = HitDataset(stores / "a", 1, split="val", val_fraction=0.3)
+    ids = whole.stores[0].event_ids[whole.events]
+    part = HitDataset(stores / "a", 1, split="val", val_fraction=0.3, exclude={0: [1, 3]})
+    kept = part.stores[0].event_ids
+    assert np.array_equal(kept[part.events], ids[np.isin(ids, kept)])
+    write_all(tmp_path / "a2", "pixel", "pxd-tiny", pixel_events("pxd-tiny", 0, 47), 10, LUMI)
+    assert np.array_equal(HitDataset(tmp_path / "a2", 1, split="val", val_fraction=0.3).events, whole.events)

@@ -67,9 +67,13 @@ def test_final_evaluation_and_extrapolation_land_in_the_run(tmp_path: Path, monk
     (tmp_path / "run.yaml").write_text(CONFIG.format(root=tmp_path))
     assert main(["train", "--local", "--config", str(tmp_path / "run.yaml")]) == 0
 
-    # held-out report: 24 held-out showers vs 24 generated at their energies
+    # held-out report: the validation split's showers (at most 24) vs as many generated at their energies
+    from uhg.data.loader import HitDataset
+
+    val = HitDataset(tmp_path / "showers.zarr", 1, split="val", val_fraction=0.5).events[:24]
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
-    assert "held-out events 24..47 of" in metrics["inputs"]["reference"]
+    assert f"{len(val)} held-out events (validation split, event numbers {val[0]}..{val[-1]})" in \
+        metrics["inputs"]["reference"]
     assert metrics["inputs"]["training incident_energy"].endswith("MeV")
     assert (tmp_path / "run" / "eval" / "report.html").is_file()
     # zero-shot report with the run's export and the run's training range (not the file's [1, 2])

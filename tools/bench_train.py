@@ -26,8 +26,6 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     from uhg.config import load_config
     from uhg.geometry import get_geometry
     from uhg.models.common import ConditionNorm
-    from uhg.sparse.torch_hits import TorchHits
-    from uhg.train.data import batch_indices
     from uhg.train.engine import build_engines, init_distributed, select_device
     from uhg.train.family import build_family
     from uhg.train.loop import prepare_data, seed_everything
@@ -35,9 +33,10 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     cfg = load_config(config, overrides)
     rank, world, local_rank = init_distributed()
     device = select_device(cfg.train.device, local_rank)
-    data = prepare_data(cfg, rank)
+    data = prepare_data(cfg, rank, world)
     norm = ConditionNorm.from_ranges(data.condition_ranges(cfg.model.conditions), cfg.model.conditions)
-    family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
+    geometry = get_geometry(cfg.geometry)
+    family = build_family(geometry, cfg.model, norm)
     seed_everything(cfg.seed)
     modules = family.build_modules()
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
@@ -45,8 +44,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     engines = build_engines(cfg, family, modules, micro, world, device)
     times, cpu_times = [], []
     for step in range(1, warmup + steps + 1):
-        batch = TorchHits.from_batch(data.events(batch_indices(step, rank, world, micro, data.n_train, cfg.seed)))
-        batch = batch.to(device)
+        batch = data.dataset.make_batch(data.dataset.step_ids(step)).widen(geometry, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()

@@ -52,7 +52,8 @@ class DataConfig(Section):
         None, description="If set and the (single) store is missing, simulate it first with these settings."
     )
     validation_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Fraction of events held out for validation (the last events of the dataset)."
+        0.1, ge=0.0, lt=1.0, description="Fraction of events held out for validation and the end-of-run "
+        "evaluation (each event chosen by a hash of its event number: docs/data.md, 'Split')."
     )
     validation_events: int = Field(256, gt=0, description="At most this many held-out events per validation pass.")
     loader_workers: int = Field(

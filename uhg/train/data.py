@@ -1,22 +1,24 @@
-"""Training data for the loop: store preparation (simulate when missing), train/validation
-split, and a resumable, rank-sharded batch order.
+"""Training data for the loop: store preparation (simulate when missing) and the run's view of
+the one loader, `uhg.data.loader.HitDataset` (split rule, step-pure batch order across epochs,
+rank sharding, compact batches). This module adds only what comes from the run: the stores,
+`data.validation_fraction`, the seed, the micro-batch and the world, and `data.on_corrupt`.
 
-The batch order is a pure function of (seed, step): global position p = (step - 1) * G + r * B
-+ j (G events per step over all ranks, B per rank) maps to event perm_e[p mod N] of the
-permutation of epoch e = p // N. Resuming at step s therefore needs nothing but s, and every
-rank reads disjoint events of the same global batch.
+Every consumer takes its events from here: the training steps (`step_ids`), the laws fitted
+before the first step (training events), the validation of `train.validate_every` and the
+held-out sample of the end-of-run evaluation (both the first validation events in event-number
+order, `validation_ids`), and the condition ranges (training events).
 
 With `data.on_corrupt: skip`, parts of the stores that cannot be read (a corrupt or missing
 chunk, damaged part metadata) are found before training and left out on every rank, so the
 training and validation events, and with them the batch order, are the same on every rank and
-again on resume (as long as the stores do not change).
+again on resume (as long as the stores do not change). The split is by planned event number,
+so leaving a part out moves no other event between training and validation.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +26,11 @@ import numpy as np
 
 from uhg.config.schema import RunConfig, SimulateConfig
 from uhg.data.hits import HitBatch
+from uhg.data.layout import part_range
+from uhg.data.loader import HitDataset
 from uhg.errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
-
-# Datasets up to this many hits are held in memory (mini configs); larger ones are read per event.
-IN_MEMORY_HITS = 50_000_000
 
 
 def _simulate_part(geometry_name: str, sim: dict, start: int, stop: int) -> HitBatch:
@@ -83,12 +84,10 @@ def simulate_store(path: Path, geometry_name: str, sim: SimulateConfig, progress
 
 @dataclass
 class TrainingData:
-    """Events of the run's stores, split into a training and a validation range."""
+    """The run's events: `dataset` (split "train", this rank's step stream) and the validation
+    events of the same split rule."""
 
-    stores: list
-    n_events: int
-    n_train: int
-    cache: HitBatch | None
+    dataset: HitDataset
     skipped_events: int = 0
     """Events left out because their part could not be read (data.on_corrupt=skip)."""
 
@@ -104,28 +103,60 @@ class TrainingData:
                 stores.append(open_store(p, geometry=cfg.geometry))
             except StoreError as err:
                 raise StoreError(f"data.store: {err}") from None
-        skipped = _exclude_unreadable_parts(stores, rank, world) if cfg.data.on_corrupt == "skip" else 0
-        n = sum(len(s) for s in stores)
-        if n == 0:
+        found = _unreadable_parts(stores, rank, world) if cfg.data.on_corrupt == "skip" else {}
+        skipped = 0
+        for k, p in found:
+            start, stop = part_range(stores[k].attrs, p)
+            skipped += stop - start
+        if sum(len(s) for s in stores) - skipped == 0:
             raise StoreError(f"data.store: none of the {skipped} events of {', '.join(str(s.path) for s in stores)} "
                              "can be read (data.on_corrupt=skip left out every part; see the warnings above)")
-        n_val = int(math.floor(n * cfg.data.validation_fraction))
-        if n - n_val < 1:
-            raise ConfigError(f"data.store: {n} events leave none for training (validation_fraction "
+        exclude: dict[int, list[int]] = {}
+        for k, p in found:
+            exclude.setdefault(k, []).append(p)
+        dataset = HitDataset(cfg.data.store, cfg.batch_size_for(world), split="train",
+                             val_fraction=cfg.data.validation_fraction, seed=cfg.seed, rank=rank, world_size=world,
+                             geometry=cfg.geometry, exclude=exclude)
+        data = cls(dataset, skipped)
+        if data.n_train < 1:
+            raise ConfigError(f"data.store: {data.n_events} events leave none for training (validation_fraction "
                               f"{cfg.data.validation_fraction})")
-        total_hits = sum(int(s.part_n_hits().sum()) for s in stores)
-        cache = HitBatch.concat([b for s in stores for b in s.iter_batches()]) if total_hits <= IN_MEMORY_HITS else None
-        return cls(stores, n, n - n_val, cache, skipped)
+        if cfg.evaluate.final and data.n_validation == 0:
+            raise ConfigError(f"data.validation_fraction: {cfg.data.validation_fraction} holds out none of the "
+                              f"{data.n_events} events, and evaluate.final needs held-out events; raise it")
+        dataset.preload()  # in-memory data: a damaged chunk stops the run before its first step
+        return data
+
+    @property
+    def stores(self) -> list:
+        return self.dataset.stores
+
+    @property
+    def n_events(self) -> int:
+        return len(self.dataset.is_val)
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        """Global event numbers of the training events, ascending."""
+        return self.dataset.events
+
+    @property
+    def n_train(self) -> int:
+        return len(self.dataset.events)
 
     @property
     def n_validation(self) -> int:
         return self.n_events - self.n_train
 
+    def validation_ids(self, limit: int | None = None) -> np.ndarray:
+        """The first `limit` validation events (global event numbers, ascending): what every
+        validation pass and the end-of-run evaluation use."""
+        return self.dataset.split_events("val")[:limit]
+
     def condition_ranges(self, names: list[str]) -> dict[str, tuple[float, float]]:
         """(min, max) of each condition over the training events."""
         out = {}
         for name in names:
-            values = []
             for s in self.stores:
                 if name not in s.conditions:
                     raise ConfigError(f"model.conditions: {name!r} is not a condition of store {s.path} "
@@ -135,37 +166,24 @@ class TrainingData:
                     raise StoreError(f"store {s.path}: condition {name!r} of event {int(bad[0])} is "
                                      f"{float(s.conditions[name][bad[0]])} ({len(bad)} non-finite values); "
                                      "the store is corrupt, rewrite the parts holding them")
-                values.append(s.conditions[name])
-            v = np.concatenate(values)[: self.n_train]
+            v = self.dataset.conditions(name)[self.train_ids]
             out[name] = (float(v.min()), float(v.max()))
         return out
 
-    def events(self, indices: np.ndarray) -> HitBatch:
-        """Events at dataset positions `indices`, in that order."""
-        if self.cache is not None:
-            return HitBatch.concat([self.cache.slice(int(i), int(i) + 1) for i in indices])
-        events = []
-        starts = np.cumsum([0] + [len(s) for s in self.stores])
-        for i in indices:
-            k = int(np.searchsorted(starts, i, side="right") - 1)
-            events.append(self.stores[k][int(i - starts[k])])
-        return HitBatch.from_events(self.stores[0].kind, events)
-
-    def validation_indices(self, limit: int) -> np.ndarray:
-        return np.arange(self.n_train, min(self.n_events, self.n_train + limit))
+    def events(self, ids: np.ndarray) -> HitBatch:
+        """Events with global numbers `ids`, in that order, with the public hit columns."""
+        return self.dataset.hits(ids)
 
 
-def _exclude_unreadable_parts(stores: list, rank: int, world: int) -> int:
-    """Read every part once (rank r reads parts r, r + world, ... of all stores), share what the
-    ranks found and leave the unreadable parts out of every rank's stores. Rank 0 logs each left-out
-    part with the reader's error (store, part, array, chunk). Returns the number of events left out."""
-    from uhg.data.layout import part_range
-
+def _unreadable_parts(stores: list, rank: int, world: int) -> dict[tuple[int, int], str]:
+    """Read every part once (rank r reads parts r, r + world, ... of all stores) and share what the
+    ranks found: {(store position, part): the reader's error}, the same on every rank. Rank 0 logs
+    each part left out with the error (store, part, array, chunk)."""
     parts = [(k, p) for k, s in enumerate(stores) for p in s.parts]
     found: dict[tuple[int, int], str] = {}
     for k, p in parts[rank::world]:
         try:
-            stores[k].read_part(p)
+            stores[k].read_part_channels(p)
         except StoreError as err:
             found[(k, p)] = str(err)
     if world > 1:
@@ -174,31 +192,9 @@ def _exclude_unreadable_parts(stores: list, rank: int, world: int) -> int:
         everyone: list = [None] * world
         dist.all_gather_object(everyone, found)
         found = {key: message for f in everyone for key, message in f.items()}
-    skipped = 0
-    for k, p in sorted(found):
-        start, stop = part_range(stores[k].attrs, p)
-        skipped += stop - start
-        if rank == 0:
+    if rank == 0:
+        for k, p in sorted(found):
+            start, stop = part_range(stores[k].attrs, p)
             log.warning("data.on_corrupt=skip: leaving out part %d (events %d-%d) of store %s: %s",
                         p, start, stop - 1, stores[k].path, found[(k, p)])
-    for k, store in enumerate(stores):
-        store.exclude_parts(p for kk, p in found if kk == k)
-    return skipped
-
-
-def batch_indices(step: int, rank: int, world_size: int, batch_size: int, n_train: int, seed: int) -> np.ndarray:
-    """Dataset positions of rank `rank`'s events in 1-based `step` (see module docstring)."""
-    g = batch_size * world_size
-    pos = (step - 1) * g + rank * batch_size + np.arange(batch_size)
-    epochs, within = np.divmod(pos, n_train)
-    out = np.empty(batch_size, np.int64)
-    for e in np.unique(epochs):
-        perm = _epoch_permutation(int(seed), int(e), int(n_train))
-        sel = epochs == e
-        out[sel] = perm[within[sel]]
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, n_train: int) -> np.ndarray:
-    return np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A, epoch])).permutation(n_train)
+    return dict(sorted(found.items()))

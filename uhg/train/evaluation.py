@@ -1,8 +1,10 @@
 """The evaluation at the end of a run (`evaluate:` section of the config), on rank 0 after the
 export, called by `uhg.train.finish.finish_run`.
 
-- one held-out sample: the run's held-out events (the last `data.validation_fraction` of its
-  dataset, at most `evaluate.events`) are the reference; the exported generator makes as many
+- one held-out sample: the run's held-out events (its validation split, `data.validation_fraction`
+  of its events by the one split rule of uhg.data.loader; the first `evaluate.events` of them by
+  event number, the same events the validation passes during training start from) are the
+  reference; the exported generator makes as many
   events at their conditions (seed cfg.seed + GENERATION_SEED_OFFSET). The physics plots of a
   tracked run (plots/*.png) and the held-out report are both made from it;
 - held-out (`evaluate.final`): every metric of `uhg eval`, with the floor from two random halves
@@ -78,7 +80,7 @@ class HeldOutSample:
     use it, so they describe the same events."""
 
     indices: Any
-    """Dataset positions of the reference events."""
+    """Global event numbers of the reference events (uhg.train.data.TrainingData.validation_ids)."""
     reference: Any
     generated: Any
     """FeatureSets of the reference and the generated events."""
@@ -93,7 +95,7 @@ def held_out_sample(cfg: RunConfig, export: Path, data: Any, device: str = "cpu"
     from uhg.geometry import get_geometry
     from uhg.models.generator import Generator
 
-    indices = data.validation_indices(cfg.evaluate.events)
+    indices = data.validation_ids(cfg.evaluate.events)
     if len(indices) == 0:
         raise ConfigError(f"the run has no held-out events to evaluate on (data.validation_fraction "
                           f"{cfg.data.validation_fraction} of {data.n_events})")
@@ -118,8 +120,8 @@ def evaluate_held_out(cfg: RunConfig, export: Path, sample: HeldOutSample, out_d
     ref, gen, indices = sample.reference, sample.generated, sample.indices
     inputs: dict[str, Any] = {
         "geometry": cfg.geometry,
-        "reference": f"held-out events {int(indices[0])}..{int(indices[-1])} of {', '.join(map(str, cfg.data.store))} "
-                     f"({ref.n_events} events)",
+        "reference": f"{ref.n_events} held-out events (validation split, event numbers {int(indices[0])}.."
+                     f"{int(indices[-1])}) of {', '.join(map(str, cfg.data.store))}",
         "generated": f"{export} at step {step} ({gen.n_events} events at the reference's conditions)",
         "floor from": "two random halves of the held-out events",
         "repeats": f"{e.repeats} (classifier: {e.classifier_repeats})",
@@ -166,7 +168,7 @@ def evaluate_run(cfg: RunConfig, export: Path, data: Any, *, logger=None, step: 
             return None
 
     sample = None
-    plots = physics_plots and len(data.validation_indices(1)) > 0  # no held-out events: no plots, no error
+    plots = physics_plots and len(data.validation_ids(1)) > 0  # no held-out events: no plots, no error
     if cfg.evaluate.final or plots:
         sample = attempt("held_out", lambda: held_out_sample(cfg, export, data, device))
     if sample is not None and plots and logger is not None:

@@ -22,6 +22,7 @@ import torch
 
 from uhg.config.loading import config_to_dict, flatten
 from uhg.config.schema import RunConfig
+from uhg.data.loader import StepReader
 from uhg.errors import TrainingError
 from uhg.models.common import EMA, ConditionNorm
 from uhg.sparse.torch_hits import TorchHits
@@ -92,13 +93,13 @@ def _initialise_from_data(family, modules, data) -> dict[str, float]:
     pick = getattr(family, "fit_sample", None)
     if pick is None:
         return {}
-    idx = pick(data.n_train)
-    if not len(idx):
+    ids = data.train_ids[pick(data.n_train)]
+    if not len(ids):
         return {}
     t0 = time.perf_counter()
-    chunks = (data.events(idx[i:i + LAW_FIT_CHUNK]) for i in range(0, len(idx), LAW_FIT_CHUNK))
+    chunks = (data.events(ids[i:i + LAW_FIT_CHUNK]) for i in range(0, len(ids), LAW_FIT_CHUNK))
     fitted = family.initialise_from_data(modules, chunks)
-    log.info("fitted the model's laws to %d training events in %.1f s: %s", len(idx), time.perf_counter() - t0,
+    log.info("fitted the model's laws to %d training events in %.1f s: %s", len(ids), time.perf_counter() - t0,
              ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
     return fitted
 
@@ -132,7 +133,8 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     # data and the family bound to the training range of the conditions
     data = prepare_data(cfg, rank, world)
     norm = ConditionNorm.from_ranges(data.condition_ranges(cfg.model.conditions), cfg.model.conditions)
-    family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
+    geometry = get_geometry(cfg.geometry)
+    family = build_family(geometry, cfg.model, norm)
 
     # identical initial weights on every rank; then per-rank noise streams
     resume = hooks.resume_dir()
@@ -164,14 +166,14 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     validation: dict[str, float] = {}
     last_ckpt: Path | None = resume
     window_t0, window_events = time.perf_counter(), 0
-    reader = BatchReader(data, rank, world, micro, cfg.seed, t.steps, cfg.data.loader_workers)
+    reader = StepReader(data.dataset, t.steps, ahead=cfg.data.loader_workers)
     hooks.on_start(step, t.steps)
     while step < t.steps:
         step += 1
         t_data = time.perf_counter()
-        batch = reader.get(step).to(device)
+        batch = reader.get(step).widen(geometry, device)  # compact to the device, widened there
         t0 = time.perf_counter()
-        wait_s = t0 - t_data  # the step's wait for its batch: read (unless read ahead) and copy to the device
+        wait_s = t0 - t_data  # the step's wait for its batch: read (unless read ahead), copy and widen
         try:
             metrics = family.train_step(engines, batch, step)
         except NonFiniteLoss as err:
@@ -205,9 +207,9 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
             gen_state = _generator_state(family, engines, ema)
             if rank == 0:
                 eval_module.load_state_dict(gen_state, strict=False)
-                val_idx = data.validation_indices(cfg.data.validation_events)
-                if len(val_idx):
-                    vb = TorchHits.from_batch(data.events(val_idx)).to(device)
+                val_ids = data.validation_ids(cfg.data.validation_events)
+                if len(val_ids):
+                    vb = TorchHits.from_batch(data.events(val_ids)).to(device)
                     validation = {f"val_{k}": v for k, v in family.validation_metrics(
                         {family.generator_name: eval_module}, vb).items()}
                     logger.log_metrics(validation, step=step)
@@ -233,38 +235,6 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
                                 protocol=protocol)
     hooks.on_phase("done")
     return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint, evaluation)
-
-
-class BatchReader:
-    """This rank's batch of each step, read up to `workers` steps ahead by one background thread
-    (store reads and decompression release the GIL; one thread, since a store's part cache is
-    not shared safely); 0 = read inside the step."""
-
-    def __init__(self, data, rank: int, world: int, micro: int, seed: int, last_step: int, workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.data, self.rank, self.world, self.micro, self.seed = data, rank, world, micro, seed
-        self.last_step, self.ahead = last_step, workers
-        self.pool = ThreadPoolExecutor(max_workers=1) if workers else None
-        self.pending: dict = {}
-
-    def _read(self, step: int) -> TorchHits:
-        from uhg.train.data import batch_indices
-
-        idx = batch_indices(step, self.rank, self.world, self.micro, self.data.n_train, self.seed)
-        return TorchHits.from_batch(self.data.events(idx))
-
-    def get(self, step: int) -> TorchHits:
-        if self.pool is None:
-            return self._read(step)
-        for s in range(step, min(step + self.ahead, self.last_step) + 1):
-            if s not in self.pending:
-                self.pending[s] = self.pool.submit(self._read, s)
-        return self.pending.pop(step).result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _finite_only(metrics: Mapping[str, float]) -> dict[str, float]:
