@@ -233,3 +233,31 @@ def test_compression_is_compact(tmp_path):
     write_all(tmp_path / "s", "pixel", "pxd", batch, 4, LUMI)
     disk = sum(f.stat().st_size for f in (tmp_path / "s" / "parts").rglob("*") if f.is_file())
     assert disk / batch.n_hits < 3.0
+
+
+@pytest.mark.parametrize("hits_per_event", [3, 500])  # below and above SLICE_GATHER_HITS
+def test_gather_events_copies_each_event_in_the_asked_order(hits_per_event: int) -> None:
+    """Both ways of gathering (one position array for small events, one slice copy per event for
+    large ones) give every asked event's hits, in the asked order, repeats and empty events included."""
+    from uhg.data.hits import SLICE_GATHER_HITS, ChannelBatch, gather_events
+
+    rng = np.random.default_rng(hits_per_event)
+    counts = rng.integers(0, 2 * hits_per_event, 20)
+    counts[[4, 11]] = 0
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    channel = rng.integers(0, 2**32, offsets[-1], dtype=np.uint64).astype(np.uint32)
+    value = rng.integers(0, 256, offsets[-1]).astype(np.uint8)
+    idx = np.array([7, 4, 19, 7, 0, 11, 3])
+    got, got_offsets = gather_events({"channel": channel, "value": value}, offsets, idx)
+    assert (got_offsets[-1] >= SLICE_GATHER_HITS * len(idx)) == (hits_per_event > SLICE_GATHER_HITS)
+    assert got_offsets.tolist() == [0, *np.cumsum(counts[idx]).tolist()]
+    for j, e in enumerate(idx):
+        sl = slice(got_offsets[j], got_offsets[j + 1])
+        assert np.array_equal(got["channel"][sl], channel[offsets[e]:offsets[e + 1]])
+        assert np.array_equal(got["value"][sl], value[offsets[e]:offsets[e + 1]])
+    assert got["channel"].dtype == np.uint32 and got["value"].dtype == np.uint8
+    batch = ChannelBatch("pixel", channel, {"value": value}, offsets, {"luminosity": np.arange(20.0)})
+    taken = batch.take(idx)
+    assert np.array_equal(taken.channel, got["channel"]) and taken.conditions["luminosity"].tolist() == idx.tolist()
+    empty, empty_offsets = gather_events({"value": value}, offsets, np.zeros(0, np.int64))
+    assert len(empty["value"]) == 0 and empty_offsets.tolist() == [0]

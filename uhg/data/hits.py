@@ -19,7 +19,7 @@ where an overlay hit came from: 1 = signal only, 2 = background only, 3 = both (
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,15 +78,29 @@ class CaloEvent:
 Event = PixelEvent | CaloEvent
 
 
-def gather_positions(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hit positions of events `idx` (in that order) in a batch with `offsets`, and the offsets of
-    the gathered batch."""
-    counts = offsets[idx + 1] - offsets[idx]
+SLICE_GATHER_HITS = 64
+"""Mean hits per gathered event from which events are copied slice by slice (see gather_events)."""
+
+
+def gather_events(columns: Mapping[str, np.ndarray], offsets: np.ndarray,
+                  idx: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The hits of events `idx` (in that order, repeats allowed) of each of `columns` (a batch with
+    `offsets`), and the offsets of the gathered batch. Events with many hits (full-size PXD events:
+    thousands) are copied one contiguous slice each, 10-25x faster than indexing every hit with a
+    position array; events with few hits, where a Python loop per event would cost more, with one
+    position array."""
+    lo, hi = offsets[idx], offsets[idx + 1]
     out = np.zeros(len(idx) + 1, np.int64)
-    np.cumsum(counts, out=out[1:])
-    # hit k of output event j sits at offsets[idx[j]] + (k - out[j])
-    pos = np.repeat(offsets[idx] - out[:-1], counts) + np.arange(out[-1], dtype=np.int64)
-    return pos, out
+    np.cumsum(hi - lo, out=out[1:])
+    if out[-1] < SLICE_GATHER_HITS * len(idx):
+        # hit k of output event j sits at offsets[idx[j]] + (k - out[j])
+        pos = np.repeat(lo - out[:-1], hi - lo) + np.arange(out[-1], dtype=np.int64)
+        return {k: v[pos] for k, v in columns.items()}, out
+    gathered = {k: np.empty(out[-1], v.dtype) for k, v in columns.items()}
+    for j, (a, b) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
+        for k, v in columns.items():
+            gathered[k][out[j]:out[j + 1]] = v[a:b]
+    return gathered, out
 
 
 @dataclass
@@ -117,9 +131,9 @@ class ChannelBatch:
             return ChannelBatch(self.kind, self.channel[lo:hi], {k: v[lo:hi] for k, v in self.columns.items()},
                                 self.offsets[idx[0]:idx[-1] + 2] - lo,
                                 {k: v[idx[0]:idx[-1] + 1] for k, v in self.conditions.items()})
-        pos, offsets = gather_positions(self.offsets, idx)
-        return ChannelBatch(self.kind, self.channel[pos], {k: v[pos] for k, v in self.columns.items()}, offsets,
-                            {k: v[idx] for k, v in self.conditions.items()})
+        hits, offsets = gather_events({"channel": self.channel, **self.columns}, self.offsets, idx)
+        channel = hits.pop("channel")
+        return ChannelBatch(self.kind, channel, hits, offsets, {k: v[idx] for k, v in self.conditions.items()})
 
     @classmethod
     def concat(cls, batches: Sequence[ChannelBatch]) -> ChannelBatch:
@@ -205,9 +219,8 @@ class HitBatch:
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
             return self.slice(int(idx[0]), int(idx[-1]) + 1)
-        pos, offsets = gather_positions(self.offsets, idx)
-        return HitBatch(self.kind, {k: v[pos] for k, v in self.columns.items()}, offsets,
-                        {k: v[idx] for k, v in self.conditions.items()})
+        columns, offsets = gather_events(self.columns, self.offsets, idx)
+        return HitBatch(self.kind, columns, offsets, {k: v[idx] for k, v in self.conditions.items()})
 
     def event_index(self) -> np.ndarray:
         """(n_hits,) int64: the event each hit belongs to."""
