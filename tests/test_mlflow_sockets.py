@@ -19,11 +19,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from services import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -127,17 +127,7 @@ def test_printed_mlflow_ui_command_listens_on_loopback_only(printed_by, started,
     else:
         argv += ["--port", str(port)]
     proc = started([str(BIN / "mlflow"), *argv[1:]], tmp_path)
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None, f"`{command}` ended: {proc.stderr.read().decode()[-3000:]}"
-        assert time.monotonic() < deadline, f"`{command}` did not answer within 240 s"
-        time.sleep(1)
+    wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, f"`{command}`")
     time.sleep(3)  # the job runner and its consumers start after the web server answers
     listening = _listening(proc.pid)
     assert ("127.0.0.1", port) in listening, listening
