@@ -125,7 +125,7 @@ def test_elastic_run_continues_on_the_remaining_node(cluster) -> None:
     run_folder = workdir / "shared" / "elastic"
     spare = c.one_worker_node()
     proc = c.train(workdir, "--run-name", "elastic", "--set", "distributed.min_workers=1",
-                  "--set", "tracking.experiment=elastic")
+                   "--set", "tracking.experiment=elastic", "--verbose")  # --verbose: the workers' resharding message
     try:
         _wait_for_step_2_checkpoint(proc, run_folder)
         c.kill(spare)
