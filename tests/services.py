@@ -1,15 +1,19 @@
-"""Waiting for a server a test started (MLflow UI and tracking servers)."""
+"""Waiting for a server a test started (MLflow servers, a Ray head's dashboard)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 import urllib.request
 
 
-def wait_until_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
-    """Poll `url` until it answers 200; fail with the server's last output if it ends first or
-    the timeout passes (an MLflow server takes 10-70 s to start on 2 shared cores)."""
+def wait_until_healthy(url: str | urllib.request.Request, proc: subprocess.Popen, what: str,
+                       timeout: float = 240) -> None:
+    """Poll `url` until it answers 200. If `proc` (started with start_new_session=True) ends
+    first or the timeout passes, kill its process group and fail with its last output (an MLflow
+    server takes 10-70 s to start on 2 shared cores, a Ray head 10-30 s)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -18,8 +22,14 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, what: str, timeout: flo
                     return
         except OSError:
             pass
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode()[-3000:] if proc.stderr else ""
-            raise AssertionError(f"{what} ended (exit {proc.returncode}): {err}")
-        assert time.monotonic() < deadline, f"{what} did not answer within {timeout:.0f} s"
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"ended (exit {proc.returncode})" if proc.poll() is not None else f"did not answer in {timeout:.0f} s"
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the output ends only with every process holding it
+            except ProcessLookupError:
+                pass
+            stream = proc.stderr or proc.stdout
+            text = stream.read() if stream else ""
+            text = text.decode(errors="replace") if isinstance(text, bytes) else text
+            raise AssertionError(f"{what} {state}:\n{text[-3000:]}")
         time.sleep(1)

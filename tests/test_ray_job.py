@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from ray_nodes import free_ports, kill_tree, processes_naming
+from services import wait_until_healthy
 
 # ~1.5 min per job on an idle 2-core machine; generous limits because shared CI machines are not idle.
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1500)]
@@ -107,18 +108,7 @@ def _start_ray_head() -> Iterator[dict[str, str]]:
     token = env.get("RAY_AUTH_TOKEN") or Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     version = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(version, timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if head.poll() is not None or time.monotonic() > deadline:
-                head.kill()  # --block: its output ends only with it
-                raise RuntimeError(f"Ray head did not come up:\n{head.stdout.read() if head.stdout else ''}")
-            time.sleep(1)
+        wait_until_healthy(version, head, "Ray head", timeout=180)
         yield {**env, "RAY_ADDRESS": address, "UHG_TEST_GCS": f"127.0.0.1:{gcs}"}
     finally:
         # Killed, not stopped: nothing of the head is kept, and Ray's orderly shutdown of a head
