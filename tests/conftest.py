@@ -4,6 +4,9 @@ same whether it is started by tools/run_tests.sh or directly."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.enviro
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Tests must never write MLflow data into the working tree by accident.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +60,39 @@ def _no_world_of_one_left_behind():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as a launcher's world of one (RANK=0, WORLD_SIZE=1, ...) for a test that
+    trains in-process, on a free local port unless an earlier test of this process already
+    joined the process group (it stays joined, on its own port). Undone after the test."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """small_disk("160k"): a folder on a tmpfs of that size (disk-full tests), unmounted after the
+    test; the test is skipped where mounting needs privileges this process lacks."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a size-limited tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from uhg.cli import main
-from uhg.data.hits import HitBatch, PixelEvent
+from uhg.data.hits import HitBatch
 from uhg.errors import ConfigError
 from uhg.eval.baselines import overlay_baseline, scale_baseline, thin
 from uhg.eval.extrapolate import ExtrapolationConfig, load_protocol, run_protocol

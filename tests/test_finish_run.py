@@ -6,11 +6,9 @@ in a real sqlite MLflow store."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 from uhg.cli import main
 
@@ -32,16 +30,7 @@ output_dir: {root}/run
 """
 
 
-@pytest.fixture(autouse=True)
-def single_process_world(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.mark.slow  # two tiny training runs with MLflow: ~80 s on 2 cores

@@ -12,11 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from services import wait_until_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -82,17 +81,7 @@ def server(tracked: tuple[str, str, dict[str, str]]):
                             stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server ended: {proc.stderr.read().decode()[-3000:]}"
-            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
-            time.sleep(1)
+        wait_until_healthy(f"{url}/health", proc, "mlflow server")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker process

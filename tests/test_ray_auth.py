@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_nodes import free_ports
 
 # Each Ray start takes 20-60 s on the shared 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
@@ -37,17 +38,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _head_processes(marker: str, roots: list[int] = ()) -> list:
@@ -229,7 +219,7 @@ def _wait_for(listening_of, wanted: set[int], what: str, timeout: float = 120) -
 def local_head(tmp_path: Path) -> Iterator[dict]:
     """`cluster/local.sh start` with RAY_AUTH_MODE unset (the default) and its own ports."""
     temp_dir = tempfile.mkdtemp(prefix="uhg-auth-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    gcs, dashboard, client, agent, metrics = _free_ports(5)
+    gcs, dashboard, client, agent, metrics = free_ports(5)
     token_file = tmp_path / "ray" / "auth_token"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "UHG_RAY_PORT": str(gcs),
            "UHG_RAY_DASHBOARD_PORT": str(dashboard), "UHG_RAY_TEMP_DIR": temp_dir, "UHG_RAY_CPUS": "1",

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_nodes import free_ports, kill_tree, processes_naming
+from services import wait_until_healthy
 
 # ~1.5 min per job on an idle 2-core machine; generous limits because shared CI machines are not idle.
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1500)]
@@ -69,31 +70,6 @@ tracking:
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _own_processes(marker: str) -> list[int]:
-    """PIDs whose command line names our Ray temp dir (every process of our head has it)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
-                found.append(proc.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return [pid for pid in found if pid != os.getpid()]
-
-
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[dict[str, str]]:
     """One head for the tests of the killed-worker job."""
@@ -110,7 +86,7 @@ def fresh_ray_head() -> Iterator[dict[str, str]]:
 def _start_ray_head() -> Iterator[dict[str, str]]:
     """`ray start --head --block` on 127.0.0.1 with its own temp dir and ports; stopped by PID."""
     temp_dir = tempfile.mkdtemp(prefix="uhg-ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    gcs, dashboard, client, agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dashboard, client, agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = free_ports(9)
     env = {
         **os.environ,  # token auth, the token file of the test session (tests/conftest.py)
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -132,26 +108,14 @@ def _start_ray_head() -> Iterator[dict[str, str]]:
     token = env.get("RAY_AUTH_TOKEN") or Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     version = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(version, timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if head.poll() is not None or time.monotonic() > deadline:
-                head.kill()  # --block: its output ends only with it
-                raise RuntimeError(f"Ray head did not come up:\n{head.stdout.read() if head.stdout else ''}")
-            time.sleep(1)
+        wait_until_healthy(version, head, "Ray head", timeout=180)
         yield {**env, "RAY_ADDRESS": address, "UHG_TEST_GCS": f"127.0.0.1:{gcs}"}
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        for pid in _own_processes(temp_dir):
+        # Killed, not stopped: nothing of the head is kept, and Ray's orderly shutdown of a head
+        # with job actors on it takes 10-40 s on 2 cores.
+        kill_tree(head.pid)
+        head.wait(timeout=60)
+        for pid in processes_naming(temp_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -2,19 +2,17 @@
 0-CPU head (where the driver runs) and worker nodes elsewhere. A worker node that cannot see
 the storage path is refused by the driver when it is there at launch, and by the worker itself
 when it joins after the launch, as an autoscaler adds it. Real Ray nodes on this machine
-(tests/test_resilience_multinode.py's LoopbackCluster); the blind node's raylet runs in its
+(tests/ray_nodes.py); the blind node's raylet runs in its
 own mount namespace with an empty tmpfs over the storage path."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_resilience_multinode import BIN, LoopbackCluster, _kill_tree, _train
+from ray_nodes import LoopbackCluster, kill_tree, loopback_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -23,7 +21,7 @@ name: tiny-preflight
 geometry: pxd-tiny
 seed: 3
 data:
-  store: data/tiny.zarr
+  store: ../data/tiny.zarr           # relative to this file (configs/)
   simulate: {n_events: 24, part_size: 12, luminosity_min: 1.0e34, luminosity_max: 4.0e34}
   validation_events: 4
 model:
@@ -36,7 +34,7 @@ model:
   decoder_channels: [8, 4]
   discriminator_channels: [4, 8]
 train: {steps: 2, batch_size: 2, zero_stage: 1}
-distributed: {workers: 1, cpus_per_worker: 1, max_failures: 0, storage_path: shared}
+distributed: {workers: 1, cpus_per_worker: 1, max_failures: 0, storage_path: ../shared}
 tracking: {enabled: false}
 """
 
@@ -48,21 +46,8 @@ def head_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loopba
     (workdir / "configs").mkdir()
     (workdir / "configs" / "tiny.yaml").write_text(CONFIG)
     (workdir / "shared").mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-           "RAY_memory_monitor_refresh_ms": "0", "RAY_raylet_start_wait_time_s": "120"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    temp_dir = tempfile.mkdtemp(prefix="uhg-pf-", dir="/tmp")  # short: socket paths are length-limited
-    c = LoopbackCluster(temp_dir, env)
-    try:
-        c.start("head", head=True, cpus=0)
+    with loopback_cluster("uhg-pf-", head_cpus=0) as c:
         yield c, workdir
-    finally:
-        c.stop_all()
-        import shutil
-
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_head_only(c: LoopbackCluster) -> None:
@@ -82,7 +67,7 @@ def test_blind_worker_node_at_launch_is_refused_by_the_driver(head_only) -> None
     c.start("blind", private_mount=storage)
     try:
         t0 = time.monotonic()
-        proc = _train(c, workdir, "--run-name", "at-launch")
+        proc = c.train(workdir, "--run-name", "at-launch")
         out, _ = proc.communicate(timeout=300)
         elapsed = time.monotonic() - t0
     finally:
@@ -102,7 +87,7 @@ def test_blind_worker_node_added_after_launch_is_refused_by_the_worker(head_only
     storage = workdir / "shared"
     run_folder = storage / "late"
     _wait_for_head_only(c)
-    proc = _train(c, workdir, "--run-name", "late")
+    proc = c.train(workdir, "--run-name", "late")
     try:
         deadline = time.monotonic() + 180
         while not (run_folder / ".uhg-storage-marker").is_file():
@@ -115,7 +100,7 @@ def test_blind_worker_node_added_after_launch_is_refused_by_the_worker(head_only
         refused_s = time.monotonic() - joined
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
         if "late" in c.nodes:
             c.kill("late")
     assert proc.returncode != 0, out[-4000:]

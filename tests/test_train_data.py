@@ -200,7 +200,7 @@ def test_every_rank_leaves_out_the_same_parts(intact: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow  # a 4-step run with MLflow: 25-74 s on the shared 2-core machine
-def test_local_run_skips_the_corrupt_part_and_counts_it_in_mlflow(intact: Path, tmp_path: Path,
+def test_local_run_skips_the_corrupt_part_and_counts_it_in_mlflow(intact: Path, tmp_path: Path, world_of_one: None,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """What `uhg train --local --set data.on_corrupt=skip` does, in this process: the run completes
@@ -209,12 +209,6 @@ def test_local_run_skips_the_corrupt_part_and_counts_it_in_mlflow(intact: Path, 
 
     from uhg.train.local import run_local
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     store = corrupt_copy(intact, tmp_path / "corrupt.zarr")

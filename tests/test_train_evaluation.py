@@ -5,11 +5,9 @@ in the run folder, and their metrics and folders in the run's own MLflow run (re
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 from uhg.cli import main
 from uhg.config import load_config
@@ -47,16 +45,7 @@ out: unused
 """
 
 
-@pytest.fixture(autouse=True)
-def single_process_world(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 def test_final_evaluation_and_extrapolation_land_in_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

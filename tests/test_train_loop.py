@@ -5,7 +5,6 @@ resuming from a checkpoint reproduces the uninterrupted run's losses, non-finite
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +33,7 @@ tracking: {{enabled: false}}
 """
 
 
-@pytest.fixture(autouse=True)
-def single_process_world(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A world of one for DeepSpeed, restored afterwards so no later test sees RANK set."""
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        monkeypatch.setenv("MASTER_PORT", str(port))
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(k, v)
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
 from uhg.models.transformer import HitTransformer
-from uhg.models.transformer_laws import CountLaw, ResponseLaw, fit_law, nb_quantile
+from uhg.models.transformer_laws import CountLaw, fit_law, nb_quantile
 from uhg.models.transformer_sampling import counter_uniform, generate_tokens, sample_events
 from uhg.models.transformer_tokens import layout_for_geometry
 from uhg.seeding import event_seed

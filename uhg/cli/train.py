@@ -12,7 +12,6 @@ See docs/training.md and docs/distributed.md.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer

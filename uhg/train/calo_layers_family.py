@@ -4,7 +4,6 @@ are the model half, `uhg.models.calo_layers_family.CaloLayersFamily`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -16,6 +15,7 @@ from uhg.data.hits import HitBatch
 from uhg.models import calo_layers_family as model_half
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
+from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
 STATS_EVENTS = 4096
@@ -62,10 +62,7 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
         engine.backward(out["loss"])
         engine.step()
         metrics = {k: float(v.detach()) for k, v in out.items()}
-        get = getattr(engine, "get_global_grad_norm", None)
-        norm = get() if get is not None else None
-        if norm is not None and math.isfinite(float(norm)):
-            metrics["grad_norm"] = float(norm)
+        metrics.update(grad_norm_metric(engine))
         return metrics
 
     # -- validation

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import socket
 from collections.abc import Iterator, Mapping
@@ -178,3 +179,13 @@ class PlainEngine:
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
+
+
+def grad_norm_metric(engine: Any, key: str = "grad_norm") -> dict[str, float]:
+    """{key: the global gradient norm of the engine's last step}, or {} when the engine does not
+    know it (DeepSpeed before its first step, ZeRO stages that skip it) or it is not finite."""
+    get = getattr(engine, "get_global_grad_norm", None)
+    value = get() if get is not None else None
+    if value is None or not math.isfinite(float(value)):
+        return {}
+    return {key: float(value)}

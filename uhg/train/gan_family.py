@@ -28,6 +28,7 @@ from uhg.models.gan import NEIGHBOURS, gate_noise, grow_clusters, relaxed_images
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
+from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
 FIT_EVENTS = 2000  # training events read for the data-driven start
@@ -154,7 +155,7 @@ class GanFamily(model.GanFamily):
         D.step()
         out = {"loss_discriminator": float(d_loss.detach()), "d_real": float(real_u.detach().mean()),
                "d_fake": float(fake_u.detach().mean())}
-        out.update(_grad_norm("discriminator", D))
+        out.update(grad_norm_metric(D, "grad_norm_discriminator"))
 
         # 2. generator (discriminator frozen: no gradient lands in its engine). The bare
         # discriminator module is called, not its engine: an engine forward would register the
@@ -188,7 +189,7 @@ class GanFamily(model.GanFamily):
         out.update(loss_generator=float(g_loss.detach()), loss_adversarial=float(adv.detach()),
                    occupancy_fake=float((fake.detach() > 0).float().mean()),
                    occupancy_real=float((real > 0).float().mean()))
-        out.update(_grad_norm("generator", G))
+        out.update(grad_norm_metric(G, "grad_norm_generator"))
         return out
 
     def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
@@ -265,15 +266,6 @@ def _autocast_like(engine: Engine, device: torch.device):
     if enabled is None or not enabled():
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=engine.torch_autocast_dtype())
-
-
-def _grad_norm(name: str, engine: Engine) -> dict[str, float]:
-    get = getattr(engine, "get_global_grad_norm", None)
-    value = get() if get is not None else None
-    if value is None:
-        return {}
-    value = float(value)
-    return {f"grad_norm_{name}": value} if math.isfinite(value) else {}
 
 
 def _similarity_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ the model half, `uhg.models.transformer_family.TransformerFamily`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -24,6 +23,7 @@ from uhg.models.transformer_clusters import ShapeCensus
 from uhg.models.transformer_laws import fit_count_law, fit_law
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
+from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
 LAW_FIT_EVENTS = 8192
@@ -119,10 +119,7 @@ class TransformerFamily(model.TransformerFamily):
                        tokens_per_event=float(tokens.lengths.sum()) / max(len(batch), 1),
                        model_flops=engine.module.flops_per_token(mean_attended(tokens.lengths), pixels_per_token=per_token)
                        * tokens.n_tokens if hasattr(engine.module, "flops_per_token") else 0.0)
-        get = getattr(engine, "get_global_grad_norm", None)
-        norm = get() if get is not None else None
-        if norm is not None and math.isfinite(float(norm)):
-            metrics["grad_norm"] = float(norm)
+        metrics.update(grad_norm_metric(engine))
         return metrics
 
     # -- validation
