@@ -24,7 +24,7 @@ from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.models import gan_family as model
-from uhg.models.gan import NEIGHBOURS, gate_noise, grow_clusters, relaxed_images
+from uhg.models.gan import NEIGHBOURS, NO_SHAPE, SHAPE_HALF_COLS, SHAPE_ROWS, gate_noise, relaxed_images
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
@@ -59,7 +59,7 @@ class GanFamily(model.GanFamily):
         quantiles of the encoded charges. The adversarial game would need thousands of steps to
         move a log occupancy by units; it refines both afterwards."""
         g = modules[self.generator_name]
-        conds, counts, codes, sizes = [], [], [], []
+        conds, counts, codes, sizes, shapes = [], [], [], [], []
         for batch in batches:
             hits = TorchHits.from_batch(batch)
             conds.append(self.condition_norm(hits.conditions).double())
@@ -69,6 +69,8 @@ class GanFamily(model.GanFamily):
             if g.growth:
                 labels, n_clusters = pixel_clusters(batch, self.geometry)
                 sizes.extend(np.bincount(labels, minlength=n_clusters).tolist())
+            if g.n_shapes:
+                shapes.append(cluster_shape_keys(batch, self.geometry))
         if not conds:
             return {}
         cond, n = torch.cat(conds), torch.cat(counts).double()  # (E, C), (E, U)
@@ -100,10 +102,17 @@ class GanFamily(model.GanFamily):
                 g.spread.bias.fill_(math.log(spread / (1 - spread)))
                 g.head.bias[: g.shuffle**2] = 0.0
             seed = torch.exp(log_occ[:, 0]) / (1 + len(NEIGHBOURS) * spread)
+            if g.n_shapes:  # seeds fire at occupancy / (the sensor's mean shape size)
+                mean_size = _fit_shapes(g, shapes)
+                g.head.bias[: g.shuffle**2] = 0.0
+                seed = torch.exp(log_occ[:, 0]) / mean_size
             offset = log_occ.clone()
             offset[:, 0] = torch.log(seed) - torch.log1p(-seed) - g.head.bias[0].double()
             g.unit_gate.copy_(offset.to(g.unit_gate.dtype))
             out = {"fit_occupancy_pct": float(100 * torch.exp(log_occ[:, 0]).mean()), "fit_spread": spread}
+            if g.n_shapes:
+                out["fit_shapes"] = int((g.shape_prior[0] > NO_SHAPE / 2).sum())
+                out["fit_mean_cluster_size"] = float(mean_size.mean())
             if g.charge_noise:
                 code = torch.cat(codes)
                 if len(code) > QUANTILE_SAMPLE:  # torch.quantile's input limit; an even thinning keeps the shape
@@ -126,9 +135,10 @@ class GanFamily(model.GanFamily):
 
     def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
         z, un, gn, pn = self._noise(generator, b, device)
-        gate, code, spread = generator(z, un, cond, pn)
-        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), spread)
-        return images, mask, gate, code, spread
+        gate, code, clusters = generator(z, un, cond, pn)
+        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), clusters,
+                                      getattr(generator, "module", generator))
+        return images, mask, gate, code, clusters
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         G, D = engines["generator"], engines["discriminator"]
@@ -165,7 +175,7 @@ class GanFamily(model.GanFamily):
         for p in d_params:
             p.requires_grad_(False)
         try:
-            fake, mask, gate, code, spread = self._fake(G, cond, b, device)
+            fake, mask, gate, code, clusters = self._fake(G, cond, b, device)
             with _autocast_like(D, device):
                 fu, fe = d_module(fake, cond, mask)  # the straight-through mask: hit positions get a gradient
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
@@ -176,7 +186,7 @@ class GanFamily(model.GanFamily):
                 out["loss_similarity"] = float(sim.detach())
                 g_loss = g_loss + sim
             if self.cfg.physics_weight:
-                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real, spread)
+                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real, clusters, getattr(G, "module", G))
                 out["loss_physics"] = float(phys.detach())
                 g_loss = g_loss + phys
             check_finite("loss_generator", g_loss)
@@ -192,7 +202,7 @@ class GanFamily(model.GanFamily):
         return out
 
     def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
-                      spread: torch.Tensor | None = None) -> torch.Tensor:
+                      clusters: torch.Tensor | None = None, generator: nn.Module | None = None) -> torch.Tensor:
         """Squared log ratio of fake to real quantities at the same conditions.
 
         Pixel: hits per sensor summed over the batch, expected over the gates (sum of
@@ -210,8 +220,8 @@ class GanFamily(model.GanFamily):
             # squared log ratio per event would be minimal at the geometric mean (biased low) and
             # would also squeeze the event-to-event spread; the spread is left to the discriminator.
             fires = torch.sigmoid(gate)
-            if spread is not None:  # exact: seeds and spreads are independent given their logits
-                fires = grow_clusters(fires, torch.sigmoid(spread))
+            if clusters is not None:  # seeds grow into clusters (expected over the draws)
+                fires = generator.fire_probability(fires, clusters)
             hits_f = (fires * valid).sum(dim=(0, 2, 3))
             hits_r = (real > 0).float().sum(dim=(0, 2, 3))
             return ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
@@ -256,6 +266,62 @@ class GanFamily(model.GanFamily):
                 sums = _per_event_sums(hb)
                 out[f"response_{tag}"] = float((sums / e0).mean())
         return out
+
+
+SHAPE_SMOOTHING = 20.0  # a sensor's shape frequencies: its own clusters plus this many of the global mix
+
+
+def cluster_shape_keys(batch: HitBatch, geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel pattern of every cluster of `batch` that fits the shape window: (keys (n, 3) uint64,
+    one bit per window position, bit dr * (2 * SHAPE_HALF_COLS + 1) + dc + SHAPE_HALF_COLS
+    from the anchor, the cluster's first pixel in row-major order; sensors (n,) int64)."""
+    labels, n = pixel_clusters(batch, geometry)
+    if n == 0:
+        return np.zeros((0, 3), np.uint64), np.zeros(0, np.int64)
+    row, col = batch.columns["row"].astype(np.int64), batch.columns["col"].astype(np.int64)
+    order = np.lexsort((col, row, labels))
+    lab, row, col = labels[order], row[order], col[order]
+    first = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    anchor = np.repeat(first, np.diff(np.r_[first, len(lab)]))
+    dr, dc = row - row[anchor], col - col[anchor]
+    width = 2 * SHAPE_HALF_COLS + 1
+    inside = (dr < SHAPE_ROWS) & (np.abs(dc) <= SHAPE_HALF_COLS)
+    fits = np.logical_and.reduceat(inside, first)
+    bit = np.where(inside, dr * width + dc + SHAPE_HALF_COLS, 0)
+    keys = np.zeros((len(lab), 3), np.uint64)
+    keys[np.arange(len(lab)), bit // 64] = np.left_shift(np.uint64(1), (bit % 64).astype(np.uint64))
+    keys = np.bitwise_or.reduceat(keys, first, axis=0)
+    sensor = batch.columns["sensor"].astype(np.int64)[order][first]
+    return keys[fits], sensor[fits]
+
+
+def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """Fill the generator's shape table with the most frequent training cluster shapes and each
+    sensor's log-frequencies of them (smoothed toward the global mix); -> (U,) float64 mean
+    shape size per sensor."""
+    keys = np.concatenate([k for k, _ in census]) if census else np.zeros((0, 3), np.uint64)
+    sensors = np.concatenate([s for _, s in census]) if census else np.zeros(0, np.int64)
+    if not len(keys):
+        return torch.ones(g.layout.n_units, dtype=torch.float64)
+    table, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    top = np.argsort(-counts, kind="stable")[: g.n_shapes]
+    slot = np.full(len(table), -1)
+    slot[top] = np.arange(len(top))
+    k_of = slot[inverse.ravel()]
+    kept = k_of >= 0
+    per_sensor = np.zeros((g.layout.n_units, g.n_shapes))
+    np.add.at(per_sensor, (sensors[kept], k_of[kept]), 1.0)
+    mix = per_sensor.sum(0) / per_sensor.sum()
+    freq = (per_sensor + SHAPE_SMOOTHING * mix) / (per_sensor.sum(1, keepdims=True) + SHAPE_SMOOTHING)
+    bits = np.unpackbits(table[top].view(np.uint8), axis=1, bitorder="little")[:, : SHAPE_ROWS * (2 * SHAPE_HALF_COLS + 1)]
+    stencils = torch.zeros_like(g.shape_stencils)
+    stencils[: len(top)] = torch.as_tensor(bits.reshape(len(top), SHAPE_ROWS, -1), dtype=stencils.dtype)
+    prior = torch.full_like(g.shape_prior, NO_SHAPE)
+    prior[:, : len(top)] = torch.as_tensor(np.log(np.maximum(freq[:, : len(top)], 1e-30)), dtype=prior.dtype)
+    g.shape_stencils.copy_(stencils)
+    g.shape_prior.copy_(prior)
+    sizes = stencils.flatten(1).sum(1).double()
+    return torch.softmax(prior.double(), dim=-1) @ sizes
 
 
 def _autocast_like(engine: Engine, device: torch.device):
