@@ -273,14 +273,14 @@ def grow_seeds(seeds: torch.Tensor, fires: torch.Tensor) -> torch.Tensor:
 
 def expected_shape_hits(seed: torch.Tensor, footprint: torch.Tensor) -> torch.Tensor:
     """Expected clusters covering each pixel: seed probabilities (B, U, H, W) convolved with each
-    image's own footprint (B, U, R, C) (one grouped convolution)."""
-    b, u, h, w = seed.shape
+    image's own footprint (B, U, R, C), a seed at y firing y + (dr, dc - C // 2). By FFT: a
+    grouped convolution (one group per image) was as fast forward but 4x slower in total, its
+    backward dominated the pxd-mini training step (0.2 of 1.25 CPU s)."""
+    h, w = seed.shape[-2:]
     r, c = footprint.shape[-2:]
-    # a seed at y fires y + (dr, dc): out(y) = sum seed(y - o) F(o), a cross-correlation with the
-    # flipped footprint; rows only from above (dr >= 0), so the input is padded on top only
-    kernel = footprint.flip(-1).flip(-2).reshape(b * u, 1, r, c)
-    x = nn.functional.pad(seed.reshape(1, b * u, h, w), (c // 2, c // 2, r - 1, 0))
-    return nn.functional.conv2d(x, kernel.to(seed.dtype), groups=b * u).view(b, u, h, w)
+    size = (h + r - 1, w + c - 1)  # zero-padded: a linear, not circular, convolution
+    full = torch.fft.irfft2(torch.fft.rfft2(seed, s=size) * torch.fft.rfft2(footprint.to(seed.dtype), s=size), s=size)
+    return full[..., :h, c // 2: c // 2 + w].clamp_min(0.0)  # FFT round-off: no negative counts
 
 
 def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
