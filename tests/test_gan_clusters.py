@@ -240,28 +240,3 @@ def test_the_fitted_start_matches_the_event_level_features_of_the_data() -> None
     # measured: hits -1.5%, charge std -4.3%, cluster size -1.1% (clipped shapes: -6.7%)
     for key, tol in (("hits", 0.04), ("charge_std", 0.06), ("cluster_size", 0.03)):
         assert abs(got[key] / want[key] - 1) < tol, (key, got, want)
-
-
-def test_sparse_seed_sampling_equals_the_dense_maps() -> None:
-    """Generation compares the uniforms with the gates in the head's sub-pixel layout and computes
-    charges at hits only; with the same uniforms, shuffled, the dense maps give the same hits."""
-    torch.manual_seed(3)
-    geo = get_geometry("pxd-tiny")
-    cfg = GanConfig(conditions=["luminosity"], **{**SHAPES, "pixel_shuffle": 2})
-    fam = GanFamily(geo, cfg, ConditionNorm.from_ranges({"luminosity": (2e35, 8e35)}, ["luminosity"]))
-    g = fam.build_modules()["generator"].eval()
-    with torch.no_grad():
-        g.unit_gate[:, 0] += 2.0  # plenty of hits
-    b = 3
-    z, un, cond = torch.randn(b, cfg.z_dim), torch.randn(b, geo.n_sensors, cfg.sensor_noise_dim), torch.rand(b, 1)
-    u = torch.rand(b, *g.seed_grid)
-    at, score, _ = g.sample_seeds(z, un, cond, u)
-    noise = torch.randn(len(at))
-    pn = torch.zeros(b, geo.n_sensors, 1, geo.rows, geo.cols)
-    pn[at[:, 0], at[:, 1], 0, at[:, 2], at[:, 3]] = noise
-    with torch.no_grad():
-        gate, code, _ = g(z, un, cond, pn)
-    dense_u = torch.nn.functional.pixel_shuffle(u.flatten(0, 1), 2)[:, :, : geo.rows, : geo.cols].reshape(gate.shape)
-    dense = (dense_u < torch.sigmoid(gate)).nonzero()
-    assert len(at) > 100 and torch.equal(at, dense)
-    np.testing.assert_allclose(g.code_at(score, at, noise).numpy(), code[dense.unbind(1)].numpy(), atol=1e-6)

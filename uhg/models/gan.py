@@ -149,33 +149,16 @@ class Generator(nn.Module):
             t = block(t)
         return self.norm(t)
 
-    def _maps(self, z: torch.Tensor, unit_noise: torch.Tensor | None,
-              cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (head output (B * U, 2 * s^2, H / s, W / s) before the sub-pixel shuffle (gate channels
-        first), gate offset per unit (B, U), cluster logits or None)."""
-        b, u = z.shape[0], self.layout.n_units
+    def forward(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor,
+                pixel_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (gate logits (B, U, H, W), encoded values (B, U, H, W), spread logits (B, U, 8, 1, 1)
+        or None without cluster growth)."""
+        b, u, h, w = z.shape[0], self.layout.n_units, self.layout.height, self.layout.width
         tok = self.tokens(z, unit_noise, cond).reshape(b * u, -1)
         x = self.to_grid(tok).view(b * u, -1, self.h0, self.w0)
         for block in self.blocks:
             x = block(x, tok)
-        offset = self.unit_gate[:, 0].expand(b, -1)  # (B, U)
-        if self.unit_gate.shape[1] > 1:
-            offset = offset + cond @ self.unit_gate[:, 1:].T
-        if self.shape_logits is not None:
-            tilt = (cond.to(self.shape_tilt.dtype) @ self.shape_tilt)[:, None, None] * self.shape_log_size
-            clusters = self.shape_prior + tilt + self.shape_logits(tok).view(b, u, -1)
-        elif self.spread is not None:
-            clusters = self.spread(tok).view(b, u, -1, 1, 1)
-        else:
-            clusters = None
-        return self.head(x), offset, clusters
-
-    def forward(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor,
-                pixel_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (gate logits (B, U, H, W), encoded values (B, U, H, W), cluster logits: spread
-        (B, U, 8, 1, 1) with growth, shapes (B, U, K) with shapes, else None)."""
-        b, u, h, w = z.shape[0], self.layout.n_units, self.layout.height, self.layout.width
-        out, offset, clusters = self._maps(z, unit_noise, cond)
+        out = self.head(x)
         if self.shuffle > 1:
             out = nn.functional.pixel_shuffle(out, self.shuffle)
         out = out[:, :, :h, :w]
@@ -184,46 +167,18 @@ class Generator(nn.Module):
             if pixel_noise is None or pixel_noise.shape[2] != 1:
                 raise ValueError("the generator takes one pixel noise map per unit image (charge_noise)")
             score = score + pixel_noise.reshape(b * u, h, w)
+        offset = self.unit_gate[:, 0].expand(b, -1)  # (B, U)
+        if self.unit_gate.shape[1] > 1:
+            offset = offset + cond @ self.unit_gate[:, 1:].T
         gate = gate.reshape(b, u, h, w) + offset[:, :, None, None]
+        if self.shape_logits is not None:
+            tilt = (cond.to(self.shape_tilt.dtype) @ self.shape_tilt)[:, None, None] * self.shape_log_size
+            clusters = self.shape_prior + tilt + self.shape_logits(tok).view(b, u, -1)
+        elif self.spread is not None:
+            clusters = self.spread(tok).view(b, u, -1, 1, 1)
+        else:
+            clusters = None
         return gate, self._code(score).reshape(b, u, h, w), clusters
-
-    @property
-    def seed_grid(self) -> tuple[int, int, int, int]:
-        """Shape of the uniforms `sample_seeds` takes per event: (U, s^2, decoder rows, columns)."""
-        f = 2 ** len(self.blocks)
-        return self.layout.n_units, self.shuffle**2, self.h0 * f, self.w0 * f
-
-    @torch.no_grad()
-    def sample_seeds(self, z: torch.Tensor, unit_noise: torch.Tensor | None, cond: torch.Tensor,
-                     uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Generation without full-resolution maps (pixel detectors): a pixel fires a seed when its
-        uniform < sigmoid(gate), compared in the head's sub-pixel layout, so neither the gate nor
-        the charge is shuffled, and charges are computed at hits only (`code_at`).
-        `uniforms` (B, *seed_grid) in [0, 1). Returns (seeds (n, 4) int64 rows
-        (event, unit, row, col) in row-major order, charge scores (B, *seed_grid),
-        cluster logits or None)."""
-        b, u, s = z.shape[0], self.layout.n_units, self.shuffle
-        out, offset, clusters = self._maps(z, unit_noise, cond)
-        out = out.view(b, u, 2, s * s, *out.shape[-2:])
-        fires = uniforms < torch.sigmoid(out[:, :, 0] + offset[:, :, None, None, None])
-        ev, unit, k, i, j = fires.nonzero(as_tuple=True)
-        row, col = i * s + k // s, j * s + k % s
-        keep = (row < self.layout.height) & (col < self.layout.width)  # the crop of the padded grid
-        at = torch.stack([ev, unit, row, col], dim=1)[keep]
-        key = ((at[:, 0] * u + at[:, 1]) * self.layout.height + at[:, 2]) * self.layout.width + at[:, 3]
-        return at[torch.argsort(key)], out[:, :, 1], clusters
-
-    def code_at(self, score: torch.Tensor, at: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoded charges at `at` (n, 4) (event, unit, row, col) from the sub-pixel scores of
-        `sample_seeds`; `noise` (n,) standard normal with charge_noise."""
-        s = self.shuffle
-        row, col = at[:, 2], at[:, 3]
-        value = score[at[:, 0], at[:, 1], (row % s) * s + col % s, row // s, col // s]
-        if self.charge_noise:
-            if noise is None:
-                raise ValueError("the generator takes a noise value per hit (charge_noise)")
-            value = value + noise
-        return self._code(value)
 
     # -- clusters: the gate fires seeds; `clusters` (the third output of forward) say how they grow
     @property

@@ -18,7 +18,7 @@ from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
 from uhg.models.gan import Discriminator, Generator
-from uhg.models.gan_layout import decode_images, decode_pixels, unit_layout
+from uhg.models.gan_layout import decode_images, unit_layout
 
 
 class GanFamily:
@@ -52,39 +52,24 @@ class GanFamily:
         gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
         z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
         un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
+        # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
+        # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels.
+        u = torch.stack([torch.rand((lay.n_units, lay.height, lay.width), generator=g, device=device) for g in gens])
+        p = module.pixel_noise_channels
+        pn = torch.stack([torch.randn((lay.n_units, p, lay.height, lay.width), generator=g, device=device)
+                          for g in gens]) if p else None
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         was_training = module.training
         module.eval()
         try:
-            if lay.kind == "pixel":
-                return self._sample_pixels(module, gens, z, un, cond, conds)
-            # A cell fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
-            # as uniform u < sigmoid(gate), which needs no logarithms.
-            u = torch.stack([torch.rand((lay.n_units, lay.height, lay.width), generator=g, device=device) for g in gens])
-            gate, code, _ = module(z, un, cond, None)
+            gate, code, clusters = module(z, un, cond, pn)
         finally:
             module.train(was_training)
-        return decode_images(lay, u < torch.sigmoid(gate), code, conds)
-
-    def _sample_pixels(self, module: nn.Module, gens: list[torch.Generator], z: torch.Tensor, un: torch.Tensor,
-                       cond: torch.Tensor, conds: dict[str, torch.Tensor]) -> HitBatch:
-        """Pixel events from sparse seeds (`Generator.sample_seeds`): at full resolution the dense
-        path's sub-pixel shuffle, per-pixel charge and final nonzero were 30% of the CPU time."""
-        lay, device = self.layout, z.device
-        u = torch.empty(len(gens), *module.seed_grid, device=device)
-        for i, g in enumerate(gens):  # in place: stacking per-event draws copied 7.9 M floats per event
-            u[i].uniform_(generator=g)
-        at, score, clusters = module.sample_seeds(z, un, cond, u)
+        mask = u < torch.sigmoid(gate)
         if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
-            n_seeds = torch.bincount(at[:, 0], minlength=len(gens)).tolist()
+            n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
             k = module.draws_per_seed
             draws = [torch.rand(int(n), k, generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
-            seeds = torch.zeros(len(gens), lay.n_units, lay.height, lay.width, dtype=torch.bool, device=device)
-            seeds[at[:, 0], at[:, 1], at[:, 2], at[:, 3]] = True
-            at = module.place_clusters(seeds, clusters, torch.cat(draws)).nonzero()
-        noise = None
-        if module.charge_noise:
-            n_hits = torch.bincount(at[:, 0], minlength=len(gens)).tolist()
-            noise = torch.cat([torch.randn(int(n), generator=g, device=device) for g, n in zip(gens, n_hits, strict=True)])
-        return decode_pixels(lay, at, module.code_at(score, at, noise), len(gens), conds)
+            mask = module.place_clusters(mask, clusters, torch.cat(draws))
+        return decode_images(lay, mask, code, {k: conds[k] for k in conds})

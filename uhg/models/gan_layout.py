@@ -99,20 +99,6 @@ def encode_hits(layout: UnitLayout, hits: TorchHits) -> torch.Tensor:
     return out
 
 
-def decode_pixels(layout: UnitLayout, at: torch.Tensor, code: torch.Tensor, n_events: int,
-                  conditions: dict[str, torch.Tensor]) -> HitBatch:
-    """Sparse pixel hits from hit positions `at` (n, 4) (event, unit, row, col), grouped by event,
-    and their encoded charges `code` (n,): ADC = round(expm1(code * log1p(255))) clipped to
-    [threshold, 255]."""
-    ev, unit, row, col = (t.cpu().numpy() for t in at.unbind(1))
-    vals = code.detach().cpu().numpy().astype(np.float64)
-    adc = np.clip(np.rint(np.expm1(vals * math.log1p(layout.adc_max))), layout.adc_threshold, layout.adc_max)
-    counts = np.bincount(ev, minlength=n_events)
-    conds = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in conditions.items()}
-    return HitBatch("pixel", {"sensor": unit, "row": row, "col": col, "value": adc.astype(np.uint8)},
-                    np.concatenate([[0], np.cumsum(counts)]), conds)
-
-
 def decode_images(layout: UnitLayout, mask: torch.Tensor, code: torch.Tensor,
                   conditions: dict[str, torch.Tensor]) -> HitBatch:
     """Sparse hits from generated (B, n_units, H, W) hit `mask` (bool) and encoded values `code`.
@@ -121,11 +107,15 @@ def decode_images(layout: UnitLayout, mask: torch.Tensor, code: torch.Tensor,
     E = E0 * 10^((code - 1) * DECADES) MeV; cells below the threshold are dropped; digital: 1."""
     mask = mask & torch.as_tensor(layout.valid, device=mask.device)
     b = mask.shape[0]
-    if layout.kind == "pixel":
-        return decode_pixels(layout, mask.nonzero(), code[mask], b, conditions)
     ev, unit, row, col = (t.cpu().numpy() for t in mask.nonzero(as_tuple=True))
     vals = code[mask].detach().float().cpu().numpy()
     conds = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in conditions.items()}
+    if layout.kind == "pixel":
+        adc = np.rint(np.expm1(vals.astype(np.float64) * math.log1p(layout.adc_max)))
+        adc = np.clip(adc, layout.adc_threshold, layout.adc_max)
+        counts = np.bincount(ev, minlength=b)
+        return HitBatch("pixel", {"sensor": unit, "row": row, "col": col, "value": adc.astype(np.uint8)},
+                        np.concatenate([[0], np.cumsum(counts)]), conds)
     layer = layout.unit_layer[unit]
     cell = row.astype(np.int64) * layout.layer_width[layer] + col
     if layout.digital:
