@@ -255,7 +255,19 @@ class GanFamily(model.GanFamily):
                 fires = generator.fire_probability(fires, clusters)
             hits_f = (fires * valid).sum(dim=(0, 2, 3))
             hits_r = (real > 0).float().sum(dim=(0, 2, 3))
-            return ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
+            occupancy = ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
+            if not self.cfg.charge_noise:
+                return occupancy
+            # The first two moments of the encoded charge of the batch's hits, in units of the real
+            # spread: the adversarial steps alone let the charge scale drift (pxd-mini, 240 steps:
+            # mean pixel charge 56 ADU against 22, docs/results.md).
+            hit_r = (real > 0).float()
+            n_f, n_r = mask.sum().clamp_min(1.0), hit_r.sum().clamp_min(1.0)
+            mean_f, mean_r = (mask * code).sum() / n_f, real.sum() / n_r
+            sd_f = ((mask * (code - mean_f) ** 2).sum() / n_f).clamp_min(1e-12).sqrt()
+            sd_r = ((hit_r * (real - mean_r) ** 2).sum() / n_r).clamp_min(1e-12).sqrt()
+            scale = sd_r.detach().clamp_min(1e-3)
+            return occupancy + ((mean_f - mean_r) / scale) ** 2 + ((sd_f - sd_r) / scale) ** 2
         log_p = nn.functional.logsigmoid(gate).masked_fill(valid == 0, -math.inf)
         hits_r = (real > 0).float().sum(dim=(1, 2, 3)).clamp_min(1.0)  # an empty real shower counts as one hit
         loss = (torch.logsumexp(log_p.flatten(1), dim=1) - torch.log(hits_r)) ** 2
