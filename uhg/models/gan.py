@@ -34,7 +34,7 @@ INITIAL_SPREAD = 0.1  # probability that a seed fires each neighbour, at start (
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))  # (row, col) steps
 # Window of a cluster shape, from its anchor (its first pixel in row-major order): rows 0..7 below
 # it, columns -8..8 (a shape never has pixels above its anchor). 99.9% of pxd-mini background
-# clusters fit (docs/results.md); the rest are left out of the fitted shape table.
+# clusters fit; the rest are left out of the fitted shape table.
 SHAPE_ROWS = 8
 SHAPE_HALF_COLS = 8
 NO_SHAPE = -1.0e4  # log-prior of an unused table entry (finite: state dicts stay comparable)
