@@ -10,13 +10,22 @@ import torch
 
 from uhg.config.gan import GanConfig
 from uhg.config.schema import TrainConfig
+from uhg.data.hits import HitBatch
 from uhg.eval.distances import separation_power
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.data.hits import HitBatch
-from uhg.models.gan import (NEIGHBOURS, SHAPE_HALF_COLS, SHAPE_ROWS, draw_shapes, expected_shape_hits,
-                             grow_cluster_masks, grow_clusters, grow_seeds, place_shapes)
+from uhg.models.gan import (
+    NEIGHBOURS,
+    SHAPE_HALF_COLS,
+    SHAPE_ROWS,
+    draw_shapes,
+    expected_shape_hits,
+    grow_cluster_masks,
+    grow_clusters,
+    grow_seeds,
+    place_shapes,
+)
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import PlainEngine

@@ -24,7 +24,14 @@ from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.models import gan_family as model
-from uhg.models.gan import NEIGHBOURS, NO_SHAPE, SHAPE_HALF_COLS, SHAPE_ROWS, gate_noise, relaxed_images
+from uhg.models.gan import (
+    NEIGHBOURS,
+    NO_SHAPE,
+    SHAPE_HALF_COLS,
+    SHAPE_ROWS,
+    gate_noise,
+    relaxed_images,
+)
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
