@@ -39,6 +39,12 @@ class GanConfig(Section):
         description="Pixel detectors: the hit gate fires cluster seeds, and each seed fires each of its 8 neighbours "
         "with a learned probability, so hits come in clusters (false: every pixel fires independently).",
     )
+    cluster_shapes: int = Field(
+        0, ge=0,
+        description="Pixel detectors: the hit gate fires cluster seeds, and each seed draws its cluster's pixel "
+        "pattern from a table of at most this many shapes, fitted with their per-sensor frequencies to the training "
+        "data (fit_from_data); the generator shifts each sensor's shape log-odds. 0 = off. Excludes cluster_growth.",
+    )
     charge_noise: bool = Field(
         False,
         description="Pixel detectors: stochastic charge, drawn through a table of charge quantiles fitted to the "
@@ -89,4 +95,6 @@ class GanConfig(Section):
     def _heads_divide_width(self) -> GanConfig:
         if self.embed_dim % self.attention_heads:
             raise ValueError(f"attention_heads ({self.attention_heads}) must divide embed_dim ({self.embed_dim})")
+        if self.cluster_shapes and self.cluster_growth:
+            raise ValueError("cluster_shapes and cluster_growth are two ways of making clusters: set one of them")
         return self

@@ -17,7 +17,7 @@ from torch import nn
 from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import Discriminator, Generator, grow_seeds
+from uhg.models.gan import Discriminator, Generator
 from uhg.models.gan_layout import decode_images, unit_layout
 
 
@@ -63,14 +63,13 @@ class GanFamily:
         was_training = module.training
         module.eval()
         try:
-            gate, code, spread = module(z, un, cond, pn)
+            gate, code, clusters = module(z, un, cond, pn)
         finally:
             module.train(was_training)
         mask = u < torch.sigmoid(gate)
-        if spread is not None:  # cluster growth: each seed fires neighbour k with sigmoid(spread_k), per event
-            p = torch.sigmoid(spread)[:, :, :, 0, 0]
+        if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
             n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
-            fires = [torch.rand(int(n), p.shape[2], generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
-            at = mask.nonzero()
-            mask = grow_seeds(mask, torch.cat(fires) < p[at[:, 0], at[:, 1]])
+            k = module.draws_per_seed
+            draws = [torch.rand(int(n), k, generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
+            mask = module.place_clusters(mask, clusters, torch.cat(draws))
         return decode_images(lay, mask, code, {k: conds[k] for k in conds})

@@ -24,7 +24,14 @@ from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.models import gan_family as model
-from uhg.models.gan import NEIGHBOURS, gate_noise, grow_clusters, relaxed_images
+from uhg.models.gan import (
+    NEIGHBOURS,
+    NO_SHAPE,
+    SHAPE_HALF_COLS,
+    SHAPE_ROWS,
+    gate_noise,
+    relaxed_images,
+)
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
@@ -33,6 +40,7 @@ from uhg.train.family import Engine, check_finite
 
 FIT_EVENTS = 2000  # training events read for the data-driven start
 QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
+OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes
 
 
 class GanFamily(model.GanFamily):
@@ -60,8 +68,9 @@ class GanFamily(model.GanFamily):
         quantiles of the encoded charges. The adversarial game would need thousands of steps to
         move a log occupancy by units; it refines both afterwards."""
         g = modules[self.generator_name]
-        conds, counts, codes, sizes = [], [], [], []
+        conds, counts, codes, sizes, shapes, raw = [], [], [], [], [], []
         for batch in batches:
+            raw.append(batch.conditions)
             hits = TorchHits.from_batch(batch)
             conds.append(self.condition_norm(hits.conditions).double())
             flat = hits.event_index() * self.layout.n_units + hits.columns["sensor"].long()
@@ -70,6 +79,9 @@ class GanFamily(model.GanFamily):
             if g.growth:
                 labels, n_clusters = pixel_clusters(batch, self.geometry)
                 sizes.extend(np.bincount(labels, minlength=n_clusters).tolist())
+            if g.n_shapes:
+                keys, sensors, events = cluster_shape_keys(batch, self.geometry)
+                shapes.append((keys, sensors, events + sum(len(c) for c in conds[:-1])))
         if not conds:
             return {}
         cond, n = torch.cat(conds), torch.cat(counts).double()  # (E, C), (E, U)
@@ -101,10 +113,23 @@ class GanFamily(model.GanFamily):
                 g.spread.bias.fill_(math.log(spread / (1 - spread)))
                 g.head.bias[: g.shuffle**2] = 0.0
             seed = torch.exp(log_occ[:, 0]) / (1 + len(NEIGHBOURS) * spread)
+            if g.n_shapes:  # seeds fire at occupancy / (the sensor's mean shape size)
+                mean_size, d_log_size = _fit_shapes(g, shapes, cond)
+                g.head.bias[: g.shuffle**2] = 0.0
+                seed = torch.exp(log_occ[:, 0]) / mean_size
+            # The start is the fitted model itself: a random head adds a random map to every
+            # gate and charge score (at pxd-mini init: score std 1.3 instead of 1, which widened the
+            # charge spectrum, event charge std 22.9 ADU against 19.4), training then learns one.
+            g.head.weight.zero_()
             offset = log_occ.clone()
             offset[:, 0] = torch.log(seed) - torch.log1p(-seed) - g.head.bias[0].double()
+            if g.n_shapes:  # seeds: occupancy / mean shape size, that size linearised in the conditions
+                offset[:, 1:] -= d_log_size
             g.unit_gate.copy_(offset.to(g.unit_gate.dtype))
             out = {"fit_occupancy_pct": float(100 * torch.exp(log_occ[:, 0]).mean()), "fit_spread": spread}
+            if g.n_shapes:
+                out["fit_shapes"] = int((g.shape_prior[0] > NO_SHAPE / 2).sum())
+                out["fit_mean_cluster_size"] = float(mean_size.mean())
             if g.charge_noise:
                 code = torch.cat(codes)
                 if len(code) > QUANTILE_SAMPLE:  # torch.quantile's input limit; an even thinning keeps the shape
@@ -112,7 +137,29 @@ class GanFamily(model.GanFamily):
                 probs = torch.linspace(0, 1, len(g.charge_quantiles), dtype=torch.float64)
                 g.charge_quantiles.copy_(torch.quantile(code, probs).to(g.charge_quantiles.dtype))
                 out["fit_charge_median_adu"] = float(torch.expm1(torch.quantile(code, 0.5) * math.log1p(self.layout.adc_max)))
+        if g.n_shapes:
+            conditions = {k: np.concatenate([r[k] for r in raw]) for k in raw[0]}
+            out["fit_overlap_correction"] = self._correct_overlaps(g, conditions, n)
         return out
+
+    @torch.no_grad()
+    def _correct_overlaps(self, g: nn.Module, conditions: dict[str, np.ndarray], n: torch.Tensor) -> float:
+        """Placed shapes overlap and merge where they meet. The table's shapes are the data's
+        clusters, merges included, so seeds at occupancy / mean shape size lose hits to a second
+        round of merging (pxd-mini at 8e35: -5.6% hits on layer 1). Each sensor's seed rate is
+        scaled by the data's hits / the generated hits at the conditions of up to OVERLAP_EVENTS
+        fit events, twice (deterministic seeds: every rank starts alike). Returns the mean
+        factor applied."""
+        idx = np.unique(np.linspace(0, len(n) - 1, min(len(n), OVERLAP_EVENTS)).round().astype(np.int64))
+        cond = {k: torch.as_tensor(v[idx]) for k, v in conditions.items()}
+        real = n[idx].sum(0)
+        start = g.unit_gate[:, 0].clone()
+        for _ in range(2):
+            hits = self.sample(g, cond, [event_seed(1, int(i), "generate") for i in idx])
+            made = torch.as_tensor(np.bincount(hits.columns["sensor"].astype(np.int64), minlength=len(real)),
+                                   dtype=torch.float64)
+            g.unit_gate[:, 0] += torch.log((real + 1) / (made + 1)).to(g.unit_gate.dtype)
+        return float(torch.exp(g.unit_gate[:, 0] - start).mean())
 
     # -- training
     def _noise(self, generator: Engine | nn.Module, b: int, device: torch.device):
@@ -127,9 +174,10 @@ class GanFamily(model.GanFamily):
 
     def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
         z, un, gn, pn = self._noise(generator, b, device)
-        gate, code, spread = generator(z, un, cond, pn)
-        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), spread)
-        return images, mask, gate, code, spread
+        gate, code, clusters = generator(z, un, cond, pn)
+        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), clusters,
+                                      getattr(generator, "module", generator))
+        return images, mask, gate, code, clusters
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         G, D = engines["generator"], engines["discriminator"]
@@ -166,7 +214,7 @@ class GanFamily(model.GanFamily):
         for p in d_params:
             p.requires_grad_(False)
         try:
-            fake, mask, gate, code, spread = self._fake(G, cond, b, device)
+            fake, mask, gate, code, clusters = self._fake(G, cond, b, device)
             with _autocast_like(D, device):
                 fu, fe = d_module(fake, cond, mask)  # the straight-through mask: hit positions get a gradient
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
@@ -177,7 +225,7 @@ class GanFamily(model.GanFamily):
                 out["loss_similarity"] = float(sim.detach())
                 g_loss = g_loss + sim
             if self.cfg.physics_weight:
-                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real, spread)
+                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real, clusters, getattr(G, "module", G))
                 out["loss_physics"] = float(phys.detach())
                 g_loss = g_loss + phys
             check_finite("loss_generator", g_loss)
@@ -193,7 +241,7 @@ class GanFamily(model.GanFamily):
         return out
 
     def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
-                      spread: torch.Tensor | None = None) -> torch.Tensor:
+                      clusters: torch.Tensor | None = None, generator: nn.Module | None = None) -> torch.Tensor:
         """Squared log ratio of fake to real quantities at the same conditions.
 
         Pixel: hits per sensor summed over the batch, expected over the gates (sum of
@@ -211,11 +259,23 @@ class GanFamily(model.GanFamily):
             # squared log ratio per event would be minimal at the geometric mean (biased low) and
             # would also squeeze the event-to-event spread; the spread is left to the discriminator.
             fires = torch.sigmoid(gate)
-            if spread is not None:  # exact: seeds and spreads are independent given their logits
-                fires = grow_clusters(fires, torch.sigmoid(spread))
+            if clusters is not None:  # seeds grow into clusters (expected over the draws)
+                fires = generator.fire_probability(fires, clusters)
             hits_f = (fires * valid).sum(dim=(0, 2, 3))
             hits_r = (real > 0).float().sum(dim=(0, 2, 3))
-            return ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
+            occupancy = ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
+            if not self.cfg.charge_noise:
+                return occupancy
+            # The first two moments of the encoded charge of the batch's hits, in units of the real
+            # spread: the adversarial steps alone let the charge scale drift (pxd-mini, 240 steps:
+            # mean pixel charge 56 ADU against 22, docs/results.md).
+            hit_r = (real > 0).float()
+            n_f, n_r = mask.sum().clamp_min(1.0), hit_r.sum().clamp_min(1.0)
+            mean_f, mean_r = (mask * code).sum() / n_f, real.sum() / n_r
+            sd_f = ((mask * (code - mean_f) ** 2).sum() / n_f).clamp_min(1e-12).sqrt()
+            sd_r = ((hit_r * (real - mean_r) ** 2).sum() / n_r).clamp_min(1e-12).sqrt()
+            scale = sd_r.detach().clamp_min(1e-3)
+            return occupancy + ((mean_f - mean_r) / scale) ** 2 + ((sd_f - sd_r) / scale) ** 2
         log_p = nn.functional.logsigmoid(gate).masked_fill(valid == 0, -math.inf)
         hits_r = (real > 0).float().sum(dim=(1, 2, 3)).clamp_min(1.0)  # an empty real shower counts as one hit
         loss = (torch.logsumexp(log_p.flatten(1), dim=1) - torch.log(hits_r)) ** 2
@@ -257,6 +317,101 @@ class GanFamily(model.GanFamily):
                 sums = _per_event_sums(hb)
                 out[f"response_{tag}"] = float((sums / e0).mean())
         return out
+
+
+SHAPE_SMOOTHING = 20.0  # a sensor's shape frequencies: its own clusters plus this many of the global mix
+
+
+def cluster_shape_keys(batch: HitBatch, geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel pattern of every cluster of `batch` that fits the shape window: (keys (n, 3) uint64,
+    one bit per window position, bit dr * (2 * SHAPE_HALF_COLS + 1) + dc + SHAPE_HALF_COLS
+    from the anchor, the cluster's first pixel in row-major order; sensors (n,); events (n,))."""
+    labels, n = pixel_clusters(batch, geometry)
+    if n == 0:
+        return np.zeros((0, 3), np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    row, col = batch.columns["row"].astype(np.int64), batch.columns["col"].astype(np.int64)
+    order = np.lexsort((col, row, labels))
+    lab, row, col = labels[order], row[order], col[order]
+    first = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    anchor = np.repeat(first, np.diff(np.r_[first, len(lab)]))
+    dr, dc = row - row[anchor], col - col[anchor]
+    width = 2 * SHAPE_HALF_COLS + 1
+    inside = (dr < SHAPE_ROWS) & (np.abs(dc) <= SHAPE_HALF_COLS)
+    fits = np.logical_and.reduceat(inside, first)
+    bit = np.where(inside, dr * width + dc + SHAPE_HALF_COLS, 0)
+    keys = np.zeros((len(lab), 3), np.uint64)
+    keys[np.arange(len(lab)), bit // 64] = np.left_shift(np.uint64(1), (bit % 64).astype(np.uint64))
+    keys = np.bitwise_or.reduceat(keys, first, axis=0)
+    sensor = batch.columns["sensor"].astype(np.int64)[order][first]
+    event = batch.event_index()[order][first]
+    return keys[fits], sensor[fits], event[fits]
+
+
+def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]], cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the generator's shape table with the most frequent training cluster shapes, each
+    sensor's log-frequencies of them (smoothed toward the global mix) and the tilt of the shape
+    log-odds along log size, linear in the (normalised) conditions `cond` (E, C) of the census
+    events (maximum likelihood, L-BFGS; shapes of one size share the tilt, so the likelihood
+    needs sums over sizes only). Returns the (U,) float64 mean shape size per sensor at zero
+    tilt and d log(mean size) / d conditions (U, C)."""
+    u_n, c_n = g.layout.n_units, cond.shape[1]
+    keys = np.concatenate([c[0] for c in census])
+    if not len(keys):
+        return torch.ones(u_n, dtype=torch.float64), torch.zeros(u_n, c_n, dtype=torch.float64)
+    sensors, events = np.concatenate([c[1] for c in census]), np.concatenate([c[2] for c in census])
+    table, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    top = np.argsort(-counts, kind="stable")[: g.n_shapes]
+    slot = np.full(len(table), -1)
+    slot[top] = np.arange(len(top))
+    k_of = slot[inverse.ravel()]
+    kept = k_of >= 0
+    sensors, events, k_of = sensors[kept], events[kept], k_of[kept]
+    per_sensor = np.zeros((u_n, g.n_shapes))
+    np.add.at(per_sensor, (sensors, k_of), 1.0)
+    mix = per_sensor.sum(0) / per_sensor.sum()
+    freq = (per_sensor + SHAPE_SMOOTHING * mix) / (per_sensor.sum(1, keepdims=True) + SHAPE_SMOOTHING)
+    bits = np.unpackbits(table[top].view(np.uint8), axis=1, bitorder="little")[:, : SHAPE_ROWS * (2 * SHAPE_HALF_COLS + 1)]
+    stencils = torch.zeros_like(g.shape_stencils)
+    stencils[: len(top)] = torch.as_tensor(bits.reshape(len(top), SHAPE_ROWS, -1), dtype=stencils.dtype)
+    prior = torch.full_like(g.shape_prior, NO_SHAPE)
+    prior[:, : len(top)] = torch.as_tensor(np.log(np.maximum(freq[:, : len(top)], 1e-30)), dtype=prior.dtype)
+    sizes = stencils.flatten(1).sum(1).double()
+    p0 = torch.softmax(prior.double(), dim=-1)  # (U, K)
+    log_size = torch.log(sizes.clamp_min(1.0))
+    z = torch.zeros_like(log_size)
+    used = sizes > 0
+    w = torch.as_tensor(mix[: g.n_shapes], dtype=torch.float64)
+    z[used] = (log_size[used] - (w * log_size).sum()) / ((w * (log_size - (w * log_size).sum()) ** 2).sum().sqrt() + 1e-12)
+    # likelihood of the observed shapes under logits prior + t_e z_k, t_e = cond_e . a
+    levels, size_of = torch.unique(sizes[used], return_inverse=True)
+    weight = torch.zeros(u_n, len(levels), dtype=torch.float64).index_add_(1, size_of, p0[:, used])  # (U, S)
+    z_level = torch.zeros(len(levels), dtype=torch.float64).index_add_(0, size_of, z[used] * 0 + 1)
+    z_level = torch.zeros(len(levels), dtype=torch.float64).index_add_(0, size_of, z[used]) / z_level
+    n_eu = torch.zeros(len(cond), u_n, dtype=torch.float64)
+    n_eu.index_put_((torch.as_tensor(events), torch.as_tensor(sensors)), torch.ones(len(events), dtype=torch.float64), accumulate=True)
+    z_sum = torch.zeros(len(cond), dtype=torch.float64).index_add_(0, torch.as_tensor(events), z[torch.as_tensor(k_of)])
+    a = torch.zeros(c_n, dtype=torch.float64, requires_grad=True)
+    if c_n:
+        opt = torch.optim.LBFGS([a], max_iter=100, line_search_fn="strong_wolfe")
+        log_w = torch.log(weight.clamp_min(1e-300))
+
+        def nll() -> torch.Tensor:
+            opt.zero_grad()
+            t = cond @ a  # (E,)
+            lse = torch.logsumexp(log_w[None] + t[:, None, None] * z_level[None, None], dim=-1)  # (E, U)
+            loss = -((t * z_sum).sum() - (n_eu * lse).sum()) / len(events)
+            loss.backward()
+            return loss
+
+        opt.step(nll)
+    g.shape_stencils.copy_(stencils)
+    g.shape_prior.copy_(prior)
+    g.shape_log_size.copy_(z.to(g.shape_log_size.dtype))
+    g.shape_tilt.copy_(a.detach().to(g.shape_tilt.dtype))
+    mean_size = p0 @ sizes
+    # d log m / dt at t = 0: Cov(z, size) / m under each sensor's shape mix
+    d_log_size = ((p0 @ (z * sizes)) - (p0 @ z) * mean_size) / mean_size
+    return mean_size, d_log_size[:, None] * a.detach()[None, :]
 
 
 def _autocast_like(engine: Engine, device: torch.device):
