@@ -115,7 +115,7 @@ def main() -> None:
             cpu.append(time.process_time() - c)
             n_hits = int(b.columns["value"].numel())
             per_token = n_hits / max(int(tok.lengths.sum()), 1) if model.clusters else 1.0
-            flops.append(model.flops_per_token(mean_attended(tok.lengths), pixels_per_token=per_token) * tok.n_tokens)
+            flops.append(model.flops_per_token(mean_attended(tok.lengths, model.config.attention_window), pixels_per_token=per_token) * tok.n_tokens)
             tokens.append(tok.n_tokens)
             hits.append(n_hits)
     tok0 = model.tokenize(batches[0])

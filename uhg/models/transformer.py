@@ -95,18 +95,39 @@ class Rotary2D(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys/values of one block for incremental decoding: (S, H, capacity, dh), `length` filled."""
+    """Keys/values of one block for incremental decoding: (S, H, capacity, dh), `length` tokens
+    appended so far.
+
+    With `window` W > 0 the cache holds W + 1 entries: slot 0 keeps the start token (every
+    token attends to it) and slots 1..W are a ring of the W most recent tokens, so memory and
+    the keys read per step stay bounded however long the sequence grows. Attention does not
+    depend on the order of its keys (positions are already rotated into them), so the ring
+    needs no reordering."""
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    window: int = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.length + k.shape[2] > self.k.shape[2]:  # grow geometrically: O(T) copies in total
-            grow = max(self.k.shape[2], k.shape[2])
+        n = k.shape[2]
+        if self.window:
+            if n != 1:
+                raise ValueError("a windowed cache takes one token per step")
+            if self.k.shape[2] < self.window + 1:
+                self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], self.window + 1 - self.k.shape[2],
+                                                              self.k.shape[3])], 2)
+                self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], self.window + 1 - self.v.shape[2],
+                                                              self.v.shape[3])], 2)
+            at = 0 if self.length == 0 else 1 + (self.length - 1) % self.window
+            self.k[:, :, at:at + 1], self.v[:, :, at:at + 1] = k, v
+            self.length += 1
+            used = min(self.length, self.window + 1)
+            return self.k[:, :, :used], self.v[:, :, :used]
+        if self.length + n > self.k.shape[2]:  # grow geometrically: O(T) copies in total
+            grow = max(self.k.shape[2], n)
             self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], 2)
             self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], 2)
-        n = k.shape[2]
         self.k[:, :, self.length:self.length + n] = k
         self.v[:, :, self.length:self.length + n] = v
         self.length += n
@@ -117,12 +138,20 @@ class KVCache:
         self.k, self.v = self.k[index], self.v[index]
 
 
+def window_mask(T: int, window: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T, T) bool attention mask of teacher forcing: token i sees token j <= i if j is the
+    start token (j = 0) or one of the `window` most recent tokens (i - j < window)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None]
+    return (j <= i) & ((j == 0) | (i - j < window))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; LayerNorm shift/scale come from the sequence context (FiLM)."""
 
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int, rotary: Rotary2D | None):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, rotary: Rotary2D | None, window: int = 0):
         super().__init__()
-        self.n_heads, self.rotary = n_heads, rotary
+        self.n_heads, self.rotary, self.window = n_heads, rotary, window
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
@@ -143,7 +172,9 @@ class Block(nn.Module):
         q, k, v = self.qkv(h).view(S, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q, rows, cols), self.rotary(k, rows, cols)
-        if cache is None:
+        if cache is None and self.window and T > self.window + 1:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, self.window, x.device))
+        elif cache is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             if T != 1:
@@ -213,7 +244,8 @@ class HitTransformer(nn.Module):
         else:
             self.val_in = nn.Embedding(L.n_values, d)
         rotary = Rotary2D(d // config.n_heads) if config.rotary else None
-        self.blocks = nn.ModuleList(Block(d, config.n_heads, config.mlp_ratio, rotary) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(d, config.n_heads, config.mlp_ratio, rotary, config.attention_window)
+                                    for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
         self.final_film = nn.Linear(d, 2 * d)
         nn.init.zeros_(self.final_film.weight)
@@ -539,12 +571,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def mean_attended(lengths: torch.Tensor) -> float:
+def mean_attended(lengths: torch.Tensor, window: int = 0) -> float:
     """Mean number of keys a token attends to in causal teacher forcing over sequences of
-    `lengths` hits (each has lengths + 1 tokens)."""
+    `lengths` hits (each has lengths + 1 tokens); with `window` > 0 token i attends to
+    min(i + 1, window + 1) keys (the start token and the `window` most recent)."""
     n = lengths.double() + 1
-    return float((n * (n + 1) / 2).sum() / n.sum()) if len(n) else 0.0
+    if not len(n):
+        return 0.0
+    if not window:
+        return float((n * (n + 1) / 2).sum() / n.sum())
+    m = n.clamp(max=window + 1)  # tokens before the window is full: 1..m keys
+    return float((m * (m + 1) / 2 + (n - m) * (window + 1)).sum() / n.sum())
 
 
 __all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "count_parameters", "length_buckets", "mean_attended",
-           "padded_tokens"]
+           "padded_tokens", "window_mask"]

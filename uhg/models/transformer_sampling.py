@@ -192,8 +192,10 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     caches = None
     if use_cache and S:
         d, H = model.config.d_model, model.config.n_heads
-        caches = [KVCache(torch.zeros(len(slots), H, 64, d // H, device=dev),
-                          torch.zeros(len(slots), H, 64, d // H, device=dev)) for _ in model.blocks]
+        W = model.config.attention_window
+        cap0 = W + 1 if W else 64
+        caches = [KVCache(torch.zeros(len(slots), H, cap0, d // H, device=dev),
+                          torch.zeros(len(slots), H, cap0, d // H, device=dev), window=W) for _ in model.blocks]
     for t in range(max_hits + 1):
         if not bool(live.any()):
             break
