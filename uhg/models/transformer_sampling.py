@@ -196,11 +196,15 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         cap0 = W + 1 if W else 64
         caches = [KVCache(torch.zeros(len(slots), H, cap0, d // H, device=dev),
                           torch.zeros(len(slots), H, cap0, d // H, device=dev), window=W) for _ in model.blocks]
+    # Per-row context, FiLM, keys and targets change only when finished rows are dropped.
+    ctx = ctx_all[slots]
+    films = [f[slots] for f in films_all]
+    k, un = keys[slots], units[slots]
+    tg = None if targets is None else targets[slots]
+    spread = L.kind == "calo"  # only calorimeter energies are spread inside their bin
     for t in range(max_hits + 1):
         if not bool(live.any()):
             break
-        ctx = ctx_all[slots]
-        films = [f[slots] for f in films_all]
         if caches is not None:
             if t == 0:
                 x = (model.start + ctx)[:, None]
@@ -208,8 +212,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                 # rows whose sequence ended before its first hit still hold -1: embed them as 0
                 x = model.embed(prev_r[slots, None].clamp_min(0), prev_c[slots, None].clamp_min(0),
                                 prev_v[slots, None], False, ctx)
-            if targets is not None:
-                x = x + model.remaining_input(targets[slots, None] - t)
+            if tg is not None:
+                x = x + model.remaining_input(tg[:, None] - t)
             h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches, films)[:, 0]
         else:  # full recomputation of the prefix: start token + hits 0..t-1
             first = torch.zeros_like(slots)[:, None]
@@ -219,11 +223,11 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             pr = torch.cat([first - 1, hr[:, 1:]], 1)
             pc = torch.cat([first - 1, hc[:, 1:]], 1)
             x = model.embed(hr, hc, hv, True, ctx)
-            if targets is not None:
-                x = x + model.remaining_input(targets[slots, None] - torch.arange(t + 1, device=dev)[None])
+            if tg is not None:
+                x = x + model.remaining_input(tg[:, None] - torch.arange(t + 1, device=dev)[None])
             h = model.hidden(x, ctx, pr, pc, films=films)[:, -1]
-        k, un, pr, pc = keys[slots], units[slots], prev_r[slots], prev_c[slots]
-        rem = None if targets is None else targets[slots] - t
+        pr, pc = prev_r[slots], prev_c[slots]
+        rem = None if tg is None else tg - t
         row = sample_top_q(model.row_logits(h, pr, pc, rem), counter_uniform(k, un, t, 0), temperature, top_q)
         col = sample_top_q(model.col_logits(h, row, pr, pc, rem), counter_uniform(k, un, t, 1), temperature, top_q)
         if model.clusters:
@@ -243,7 +247,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             cap *= 2
         go, hit = ~ended, seq[~ended]
         out["rows"][hit, t], out["cols"][hit, t], out["values"][hit, t] = row[go], col[go], val[go]
-        out_u[hit, t] = counter_uniform(keys[hit], units[hit], t, 3)
+        if spread:
+            out_u[hit, t] = counter_uniform(keys[hit], units[hit], t, 3)
         lengths[hit] = t + 1
         prev_r[hit], prev_c[hit], prev_v[hit] = row[go], col[go], val[go]
         live[li[ended]] = False
@@ -251,6 +256,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if n_run and n_run <= 0.75 * len(slots) and _pad_rows(n_run) < len(slots):
             pos = _padded(live.nonzero().squeeze(1))  # drop finished rows, free their cache
             slots, live = slots[pos], torch.arange(len(pos), device=dev) < n_run
+            ctx, films, k, un = ctx[pos], [f[pos] for f in films], k[pos], un[pos]
+            tg = None if tg is None else tg[pos]
             if caches is not None:
                 for c in caches:
                     c.select(pos)
