@@ -69,10 +69,8 @@ def length_buckets(lengths: torch.Tensor, slack: float = BUCKET_SLACK,
     return [g for g in groups if len(g)]
 
 
-def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (..., T, n) by integer positions pos (..., T)."""
-    ang = pos.unsqueeze(-1).to(x.dtype) * inv_freq.to(x.dtype)
-    cos, sin = ang.cos(), ang.sin()
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (..., T, n) by the angles whose cos/sin are (..., T, n / 2)."""
     x1, x2 = x.chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -87,10 +85,21 @@ class Rotary2D(nn.Module):
         self.register_buffer("inv_freq", base ** (-torch.arange(quarter, dtype=torch.float32) / quarter),
                              persistent=False)
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """x (S, H, T, dh); rows, cols (S, T)."""
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                memo: dict | None = None) -> torch.Tensor:
+        """x (S, H, T, dh); rows, cols (S, T). memo: a dict shared by the calls of one forward
+        pass over the same positions (every block, queries and keys), which then compute the
+        cos/sin tables once."""
+        tables = None if memo is None else memo.get(x.dtype)
+        if tables is None:
+            tables = []
+            for pos in (rows, cols):
+                ang = pos[:, None].unsqueeze(-1).to(x.dtype) * self.inv_freq.to(x.dtype)
+                tables += [ang.cos(), ang.sin()]
+            if memo is not None:
+                memo[x.dtype] = tables
         a, b = x.chunk(2, -1)
-        return torch.cat([_rotate(a, rows[:, None], self.inv_freq), _rotate(b, cols[:, None], self.inv_freq)], -1)
+        return torch.cat([_rotate(a, *tables[:2]), _rotate(b, *tables[2:])], -1)
 
 
 @dataclass
@@ -162,16 +171,18 @@ class Block(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                cache: KVCache | None = None, film: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, film: torch.Tensor | None = None,
+                rotary_memo: dict | None = None) -> torch.Tensor:
         """x (S, T, d); ctx (S, d); rows/cols (S, T) positions of the input tokens. With a cache,
         x holds only the new tokens and attends to everything cached before them. film: (S, 4d)
-        `self.film(ctx)` if already computed (generation computes it once per sequence)."""
+        `self.film(ctx)` if already computed (generation computes it once per sequence);
+        rotary_memo: see `Rotary2D.forward`."""
         S, T, d = x.shape
         shift1, scale1, shift2, scale2 = (self.film(ctx) if film is None else film).unsqueeze(1).chunk(4, -1)
         h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = self.qkv(h).view(S, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = self.rotary(q, rows, cols), self.rotary(k, rows, cols)
+            q, k = self.rotary(q, rows, cols, rotary_memo), self.rotary(k, rows, cols, rotary_memo)
         if cache is None and self.window and T > self.window + 1:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, self.window, x.device))
         elif cache is None:
@@ -355,8 +366,9 @@ class HitTransformer(nn.Module):
                caches: list[KVCache] | None = None, films: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (S, T, d). films: `context_films(ctx)` if already computed."""
         films = films if films is not None else self.context_films(ctx)
+        memo: dict = {}
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, rows, cols, None if caches is None else caches[i], films[i])
+            x = block(x, ctx, rows, cols, None if caches is None else caches[i], films[i], memo)
         shift, scale = films[-1].unsqueeze(1).chunk(2, -1)
         return self.norm(x) * (1 + scale) + shift
 

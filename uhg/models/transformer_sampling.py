@@ -58,6 +58,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def counter_prefix(keys: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 hash of (key, unit): the part of `counter_uniform` that is the same for every
+    draw of a sequence, so generation computes it once per sequence."""
+    h = _mix32((keys & _M32) ^ 0x9E3779B9)
+    h = _mix32(h ^ ((keys >> 32) & _M32))
+    return _mix32(h ^ (units & _M32))
+
+
 def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: int,
                     sub: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) float64 uniforms in [0, 1) that are a pure function of (key, unit, step, draw[, sub]).
@@ -66,10 +74,12 @@ def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: in
     draw: which of the token's draws (0 row, 1 col, 2 value, 3 value spread; clusters: 2 shape,
     3 charge class); sub: optional (N,) int64 further key (a pixel's slot in a cluster token).
     """
-    h = _mix32((keys & _M32) ^ 0x9E3779B9)
-    h = _mix32(h ^ ((keys >> 32) & _M32))
-    h = _mix32(h ^ (units & _M32))
-    h = _mix32(h ^ ((step * 4 + draw) & _M32))
+    return prefixed_uniform(counter_prefix(keys, units), step, draw, sub)
+
+
+def prefixed_uniform(prefix: torch.Tensor, step: int, draw: int, sub: torch.Tensor | None = None) -> torch.Tensor:
+    """`counter_uniform` of the sequences whose `counter_prefix` is `prefix` (N,)."""
+    h = _mix32(prefix ^ ((step * 4 + draw) & _M32))
     if sub is not None:
         h = _mix32(h ^ (sub & _M32))
     h2 = _mix32(h ^ 0x85EBCA6B)
@@ -89,7 +99,8 @@ def top_q_mask(probs: torch.Tensor, q: float) -> torch.Tensor:
 def sample_top_q(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_q: float) -> torch.Tensor:
     """(N,) long: inverse-CDF draw by uniforms `u` (N,) from softmax(logits / temperature)
     restricted to the top-q set and renormalised. Masked logits (-inf) are never drawn."""
-    probs = torch.softmax(logits.double() / temperature, -1)
+    logits = logits.double()
+    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if top_q < 1.0:
         probs = probs * top_q_mask(probs, top_q)
     cdf = torch.cumsum(probs, -1)
@@ -111,13 +122,13 @@ def _padded(index: torch.Tensor) -> torch.Tensor:
 
 
 def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                          keys: torch.Tensor, units: torch.Tensor, step: int, temperature: float,
-                          top_q: float) -> torch.Tensor:
-    """(N, 2 + P) long: shape, charge class and pixel codes of the cluster tokens of one step.
+                          prefix: torch.Tensor, step: int, temperature: float, top_q: float) -> torch.Tensor:
+    """(N, 2 + P) long: shape, charge class and pixel codes of the cluster tokens of one step;
+    prefix: (N,) `counter_prefix` of each token's sequence.
     Pixel rows are gathered per real pixel of the drawn shapes (not all P slots) and padded to
     ROW_PAD, so each draw is the same whatever else is in the batch."""
-    shape = sample_top_q(model.shape_logits(h, row, col), counter_uniform(keys, units, step, 2), temperature, top_q)
-    charge = sample_top_q(model.charge_logits(h, row, col, shape), counter_uniform(keys, units, step, 3),
+    shape = sample_top_q(model.shape_logits(h, row, col), prefixed_uniform(prefix, step, 2), temperature, top_q)
+    charge = sample_top_q(model.charge_logits(h, row, col, shape), prefixed_uniform(prefix, step, 3),
                           temperature, top_q)
     P = model.config.cluster_max_pixels
     codes = torch.zeros(len(shape), P, dtype=torch.long, device=h.device)
@@ -127,8 +138,7 @@ def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Ten
         pad = _padded(torch.arange(len(tok), device=h.device))
         tp, sp = tok[pad], slot[pad]
         logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sp)[:len(tok)]
-        u = counter_uniform(keys[tok], units[tok], step, 2, sub=slot + 1)
-        codes[tok, slot] = sample_top_q(logits, u, temperature, top_q)
+        codes[tok, slot] = sample_top_q(logits, prefixed_uniform(prefix[tok], step, 2, slot + 1), temperature, top_q)
     return torch.cat([shape[:, None], charge[:, None], codes], 1)
 
 
@@ -199,7 +209,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     # Per-row context, FiLM, keys and targets change only when finished rows are dropped.
     ctx = ctx_all[slots]
     films = [f[slots] for f in films_all]
-    k, un = keys[slots], units[slots]
+    pre = counter_prefix(keys[slots], units[slots])
     tg = None if targets is None else targets[slots]
     spread = L.kind == "calo"  # only calorimeter energies are spread inside their bin
     for t in range(max_hits + 1):
@@ -228,12 +238,15 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             h = model.hidden(x, ctx, pr, pc, films=films)[:, -1]
         pr, pc = prev_r[slots], prev_c[slots]
         rem = None if tg is None else tg - t
-        row = sample_top_q(model.row_logits(h, pr, pc, rem), counter_uniform(k, un, t, 0), temperature, top_q)
-        col = sample_top_q(model.col_logits(h, row, pr, pc, rem), counter_uniform(k, un, t, 1), temperature, top_q)
+        row = sample_top_q(model.row_logits(h, pr, pc, rem), prefixed_uniform(pre, t, 0),
+                           temperature, top_q)
+        col = sample_top_q(model.col_logits(h, row, pr, pc, rem), prefixed_uniform(pre, t, 1),
+                           temperature, top_q)
         if model.clusters:
-            val = sample_cluster_values(model, h, row, col, k, un, t, temperature, top_q)
+            val = sample_cluster_values(model, h, row, col, pre, t, temperature, top_q)
         else:
-            val = sample_top_q(model.value_logits(h, row, col), counter_uniform(k, un, t, 2), temperature, top_q)
+            val = sample_top_q(model.value_logits(h, row, col), prefixed_uniform(pre, t, 2),
+                               temperature, top_q)
         li = live.nonzero().squeeze(1)
         seq, row, col, val = slots[li], row[li], col[li], val[li]
         ended = row == L.n_rows
@@ -256,7 +269,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if n_run and n_run <= 0.75 * len(slots) and _pad_rows(n_run) < len(slots):
             pos = _padded(live.nonzero().squeeze(1))  # drop finished rows, free their cache
             slots, live = slots[pos], torch.arange(len(pos), device=dev) < n_run
-            ctx, films, k, un = ctx[pos], [f[pos] for f in films], k[pos], un[pos]
+            ctx, films, pre = ctx[pos], [f[pos] for f in films], pre[pos]
             tg = None if tg is None else tg[pos]
             if caches is not None:
                 for c in caches:
