@@ -50,6 +50,12 @@ class TransformerConfig(Section):
         32, ge=2,
         description="token=cluster: classes of the cluster charge (equal in log ADU), drawn before the pixels' codes.",
     )
+    cluster_pixel_context: bool = Field(
+        False,
+        description="token=cluster: each pixel's ADC code is drawn knowing the charge of the token's pixels "
+        "drawn before it (shape order), so a cluster's pixels share its charge instead of fluctuating "
+        "independently around their class means. Exports written before this key draw them independently.",
+    )
     d_model: int = Field(128, gt=0, description="Token width.")
     n_layers: int = Field(4, gt=0, description="Transformer blocks (pre-norm, FiLM-modulated by the sequence context).")
     n_heads: int = Field(4, gt=0, description="Attention heads per block; d_model / n_heads must be a multiple of 4 (2-D rotary).")

@@ -34,6 +34,7 @@ E_dep / E_inc, to which the sampled cell energies are scaled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -249,6 +250,9 @@ class HitTransformer(nn.Module):
             self.shape_in, self.charge_in = nn.Embedding(K, d), nn.Embedding(Q, d)
             self.shape_out, self.charge_out = nn.Embedding(K, d), nn.Embedding(Q, d)
             self.offset_out = nn.Embedding(P * (2 * P - 1), d)  # (dr, dc) of a pixel in its shape
+            self.pixel_context = config.cluster_pixel_context
+            if self.pixel_context:  # charge of the token's earlier pixels -> the next pixel's code
+                self.so_far_in = nn.Linear(2, d)
             self.shape_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, K))
             self.charge_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, Q))
             self._vocab: tuple[bytes, ShapeVocab] | None = None
@@ -439,14 +443,22 @@ class HitTransformer(nn.Module):
         return self.charge_head(h + self.row_out(row) + self.col_out(col) + self.shape_out(shape))
 
     def pixel_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor, shape: torch.Tensor,
-                     charge: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                     charge: torch.Tensor, slot: torch.Tensor, so_far: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n_values) logits of the ADC code of pixel `slot` of a cluster token (one row per
-        pixel: h, row, col, shape, charge of its token, repeated)."""
+        pixel: h, row, col, shape, charge of its token, repeated). so_far: (N,) ADC summed over
+        the token's pixels before `slot` (used with cluster_pixel_context)."""
         off = self.shape_table()[0][shape, slot]  # (N, 2)
         P = self.config.cluster_max_pixels
         where = off[:, 0] * (2 * P - 1) + off[:, 1] + (P - 1)
         base = h + self.row_out(row) + self.col_out(col) + self.shape_out(shape) + self.charge_out(charge)
-        return self.val_head(base + self.offset_out(where))
+        base = base + self.offset_out(where)
+        if self.pixel_context:
+            if so_far is None:
+                raise ValueError("cluster_pixel_context: the charge of the earlier pixels (so_far) is needed")
+            top = math.log(P * (self.layout.adc_threshold + self.layout.n_values))
+            feature = torch.stack([torch.log1p(so_far.to(h.dtype)) / top, (slot == 0).to(h.dtype)], -1)
+            base = base + self.so_far_in(feature)
+        return self.val_head(base)
 
     def cluster_value_nll(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
                           target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -456,8 +468,13 @@ class HitTransformer(nn.Module):
         nll_shape = F.cross_entropy(self.shape_logits(h, row, col), shape, reduction="sum")
         nll_charge = F.cross_entropy(self.charge_logits(h, row, col, shape), charge, reduction="sum")
         size = self.shape_table()[1][shape]
-        tok, slot = (torch.arange(codes.shape[1], device=h.device)[None] < size[:, None]).nonzero(as_tuple=True)
-        logits = self.pixel_logits(h[tok], row[tok], col[tok], shape[tok], charge[tok], slot)
+        valid = torch.arange(codes.shape[1], device=h.device)[None] < size[:, None]
+        tok, slot = valid.nonzero(as_tuple=True)
+        so_far = None
+        if self.pixel_context:  # ADC of the pixels before each slot (exclusive running sum)
+            adc = (codes + self.layout.adc_threshold) * valid
+            so_far = (torch.cumsum(adc, 1) - adc)[tok, slot]
+        logits = self.pixel_logits(h[tok], row[tok], col[tok], shape[tok], charge[tok], slot, so_far)
         nll_pixels = F.cross_entropy(logits, codes[tok, slot], reduction="sum")
         return {"shape": nll_shape, "charge": nll_charge, "pixels": nll_pixels}
 

@@ -134,7 +134,18 @@ def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Ten
     codes = torch.zeros(len(shape), P, dtype=torch.long, device=h.device)
     size = model.shape_table()[1][shape]
     tok, slot = (torch.arange(P, device=h.device)[None] < size[:, None]).nonzero(as_tuple=True)
-    if len(tok):
+    if len(tok) and model.pixel_context:
+        # slot by slot: each pixel's code knows the ADC drawn for the token's earlier pixels
+        so_far = torch.zeros(len(shape), dtype=torch.long, device=h.device)
+        for j in range(int(size.max())):
+            tj = (size > j).nonzero().squeeze(1)
+            tp = tj[_padded(torch.arange(len(tj), device=h.device))]
+            sj = torch.full_like(tp, j)
+            logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sj, so_far[tp])[:len(tj)]
+            code = sample_top_q(logits, prefixed_uniform(prefix[tj], step, 2, sj[:len(tj)] + 1), temperature, top_q)
+            codes[tj, j] = code
+            so_far[tj] += code + model.layout.adc_threshold
+    elif len(tok):
         pad = _padded(torch.arange(len(tok), device=h.device))
         tp, sp = tok[pad], slot[pad]
         logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sp)[:len(tok)]
