@@ -114,8 +114,9 @@ def _seeds(seed: int, first: int, n: int) -> list[int]:
     return [event_seed(seed, first + i, "generate") for i in range(n)]
 
 
-def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache():
-    model = _cluster_model()
+@pytest.mark.parametrize("pixel_context", [False, True], ids=["independent-pixels", "pixel-context"])
+def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache(pixel_context):
+    model = _cluster_model(cluster_pixel_context=pixel_context)
     n = 5
     cond = torch.linspace(-1, 2, n)[:, None]
     lum = {"luminosity": np.geomspace(2e35, 1e36, n)}
@@ -135,6 +136,38 @@ def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache():
     g = get_geometry("pxd-tiny")
     assert whole.columns["row"].max() < g.rows and whole.columns["col"].max() < g.cols
     assert whole.columns["value"].min() >= g.adc_threshold and whole.columns["value"].max() <= g.adc_max
+
+
+def test_pixel_codes_are_conditioned_on_the_charge_of_earlier_pixels():
+    """cluster_pixel_context: the training NLL of a token's pixel codes is the sum over its
+    slots of the cross-entropy of `pixel_logits` given the ADC of the pixels before the slot
+    (what generation feeds it, slot by slot), and that charge changes the logits."""
+    import torch.nn.functional as F
+
+    model = _cluster_model(cluster_pixel_context=True)
+    off, size = model.shape_table()
+    k = int(torch.nonzero(size >= 3)[0])
+    n = int(size[k])
+    thr = model.layout.adc_threshold
+    codes = torch.tensor([[5, 40, 2] + [0] * (model.config.cluster_max_pixels - 3)])[:, :model.config.cluster_max_pixels]
+    codes[0, n:] = 0
+    target = torch.cat([torch.tensor([[k, 3]]), codes], 1)
+    torch.manual_seed(0)
+    h = torch.randn(1, model.config.d_model)
+    row, col = torch.tensor([2]), torch.tensor([3])
+    with torch.no_grad():
+        nll = model.cluster_value_nll(h, row, col, target)["pixels"]
+        so_far = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), codes[0, :n - 1] + thr]), 0)
+        slots = torch.arange(n)
+        rep = torch.zeros(n, dtype=torch.long)
+        logits = model.pixel_logits(h[rep], row[rep], col[rep], torch.full((n,), k), torch.full((n,), 3), slots, so_far)
+        manual = F.cross_entropy(logits, codes[0, :n], reduction="sum")
+        blind = model.pixel_logits(h[rep], row[rep], col[rep], torch.full((n,), k), torch.full((n,), 3), slots,
+                                   torch.zeros(n, dtype=torch.long))
+    torch.testing.assert_close(nll, manual)
+    assert not torch.allclose(logits[1:], blind[1:])
+    torch.testing.assert_close(logits[0], blind[0])
+    assert "so_far_in.weight" not in _cluster_model().state_dict()  # off: exports keep their keys
 
 
 def test_count_law_counts_cluster_tokens():

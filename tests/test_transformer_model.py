@@ -143,6 +143,30 @@ def test_flops_per_token():
     assert model.flops_per_token(10) == expected
     assert model.flops_per_token(10, training=False) == expected / 3
     assert mean_attended(torch.tensor([0, 2])) == pytest.approx((1 + 6) / 4)
+    # window 1: the start token and the token itself, 1 key for the first token of a sequence
+    assert mean_attended(torch.tensor([0, 2]), window=1) == pytest.approx((1 + 1 + 2 + 2) / 4)
+
+
+def test_attention_window_sees_start_token_and_recent_tokens_only():
+    """With attention_window W each block sees the start token and the W most recent tokens, so
+    after n_layers blocks token i depends on tokens i - n_layers (W - 1)..i and the start token
+    only: changing an older token leaves it unchanged, a recent one does not."""
+    model = _model(latent_dim=0, attention_window=2)
+    S, T, d = 2, 8, 32
+    torch.manual_seed(0)
+    x = torch.randn(S, T, d)
+    ctx = torch.randn(S, d)
+    rows, cols = torch.randint(0, 16, (S, T)), torch.randint(0, 48, (S, T))
+    with torch.no_grad():
+        h = model.hidden(x, ctx, rows, cols)
+        old = x.clone()
+        old[:, 3] += torch.randn(S, d)  # token 3: reaches tokens 3..5 through 2 blocks of window 2
+        h_old = model.hidden(old, ctx, rows, cols)
+        start = x.clone()
+        start[:, 0] += torch.randn(S, d)
+        h_start = model.hidden(start, ctx, rows, cols)
+    assert torch.equal(h_old[:, 6:], h[:, 6:]) and not torch.allclose(h_old[:, 5], h[:, 5])
+    assert not torch.allclose(h_start[:, 7], h[:, 7])
 
 
 def test_calorimeter_variant_shapes_and_loss():

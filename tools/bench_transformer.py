@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--fit-events", type=int, default=0,
                     help="simulated events the laws and the shape vocabulary are fitted to first (0: none)")
     ap.add_argument("--gen-events", type=int, nargs="*", default=[1, 16], help="generation batch sizes (events)")
+    ap.add_argument("--warmup-events", type=int, default=None,
+                    help="events of the untimed generation pass before each timed one (default: the timed batch size)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -115,7 +117,7 @@ def main() -> None:
             cpu.append(time.process_time() - c)
             n_hits = int(b.columns["value"].numel())
             per_token = n_hits / max(int(tok.lengths.sum()), 1) if model.clusters else 1.0
-            flops.append(model.flops_per_token(mean_attended(tok.lengths), pixels_per_token=per_token) * tok.n_tokens)
+            flops.append(model.flops_per_token(mean_attended(tok.lengths, model.config.attention_window), pixels_per_token=per_token) * tok.n_tokens)
             tokens.append(tok.n_tokens)
             hits.append(n_hits)
     tok0 = model.tokenize(batches[0])
@@ -147,7 +149,9 @@ def main() -> None:
         conds = {k: torch.from_numpy(v[:n]) for k, v in gen_conditions.items()}
         seeds = [event_seed(0, i, "generate") for i in range(n)]
         with autocast:
-            family.sample(model, conds, seeds)  # warm-up
+            w = n if args.warmup_events is None else min(args.warmup_events, n)
+            if w:  # warm-up
+                family.sample(model, {k: v[:w] for k, v in conds.items()}, seeds[:w])
             sync()
             t, c = time.perf_counter(), time.process_time()
             gen = family.sample(model, conds, seeds)

@@ -50,10 +50,23 @@ class TransformerConfig(Section):
         32, ge=2,
         description="token=cluster: classes of the cluster charge (equal in log ADU), drawn before the pixels' codes.",
     )
+    cluster_pixel_context: bool = Field(
+        False,
+        description="token=cluster: each pixel's ADC code is drawn knowing the charge of the token's pixels "
+        "drawn before it (shape order), so a cluster's pixels share its charge instead of fluctuating "
+        "independently around their class means. Exports written before this key draw them independently.",
+    )
     d_model: int = Field(128, gt=0, description="Token width.")
     n_layers: int = Field(4, gt=0, description="Transformer blocks (pre-norm, FiLM-modulated by the sequence context).")
     n_heads: int = Field(4, gt=0, description="Attention heads per block; d_model / n_heads must be a multiple of 4 (2-D rotary).")
     mlp_ratio: int = Field(4, gt=0, description="Hidden width of the block MLP, in units of d_model.")
+    attention_window: int = Field(
+        0, ge=0,
+        description="Keys each token attends to besides the start token: the this-many most recent tokens "
+        "(0 = all earlier tokens). Tokens are in grid order, so recent tokens are the nearby rows; a window "
+        "bounds the cost and memory of each generation step however many hits a sensor has. Exports "
+        "written before this key existed attend to all.",
+    )
     rotary: bool = Field(True, description="2-D rotary embedding of the (row, col) or (layer, cell) position in attention.")
     latent_dim: int = Field(
         8, ge=0,

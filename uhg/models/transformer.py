@@ -34,6 +34,7 @@ E_dep / E_inc, to which the sampled cell energies are scaled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +70,8 @@ def length_buckets(lengths: torch.Tensor, slack: float = BUCKET_SLACK,
     return [g for g in groups if len(g)]
 
 
-def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (..., T, n) by integer positions pos (..., T)."""
-    ang = pos.unsqueeze(-1).to(x.dtype) * inv_freq.to(x.dtype)
-    cos, sin = ang.cos(), ang.sin()
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (..., T, n) by the angles whose cos/sin are (..., T, n / 2)."""
     x1, x2 = x.chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -87,26 +86,58 @@ class Rotary2D(nn.Module):
         self.register_buffer("inv_freq", base ** (-torch.arange(quarter, dtype=torch.float32) / quarter),
                              persistent=False)
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """x (S, H, T, dh); rows, cols (S, T)."""
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                memo: dict | None = None) -> torch.Tensor:
+        """x (S, H, T, dh); rows, cols (S, T). memo: a dict shared by the calls of one forward
+        pass over the same positions (every block, queries and keys), which then compute the
+        cos/sin tables once."""
+        tables = None if memo is None else memo.get(x.dtype)
+        if tables is None:
+            tables = []
+            for pos in (rows, cols):
+                ang = pos[:, None].unsqueeze(-1).to(x.dtype) * self.inv_freq.to(x.dtype)
+                tables += [ang.cos(), ang.sin()]
+            if memo is not None:
+                memo[x.dtype] = tables
         a, b = x.chunk(2, -1)
-        return torch.cat([_rotate(a, rows[:, None], self.inv_freq), _rotate(b, cols[:, None], self.inv_freq)], -1)
+        return torch.cat([_rotate(a, *tables[:2]), _rotate(b, *tables[2:])], -1)
 
 
 @dataclass
 class KVCache:
-    """Keys/values of one block for incremental decoding: (S, H, capacity, dh), `length` filled."""
+    """Keys/values of one block for incremental decoding: (S, H, capacity, dh), `length` tokens
+    appended so far.
+
+    With `window` W > 0 the cache holds W + 1 entries: slot 0 keeps the start token (every
+    token attends to it) and slots 1..W are a ring of the W most recent tokens, so memory and
+    the keys read per step stay bounded however long the sequence grows. Attention does not
+    depend on the order of its keys (positions are already rotated into them), so the ring
+    needs no reordering."""
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    window: int = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.length + k.shape[2] > self.k.shape[2]:  # grow geometrically: O(T) copies in total
-            grow = max(self.k.shape[2], k.shape[2])
+        n = k.shape[2]
+        if self.window:
+            if n != 1:
+                raise ValueError("a windowed cache takes one token per step")
+            if self.k.shape[2] < self.window + 1:
+                self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], self.window + 1 - self.k.shape[2],
+                                                              self.k.shape[3])], 2)
+                self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], self.window + 1 - self.v.shape[2],
+                                                              self.v.shape[3])], 2)
+            at = 0 if self.length == 0 else 1 + (self.length - 1) % self.window
+            self.k[:, :, at:at + 1], self.v[:, :, at:at + 1] = k, v
+            self.length += 1
+            used = min(self.length, self.window + 1)
+            return self.k[:, :, :used], self.v[:, :, :used]
+        if self.length + n > self.k.shape[2]:  # grow geometrically: O(T) copies in total
+            grow = max(self.k.shape[2], n)
             self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], 2)
             self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], 2)
-        n = k.shape[2]
         self.k[:, :, self.length:self.length + n] = k
         self.v[:, :, self.length:self.length + n] = v
         self.length += n
@@ -117,12 +148,20 @@ class KVCache:
         self.k, self.v = self.k[index], self.v[index]
 
 
+def window_mask(T: int, window: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T, T) bool attention mask of teacher forcing: token i sees token j <= i if j is the
+    start token (j = 0) or one of the `window` most recent tokens (i - j < window)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None]
+    return (j <= i) & ((j == 0) | (i - j < window))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; LayerNorm shift/scale come from the sequence context (FiLM)."""
 
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int, rotary: Rotary2D | None):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, rotary: Rotary2D | None, window: int = 0):
         super().__init__()
-        self.n_heads, self.rotary = n_heads, rotary
+        self.n_heads, self.rotary, self.window = n_heads, rotary, window
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
@@ -133,17 +172,21 @@ class Block(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                cache: KVCache | None = None, film: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, film: torch.Tensor | None = None,
+                rotary_memo: dict | None = None) -> torch.Tensor:
         """x (S, T, d); ctx (S, d); rows/cols (S, T) positions of the input tokens. With a cache,
         x holds only the new tokens and attends to everything cached before them. film: (S, 4d)
-        `self.film(ctx)` if already computed (generation computes it once per sequence)."""
+        `self.film(ctx)` if already computed (generation computes it once per sequence);
+        rotary_memo: see `Rotary2D.forward`."""
         S, T, d = x.shape
         shift1, scale1, shift2, scale2 = (self.film(ctx) if film is None else film).unsqueeze(1).chunk(4, -1)
         h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = self.qkv(h).view(S, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = self.rotary(q, rows, cols), self.rotary(k, rows, cols)
-        if cache is None:
+            q, k = self.rotary(q, rows, cols, rotary_memo), self.rotary(k, rows, cols, rotary_memo)
+        if cache is None and self.window and T > self.window + 1:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, self.window, x.device))
+        elif cache is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             if T != 1:
@@ -207,13 +250,17 @@ class HitTransformer(nn.Module):
             self.shape_in, self.charge_in = nn.Embedding(K, d), nn.Embedding(Q, d)
             self.shape_out, self.charge_out = nn.Embedding(K, d), nn.Embedding(Q, d)
             self.offset_out = nn.Embedding(P * (2 * P - 1), d)  # (dr, dc) of a pixel in its shape
+            self.pixel_context = config.cluster_pixel_context
+            if self.pixel_context:  # charge of the token's earlier pixels -> the next pixel's code
+                self.so_far_in = nn.Linear(2, d)
             self.shape_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, K))
             self.charge_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, Q))
             self._vocab: tuple[bytes, ShapeVocab] | None = None
         else:
             self.val_in = nn.Embedding(L.n_values, d)
         rotary = Rotary2D(d // config.n_heads) if config.rotary else None
-        self.blocks = nn.ModuleList(Block(d, config.n_heads, config.mlp_ratio, rotary) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(d, config.n_heads, config.mlp_ratio, rotary, config.attention_window)
+                                    for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
         self.final_film = nn.Linear(d, 2 * d)
         nn.init.zeros_(self.final_film.weight)
@@ -323,8 +370,9 @@ class HitTransformer(nn.Module):
                caches: list[KVCache] | None = None, films: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (S, T, d). films: `context_films(ctx)` if already computed."""
         films = films if films is not None else self.context_films(ctx)
+        memo: dict = {}
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, rows, cols, None if caches is None else caches[i], films[i])
+            x = block(x, ctx, rows, cols, None if caches is None else caches[i], films[i], memo)
         shift, scale = films[-1].unsqueeze(1).chunk(2, -1)
         return self.norm(x) * (1 + scale) + shift
 
@@ -395,14 +443,22 @@ class HitTransformer(nn.Module):
         return self.charge_head(h + self.row_out(row) + self.col_out(col) + self.shape_out(shape))
 
     def pixel_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor, shape: torch.Tensor,
-                     charge: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                     charge: torch.Tensor, slot: torch.Tensor, so_far: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n_values) logits of the ADC code of pixel `slot` of a cluster token (one row per
-        pixel: h, row, col, shape, charge of its token, repeated)."""
+        pixel: h, row, col, shape, charge of its token, repeated). so_far: (N,) ADC summed over
+        the token's pixels before `slot` (used with cluster_pixel_context)."""
         off = self.shape_table()[0][shape, slot]  # (N, 2)
         P = self.config.cluster_max_pixels
         where = off[:, 0] * (2 * P - 1) + off[:, 1] + (P - 1)
         base = h + self.row_out(row) + self.col_out(col) + self.shape_out(shape) + self.charge_out(charge)
-        return self.val_head(base + self.offset_out(where))
+        base = base + self.offset_out(where)
+        if self.pixel_context:
+            if so_far is None:
+                raise ValueError("cluster_pixel_context: the charge of the earlier pixels (so_far) is needed")
+            top = math.log(P * (self.layout.adc_threshold + self.layout.n_values))
+            feature = torch.stack([torch.log1p(so_far.to(h.dtype)) / top, (slot == 0).to(h.dtype)], -1)
+            base = base + self.so_far_in(feature)
+        return self.val_head(base)
 
     def cluster_value_nll(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
                           target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -412,8 +468,13 @@ class HitTransformer(nn.Module):
         nll_shape = F.cross_entropy(self.shape_logits(h, row, col), shape, reduction="sum")
         nll_charge = F.cross_entropy(self.charge_logits(h, row, col, shape), charge, reduction="sum")
         size = self.shape_table()[1][shape]
-        tok, slot = (torch.arange(codes.shape[1], device=h.device)[None] < size[:, None]).nonzero(as_tuple=True)
-        logits = self.pixel_logits(h[tok], row[tok], col[tok], shape[tok], charge[tok], slot)
+        valid = torch.arange(codes.shape[1], device=h.device)[None] < size[:, None]
+        tok, slot = valid.nonzero(as_tuple=True)
+        so_far = None
+        if self.pixel_context:  # ADC of the pixels before each slot (exclusive running sum)
+            adc = (codes + self.layout.adc_threshold) * valid
+            so_far = (torch.cumsum(adc, 1) - adc)[tok, slot]
+        logits = self.pixel_logits(h[tok], row[tok], col[tok], shape[tok], charge[tok], slot, so_far)
         nll_pixels = F.cross_entropy(logits, codes[tok, slot], reduction="sum")
         return {"shape": nll_shape, "charge": nll_charge, "pixels": nll_pixels}
 
@@ -539,12 +600,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def mean_attended(lengths: torch.Tensor) -> float:
+def mean_attended(lengths: torch.Tensor, window: int = 0) -> float:
     """Mean number of keys a token attends to in causal teacher forcing over sequences of
-    `lengths` hits (each has lengths + 1 tokens)."""
+    `lengths` hits (each has lengths + 1 tokens); with `window` > 0 token i attends to
+    min(i + 1, window + 1) keys (the start token and the `window` most recent)."""
     n = lengths.double() + 1
-    return float((n * (n + 1) / 2).sum() / n.sum()) if len(n) else 0.0
+    if not len(n):
+        return 0.0
+    if not window:
+        return float((n * (n + 1) / 2).sum() / n.sum())
+    m = n.clamp(max=window + 1)  # tokens before the window is full: 1..m keys
+    return float((m * (m + 1) / 2 + (n - m) * (window + 1)).sum() / n.sum())
 
 
 __all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "count_parameters", "length_buckets", "mean_attended",
-           "padded_tokens"]
+           "padded_tokens", "window_mask"]

@@ -58,6 +58,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def counter_prefix(keys: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 hash of (key, unit): the part of `counter_uniform` that is the same for every
+    draw of a sequence, so generation computes it once per sequence."""
+    h = _mix32((keys & _M32) ^ 0x9E3779B9)
+    h = _mix32(h ^ ((keys >> 32) & _M32))
+    return _mix32(h ^ (units & _M32))
+
+
 def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: int,
                     sub: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) float64 uniforms in [0, 1) that are a pure function of (key, unit, step, draw[, sub]).
@@ -66,10 +74,12 @@ def counter_uniform(keys: torch.Tensor, units: torch.Tensor, step: int, draw: in
     draw: which of the token's draws (0 row, 1 col, 2 value, 3 value spread; clusters: 2 shape,
     3 charge class); sub: optional (N,) int64 further key (a pixel's slot in a cluster token).
     """
-    h = _mix32((keys & _M32) ^ 0x9E3779B9)
-    h = _mix32(h ^ ((keys >> 32) & _M32))
-    h = _mix32(h ^ (units & _M32))
-    h = _mix32(h ^ ((step * 4 + draw) & _M32))
+    return prefixed_uniform(counter_prefix(keys, units), step, draw, sub)
+
+
+def prefixed_uniform(prefix: torch.Tensor, step: int, draw: int, sub: torch.Tensor | None = None) -> torch.Tensor:
+    """`counter_uniform` of the sequences whose `counter_prefix` is `prefix` (N,)."""
+    h = _mix32(prefix ^ ((step * 4 + draw) & _M32))
     if sub is not None:
         h = _mix32(h ^ (sub & _M32))
     h2 = _mix32(h ^ 0x85EBCA6B)
@@ -89,7 +99,8 @@ def top_q_mask(probs: torch.Tensor, q: float) -> torch.Tensor:
 def sample_top_q(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_q: float) -> torch.Tensor:
     """(N,) long: inverse-CDF draw by uniforms `u` (N,) from softmax(logits / temperature)
     restricted to the top-q set and renormalised. Masked logits (-inf) are never drawn."""
-    probs = torch.softmax(logits.double() / temperature, -1)
+    logits = logits.double()
+    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if top_q < 1.0:
         probs = probs * top_q_mask(probs, top_q)
     cdf = torch.cumsum(probs, -1)
@@ -111,24 +122,34 @@ def _padded(index: torch.Tensor) -> torch.Tensor:
 
 
 def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                          keys: torch.Tensor, units: torch.Tensor, step: int, temperature: float,
-                          top_q: float) -> torch.Tensor:
-    """(N, 2 + P) long: shape, charge class and pixel codes of the cluster tokens of one step.
+                          prefix: torch.Tensor, step: int, temperature: float, top_q: float) -> torch.Tensor:
+    """(N, 2 + P) long: shape, charge class and pixel codes of the cluster tokens of one step;
+    prefix: (N,) `counter_prefix` of each token's sequence.
     Pixel rows are gathered per real pixel of the drawn shapes (not all P slots) and padded to
     ROW_PAD, so each draw is the same whatever else is in the batch."""
-    shape = sample_top_q(model.shape_logits(h, row, col), counter_uniform(keys, units, step, 2), temperature, top_q)
-    charge = sample_top_q(model.charge_logits(h, row, col, shape), counter_uniform(keys, units, step, 3),
+    shape = sample_top_q(model.shape_logits(h, row, col), prefixed_uniform(prefix, step, 2), temperature, top_q)
+    charge = sample_top_q(model.charge_logits(h, row, col, shape), prefixed_uniform(prefix, step, 3),
                           temperature, top_q)
     P = model.config.cluster_max_pixels
     codes = torch.zeros(len(shape), P, dtype=torch.long, device=h.device)
     size = model.shape_table()[1][shape]
     tok, slot = (torch.arange(P, device=h.device)[None] < size[:, None]).nonzero(as_tuple=True)
-    if len(tok):
+    if len(tok) and model.pixel_context:
+        # slot by slot: each pixel's code knows the ADC drawn for the token's earlier pixels
+        so_far = torch.zeros(len(shape), dtype=torch.long, device=h.device)
+        for j in range(int(size.max())):
+            tj = (size > j).nonzero().squeeze(1)
+            tp = tj[_padded(torch.arange(len(tj), device=h.device))]
+            sj = torch.full_like(tp, j)
+            logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sj, so_far[tp])[:len(tj)]
+            code = sample_top_q(logits, prefixed_uniform(prefix[tj], step, 2, sj[:len(tj)] + 1), temperature, top_q)
+            codes[tj, j] = code
+            so_far[tj] += code + model.layout.adc_threshold
+    elif len(tok):
         pad = _padded(torch.arange(len(tok), device=h.device))
         tp, sp = tok[pad], slot[pad]
         logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sp)[:len(tok)]
-        u = counter_uniform(keys[tok], units[tok], step, 2, sub=slot + 1)
-        codes[tok, slot] = sample_top_q(logits, u, temperature, top_q)
+        codes[tok, slot] = sample_top_q(logits, prefixed_uniform(prefix[tok], step, 2, slot + 1), temperature, top_q)
     return torch.cat([shape[:, None], charge[:, None], codes], 1)
 
 
@@ -192,13 +213,19 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     caches = None
     if use_cache and S:
         d, H = model.config.d_model, model.config.n_heads
-        caches = [KVCache(torch.zeros(len(slots), H, 64, d // H, device=dev),
-                          torch.zeros(len(slots), H, 64, d // H, device=dev)) for _ in model.blocks]
+        W = model.config.attention_window
+        cap0 = W + 1 if W else 64
+        caches = [KVCache(torch.zeros(len(slots), H, cap0, d // H, device=dev),
+                          torch.zeros(len(slots), H, cap0, d // H, device=dev), window=W) for _ in model.blocks]
+    # Per-row context, FiLM, keys and targets change only when finished rows are dropped.
+    ctx = ctx_all[slots]
+    films = [f[slots] for f in films_all]
+    pre = counter_prefix(keys[slots], units[slots])
+    tg = None if targets is None else targets[slots]
+    spread = L.kind == "calo"  # only calorimeter energies are spread inside their bin
     for t in range(max_hits + 1):
         if not bool(live.any()):
             break
-        ctx = ctx_all[slots]
-        films = [f[slots] for f in films_all]
         if caches is not None:
             if t == 0:
                 x = (model.start + ctx)[:, None]
@@ -206,8 +233,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                 # rows whose sequence ended before its first hit still hold -1: embed them as 0
                 x = model.embed(prev_r[slots, None].clamp_min(0), prev_c[slots, None].clamp_min(0),
                                 prev_v[slots, None], False, ctx)
-            if targets is not None:
-                x = x + model.remaining_input(targets[slots, None] - t)
+            if tg is not None:
+                x = x + model.remaining_input(tg[:, None] - t)
             h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches, films)[:, 0]
         else:  # full recomputation of the prefix: start token + hits 0..t-1
             first = torch.zeros_like(slots)[:, None]
@@ -217,17 +244,20 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             pr = torch.cat([first - 1, hr[:, 1:]], 1)
             pc = torch.cat([first - 1, hc[:, 1:]], 1)
             x = model.embed(hr, hc, hv, True, ctx)
-            if targets is not None:
-                x = x + model.remaining_input(targets[slots, None] - torch.arange(t + 1, device=dev)[None])
+            if tg is not None:
+                x = x + model.remaining_input(tg[:, None] - torch.arange(t + 1, device=dev)[None])
             h = model.hidden(x, ctx, pr, pc, films=films)[:, -1]
-        k, un, pr, pc = keys[slots], units[slots], prev_r[slots], prev_c[slots]
-        rem = None if targets is None else targets[slots] - t
-        row = sample_top_q(model.row_logits(h, pr, pc, rem), counter_uniform(k, un, t, 0), temperature, top_q)
-        col = sample_top_q(model.col_logits(h, row, pr, pc, rem), counter_uniform(k, un, t, 1), temperature, top_q)
+        pr, pc = prev_r[slots], prev_c[slots]
+        rem = None if tg is None else tg - t
+        row = sample_top_q(model.row_logits(h, pr, pc, rem), prefixed_uniform(pre, t, 0),
+                           temperature, top_q)
+        col = sample_top_q(model.col_logits(h, row, pr, pc, rem), prefixed_uniform(pre, t, 1),
+                           temperature, top_q)
         if model.clusters:
-            val = sample_cluster_values(model, h, row, col, k, un, t, temperature, top_q)
+            val = sample_cluster_values(model, h, row, col, pre, t, temperature, top_q)
         else:
-            val = sample_top_q(model.value_logits(h, row, col), counter_uniform(k, un, t, 2), temperature, top_q)
+            val = sample_top_q(model.value_logits(h, row, col), prefixed_uniform(pre, t, 2),
+                               temperature, top_q)
         li = live.nonzero().squeeze(1)
         seq, row, col, val = slots[li], row[li], col[li], val[li]
         ended = row == L.n_rows
@@ -241,7 +271,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             cap *= 2
         go, hit = ~ended, seq[~ended]
         out["rows"][hit, t], out["cols"][hit, t], out["values"][hit, t] = row[go], col[go], val[go]
-        out_u[hit, t] = counter_uniform(keys[hit], units[hit], t, 3)
+        if spread:
+            out_u[hit, t] = counter_uniform(keys[hit], units[hit], t, 3)
         lengths[hit] = t + 1
         prev_r[hit], prev_c[hit], prev_v[hit] = row[go], col[go], val[go]
         live[li[ended]] = False
@@ -249,6 +280,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if n_run and n_run <= 0.75 * len(slots) and _pad_rows(n_run) < len(slots):
             pos = _padded(live.nonzero().squeeze(1))  # drop finished rows, free their cache
             slots, live = slots[pos], torch.arange(len(pos), device=dev) < n_run
+            ctx, films, pre = ctx[pos], [f[pos] for f in films], pre[pos]
+            tg = None if tg is None else tg[pos]
             if caches is not None:
                 for c in caches:
                     c.select(pos)

@@ -113,12 +113,15 @@ class TransformerFamily(model.TransformerFamily):
         engine.step()
         metrics = {k: float(v.detach()) for k, v in out.items()}
         n_hits = int(batch.columns["value"].numel())
-        per_token = n_hits / max(int(tokens.lengths.sum()), 1) if getattr(engine.module, "clusters", False) else 1.0
+        module = engine.module
+        per_token = n_hits / max(int(tokens.lengths.sum()), 1) if getattr(module, "clusters", False) else 1.0
+        flops = 0.0
+        if hasattr(module, "flops_per_token"):
+            attended = mean_attended(tokens.lengths, module.config.attention_window)
+            flops = module.flops_per_token(attended, pixels_per_token=per_token) * tokens.n_tokens
         metrics.update(tokens=float(tokens.n_tokens), padded_tokens=float(padded_tokens(tokens.lengths)),
                        hits_per_event=float(n_hits) / max(len(batch), 1),
-                       tokens_per_event=float(tokens.lengths.sum()) / max(len(batch), 1),
-                       model_flops=engine.module.flops_per_token(mean_attended(tokens.lengths), pixels_per_token=per_token)
-                       * tokens.n_tokens if hasattr(engine.module, "flops_per_token") else 0.0)
+                       tokens_per_event=float(tokens.lengths.sum()) / max(len(batch), 1), model_flops=flops)
         metrics.update(grad_norm_metric(engine))
         return metrics
 
