@@ -15,5 +15,9 @@ for arg in "$@"; do
         args+=("$arg")
     fi
 done
-# The 25 slowest tests close the output, so a CI log shows where the suite's time goes.
-exec python -m pytest --durations=25 ${args[@]+"${args[@]}"}
+# Two test processes, one per core: most of the slow tests wait on Ray, DeepSpeed or a subprocess
+# while the in-process tests run on one thread (tests/conftest.py). A test file stays on one
+# process (its module fixtures, such as a Ray head or a trained run, are made once). The 25
+# slowest tests close the output, so a CI log shows where the suite's time goes.
+# UHG_TEST_PROCESSES=0 runs everything in this process.
+exec python -m pytest -n "${UHG_TEST_PROCESSES:-2}" --dist loadfile --durations=25 ${args[@]+"${args[@]}"}
