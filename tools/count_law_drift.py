@@ -4,7 +4,7 @@ then train it further the way the transformer's optimiser would: AdamW on 8-even
 law's own log-likelihood per hit (the only term of the loss that depends on the law's parameters),
 at `law_lr` x the network's learning rate, for as many steps as the shipped mini config. Prints,
 per law_lr, the predicted mean occupancy at 1x, 1.5x, 2x and 3x the training maximum as error
-against simulated reference events.
+against simulated reference events: mean and standard deviation over `--orders` batch orders.
 
     python tools/count_law_drift.py [--scenario high-vacuum] [--train-events 2000] [--steps 150]
 """
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--law-lr", type=float, nargs="*", default=[0.0, 0.01, 0.1, 1.0])
+    parser.add_argument("--orders", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
     g = get_geometry(args.geometry)
@@ -62,19 +63,26 @@ def main() -> None:
     print(f"| law_lr (x {args.lr:g}) | " + " | ".join(f"{f:g}x" for f in FACTORS) + " |")
     print("|---|" + "---|" * len(FACTORS))
     for scale in args.law_lr:
-        law = copy.deepcopy(fitted)
-        opt = torch.optim.AdamW(law.parameters(), lr=args.lr * scale, betas=(0.9, 0.95), weight_decay=0.0)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(args.steps if scale > 0 else 0):
-            idx = torch.randint(len(counts), (args.batch_size,), generator=gen)
-            loss = -law.log_prob(counts[idx], cond[idx]).sum() / counts[idx].sum().clamp_min(1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            errors = [100 * (float(law.mean_occupancy(c).mean()) / ref - 1) for _, c, ref in tests]
-        print(f"| {scale:g} | " + " | ".join(f"{e:+.1f} %" for e in errors) + " |", flush=True)
+        errors = np.array([drifted_errors(fitted, counts, cond, tests, args, scale, order)
+                           for order in range(args.orders if scale > 0 else 1)])
+        cells = [f"{m:+.1f} ± {sd:.1f} %" for m, sd in zip(errors.mean(0), errors.std(0), strict=True)]
+        print(f"| {scale:g} | " + " | ".join(cells) + " |", flush=True)
 
+
+def drifted_errors(fitted, counts, cond, tests, args, scale: float, order: int) -> list[float]:
+    """Errors (%) of the mean occupancy predicted at the test points after `args.steps` AdamW
+    steps at lr x scale on batches drawn in batch order `order`."""
+    law = copy.deepcopy(fitted)
+    opt = torch.optim.AdamW(law.parameters(), lr=args.lr * scale, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(order)
+    for _ in range(args.steps if scale > 0 else 0):
+        idx = torch.randint(len(counts), (args.batch_size,), generator=gen)
+        loss = -law.log_prob(counts[idx], cond[idx]).sum() / counts[idx].sum().clamp_min(1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return [100 * (float(law.mean_occupancy(c).mean()) / ref - 1) for _, c, ref in tests]
 
 if __name__ == "__main__":
     main()
