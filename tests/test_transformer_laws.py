@@ -153,7 +153,7 @@ def test_initialise_from_data_fits_the_laws_to_training_events():
     modules = family.build_modules()
     idx = family.fit_sample(len(showers))
     fitted = family.initialise_from_data(modules, (showers.take(idx[i:i + 64]) for i in range(0, len(idx), 64)))
-    assert set(fitted) == {"law_count_nll", "law_copula_nll", "law_response_nll"}
+    assert set(fitted) == {"law_shrink", "law_count_nll", "law_copula_nll", "law_response_nll"}
     model = modules["model"]
     e = showers.conditions["incident_energy"]
     cond = norm({"incident_energy": torch.tensor(e)})
@@ -278,3 +278,24 @@ def test_training_keeps_the_count_law_at_its_fit(law_lr):
         assert moved == 0.0
     else:
         assert moved > 1e-4, moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spread", [0.0, 0.6])
+def test_per_unit_ridge_is_chosen_by_held_out_events(spread):
+    """Units whose counts grow with different slopes get a weak per-unit ridge (their own slopes
+    predict held-out events better); units that all grow alike get the strongest one."""
+    from uhg.models.transformer_laws import SHRINK_GRID, choose_shrink
+
+    gen = torch.Generator().manual_seed(2)
+    n, units = 3000, 12
+    x = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 2 - 1
+    slopes = 1.0 + spread * torch.linspace(-1, 1, units, dtype=torch.float64)
+    mean = 20.0 * torch.exp(x * slopes[None])
+    counts = torch.poisson(mean, generator=gen)
+    law = CountLaw(units, 1, 3072, "quadratic").double()
+    strength = choose_shrink(law, counts, x)
+    if spread:
+        assert strength < SHRINK_GRID[-1], strength
+    else:
+        assert strength >= 1000.0, strength
