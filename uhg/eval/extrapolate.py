@@ -316,7 +316,7 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
         figures = make_plots(feats, point_dir) if cfg.plots_per_condition else []
         observables = _observables(kind, feats)
         if generator is not None and kind == "pixel":
-            observables |= _law_band(generator, ref_b)
+            observables |= count_law_band(generator, ref_b)
         point = PointResult(value, value / hi, lo <= value <= hi * (1 + 1e-9), comparisons.get("generated"),
                             comparisons.get("baseline"), observables, label)
         _write_point(point, cfg, point_dir, figures, unit)
@@ -330,7 +330,7 @@ def run_protocol(cfg: ExtrapolationConfig, generator: EventGenerator | None = No
     return result
 
 
-def _law_band(generator: Any, reference: HitBatch) -> dict[str, dict[str, float]]:
+def count_law_band(generator: Any, reference: HitBatch) -> dict[str, dict[str, float]]:
     """The count law's predicted mean occupancy (%) at the reference events' conditions with its
     parameter-uncertainty band, and the reference's own value in the law's units (hits, or with
     cluster tokens the reference's clusters split into the model's vocabulary, per position), so
