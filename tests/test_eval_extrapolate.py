@@ -246,5 +246,7 @@ def test_protocol_reports_the_count_law_band(tmp_path):
         law = point.observables["law mean occupancy [%]"]
         assert law["band low"] < law["predicted"] < law["band high"]
         assert 0.2 * point.observables["mean occupancy [%]"]["reference"] < law["predicted"]
+        # pixel tokens: the law counts hits, so its reference is the reference's mean occupancy
+        assert law["reference"] == pytest.approx(point.observables["mean occupancy [%]"]["reference"], rel=1e-9)
     inside, outside = (p.observables["law mean occupancy [%]"] for p in result.points)
     assert outside["band high"] - outside["band low"] > inside["band high"] - inside["band low"]

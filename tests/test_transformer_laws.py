@@ -153,7 +153,7 @@ def test_initialise_from_data_fits_the_laws_to_training_events():
     modules = family.build_modules()
     idx = family.fit_sample(len(showers))
     fitted = family.initialise_from_data(modules, (showers.take(idx[i:i + 64]) for i in range(0, len(idx), 64)))
-    assert set(fitted) == {"law_count_nll", "law_copula_nll", "law_response_nll"}
+    assert set(fitted) == {"law_shrink", "law_count_nll", "law_copula_nll", "law_response_nll"}
     model = modules["model"]
     e = showers.conditions["incident_energy"]
     cond = norm({"incident_energy": torch.tensor(e)})
@@ -242,3 +242,60 @@ def test_law_learns_a_scaling_it_was_not_given(tmp_path, machine):
             assert np.mean(np.abs(per_law / per_ref - 1)) < 3 * floor
         predicted, low, high = law.occupancy_band(cond)
         assert low <= predicted * 1.0001 and high >= predicted * 0.9999 and high > low
+
+
+@pytest.mark.parametrize("law_lr", [0.0, 0.1])
+def test_training_keeps_the_count_law_at_its_fit(law_lr):
+    """The count law starts at its maximum-likelihood fit; training steps of the network (the
+    optimiser `uhg train` builds) leave its extrapolation at 2x the training maximum exactly
+    where the fit put it (law_lr 0, the default), while the network's weights move. With a
+    learning rate of its own the same steps move it (the check can fail)."""
+    from uhg.config.schema import TrainConfig
+    from uhg.sim.pxd_background import simulate_pxd_background
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.engine import PlainEngine
+
+    g = get_geometry("pxd-tiny")
+    data = simulate_pxd_background(g, 32, 5, luminosity=4e35, luminosity_max=8e35)
+    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["luminosity"],
+                            multiplicity="count", count_bootstrap=0, law_lr=law_lr)
+    norm = ConditionNorm.from_ranges({"luminosity": (4e35, 8e35)}, ["luminosity"])
+    family = build_family(g, cfg, norm)
+    torch.manual_seed(0)
+    modules = family.build_modules()
+    family.initialise_from_data(modules, [data])
+    model = modules["model"]
+    at_2x = norm({"luminosity": torch.full((4,), 1.6e36)})
+    law_before = model.counts.mean(at_2x).detach().clone()
+    head_before = model.row_head.weight.detach().clone()
+    engines = {k: PlainEngine(m, family.build_optimizer(k, m, TrainConfig(steps=4, batch_size=8, lr=3e-3)), 1.0)
+               for k, m in modules.items()}
+    for step in range(4):
+        family.train_step(engines, TorchHits.from_batch(data.slice(8 * step, 8 * step + 8)), step)
+    assert not torch.equal(model.row_head.weight, head_before)
+    moved = float((model.counts.mean(at_2x).detach() / law_before - 1).abs().max())
+    if law_lr == 0:
+        assert moved == 0.0
+    else:
+        assert moved > 1e-4, moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spread", [0.0, 0.6])
+def test_per_unit_ridge_is_chosen_by_held_out_events(spread):
+    """Units whose counts grow with different slopes get a weak per-unit ridge (their own slopes
+    predict held-out events better); units that all grow alike get the strongest one."""
+    from uhg.models.transformer_laws import SHRINK_GRID, choose_shrink
+
+    gen = torch.Generator().manual_seed(2)
+    n, units = 3000, 12
+    x = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 2 - 1
+    slopes = 1.0 + spread * torch.linspace(-1, 1, units, dtype=torch.float64)
+    mean = 20.0 * torch.exp(x * slopes[None])
+    counts = torch.poisson(mean, generator=gen)
+    law = CountLaw(units, 1, 3072, "quadratic").double()
+    strength = choose_shrink(law, counts, x)
+    if spread:
+        assert strength < SHRINK_GRID[-1], strength
+    else:
+        assert strength >= 1000.0, strength

@@ -82,7 +82,7 @@ def test_train_export_generate(tmp_path, monkeypatch, laws):
     result = train(config_from_dict(_run_config(tmp_path, **laws)))
     assert result.step == 4 and result.export is not None
     assert all(np.isfinite(h["loss"]) for h in result.history)
-    if laws:  # the law starts at its fit to the training events and is trained with the rest
+    if laws:  # the law starts at its fit to the training events and stays there (law_lr 0)
         assert all(np.isfinite(h["nll_count"]) for h in result.history)
     assert {"val_nll_per_event", "val_occupancy_fake_pct", "val_charge_sp"} <= set(result.validation)
     sidecar = json.loads((result.export / "generator.json").read_text())

@@ -136,6 +136,13 @@ class TransformerConfig(Section):
         "with the model; `uhg eval extrapolate` reports the band they give on the predicted mean occupancy "
         "(0 = no band).",
     )
+    law_lr: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Learning rate of the count and response laws after their maximum-likelihood start, as a "
+        "fraction of train.lr. 0: they stay at their fit and only the network trains (a law trained on small "
+        "batches with Adam at the network's rate drifts away from its fit and extrapolates with the drift; "
+        "docs/transformer.md has the measurement).",
+    )
     response_model: bool = Field(
         False,
         description="Calorimeters: draw each shower's deposited energy first, E_dep / E_inc from a "

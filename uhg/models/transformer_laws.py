@@ -75,7 +75,7 @@ class CountLaw(nn.Module):
       own pattern over the units; the effective exponent of every unit can only grow with the
       conditions (a log-sum-exp is convex), which is how a mixture of power laws behaves;
     - quadratic: eta = a_u + (b + d_u) . x + x^T Q x, a shared slope b and symmetric Q and
-      per-unit slope deviations d_u shrunk towards 0 (`SHRINK`): a low-order polynomial in the
+      per-unit slope deviations d_u shrunk towards 0 (a ridge whose strength is chosen on held-out events, `choose_shrink`): a low-order polynomial in the
       log-conditions whose per-unit part stays as precise as the data on each unit allow.
 
     All three saturate at the full grid (sigmoid). docs/transformer.md has the measurement that
@@ -290,26 +290,55 @@ def fit_law(law: nn.Module, loss_fn, max_iter: int = 200) -> float:
 
 RIDGE = 1e-4  # per-event weight of a ridge on the shared exponent-like parameters: conditions that
 # move together in the training data (currents that follow the luminosity) make only their sum identifiable
-SHRINK = 1.0  # per-event weight of the ridge on per-unit slope deviations (quadratic): one unit's
+SHRINK_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)  # strengths (in events' worth of log-likelihood)
+# of the ridge on per-unit slope deviations (quadratic) among which the fit chooses: one unit's
 # counts are far noisier than the detector's (curlers leave many hits on one sensor), and a noisy
-# slope is multiplied by the distance beyond the training range
+# slope is multiplied by the distance beyond the training range; how much per-unit structure the
+# data hold depends on how many events there are, so the strength is chosen on held-out events
+HOLDOUT = 0.25  # fraction of the events held out to choose the strength
 
 
-def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Mean negative NB log-likelihood per event plus the ridges on the shape parameters."""
+def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, shrink: float = SHRINK_GRID[-1]) -> torch.Tensor:
+    """Mean negative NB log-likelihood per event plus the ridges on the shape parameters; `shrink`
+    is the strength of the ridge on per-unit slope deviations in events (a prior: it weighs as
+    much whatever the number of events, so more events let more per-unit structure through)."""
     nll = -law.marginal_log_prob(counts, cond).mean()
     if law.form == "quadratic":
         _, unit_slope, slope, curvature = law.mean_parameters()
-        return nll + SHRINK * unit_slope.square().sum() + RIDGE * (slope.square().sum() + curvature.square().sum())
+        return (nll + shrink / len(counts) * unit_slope.square().sum()
+                + RIDGE * (slope.square().sum() + curvature.square().sum()))
     return nll + RIDGE * sum(p.square().sum() for p in law.mean_parameters()[1:])
+
+
+def choose_shrink(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> float:
+    """The strength in SHRINK_GRID whose fit to a random (1 - HOLDOUT) of the events gives the
+    held-out events the highest NB likelihood (quadratic law; others have no per-unit ridge)."""
+    if law.form != "quadratic" or len(counts) < 8:
+        return SHRINK_GRID[-1]
+    start = [p.detach().clone() for p in law.parameters()]
+    perm = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed + 1))
+    n_out = max(1, int(HOLDOUT * len(counts)))
+    out, fit = perm[:n_out], perm[n_out:]
+    scores = []
+    for strength in SHRINK_GRID:
+        fit_law(law, lambda m, k=strength: count_law_loss(m, counts[fit], cond[fit], k))
+        with torch.no_grad():
+            dtype = law.positions.dtype
+            scores.append(float(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).mean()))
+            for p, s in zip(law.parameters(), start, strict=True):
+                p.copy_(s)
+    return SHRINK_GRID[min(range(len(scores)), key=scores.__getitem__)]
 
 
 def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """Maximum-likelihood fit of `law` to hits per unit `counts` (N, U) at normalised
-    conditions `cond` (N, C): NB marginals, then the copula loadings on the normal scores; then,
-    when the law has a bootstrap buffer, refits of the mean parameters on events resampled with
-    replacement (seeded, so deterministic), stored for `occupancy_band`. Returns the losses."""
-    out = {"law_count_nll": fit_law(law, lambda m: count_law_loss(m, counts, cond))}
+    conditions `cond` (N, C): the per-unit ridge's strength chosen on held-out events
+    (`choose_shrink`), the NB marginals on all events, then the copula loadings on the normal
+    scores; then, when the law has a bootstrap buffer, refits of the mean parameters on events
+    resampled with replacement (seeded, so deterministic), stored for `occupancy_band`.
+    Returns the losses and the chosen strength (`law_shrink`)."""
+    shrink = choose_shrink(law, counts, cond, seed)
+    out = {"law_shrink": shrink, "law_count_nll": fit_law(law, lambda m: count_law_loss(m, counts, cond, shrink))}
     y = law.scores(counts, cond.to(law.loading.dtype)).double()
     out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
     n_boot = len(law.bootstrap)
@@ -319,7 +348,7 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
         samples = []
         for _ in range(n_boot):
             idx = torch.randint(len(counts), (len(counts),), generator=gen)
-            fit_law(law, lambda m, i=idx: count_law_loss(m, counts[i], cond[i]), max_iter=100)
+            fit_law(law, lambda m, i=idx: count_law_loss(m, counts[i], cond[i], shrink), max_iter=100)
             samples.append(torch.cat([p.detach().double().reshape(-1) for p in law.mean_parameters()]))
             with torch.no_grad():  # every refit starts from the fit to all events
                 for p, f in zip(law.parameters(), fitted, strict=True):
@@ -333,5 +362,5 @@ def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["COUNT_LAWS", "CountLaw", "count_law_loss", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "choose_shrink", "count_law_loss", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
            "one_factor_log_density"]

@@ -44,9 +44,14 @@ class TransformerFamily(model.TransformerFamily):
     """The hit-transformer family with its training half (`uhg.train.family.ModelFamily`)."""
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-        # The laws' log-amplitudes must not be pulled to 0 by weight decay.
+        # The laws' log-amplitudes must not be pulled to 0 by weight decay. At law_lr 0 they keep
+        # their maximum-likelihood fit: out of the optimiser and without gradients.
         laws = module.law_parameters() if hasattr(module, "law_parameters") else []
         law_ids = {id(p) for p in laws}
+        if self.cfg.law_lr == 0:
+            for p in laws:
+                p.requires_grad_(False)
+            laws = []
         # No weight decay on embeddings, norms and biases (the usual transformer recipe).
         decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2 and "emb" not in n
                  and not n.endswith(("_in.weight", "_out.weight")) and id(p) not in law_ids]
@@ -54,7 +59,7 @@ class TransformerFamily(model.TransformerFamily):
         rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         if laws:
-            groups.append({"params": laws, "weight_decay": 0.0})
+            groups.append({"params": laws, "weight_decay": 0.0, "lr": train.lr * self.cfg.law_lr})
         return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
 
     def fit_sample(self, n_train: int) -> np.ndarray:
