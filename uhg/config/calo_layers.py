@@ -34,5 +34,10 @@ class CaloLayersConfig(Section):
         1.0, ge=0.0,
         description="Generation: scale of the per-voxel noise of the log shares (1 = the learned width; smaller "
         "values leave more of the shower-to-shower variation to the latent, whose shapes are coherent).")
+    ring_correlation: bool = Field(
+        False,
+        description="Let the log-share noise of the voxels of one ring (same layer and radial bin) be correlated, "
+        "with a correlation per ring learned by the VAE's decoder (False: independent per voxel). Needs a polar "
+        "(r, alpha) geometry.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")
