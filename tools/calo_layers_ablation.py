@@ -8,11 +8,14 @@ VAE but every shower's layer energies replaced by the reference-sample mean prof
 With `--stage voxels` the variants are of the voxel stage instead, all with the same layer
 energies and noise: (a) as generated, (b) the within-ring correlation of the log-share noise set
 to zero (independent voxels with the same widths; models trained with `ring_correlation`), (c)
-and (d) the per-voxel noise scaled by 0.5 and 0 (`share_temperature`). Each row also gives the
-spread of the centre of energy in x per layer (reference in the header).
+and (d) the per-voxel noise scaled by 0.5 and 0 (`share_temperature`), and with `--train STORE`
+(e) every voxel's share of its layer capped at the largest share that voxel has in 4000 training
+showers (then renormalised: a tail draw of an outer voxel's log-normal noise cannot pull the
+centre of energy beyond what the data ever did). Each row also gives the spread of the centre of
+energy in x per layer (reference in the header).
 
     python tools/calo_layers_ablation.py --model runs/calo_layers_ds1/export --reference REF.zarr [--events 10000]
-        [--stage layers|voxels] [--high-only]
+        [--stage layers|voxels] [--high-only] [--train TRAIN.zarr]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--stage", choices=("layers", "voxels"), default="layers")
     ap.add_argument("--high-only", action="store_true", help="only the cls-high classifier")
+    ap.add_argument("--train", help="training store: adds the capped-share variant (--stage voxels)")
     a = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -100,8 +104,19 @@ def main() -> None:
         print(f"std of centre x per layer {active} [mm], reference: {centre_spread(f_ref)}\n")
         print("| variant | " + " | ".join(f"cls-{v.split('_')[0]} AUC" for v in vectors)
               + " | std centre x per layer [mm] |\n|---|" + "---|" * len(vectors) + "---|")
+        cap = None
+        if a.stage == "voxels" and a.train:
+            train = open_store(a.train)
+            dense_train = TorchHits.from_batch(train.read(0, min(4000, len(train)))).calo_dense(g.layer_offsets, g.n_cells)
+            cap = (dense_train / model.layer_energies(dense_train)[:, model.voxel_layer].clamp_min(1e-30)).max(0).values
+            variants["shares capped at the training maximum per voxel"] = (y, model)
         for name, (yy, m) in variants.items():
             dense = m.sample(e32, cond, noise, y=yy)
+            if name.startswith("shares capped"):
+                e_layer = model.layer_energies(dense)[:, model.voxel_layer]
+                share = torch.minimum(dense / e_layer.clamp_min(1e-30), cap)
+                per_layer = model.layer_energies(share)[:, model.voxel_layer]
+                dense = share / per_layer.clamp_min(1e-30) * e_layer
             f = calo_features(dense_to_hits(dense.numpy(), e_inc.numpy(), g), g)
             aucs = [classifier_auc(f_ref.vectors[v], f.vectors[v], seed=0, method="dnn").auc for v in vectors]
             print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in aucs) + f" | {centre_spread(f)} |", flush=True)
