@@ -13,8 +13,9 @@ probability and a Gaussian of log s_v; the latent carries the shower's lateral s
 position. Optionally (`ring_correlation`) the Gaussian noise of the voxels of one ring (same layer
 and radial bin) shares a learned correlation rho per ring: a fluctuation of the radial profile
 moves a whole ring together, and independent per-voxel noise that had to absorb it shifts the
-centre of energy sideways (measured: docs/calorimeter.md). Sampled shares are renormalised within each layer and multiplied by the stage-1 layer
-energies, so the energy per layer is exactly that of stage 1.
+centre of energy sideways (measured: docs/calorimeter.md). Sampled shares are renormalised
+within each layer and multiplied by the stage-1 layer energies, so the energy per layer is
+exactly that of stage 1.
 
 Nothing here is specific to one simulator: all shapes and fluctuations are learned from showers.
 The model is dense in voxels (the CaloChallenge geometries have <= 40 500); stores and generated
