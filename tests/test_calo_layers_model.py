@@ -164,3 +164,36 @@ def test_ring_correlated_family_samples_and_trains(one_torch_thread):
     one = fam.sample(model, {"incident_energy": e[1:]}, [5])
     s = two.slice(1, 2)
     assert np.array_equal(s.columns["cell"], one.columns["cell"]) and np.allclose(s.columns["value"], one.columns["value"])
+
+
+def test_share_cap_is_the_training_maximum_and_bounds_tail_draws(one_torch_thread):
+    from uhg.sim.calo import simulate_calo_showers
+    from uhg.sparse.torch_hits import TorchHits
+
+    torch.manual_seed(0)
+    fam = build_family(G, CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_cap=True), NORM)
+    model = fam.build_modules()["model"].eval()
+    data = simulate_calo_showers(G, 64, seed=3, energy_min=1e3, energy_max=1e5)
+    fam.initialise_from_data({"model": model}, [data.take(np.arange(32)), data.take(np.arange(32, 64))])
+    dense = TorchHits.from_batch(data).calo_dense(G.layer_offsets, G.n_cells).double()
+    e_layer = model.layer_energies(dense)
+    share = (dense / e_layer[:, model.voxel_layer].clamp_min(1e-30)).max(0).values
+    expected = torch.log(share.clamp_min(model.cfg.share_floor)).float()
+    torch.testing.assert_close(model.log_share_hi, expected, rtol=1e-5, atol=1e-5)
+    # every voxel hit and drawn far into its upper tail: each lands on its cap, so within a layer
+    # the voxels share the energy in proportion to their caps
+    n = 4
+    e_inc = torch.full((n,), 3e4)
+    cond = NORM({"incident_energy": e_inc.double()})
+    gen = torch.Generator().manual_seed(2)
+    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((n, *s), generator=gen)
+             for k, s in model.noise_shapes().items()}
+    noise["voxel_u"] = torch.zeros(n, G.n_cells)
+    noise["voxel_eps"] = torch.full((n, G.n_cells), 1e3)
+    voxels = model.sample(e_inc, cond, noise)
+    cap = model.log_share_hi.exp()
+    per_layer = torch.zeros(model.n_layers).index_add_(0, model.voxel_layer, cap)
+    want = (cap / per_layer[model.voxel_layer]) * model.layer_energies(voxels)[:, model.voxel_layer]
+    torch.testing.assert_close(voxels, want, rtol=1e-4, atol=1e-4)
+    uncapped = build_family(G, CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32), NORM)
+    assert "log_share_hi" not in uncapped.build_modules()["model"].state_dict()

@@ -39,5 +39,11 @@ class CaloLayersConfig(Section):
         description="Let the log-share noise of the voxels of one ring (same layer and radial bin) be correlated, "
         "with a correlation per ring learned by the VAE's decoder (False: independent per voxel). Needs a polar "
         "(r, alpha) geometry.")
+    share_cap: bool = Field(
+        False,
+        description="Generation: cap every voxel's sampled share of its layer at the largest share that voxel has in "
+        "the training showers (set with the layer-energy standardisation), then renormalise: a tail draw of the "
+        "log-normal noise of a rarely hit outer voxel cannot pull the centre of energy further out than the data "
+        "ever did.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")

@@ -171,6 +171,9 @@ class CaloLayersModel(nn.Module):
         # (a wide mixture component must not draw a layer with 10^6 x the incident energy)
         self.register_buffer("y_lo", torch.full((self.n_layers,), -1e4))
         self.register_buffer("y_hi", torch.full((self.n_layers,), 1e4))
+        if cfg.share_cap:
+            # log of each voxel's largest share of its layer in the training showers (0: no cap)
+            self.register_buffer("log_share_hi", torch.zeros(self.n_voxels))
         self.law = LayerEnergyLaw(self.n_layers, n_cond, cfg.law_hidden, cfg.law_components)
         if cfg.ring_correlation and voxel_ring is None:
             raise ValueError("ring_correlation needs the ring index of every voxel")
@@ -185,6 +188,12 @@ class CaloLayersModel(nn.Module):
 
     def log_layer(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
         return torch.log(e_layer / e_inc[:, None] + self.cfg.layer_floor)
+
+    def log_share_max(self, voxels: torch.Tensor) -> torch.Tensor:
+        """(V,) log of each voxel's largest share of its layer's energy among dense showers (B, V),
+        at least log(share_floor)."""
+        share = voxels / self.layer_energies(voxels)[:, self.voxel_layer].clamp_min(1e-30)
+        return torch.log(share.max(0).values.clamp_min(self.cfg.share_floor))
 
     def normalise(self, y_log: torch.Tensor) -> torch.Tensor:
         return (y_log - self.y_mean) / self.y_std
@@ -218,7 +227,10 @@ class CaloLayersModel(nn.Module):
         logit, mu, log_sigma, rho = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
         eps = self.vae.noise(log_sigma, rho, noise["voxel_eps"], noise.get("ring_eps"))
-        share = torch.exp(mu + self.cfg.share_temperature * eps) * hit
+        log_share = mu + self.cfg.share_temperature * eps
+        if self.cfg.share_cap:
+            log_share = torch.minimum(log_share, self.log_share_hi)
+        share = torch.exp(log_share) * hit
         # a layer with energy but no sampled hit keeps it in its most likely voxel
         per_layer = torch.zeros(len(share), self.n_layers, device=share.device).index_add_(1, self.voxel_layer, share)
         empty = per_layer <= 0
