@@ -8,14 +8,15 @@ VAE but every shower's layer energies replaced by the reference-sample mean prof
 With `--stage voxels` the variants are of the voxel stage instead, all with the same layer
 energies and noise: (a) as generated, (b) the within-ring correlation of the log-share noise set
 to zero (independent voxels with the same widths; models trained with `ring_correlation`), (c)
-and (d) the per-voxel noise scaled by 0.5 and 0 (`share_temperature`), and with `--train STORE`
+and (d) the per-voxel noise scaled by 0.5 and 0 (`share_temperature`; other scales with
+`--temperatures`), and with `--train STORE`
 (e) every voxel's share of its layer capped at the largest share that voxel has in 4000 training
 showers (then renormalised: a tail draw of an outer voxel's log-normal noise cannot pull the
 centre of energy beyond what the data ever did). Each row also gives the spread of the centre of
 energy in x per layer (reference in the header).
 
     python tools/calo_layers_ablation.py --model runs/calo_layers_ds1/export --reference REF.zarr [--events 10000]
-        [--stage layers|voxels] [--high-only] [--train TRAIN.zarr]
+        [--stage layers|voxels] [--high-only] [--temperatures 0.5,0] [--train TRAIN.zarr]
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--stage", choices=("layers", "voxels"), default="layers")
     ap.add_argument("--high-only", action="store_true", help="only the cls-high classifier")
+    ap.add_argument("--temperatures", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.0],
+                    help="comma-separated voxel-noise scales of the cooled variants (--stage voxels)")
     ap.add_argument("--train", help="training store: adds the capped-share variant (--stage voxels)")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -96,7 +99,7 @@ def main() -> None:
 
                 no_rho.vae.decode = decode_independent
                 variants["ring correlation set to 0 (independent voxel noise)"] = (y, no_rho)
-            for t in (0.5, 0.0):
+            for t in a.temperatures:
                 cooled = copy.deepcopy(model)
                 cooled.cfg = cooled.cfg.model_copy(update={"share_temperature": t})
                 variants[f"voxel noise x {t}"] = (y, cooled)
