@@ -90,6 +90,12 @@ def main() -> None:
         else:
             variants = {"as generated": (y, model)}
             if model.vae.n_rings:
+                rho = model.vae.decode(noise["z"], torch.cat([cond, y], -1))[3].mean(0)
+                ring_layer = torch.zeros(model.vae.n_rings, dtype=torch.long).scatter_(
+                    0, model.vae.voxel_ring, model.voxel_layer)
+                print("learned within-ring correlation, range over the rings of each layer: " + ", ".join(
+                    f"layer {lay} {float(rho[ring_layer == i].min()):.2f}-{float(rho[ring_layer == i].max()):.2f}"
+                    for i, lay in enumerate(active)))
                 no_rho = copy.deepcopy(model)
                 decode = no_rho.vae.decode
 
