@@ -82,3 +82,118 @@ def test_refuses_pixel_and_digital_geometries():
         build_family(get_geometry("epical-mini"), cfg, NORM)
     with pytest.raises(ConfigError, match="must contain 'incident_energy'"):
         build_family(G, CaloLayersConfig(conditions=["luminosity"]), NORM)
+
+
+def test_rings_hold_the_voxels_of_one_layer_and_radius():
+    from uhg.models.calo_layers_family import voxel_rings
+
+    ring = voxel_rings(G).numpy()
+    assert ring.shape == (G.n_cells,)
+    offsets = np.asarray(G.layer_offsets)
+    layer = np.searchsorted(offsets, np.arange(G.n_cells), side="right") - 1
+    radius = np.concatenate([np.hypot(*G.cell_centers(lay)) for lay in G.active_layers])
+    n_r = sum(G.layer_shape(lay)[1] for lay in G.active_layers)
+    assert set(ring.tolist()) == set(range(n_r))
+    for r in range(n_r):
+        sel = ring == r
+        assert len(set(layer[sel].tolist())) == 1 and np.ptp(radius[sel]) < 1e-6 * max(radius[sel].max(), 1)
+        assert sel.sum() == G.layer_shape(int(layer[sel][0]))[0]  # one voxel per alpha bin
+
+
+def test_ring_correlated_noise_is_the_equicorrelated_gaussian():
+    from uhg.models.calo_layers import VoxelShareVae
+
+    torch.manual_seed(0)
+    ring = torch.tensor([0, 0, 0, 1, 1, 2])
+    vae = VoxelShareVae(6, 1, 2, 8, ring).double()
+    b = 5
+    x, mu = torch.randn(b, 6, dtype=torch.float64), torch.randn(b, 6, dtype=torch.float64)
+    log_sigma = 0.3 * torch.randn(b, 6, dtype=torch.float64)
+    rho = torch.rand(b, 3, dtype=torch.float64) * 0.9
+    hit = torch.rand(b, 6) < 0.7
+    hit[0] = True
+    hit[1, :3] = False  # an empty ring contributes nothing
+    got = vae.gauss_nll(x, hit.double(), mu, log_sigma, rho)
+    for i in range(b):
+        idx = torch.nonzero(hit[i]).flatten()
+        if len(idx) == 0:
+            assert float(got[i]) == 0.0
+            continue
+        sig = log_sigma[i, idx].exp()
+        same = ring[idx][:, None] == ring[idx][None, :]
+        corr = torch.where(same, rho[i, ring[idx]][:, None].expand(-1, len(idx)), torch.zeros(()).double())
+        corr = corr + torch.diag(1 - torch.diagonal(corr))
+        cov = corr * sig[:, None] * sig[None, :]
+        ref = -torch.distributions.MultivariateNormal(mu[i, idx], cov).log_prob(x[i, idx])
+        torch.testing.assert_close(got[i], ref)
+    # without rho: the independent Gaussians
+    indep = vae.gauss_nll(x, hit.double(), mu, log_sigma, None)
+    ref = -(torch.distributions.Normal(mu, log_sigma.exp()).log_prob(x) * hit).sum(-1)
+    torch.testing.assert_close(indep, ref)
+    # sampled noise: variance sigma^2, correlation rho within a ring, none across rings
+    n = 200_000
+    gen = torch.Generator().manual_seed(1)
+    r = torch.tensor([[0.8, 0.3, 0.5]], dtype=torch.float64).expand(n, -1)
+    ls = torch.zeros(n, 6, dtype=torch.float64)
+    eps = vae.noise(ls, r, torch.randn(n, 6, generator=gen, dtype=torch.float64),
+                    torch.randn(n, 3, generator=gen, dtype=torch.float64))
+    c = torch.corrcoef(eps.T)
+    assert torch.allclose(eps.var(0), torch.ones(6, dtype=torch.float64), atol=0.02)
+    assert abs(float(c[0, 1]) - 0.8) < 0.01 and abs(float(c[3, 4]) - 0.3) < 0.01 and abs(float(c[0, 3])) < 0.01
+
+
+def test_ring_correlated_family_samples_and_trains(one_torch_thread):
+    from uhg.sim.calo import simulate_calo_showers
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.engine import PlainEngine
+
+    torch.manual_seed(0)
+    fam = build_family(G, CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, ring_correlation=True), NORM)
+    model = fam.build_modules()["model"]
+    assert "ring_eps" in model.noise_shapes()
+    data = simulate_calo_showers(G, 64, seed=3, energy_min=1e3, energy_max=1e5)
+    fam.initialise_from_data({"model": model}, [data])
+    engine = PlainEngine(model, torch.optim.Adam(model.parameters(), lr=1e-3), 5.0)
+    hits = TorchHits.from_batch(data)
+    first = fam.train_step({"model": engine}, hits, 0)["loss"]
+    for step in range(1, 30):
+        last = fam.train_step({"model": engine}, hits, step)["loss"]
+    assert np.isfinite(first) and last < first
+    e = torch.tensor([2e3, 3e4], dtype=torch.float64)
+    two = fam.sample(model.eval(), {"incident_energy": e}, [4, 5])
+    one = fam.sample(model, {"incident_energy": e[1:]}, [5])
+    s = two.slice(1, 2)
+    assert np.array_equal(s.columns["cell"], one.columns["cell"]) and np.allclose(s.columns["value"], one.columns["value"])
+
+
+def test_share_cap_is_the_training_maximum_and_bounds_tail_draws(one_torch_thread):
+    from uhg.sim.calo import simulate_calo_showers
+    from uhg.sparse.torch_hits import TorchHits
+
+    torch.manual_seed(0)
+    fam = build_family(G, CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_cap=True), NORM)
+    model = fam.build_modules()["model"].eval()
+    data = simulate_calo_showers(G, 64, seed=3, energy_min=1e3, energy_max=1e5)
+    fam.initialise_from_data({"model": model}, [data.take(np.arange(32)), data.take(np.arange(32, 64))])
+    dense = TorchHits.from_batch(data).calo_dense(G.layer_offsets, G.n_cells).double()
+    e_layer = model.layer_energies(dense)
+    share = (dense / e_layer[:, model.voxel_layer].clamp_min(1e-30)).max(0).values
+    expected = torch.log(share.clamp_min(model.cfg.share_floor)).float()
+    torch.testing.assert_close(model.log_share_hi, expected, rtol=1e-5, atol=1e-5)
+    # every voxel hit and drawn far into its upper tail: each lands on its cap, so within a layer
+    # the voxels share the energy in proportion to their caps
+    n = 4
+    e_inc = torch.full((n,), 3e4)
+    cond = NORM({"incident_energy": e_inc.double()})
+    gen = torch.Generator().manual_seed(2)
+    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((n, *s), generator=gen)
+             for k, s in model.noise_shapes().items()}
+    noise["voxel_u"] = torch.zeros(n, G.n_cells)
+    noise["voxel_eps"] = torch.full((n, G.n_cells), 1e3)
+    voxels = model.sample(e_inc, cond, noise)
+    cap = model.log_share_hi.exp()
+    per_layer = torch.zeros(model.n_layers).index_add_(0, model.voxel_layer, cap)
+    want = (cap / per_layer[model.voxel_layer]) * model.layer_energies(voxels)[:, model.voxel_layer]
+    torch.testing.assert_close(voxels, want, rtol=1e-4, atol=1e-4)
+    uncapped = build_family(G, CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32), NORM)
+    assert "log_share_hi" not in uncapped.build_modules()["model"].state_dict()

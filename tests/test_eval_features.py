@@ -5,7 +5,7 @@ import pytest
 
 from uhg.data.hits import CaloEvent, HitBatch, PixelEvent
 from uhg.errors import ConditionError, GeometryError
-from uhg.eval.features_calo import calo_features, cell_xy
+from uhg.eval.features_calo import calo_features, cell_xy, high_level_names
 from uhg.eval.features_pxd import hit_positions, pixel_clusters, pxd_features
 from uhg.geometry import get_geometry
 
@@ -126,6 +126,16 @@ def test_calo_features_of_a_hand_made_shower():
     assert low.shape == (2, CALO.n_cells + 1)
     assert low[0, 1 + CALO.layer_offsets[lay]] == pytest.approx(0.3)
     assert np.allclose(cell_xy(CALO, np.array([lay]), np.array([0])), (x[:1], y[:1]))
+    # the cls-high columns by name: one per column, and each holds the feature it names
+    names = high_level_names(CALO)
+    high = fs.vectors["high_level"]
+    assert len(names) == len(set(names)) == high.shape[1]
+    assert high[0, names.index(f"centre_x_layer{lay}")] == pytest.approx((0.75 * x[0] + 0.25 * x[-1]) / 100)
+    assert high[0, names.index(f"width_x_layer{lay}")] == pytest.approx(wx / 100, rel=1e-5)
+    assert high[1, names.index(f"log_energy_layer{lay2}")] == pytest.approx(np.log10(50.0))
+    assert high[0, names.index(f"sparsity_layer{lay}")] == pytest.approx(2 / n_cells)
+    assert high[1, names.index("log_incident_energy")] == pytest.approx(2.0)
+    assert high[0, names.index("response")] == pytest.approx(0.4)
 
 
 def test_calo_features_need_the_incident_energy():

@@ -5,12 +5,24 @@ correlation: what an independent per-layer law would give), (c) with the voxel s
 VAE but every shower's layer energies replaced by the reference-sample mean profile at its energy
 (no fluctuations). Prints the DNN classifier AUC (cls-high, cls-low) of each.
 
+With `--stage voxels` the variants are of the voxel stage instead, all with the same layer
+energies and noise: (a) as generated, (b) the within-ring correlation of the log-share noise set
+to zero (independent voxels with the same widths; models trained with `ring_correlation`), (c)
+and (d) the per-voxel noise scaled by 0.5 and 0 (`share_temperature`; other scales with
+`--temperatures`), and with `--train STORE`
+(e) every voxel's share of its layer capped at the largest share that voxel has in 4000 training
+showers (then renormalised: a tail draw of an outer voxel's log-normal noise cannot pull the
+centre of energy beyond what the data ever did). Each row also gives the spread of the centre of
+energy in x per layer (reference in the header).
+
     python tools/calo_layers_ablation.py --model runs/calo_layers_ds1/export --reference REF.zarr [--events 10000]
+        [--stage layers|voxels] [--high-only] [--temperatures 0.5,0] [--train TRAIN.zarr]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import numpy as np
 import torch
@@ -28,6 +40,11 @@ def main() -> None:
     ap.add_argument("--reference", required=True)
     ap.add_argument("--events", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--stage", choices=("layers", "voxels"), default="layers")
+    ap.add_argument("--high-only", action="store_true", help="only the cls-high classifier")
+    ap.add_argument("--temperatures", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.0],
+                    help="comma-separated voxel-noise scales of the cooled variants (--stage voxels)")
+    ap.add_argument("--train", help="training store: adds the capped-share variant (--stage voxels)")
     a = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -61,16 +78,57 @@ def main() -> None:
         for b in np.unique(bins):
             idx = np.flatnonzero(bins == b)
             y_mean[idx] = model.normalise(torch.log(torch.as_tensor(frac[idx].mean(0)) + model.cfg.layer_floor))
-        variants = {"as generated": y, "layer energies shuffled (no correlations)": y_shuf,
-                    "mean layer profile (no fluctuations)": y_mean}
         f_ref = calo_features(ref, g)
-        print("| variant | cls-high AUC | cls-low AUC |\n|---|---|---|")
-        for name, yy in variants.items():
-            dense = model.sample(e32, cond, noise, y=yy)
+        active = list(g.active_layers)
+
+        def centre_spread(fs) -> str:
+            return " ".join(f"{np.std(fs.distributions[f'centre_x_layer{lay}'].values):.2f}" for lay in active)
+
+        if a.stage == "layers":
+            variants = {"as generated": (y, model), "layer energies shuffled (no correlations)": (y_shuf, model),
+                        "mean layer profile (no fluctuations)": (y_mean, model)}
+        else:
+            variants = {"as generated": (y, model)}
+            if model.vae.n_rings:
+                rho = model.vae.decode(noise["z"], torch.cat([cond, y], -1))[3].mean(0)
+                ring_layer = torch.zeros(model.vae.n_rings, dtype=torch.long).scatter_(
+                    0, model.vae.voxel_ring, model.voxel_layer)
+                print("learned within-ring correlation, range over the rings of each layer: " + ", ".join(
+                    f"layer {lay} {float(rho[ring_layer == i].min()):.2f}-{float(rho[ring_layer == i].max()):.2f}"
+                    for i, lay in enumerate(active)))
+                no_rho = copy.deepcopy(model)
+                decode = no_rho.vae.decode
+
+                def decode_independent(z, ctx, decode=decode):
+                    hit, mu, log_sigma, rho = decode(z, ctx)
+                    return hit, mu, log_sigma, torch.zeros_like(rho)
+
+                no_rho.vae.decode = decode_independent
+                variants["ring correlation set to 0 (independent voxel noise)"] = (y, no_rho)
+            for t in a.temperatures:
+                cooled = copy.deepcopy(model)
+                cooled.cfg = cooled.cfg.model_copy(update={"share_temperature": t})
+                variants[f"voxel noise x {t}"] = (y, cooled)
+        vectors = ("high_level",) if a.high_only else ("high_level", "low_level")
+        print(f"std of centre x per layer {active} [mm], reference: {centre_spread(f_ref)}\n")
+        print("| variant | " + " | ".join(f"cls-{v.split('_')[0]} AUC" for v in vectors)
+              + " | std centre x per layer [mm] |\n|---|" + "---|" * len(vectors) + "---|")
+        cap = None
+        if a.stage == "voxels" and a.train:
+            train = open_store(a.train)
+            dense_train = TorchHits.from_batch(train.read(0, min(4000, len(train)))).calo_dense(g.layer_offsets, g.n_cells)
+            cap = (dense_train / model.layer_energies(dense_train)[:, model.voxel_layer].clamp_min(1e-30)).max(0).values
+            variants["shares capped at the training maximum per voxel"] = (y, model)
+        for name, (yy, m) in variants.items():
+            dense = m.sample(e32, cond, noise, y=yy)
+            if name.startswith("shares capped"):
+                e_layer = model.layer_energies(dense)[:, model.voxel_layer]
+                share = torch.minimum(dense / e_layer.clamp_min(1e-30), cap)
+                per_layer = model.layer_energies(share)[:, model.voxel_layer]
+                dense = share / per_layer.clamp_min(1e-30) * e_layer
             f = calo_features(dense_to_hits(dense.numpy(), e_inc.numpy(), g), g)
-            aucs = [classifier_auc(f_ref.vectors[v], f.vectors[v], seed=0, method="dnn").auc
-                    for v in ("high_level", "low_level")]
-            print(f"| {name} | {aucs[0]:.3f} | {aucs[1]:.3f} |", flush=True)
+            aucs = [classifier_auc(f_ref.vectors[v], f.vectors[v], seed=0, method="dnn").auc for v in vectors]
+            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in aucs) + f" | {centre_spread(f)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,5 +34,16 @@ class CaloLayersConfig(Section):
         1.0, ge=0.0,
         description="Generation: scale of the per-voxel noise of the log shares (1 = the learned width; smaller "
         "values leave more of the shower-to-shower variation to the latent, whose shapes are coherent).")
+    ring_correlation: bool = Field(
+        False,
+        description="Let the log-share noise of the voxels of one ring (same layer and radial bin) be correlated, "
+        "with a correlation per ring learned by the VAE's decoder (False: independent per voxel). Needs a polar "
+        "(r, alpha) geometry.")
+    share_cap: bool = Field(
+        False,
+        description="Generation: cap every voxel's sampled share of its layer at the largest share that voxel has in "
+        "the training showers (set with the layer-energy standardisation), then renormalise: a tail draw of the "
+        "log-normal noise of a rarely hit outer voxel cannot pull the centre of energy further out than the data "
+        "ever did.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")

@@ -136,6 +136,20 @@ def calo_features(batch: HitBatch, geometry) -> FeatureSet:
     return fs
 
 
+def high_level_names(geometry) -> list[str]:
+    """Names of the columns of `vectors["high_level"]`, in order (per-layer columns end in the
+    layer id): lets a study train the classifier on groups of features."""
+    active = list(geometry.active_layers)
+
+    def per_layer(name):
+        return [f"{name}_layer{lay}" for lay in active]
+
+    return ["log_incident_energy", *per_layer("log_energy"), *per_layer("centre_x"), *per_layer("centre_y"),
+            *per_layer("width_x"), *per_layer("width_y"), "log_energy_deposited", *per_layer("sparsity"),
+            *per_layer("centre_r"), *per_layer("width_r"), "response", "log_hits", "shower_depth",
+            "shower_depth_width"]
+
+
 def _voxel_vectors(batch, geometry, ev, e, e_inc, x, y) -> np.ndarray:
     """(n_events, d): log10 E_inc followed by voxel energies / E_inc (CaloChallenge classifier
     input), or, for geometries above MAX_VOXELS_FOR_CLASSIFIER voxels, energies / E_inc summed in

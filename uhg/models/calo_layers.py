@@ -10,8 +10,12 @@ classifiers of the CaloChallenge see the layer energies first; this stage learns
 Stage 2, `VoxelShareVae`: the share s_v = E_v / E_layer of every voxel inside its layer, from a
 conditional VAE given the condition and the (normalised) layer energies: per voxel a hit
 probability and a Gaussian of log s_v; the latent carries the shower's lateral shape and
-position. Sampled shares are renormalised within each layer and multiplied by the stage-1 layer
-energies, so the energy per layer is exactly that of stage 1.
+position. Optionally (`ring_correlation`) the Gaussian noise of the voxels of one ring (same layer
+and radial bin) shares a learned correlation rho per ring: a fluctuation of the radial profile
+moves a whole ring together, and independent per-voxel noise that had to absorb it shifts the
+centre of energy sideways (measured: docs/calorimeter.md). Sampled shares are renormalised
+within each layer and multiplied by the stage-1 layer energies, so the energy per layer is
+exactly that of stage 1.
 
 Nothing here is specific to one simulator: all shapes and fluctuations are learned from showers.
 The model is dense in voxels (the CaloChallenge geometries have <= 40 500); stores and generated
@@ -81,19 +85,58 @@ class LayerEnergyLaw(nn.Module):
         return y
 
 
-class VoxelShareVae(nn.Module):
-    """Conditional VAE of the voxel shares within layers."""
+RHO_MAX = 0.98
+"""Largest within-ring correlation (keeps the ring covariance well conditioned)."""
 
-    def __init__(self, n_voxels: int, n_ctx: int, latent: int, hidden: int):
+
+class VoxelShareVae(nn.Module):
+    """Conditional VAE of the voxel shares within layers. With `voxel_ring` ((V,) long ring index
+    of every voxel) the log-share noise is equicorrelated within each ring, with a correlation
+    per ring and shower from the decoder; without it the voxels' noise is independent."""
+
+    def __init__(self, n_voxels: int, n_ctx: int, latent: int, hidden: int, voxel_ring: torch.Tensor | None = None):
         super().__init__()
-        self.latent = latent
+        self.latent, self.n_voxels = latent, n_voxels
+        self.n_rings = 0 if voxel_ring is None else int(voxel_ring.max()) + 1
+        if voxel_ring is not None:
+            self.register_buffer("voxel_ring", voxel_ring.long())
         self.encoder = _mlp(2 * n_voxels + n_ctx, hidden, 2 * latent)
-        self.decoder = _mlp(latent + n_ctx, hidden, 3 * n_voxels)
+        self.decoder = _mlp(latent + n_ctx, hidden, 3 * n_voxels + self.n_rings)
 
     def decode(self, z: torch.Tensor, ctx: torch.Tensor):
-        """(hit logit, mean of log share, log sigma of log share), each (B, V)."""
-        hit, mu, log_sigma = self.decoder(torch.cat([z, ctx], -1)).chunk(3, dim=-1)
-        return hit, mu, log_sigma.clamp(-5.0, 2.0)
+        """(hit logit, mean of log share, log sigma of log share), each (B, V), and the
+        within-ring correlation (B, n_rings) (None without rings)."""
+        out = self.decoder(torch.cat([z, ctx], -1))
+        hit, mu, log_sigma = out[:, :3 * self.n_voxels].chunk(3, dim=-1)
+        rho = torch.sigmoid(out[:, 3 * self.n_voxels:]) * RHO_MAX if self.n_rings else None
+        return hit, mu, log_sigma.clamp(-5.0, 2.0), rho
+
+    def _ring_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(x), self.n_rings, device=x.device, dtype=x.dtype).index_add_(1, self.voxel_ring, x)
+
+    def gauss_nll(self, log_share: torch.Tensor, hit: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
+                  rho: torch.Tensor | None) -> torch.Tensor:
+        """(B,) negative log density of the hit voxels' log shares. Per ring with m hit voxels and
+        standardised residuals r: the equicorrelated Gaussian, C = (1 - rho) I + rho 1 1^T,
+        r^T C^-1 r = (sum r^2 - rho / (1 - rho + m rho) (sum r)^2) / (1 - rho),
+        log det C = (m - 1) log(1 - rho) + log(1 - rho + m rho)."""
+        r = (log_share - mu) / log_sigma.exp() * hit
+        base = ((log_sigma + 0.5 * LOG_2PI) * hit).sum(-1)
+        if rho is None:
+            return base + 0.5 * (r * r).sum(-1)
+        m, s1, s2 = self._ring_sum(hit), self._ring_sum(r), self._ring_sum(r * r)
+        one_minus, big = 1.0 - rho, 1.0 - rho + m * rho
+        quad = (s2 - rho / big * s1 * s1) / one_minus
+        log_det = (m - 1.0) * torch.log(one_minus) + torch.log(big)
+        return base + 0.5 * (quad + log_det).sum(-1)
+
+    def noise(self, log_sigma: torch.Tensor, rho: torch.Tensor | None, voxel_eps: torch.Tensor,
+              ring_eps: torch.Tensor | None) -> torch.Tensor:
+        """(B, V) log-share noise from per-voxel normals (B, V) and per-ring normals (B, n_rings)."""
+        if rho is None:
+            return log_sigma.exp() * voxel_eps
+        rho_v = rho[:, self.voxel_ring]
+        return log_sigma.exp() * ((1.0 - rho_v).sqrt() * voxel_eps + rho_v.sqrt() * ring_eps[:, self.voxel_ring])
 
     def loss(self, log_share: torch.Tensor, hit: torch.Tensor, ctx: torch.Tensor, free_bits: float):
         """Per-event (reconstruction NLL, KL) for log shares (B, V) (any value where not hit)."""
@@ -102,10 +145,9 @@ class VoxelShareVae(nn.Module):
         mu_z, logvar_z = stats.chunk(2, dim=-1)
         logvar_z = logvar_z.clamp(-12.0, 6.0)
         z = mu_z + torch.randn_like(mu_z) * (0.5 * logvar_z).exp()
-        logit, mu, log_sigma = self.decode(z, ctx)
+        logit, mu, log_sigma, rho = self.decode(z, ctx)
         bce = F.binary_cross_entropy_with_logits(logit, hit_f, reduction="none").sum(-1)
-        r = (log_share - mu) / log_sigma.exp()
-        gauss = ((0.5 * r * r + log_sigma + 0.5 * LOG_2PI) * hit_f).sum(-1)
+        gauss = self.gauss_nll(log_share, hit_f, mu, log_sigma, rho)
         kl = 0.5 * (mu_z.pow(2) + logvar_z.exp() - 1.0 - logvar_z)
         kl = kl.clamp_min(free_bits).sum(-1) if free_bits > 0 else kl.sum(-1)
         return bce + gauss, kl
@@ -113,9 +155,10 @@ class VoxelShareVae(nn.Module):
 
 class CaloLayersModel(nn.Module):
     """Both stages for one geometry. `voxel_layer` ((V,) long) gives the position of each voxel's
-    layer among the `n_layers` layers holding voxels."""
+    layer among the `n_layers` layers holding voxels; `voxel_ring` ((V,) long, optional) the ring
+    (layer and radial bin) of each voxel, used when `cfg.ring_correlation` is set."""
 
-    def __init__(self, voxel_layer: torch.Tensor, n_cond: int, cfg):
+    def __init__(self, voxel_layer: torch.Tensor, n_cond: int, cfg, voxel_ring: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.n_layers = int(voxel_layer.max()) + 1
@@ -128,8 +171,14 @@ class CaloLayersModel(nn.Module):
         # (a wide mixture component must not draw a layer with 10^6 x the incident energy)
         self.register_buffer("y_lo", torch.full((self.n_layers,), -1e4))
         self.register_buffer("y_hi", torch.full((self.n_layers,), 1e4))
+        if cfg.share_cap:
+            # log of each voxel's largest share of its layer in the training showers (0: no cap)
+            self.register_buffer("log_share_hi", torch.zeros(self.n_voxels))
         self.law = LayerEnergyLaw(self.n_layers, n_cond, cfg.law_hidden, cfg.law_components)
-        self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim)
+        if cfg.ring_correlation and voxel_ring is None:
+            raise ValueError("ring_correlation needs the ring index of every voxel")
+        self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim,
+                                 voxel_ring if cfg.ring_correlation else None)
 
     # -- representation
     def layer_energies(self, voxels: torch.Tensor) -> torch.Tensor:
@@ -139,6 +188,12 @@ class CaloLayersModel(nn.Module):
 
     def log_layer(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
         return torch.log(e_layer / e_inc[:, None] + self.cfg.layer_floor)
+
+    def log_share_max(self, voxels: torch.Tensor) -> torch.Tensor:
+        """(V,) log of each voxel's largest share of its layer's energy among dense showers (B, V),
+        at least log(share_floor)."""
+        share = voxels / self.layer_energies(voxels)[:, self.voxel_layer].clamp_min(1e-30)
+        return torch.log(share.max(0).values.clamp_min(self.cfg.share_floor))
 
     def normalise(self, y_log: torch.Tensor) -> torch.Tensor:
         return (y_log - self.y_mean) / self.y_std
@@ -169,9 +224,13 @@ class CaloLayersModel(nn.Module):
         # the mixture smears the spike of empty layers (at log(floor)) over fractions of ~floor:
         # a layer within one floor of empty is empty
         e_layer = torch.where(frac < self.cfg.layer_floor, 0.0, frac) * e_inc[:, None]
-        logit, mu, log_sigma = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
+        logit, mu, log_sigma, rho = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
-        share = torch.exp(mu + self.cfg.share_temperature * log_sigma.exp() * noise["voxel_eps"]) * hit
+        eps = self.vae.noise(log_sigma, rho, noise["voxel_eps"], noise.get("ring_eps"))
+        log_share = mu + self.cfg.share_temperature * eps
+        if self.cfg.share_cap:
+            log_share = torch.minimum(log_share, self.log_share_hi)
+        share = torch.exp(log_share) * hit
         # a layer with energy but no sampled hit keeps it in its most likely voxel
         per_layer = torch.zeros(len(share), self.n_layers, device=share.device).index_add_(1, self.voxel_layer, share)
         empty = per_layer <= 0
@@ -187,5 +246,8 @@ class CaloLayersModel(nn.Module):
 
     def noise_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-shower noise: name -> shape (uniform for *_u, standard normal otherwise)."""
-        return {"law_u": (self.n_layers,), "law_eps": (self.n_layers,), "z": (self.cfg.latent_dim,),
-                "voxel_u": (self.n_voxels,), "voxel_eps": (self.n_voxels,)}
+        shapes = {"law_u": (self.n_layers,), "law_eps": (self.n_layers,), "z": (self.cfg.latent_dim,),
+                  "voxel_u": (self.n_voxels,), "voxel_eps": (self.n_voxels,)}
+        if self.vae.n_rings:
+            shapes["ring_eps"] = (self.vae.n_rings,)
+        return shapes

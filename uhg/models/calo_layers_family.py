@@ -23,6 +23,19 @@ from uhg.models.common import ConditionNorm
 ENERGY = "incident_energy"
 
 
+def voxel_rings(geometry) -> torch.Tensor:
+    """(n_cells,) long: the ring of every voxel, numbered over (layer, radial bin) of the layers
+    with voxels (cell = alpha_bin * n_r + r_bin in the polar CaloChallenge layout)."""
+    if geometry.layout == "cartesian":
+        raise ConfigError(f"model.ring_correlation needs a polar (r, alpha) geometry; {geometry.name!r} is cartesian")
+    rings, first = [], 0
+    for lay in geometry.active_layers:
+        n_alpha, n_r = geometry.layer_shape(lay)
+        rings.append(first + np.tile(np.arange(n_r), n_alpha))
+        first += n_r
+    return torch.as_tensor(np.concatenate(rings), dtype=torch.long)
+
+
 class CaloLayersFamily:
     """`ModelFamily` of the layer-energy model for an analog calorimeter geometry."""
 
@@ -42,9 +55,10 @@ class CaloLayersFamily:
         active = list(geometry.active_layers)
         layer_of_voxel = np.searchsorted(offsets, np.arange(geometry.n_cells), side="right") - 1
         self.voxel_layer = torch.as_tensor(np.searchsorted(active, layer_of_voxel), dtype=torch.long)
+        self.voxel_ring = voxel_rings(geometry) if cfg.ring_correlation else None
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": CaloLayersModel(self.voxel_layer, len(self.cfg.conditions), self.cfg)}
+        return {"model": CaloLayersModel(self.voxel_layer, len(self.cfg.conditions), self.cfg, self.voxel_ring)}
 
     @torch.no_grad()
     def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:

@@ -19,7 +19,8 @@ from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
 STATS_EVENTS = 4096
-"""Training showers (spread over the training range) that set the layer-energy standardisation."""
+"""Training showers (spread over the training range) that set the layer-energy standardisation,
+the law's support and (`share_cap`) the largest share of every voxel."""
 ENERGY = model_half.ENERGY
 
 
@@ -40,10 +41,12 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         model = modules["model"]
-        ys = []
+        ys, share_hi = [], []
         for batch in batches:
             voxels, e_inc, _ = self._dense(TorchHits.from_batch(batch))
             ys.append(model.log_layer(model.layer_energies(voxels), e_inc))
+            if self.cfg.share_cap:
+                share_hi.append(model.log_share_max(voxels))
         if not ys:
             return {}
         y = torch.cat(ys)
@@ -52,6 +55,8 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
         y_norm = model.normalise(y)
         model.y_lo.copy_(y_norm.min(0).values)
         model.y_hi.copy_(y_norm.max(0).values)
+        if share_hi:
+            model.log_share_hi.copy_(torch.stack(share_hi).max(0).values)
         return {"layer_log_energy_std_mean": float(model.y_std.mean())}
 
     # -- training
