@@ -197,3 +197,69 @@ def test_share_cap_is_the_training_maximum_and_bounds_tail_draws(one_torch_threa
     torch.testing.assert_close(voxels, want, rtol=1e-4, atol=1e-4)
     uncapped = build_family(G, CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32), NORM)
     assert "log_share_hi" not in uncapped.build_modules()["model"].state_dict()
+
+
+def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
+    """`share_noise: empirical`: after training, each voxel's log-share noise is drawn from the
+    quantiles of its standardised residuals in training showers, through the same normals."""
+    from uhg.models.calo_layers import RESIDUAL_LEVELS, RESIDUAL_MIN_HITS
+    from uhg.sim.calo import simulate_calo_showers
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.engine import PlainEngine
+
+    torch.manual_seed(0)
+    cfg = CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_noise="empirical")
+    fam = build_family(G, cfg, NORM)
+    model = fam.build_modules()["model"]
+    data = simulate_calo_showers(G, 400, seed=4, energy_min=1e3, energy_max=1e5)
+    fam.initialise_from_data({"model": model}, [data])
+    engine = PlainEngine(model, torch.optim.Adam(model.parameters(), lr=1e-3), 5.0)
+    hits = TorchHits.from_batch(data)
+    for step in range(30):
+        fam.train_step({"model": engine}, hits, step)
+    normal_q = model.residual_q.clone()
+    # before the fit the map is the normal's own quantile function (identity in the bulk)
+    z = torch.linspace(-1.5, 1.5, 7)[None, :].expand(1, -1)
+    mapped = model.empirical_noise(torch.nn.functional.pad(z, (0, G.n_cells - 7)))[0, :7]
+    torch.testing.assert_close(mapped, z[0], atol=0.02, rtol=0)
+
+    fitted = fam.finalise_from_data(model, [data.slice(0, 200), data.slice(200, 400)])
+    assert model.training and fitted["residual_voxels_own_quantiles"] > 0
+    # an independent computation of one well-hit voxel's residual quantiles
+    model.eval()
+    voxels = hits.calo_dense(G.layer_offsets, G.n_cells).float()
+    e_inc = hits.conditions["incident_energy"].float()
+    cond = NORM(hits.conditions)
+    e_layer = model.layer_energies(voxels)
+    y = model.normalise(model.log_layer(e_layer, e_inc))
+    log_share = torch.log((voxels / e_layer[:, model.voxel_layer].clamp_min(1e-30)).clamp_min(cfg.share_floor))
+    hit = voxels > 0
+    with torch.no_grad():
+        ctx = torch.cat([cond, y], -1)
+        mu_z = model.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, -1)[0]
+        _, mu, log_sigma, _ = model.vae.decode(mu_z, ctx)
+    v = int(hit.sum(0).argmax())
+    assert int(hit[:, v].sum()) >= RESIDUAL_MIN_HITS
+    resid = ((log_share[:, v] - mu[:, v]) / log_sigma[:, v].exp())[hit[:, v]]
+    levels = (torch.arange(RESIDUAL_LEVELS) + 0.5) / RESIDUAL_LEVELS
+    torch.testing.assert_close(model.residual_q[v], torch.quantile(resid, levels), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(model.residual_q, normal_q)
+    # sampled standard normals come out with the fitted quantiles
+    n = 64_000
+    draws = model.empirical_noise(torch.randn(n, G.n_cells, generator=torch.Generator().manual_seed(2)))[:, v]
+    q = torch.quantile(draws, levels[4:-4])
+    torch.testing.assert_close(q, model.residual_q[v, 4:-4], atol=0.05 * float(resid.std()), rtol=0)
+    # and the showers still carry exactly the layer energies of stage 1
+    gen = torch.Generator().manual_seed(1)
+    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((8, *s), generator=gen)
+             for k, s in model.noise_shapes().items()}
+    e8 = torch.full((8,), 2e4)
+    c8 = NORM({"incident_energy": e8.double()})
+    out = model.sample(e8, c8, noise)
+    y8 = model.law.sample(c8, noise["law_u"], noise["law_eps"], model.y_lo, model.y_hi)
+    frac = (y8 * model.y_std + model.y_mean).exp() - cfg.layer_floor
+    torch.testing.assert_close(model.layer_energies(out), torch.where(frac < cfg.layer_floor, 0.0, frac) * e8[:, None],
+                               rtol=1e-4, atol=1e-3)
+    # the sampling path uses the fitted quantiles: the Gaussian draw of the same noise differs
+    model.cfg = cfg.model_copy(update={"share_noise": "gaussian"})
+    assert not torch.allclose(model.sample(e8, c8, noise), out)

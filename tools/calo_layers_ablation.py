@@ -12,7 +12,9 @@ and (d) the per-voxel noise scaled by 0.5 and 0 (`share_temperature`; other scal
 `--temperatures`), and with `--train STORE`
 (e) every voxel's share of its layer capped at the largest share that voxel has in 4000 training
 showers (then renormalised: a tail draw of an outer voxel's log-normal noise cannot pull the
-centre of energy beyond what the data ever did). Each row also gives the spread of the centre of
+centre of energy beyond what the data ever did), and (f) the log-share noise of every voxel drawn
+from the quantiles of its standardised residuals in those training showers (`share_noise:
+empirical`, fitted to this model; the normal's quantiles are mapped, so the same draws). Each row also gives the spread of the centre of
 energy in x per layer (reference in the header).
 
     python tools/calo_layers_ablation.py --model runs/calo_layers_ds1/export --reference REF.zarr [--events 10000]
@@ -119,6 +121,14 @@ def main() -> None:
             dense_train = TorchHits.from_batch(train.read(0, min(4000, len(train)))).calo_dense(g.layer_offsets, g.n_cells)
             cap = (dense_train / model.layer_energies(dense_train)[:, model.voxel_layer].clamp_min(1e-30)).max(0).values
             variants["shares capped at the training maximum per voxel"] = (y, model)
+            empirical = copy.deepcopy(model)
+            empirical.cfg = empirical.cfg.model_copy(update={"share_noise": "empirical"})
+            train_e = torch.as_tensor(train.read(0, min(4000, len(train))).conditions["incident_energy"])
+            fitted = empirical.fit_residual_quantiles(dense_train.float(), train_e.float(),
+                                                      fam.condition_norm({"incident_energy": train_e}))
+            print(f"residuals of the training showers: skewness {fitted['residual_skewness']:.2f}, "
+                  f"{int(fitted['residual_voxels_own_quantiles'])} voxels with their own quantiles\n")
+            variants["empirical residual noise per voxel (share_noise: empirical)"] = (y, empirical)
         for name, (yy, m) in variants.items():
             dense = m.sample(e32, cond, noise, y=yy)
             if name.startswith("shares capped"):

@@ -45,5 +45,12 @@ class CaloLayersConfig(Section):
         "the training showers (set with the layer-energy standardisation), then renormalise: a tail draw of the "
         "log-normal noise of a rarely hit outer voxel cannot pull the centre of energy further out than the data "
         "ever did.")
+    share_noise: Literal["gaussian", "empirical"] = Field(
+        "gaussian",
+        description="Generation: law of the standardised log-share noise of each voxel. 'gaussian': the VAE's "
+        "normal. 'empirical': the quantiles of that voxel's standardised residuals in training showers "
+        "(fitted after training, `CaloLayersModel.fit_residual_quantiles`), drawn through the same normals "
+        "(a Gaussian copula, so ring correlations are kept): the measured residuals are skewed to the left, and "
+        "the normal's heavier right tail is what pushed the centre of energy sideways.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")

@@ -85,6 +85,11 @@ class LayerEnergyLaw(nn.Module):
         return y
 
 
+RESIDUAL_LEVELS = 64
+"""Quantile levels (k + 0.5) / 64 of the empirical log-share noise of each voxel."""
+RESIDUAL_MIN_HITS = 50
+"""A voxel hit fewer times than this in the fitting showers takes its layer's pooled residuals."""
+
 RHO_MAX = 0.98
 """Largest within-ring correlation (keeps the ring covariance well conditioned)."""
 
@@ -174,6 +179,8 @@ class CaloLayersModel(nn.Module):
         if cfg.share_cap:
             # log of each voxel's largest share of its layer in the training showers (0: no cap)
             self.register_buffer("log_share_hi", torch.zeros(self.n_voxels))
+        if cfg.share_noise == "empirical":
+            self._add_residual_quantiles()
         self.law = LayerEnergyLaw(self.n_layers, n_cond, cfg.law_hidden, cfg.law_components)
         if cfg.ring_correlation and voxel_ring is None:
             raise ValueError("ring_correlation needs the ring index of every voxel")
@@ -194,6 +201,61 @@ class CaloLayersModel(nn.Module):
         at least log(share_floor)."""
         share = voxels / self.layer_energies(voxels)[:, self.voxel_layer].clamp_min(1e-30)
         return torch.log(share.max(0).values.clamp_min(self.cfg.share_floor))
+
+    def _add_residual_quantiles(self) -> None:
+        """Buffer of the quantiles of each voxel's standardised log-share residual (`share_noise:
+        empirical`): the normal's quantiles until `fit_residual_quantiles` has seen training showers.
+        Only models with that option hold it, so exports of models without it still load."""
+        levels = (torch.arange(RESIDUAL_LEVELS, dtype=torch.float64) + 0.5) / RESIDUAL_LEVELS
+        normal_q = torch.distributions.Normal(0.0, 1.0).icdf(levels).float()
+        self.register_buffer("residual_q", normal_q.expand(self.n_voxels, -1).clone().to(self.y_mean.device))
+
+    @torch.no_grad()
+    def fit_residual_quantiles(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
+        """Set `residual_q` from dense training showers (B, V): every hit voxel's log share minus the
+        decoder's mean, over the decoder's sigma, with the latent at the encoder's posterior mean.
+        A voxel hit fewer than RESIDUAL_MIN_HITS times takes the pooled residuals of its layer."""
+        if not hasattr(self, "residual_q"):
+            self._add_residual_quantiles()
+        e_layer = self.layer_energies(voxels)
+        y = self.normalise(self.log_layer(e_layer, e_inc))
+        hit = voxels > 0
+        share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
+        log_share = torch.log(share.clamp_min(self.cfg.share_floor))
+        ctx = torch.cat([cond, y], -1)
+        mu_z = self.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, dim=-1)[0]
+        _, mu, log_sigma, _ = self.vae.decode(mu_z, ctx)
+        resid = (log_share - mu) / log_sigma.exp()
+        levels = ((torch.arange(RESIDUAL_LEVELS) + 0.5) / RESIDUAL_LEVELS).to(self.residual_q)
+        n_hit = hit.sum(0)
+        own = 0
+        for layer in range(self.n_layers):
+            vox = torch.nonzero(self.voxel_layer == layer).flatten()
+            pooled = resid[:, vox][hit[:, vox]]
+            if len(pooled) == 0:
+                continue
+            layer_q = torch.quantile(pooled, levels)
+            for v in vox.tolist():
+                if int(n_hit[v]) >= RESIDUAL_MIN_HITS:
+                    self.residual_q[v] = torch.quantile(resid[hit[:, v], v], levels)
+                    own += 1
+                else:
+                    self.residual_q[v] = layer_q
+        r = resid[hit]
+        skew = float(((r - r.mean()) ** 3).mean() / r.std().clamp_min(1e-12) ** 3) if len(r) > 1 else 0.0
+        return {"residual_skewness": skew, "residual_voxels_own_quantiles": float(own)}
+
+    def empirical_noise(self, standard: torch.Tensor) -> torch.Tensor:
+        """(B, V) standard normals mapped through each voxel's residual quantiles (linear between
+        the levels, the end levels beyond them)."""
+        u = torch.special.ndtr(standard)
+        pos = (u * RESIDUAL_LEVELS - 0.5).clamp(0.0, RESIDUAL_LEVELS - 1.0)
+        lo = pos.floor().long().clamp_max(RESIDUAL_LEVELS - 2)
+        frac = pos - lo
+        flat = self.residual_q.flatten()
+        base = torch.arange(self.n_voxels, device=standard.device) * RESIDUAL_LEVELS
+        q_lo, q_hi = flat[base + lo], flat[base + lo + 1]
+        return q_lo + frac * (q_hi - q_lo)
 
     def normalise(self, y_log: torch.Tensor) -> torch.Tensor:
         return (y_log - self.y_mean) / self.y_std
@@ -227,6 +289,9 @@ class CaloLayersModel(nn.Module):
         logit, mu, log_sigma, rho = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
         eps = self.vae.noise(log_sigma, rho, noise["voxel_eps"], noise.get("ring_eps"))
+        if self.cfg.share_noise == "empirical":
+            sigma = log_sigma.exp()
+            eps = sigma * self.empirical_noise(eps / sigma)
         log_share = mu + self.cfg.share_temperature * eps
         if self.cfg.share_cap:
             log_share = torch.minimum(log_share, self.log_share_hi)

@@ -59,6 +59,24 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
             model.log_share_hi.copy_(torch.stack(share_hi).max(0).values)
         return {"layer_log_energy_std_mean": float(model.y_std.mean())}
 
+    @torch.no_grad()
+    def finalise_from_data(self, module: nn.Module, batches: Iterable[HitBatch]) -> dict[str, float]:
+        """After training (`share_noise: empirical`): each voxel's log-share residual quantiles
+        from the same training showers as the standardisation."""
+        if self.cfg.share_noise != "empirical":
+            return {}
+        was_training = module.training
+        module.eval()
+        try:
+            device = next(module.parameters()).device
+            parts = [self._dense(TorchHits.from_batch(b).to(device)) for b in batches]
+            if not parts:
+                return {}
+            voxels, e_inc, cond = (torch.cat(x) for x in zip(*parts))
+            return module.fit_residual_quantiles(voxels, e_inc, cond)
+        finally:
+            module.train(was_training)
+
     # -- training
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         engine = engines["model"]

@@ -104,6 +104,23 @@ def _initialise_from_data(family, modules, data) -> dict[str, float]:
     return fitted
 
 
+def _finalise_from_data(family, module, gen_state, data) -> dict[str, torch.Tensor]:
+    """A family's optional data-driven finish (`finalise_from_data`, e.g. noise laws fitted to the
+    trained model's residuals on training events): the generator state with it applied."""
+    finish = getattr(family, "finalise_from_data", None)
+    pick = getattr(family, "fit_sample", None)
+    if finish is None or pick is None:
+        return gen_state
+    ids = data.train_ids[pick(data.n_train)]
+    module.load_state_dict(gen_state, strict=False)
+    chunks = (data.events(ids[i:i + LAW_FIT_CHUNK]) for i in range(0, len(ids), LAW_FIT_CHUNK))
+    fitted = finish(module, chunks)
+    if fitted:
+        log.info("fitted the trained model's noise laws to %d training events: %s", len(ids),
+                 ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
 def _generator_state(family: ModelFamily, engines: Mapping, ema: EMA | None) -> dict[str, torch.Tensor]:
     """Full generator weights for validation/export: the EMA, or the gathered live weights."""
     from uhg.train.engine import full_parameters
@@ -224,6 +241,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     export = None
     gen_state = _generator_state(family, engines, ema)
     if rank == 0:
+        gen_state = _finalise_from_data(family, eval_module, gen_state, data)
         export = export_generator(run_dir / "export", family, cfg, gen_state, step, validation)
     _barrier()
     fingerprint = float(sum(v.double().abs().sum() for v in gen_state.values()))
