@@ -263,3 +263,35 @@ def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
     # the sampling path uses the fitted quantiles: the Gaussian draw of the same noise differs
     model.cfg = cfg.model_copy(update={"share_noise": "gaussian"})
     assert not torch.allclose(model.sample(e8, c8, noise), out)
+
+
+def test_training_exports_the_fitted_share_noise(tmp_path, world_of_one):
+    """`uhg train` fits the empirical log-share noise after the last step and exports it."""
+    from uhg.config import load_config
+    from uhg.models.generator import Generator
+    from uhg.train.hooks import TrainHooks
+    from uhg.train.loop import train
+
+    path = tmp_path / "calo.yaml"
+    path.write_text(f"""
+name: calo_tiny
+seed: 3
+geometry: ds1-photons
+data:
+  store: {tmp_path / "calo.zarr"}
+  simulate: {{n_events: 64, part_size: 32, seed: 5, energy_min: 1000.0, energy_max: 100000.0}}
+  validation_fraction: 0.25
+  validation_events: 4
+model: {{family: calo_layers, law_hidden: 16, latent_dim: 4, hidden_dim: 32, share_noise: empirical}}
+train: {{steps: 3, batch_size: 8, checkpoint_every: 0, validate_every: 0, log_every: 1}}
+tracking: {{enabled: false}}
+""")
+    result = train(load_config(path, [f"output_dir={tmp_path / 'run'}"]), hooks=TrainHooks())
+    q = Generator.load(result.export).module.residual_q
+    levels = (torch.arange(q.shape[1], dtype=torch.float64) + 0.5) / q.shape[1]
+    normal_q = torch.distributions.Normal(0.0, 1.0).icdf(levels).float()
+    assert bool(torch.isfinite(q).all()) and bool((q.diff(dim=1) >= 0).all())
+    assert float((q - normal_q).abs().max()) > 0.1  # fitted, not the normal it starts from
+    plain = train(load_config(path, [f"output_dir={tmp_path / 'plain'}", "model.share_noise=gaussian"]),
+                  hooks=TrainHooks())
+    assert not hasattr(Generator.load(plain.export).module, "residual_q")
