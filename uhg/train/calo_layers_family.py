@@ -72,7 +72,7 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
             parts = [self._dense(TorchHits.from_batch(b).to(device)) for b in batches]
             if not parts:
                 return {}
-            voxels, e_inc, cond = (torch.cat(x) for x in zip(*parts))
+            voxels, e_inc, cond = (torch.cat(x) for x in zip(*parts, strict=True))
             return module.fit_residual_quantiles(voxels, e_inc, cond)
         finally:
             module.train(was_training)
