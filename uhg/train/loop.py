@@ -115,9 +115,10 @@ def _finalise_from_data(family, module, gen_state, data) -> dict[str, torch.Tens
     module.load_state_dict(gen_state, strict=False)
     chunks = (data.events(ids[i:i + LAW_FIT_CHUNK]) for i in range(0, len(ids), LAW_FIT_CHUNK))
     fitted = finish(module, chunks)
-    if fitted:
-        log.info("fitted the trained model's noise laws to %d training events: %s", len(ids),
-                 ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
+    if not fitted:
+        return gen_state
+    log.info("fitted the trained model's noise laws to %d training events: %s", len(ids),
+             ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
     return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
 
@@ -241,8 +242,9 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     export = None
     gen_state = _generator_state(family, engines, ema)
     if rank == 0:
-        gen_state = _finalise_from_data(family, eval_module, gen_state, data)
-        export = export_generator(run_dir / "export", family, cfg, gen_state, step, validation)
+        # the fingerprint below stays that of the trained weights, the same on every rank
+        export_state = _finalise_from_data(family, eval_module, gen_state, data)
+        export = export_generator(run_dir / "export", family, cfg, export_state, step, validation)
     _barrier()
     fingerprint = float(sum(v.double().abs().sum() for v in gen_state.values()))
     evaluation = None
