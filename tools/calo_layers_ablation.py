@@ -14,7 +14,10 @@ and (d) the per-voxel noise scaled by 0.5 and 0 (`share_temperature`; other scal
 showers (then renormalised: a tail draw of an outer voxel's log-normal noise cannot pull the
 centre of energy beyond what the data ever did), and (f) the log-share noise of every voxel drawn
 from the quantiles of its standardised residuals in those training showers (`share_noise:
-empirical`, fitted to this model; the normal's quantiles are mapped, so the same draws). Each row also gives the spread of the centre of
+empirical`, fitted to this model; the normal's quantiles are mapped, so the same draws), (g) and
+(h) the reference showers' own layer energies with the prior latent, and with the latent at the
+encoder's posterior mean of each reference shower (is it the latent or the voxel noise that
+spreads the centre?). Each row also gives the spread of the centre of
 energy in x per layer (reference in the header).
 
     python tools/calo_layers_ablation.py --model runs/calo_layers_ds1/export --reference REF.zarr [--events 10000]
@@ -60,6 +63,7 @@ def main() -> None:
     noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((len(e_inc), *s), generator=rng)
              for k, s in model.noise_shapes().items()}
     e32 = e_inc.float()
+    posterior_noise = noise  # replaced with --train (the posterior-latent variant)
     with torch.no_grad():
         y = model.law.sample(cond, noise["law_u"], noise["law_eps"], model.y_lo, model.y_hi)
         # (b) shuffle each layer's value among showers in 20 log-energy bins
@@ -129,8 +133,18 @@ def main() -> None:
             print(f"residuals of the training showers: skewness {fitted['residual_skewness']:.2f}, "
                   f"{int(fitted['residual_voxels_own_quantiles'])} voxels with their own quantiles\n")
             variants["empirical residual noise per voxel (share_noise: empirical)"] = (y, empirical)
+            # the latent at the encoder's posterior mean of each reference shower, with that shower's
+            # own layer energies: does the prior latent or the voxel noise spread the centre?
+            y_ref = model.normalise(model.log_layer(model.layer_energies(dense_ref.float()), e32))
+            hit_ref = dense_ref > 0
+            log_share_ref = torch.log((dense_ref.float() / model.layer_energies(dense_ref.float())[:, model.voxel_layer]
+                                       .clamp_min(1e-30)).clamp_min(model.cfg.share_floor))
+            mu_z = model.vae.encoder(torch.cat([log_share_ref * hit_ref, hit_ref.float(), cond, y_ref], -1)).chunk(2, -1)[0]
+            posterior_noise = {**noise, "z": mu_z}
+            for tag, yy in (("prior latent", y_ref), ("posterior latent", y_ref)):
+                variants[f"{tag}, reference layer energies"] = (yy, model)
         for name, (yy, m) in variants.items():
-            dense = m.sample(e32, cond, noise, y=yy)
+            dense = m.sample(e32, cond, posterior_noise if name.startswith("posterior") else noise, y=yy)
             if name.startswith("shares capped"):
                 e_layer = model.layer_energies(dense)[:, model.voxel_layer]
                 share = torch.minimum(dense / e_layer.clamp_min(1e-30), cap)

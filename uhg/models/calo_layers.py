@@ -243,7 +243,10 @@ class CaloLayersModel(nn.Module):
                     self.residual_q[v] = layer_q
         r = resid[hit]
         skew = float(((r - r.mean()) ** 3).mean() / r.std().clamp_min(1e-12) ** 3) if len(r) > 1 else 0.0
-        return {"residual_skewness": skew, "residual_voxels_own_quantiles": float(own)}
+        tails = torch.quantile(r[torch.randperm(len(r))[:1_000_000]], r.new_tensor([0.01, 0.5, 0.95, 0.99])) if len(r) \
+            else torch.zeros(4)
+        return {"residual_skewness": skew, "residual_voxels_own_quantiles": float(own),
+                **{f"residual_quantile_{p}": float(t) for p, t in zip((1, 50, 95, 99), tails, strict=True)}}
 
     def empirical_noise(self, standard: torch.Tensor) -> torch.Tensor:
         """(B, V) standard normals mapped through each voxel's residual quantiles (linear between
