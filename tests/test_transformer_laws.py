@@ -299,3 +299,41 @@ def test_per_unit_ridge_is_chosen_by_held_out_events(spread):
         assert strength < SHRINK_GRID[-1], strength
     else:
         assert strength >= 1000.0, strength
+
+
+def _place(model: HitTransformer, n: int, seed: int) -> np.ndarray:
+    """Rows of n hits placed one after another from the row and column logits alone (the network
+    part zeroed), as generation with a count law does; the count is the only input."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.zeros(1, model.config.d_model)
+    pr, pc, rows = torch.tensor([-1]), torch.tensor([-1]), []
+    for k in range(n):
+        rem = torch.tensor([n - k])
+        r = torch.multinomial(torch.softmax(model.row_logits(h, pr, pc, rem), -1), 1, generator=g)[:, 0]
+        c = torch.multinomial(torch.softmax(model.col_logits(h, r, pr, pc, rem), -1), 1, generator=g)[:, 0]
+        rows.append(int(r))
+        pr, pc = r, c
+    return np.asarray(rows)
+
+
+@torch.no_grad()
+def test_pace_prior_spreads_any_count_evenly_over_the_grid():
+    """With pace_prior the row and column logits space the tokens still to place over the
+    positions left whatever their number, so a count far above the training range is not crammed
+    into the last rows (where its tokens would overlap). Without it the untrained heads leave the
+    pacing to the network, and the tokens pile up at the end of the sensor."""
+    for pace in (False, True):
+        model = _pixel_model(pace_prior=pace)
+        for head in (model.row_head, model.col_head[-1]):
+            head.weight.zero_()
+            head.bias.zero_()
+        n_rows = model.layout.n_rows
+        for n in (20, 200):
+            rows = np.concatenate([_place(model, n, seed) for seed in range(3)])
+            last_quarter = float(np.mean(rows >= 0.75 * n_rows))
+            if pace:
+                assert abs(last_quarter - 0.25) < 0.08, (n, last_quarter)
+            else:
+                assert last_quarter > 0.5, (n, last_quarter)
+    assert isinstance(model.pace_weight, torch.nn.Parameter)  # its strength is learned with the network
+    assert "pace_weight" not in dict(_pixel_model().named_parameters())

@@ -120,6 +120,15 @@ class TransformerConfig(Section):
         "comes exactly after the drawn count. The count law, not the attention stack, carries the "
         "condition dependence of the multiplicity, so it extrapolates as the law does.",
     )
+    pace_prior: bool = Field(
+        False,
+        description="multiplicity=count: the row and column logits of each hit or cluster token get a term "
+        "that spaces the tokens still to place evenly over the grid positions still free (a geometric gap "
+        "whose rate is remaining tokens / positions left), scaled by a learned weight; the network learns the "
+        "rest. Without it the network paces the tokens itself, which does not follow counts above the training "
+        "range (tokens are pushed to the last rows, where they overlap). Exports written before this key "
+        "have none.",
+    )
     count_law: Literal["power", "powers", "quadratic"] = Field(
         "quadratic",
         description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "
