@@ -169,6 +169,7 @@ def test_initialise_from_data_fits_the_laws_to_training_events():
     ({"multiplicity": "count", "count_law": "spline"}, "count_law"),
     ({"multiplicity": "count", "count_terms": 0}, "count_terms"),
     ({"response_model": True, "conditions": ["luminosity"]}, "response_model.*incident_energy"),
+    ({"pace_prior": True}, "pace_prior.*multiplicity=count"),
 ])
 def test_law_settings_are_checked(model, match):
     raw = {"name": "x", "geometry": "pxd-tiny", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},

@@ -207,6 +207,9 @@ class TransformerConfig(Section):
         if ref == "incident" and "incident_energy" not in self.conditions:
             raise ValueError(f"energy_reference=incident decodes cell energies with the incident energy, so "
                              f"conditions must include incident_energy (got {self.conditions})")
+        if self.pace_prior and self.multiplicity != "count":
+            raise ValueError("pace_prior spaces the tokens a count law has drawn, so it needs multiplicity=count "
+                             f"(got multiplicity={self.multiplicity})")
         if self.response_model and "incident_energy" not in self.conditions:
             raise ValueError(f"response_model draws E_dep / E_inc, so conditions must include incident_energy "
                              f"(got {self.conditions})")
