@@ -338,3 +338,29 @@ def test_pace_prior_spreads_any_count_evenly_over_the_grid():
                 assert last_quarter > 0.5, (n, last_quarter)
     assert isinstance(model.pace_weight, torch.nn.Parameter)  # its strength is learned with the network
     assert "pace_weight" not in dict(_pixel_model().named_parameters())
+
+
+def test_pace_weight_is_learned_in_training_steps():
+    """The pace term's weight is a network parameter: the optimiser `uhg train` builds moves it
+    (no weight decay on it), and its shape is one DeepSpeed can broadcast (0-d parameters fail)."""
+    from uhg.config.schema import TrainConfig
+    from uhg.sim.pxd_background import simulate_pxd_background
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.engine import PlainEngine
+
+    g = get_geometry("pxd-tiny")
+    data = simulate_pxd_background(g, 16, 5, luminosity=4e35, luminosity_max=8e35)
+    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["luminosity"],
+                            multiplicity="count", count_bootstrap=0, pace_prior=True)
+    family = build_family(g, cfg, ConditionNorm.from_ranges({"luminosity": (4e35, 8e35)}, ["luminosity"]))
+    torch.manual_seed(0)
+    modules = family.build_modules()
+    family.initialise_from_data(modules, [data])
+    model = modules["model"]
+    assert model.pace_weight.dim() == 1 and float(model.pace_weight) == 1.0
+    engines = {k: PlainEngine(m, family.build_optimizer(k, m, TrainConfig(steps=2, batch_size=8, lr=3e-3)), 1.0)
+               for k, m in modules.items()}
+    for step in range(2):
+        out = family.train_step(engines, TorchHits.from_batch(data.slice(8 * step, 8 * step + 8)), step)
+        assert math.isfinite(float(out["loss"]))
+    assert float(model.pace_weight) != 1.0
