@@ -357,10 +357,10 @@ def test_pace_weight_is_learned_in_training_steps():
     modules = family.build_modules()
     family.initialise_from_data(modules, [data])
     model = modules["model"]
-    assert model.pace_weight.dim() == 1 and float(model.pace_weight) == 1.0
+    assert model.pace_weight.dim() == 1 and float(model.pace_weight.detach()) == 1.0
     engines = {k: PlainEngine(m, family.build_optimizer(k, m, TrainConfig(steps=2, batch_size=8, lr=3e-3)), 1.0)
                for k, m in modules.items()}
     for step in range(2):
         out = family.train_step(engines, TorchHits.from_batch(data.slice(8 * step, 8 * step + 8)), step)
         assert math.isfinite(float(out["loss"]))
-    assert float(model.pace_weight) != 1.0
+    assert float(model.pace_weight.detach()) != 1.0
