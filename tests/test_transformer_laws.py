@@ -169,6 +169,7 @@ def test_initialise_from_data_fits_the_laws_to_training_events():
     ({"multiplicity": "count", "count_law": "spline"}, "count_law"),
     ({"multiplicity": "count", "count_terms": 0}, "count_terms"),
     ({"response_model": True, "conditions": ["luminosity"]}, "response_model.*incident_energy"),
+    ({"pace_prior": True}, "pace_prior.*multiplicity=count"),
 ])
 def test_law_settings_are_checked(model, match):
     raw = {"name": "x", "geometry": "pxd-tiny", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
@@ -299,3 +300,67 @@ def test_per_unit_ridge_is_chosen_by_held_out_events(spread):
         assert strength < SHRINK_GRID[-1], strength
     else:
         assert strength >= 1000.0, strength
+
+
+def _place(model: HitTransformer, n: int, seed: int) -> np.ndarray:
+    """Rows of n hits placed one after another from the row and column logits alone (the network
+    part zeroed), as generation with a count law does; the count is the only input."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.zeros(1, model.config.d_model)
+    pr, pc, rows = torch.tensor([-1]), torch.tensor([-1]), []
+    for k in range(n):
+        rem = torch.tensor([n - k])
+        r = torch.multinomial(torch.softmax(model.row_logits(h, pr, pc, rem), -1), 1, generator=g)[:, 0]
+        c = torch.multinomial(torch.softmax(model.col_logits(h, r, pr, pc, rem), -1), 1, generator=g)[:, 0]
+        rows.append(int(r))
+        pr, pc = r, c
+    return np.asarray(rows)
+
+
+@torch.no_grad()
+def test_pace_prior_spreads_any_count_evenly_over_the_grid():
+    """With pace_prior the row and column logits space the tokens still to place over the
+    positions left whatever their number, so a count far above the training range is not crammed
+    into the last rows (where its tokens would overlap). Without it the untrained heads leave the
+    pacing to the network, and the tokens pile up at the end of the sensor."""
+    for pace in (False, True):
+        model = _pixel_model(pace_prior=pace)
+        for head in (model.row_head, model.col_head[-1]):
+            head.weight.zero_()
+            head.bias.zero_()
+        n_rows = model.layout.n_rows
+        for n in (20, 200):
+            rows = np.concatenate([_place(model, n, seed) for seed in range(3)])
+            last_quarter = float(np.mean(rows >= 0.75 * n_rows))
+            if pace:
+                assert abs(last_quarter - 0.25) < 0.08, (n, last_quarter)
+            else:
+                assert last_quarter > 0.5, (n, last_quarter)
+    assert isinstance(model.pace_weight, torch.nn.Parameter)  # its strength is learned with the network
+    assert "pace_weight" not in dict(_pixel_model().named_parameters())
+
+
+def test_pace_weight_is_learned_in_training_steps():
+    """The pace term's weight is a network parameter: the optimiser `uhg train` builds moves it
+    (no weight decay on it), and its shape is one DeepSpeed can broadcast (0-d parameters fail)."""
+    from uhg.config.schema import TrainConfig
+    from uhg.sim.pxd_background import simulate_pxd_background
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.engine import PlainEngine
+
+    g = get_geometry("pxd-tiny")
+    data = simulate_pxd_background(g, 16, 5, luminosity=4e35, luminosity_max=8e35)
+    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["luminosity"],
+                            multiplicity="count", count_bootstrap=0, pace_prior=True)
+    family = build_family(g, cfg, ConditionNorm.from_ranges({"luminosity": (4e35, 8e35)}, ["luminosity"]))
+    torch.manual_seed(0)
+    modules = family.build_modules()
+    family.initialise_from_data(modules, [data])
+    model = modules["model"]
+    assert model.pace_weight.dim() == 1 and float(model.pace_weight.detach()) == 1.0
+    engines = {k: PlainEngine(m, family.build_optimizer(k, m, TrainConfig(steps=2, batch_size=8, lr=3e-3)), 1.0)
+               for k, m in modules.items()}
+    for step in range(2):
+        out = family.train_step(engines, TorchHits.from_batch(data.slice(8 * step, 8 * step + 8)), step)
+        assert math.isfinite(float(out["loss"]))
+    assert float(model.pace_weight.detach()) != 1.0

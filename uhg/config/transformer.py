@@ -120,6 +120,15 @@ class TransformerConfig(Section):
         "comes exactly after the drawn count. The count law, not the attention stack, carries the "
         "condition dependence of the multiplicity, so it extrapolates as the law does.",
     )
+    pace_prior: bool = Field(
+        False,
+        description="multiplicity=count: the row and column logits of each hit or cluster token get a term "
+        "that spaces the tokens still to place evenly over the grid positions still free (a geometric gap "
+        "whose rate is remaining tokens / positions left), scaled by a learned weight; the network learns the "
+        "rest. Without it the network paces the tokens itself, which does not follow counts above the training "
+        "range (tokens are pushed to the last rows, where they overlap). Exports written before this key "
+        "have none.",
+    )
     count_law: Literal["power", "powers", "quadratic"] = Field(
         "quadratic",
         description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "
@@ -198,6 +207,9 @@ class TransformerConfig(Section):
         if ref == "incident" and "incident_energy" not in self.conditions:
             raise ValueError(f"energy_reference=incident decodes cell energies with the incident energy, so "
                              f"conditions must include incident_energy (got {self.conditions})")
+        if self.pace_prior and self.multiplicity != "count":
+            raise ValueError("pace_prior spaces the tokens a count law has drawn, so it needs multiplicity=count "
+                             f"(got multiplicity={self.multiplicity})")
         if self.response_model and "incident_energy" not in self.conditions:
             raise ValueError(f"response_model draws E_dep / E_inc, so conditions must include incident_energy "
                              f"(got {self.conditions})")

@@ -279,6 +279,8 @@ class HitTransformer(nn.Module):
             self.counts = CountLaw(L.n_units, n_cond, L.positions_per_unit, config.count_law, config.count_terms,
                                    config.count_bootstrap)
             self.count_in, self.remain_in = nn.Linear(1, d), nn.Linear(1, d)
+            if config.pace_prior:
+                self.pace_weight = nn.Parameter(torch.ones(1))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
         self.response = ResponseLaw(n_cond) if config.response_model else None
 
     def law_parameters(self) -> list[nn.Parameter]:
@@ -386,6 +388,16 @@ class HitTransformer(nn.Module):
         hits still fit after it."""
         return (self.layout.positions_per_unit - remaining).unsqueeze(-1)
 
+    def _pace_rate(self, prev_row: torch.Tensor, prev_col: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pace_prior: (next free flat position, rate lambda) of each sequence: the `remaining`
+        tokens spread evenly over the positions left give each position the chance
+        rho = remaining / positions left, and a geometric gap log-probability -lambda x distance
+        with lambda = -log(1 - rho). It follows the count wherever the count goes."""
+        free = torch.where(prev_row >= 0, self.row_start[prev_row.clamp_min(0)] + prev_col + 1, 0)
+        left = (self.layout.positions_per_unit - free).clamp_min(1)
+        rho = (remaining.float() / left).clamp(1e-6, 0.999)
+        return free, -torch.log1p(-rho)
+
     def row_logits(self, h: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
                    remaining: torch.Tensor | None = None) -> torch.Tensor:
         """(..., n_rows + 1) row logits, -inf where the row cannot follow (prev_row, prev_col);
@@ -406,6 +418,13 @@ class HitTransformer(nn.Module):
             ok = ok & (first_free <= self._last_position(remaining))
             done = (remaining <= 0).unsqueeze(-1)
             ok = (ok & ~done) | (is_end & (done | ~ok.any(-1, keepdim=True)))
+            if self.config.pace_prior:
+                free, lam = (x.unsqueeze(-1) for x in self._pace_rate(prev_row, prev_col, remaining))
+                # P(next token in row r) = exp(-lam x gap to r's first free position) x (1 - exp(-lam x free positions of r))
+                n_free = (width[r] - torch.where(r == pr, pc + 1, 0)).clamp_min(1)
+                pace = -lam * (first_free - free).clamp_min(0) + torch.log(-torch.expm1(-lam * n_free))
+                logits = self.row_head(h) + self.pace_weight * torch.where(is_end, 0.0, pace)
+                return logits.masked_fill(~ok, float("-inf"))
         return self.row_head(h).masked_fill(~ok, float("-inf"))
 
     def col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
@@ -420,7 +439,12 @@ class HitTransformer(nn.Module):
         if remaining is not None:
             ok = ok & (self.row_start[row].unsqueeze(-1) + c <= self._last_position(remaining))
         ok = ok | (r == self.layout.n_rows)
-        return self.col_head(h + self.row_out(row)).masked_fill(~ok, float("-inf"))
+        logits = self.col_head(h + self.row_out(row))
+        if remaining is not None and self.config.pace_prior:
+            _, lam = self._pace_rate(prev_row, prev_col, remaining)
+            first = torch.where(row == prev_row, prev_col + 1, 0).unsqueeze(-1)
+            logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first).clamp_min(0)
+        return logits.masked_fill(~ok, float("-inf"))
 
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return self.val_head(h + self.row_out(row) + self.col_out(col))
