@@ -19,6 +19,7 @@ from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
 from uhg.models.gan import Discriminator, Generator
 from uhg.models.gan_layout import decode_images, unit_layout
+from uhg.models.modes import eval_mode
 
 
 class GanFamily:
@@ -60,12 +61,8 @@ class GanFamily:
                           for g in gens]) if p else None
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
-        was_training = module.training
-        module.eval()
-        try:
+        with eval_mode(module):
             gate, code, clusters = module(z, un, cond, pn)
-        finally:
-            module.train(was_training)
         mask = u < torch.sigmoid(gate)
         if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
             n_seeds = mask.sum(dim=(1, 2, 3)).tolist()

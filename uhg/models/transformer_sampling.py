@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from uhg.data.hits import HitBatch
+from uhg.models.modes import eval_mode
 from uhg.models.transformer import HitTransformer, KVCache
 from uhg.models.transformer_clusters import decode_clusters
 from uhg.models.transformer_tokens import decode_tokens
@@ -318,10 +319,8 @@ def sample_events(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int
     seeds B per-event seeds (event_seed(seed, index, "generate")), conditions {name: (B,)
     physical values} stored with the events. Passes of `batch_events` events; the result does
     not depend on that split."""
-    was_training = model.training
-    model.eval()
     parts = []
-    try:
+    with eval_mode(model):
         for lo in range(0, len(seeds), batch_events):
             hi = min(len(seeds), lo + batch_events)
             g = generate_tokens(model, cond[lo:hi], seeds[lo:hi], temperature=temperature, top_q=top_q,
@@ -335,8 +334,6 @@ def sample_events(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int
             if model.response is not None:
                 part = scale_to_response(part, model, cond[lo:hi], seeds[lo:hi])
             parts.append(part)
-    finally:
-        model.train(was_training)
     if not parts:
         return HitBatch.empty(model.layout.kind, list(conditions))
     return HitBatch.concat(parts)

@@ -13,6 +13,7 @@ from torch import nn
 from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.models import calo_layers_family as model_half
+from uhg.models.modes import eval_mode
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
@@ -65,17 +66,13 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
         from the same training showers as the standardisation."""
         if self.cfg.share_noise != "empirical":
             return {}
-        was_training = module.training
-        module.eval()
-        try:
+        with eval_mode(module):
             device = next(module.parameters()).device
             parts = [self._dense(TorchHits.from_batch(b).to(device)) for b in batches]
             if not parts:
                 return {}
             voxels, e_inc, cond = (torch.cat(x) for x in zip(*parts, strict=True))
             return module.fit_residual_quantiles(voxels, e_inc, cond)
-        finally:
-            module.train(was_training)
 
     # -- training
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
@@ -92,12 +89,8 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
     @torch.no_grad()
     def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
         model = modules[self.generator_name]
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             out = {k: float(v) for k, v in model(*self._dense(batch)).items()}
-        finally:
-            model.train(was_training)
         seeds = [event_seed(0, i, "generate") for i in range(len(batch))]
         fake, real = self.sample(model, batch.conditions, seeds), batch.to_batch()
         e0 = real.conditions[ENERGY]

@@ -18,6 +18,7 @@ from torch import nn
 from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.models import transformer_family as model
+from uhg.models.modes import eval_mode
 from uhg.models.transformer import mean_attended, padded_tokens
 from uhg.models.transformer_clusters import ShapeCensus
 from uhg.models.transformer_laws import fit_count_law, fit_law
@@ -134,15 +135,11 @@ class TransformerFamily(model.TransformerFamily):
     @torch.no_grad()
     def validation_metrics(self, modules: Mapping[str, nn.Module], batch: TorchHits) -> dict[str, float]:
         model = modules[self.generator_name]
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             tokens = model.tokenize(batch)
             cond = self.condition_norm(batch.conditions).to(batch.device)
             nll = model.loss(tokens, cond, sample_latent=False,
                              log_response=log_response(batch) if self.cfg.response_model else None)
-        finally:
-            model.train(was_training)
         out = {"nll_per_event": float(nll["nll"]), "nll_row": float(nll["nll_row"]),
                "nll_col": float(nll["nll_col"]), "nll_value": float(nll["nll_value"]), "kl": float(nll["kl"])}
         out.update({k: float(nll[k]) for k in ("nll_count", "nll_response", "nll_shape", "nll_charge", "nll_pixels")
