@@ -37,16 +37,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), *, base: Path |
     config) with `overrides` applied. Relative paths in the file resolve from `base`, by default
     the file's own folder (`ray job submit` passes the folder under UHG_ROOT)."""
     path = find_config(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (name, geometry, data, model, train, ...)")
+    raw = read_yaml_mapping(path, "config file", "of sections (name, geometry, data, model, train, ...)")
     config_dir = (base if base is not None else path.parent).expanduser().resolve()
     data_dir = None if is_shipped(config_dir / path.name) else config_dir
     resolve_paths(raw, config_dir, data_dir, source=path)
@@ -54,6 +45,23 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), *, base: Path |
         key = apply_override(raw, item, source=path)
         resolve_paths(raw, Path.cwd(), None, source=path, only=key)
     return config_from_dict(raw, source=path)
+
+
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:
+    """The mapping at the top of the YAML file at `path` (a config, protocol or machine scenario);
+    a ConfigError naming the file when it cannot be read, is not YAML, or is not a mapping
+    (`expected` says what the mapping holds)."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping {expected}")
+    return raw
 
 
 def resolve_paths(raw: dict[str, Any], config_dir: Path, data_dir: Path | None, *, source: str | Path,

@@ -129,20 +129,11 @@ def training_seeds_of(cfg: ExtrapolationConfig, generator: Any) -> list[int] | N
 def load_protocol(path: str | Path) -> ExtrapolationConfig:
     """Read and validate a protocol YAML (a file or a shipped name); ConfigError names the file
     and the key."""
-    import yaml
-
-    from uhg.config.loading import describe_errors
+    from uhg.config.loading import describe_errors, read_yaml_mapping
     from uhg.config.shipped import find_config, is_name, resolve_reference
 
     path = find_config(path, "protocol")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read protocol file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping (geometry, model, condition, training_range, ...)")
+    raw = read_yaml_mapping(path, "protocol file", "(geometry, model, condition, training_range, ...)")
     machine = raw.get("machine")
     if isinstance(machine, str | list):  # scenario files resolve from the protocol's folder; names stay names
         files = [m if not isinstance(m, str) or is_name(m) else str(resolve_reference(m, path.parent, "machine"))

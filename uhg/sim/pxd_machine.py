@@ -225,9 +225,7 @@ def scenario_directory() -> Path:
 def load_scenario(spec: str | Path = DEFAULT_SCENARIO) -> MachineScenario:
     """A shipped scenario by name (`SHIPPED_SCENARIOS`) or a YAML file; ConfigError names the
     file and the key."""
-    import yaml
-
-    from uhg.config.loading import describe_errors
+    from uhg.config.loading import describe_errors, read_yaml_mapping
 
     text = str(spec)
     if text in SHIPPED_SCENARIOS:
@@ -236,14 +234,7 @@ def load_scenario(spec: str | Path = DEFAULT_SCENARIO) -> MachineScenario:
     if not path.is_file():
         raise ConfigError(f"machine scenario {text!r}: neither a shipped scenario ({', '.join(SHIPPED_SCENARIOS)}) "
                           "nor a YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read machine scenario ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping (name, machine, processes)")
+    raw = read_yaml_mapping(path, "machine scenario", "(name, machine, processes)")
     try:
         return MachineScenario.model_validate(raw)
     except ValidationError as err:
