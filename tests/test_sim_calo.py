@@ -63,6 +63,13 @@ def test_log_uniform_energies():
     np.testing.assert_allclose(np.quantile(u, [0.25, 0.5, 0.75]), [0.25, 0.5, 0.75], atol=0.07)
 
 
+def test_equal_energy_bounds_give_exactly_that_energy():
+    # `uhg sim calo --energy-min E --energy-max E` (a fixed-energy sample) must stay inside the
+    # declared range the store checks: exp(log(E)) alone rounds to just below E
+    b = simulate_calo_showers(get_geometry("epical-mini"), 20, seed=5, energy_min=1e3, energy_max=1e3)
+    assert b.conditions["incident_energy"].tolist() == [1e3] * 20
+
+
 def test_deterministic_and_split_independent():
     g = get_geometry("ds3")
     whole = simulate_calo_showers(g, 6, seed=5, energy_min=1e3, energy_max=1e5)

@@ -103,7 +103,8 @@ def simulate_calo_showers(
     for i in range(n_events):
         rng = event_rng(seed, first_event + i, "calo")
         if energies is None:
-            e = math.exp(rng.uniform(math.log(energy_min), math.log(energy_max)))
+            # exp(log(x)) can round just outside the declared range (always, when min == max)
+            e = min(max(math.exp(rng.uniform(math.log(energy_min), math.log(energy_max))), energy_min), energy_max)
         else:
             e = float(energies[i])
             rng.uniform()  # keep the stream aligned with drawn-energy runs
