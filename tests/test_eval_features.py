@@ -153,6 +153,20 @@ def test_large_calorimeters_feed_radial_rings_to_the_classifier():
     assert fs.distributions["response"].values[0] == pytest.approx(1.0)  # 2 hits / 2 GeV
 
 
+def test_lateral_hit_density_of_a_fully_fired_layer_is_the_pixel_density_in_every_ring():
+    # the outer rings reach past the sensor's edge: their area is the sensor's part of them, so a
+    # layer whose every pixel fired reads 1 / pixel area everywhere; other layers read 0
+    g = get_geometry("epical-mini")
+    cells = np.arange(g.cells_per_layer[5])
+    b = HitBatch.from_events("calo", [CaloEvent(np.full(len(cells), 5), cells, np.ones(len(cells)),
+                                                {"incident_energy": 5000.0})])
+    profile = calo_features(b, g).profiles["lateral_density_per_layer"]
+    density = profile.values.reshape(g.n_layers, -1)
+    np.testing.assert_allclose(density[5], 1.0 / (g.pitch_x_mm * g.pitch_y_mm))
+    assert np.all(np.delete(density, 5, axis=0) == 0)
+    assert profile.columns[5 * density.shape[1]] == "5:0-1"
+
+
 def test_validation_metrics_are_zero_for_identical_batches_and_see_a_shift():
     from uhg.eval.quick import validation_metrics
 

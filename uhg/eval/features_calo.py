@@ -7,7 +7,8 @@ longitudinal centre (energy-weighted mean depth, X0) and width (std of depth, X0
 sparsity per layer (fraction of the layer's cells that hold energy); per hit: the cell-energy
 spectrum (MeV). Classifier inputs: `vectors["low_level"]` is the CaloChallenge `cls-low` input
 (log10 E_inc, voxel energies / E_inc), `vectors["high_level"]` the `cls-high` input (a superset). Digital calorimeters (cell value 1 = fired pixel) use hit counts in place of
-energies: the response is then hits per GeV of incident energy.
+energies: the response is then hits per GeV of incident energy, and the profile
+`lateral_density_per_layer` gives the mean hits per mm2 in rings about the beam axis per layer.
 
 Per-layer lateral centres and widths are histogrammed over the events whose layer holds
 energy. Recommended sample sizes: >= 1000 showers per sample spread over the energy range (the
@@ -113,6 +114,10 @@ def calo_features(batch: HitBatch, geometry) -> FeatureSet:
     fs.add(Profile("sparsity_per_layer", "mean fraction of cells hit", sparsity[:, active], layer_names, "layer"))
     fs.add(Profile("width_per_layer", "mean lateral width sqrt((wx^2+wy^2)/2) [mm]",
                    np.nan_to_num(np.sqrt(0.5 * (wx**2 + wy**2)))[:, active], layer_names, "layer"))
+    if digital:
+        density, names = _lateral_hit_density(geometry, ev, layer, np.hypot(x, y), n_ev, active)
+        fs.add(Profile("lateral_density_per_layer", "mean hits per mm2 in rings about the beam axis",
+                       density, names, "layer, ring [mm]"))
     fs.add(Binned("response_vs_energy", "E_inc [MeV]", resp_label, e_inc, response))
 
     # cls-high input: what the CaloChallenge evaluation's high-level classifier sees (log10 E_inc,
@@ -134,6 +139,33 @@ def calo_features(batch: HitBatch, geometry) -> FeatureSet:
     ]).astype(np.float32)
     fs.vectors["low_level"] = _voxel_vectors(batch, geometry, ev, e, e_inc, x, y)
     return fs
+
+
+LATERAL_RING_EDGES_MM = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+"""Rings about the beam axis of the lateral hit-density profile of digital calorimeters: the
+core (~1 mm, a few pixels of EPICAL's) to the Moliere radius (11 mm) and beyond."""
+
+
+def _lateral_hit_density(geometry, ev, layer, r_mm, n_ev, active) -> tuple[np.ndarray, list[str]]:
+    """(n_events, layers x rings) hits per mm2 of sensor in each ring of every active layer; a
+    ring's area is that of the pixels whose centres lie in it (the outer rings leave the sensor)."""
+    edges = np.asarray(LATERAL_RING_EDGES_MM)
+    n_rings = len(edges) - 1
+    keep = r_mm < edges[-1]
+    ring = np.searchsorted(edges, r_mm[keep], side="right") - 1
+    n_lay = geometry.n_layers
+    counts = np.bincount((ev[keep] * n_lay + layer[keep]) * n_rings + ring,
+                         minlength=n_ev * n_lay * n_rings).reshape(n_ev, n_lay, n_rings)
+    columns, names = [], []
+    for lay in active:
+        cx, cy = geometry.cell_centers(lay)
+        pixel_rings = np.searchsorted(edges, np.hypot(cx, cy), side="right") - 1
+        pixel_area = geometry.pitch_x_mm * geometry.pitch_y_mm
+        area = np.bincount(pixel_rings[pixel_rings < n_rings], minlength=n_rings) * pixel_area
+        with np.errstate(invalid="ignore", divide="ignore"):
+            columns.append(np.where(area > 0, counts[:, lay, :] / area, 0.0))
+        names += [f"{lay}:{edges[k]:g}-{edges[k + 1]:g}" for k in range(n_rings)]
+    return np.concatenate(columns, axis=1), names
 
 
 def high_level_names(geometry) -> list[str]:

@@ -21,7 +21,8 @@ HEADLINE = {
     "calo": [("response_vs_energy", "rel_diff_of_mean"), ("response_vs_energy", "mean_abs_rel_error_of_mean"),
              ("response_vs_energy", "mean_abs_rel_error_of_resolution"), ("response", "separation_power"),
              ("energy_per_layer", "mean_abs_rel_error"), ("shower_depth", "separation_power"),
-             ("width_per_layer", "mean_abs_rel_error"), ("cell_energy", "separation_power"),
+             ("width_per_layer", "mean_abs_rel_error"), ("lateral_density_per_layer", "mean_abs_rel_error"),
+             ("cell_energy", "separation_power"),
              ("hits_per_event", "separation_power"), ("classifier_high_level", "roc_auc"),
              ("classifier_low_level", "roc_auc")],
 }
