@@ -18,7 +18,7 @@ from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
 from uhg.models.gan import Discriminator, Generator
-from uhg.models.gan_layout import decode_images, unit_layout
+from uhg.models.gan_layout import decode_hits, hit_index, unit_layout
 from uhg.models.modes import eval_mode
 
 
@@ -62,11 +62,14 @@ class GanFamily:
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         with eval_mode(module):
-            gate, code, clusters = module(z, un, cond, pn)
-        mask = u < torch.sigmoid(gate)
+            gate, head, clusters = module.sample_maps(z, un, cond)
+        mask = torch.lt(u, gate.sigmoid_())
         if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
             n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
             k = module.draws_per_seed
             draws = [torch.rand(int(n), k, generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
             mask = module.place_clusters(mask, clusters, torch.cat(draws))
-        return decode_images(lay, mask, code, {k: conds[k] for k in conds})
+        index = hit_index(lay, mask)
+        at = tuple(torch.from_numpy(i).to(device) for i in index)
+        code = module.code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]] if pn is not None else None)
+        return decode_hits(lay, index, code.float().cpu().numpy(), len(seeds), {k: conds[k] for k in conds})
