@@ -11,6 +11,8 @@ on training; the number of hits does, through the gate's initial 1% occupancy). 
 measurement generates max(batch, --min-events) events after one warm-up batch; prints one
 JSON line per batch size. `cpu_ms_per_event` is the process CPU time: on a loaded shared
 machine it is closer than wall time to what one dedicated core would take (with --threads 1).
+Like a generation worker, the process keeps freed memory for the next batch
+(`uhg.generate.memory`; --release-freed-memory leaves glibc's defaults, to compare).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +63,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: generate under autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile the generator module (the warm-up compiles)")
+    ap.add_argument("--release-freed-memory", action="store_true",
+                    help="leave glibc's defaults: freed maps go back to the OS (generation workers keep them, "
+                         "uhg.generate.memory)")
     args = ap.parse_args()
+    if not args.release_freed_memory:
+        from uhg.generate.memory import keep_freed_memory
+
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,18 +90,24 @@ def main() -> None:
                 gen.generate({k: v[: min(bs, 64)] for k, v in conds.items()}, seed=0, batch_size=bs)  # warm-up
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0, c0 = time.perf_counter(), time.process_time()
             with autocast:
                 hits = gen.generate(conds, seed=1, batch_size=bs)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
             print(json.dumps({"model": str(args.model or args.config), "geometry": gen.geometry.name,
                               "channels_per_event": int(gen.geometry.n_channels), "batch": bs, "events": n,
                               "ms_per_event": round(1000 * dt / n, 3),
-                              "cpu_ms_per_event": round(1000 * cpu / n, 3), "events_per_s": round(n / dt, 2),
+                              "cpu_ms_per_event": round(1000 * cpu / n, 3),
+                              "system_cpu_ms_per_event": round(1000 * (r1.ru_stime - r0.ru_stime) / n, 3),
+                              "page_faults_per_event": round((r1.ru_minflt - r0.ru_minflt) / n),
+                              "events_per_s": round(n / dt, 2),
                               "hits_per_event": float(hits.hits_per_event.mean()), "device": args.device,
                               "precision": args.precision, "compiled": args.compile,
+                              "freed_memory_kept": not args.release_freed_memory,
                               "torch_threads": torch.get_num_threads(),
                               "machine": f"{platform.machine()} {os.cpu_count()} cores",
                               "load_avg_1m": os.getloadavg()[0]}), flush=True)
