@@ -3,6 +3,7 @@ ms/event at several batch sizes, model forward + conversion to sparse hits (no s
 
     python tools/bench_generate.py --model runs/pxd_gan_mini/export --batch-sizes 1 16 64
     python tools/bench_generate.py --config configs/pxd_gan.yaml --batch-sizes 1 4 --device cpu
+    python tools/bench_generate.py --config configs/pxd_gan.yaml --set model.cluster_shapes=4096 --set model.charge_noise=true
     python tools/bench_generate.py --config configs/calo_gan_mini.yaml --batch-sizes 1 100 10000
     python tools/bench_generate.py --config configs/pxd_gan.yaml --batch-sizes 64 --device cuda --precision bf16 --compile
 
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 
-def export_from_config(config: str, out: Path) -> Path:
+def export_from_config(config: str, out: Path, overrides: list[str] | None = None) -> Path:
     import torch
 
     from uhg.config import load_config
@@ -37,7 +38,7 @@ def export_from_config(config: str, out: Path) -> Path:
     from uhg.train.export import export_generator
     from uhg.train.family import build_family
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides or [])
     geometry = get_geometry(cfg.geometry)
     ranges = {"luminosity": (1e34, 4e34), "her_current": (1.0, 2.0), "ler_current": (1.0, 2.0),
               "beta_y_star": (0.2, 0.4), "incident_energy": (1e3, 1e5)}
@@ -57,6 +58,8 @@ def main() -> None:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="generator export directory")
     src.add_argument("--config", help="run config: benchmark its model with fresh weights")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --config: override a config key (e.g. model.cluster_shapes=4096), repeatable")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--min-events", type=int, default=4)
     ap.add_argument("--device", default="cpu")
@@ -74,7 +77,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.model) if args.model else export_from_config(args.config, Path(tmp) / "export")
+        path = Path(args.model) if args.model else export_from_config(args.config, Path(tmp) / "export", args.set)
         gen = Generator.load(path, device=args.device)
         if args.compile:
             gen.module = torch.compile(gen.module)
@@ -98,7 +101,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            print(json.dumps({"model": str(args.model or args.config), "geometry": gen.geometry.name,
+            print(json.dumps({"model": str(args.model or args.config), "overrides": args.set, "geometry": gen.geometry.name,
                               "channels_per_event": int(gen.geometry.n_channels), "batch": bs, "events": n,
                               "ms_per_event": round(1000 * dt / n, 3),
                               "cpu_ms_per_event": round(1000 * cpu / n, 3),
