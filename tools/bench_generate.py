@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: generate under autocast")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the generator module (the warm-up compiles)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the generator module (GAN: its sampling pass; the warm-up compiles)")
     ap.add_argument("--release-freed-memory", action="store_true",
                     help="leave glibc's defaults: freed maps go back to the OS (generation workers keep them, "
                          "uhg.generate.memory)")
@@ -79,7 +80,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else export_from_config(args.config, Path(tmp) / "export", args.set)
         gen = Generator.load(path, device=args.device)
-        if args.compile:
+        if args.compile and hasattr(gen.module, "sample_maps"):  # the GAN samples through it, not forward
+            gen.module.sample_maps = torch.compile(gen.module.sample_maps)
+        elif args.compile:
             gen.module = torch.compile(gen.module)
         device_type = torch.device(args.device).type
         autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "bf16"
