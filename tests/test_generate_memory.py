@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,8 @@ print(took, sum(faults[-3:]))
 
 
 def _faults(mode: str) -> tuple[str, int]:
-    run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
     took, faults = run.stdout.split()
     return took, int(faults)
 
