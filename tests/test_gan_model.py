@@ -68,6 +68,32 @@ def test_generated_events_are_sparse_hits_of_the_geometry(geometry: str) -> None
         assert np.array_equal(again.columns[k], hits.columns[k])
 
 
+@pytest.mark.parametrize(("geometry", "kw"), [("pxd-tiny", dict(pixel_shuffle=2, charge_noise=True)),
+                                                ("pxd-tiny", dict(pixel_shuffle=1)), ("ds2", {})])
+def test_sampling_path_gives_the_values_of_the_forward_pass(geometry: str, kw: dict) -> None:
+    """`sample_maps` (gates only, channels-last decoder) + `code_at` (values at the hits only):
+    the gates of `forward` bit for bit, and its encoded values at any pixel."""
+    fam = family(geometry, **kw)
+    torch.manual_seed(3)
+    g = fam.build_modules()["generator"].eval()
+    with torch.no_grad():
+        for p in g.parameters():  # away from the zero-initialised FiLM and cluster layers
+            p.add_(0.1 * torch.randn_like(p))
+    b, u, h, w = 2, fam.layout.n_units, fam.layout.height, fam.layout.width
+    z, un, cond = torch.randn(b, 8), torch.randn(b, u, 4), torch.tensor([[-0.5], [0.7]])
+    pn = torch.randn(b, u, 1, h, w) if g.pixel_noise_channels else None
+    with torch.no_grad():
+        gate, code, _ = g(z, un, cond, pn)
+        fast_gate, head, _ = g.sample_maps(z, un, cond)
+        at = (torch.rand(b, u, h, w) < 0.2).nonzero(as_tuple=True)
+        fast_code = g.code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]] if pn is not None else None)
+    assert torch.equal(fast_gate, gate)
+    if fam.layout.kind == "pixel":
+        assert torch.equal(fast_code, code[at])
+    else:  # rows of 9 values: the dense sigmoid evaluates the last of each row by its scalar path
+        torch.testing.assert_close(fast_code, code[at], rtol=1e-6, atol=0.0)
+
+
 def test_sampling_is_per_event_deterministic() -> None:
     fam = family("pxd-tiny")
     torch.manual_seed(1)

@@ -70,9 +70,12 @@ def describe_model(reference: str, cache_dir: str | os.PathLike | None = None) -
 
 
 def open_generator(path: str | os.PathLike, device: str = "cpu"):
-    """Load a generator export for inference on `device` ("cpu" or "cuda")."""
+    """Load a generator export for inference on `device` ("cpu" or "cuda"); from here on the
+    process keeps freed memory for the next event (`uhg.generate.memory`)."""
+    from uhg.generate.memory import keep_freed_memory
     from uhg.models.generator import Generator
 
+    keep_freed_memory()
     return Generator.load(path, device=device)
 
 

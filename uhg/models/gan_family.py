@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +19,7 @@ from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
 from uhg.models.gan import Discriminator, Generator
-from uhg.models.gan_layout import decode_images, unit_layout
+from uhg.models.gan_layout import decode_hits, hit_index, unit_layout
 from uhg.models.modes import eval_mode
 
 
@@ -54,19 +55,28 @@ class GanFamily:
         z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
         un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
         # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
-        # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels.
-        u = torch.stack([torch.rand((lay.n_units, lay.height, lay.width), generator=g, device=device) for g in gens])
+        # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels. Noise maps
+        # are drawn in place, event by event: torch.rand/randn's numbers without stacking copies.
+        u = torch.empty((len(gens), lay.n_units, lay.height, lay.width), device=device)
+        for row, g in zip(u, gens, strict=True):
+            row.uniform_(generator=g)
         p = module.pixel_noise_channels
-        pn = torch.stack([torch.randn((lay.n_units, p, lay.height, lay.width), generator=g, device=device)
-                          for g in gens]) if p else None
+        pn = None
+        if p:
+            pn = torch.empty((len(gens), lay.n_units, p, lay.height, lay.width), device=device)
+            for row, g in zip(pn, gens, strict=True):
+                row.normal_(generator=g)
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         with eval_mode(module):
-            gate, code, clusters = module(z, un, cond, pn)
-        mask = u < torch.sigmoid(gate)
+            gate, head, clusters = module.sample_maps(z, un, cond)
+        mask = torch.lt(u, gate.sigmoid_())
         if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
-            n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
+            n_seeds = np.count_nonzero(mask.cpu().numpy().reshape(len(gens), -1), axis=1)  # 10x a bool sum()
             k = module.draws_per_seed
             draws = [torch.rand(int(n), k, generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
             mask = module.place_clusters(mask, clusters, torch.cat(draws))
-        return decode_images(lay, mask, code, {k: conds[k] for k in conds})
+        index = hit_index(lay, mask)
+        at = tuple(torch.from_numpy(i).to(device) for i in index)
+        code = module.code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]] if pn is not None else None)
+        return decode_hits(lay, index, code.float().cpu().numpy(), len(seeds), {k: conds[k] for k in conds})

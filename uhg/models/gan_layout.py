@@ -11,6 +11,7 @@ zero-padded to the largest layer shape with a validity mask. Pixel values are en
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ class UnitLayout:
     adc_threshold: int
     adc_max: int
     min_value: float  # pixel: smallest encoded charge (threshold); calo: cell threshold in MeV
+
+    @functools.cached_property
+    def all_valid(self) -> bool:
+        """Every cell of every unit exists (pixel sensors): no validity mask to apply."""
+        return bool(self.valid.all())
 
     @property
     def min_code(self) -> float:
@@ -99,21 +105,29 @@ def encode_hits(layout: UnitLayout, hits: TorchHits) -> torch.Tensor:
     return out
 
 
-def decode_images(layout: UnitLayout, mask: torch.Tensor, code: torch.Tensor,
-                  conditions: dict[str, torch.Tensor]) -> HitBatch:
-    """Sparse hits from generated (B, n_units, H, W) hit `mask` (bool) and encoded values `code`.
+def hit_index(layout: UnitLayout, mask: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """(event, unit, row, col) int64 arrays of the hits of a (B, n_units, H, W) bool `mask` in the
+    layout's valid cells, in row-major order (a flat search: several times faster than
+    `torch.nonzero` on CPU)."""
+    m = mask.cpu().numpy()
+    flat = np.flatnonzero(m)
+    if not layout.all_valid:
+        flat = flat[layout.valid.reshape(-1)[flat % layout.valid.size]]
+    return tuple(i.astype(np.int64, copy=False) for i in np.unravel_index(flat, m.shape))
+
+
+def decode_hits(layout: UnitLayout, index: tuple[np.ndarray, ...], vals: np.ndarray, n_events: int,
+                conditions: dict[str, torch.Tensor]) -> HitBatch:
+    """Sparse hits from generated hits at `index` (`hit_index`) with encoded values `vals`.
 
     Pixel: ADC = round(expm1(code * log1p(255))) clipped to [threshold, 255]. Calorimeter:
     E = E0 * 10^((code - 1) * DECADES) MeV; cells below the threshold are dropped; digital: 1."""
-    mask = mask & torch.as_tensor(layout.valid, device=mask.device)
-    b = mask.shape[0]
-    ev, unit, row, col = (t.cpu().numpy() for t in mask.nonzero(as_tuple=True))
-    vals = code[mask].detach().float().cpu().numpy()
+    ev, unit, row, col = index
     conds = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in conditions.items()}
     if layout.kind == "pixel":
         adc = np.rint(np.expm1(vals.astype(np.float64) * math.log1p(layout.adc_max)))
         adc = np.clip(adc, layout.adc_threshold, layout.adc_max)
-        counts = np.bincount(ev, minlength=b)
+        counts = np.bincount(ev, minlength=n_events)
         return HitBatch("pixel", {"sensor": unit, "row": row, "col": col, "value": adc.astype(np.uint8)},
                         np.concatenate([[0], np.cumsum(counts)]), conds)
     layer = layout.unit_layer[unit]
@@ -126,6 +140,6 @@ def decode_images(layout: UnitLayout, mask: torch.Tensor, code: torch.Tensor,
         energy = (e0 * 10.0 ** ((vals.astype(np.float64) - 1.0) * CALO_DECADES)).astype(np.float32)
         keep = energy >= layout.min_value
     ev, layer, cell, energy = ev[keep], layer[keep], cell[keep], energy[keep]
-    counts = np.bincount(ev, minlength=b)
+    counts = np.bincount(ev, minlength=n_events)
     return HitBatch("calo", {"layer": layer, "cell": cell, "value": energy}, np.concatenate([[0], np.cumsum(counts)]),
                     conds)
