@@ -2,6 +2,7 @@
 step from the count law to the decoded pixels, against simulated reference events.
 
     python tools/cluster_token_budget.py EXPORT [--machine design] [--events 300] [--luminosity 8e35] [--law-events 4000]
+    python tools/cluster_token_budget.py EXPORT --training-store STORE   # the law against its training events
 
 Per sensor, means over the events (reference: simulated with seed 101, encoded into the model's
 shape vocabulary; generated: the model's own tokens before decoding, then the decoded events):
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from uhg.data.hits import HitBatch
+from uhg.data.reader import open_store
 from uhg.models.generator import Generator
 from uhg.models.transformer_clusters import charge_classes, decode_clusters, encode_clusters
 from uhg.models.transformer_sampling import generate_tokens
@@ -62,6 +64,32 @@ def cluster_charge_by_size(model, batch) -> dict[int, tuple[float, int]]:
     return {s: (float(charge[size == s].mean()), int((size == s).sum())) for s in range(1, 9) if (size == s).any()}
 
 
+def law_on_training_store(model, family, path: str, geometry) -> None:
+    """The count law's mean tokens against the training events' own tokens, per layer, in four
+    luminosity slices equal in log L: tells a law that misfits its data from one that fits."""
+    L, U = model.layout, model.layout.n_units
+    counts, conds = [], {}
+    for b in open_store(path).iter_batches():
+        t = encode_clusters(b, L, model.shape_vocab(), model.config.cluster_charge_bins)
+        counts.append(t.lengths.view(-1, U).double().numpy())
+        for k, v in b.conditions.items():
+            conds.setdefault(k, []).append(np.asarray(v, np.float64))
+    n = np.concatenate(counts)
+    c = {k: np.concatenate(v) for k, v in conds.items()}
+    with torch.inference_mode():
+        law = model.counts.mean(family.condition_norm({k: torch.as_tensor(v) for k, v in c.items()})).double().numpy()
+    layer = np.asarray([s.layer for s in geometry.sensors])
+    lum = c["luminosity"]
+    edges = np.geomspace(lum.min(), lum.max() * (1 + 1e-9), 5)
+    print("| luminosity slice | events | law / data - 1, per layer | MRE over sensors |")
+    print("|---|---|---|---|")
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (lum >= lo) & (lum < hi)
+        d = law[m].mean(0) / n[m].mean(0) - 1
+        per_layer = " / ".join(f"{100 * d[layer == k].mean():+.2f} %" for k in np.unique(layer))
+        print(f"| {lo:.2g}-{hi:.2g} | {int(m.sum())} | {per_layer} | {100 * np.abs(d).mean():.2f} % |")
+
+
 def rel(a: np.ndarray, b: np.ndarray) -> str:
     d = a / b - 1
     return f"{100 * d.mean():+.2f} % | {100 * np.abs(d).mean():.2f} %"
@@ -75,6 +103,8 @@ def main() -> None:
     parser.add_argument("--luminosity", type=float, default=8e35)
     parser.add_argument("--seed", type=int, default=7, help="generation seed")
     parser.add_argument("--batch", type=int, default=50, help="events generated together")
+    parser.add_argument("--training-store", default=None,
+                        help="only the count law against this training store's tokens, per layer in four luminosity slices")
     parser.add_argument("--law-events", type=int, default=0,
                         help="also the count law against this many further reference events (seed 103)")
     args = parser.parse_args()
@@ -84,6 +114,9 @@ def main() -> None:
     if not getattr(model, "clusters", False):
         parser.error(f"{args.export} is not a cluster-token transformer")
     L, E, U = model.layout, args.events, model.layout.n_units
+    if args.training_store:
+        law_on_training_store(model, family, args.training_store, gen.geometry)
+        return
     ref = simulate_pxd_background(gen.geometry, E, seed=101, luminosity=args.luminosity, scenario=args.machine)
     conds = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in ref.conditions.items()}
     cond = family.condition_norm(conds)
