@@ -18,7 +18,13 @@ from uhg.eval.features_pxd import pixel_clusters
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
 from uhg.models.transformer import HitTransformer
-from uhg.models.transformer_clusters import ShapeCensus, ShapeVocab, charge_classes, decode_clusters, encode_clusters
+from uhg.models.transformer_clusters import (
+    ShapeCensus,
+    ShapeVocab,
+    charge_classes,
+    decode_clusters,
+    encode_clusters,
+)
 from uhg.models.transformer_sampling import generate_tokens, sample_events
 from uhg.models.transformer_tokens import layout_for_geometry
 from uhg.seeding import event_seed

@@ -132,7 +132,7 @@ def main() -> None:
                                      {k: v[lo:hi].numpy() for k, v in conds.items()}, *model.shape_table()))
         g_tabs.append(token_table(model, g.rows, g.values, g.lengths, 0))
         targets.append(g.targets.view(-1, U).double().numpy())
-    g_unit, g_size, g_adc, g_class = (np.concatenate(x) for x in zip(*g_tabs))
+    g_unit, g_size, g_adc, g_class = (np.concatenate(x) for x in zip(*g_tabs, strict=True))
     with torch.inference_mode():
         law_mean = model.counts.mean(cond).double().numpy().mean(0)
     drawn = np.concatenate(targets).mean(0)
