@@ -18,7 +18,13 @@ from uhg.eval.features_pxd import pixel_clusters
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
 from uhg.models.transformer import HitTransformer
-from uhg.models.transformer_clusters import ShapeCensus, ShapeVocab, decode_clusters, encode_clusters
+from uhg.models.transformer_clusters import (
+    ShapeCensus,
+    ShapeVocab,
+    charge_classes,
+    decode_clusters,
+    encode_clusters,
+)
 from uhg.models.transformer_sampling import generate_tokens, sample_events
 from uhg.models.transformer_tokens import layout_for_geometry
 from uhg.seeding import event_seed
@@ -114,9 +120,10 @@ def _seeds(seed: int, first: int, n: int) -> list[int]:
     return [event_seed(seed, first + i, "generate") for i in range(n)]
 
 
-@pytest.mark.parametrize("pixel_context", [False, True], ids=["independent-pixels", "pixel-context"])
-def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache(pixel_context):
-    model = _cluster_model(cluster_pixel_context=pixel_context)
+@pytest.mark.parametrize("pixels", [{}, {"cluster_pixel_context": True}, {"cluster_charge_redraws": 8}],
+                         ids=["independent-pixels", "pixel-context", "charge-redraws"])
+def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache(pixels):
+    model = _cluster_model(**pixels)
     n = 5
     cond = torch.linspace(-1, 2, n)[:, None]
     lum = {"luminosity": np.geomspace(2e35, 1e36, n)}
@@ -224,3 +231,37 @@ def test_short_training_moves_cluster_sizes_toward_the_data():
         family.train_step(engines, TorchHits.from_batch(data.slice(lo, lo + 8)), step)
     after = sp()
     assert after < before / 5, (before, after)
+
+
+def _token_charge_in_class(model: HitTransformer, g) -> tuple[float, float]:
+    """(share of multi-pixel tokens whose summed ADC lies in their drawn charge class, tokens)."""
+    keep = torch.arange(g.rows.shape[1])[None] < g.lengths[:, None]
+    v = g.values[keep]
+    size = model.shape_table()[1][v[:, 0]]
+    filled = torch.arange(v.shape[1] - 2)[None] < size[:, None]
+    adc = ((v[:, 2:] + model.layout.adc_threshold) * filled).sum(1)
+    cls = charge_classes(adc, model.layout, model.config.cluster_max_pixels, model.config.cluster_charge_bins)
+    multi = size > 1
+    return float((cls == v[:, 1])[multi].double().mean()), int(multi.sum())
+
+
+def test_charge_redraws_put_the_pixel_codes_into_the_drawn_charge_class():
+    """Independently drawn pixel codes of an untrained model rarely sum into the charge class
+    drawn for their token; with redraws many more do, and everything but the codes stays as
+    without them."""
+    cond = torch.linspace(-1, 1, 4)[:, None]
+    plain = generate_tokens(_cluster_model(), cond, _seeds(4, 0, 4), max_hits=24)
+    redrawn = generate_tokens(_cluster_model(cluster_charge_redraws=32), cond, _seeds(4, 0, 4), max_hits=24)
+    share_plain, n = _token_charge_in_class(_cluster_model(), plain)
+    share_redrawn, _ = _token_charge_in_class(_cluster_model(), redrawn)
+    assert n > 50
+    assert share_plain < 0.1 and share_redrawn > 4 * share_plain  # untrained: uniform codes, 0.04 -> 0.26
+    # same rows, columns, shapes and classes: only codes out of their class were drawn again
+    for k in ("rows", "cols", "lengths"):
+        assert torch.equal(getattr(plain, k), getattr(redrawn, k))
+    assert torch.equal(plain.values[..., :2], redrawn.values[..., :2])
+
+
+def test_charge_redraws_refuse_the_pixel_context():
+    with pytest.raises(ValueError, match="cluster_charge_redraws"):
+        TransformerConfig(token="cluster", cluster_pixel_context=True, cluster_charge_redraws=4)

@@ -56,6 +56,13 @@ class TransformerConfig(Section):
         "drawn before it (shape order), so a cluster's pixels share its charge instead of fluctuating "
         "independently around their class means. Exports written before this key draw them independently.",
     )
+    cluster_charge_redraws: int = Field(
+        0, ge=0,
+        description="token=cluster, generation: a token whose independently drawn pixel codes sum to a charge "
+        "outside the charge class drawn for it has its codes drawn again, up to this many times (the codes "
+        "of a training cluster always sum into its class). 0 = off; exports written before this key have it "
+        "off. Not with cluster_pixel_context.",
+    )
     d_model: int = Field(128, gt=0, description="Token width.")
     n_layers: int = Field(4, gt=0, description="Transformer blocks (pre-norm, FiLM-modulated by the sequence context).")
     n_heads: int = Field(4, gt=0, description="Attention heads per block; d_model / n_heads must be a multiple of 4 (2-D rotary).")
@@ -210,6 +217,9 @@ class TransformerConfig(Section):
         if self.pace_prior and self.multiplicity != "count":
             raise ValueError("pace_prior spaces the tokens a count law has drawn, so it needs multiplicity=count "
                              f"(got multiplicity={self.multiplicity})")
+        if self.cluster_charge_redraws and self.cluster_pixel_context:
+            raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
+                             "cluster_pixel_context draws them slot by slot: switch one of them off")
         if self.response_model and "incident_energy" not in self.conditions:
             raise ValueError(f"response_model draws E_dep / E_inc, so conditions must include incident_energy "
                              f"(got {self.conditions})")

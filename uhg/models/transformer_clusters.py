@@ -188,12 +188,16 @@ class ShapeCensus:
         return {"shape_vocab_coverage": known / max(clusters, 1), "pixels_per_token": pixels / max(tokens, 1)}
 
 
-def charge_classes(charge: np.ndarray, layout: TokenLayout, max_pixels: int, n_bins: int) -> np.ndarray:
+def charge_classes(charge: np.ndarray | torch.Tensor, layout: TokenLayout, max_pixels: int,
+                   n_bins: int) -> np.ndarray | torch.Tensor:
     """Cluster charge (ADU, summed over a token's pixels) -> class: equal bins in log charge
-    from the threshold to max_pixels x the largest code."""
+    from the threshold to max_pixels x the largest code. int64 array or long tensor, as given."""
     lo = math.log(max(layout.adc_threshold, 1))
     hi = math.log(max_pixels * (layout.adc_threshold + layout.n_values - 1))
-    x = (np.log(np.maximum(charge, 1.0)) - lo) / max(hi - lo, 1e-9) * n_bins
+    scale = n_bins / max(hi - lo, 1e-9)
+    if isinstance(charge, torch.Tensor):
+        return ((charge.double().clamp_min(1.0).log() - lo) * scale).floor().clamp(0, n_bins - 1).long()
+    x = (np.log(np.maximum(charge, 1.0)) - lo) * scale
     return np.clip(np.floor(x), 0, n_bins - 1).astype(np.int64)
 
 

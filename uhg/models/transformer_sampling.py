@@ -35,7 +35,7 @@ import torch
 from uhg.data.hits import HitBatch
 from uhg.models.modes import eval_mode
 from uhg.models.transformer import HitTransformer, KVCache
-from uhg.models.transformer_clusters import decode_clusters
+from uhg.models.transformer_clusters import charge_classes, decode_clusters
 from uhg.models.transformer_tokens import decode_tokens
 
 log = logging.getLogger("uhg.models.transformer")
@@ -151,7 +151,32 @@ def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Ten
         tp, sp = tok[pad], slot[pad]
         logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sp)[:len(tok)]
         codes[tok, slot] = sample_top_q(logits, prefixed_uniform(prefix[tok], step, 2, slot + 1), temperature, top_q)
+        redraw_out_of_class(model, codes, charge, size, tok, slot, logits, prefix, step, temperature, top_q)
     return torch.cat([shape[:, None], charge[:, None], codes], 1)
+
+
+def redraw_out_of_class(model: HitTransformer, codes: torch.Tensor, charge: torch.Tensor, size: torch.Tensor,
+                        tok: torch.Tensor, slot: torch.Tensor, logits: torch.Tensor, prefix: torch.Tensor,
+                        step: int, temperature: float, top_q: float) -> None:
+    """cluster_charge_redraws: draw the codes (N, P) of every token whose summed ADC lies outside
+    its drawn charge class again from the same pixel logits, up to that many times, in place.
+    The codes of a training cluster always sum into its class, so this conditions the product of
+    independent pixel laws on what the data always satisfy. tok, slot: (M,) the real pixels,
+    logits (M, n_values) theirs. Redraw a keys pixel slot s by 1 + s + a (P + 1), distinct from
+    every first draw (1 + s), so each token's result depends on its own uniforms only."""
+    redraws = model.config.cluster_charge_redraws
+    if not redraws or not len(tok):
+        return
+    L, P = model.layout, codes.shape[1]
+    filled = torch.arange(P, device=codes.device)[None] < size[:, None]
+    for a in range(1, redraws + 1):
+        adc = ((codes + L.adc_threshold) * filled).sum(1)
+        off = charge_classes(adc, L, P, model.config.cluster_charge_bins) != charge
+        sel = off[tok].nonzero().squeeze(1)
+        if not len(sel):
+            return
+        u = prefixed_uniform(prefix[tok[sel]], step, 2, slot[sel] + 1 + a * (P + 1))
+        codes[tok[sel], slot[sel]] = sample_top_q(logits[sel], u, temperature, top_q)
 
 
 @dataclass
