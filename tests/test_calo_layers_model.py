@@ -265,6 +265,7 @@ def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
     assert not torch.allclose(model.sample(e8, c8, noise), out)
 
 
+@pytest.mark.slow
 def test_training_exports_the_fitted_share_noise(tmp_path, world_of_one):
     """`uhg train` fits the empirical log-share noise after the last step and exports it."""
     from uhg.config import load_config
@@ -295,3 +296,68 @@ tracking: {{enabled: false}}
     plain = train(load_config(path, [f"output_dir={tmp_path / 'plain'}", "model.share_noise=gaussian"]),
                   hooks=TrainHooks())
     assert not hasattr(Generator.load(plain.export).module, "residual_q")
+    mixed = train(load_config(path, [f"output_dir={tmp_path / 'mixed'}", "model.share_noise=empirical_correlated"]),
+                  hooks=TrainHooks())
+    mix = Generator.load(mixed.export).module.noise_mix
+    assert bool(torch.isfinite(mix).all()) and not torch.allclose(mix, torch.eye(mix.shape[1]).expand_as(mix))
+
+
+def test_correlated_empirical_noise_has_the_residuals_within_layer_correlation(one_torch_thread):
+    """`share_noise: empirical_correlated`: the fitted mixing gives each layer's noise the
+    correlation of the training residuals' normal scores, and every voxel keeps a standard normal
+    (so its own quantiles) before the quantile map."""
+    from scipy.stats import norm
+
+    from uhg.sim.calo import simulate_calo_showers
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.engine import PlainEngine
+
+    torch.manual_seed(0)
+    cfg = CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_noise="empirical_correlated")
+    fam = build_family(G, cfg, NORM)
+    model = fam.build_modules()["model"]
+    data = simulate_calo_showers(G, 400, seed=4, energy_min=1e3, energy_max=1e5)
+    fam.initialise_from_data({"model": model}, [data])
+    engine = PlainEngine(model, torch.optim.Adam(model.parameters(), lr=1e-3), 5.0)
+    hits = TorchHits.from_batch(data)
+    for step in range(30):
+        fam.train_step({"model": engine}, hits, step)
+    # before the fit: independent voxels
+    x = torch.randn(4, G.n_cells, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model.correlate(x), x)
+    fitted = fam.finalise_from_data(model, [data])
+    assert fitted["residual_mean_abs_correlation"] > 0.0
+    # an independent computation of the correlation of the two most-hit voxels of layer 1
+    model.eval()
+    voxels = hits.calo_dense(G.layer_offsets, G.n_cells).float()
+    e_layer = model.layer_energies(voxels)
+    y = model.normalise(model.log_layer(e_layer, hits.conditions["incident_energy"].float()))
+    log_share = torch.log((voxels / e_layer[:, model.voxel_layer].clamp_min(1e-30)).clamp_min(cfg.share_floor))
+    hit = voxels > 0
+    with torch.no_grad():
+        ctx = torch.cat([NORM(hits.conditions), y], -1)
+        mu_z = model.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, -1)[0]
+        _, mu, log_sigma, _ = model.vae.decode(mu_z, ctx)
+    resid = ((log_share - mu) / log_sigma.exp()).numpy()
+    layer1 = np.flatnonzero(model.voxel_layer.numpy() == 1)
+    a, b = layer1[np.argsort(-hit[:, layer1].sum(0).numpy())[:2]]
+    scores = {}
+    for v in (a, b):
+        rows = np.flatnonzero(hit[:, v].numpy())
+        ranks = np.argsort(np.argsort(resid[rows, v]))
+        scores[v] = dict(zip(rows, norm.ppf((ranks + 0.5) / len(rows)), strict=True))
+    both = sorted(set(scores[a]) & set(scores[b]))
+    sa, sb = np.array([scores[a][i] for i in both]), np.array([scores[b][i] for i in both])
+    want = float((sa * sb).sum() / np.sqrt((sa * sa).sum() * (sb * sb).sum()))
+    assert abs(want) > 0.1  # the test needs a correlated pair
+    # standard normals through the fitted mixing: unit variance, and that correlation
+    draws = model.correlate(torch.randn(40_000, G.n_cells, generator=torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(draws.std(0), torch.ones(G.n_cells), atol=0.03, rtol=0)
+    got = float(torch.corrcoef(draws[:, [a, b]].T)[0, 1])
+    assert abs(got - want) < 0.05, (got, want)
+    # voxels of different layers stay independent
+    other = int(np.flatnonzero(model.voxel_layer.numpy() == 2)[0])
+    assert abs(float(torch.corrcoef(draws[:, [a, other]].T)[0, 1])) < 0.03
+    # the ring correlation would mix the same normals twice
+    with pytest.raises(ValueError, match="ring_correlation"):
+        CaloLayersConfig(share_noise="empirical_correlated", ring_correlation=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from uhg.config.base import Section
 
@@ -45,12 +45,22 @@ class CaloLayersConfig(Section):
         "the training showers (set with the layer-energy standardisation), then renormalise: a tail draw of the "
         "log-normal noise of a rarely hit outer voxel cannot pull the centre of energy further out than the data "
         "ever did.")
-    share_noise: Literal["gaussian", "empirical"] = Field(
+    share_noise: Literal["gaussian", "empirical", "empirical_correlated"] = Field(
         "gaussian",
         description="Generation: law of the standardised log-share noise of each voxel. 'gaussian': the VAE's "
         "normal. 'empirical': the quantiles of that voxel's standardised residuals in training showers "
         "(fitted after training, `CaloLayersModel.fit_residual_quantiles`), drawn through the same normals "
         "(a Gaussian copula, so ring correlations are kept): the measured residuals are skewed to the left, and "
-        "the normal's heavier right tail is what pushed the centre of energy sideways.")
+        "the normal's heavier right tail is what pushed the centre of energy sideways. 'empirical_correlated': "
+        "the same quantiles, drawn through normals with the within-layer correlation of the residuals' normal "
+        "scores in those training showers (also fitted after training; not with ring_correlation).")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")
+
+    @model_validator(mode="after")
+    def _one_noise_correlation(self):
+        # the ring correlation already mixes the normals that the fitted correlation would mix again
+        if self.share_noise == "empirical_correlated" and self.ring_correlation:
+            raise ValueError("model.share_noise 'empirical_correlated' fits its own within-layer correlation; "
+                             "set model.ring_correlation to false")
+        return self

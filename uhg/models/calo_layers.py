@@ -179,8 +179,10 @@ class CaloLayersModel(nn.Module):
         if cfg.share_cap:
             # log of each voxel's largest share of its layer in the training showers (0: no cap)
             self.register_buffer("log_share_hi", torch.zeros(self.n_voxels))
-        if cfg.share_noise == "empirical":
+        if cfg.share_noise != "gaussian":
             self._add_residual_quantiles()
+        if cfg.share_noise == "empirical_correlated":
+            self._add_noise_mix()
         self.law = LayerEnergyLaw(self.n_layers, n_cond, cfg.law_hidden, cfg.law_components)
         if cfg.ring_correlation and voxel_ring is None:
             raise ValueError("ring_correlation needs the ring index of every voxel")
@@ -210,6 +212,58 @@ class CaloLayersModel(nn.Module):
         normal_q = torch.distributions.Normal(0.0, 1.0).icdf(levels).float()
         self.register_buffer("residual_q", normal_q.expand(self.n_voxels, -1).clone().to(self.y_mean.device))
 
+    def _add_noise_mix(self) -> None:
+        """Buffers of `share_noise: empirical_correlated`: `layer_voxels` (L, W) the voxels of each
+        layer (padded with V), and `noise_mix` (L, W, W), per layer the matrix that turns
+        independent standard normals into normals with the within-layer correlation of the
+        training residuals (identity until `fit_residual_quantiles`)."""
+        counts = torch.bincount(self.voxel_layer, minlength=self.n_layers)
+        width = int(counts.max())
+        index = torch.full((self.n_layers, width), self.n_voxels, dtype=torch.long)
+        for layer in range(self.n_layers):
+            vox = torch.nonzero(self.voxel_layer == layer).flatten().cpu()
+            index[layer, :len(vox)] = vox
+        self.register_buffer("layer_voxels", index.to(self.voxel_layer.device), persistent=False)
+        eye = torch.eye(width, device=self.y_mean.device)
+        self.register_buffer("noise_mix", eye.expand(self.n_layers, -1, -1).clone())
+
+    @torch.no_grad()
+    def _fit_noise_mix(self, resid: torch.Tensor, hit: torch.Tensor) -> float:
+        """Set `noise_mix` from standardised residuals (B, V) of hit voxels: per layer the
+        correlation of the residuals' normal scores (each voxel's ranks among its hit showers),
+        over the showers where both voxels are hit (0 for pairs hit together fewer than
+        RESIDUAL_MIN_HITS times), made positive definite and factored with unit rows, so every
+        voxel's noise stays a standard normal (its quantiles are still its own). Returns the mean
+        absolute off-diagonal correlation."""
+        n_hit = hit.sum(0)
+        rank = torch.where(hit, resid, torch.full_like(resid, torch.inf)).argsort(0).argsort(0).to(resid.dtype)
+        scores = torch.special.ndtri(((rank + 0.5) / n_hit.clamp_min(1)).clamp(1e-6, 1 - 1e-6)) * hit
+        off = []
+        for layer in range(self.n_layers):
+            vox = self.layer_voxels[layer][self.layer_voxels[layer] < self.n_voxels]
+            z, h = scores[:, vox].double(), hit[:, vox].double()
+            z2 = z * z
+            corr = (z.T @ z) / ((z2.T @ h) * (h.T @ z2)).sqrt().clamp_min(1e-12)
+            corr = torch.where((h.T @ h) >= RESIDUAL_MIN_HITS, corr, torch.zeros_like(corr))
+            corr.fill_diagonal_(1.0)
+            w, vecs = torch.linalg.eigh(0.5 * (corr + corr.T))
+            mix = vecs * w.clamp_min(1e-3).sqrt()
+            mix = mix / mix.pow(2).sum(1, keepdim=True).sqrt()
+            self.noise_mix[layer].zero_()
+            self.noise_mix[layer, :len(vox), :len(vox)] = mix.to(self.noise_mix)
+            if len(vox) > 1:
+                off.append(corr[~torch.eye(len(vox), dtype=torch.bool, device=corr.device)].abs().mean())
+        return float(torch.stack(off).mean()) if off else 0.0
+
+    def correlate(self, standard: torch.Tensor) -> torch.Tensor:
+        """(B, V) independent standard normals -> standard normals with the fitted within-layer
+        correlation (`noise_mix`)."""
+        padded = torch.nn.functional.pad(standard, (0, 1))[:, self.layer_voxels]  # (B, L, W)
+        mixed = torch.einsum("blw,lvw->blv", padded, self.noise_mix)
+        out = torch.zeros_like(padded[:, 0, :1]).expand(-1, self.n_voxels + 1).clone()
+        out.scatter_(1, self.layer_voxels.flatten().expand(len(standard), -1), mixed.flatten(1))
+        return out[:, :self.n_voxels]
+
     @torch.no_grad()
     def fit_residual_quantiles(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
         """Set `residual_q` from dense training showers (B, V): every hit voxel's log share minus the
@@ -217,6 +271,8 @@ class CaloLayersModel(nn.Module):
         A voxel hit fewer than RESIDUAL_MIN_HITS times takes the pooled residuals of its layer."""
         if not hasattr(self, "residual_q"):
             self._add_residual_quantiles()
+        if self.cfg.share_noise == "empirical_correlated" and not hasattr(self, "noise_mix"):
+            self._add_noise_mix()
         e_layer = self.layer_energies(voxels)
         y = self.normalise(self.log_layer(e_layer, e_inc))
         hit = voxels > 0
@@ -241,12 +297,15 @@ class CaloLayersModel(nn.Module):
                     own += 1
                 else:
                     self.residual_q[v] = layer_q
+        extra = {}
+        if hasattr(self, "noise_mix"):
+            extra["residual_mean_abs_correlation"] = self._fit_noise_mix(resid, hit)
         r = resid[hit]
         skew = float(((r - r.mean()) ** 3).mean() / r.std().clamp_min(1e-12) ** 3) if len(r) > 1 else 0.0
         tails = torch.quantile(r[torch.randperm(len(r))[:1_000_000]], r.new_tensor([0.01, 0.5, 0.95, 0.99])) if len(r) \
             else torch.zeros(4)
         return {"residual_skewness": skew, "residual_voxels_own_quantiles": float(own),
-                **{f"residual_quantile_{p}": float(t) for p, t in zip((1, 50, 95, 99), tails, strict=True)}}
+                **{f"residual_quantile_{p}": float(t) for p, t in zip((1, 50, 95, 99), tails, strict=True)}, **extra}
 
     def empirical_noise(self, standard: torch.Tensor) -> torch.Tensor:
         """(B, V) standard normals mapped through each voxel's residual quantiles (linear between
@@ -292,9 +351,12 @@ class CaloLayersModel(nn.Module):
         logit, mu, log_sigma, rho = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
         eps = self.vae.noise(log_sigma, rho, noise["voxel_eps"], noise.get("ring_eps"))
-        if self.cfg.share_noise == "empirical":
+        if self.cfg.share_noise != "gaussian":
             sigma = log_sigma.exp()
-            eps = sigma * self.empirical_noise(eps / sigma)
+            standard = eps / sigma
+            if self.cfg.share_noise == "empirical_correlated":
+                standard = self.correlate(standard)
+            eps = sigma * self.empirical_noise(standard)
         log_share = mu + self.cfg.share_temperature * eps
         if self.cfg.share_cap:
             log_share = torch.minimum(log_share, self.log_share_hi)

@@ -62,9 +62,10 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
 
     @torch.no_grad()
     def finalise_from_data(self, module: nn.Module, batches: Iterable[HitBatch]) -> dict[str, float]:
-        """After training (`share_noise: empirical`): each voxel's log-share residual quantiles
-        from the same training showers as the standardisation."""
-        if self.cfg.share_noise != "empirical":
+        """After training (`share_noise: empirical` or `empirical_correlated`): each voxel's
+        log-share residual quantiles (and their within-layer correlation) from the same training
+        showers as the standardisation."""
+        if self.cfg.share_noise == "gaussian":
             return {}
         with eval_mode(module):
             device = next(module.parameters()).device
