@@ -26,6 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from uhg.config.gan import GanConfig
 from uhg.models.common import ConditionEmbedding, FiLM, SensorEmbedding
 from uhg.models.gan_layout import UnitLayout
+from uhg.models.transformer_laws import CountLaw
 
 INITIAL_OCCUPANCY = 0.01  # gate bias at start: ~1% of pixels fire, the order of PXD occupancy
 CHARGE_QUANTILES = 1025  # knots of the charge quantile table (every 1/1024 in percentile: with 65 the linear
@@ -129,6 +130,12 @@ class Generator(nn.Module):
             # linear in the conditions, fitted to the data and trained.
             self.register_buffer("shape_log_size", torch.zeros(self.n_shapes))
             self.shape_tilt = nn.Parameter(torch.zeros(n_conditions))
+        # Clusters per sensor from a count law fitted to the training data (NB per sensor, one-factor
+        # copula for event-wide fluctuations): the gate only says where seeds go, the law how many.
+        # A gate alone gives every event the same expected count (hits-per-event spread too narrow)
+        # and a log-linear rate that misses beyond the training range.
+        self.counts = CountLaw(layout.n_units, n_conditions, layout.height * layout.width, cfg.count_law) \
+            if cfg.count_law and self.n_shapes else None
         self.unit_gate = nn.Parameter(torch.zeros(layout.n_units, 1 + n_conditions))
         self.register_buffer("charge_quantiles", torch.linspace(layout.min_code, 1.0, CHARGE_QUANTILES))
 
@@ -181,6 +188,14 @@ class Generator(nn.Module):
         return gate, self._code(score).reshape(b, u, h, w), clusters
 
     # -- clusters: the gate fires seeds; `clusters` (the third output of forward) say how they grow
+    def draw_counts(self, cond: torch.Tensor, u_unit: torch.Tensor, u_event: torch.Tensor) -> torch.Tensor:
+        """(B, U) long: seeds per sensor drawn from the count law by uniforms u_unit (B, U) and
+        u_event (B,) (elementwise per event: a draw does not depend on the batch)."""
+        b, u = u_unit.shape
+        n, _ = self.counts.sample(u_unit.reshape(-1), u_event, cond.to(self.counts.positions.dtype),
+                                  self.layout.height * self.layout.width)
+        return n.view(b, u)
+
     @property
     def draws_per_seed(self) -> int:
         """Uniform random numbers `place_clusters` takes per seed."""
@@ -329,6 +344,33 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     return out
 
 
+def place_counted_seeds(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B, U, H, W) bool: exactly counts[b, u] seeds in image (b, u), positions drawn without
+    replacement with odds sigmoid(gate) (Gumbel top-k: the `counts` largest log sigmoid(gate) +
+    Gumbel(uniforms), uniforms (B, U, H, W) in (0, 1)). Each image's draw is its own (top-k
+    per row, sorted), so it does not depend on the batch."""
+    b, u, h, w = gate.shape
+    counts = counts.long().clamp(0, h * w)
+    out = torch.zeros(b * u, h * w + 1, dtype=torch.bool, device=gate.device)  # last column: discarded
+    k = int(counts.max()) if counts.numel() else 0
+    if k == 0:
+        return out[:, :-1].reshape(b, u, h, w)
+    gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-7)))
+    keys = (nn.functional.logsigmoid(gate.detach()) + gumbel).reshape(b * u, -1)
+    top = keys.topk(k, dim=-1, sorted=True).indices  # (B U, k), largest first
+    keep = torch.arange(k, device=gate.device)[None] < counts.reshape(-1, 1)
+    out.scatter_(1, torch.where(keep, top, h * w), True)
+    return out[:, :-1].reshape(b, u, h, w)
+
+
+def counted_seed_probability(gate: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, U, H, W) probability that a pixel is one of the counts[b, u] seeds of its image, to first
+    order: counts x its share of the image's sigmoid(gate) (differentiable in the gate)."""
+    p = torch.sigmoid(gate)
+    share = p / p.sum(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    return (counts.to(p.dtype)[:, :, None, None] * share).clamp(max=1.0)
+
+
 def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Standard logistic noise: a pixel with gate logit g fires when g + noise > 0, i.e. with
     probability sigmoid(g)."""
@@ -338,14 +380,21 @@ def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
 
 def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, temperature: float,
                    valid: torch.Tensor, clusters: torch.Tensor | None = None,
-                   generator: Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: Generator | None = None,
+                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time images: hard 0/1 gates forward, gradient of the relaxed sigmoid gates backward.
     With clusters (`clusters`, the third output of `generator`'s forward), the gates fire seeds: the
     hard mask is the sampled clusters of the hard seeds (drawn from torch's RNG), the gradient that
-    of `generator.fire_probability` of the relaxed seeds.
+    of `generator.fire_probability` of the relaxed seeds. With seed `counts` (B, U) (the count
+    law's draws), exactly that many seeds per image (`place_counted_seeds`, torch's RNG), the
+    gradient that of `counted_seed_probability`.
     Returns (images (B, U, H, W) in [0, 1], that straight-through 0/1 hit mask (B, U, H, W))."""
-    soft = torch.sigmoid((gate + noise) / temperature)
-    hard = (soft > 0.5).to(soft.dtype)
+    if counts is not None:
+        soft = counted_seed_probability(gate, counts)
+        hard = place_counted_seeds(gate, counts, torch.rand(gate.shape, device=gate.device)).to(soft.dtype)
+    else:
+        soft = torch.sigmoid((gate + noise) / temperature)
+        hard = (soft > 0.5).to(soft.dtype)
     if clusters is not None:
         seeds = hard > 0
         uniforms = torch.rand(int(seeds.sum()), generator.draws_per_seed, device=gate.device)

@@ -17,7 +17,7 @@ from torch import nn
 from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import Discriminator, Generator
+from uhg.models.gan import Discriminator, Generator, place_counted_seeds
 from uhg.models.gan_layout import decode_images, unit_layout
 from uhg.models.modes import eval_mode
 
@@ -59,11 +59,17 @@ class GanFamily:
         p = module.pixel_noise_channels
         pn = torch.stack([torch.randn((lay.n_units, p, lay.height, lay.width), generator=g, device=device)
                           for g in gens]) if p else None
+        counted = getattr(module, "counts", None) is not None
+        if counted:  # the count law's uniforms: one per sensor and one for the event-wide factor
+            law_u = torch.stack([torch.rand(lay.n_units + 1, generator=g, device=device) for g in gens])
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         with eval_mode(module):
             gate, code, clusters = module(z, un, cond, pn)
-        mask = u < torch.sigmoid(gate)
+        if counted:  # exactly the law's count of seeds, where the gate puts them (u as Gumbel noise)
+            mask = place_counted_seeds(gate, module.draw_counts(cond, law_u[:, 1:], law_u[:, 0]), u)
+        else:
+            mask = u < torch.sigmoid(gate)
         if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
             n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
             k = module.draws_per_seed

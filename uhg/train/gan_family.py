@@ -33,6 +33,7 @@ from uhg.models.gan import (
     relaxed_images,
 )
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
+from uhg.models.transformer_laws import fit_count_law
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
@@ -48,6 +49,9 @@ class GanFamily(model.GanFamily):
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         lr = train.lr if name == "generator" else (train.lr_discriminator or train.lr)
+        if getattr(module, "counts", None) is not None:  # the count law keeps its maximum-likelihood fit
+            for p in module.counts.parameters():
+                p.requires_grad_(False)
         params = [p for p in module.parameters() if p.requires_grad]
         if train.weight_decay:
             return torch.optim.AdamW(params, lr=lr, betas=train.betas, weight_decay=train.weight_decay)
@@ -137,6 +141,13 @@ class GanFamily(model.GanFamily):
                 probs = torch.linspace(0, 1, len(g.charge_quantiles), dtype=torch.float64)
                 g.charge_quantiles.copy_(torch.quantile(code, probs).to(g.charge_quantiles.dtype))
                 out["fit_charge_median_adu"] = float(torch.expm1(torch.quantile(code, 0.5) * math.log1p(self.layout.adc_max)))
+        if g.counts is not None:  # clusters per sensor and event, the census's clusters
+            events = np.concatenate([c[2] for c in shapes])
+            sensors = np.concatenate([c[1] for c in shapes])
+            clusters = torch.zeros_like(n)
+            clusters.index_put_((torch.as_tensor(events), torch.as_tensor(sensors)),
+                                torch.ones(len(events), dtype=clusters.dtype), accumulate=True)
+            out |= fit_count_law(g.counts, clusters, cond)
         if g.n_shapes:
             conditions = {k: np.concatenate([r[k] for r in raw]) for k in raw[0]}
             out["fit_overlap_correction"] = self._correct_overlaps(g, conditions, n)
@@ -153,13 +164,16 @@ class GanFamily(model.GanFamily):
         idx = np.unique(np.linspace(0, len(n) - 1, min(len(n), OVERLAP_EVENTS)).round().astype(np.int64))
         cond = {k: torch.as_tensor(v[idx]) for k, v in conditions.items()}
         real = n[idx].sum(0)
-        start = g.unit_gate[:, 0].clone()
+        # With a count law the seed count is the law's: its per-sensor level moves instead of the gate's
+        # (the logit of a sparse occupancy is its log to first order; the second round corrects the rest).
+        level = _count_level(g.counts) if g.counts is not None else g.unit_gate[:, 0]
+        start = level.detach().clone()
         for _ in range(2):
             hits = self.sample(g, cond, [event_seed(1, int(i), "generate") for i in idx])
             made = torch.as_tensor(np.bincount(hits.columns["sensor"].astype(np.int64), minlength=len(real)),
                                    dtype=torch.float64)
-            g.unit_gate[:, 0] += torch.log((real + 1) / (made + 1)).to(g.unit_gate.dtype)
-        return float(torch.exp(g.unit_gate[:, 0] - start).mean())
+            level += torch.log((real + 1) / (made + 1)).to(level.dtype).view(-1, *[1] * (level.dim() - 1))
+        return float(torch.exp(level - start).mean())
 
     # -- training
     def _noise(self, generator: Engine | nn.Module, b: int, device: torch.device):
@@ -174,9 +188,15 @@ class GanFamily(model.GanFamily):
 
     def _fake(self, generator: Engine | nn.Module, cond: torch.Tensor, b: int, device: torch.device):
         z, un, gn, pn = self._noise(generator, b, device)
+        g = getattr(generator, "module", generator)
+        counts = None
+        if g.counts is not None:
+            with torch.no_grad():
+                law_u = torch.rand(b, self.layout.n_units + 1, device=device)
+                counts = g.draw_counts(cond, law_u[:, 1:], law_u[:, 0])
         gate, code, clusters = generator(z, un, cond, pn)
-        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), clusters,
-                                      getattr(generator, "module", generator))
+        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), clusters, g,
+                                      counts)
         return images, mask, gate, code, clusters
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
@@ -258,12 +278,14 @@ class GanFamily(model.GanFamily):
             # the sums of unpaired events compare means, so the optimum is the mean occupancy. A
             # squared log ratio per event would be minimal at the geometric mean (biased low) and
             # would also squeeze the event-to-event spread; the spread is left to the discriminator.
-            fires = torch.sigmoid(gate)
-            if clusters is not None:  # seeds grow into clusters (expected over the draws)
-                fires = generator.fire_probability(fires, clusters)
-            hits_f = (fires * valid).sum(dim=(0, 2, 3))
-            hits_r = (real > 0).float().sum(dim=(0, 2, 3))
-            occupancy = ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
+            occupancy = gate.new_zeros(())
+            if getattr(generator, "counts", None) is None:  # with a count law the count is the law's, not the gate's
+                fires = torch.sigmoid(gate)
+                if clusters is not None:  # seeds grow into clusters (expected over the draws)
+                    fires = generator.fire_probability(fires, clusters)
+                hits_f = (fires * valid).sum(dim=(0, 2, 3))
+                hits_r = (real > 0).float().sum(dim=(0, 2, 3))
+                occupancy = ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
             if not self.cfg.charge_noise:
                 return occupancy
             # The first two moments of the encoded charge of the batch's hits, in units of the real
@@ -317,6 +339,11 @@ class GanFamily(model.GanFamily):
                 sums = _per_event_sums(hb)
                 out[f"response_{tag}"] = float((sums / e0).mean())
         return out
+
+
+def _count_level(law: nn.Module) -> torch.Tensor:
+    """The per-unit level of a count law's eta (a view: adding to it shifts every unit's log-odds)."""
+    return law.bias.data if law.form != "powers" else law.amplitude.data
 
 
 SHAPE_SMOOTHING = 20.0  # a sensor's shape frequencies: its own clusters plus this many of the global mix
