@@ -53,6 +53,12 @@ class GanConfig(Section):
         "exactly that many seeds are placed, at positions drawn from the generator's seed map. null = off (the gate "
         "decides how many pixels seed).",
     )
+    cluster_charge_profile: bool = Field(
+        False,
+        description="Pixel detectors with cluster_shapes and charge_noise: a pixel's charge score is shifted and "
+        "scaled by the mean and spread of the data's charge (as normal scores) at its position in its cluster's "
+        "shape, fitted to the training data (fit_from_data); false: every pixel's charge noise is alike.",
+    )
     charge_noise: bool = Field(
         False,
         description="Pixel detectors: stochastic charge, drawn through a table of charge quantiles fitted to the "
@@ -105,6 +111,8 @@ class GanConfig(Section):
             raise ValueError(f"attention_heads ({self.attention_heads}) must divide embed_dim ({self.embed_dim})")
         if self.cluster_shapes and self.cluster_growth:
             raise ValueError("cluster_shapes and cluster_growth are two ways of making clusters: set one of them")
+        if self.cluster_charge_profile and not (self.cluster_shapes and self.charge_noise and self.fit_from_data):
+            raise ValueError("cluster_charge_profile needs cluster_shapes > 0, charge_noise and fit_from_data: true")
         if self.count_law and not (self.cluster_shapes and self.fit_from_data):
             raise ValueError("count_law needs cluster_shapes > 0 (it counts clusters) and fit_from_data: true "
                              "(it is fitted to the training data)")

@@ -74,5 +74,8 @@ class GanFamily:
             n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
             k = module.draws_per_seed
             draws = [torch.rand(int(n), k, generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
-            mask = module.place_clusters(mask, clusters, torch.cat(draws))
+            seeds, draws = mask, torch.cat(draws)
+            mask = module.place_clusters(seeds, clusters, draws)
+            if module.charge_profile:
+                code = module.profile_code(code, pn, seeds, clusters, draws)
         return decode_images(lay, mask, code, {k: conds[k] for k in conds})

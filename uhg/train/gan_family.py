@@ -29,6 +29,7 @@ from uhg.models.gan import (
     NO_SHAPE,
     SHAPE_HALF_COLS,
     SHAPE_ROWS,
+    counted_seed_probability,
     gate_noise,
     relaxed_images,
 )
@@ -84,8 +85,8 @@ class GanFamily(model.GanFamily):
                 labels, n_clusters = pixel_clusters(batch, self.geometry)
                 sizes.extend(np.bincount(labels, minlength=n_clusters).tolist())
             if g.n_shapes:
-                keys, sensors, events = cluster_shape_keys(batch, self.geometry)
-                shapes.append((keys, sensors, events + sum(len(c) for c in conds[:-1])))
+                keys, sensors, events, *pixels = cluster_shape_keys(batch, self.geometry, g.charge_profile)
+                shapes.append((keys, sensors, events + sum(len(c) for c in conds[:-1]), *pixels))
         if not conds:
             return {}
         cond, n = torch.cat(conds), torch.cat(counts).double()  # (E, C), (E, U)
@@ -118,7 +119,9 @@ class GanFamily(model.GanFamily):
                 g.head.bias[: g.shuffle**2] = 0.0
             seed = torch.exp(log_occ[:, 0]) / (1 + len(NEIGHBOURS) * spread)
             if g.n_shapes:  # seeds fire at occupancy / (the sensor's mean shape size)
-                mean_size, d_log_size = _fit_shapes(g, shapes, cond)
+                mean_size, d_log_size, slot_of = _fit_shapes(g, shapes, cond)
+                if g.charge_profile:
+                    profile = _fit_charge_profile(g, shapes, slot_of, torch.cat(codes).numpy())
                 g.head.bias[: g.shuffle**2] = 0.0
                 seed = torch.exp(log_occ[:, 0]) / mean_size
             # The start is the fitted model itself: a random head adds a random map to every
@@ -134,6 +137,8 @@ class GanFamily(model.GanFamily):
             if g.n_shapes:
                 out["fit_shapes"] = int((g.shape_prior[0] > NO_SHAPE / 2).sum())
                 out["fit_mean_cluster_size"] = float(mean_size.mean())
+            if g.charge_profile:
+                out["fit_profile_positions"] = profile
             if g.charge_noise:
                 code = torch.cat(codes)
                 if len(code) > QUANTILE_SAMPLE:  # torch.quantile's input limit; an even thinning keeps the shape
@@ -195,9 +200,9 @@ class GanFamily(model.GanFamily):
                 law_u = torch.rand(b, self.layout.n_units + 1, device=device)
                 counts = g.draw_counts(cond, law_u[:, 1:], law_u[:, 0])
         gate, code, clusters = generator(z, un, cond, pn)
-        images, mask = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), clusters, g,
-                                      counts)
-        return images, mask, gate, code, clusters
+        images, mask, code = relaxed_images(gate, code, gn, self.cfg.gate_temperature, self.valid(device), clusters, g,
+                                            counts, pn)
+        return images, mask, gate, code, clusters, counts
 
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         G, D = engines["generator"], engines["discriminator"]
@@ -209,7 +214,7 @@ class GanFamily(model.GanFamily):
 
         # 1. discriminator
         with torch.no_grad():
-            fake, fake_hits, _, _, _ = self._fake(G, cond, b, device)
+            fake, fake_hits, *_ = self._fake(G, cond, b, device)
         real_u, real_e = D(real, cond)
         fake_u, fake_e = D(fake.detach(), cond, fake_hits.detach())
         if self.cfg.loss == "hinge":
@@ -234,7 +239,7 @@ class GanFamily(model.GanFamily):
         for p in d_params:
             p.requires_grad_(False)
         try:
-            fake, mask, gate, code, clusters = self._fake(G, cond, b, device)
+            fake, mask, gate, code, clusters, counts = self._fake(G, cond, b, device)
             with _autocast_like(D, device):
                 fu, fe = d_module(fake, cond, mask)  # the straight-through mask: hit positions get a gradient
             adv = -(fu.mean() + w * fe.mean()) if self.cfg.loss == "hinge" else \
@@ -245,7 +250,8 @@ class GanFamily(model.GanFamily):
                 out["loss_similarity"] = float(sim.detach())
                 g_loss = g_loss + sim
             if self.cfg.physics_weight:
-                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real, clusters, getattr(G, "module", G))
+                phys = self.cfg.physics_weight * self._physics_loss(gate, mask, code, real, clusters, getattr(G, "module", G),
+                                                                   counts)
                 out["loss_physics"] = float(phys.detach())
                 g_loss = g_loss + phys
             check_finite("loss_generator", g_loss)
@@ -261,7 +267,8 @@ class GanFamily(model.GanFamily):
         return out
 
     def _physics_loss(self, gate: torch.Tensor, mask: torch.Tensor, code: torch.Tensor, real: torch.Tensor,
-                      clusters: torch.Tensor | None = None, generator: nn.Module | None = None) -> torch.Tensor:
+                      clusters: torch.Tensor | None = None, generator: nn.Module | None = None,
+                      counts: torch.Tensor | None = None) -> torch.Tensor:
         """Squared log ratio of fake to real quantities at the same conditions.
 
         Pixel: hits per sensor summed over the batch, expected over the gates (sum of
@@ -278,14 +285,14 @@ class GanFamily(model.GanFamily):
             # the sums of unpaired events compare means, so the optimum is the mean occupancy. A
             # squared log ratio per event would be minimal at the geometric mean (biased low) and
             # would also squeeze the event-to-event spread; the spread is left to the discriminator.
-            occupancy = gate.new_zeros(())
-            if getattr(generator, "counts", None) is None:  # with a count law the count is the law's, not the gate's
-                fires = torch.sigmoid(gate)
-                if clusters is not None:  # seeds grow into clusters (expected over the draws)
-                    fires = generator.fire_probability(fires, clusters)
-                hits_f = (fires * valid).sum(dim=(0, 2, 3))
-                hits_r = (real > 0).float().sum(dim=(0, 2, 3))
-                occupancy = ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
+            # With a count law (`counts`, its seed draws) the seeds are the law's; the term still holds
+            # the hits per seed (without it 100 adversarial steps grew the mean cluster size 3.1 -> 3.5).
+            fires = counted_seed_probability(gate, counts) if counts is not None else torch.sigmoid(gate)
+            if clusters is not None:  # seeds grow into clusters (expected over the draws)
+                fires = generator.fire_probability(fires, clusters)
+            hits_f = (fires * valid).sum(dim=(0, 2, 3))
+            hits_r = (real > 0).float().sum(dim=(0, 2, 3))
+            occupancy = ((torch.log1p(hits_f) - torch.log1p(hits_r)) ** 2).mean()
             if not self.cfg.charge_noise:
                 return occupancy
             # The first two moments of the encoded charge of the batch's hits, in units of the real
@@ -349,13 +356,16 @@ def _count_level(law: nn.Module) -> torch.Tensor:
 SHAPE_SMOOTHING = 20.0  # a sensor's shape frequencies: its own clusters plus this many of the global mix
 
 
-def cluster_shape_keys(batch: HitBatch, geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cluster_shape_keys(batch: HitBatch, geometry, pixels: bool = False) -> tuple[np.ndarray, ...]:
     """Pixel pattern of every cluster of `batch` that fits the shape window: (keys (n, 3) uint64,
     one bit per window position, bit dr * (2 * SHAPE_HALF_COLS + 1) + dc + SHAPE_HALF_COLS
-    from the anchor, the cluster's first pixel in row-major order; sensors (n,); events (n,))."""
+    from the anchor, the cluster's first pixel in row-major order; sensors (n,); events (n,)).
+    With `pixels`, also for every pixel of those clusters: its cluster (index into keys), its bit
+    and its encoded charge."""
     labels, n = pixel_clusters(batch, geometry)
     if n == 0:
-        return np.zeros((0, 3), np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        empty = (np.zeros((0, 3), np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return empty + (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)) if pixels else empty
     row, col = batch.columns["row"].astype(np.int64), batch.columns["col"].astype(np.int64)
     order = np.lexsort((col, row, labels))
     lab, row, col = labels[order], row[order], col[order]
@@ -371,26 +381,34 @@ def cluster_shape_keys(batch: HitBatch, geometry) -> tuple[np.ndarray, np.ndarra
     keys = np.bitwise_or.reduceat(keys, first, axis=0)
     sensor = batch.columns["sensor"].astype(np.int64)[order][first]
     event = batch.event_index()[order][first]
-    return keys[fits], sensor[fits], event[fits]
+    if not pixels:
+        return keys[fits], sensor[fits], event[fits]
+    cluster = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(lab)]))
+    on = fits[cluster]
+    index = np.cumsum(fits) - 1  # cluster -> its row among the fitting ones
+    code = np.log1p(batch.columns["value"].astype(np.float64)[order]) / math.log1p(geometry.adc_max)
+    return keys[fits], sensor[fits], event[fits], index[cluster[on]], bit[on], code[on]
 
 
-def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]], cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]],
+                cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Fill the generator's shape table with the most frequent training cluster shapes, each
     sensor's log-frequencies of them (smoothed toward the global mix) and the tilt of the shape
     log-odds along log size, linear in the (normalised) conditions `cond` (E, C) of the census
     events (maximum likelihood, L-BFGS; shapes of one size share the tilt, so the likelihood
     needs sums over sizes only). Returns the (U,) float64 mean shape size per sensor at zero
-    tilt and d log(mean size) / d conditions (U, C)."""
+    tilt, d log(mean size) / d conditions (U, C) and the table slot of every census cluster (-1: not
+    in the table)."""
     u_n, c_n = g.layout.n_units, cond.shape[1]
     keys = np.concatenate([c[0] for c in census])
     if not len(keys):
-        return torch.ones(u_n, dtype=torch.float64), torch.zeros(u_n, c_n, dtype=torch.float64)
+        return torch.ones(u_n, dtype=torch.float64), torch.zeros(u_n, c_n, dtype=torch.float64), np.zeros(0, np.int64)
     sensors, events = np.concatenate([c[1] for c in census]), np.concatenate([c[2] for c in census])
     table, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     top = np.argsort(-counts, kind="stable")[: g.n_shapes]
     slot = np.full(len(table), -1)
     slot[top] = np.arange(len(top))
-    k_of = slot[inverse.ravel()]
+    slot_of = k_of = slot[inverse.ravel()]
     kept = k_of >= 0
     sensors, events, k_of = sensors[kept], events[kept], k_of[kept]
     per_sensor = np.zeros((u_n, g.n_shapes))
@@ -438,7 +456,38 @@ def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]], cond: torch.
     mean_size = p0 @ sizes
     # d log m / dt at t = 0: Cov(z, size) / m under each sensor's shape mix
     d_log_size = ((p0 @ (z * sizes)) - (p0 @ z) * mean_size) / mean_size
-    return mean_size, d_log_size[:, None] * a.detach()[None, :]
+    return mean_size, d_log_size[:, None] * a.detach()[None, :], slot_of
+
+
+PROFILE_PRIOR = 10.0  # pixels' worth of the overall charge (normal scores 0, 1) in each profile entry
+
+
+def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot_of: np.ndarray,
+                        codes: np.ndarray) -> int:
+    """The generator's charge profile: per table shape and stencil position, the mean and spread of
+    the normal scores of the training pixels' charges there (scores from the mid-rank of each charge
+    among all training charges `codes`, so the quantile table maps them back), shrunk toward 0 and 1
+    by PROFILE_PRIOR pixels. `slot_of`: table slot of every census cluster (-1: not in the table).
+    Returns the number of (shape, position) entries with data."""
+    offsets = np.cumsum([0] + [len(c[0]) for c in census[:-1]])
+    cluster = np.concatenate([c[3] + o for c, o in zip(census, offsets, strict=True)])
+    bit = np.concatenate([c[4] for c in census])
+    value = np.concatenate([c[5] for c in census])
+    ranked = np.sort(codes)
+    mid = (np.searchsorted(ranked, value, "left") + np.searchsorted(ranked, value, "right")) / (2.0 * len(ranked))
+    z = torch.special.ndtri(torch.as_tensor(mid).clamp(1e-6, 1 - 1e-6)).numpy()
+    slot = slot_of[cluster]
+    keep = slot >= 0
+    window = g.shape_charge_mean[0].numel()
+    flat = slot[keep] * window + bit[keep]
+    size = g.n_shapes * window
+    n = np.bincount(flat, minlength=size)
+    mean = np.bincount(flat, z[keep], minlength=size) / (n + PROFILE_PRIOR)
+    second = (np.bincount(flat, z[keep] ** 2, minlength=size) + PROFILE_PRIOR) / (n + PROFILE_PRIOR)
+    sd = np.sqrt(np.maximum(second - mean**2, 0.01))
+    g.shape_charge_mean.copy_(torch.as_tensor(mean.reshape(g.shape_charge_mean.shape)))
+    g.shape_charge_sd.copy_(torch.as_tensor(sd.reshape(g.shape_charge_sd.shape)))
+    return int((n > 0).sum())
 
 
 def _autocast_like(engine: Engine, device: torch.device):
