@@ -48,6 +48,14 @@ class GanFamily:
 
     @torch.no_grad()
     def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
+        mask, code, _, _ = self.draw(module, conditions, seeds)
+        return decode_images(self.layout, mask, code, {k: torch.as_tensor(v) for k, v in conditions.items()})
+
+    @torch.no_grad()
+    def draw(self, module: nn.Module, conditions: Mapping[str, torch.Tensor],
+             seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The images of `sample`: (hit mask (B, U, H, W) bool, encoded charges (B, U, H, W), the cluster
+        seeds (B, U, H, W) bool (the mask itself without clusters), the cluster logits or None)."""
         lay, cfg = self.layout, self.cfg
         device = next(module.parameters()).device
         gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
@@ -70,12 +78,13 @@ class GanFamily:
             mask = place_counted_seeds(gate, module.draw_counts(cond, law_u[:, 1:], law_u[:, 0]), u)
         else:
             mask = u < torch.sigmoid(gate)
+        seeds = mask
         if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
             n_seeds = mask.sum(dim=(1, 2, 3)).tolist()
             k = module.draws_per_seed
             draws = [torch.rand(int(n), k, generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
-            seeds, draws = mask, torch.cat(draws)
+            draws = torch.cat(draws)
             mask = module.place_clusters(seeds, clusters, draws)
             if module.charge_profile:
                 code = module.profile_code(code, pn, seeds, clusters, draws)
-        return decode_images(lay, mask, code, {k: conds[k] for k in conds})
+        return mask, code, seeds, clusters
