@@ -10,10 +10,16 @@ import pytest
 import torch
 
 from uhg.config.gan import GanConfig
+from uhg.eval.features_pxd import pixel_clusters
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.eval.features_pxd import pixel_clusters
-from uhg.models.gan import SHAPE_HALF_COLS, SHAPE_ROWS, counted_seed_probability, place_counted_seeds, place_shapes
+from uhg.models.gan import (
+    SHAPE_HALF_COLS,
+    SHAPE_ROWS,
+    counted_seed_probability,
+    place_counted_seeds,
+    place_shapes,
+)
 from uhg.models.transformer_laws import CountLaw, fit_count_law
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.train.gan_family import GanFamily
