@@ -157,7 +157,7 @@ def test_physics_term_pulls_an_empty_calorimeter_shower_back() -> None:
     real = encode_hits(fam.layout, batch) * valid
     gate = torch.full_like(real, -30.0, requires_grad=True)
     code = torch.full_like(real, 0.5, requires_grad=True)
-    fake, mask = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
+    fake, mask, _ = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
     assert not fake.any()
     loss = fam._physics_loss(gate, mask, code, real)
     d_gate = torch.autograd.grad(loss, gate)[0]

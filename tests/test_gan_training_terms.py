@@ -63,7 +63,7 @@ def test_physics_term_is_minimal_at_the_mean_occupancy_not_the_geometric_mean() 
     for p in probabilities:
         gate = torch.full_like(real, float(np.log(p / (1 - p))))
         code = torch.full_like(real, 0.5)
-        _, mask = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
+        _, mask, _ = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
         losses.append(float(fam._physics_loss(gate, mask, code, real)))
     best = probabilities[int(np.argmin(losses))]
     assert best == pytest.approx(0.05, abs=0.0025)
@@ -83,7 +83,7 @@ def test_physics_term_pins_the_charge_scale_with_stochastic_charge() -> None:
     losses = {}
     for shift in (-0.1, 0.0, 0.1):
         code = torch.full_like(real, level + shift, requires_grad=True)
-        _, mask = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
+        _, mask, _ = relaxed_images(gate, code, gate_noise(tuple(real.shape)), fam.cfg.gate_temperature, valid)
         loss = fam._physics_loss(gate, mask, code, real)
         loss.backward()
         losses[shift] = (float(loss), float(code.grad.sum()))
@@ -102,7 +102,7 @@ def test_a_gradient_reaches_the_gates_through_the_discriminators_hit_channel() -
     shape = (2, fam.layout.n_units, fam.layout.height, fam.layout.width)
     gate = torch.zeros(shape, requires_grad=True)
     code = torch.full(shape, 0.5)
-    images, mask = relaxed_images(gate, code, gate_noise(shape), fam.cfg.gate_temperature, fam.valid(torch.device("cpu")))
+    images, mask, _ = relaxed_images(gate, code, gate_noise(shape), fam.cfg.gate_temperature, fam.valid(torch.device("cpu")))
     per_unit, event = d(images, torch.zeros(2, 1), hits=mask)
     (per_unit.sum() + event.sum()).backward()
     assert gate.grad is not None and float(gate.grad.abs().sum()) > 0

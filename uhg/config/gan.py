@@ -45,6 +45,20 @@ class GanConfig(Section):
         "pattern from a table of at most this many shapes, fitted with their per-sensor frequencies to the training "
         "data (fit_from_data); the generator shifts each sensor's shape log-odds. 0 = off. Excludes cluster_growth.",
     )
+    count_law: Literal["power", "powers", "quadratic"] | None = Field(
+        None,
+        description="Pixel detectors with cluster_shapes: the clusters (seeds) of every sensor are drawn from a count "
+        "law fitted to the training data before the first step and kept at its fit (negative binomial per sensor, "
+        "a one-factor Gaussian copula for event-wide fluctuations; forms as the transformer's `count_law`), and "
+        "exactly that many seeds are placed, at positions drawn from the generator's seed map. null = off (the gate "
+        "decides how many pixels seed).",
+    )
+    cluster_charge_profile: bool = Field(
+        False,
+        description="Pixel detectors with cluster_shapes and charge_noise: a pixel's charge score is shifted and "
+        "scaled by the mean and spread of the data's charge (as normal scores) at its position in its cluster's "
+        "shape, fitted to the training data (fit_from_data); false: every pixel's charge noise is alike.",
+    )
     charge_noise: bool = Field(
         False,
         description="Pixel detectors: stochastic charge, drawn through a table of charge quantiles fitted to the "
@@ -97,4 +111,9 @@ class GanConfig(Section):
             raise ValueError(f"attention_heads ({self.attention_heads}) must divide embed_dim ({self.embed_dim})")
         if self.cluster_shapes and self.cluster_growth:
             raise ValueError("cluster_shapes and cluster_growth are two ways of making clusters: set one of them")
+        if self.cluster_charge_profile and not (self.cluster_shapes and self.charge_noise and self.fit_from_data):
+            raise ValueError("cluster_charge_profile needs cluster_shapes > 0, charge_noise and fit_from_data: true")
+        if self.count_law and not (self.cluster_shapes and self.fit_from_data):
+            raise ValueError("count_law needs cluster_shapes > 0 (it counts clusters) and fit_from_data: true "
+                             "(it is fitted to the training data)")
         return self

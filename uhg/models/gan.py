@@ -26,6 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from uhg.config.gan import GanConfig
 from uhg.models.common import ConditionEmbedding, FiLM, SensorEmbedding
 from uhg.models.gan_layout import UnitLayout
+from uhg.models.transformer_laws import CountLaw
 
 INITIAL_OCCUPANCY = 0.01  # gate bias at start: ~1% of pixels fire, the order of PXD occupancy
 CHARGE_QUANTILES = 1025  # knots of the charge quantile table (every 1/1024 in percentile: with 65 the linear
@@ -137,6 +138,22 @@ class Generator(nn.Module):
             # linear in the conditions, fitted to the data and trained.
             self.register_buffer("shape_log_size", torch.zeros(self.n_shapes))
             self.shape_tilt = nn.Parameter(torch.zeros(n_conditions))
+        # Charge profile of the shapes: the data's charge is not independent of where a pixel sits in
+        # its cluster (pxd-mini at 8e35: single-pixel clusters 15.8 ADU on average, pixels of 3-4
+        # pixel clusters above the mean 22): per shape and stencil position, the mean and spread of
+        # the normal score of the data's charge there, fitted to the training data; the charge score
+        # of a pixel is then head + mean + spread x noise (head + noise without the profile).
+        self.charge_profile = bool(cfg.cluster_charge_profile and self.n_shapes and self.charge_noise)
+        if self.charge_profile:
+            window = (self.n_shapes, SHAPE_ROWS, 2 * SHAPE_HALF_COLS + 1)
+            self.register_buffer("shape_charge_mean", torch.zeros(window))
+            self.register_buffer("shape_charge_sd", torch.ones(window))
+        # Clusters per sensor from a count law fitted to the training data (NB per sensor, one-factor
+        # copula for event-wide fluctuations): the gate only says where seeds go, the law how many.
+        # A gate alone gives every event the same expected count (hits-per-event spread too narrow)
+        # and a log-linear rate that misses beyond the training range.
+        self.counts = CountLaw(layout.n_units, n_conditions, layout.height * layout.width, cfg.count_law) \
+            if cfg.count_law and self.n_shapes else None
         self.unit_gate = nn.Parameter(torch.zeros(layout.n_units, 1 + n_conditions))
         self.register_buffer("charge_quantiles", torch.linspace(layout.min_code, 1.0, CHARGE_QUANTILES))
 
@@ -196,12 +213,17 @@ class Generator(nn.Module):
             out = nn.functional.pixel_shuffle(out, self.shuffle)
         out = out[:, :, :h, :w]
         gate, score = out[:, 0], out[:, 1]
-        if self.charge_noise:
+        if self.charge_profile:  # the noise enters after placement (`profile_code`)
+            pass
+        elif self.charge_noise:
             if pixel_noise is None or pixel_noise.shape[2] != 1:
                 raise ValueError("the generator takes one pixel noise map per unit image (charge_noise)")
             score = score + pixel_noise.reshape(b * u, h, w)
         gate = gate.reshape(b, u, h, w) + self._gate_offset(cond)[:, :, None, None]
-        return gate, self._code(score).reshape(b, u, h, w), self._clusters(tok, cond, b)
+        clusters = self._clusters(tok, cond, b)
+        if self.charge_profile:
+            return gate, score.reshape(b, u, h, w), clusters
+        return gate, self._code(score).reshape(b, u, h, w), clusters
 
     # -- sampling: the same values as `forward`, without its dense per-pixel work beyond the gates
     @torch.no_grad()
@@ -226,17 +248,53 @@ class Generator(nn.Module):
                 pixel_noise: torch.Tensor | None = None) -> torch.Tensor:
         """Encoded values at the pixels `index` = (event, unit, row, col) from `sample_maps`'s head
         output; `pixel_noise` (n,): the pixel noise map (charge_noise) at those pixels."""
-        ev, unit, row, col = index
-        s = self.shuffle
-        sub = (row % s) * s + col % s
-        score = head[ev * self.layout.n_units + unit, s * s + sub, row // s, col // s]
+        score = self._score_at(head, index)
         if self.charge_noise:
             if pixel_noise is None:
                 raise ValueError("the generator takes one pixel noise map per unit image (charge_noise)")
             score = score + pixel_noise
         return self._code(score)
 
+    def profile_code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...], pixel_noise: torch.Tensor,
+                        seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """`profile_code` at the pixels `index` only, from `sample_maps`'s head output: the charge
+        profile's mean and spread of the shape and position covering each hit."""
+        mean, sd = self._profile_maps(seeds, clusters, uniforms)
+        score = self._score_at(head, index)
+        return self._code(score + mean[index].to(score.dtype) + sd[index].to(score.dtype) * pixel_noise)
+
+    def _score_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The charge score before noise at the pixels `index` = (event, unit, row, col)."""
+        ev, unit, row, col = index
+        s = self.shuffle
+        sub = (row % s) * s + col % s
+        return head[ev * self.layout.n_units + unit, s * s + sub, row // s, col // s]
+
+    def profile_code(self, score: torch.Tensor, pixel_noise: torch.Tensor, seeds: torch.Tensor, clusters: torch.Tensor,
+                     uniforms: torch.Tensor) -> torch.Tensor:
+        """With a charge profile, forward's second output is the charge score before noise: the encoded
+        charge (B, U, H, W) after the clusters of `place_clusters(seeds, clusters, uniforms)` are placed,
+        head + mean + spread x `pixel_noise` (B, U, 1, H, W) of the shape and position that covers each pixel."""
+        mean, sd = self._profile_maps(seeds, clusters, uniforms)
+        return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise[:, :, 0])
+
+    def _profile_maps(self, seeds: torch.Tensor, clusters: torch.Tensor,
+                      uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, U, H, W) charge-profile mean and spread of the shape and position covering each pixel,
+        for the clusters `place_clusters(seeds, clusters, uniforms)` places."""
+        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
+        _, (mean, sd) = place_shapes(seeds, choice, self.shape_stencils, (self.shape_charge_mean, self.shape_charge_sd))
+        return mean, sd
+
     # -- clusters: the gate fires seeds; `clusters` (the third output of forward) say how they grow
+    def draw_counts(self, cond: torch.Tensor, u_unit: torch.Tensor, u_event: torch.Tensor) -> torch.Tensor:
+        """(B, U) long: seeds per sensor drawn from the count law by uniforms u_unit (B, U) and
+        u_event (B,) (elementwise per event: a draw does not depend on the batch)."""
+        b, u = u_unit.shape
+        n, _ = self.counts.sample(u_unit.reshape(-1), u_event, cond.to(self.counts.positions.dtype),
+                                  self.layout.height * self.layout.width)
+        return n.view(b, u)
+
     @property
     def draws_per_seed(self) -> int:
         """Uniform random numbers `place_clusters` takes per seed."""
@@ -352,14 +410,19 @@ def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tenso
     return (pos - image * k).clamp(0, k - 1)
 
 
-def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tensor) -> torch.Tensor:
+def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tensor,
+                 tables: tuple[torch.Tensor, ...] = ()):
     """(B, U, H, W) bool mask: the shape `choice[i]` (a row of the (K, R, C) 0/1 `stencils`) placed at
     the i-th seed of `seeds.nonzero()`, its anchor on the seed, moved inside the image where it
     would cross an edge. (Clipping instead would cut the shapes a second time: the table already
-    holds the data's clusters as cut by the edges; on pxd-tiny clipped shapes were 7% too small.)"""
+    holds the data's clusters as cut by the edges; on pxd-tiny clipped shapes were 7% too small.)
+    With `tables` ((K, R, C) values per shape and stencil position), returns (mask, one (B, U, H, W)
+    map per table: at each placed pixel the value of its shape and position, 0 elsewhere); where
+    shapes overlap, one of them gives the value."""
     out = torch.zeros_like(seeds)
+    maps = tuple(torch.zeros(seeds.shape, dtype=t.dtype, device=t.device) for t in tables)
     if not len(choice):
-        return out
+        return (out, maps) if tables else out
     k, r, c = stencils.shape
     used = torch.unique(choice)
     sub = stencils[used] > 0  # only the drawn shapes: a table of up to thousands of entries
@@ -381,8 +444,40 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     rows, cols = row0[:, None] + dr[s], col0[:, None] + dc[s]
     keep = ok[s] & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # a shape larger than the image
     n = keep.sum(1)
-    out[at[:, 0].repeat_interleave(n), at[:, 1].repeat_interleave(n), rows[keep], cols[keep]] = True
-    return out
+    where = (at[:, 0].repeat_interleave(n), at[:, 1].repeat_interleave(n), rows[keep], cols[keep])
+    out[where] = True
+    if not tables:
+        return out
+    for m, t in zip(maps, tables, strict=True):
+        m[where] = t[used].flatten(1).gather(1, idx)[s][keep]
+    return out, maps
+
+
+def place_counted_seeds(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B, U, H, W) bool: exactly counts[b, u] seeds in image (b, u), positions drawn without
+    replacement with odds sigmoid(gate) (Gumbel top-k: the `counts` largest log sigmoid(gate) +
+    Gumbel(uniforms), uniforms (B, U, H, W) in (0, 1)). Each image's draw is its own (top-k
+    per row, sorted), so it does not depend on the batch."""
+    b, u, h, w = gate.shape
+    counts = counts.long().clamp(0, h * w)
+    out = torch.zeros(b * u, h * w + 1, dtype=torch.bool, device=gate.device)  # last column: discarded
+    k = int(counts.max()) if counts.numel() else 0
+    if k == 0:
+        return out[:, :-1].reshape(b, u, h, w)
+    gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-7)))
+    keys = (nn.functional.logsigmoid(gate.detach()) + gumbel).reshape(b * u, -1)
+    top = keys.topk(k, dim=-1, sorted=True).indices  # (B U, k), largest first
+    keep = torch.arange(k, device=gate.device)[None] < counts.reshape(-1, 1)
+    out.scatter_(1, torch.where(keep, top, h * w), True)
+    return out[:, :-1].reshape(b, u, h, w)
+
+
+def counted_seed_probability(gate: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, U, H, W) probability that a pixel is one of the counts[b, u] seeds of its image, to first
+    order: counts x its share of the image's sigmoid(gate) (differentiable in the gate)."""
+    p = torch.sigmoid(gate)
+    share = p / p.sum(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    return (counts.to(p.dtype)[:, :, None, None] * share).clamp(max=1.0)
 
 
 def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -394,22 +489,34 @@ def gate_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
 
 def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, temperature: float,
                    valid: torch.Tensor, clusters: torch.Tensor | None = None,
-                   generator: Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: Generator | None = None,
+                   counts: torch.Tensor | None = None,
+                   pixel_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-time images: hard 0/1 gates forward, gradient of the relaxed sigmoid gates backward.
     With clusters (`clusters`, the third output of `generator`'s forward), the gates fire seeds: the
     hard mask is the sampled clusters of the hard seeds (drawn from torch's RNG), the gradient that
-    of `generator.fire_probability` of the relaxed seeds.
-    Returns (images (B, U, H, W) in [0, 1], that straight-through 0/1 hit mask (B, U, H, W))."""
-    soft = torch.sigmoid((gate + noise) / temperature)
-    hard = (soft > 0.5).to(soft.dtype)
+    of `generator.fire_probability` of the relaxed seeds. With seed `counts` (B, U) (the count
+    law's draws), exactly that many seeds per image (`place_counted_seeds`, torch's RNG), the
+    gradient that of `counted_seed_probability`. With the generator's charge profile, `code` is its
+    charge score and `pixel_noise` the noise of `Generator.profile_code`.
+    Returns (images (B, U, H, W) in [0, 1], that straight-through 0/1 hit mask (B, U, H, W), the
+    encoded charges (B, U, H, W))."""
+    if counts is not None:
+        soft = counted_seed_probability(gate, counts)
+        hard = place_counted_seeds(gate, counts, torch.rand(gate.shape, device=gate.device)).to(soft.dtype)
+    else:
+        soft = torch.sigmoid((gate + noise) / temperature)
+        hard = (soft > 0.5).to(soft.dtype)
     if clusters is not None:
         seeds = hard > 0
         uniforms = torch.rand(int(seeds.sum()), generator.draws_per_seed, device=gate.device)
         hard = generator.place_clusters(seeds, clusters.detach(), uniforms).to(soft.dtype)
+        if generator.charge_profile:
+            code = generator.profile_code(code, pixel_noise, seeds, clusters, uniforms)
         if torch.is_grad_enabled():
             soft = generator.fire_probability(soft, clusters)
     mask = (hard + soft - soft.detach()) * valid
-    return mask * code, mask
+    return mask * code, mask, code
 
 
 class DownBlock(nn.Module):

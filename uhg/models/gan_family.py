@@ -10,6 +10,7 @@ metrics, the data-driven start) is `uhg.train.gan_family`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,9 +19,28 @@ from torch import nn
 from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import Discriminator, Generator
+from uhg.models.gan import Discriminator, Generator, place_counted_seeds
 from uhg.models.gan_layout import decode_hits, hit_index, unit_layout
 from uhg.models.modes import eval_mode
+
+
+@dataclass(frozen=True)
+class GanDraw:
+    """One batch of generated images before their charges are read (`GanFamily.draw`)."""
+
+    mask: torch.Tensor
+    """(B, U, H, W) bool: the hits."""
+    seeds: torch.Tensor
+    """(B, U, H, W) bool: the cluster seeds (the hits themselves without cluster growth)."""
+    clusters: torch.Tensor | None
+    """the cluster logits of `Generator.sample_maps`, or None."""
+    cluster_draws: torch.Tensor | None
+    """(seeds, draws_per_seed) uniforms `place_clusters` took, or None."""
+    head: torch.Tensor
+    """the head output of `Generator.sample_maps` (charges are read from it at the hits)."""
+    pixel_noise: torch.Tensor | None
+    """(B, U, P, H, W) pixel noise maps, or None."""
+    conditions: dict[str, torch.Tensor]
 
 
 class GanFamily:
@@ -49,6 +69,19 @@ class GanFamily:
 
     @torch.no_grad()
     def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
+        d = self.draw(module, conditions, seeds)
+        index = hit_index(self.layout, d.mask)
+        at = tuple(torch.from_numpy(i).to(d.mask.device) for i in index)
+        pn = d.pixel_noise[at[0], at[1], 0, at[2], at[3]] if d.pixel_noise is not None else None
+        if module.charge_profile:
+            code = module.profile_code_at(d.head, at, pn, d.seeds, d.clusters, d.cluster_draws)
+        else:
+            code = module.code_at(d.head, at, pn)
+        return decode_hits(self.layout, index, code.float().cpu().numpy(), len(seeds), d.conditions)
+
+    @torch.no_grad()
+    def draw(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> GanDraw:
+        """The images of `sample` before the charges are read at the hits (`GanDraw`)."""
         lay, cfg = self.layout, self.cfg
         device = next(module.parameters()).device
         gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
@@ -66,17 +99,22 @@ class GanFamily:
             pn = torch.empty((len(gens), lay.n_units, p, lay.height, lay.width), device=device)
             for row, g in zip(pn, gens, strict=True):
                 row.normal_(generator=g)
+        counted = getattr(module, "counts", None) is not None
+        if counted:  # the count law's uniforms: one per sensor and one for the event-wide factor
+            law_u = torch.stack([torch.rand(lay.n_units + 1, generator=g, device=device) for g in gens])
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         with eval_mode(module):
             gate, head, clusters = module.sample_maps(z, un, cond)
-        mask = torch.lt(u, gate.sigmoid_())
+        if counted:  # exactly the law's count of seeds, where the gate puts them (u as Gumbel noise)
+            seed_mask = place_counted_seeds(gate, module.draw_counts(cond, law_u[:, 1:], law_u[:, 0]), u)
+        else:
+            seed_mask = torch.lt(u, gate.sigmoid_())
+        mask, draws = seed_mask, None
         if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
-            n_seeds = np.count_nonzero(mask.cpu().numpy().reshape(len(gens), -1), axis=1)  # 10x a bool sum()
+            n_seeds = np.count_nonzero(seed_mask.cpu().numpy().reshape(len(gens), -1), axis=1)  # 10x a bool sum()
             k = module.draws_per_seed
-            draws = [torch.rand(int(n), k, generator=g, device=device) for g, n in zip(gens, n_seeds, strict=True)]
-            mask = module.place_clusters(mask, clusters, torch.cat(draws))
-        index = hit_index(lay, mask)
-        at = tuple(torch.from_numpy(i).to(device) for i in index)
-        code = module.code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]] if pn is not None else None)
-        return decode_hits(lay, index, code.float().cpu().numpy(), len(seeds), {k: conds[k] for k in conds})
+            draws = torch.cat([torch.rand(int(n), k, generator=g, device=device)
+                               for g, n in zip(gens, n_seeds, strict=True)])
+            mask = module.place_clusters(seed_mask, clusters, draws)
+        return GanDraw(mask, seed_mask, clusters, draws, head, pn, conds)
