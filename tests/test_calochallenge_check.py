@@ -16,7 +16,11 @@ from test_generate_model import make_export
 
 from uhg.cli import main
 from uhg.data import HitBatch, create_store, write_part
-from uhg.data.calochallenge import CALOCHALLENGE_DATASETS, check_calochallenge_file, export_calochallenge
+from uhg.data.calochallenge import (
+    CALOCHALLENGE_DATASETS,
+    check_calochallenge_file,
+    export_calochallenge,
+)
 from uhg.errors import GeometryError, StoreError
 from uhg.geometry import get_geometry
 

@@ -20,7 +20,7 @@ from uhg.models.gan import (
     place_counted_seeds,
     place_shapes,
 )
-from uhg.models.transformer_laws import CountLaw, fit_count_law
+from uhg.models.laws import CountLaw, fit_count_law
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.train.gan_family import GanFamily
 

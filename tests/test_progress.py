@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from uhg.train.progress import ProgressFile, ProgressLine, ProgressState, ProgressTracker, describe, follow_file
+from uhg.train.progress import (
+    ProgressFile,
+    ProgressLine,
+    ProgressState,
+    ProgressTracker,
+    describe,
+    follow_file,
+)
 
 BIN = Path(sys.executable).parent
 TINY = """\

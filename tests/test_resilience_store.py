@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_store import LUMI, assert_same
 from test_store_parallel import make_part, tree_bytes
+
 from uhg.data import create_store, fill_store, missing_parts, open_store, write_part
 from uhg.errors import StoreError
 

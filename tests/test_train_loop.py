@@ -13,7 +13,12 @@ import torch
 
 from uhg.config import load_config
 from uhg.errors import CheckpointError, TrainingError
-from uhg.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
+from uhg.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from uhg.train.hooks import LocalHooks, TrainHooks
 from uhg.train.loop import train
 

@@ -16,13 +16,12 @@ from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
+from uhg.models.laws import CountLaw, fit_law, nb_quantile
 from uhg.models.transformer import HitTransformer
-from uhg.models.transformer_laws import CountLaw, fit_law, nb_quantile
 from uhg.models.transformer_sampling import counter_uniform, generate_tokens, sample_events
 from uhg.models.transformer_tokens import layout_for_geometry
 from uhg.seeding import event_seed
 from uhg.train.family import build_family
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -216,7 +215,7 @@ def test_law_learns_a_scaling_it_was_not_given(tmp_path, machine):
     exponents and a partial squeeze), training events in 2e35-8e35: the law, conditioned on
     every recorded condition, predicts the mean occupancy at 2x within 10 % and at 3x within
     15 %, and the per-sensor occupancy at 2x within 3x the reference-vs-reference floor."""
-    from uhg.models.transformer_laws import fit_count_law
+    from uhg.models.laws import fit_count_law
     from uhg.sim.pxd_background import simulate_pxd_background
     from uhg.sim.pxd_machine import CONDITIONS
 
@@ -286,7 +285,7 @@ def test_training_keeps_the_count_law_at_its_fit(law_lr):
 def test_per_unit_ridge_is_chosen_by_held_out_events(spread):
     """Units whose counts grow with different slopes get a weak per-unit ridge (their own slopes
     predict held-out events better); units that all grow alike get the strongest one."""
-    from uhg.models.transformer_laws import SHRINK_GRID, choose_shrink
+    from uhg.models.laws import SHRINK_GRID, choose_shrink
 
     gen = torch.Generator().manual_seed(2)
     n, units = 3000, 12

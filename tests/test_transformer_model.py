@@ -12,7 +12,12 @@ from uhg.errors import GeometryError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
 from uhg.models.transformer import HitTransformer, length_buckets, mean_attended
-from uhg.models.transformer_tokens import TokenBatch, decode_tokens, encode_hits, layout_for_geometry
+from uhg.models.transformer_tokens import (
+    TokenBatch,
+    decode_tokens,
+    encode_hits,
+    layout_for_geometry,
+)
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sparse.torch_hits import TorchHits
 

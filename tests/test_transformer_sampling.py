@@ -22,7 +22,6 @@ from uhg.models.transformer_sampling import (
 from uhg.models.transformer_tokens import layout_for_geometry
 from uhg.seeding import event_seed
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -19,7 +19,7 @@ import torch
 
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.transformer_laws import CountLaw, fit_count_law
+from uhg.models.laws import CountLaw, fit_count_law
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sim.pxd_machine import CONDITIONS
 

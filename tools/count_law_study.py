@@ -1,5 +1,5 @@
 """Which count-law form extrapolates the PXD background occupancy: fit each form of
-`uhg.models.transformer_laws.CountLaw` to hits per sensor of every machine scenario in the
+`uhg.models.laws.CountLaw` to hits per sensor of every machine scenario in the
 training range, compare its predicted mean and per-sensor occupancy beyond the range with
 simulated reference events.
 
@@ -23,7 +23,7 @@ import torch
 
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.transformer_laws import CountLaw, fit_count_law
+from uhg.models.laws import CountLaw, fit_count_law
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sim.pxd_machine import CONDITIONS, SHIPPED_SCENARIOS
 

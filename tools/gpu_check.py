@@ -261,9 +261,8 @@ class Check:
 def copy_export(src: Path, dest: Path) -> dict:
     """Copy an export; weights over MAX_EXPORT_BYTES are rewritten in bf16 (Generator.load
     widens them back to the module's fp32 parameters)."""
-    from safetensors.torch import load_file, save_file
-
     import torch
+    from safetensors.torch import load_file, save_file
 
     if dest.exists():
         shutil.rmtree(dest)

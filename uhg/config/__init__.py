@@ -5,7 +5,13 @@ distributed, tracking, output_dir); each model family's section is in `uhg.confi
 """
 
 from uhg.config.gan import GanConfig
-from uhg.config.loading import apply_override, config_from_dict, config_to_dict, flatten, load_config
+from uhg.config.loading import (
+    apply_override,
+    config_from_dict,
+    config_to_dict,
+    flatten,
+    load_config,
+)
 from uhg.config.models import ModelConfig
 from uhg.config.schema import (
     DataConfig,

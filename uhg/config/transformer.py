@@ -12,7 +12,6 @@ from pydantic import Field, model_validator
 
 from uhg.config.base import Section
 
-
 ABSOLUTE_RANGE_MEV = (0.01515, 1.0e6)
 """Default bin range of energy_reference=absolute, MeV (the DS2 threshold, 15.15 keV, to 1 TeV)."""
 INCIDENT_RANGE_FRACTION = (1.0e-9, 1.0)

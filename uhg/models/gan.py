@@ -26,7 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from uhg.config.gan import GanConfig
 from uhg.models.common import ConditionEmbedding, FiLM, SensorEmbedding
 from uhg.models.gan_layout import UnitLayout
-from uhg.models.transformer_laws import CountLaw
+from uhg.models.laws import CountLaw
 
 INITIAL_OCCUPANCY = 0.01  # gate bias at start: ~1% of pixels fire, the order of PXD occupancy
 CHARGE_QUANTILES = 1025  # knots of the charge quantile table (every 1/1024 in percentile: with 65 the linear

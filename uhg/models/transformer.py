@@ -26,7 +26,7 @@ each of its pixels (uhg.models.transformer_clusters); the vocabulary lives in th
 `shape_offsets`/`shape_size`, so exports carry it.
 
 With `multiplicity: count` the END token no longer decides multiplicity: a count law
-(uhg.models.transformer_laws.CountLaw) gives the hits of each sequence, the context carries
+(uhg.models.laws.CountLaw) gives the hits of each sequence, the context carries
 that count and every token input the number of hits still to place, and END is forced right
 after the last one (masked before). With `response_model` a response law gives each shower's
 E_dep / E_inc, to which the sampled cell energies are scaled.
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
+from uhg.models.laws import CountLaw, ResponseLaw, count_feature
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
-from uhg.models.transformer_laws import CountLaw, ResponseLaw, count_feature
 from uhg.models.transformer_tokens import TokenBatch, TokenLayout, encode_hits
 from uhg.sparse.torch_hits import TorchHits
 

@@ -29,7 +29,6 @@ from uhg.data.hits import HitBatch
 from uhg.errors import GeometryError
 from uhg.sparse.torch_hits import TorchHits
 
-
 MAX_CELLS_PER_ROW = 65536
 """Largest calorimeter layer (cells) a single categorical cell head is built for."""
 

@@ -51,7 +51,17 @@ from uhg.data.hits import HitBatch
 from uhg.errors import ConditionError, ConfigError, GeometryError
 from uhg.geometry.pxd import LADDERS_PER_LAYER, PixelGeometry, pxd_geometry
 from uhg.seeding import event_rng
-from uhg.sim.pxd_clusters import CHARGE_MODEL, HEAVY, PHOTON, TRACK, ChargeModel, Clusters, digitize, incidence, split_keys
+from uhg.sim.pxd_clusters import (
+    CHARGE_MODEL,
+    HEAVY,
+    PHOTON,
+    TRACK,
+    ChargeModel,
+    Clusters,
+    digitize,
+    incidence,
+    split_keys,
+)
 from uhg.sim.pxd_machine import L_CAL, MachineScenario, as_scenario, check_conditions
 from uhg.sim.pxd_tracks import crossing_pixels, helix_crossings
 

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from uhg.geometry.pxd import LADDERS_PER_LAYER, RADIUS_MM, SENSOR_LENGTH_MM, SENSOR_WIDTH_MM, Z_CENTER_MM, PixelGeometry
+from uhg.geometry.pxd import (
+    LADDERS_PER_LAYER,
+    RADIUS_MM,
+    SENSOR_LENGTH_MM,
+    SENSOR_WIDTH_MM,
+    Z_CENTER_MM,
+    PixelGeometry,
+)
 
 B_TESLA = 1.5
 MM_PER_MEV = 1.0 / (0.3 * B_TESLA)  # R [mm] = pT [MeV] / (0.3 B [T])

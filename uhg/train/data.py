@@ -39,7 +39,6 @@ def _simulate_part(geometry_name: str, sim: dict, start: int, stop: int) -> HitB
     geometry = get_geometry(geometry_name)
     if geometry.kind == "pixel":
         from uhg.sim.pxd_background import simulate_pxd_background
-
         from uhg.sim.pxd_machine import MachineScenario
 
         return simulate_pxd_background(geometry, stop - start, sim["seed"], first_event=start,

@@ -34,7 +34,7 @@ from uhg.models.gan import (
     relaxed_images,
 )
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
-from uhg.models.transformer_laws import fit_count_law
+from uhg.models.laws import fit_count_law
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric

@@ -141,7 +141,6 @@ def launch(
     messages and the workers' output (their logs stay in Ray's session folder) are shown only
     with `verbose`."""
     from uhg.config.loading import config_to_dict
-
     from uhg.train.preflight import check_run_inputs
 
     run = resolve_run(cfg, run_name=run_name, resume=resume)

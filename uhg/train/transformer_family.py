@@ -18,10 +18,10 @@ from torch import nn
 from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.models import transformer_family as model
+from uhg.models.laws import fit_count_law, fit_law
 from uhg.models.modes import eval_mode
 from uhg.models.transformer import mean_attended, padded_tokens
 from uhg.models.transformer_clusters import ShapeCensus
-from uhg.models.transformer_laws import fit_count_law, fit_law
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric

@@ -1,12 +1,12 @@
-"""Physics-shaped laws the hit transformer draws from before it samples hits.
+"""Laws a generator draws from before it places hits: hits (or clusters) per unit, and a
+calorimeter's response.
 
 Multiplicity and total energy are the quantities that must follow the conditions beyond the
-training range, and both have known functional forms: background hits grow as powers of the
-luminosity (saturating only when the grid fills), a calorimeter's response E_dep / E_inc is
-almost flat in energy with a resolution that shrinks as a power of it. A network that learns
-them through attention and FiLM saturates outside the range it saw; a law with a handful of
-parameters per unit extrapolates as the law does. Both laws are fitted by maximum likelihood
-in the same loss as the transformer.
+training range. A network that learns them through attention and FiLM saturates outside the
+range it saw; a law with a handful of parameters per unit, fitted by maximum likelihood to the
+training events (its dependence on the conditions learned from them: `count_law`), extrapolates
+as the law does. The hit transformer draws its token count from them; the GAN (`count_law`)
+draws each sensor's cluster seeds.
 
 Every function of a per-sequence quantity here is elementwise (no matrix products), so a
 sequence's draw does not depend on the batch it is computed in (see transformer_sampling).
