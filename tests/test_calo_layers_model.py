@@ -199,16 +199,14 @@ def test_share_cap_is_the_training_maximum_and_bounds_tail_draws(one_torch_threa
     assert "log_share_hi" not in uncapped.build_modules()["model"].state_dict()
 
 
-def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
-    """`share_noise: empirical`: after training, each voxel's log-share noise is drawn from the
-    quantiles of its standardised residuals in training showers, through the same normals."""
-    from uhg.models.calo_layers import RESIDUAL_LEVELS, RESIDUAL_MIN_HITS
+def _briefly_trained(share_noise: str):
+    """(family, model, training showers, their TorchHits): a small model trained 30 steps on 400 DS1 showers."""
     from uhg.sim.calo import simulate_calo_showers
     from uhg.sparse.torch_hits import TorchHits
     from uhg.train.engine import PlainEngine
 
     torch.manual_seed(0)
-    cfg = CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_noise="empirical")
+    cfg = CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_noise=share_noise)
     fam = build_family(G, cfg, NORM)
     model = fam.build_modules()["model"]
     data = simulate_calo_showers(G, 400, seed=4, energy_min=1e3, energy_max=1e5)
@@ -217,6 +215,16 @@ def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
     hits = TorchHits.from_batch(data)
     for step in range(30):
         fam.train_step({"model": engine}, hits, step)
+    return fam, model, data, hits
+
+
+def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
+    """`share_noise: empirical`: after training, each voxel's log-share noise is drawn from the
+    quantiles of its standardised residuals in training showers, through the same normals."""
+    from uhg.models.calo_layers import RESIDUAL_LEVELS, RESIDUAL_MIN_HITS
+
+    fam, model, data, hits = _briefly_trained("empirical")
+    cfg = fam.cfg
     normal_q = model.residual_q.clone()
     # before the fit the map is the normal's own quantile function (identity in the bulk)
     z = torch.linspace(-1.5, 1.5, 7)[None, :].expand(1, -1)
@@ -308,20 +316,9 @@ def test_correlated_empirical_noise_has_the_residuals_within_layer_correlation(o
     (so its own quantiles) before the quantile map."""
     from scipy.stats import norm
 
-    from uhg.sim.calo import simulate_calo_showers
-    from uhg.sparse.torch_hits import TorchHits
-    from uhg.train.engine import PlainEngine
 
-    torch.manual_seed(0)
-    cfg = CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_noise="empirical_correlated")
-    fam = build_family(G, cfg, NORM)
-    model = fam.build_modules()["model"]
-    data = simulate_calo_showers(G, 400, seed=4, energy_min=1e3, energy_max=1e5)
-    fam.initialise_from_data({"model": model}, [data])
-    engine = PlainEngine(model, torch.optim.Adam(model.parameters(), lr=1e-3), 5.0)
-    hits = TorchHits.from_batch(data)
-    for step in range(30):
-        fam.train_step({"model": engine}, hits, step)
+    fam, model, data, hits = _briefly_trained("empirical_correlated")
+    cfg = fam.cfg
     # before the fit: independent voxels
     x = torch.randn(4, G.n_cells, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(model.correlate(x), x)
