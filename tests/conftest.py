@@ -32,20 +32,6 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-# Files of minutes (real Ray clusters, SLURM, repeated trainings), longest first (measured with
-# --durations on the 2-core machine). tools/run_tests.sh hands whole files to two workers in
-# collection order (--dist loadfile); alphabetically these come last, and one worker was left
-# alone on them at the end. Started first, the short files fill in around them.
-LONG_FILES = ("test_ray_job.py", "test_resilience_multinode.py", "test_cluster_recipes.py", "test_ray_auth.py",
-              "test_calo_training_profile.py", "test_resilience_training.py", "test_progress.py", "test_gpu_check.py",
-              "test_mlflow_sockets.py", "test_storage_preflight.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors: one intra-op thread is faster on a shared 2-core machine than two.
