@@ -157,11 +157,11 @@ def _lateral_hit_density(geometry, ev, layer, r_mm, n_ev, active) -> tuple[np.nd
     counts = np.bincount((ev[keep] * n_lay + layer[keep]) * n_rings + ring,
                          minlength=n_ev * n_lay * n_rings).reshape(n_ev, n_lay, n_rings)
     columns, names = [], []
+    # digital readouts are cartesian: every layer has the same pixel grid, so its ring areas once
+    cx, cy = geometry.cell_centers(active[0])
+    pixel_rings = np.searchsorted(edges, np.hypot(cx, cy), side="right") - 1
+    area = np.bincount(pixel_rings[pixel_rings < n_rings], minlength=n_rings) * (geometry.pitch_x_mm * geometry.pitch_y_mm)
     for lay in active:
-        cx, cy = geometry.cell_centers(lay)
-        pixel_rings = np.searchsorted(edges, np.hypot(cx, cy), side="right") - 1
-        pixel_area = geometry.pitch_x_mm * geometry.pitch_y_mm
-        area = np.bincount(pixel_rings[pixel_rings < n_rings], minlength=n_rings) * pixel_area
         with np.errstate(invalid="ignore", divide="ignore"):
             columns.append(np.where(area > 0, counts[:, lay, :] / area, 0.0))
         names += [f"{lay}:{edges[k]:g}-{edges[k + 1]:g}" for k in range(n_rings)]
