@@ -167,7 +167,16 @@ def loopback_cluster(prefix: str, head_cpus: int = 1) -> Iterator[LoopbackCluste
            # the tests' workers for other processes' memory. Node loss is injected on purpose.
            "RAY_memory_monitor_refresh_ms": "0",
            # raylets register slowly with the GCS when the machine is busy (default 10 s)
-           "RAY_raylet_start_wait_time_s": "120"}
+           "RAY_raylet_start_wait_time_s": "120",
+           # A SIGKILLed raylet refuses the GCS's health checks at once: three refusals one
+           # second apart declare its node dead (default: five, three seconds apart); a live
+           # but busy raylet still has each check's 10 s to answer.
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           # After a node loss Ray Train may size the new worker group before the GCS has
+           # declared the node dead (~13 s here), and then waits this long for a placement group
+           # that cannot be placed before it sizes again (default 60 s). The wait covers only
+           # the placement group, which is ready within a second when the resources exist.
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: socket paths are length-limited
