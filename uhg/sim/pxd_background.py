@@ -60,6 +60,7 @@ from uhg.sim.pxd_clusters import (
     Clusters,
     digitize,
     incidence,
+    pixel_events,
     split_keys,
 )
 from uhg.sim.pxd_machine import L_CAL, MachineScenario, as_scenario, check_conditions
@@ -279,7 +280,7 @@ def simulate_pxd_background(geometry: PixelGeometry, n_events: int, seed: int, f
         raise ConditionError(f"number of events must be a non-negative integer, got {n_events!r}")
     check_conditions(luminosity, luminosity_max, her_current, ler_current)
     scenario = as_scenario(scenario)
-    keys_all, adc_all, counts = [], [], np.zeros(n_events, np.int64)
+    keys_all, adc_all = [], []
     lum = np.empty(n_events)
     for i in range(n_events):
         rng = event_rng(seed, first_event + i, "pxd")
@@ -292,13 +293,4 @@ def simulate_pxd_background(geometry: PixelGeometry, n_events: int, seed: int, f
         keys, adc = simulate_event(geometry, rates, rng, model, scenario)
         keys_all.append(keys)
         adc_all.append(adc)
-        counts[i] = len(keys)
-    keys = np.concatenate(keys_all) if keys_all else np.zeros(0, np.int64)
-    sensor, row, col = split_keys(geometry, keys)
-    return HitBatch(
-        "pixel",
-        {"sensor": sensor, "row": row, "col": col,
-         "value": np.concatenate(adc_all) if adc_all else np.zeros(0, np.uint8)},
-        np.concatenate([[0], np.cumsum(counts)]),
-        scenario.conditions(lum, her_current, ler_current),
-    )
+    return pixel_events(geometry, keys_all, adc_all, scenario.conditions(lum, her_current, ler_current))

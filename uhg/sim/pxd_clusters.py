@@ -35,6 +35,7 @@ from functools import cache
 import numpy as np
 from scipy.special import ndtr
 
+from uhg.data.hits import HitBatch
 from uhg.geometry.pxd import PixelGeometry
 from uhg.sim.pxd_tracks import SENSOR_THICKNESS_UM
 
@@ -206,3 +207,18 @@ def split_keys(geometry: PixelGeometry, keys: np.ndarray) -> tuple[np.ndarray, n
     sensor_row, col = np.divmod(keys, geometry.cols)
     sensor, row = np.divmod(sensor_row, geometry.rows)
     return sensor, row, col
+
+
+def pixel_events(geometry: PixelGeometry, keys: list[np.ndarray], adc: list[np.ndarray],
+                 conditions: dict[str, np.ndarray]) -> HitBatch:
+    """A pixel HitBatch of events given as per-event flat keys and ADC codes."""
+    flat = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    sensor, row, col = split_keys(geometry, flat)
+    counts = np.array([len(k) for k in keys], np.int64)
+    return HitBatch(
+        "pixel",
+        {"sensor": sensor, "row": row, "col": col,
+         "value": np.concatenate(adc) if adc else np.zeros(0, np.uint8)},
+        np.concatenate([[0], np.cumsum(counts)]),
+        conditions,
+    )

@@ -24,7 +24,7 @@ from uhg.data.hits import HitBatch
 from uhg.errors import ConditionError, GeometryError
 from uhg.geometry.pxd import PixelGeometry
 from uhg.seeding import event_rng
-from uhg.sim.pxd_clusters import CHARGE_MODEL, TRACK, Clusters, digitize, incidence, split_keys
+from uhg.sim.pxd_clusters import CHARGE_MODEL, TRACK, Clusters, digitize, incidence, pixel_events
 from uhg.sim.pxd_tracks import crossing_pixels, helix_crossings
 
 THETA_RANGE_DEG = (20.0, 145.0)
@@ -69,13 +69,4 @@ def simulate_pxd_signal(geometry: PixelGeometry, n_events: int, seed: int, first
         keys, adc = simulate_signal_event(geometry, int(n_tracks[i]), rng)
         keys_all.append(keys)
         adc_all.append(adc)
-    counts = [len(k) for k in keys_all]
-    keys = np.concatenate(keys_all) if keys_all else np.zeros(0, np.int64)
-    sensor, row, col = split_keys(geometry, keys)
-    return HitBatch(
-        "pixel",
-        {"sensor": sensor, "row": row, "col": col,
-         "value": np.concatenate(adc_all) if adc_all else np.zeros(0, np.uint8)},
-        np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]),
-        {"n_tracks": n_tracks},
-    )
+    return pixel_events(geometry, keys_all, adc_all, {"n_tracks": n_tracks})
