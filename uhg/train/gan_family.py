@@ -416,7 +416,7 @@ def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]],
     if not len(keys):
         return torch.ones(u_n, dtype=torch.float64), torch.zeros(u_n, c_n, dtype=torch.float64), np.zeros(0, np.int64)
     sensors, events = np.concatenate([c[1] for c in census]), np.concatenate([c[2] for c in census])
-    table, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    table, inverse, counts = unique_rows(keys)
     top = np.argsort(-counts, kind="stable")[: g.n_shapes]
     slot = np.full(len(table), -1)
     slot[top] = np.arange(len(top))
@@ -471,6 +471,34 @@ def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]],
     return mean_size, d_log_size[:, None] * a.detach()[None, :], slot_of
 
 
+def unique_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`np.unique(keys, axis=0, return_inverse=True, return_counts=True)` of an (n, k) integer array,
+    the same rows in the same (lexicographic) order, by a lexsort of the columns: np.unique along an
+    axis sorts the rows as opaque records, 18x slower on the 11 k clusters of each full-resolution
+    event (5.6 M rows: 15.6 against 0.9 CPU s)."""
+    if not len(keys):
+        return keys[:0], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort(keys.T[::-1])
+    ordered = keys[order]
+    new = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]
+    first = np.flatnonzero(new)
+    inverse = np.empty(len(keys), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[first], inverse, np.diff(np.r_[first, len(keys)])
+
+
+def mid_ranks(values: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Mid-rank of each of `values` among `sample`, as a fraction: (#sample < v + #sample <= v) / (2 n).
+    Searched among the distinct sample values with their cumulative counts: the charges are 8-bit ADC
+    counts, so a few hundred of them, where a search of every pixel in the sorted sample (32 M
+    pixels of 950 full-resolution events) missed the cache on every step (minutes)."""
+    distinct, counts = np.unique(sample, return_counts=True)
+    below = np.r_[0, np.cumsum(counts)]
+    lo = below[np.searchsorted(distinct, values, "left")]
+    hi = below[np.searchsorted(distinct, values, "right")]
+    return (lo + hi) / (2.0 * len(sample))
+
+
 PROFILE_PRIOR = 10.0  # pixels' worth of the overall charge (normal scores 0, 1) in each profile entry
 
 
@@ -485,9 +513,7 @@ def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot
     cluster = np.concatenate([c[3] + o for c, o in zip(census, offsets, strict=True)])
     bit = np.concatenate([c[4] for c in census])
     value = np.concatenate([c[5] for c in census])
-    ranked = np.sort(codes)
-    mid = (np.searchsorted(ranked, value, "left") + np.searchsorted(ranked, value, "right")) / (2.0 * len(ranked))
-    z = torch.special.ndtri(torch.as_tensor(mid).clamp(1e-6, 1 - 1e-6)).numpy()
+    z = torch.special.ndtri(torch.as_tensor(mid_ranks(value, codes)).clamp(1e-6, 1 - 1e-6)).numpy()
     slot = slot_of[cluster]
     keep = slot >= 0
     window = g.shape_charge_mean[0].numel()
