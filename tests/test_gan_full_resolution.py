@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from uhg.config import load_config
 from uhg.geometry import get_geometry
 from uhg.sim.pxd_background import simulate_pxd_background
-from uhg.train.gan_family import cluster_shape_keys, mid_ranks, unique_rows
+from uhg.train.gan_family import cluster_shape_keys, even_thinning, mid_ranks, unique_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 LAWS = ("cluster_shapes", "count_law", "cluster_charge_profile", "charge_noise", "fit_from_data")
@@ -67,3 +68,11 @@ def test_mid_ranks_are_the_mid_ranks_in_the_sorted_sample() -> None:
     want = (np.searchsorted(ranked, values, "left") + np.searchsorted(ranked, values, "right")) / (2.0 * len(ranked))
     np.testing.assert_array_equal(mid_ranks(values, sample), want)
     assert mid_ranks(np.array([-1.0]), sample)[0] == 0.0 and mid_ranks(np.array([2.0]), sample)[0] == 1.0
+
+
+def test_the_charge_quantile_thinning_stays_inside_a_full_resolution_census() -> None:
+    n = 31_430_280  # the charges of the 950 events of a full-resolution fit (above 2^24)
+    idx = even_thinning(n, 1_000_000)
+    assert idx.dtype == torch.long and len(idx) == 1_000_000
+    assert int(idx[0]) == 0 and int(idx[-1]) == n - 1
+    assert bool((idx[1:] > idx[:-1]).all())
