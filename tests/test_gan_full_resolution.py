@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from uhg.config import load_config
+from uhg.config.gan import GanConfig
 from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
 from uhg.sim.pxd_background import simulate_pxd_background
-from uhg.train.gan_family import cluster_shape_keys, even_thinning, mid_ranks, unique_rows
+from uhg.train import gan_family
+from uhg.train.gan_family import GanFamily, cluster_shape_keys, even_thinning, mid_ranks, overlap_events, unique_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 LAWS = ("cluster_shapes", "count_law", "cluster_charge_profile", "charge_noise", "fit_from_data")
@@ -76,3 +79,34 @@ def test_the_charge_quantile_thinning_stays_inside_a_full_resolution_census() ->
     assert idx.dtype == torch.long and len(idx) == 1_000_000
     assert int(idx[0]) == 0 and int(idx[-1]) == n - 1
     assert bool((idx[1:] > idx[:-1]).all())
+
+
+def test_the_overlap_correction_draws_a_pixel_budget_of_events() -> None:
+    mini, full = (get_geometry(name) for name in ("pxd-mini", "pxd"))
+    per_event = {g.name: g.n_sensors * g.rows * g.cols for g in (mini, full)}
+    assert len(overlap_events(1000, per_event["pxd-mini"])) == 256  # as before on pxd-mini
+    # 256 full-resolution events: gates, uniforms and head held 24 GB in one draw, 150 CPU s a round
+    assert len(overlap_events(1000, per_event["pxd"])) == 16
+    assert len(overlap_events(10, per_event["pxd"])) == 10
+
+
+@pytest.mark.slow
+def test_the_overlap_correction_in_chunks_is_the_correction_in_one_draw(monkeypatch) -> None:
+    torch.manual_seed(0)
+    geo = get_geometry("pxd-tiny")
+    data = simulate_pxd_background(geo, 60, seed=1, luminosity=2e35, luminosity_max=8e35)
+    norm = ConditionNorm.from_ranges({"luminosity": (2e35, 8e35)}, ["luminosity"])
+    cfg = GanConfig(conditions=["luminosity"], embed_dim=16, attention_layers=1, z_dim=4, sensor_noise_dim=4,
+                    decoder_channels=[8, 8], discriminator_channels=[8, 8], cluster_shapes=64, count_law="quadratic",
+                    charge_noise=True, fit_from_data=True)
+    fits = []
+    for chunk_pixels in (10**9, geo.n_sensors * geo.rows * geo.cols):  # every event at once; one by one
+        monkeypatch.setattr(gan_family, "OVERLAP_CHUNK_PIXELS", chunk_pixels)
+        torch.manual_seed(0)
+        fam = GanFamily(geo, cfg, norm)
+        mods = fam.build_modules()
+        out = fam.initialise_from_data(mods, [data])
+        fits.append((out["fit_overlap_correction"], mods["generator"].counts.bias.detach().clone()))
+    assert fits[0][0] != 1.0
+    assert fits[0][0] == pytest.approx(fits[1][0], rel=1e-9)
+    torch.testing.assert_close(fits[0][1], fits[1][1], rtol=1e-9, atol=1e-12)

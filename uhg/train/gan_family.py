@@ -42,7 +42,10 @@ from uhg.train.family import Engine, check_finite
 
 FIT_EVENTS = 2000  # training events read for the data-driven start
 QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
-OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes
+OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes ...
+OVERLAP_PIXELS = 256 * 40 * 32 * 96  # ... at most this many pixels' worth (256 pxd-mini events; full resolution: 16 events)
+OVERLAP_MIN_EVENTS = 16
+OVERLAP_CHUNK_PIXELS = 4 * 40 * 250 * 768  # pixels per draw (the gates and the head of 256 full events held 24 GB)
 
 
 class GanFamily(model.GanFamily):
@@ -168,11 +171,12 @@ class GanFamily(model.GanFamily):
         clusters, merges included, so seeds at occupancy / mean shape size lose hits to a second
         round of merging (pxd-mini at 8e35: -5.6% hits on layer 1). Each sensor's seed rate is
         scaled by the data's hits / the generated hits at the conditions of up to OVERLAP_EVENTS
-        fit events, twice (deterministic seeds: every rank starts alike). Returns the mean
-        factor applied."""
-        idx = np.unique(np.linspace(0, len(n) - 1, min(len(n), OVERLAP_EVENTS)).round().astype(np.int64))
-        cond = {k: torch.as_tensor(v[idx]) for k, v in conditions.items()}
+        fit events, twice (deterministic seeds: every rank starts alike), drawn a few events at a
+        time (each event's draw is its own, so the chunks change nothing). Returns the mean factor
+        applied."""
+        idx = overlap_events(len(n), self.layout.n_units * self.layout.height * self.layout.width)
         real = n[idx].sum(0)
+        chunk = max(1, OVERLAP_CHUNK_PIXELS // (self.layout.n_units * self.layout.height * self.layout.width))
         # With a count law the seed count is the law's: its per-sensor level moves instead of the gate's
         # (the logit of a sparse occupancy is its log to first order; the second round corrects the rest),
         # by the pixels the drawn seeds' shapes hold in expectation / the hits placed: the merging alone.
@@ -180,16 +184,18 @@ class GanFamily(model.GanFamily):
         # fit events' counts over 256 events to every sensor: per-sensor MRE 6.1%, floor 2.3%.)
         level = _count_level(g.counts) if g.counts is not None else g.unit_gate[:, 0]
         start = level.detach().clone()
+        stencil_size = g.shape_stencils.flatten(1).sum(1).double()
         for _ in range(2):
-            drawn = self.draw(g, cond, [event_seed(1, int(i), "generate") for i in idx])
-            mask, seeds, clusters = drawn.mask, drawn.seeds, drawn.clusters
-            made = mask.sum(dim=(0, 2, 3)).double()
-            if g.counts is not None:
-                size = torch.softmax(clusters.double(), -1) @ g.shape_stencils.flatten(1).sum(1).double()  # (B, U)
-                target = (seeds.sum(dim=(2, 3)).double() * size).sum(0)
-            else:
-                target = real
-            level += torch.log((target + 1) / (made + 1)).to(level.dtype).view(-1, *[1] * (level.dim() - 1))
+            made = torch.zeros(self.layout.n_units, dtype=torch.float64)
+            target = torch.zeros(self.layout.n_units, dtype=torch.float64) if g.counts is not None else real
+            for part in np.array_split(idx, range(chunk, len(idx), chunk)):
+                cond = {k: torch.as_tensor(v[part]) for k, v in conditions.items()}
+                drawn = self.draw(g, cond, [event_seed(1, int(i), "generate") for i in part])
+                made += drawn.mask.sum(dim=(0, 2, 3)).double().cpu()
+                if g.counts is not None:
+                    size = torch.softmax(drawn.clusters.double(), -1) @ stencil_size.to(drawn.clusters.device)  # (B, U)
+                    target += (drawn.seeds.sum(dim=(2, 3)).double() * size).sum(0).cpu()
+            level += torch.log((target + 1) / (made + 1)).to(level).view(-1, *[1] * (level.dim() - 1))
         return float(torch.exp(level - start).mean())
 
     # -- training
@@ -469,6 +475,15 @@ def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]],
     # d log m / dt at t = 0: Cov(z, size) / m under each sensor's shape mix
     d_log_size = ((p0 @ (z * sizes)) - (p0 @ z) * mean_size) / mean_size
     return mean_size, d_log_size[:, None] * a.detach()[None, :], slot_of
+
+
+def overlap_events(n: int, pixels_per_event: int) -> np.ndarray:
+    """Positions among the `n` fit events that `_correct_overlaps` draws: evenly spread, at most
+    OVERLAP_EVENTS and OVERLAP_PIXELS' worth of pixels, at least OVERLAP_MIN_EVENTS (pxd-mini: 256;
+    full resolution: 16, each with ~11 k clusters where a pxd-mini event has ~180, so the
+    merging is measured as well; 256 full events cost 150 CPU s per round)."""
+    want = min(OVERLAP_EVENTS, max(OVERLAP_MIN_EVENTS, OVERLAP_PIXELS // pixels_per_event))
+    return np.unique(np.linspace(0, n - 1, min(n, want)).round().astype(np.int64))
 
 
 def even_thinning(n: int, keep: int) -> torch.Tensor:
