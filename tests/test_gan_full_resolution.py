@@ -17,7 +17,14 @@ from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.train import gan_family
-from uhg.train.gan_family import GanFamily, cluster_shape_keys, even_thinning, mid_ranks, overlap_events, unique_rows
+from uhg.train.gan_family import (
+    GanFamily,
+    cluster_shape_keys,
+    even_thinning,
+    mid_ranks,
+    overlap_events,
+    unique_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAWS = ("cluster_shapes", "count_law", "cluster_charge_profile", "charge_noise", "fit_from_data")
