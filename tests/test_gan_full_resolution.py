@@ -92,7 +92,7 @@ def test_the_overlap_correction_draws_a_pixel_budget_of_events() -> None:
     mini, full = (get_geometry(name) for name in ("pxd-mini", "pxd"))
     per_event = {g.name: g.n_sensors * g.rows * g.cols for g in (mini, full)}
     assert len(overlap_events(1000, per_event["pxd-mini"])) == 256  # as before on pxd-mini
-    # 256 full-resolution events: gates, uniforms and head held 24 GB in one draw, 150 CPU s a round
+    # 256 full-resolution events: gates, uniforms and head over 24 GB in one draw (by their sizes), ~150 CPU s a round
     assert len(overlap_events(1000, per_event["pxd"])) == 16
     assert len(overlap_events(10, per_event["pxd"])) == 10
 

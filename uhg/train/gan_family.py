@@ -45,7 +45,7 @@ QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
 OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes ...
 OVERLAP_PIXELS = 256 * 40 * 32 * 96  # ... at most this many pixels' worth (256 pxd-mini events; full resolution: 16 events)
 OVERLAP_MIN_EVENTS = 16
-OVERLAP_CHUNK_PIXELS = 4 * 40 * 250 * 768  # pixels per draw (the gates and the head of 256 full events held 24 GB)
+OVERLAP_CHUNK_PIXELS = 4 * 40 * 250 * 768  # pixels per draw (256 full events in one draw: gates, uniforms and head over 24 GB by their sizes)
 
 
 class GanFamily(model.GanFamily):
