@@ -42,7 +42,10 @@ from uhg.train.family import Engine, check_finite
 
 FIT_EVENTS = 2000  # training events read for the data-driven start
 QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
-OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes
+OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes ...
+OVERLAP_PIXELS = 256 * 40 * 32 * 96  # ... at most this many pixels' worth (256 pxd-mini events; full resolution: 16 events)
+OVERLAP_MIN_EVENTS = 16
+OVERLAP_CHUNK_PIXELS = 4 * 40 * 250 * 768  # pixels per draw (256 full events in one draw: gates, uniforms and head over 24 GB by their sizes)
 
 
 class GanFamily(model.GanFamily):
@@ -146,7 +149,7 @@ class GanFamily(model.GanFamily):
             if g.charge_noise:
                 code = torch.cat(codes)
                 if len(code) > QUANTILE_SAMPLE:  # torch.quantile's input limit; an even thinning keeps the shape
-                    code = code[torch.linspace(0, len(code) - 1, QUANTILE_SAMPLE).long()]
+                    code = code[even_thinning(len(code), QUANTILE_SAMPLE)]
                 probs = torch.linspace(0, 1, len(g.charge_quantiles), dtype=torch.float64)
                 g.charge_quantiles.copy_(torch.quantile(code, probs).to(g.charge_quantiles.dtype))
                 out["fit_charge_median_adu"] = float(torch.expm1(torch.quantile(code, 0.5) * math.log1p(self.layout.adc_max)))
@@ -168,11 +171,12 @@ class GanFamily(model.GanFamily):
         clusters, merges included, so seeds at occupancy / mean shape size lose hits to a second
         round of merging (pxd-mini at 8e35: -5.6% hits on layer 1). Each sensor's seed rate is
         scaled by the data's hits / the generated hits at the conditions of up to OVERLAP_EVENTS
-        fit events, twice (deterministic seeds: every rank starts alike). Returns the mean
-        factor applied."""
-        idx = np.unique(np.linspace(0, len(n) - 1, min(len(n), OVERLAP_EVENTS)).round().astype(np.int64))
-        cond = {k: torch.as_tensor(v[idx]) for k, v in conditions.items()}
+        fit events, twice (deterministic seeds: every rank starts alike), drawn a few events at a
+        time (each event's draw is its own, so the chunks change nothing). Returns the mean factor
+        applied."""
+        idx = overlap_events(len(n), self.layout.n_units * self.layout.height * self.layout.width)
         real = n[idx].sum(0)
+        chunk = max(1, OVERLAP_CHUNK_PIXELS // (self.layout.n_units * self.layout.height * self.layout.width))
         # With a count law the seed count is the law's: its per-sensor level moves instead of the gate's
         # (the logit of a sparse occupancy is its log to first order; the second round corrects the rest),
         # by the pixels the drawn seeds' shapes hold in expectation / the hits placed: the merging alone.
@@ -180,16 +184,18 @@ class GanFamily(model.GanFamily):
         # fit events' counts over 256 events to every sensor: per-sensor MRE 6.1%, floor 2.3%.)
         level = _count_level(g.counts) if g.counts is not None else g.unit_gate[:, 0]
         start = level.detach().clone()
+        stencil_size = g.shape_stencils.flatten(1).sum(1).double()
         for _ in range(2):
-            drawn = self.draw(g, cond, [event_seed(1, int(i), "generate") for i in idx])
-            mask, seeds, clusters = drawn.mask, drawn.seeds, drawn.clusters
-            made = mask.sum(dim=(0, 2, 3)).double()
-            if g.counts is not None:
-                size = torch.softmax(clusters.double(), -1) @ g.shape_stencils.flatten(1).sum(1).double()  # (B, U)
-                target = (seeds.sum(dim=(2, 3)).double() * size).sum(0)
-            else:
-                target = real
-            level += torch.log((target + 1) / (made + 1)).to(level.dtype).view(-1, *[1] * (level.dim() - 1))
+            made = torch.zeros(self.layout.n_units, dtype=torch.float64)
+            target = torch.zeros(self.layout.n_units, dtype=torch.float64) if g.counts is not None else real
+            for part in np.array_split(idx, range(chunk, len(idx), chunk)):
+                cond = {k: torch.as_tensor(v[part]) for k, v in conditions.items()}
+                drawn = self.draw(g, cond, [event_seed(1, int(i), "generate") for i in part])
+                made += drawn.mask.sum(dim=(0, 2, 3)).double().cpu()
+                if g.counts is not None:
+                    size = torch.softmax(drawn.clusters.double(), -1) @ stencil_size.to(drawn.clusters.device)  # (B, U)
+                    target += (drawn.seeds.sum(dim=(2, 3)).double() * size).sum(0).cpu()
+            level += torch.log((target + 1) / (made + 1)).to(level).view(-1, *[1] * (level.dim() - 1))
         return float(torch.exp(level - start).mean())
 
     # -- training
@@ -416,7 +422,7 @@ def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]],
     if not len(keys):
         return torch.ones(u_n, dtype=torch.float64), torch.zeros(u_n, c_n, dtype=torch.float64), np.zeros(0, np.int64)
     sensors, events = np.concatenate([c[1] for c in census]), np.concatenate([c[2] for c in census])
-    table, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    table, inverse, counts = unique_rows(keys)
     top = np.argsort(-counts, kind="stable")[: g.n_shapes]
     slot = np.full(len(table), -1)
     slot[top] = np.arange(len(top))
@@ -471,6 +477,49 @@ def _fit_shapes(g: nn.Module, census: list[tuple[np.ndarray, ...]],
     return mean_size, d_log_size[:, None] * a.detach()[None, :], slot_of
 
 
+def overlap_events(n: int, pixels_per_event: int) -> np.ndarray:
+    """Positions among the `n` fit events that `_correct_overlaps` draws: evenly spread, at most
+    OVERLAP_EVENTS and OVERLAP_PIXELS' worth of pixels, at least OVERLAP_MIN_EVENTS (pxd-mini: 256;
+    full resolution: 16, each with ~11 k clusters where a pxd-mini event has ~180, so the
+    merging is measured as well; 256 full events cost 150 CPU s per round)."""
+    want = min(OVERLAP_EVENTS, max(OVERLAP_MIN_EVENTS, OVERLAP_PIXELS // pixels_per_event))
+    return np.unique(np.linspace(0, n - 1, min(n, want)).round().astype(np.int64))
+
+
+def even_thinning(n: int, keep: int) -> torch.Tensor:
+    """`keep` indices evenly spread over range(n), first and last included. In float64: a float32
+    linspace rounds n - 1 up to n above 2^24 (the 31 M charges of 950 full-resolution events)."""
+    return torch.linspace(0, n - 1, keep, dtype=torch.float64).round().long()
+
+
+def unique_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`np.unique(keys, axis=0, return_inverse=True, return_counts=True)` of an (n, k) integer array,
+    the same rows in the same (lexicographic) order, by a lexsort of the columns: np.unique along an
+    axis sorts the rows as opaque records, 18x slower on the 11 k clusters of each full-resolution
+    event (5.6 M rows: 15.6 against 0.9 CPU s)."""
+    if not len(keys):
+        return keys[:0], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort(keys.T[::-1])
+    ordered = keys[order]
+    new = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]
+    first = np.flatnonzero(new)
+    inverse = np.empty(len(keys), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[first], inverse, np.diff(np.r_[first, len(keys)])
+
+
+def mid_ranks(values: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Mid-rank of each of `values` among `sample`, as a fraction: (#sample < v + #sample <= v) / (2 n).
+    Searched among the distinct sample values with their cumulative counts: the charges are 8-bit ADC
+    counts, so a few hundred of them, where a search of every pixel in the sorted sample (32 M
+    pixels of 950 full-resolution events) missed the cache on every step (minutes)."""
+    distinct, counts = np.unique(sample, return_counts=True)
+    below = np.r_[0, np.cumsum(counts)]
+    lo = below[np.searchsorted(distinct, values, "left")]
+    hi = below[np.searchsorted(distinct, values, "right")]
+    return (lo + hi) / (2.0 * len(sample))
+
+
 PROFILE_PRIOR = 10.0  # pixels' worth of the overall charge (normal scores 0, 1) in each profile entry
 
 
@@ -485,9 +534,7 @@ def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot
     cluster = np.concatenate([c[3] + o for c, o in zip(census, offsets, strict=True)])
     bit = np.concatenate([c[4] for c in census])
     value = np.concatenate([c[5] for c in census])
-    ranked = np.sort(codes)
-    mid = (np.searchsorted(ranked, value, "left") + np.searchsorted(ranked, value, "right")) / (2.0 * len(ranked))
-    z = torch.special.ndtri(torch.as_tensor(mid).clamp(1e-6, 1 - 1e-6)).numpy()
+    z = torch.special.ndtri(torch.as_tensor(mid_ranks(value, codes)).clamp(1e-6, 1 - 1e-6)).numpy()
     slot = slot_of[cluster]
     keep = slot >= 0
     window = g.shape_charge_mean[0].numel()
