@@ -108,7 +108,7 @@ def main() -> None:
     rows = {"reference 2 (floor)": (ref_layers[1], refs[1][1].numpy()), **{k: (v, e_inc) for k, v in results.items()}}
     print(f"\nresolution per E_inc bin (edges {np.round(edges / 1000, 1).tolist()} GeV), reference 1: "
           + " ".join(f"{r:.4f}" for r in reso_ref))
-    print(f"mean energy per layer, reference 1 [MeV]: " + " ".join(f"{m:.1f}" for m in prof_ref) + "\n")
+    print("mean energy per layer, reference 1 [MeV]: " + " ".join(f"{m:.1f}" for m in prof_ref) + "\n")
     print("| sample | energy per layer MRE | relative error per layer | resolution vs energy MRE | "
           "resolution per bin / reference |\n|---|---|---|---|---|")
     for name, (e_layer, e) in rows.items():
