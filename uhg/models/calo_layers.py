@@ -5,7 +5,10 @@ Stage 1, `LayerEnergyLaw`: y_l = log(E_layer_l / E_inc + floor) for the layers t
 an autoregressive mixture of Gaussians in layer order, p(y) = prod_l p(y_l | y_<l, condition),
 one shared network fed the condition, the masked earlier layers and a one-hot of l. The
 classifiers of the CaloChallenge see the layer energies first; this stage learns their joint law
-(longitudinal profile and its event-by-event fluctuations) exactly by maximum likelihood.
+(longitudinal profile and its event-by-event fluctuations) exactly by maximum likelihood. With
+`layer_target: total_shares` its variables are log(E_dep / E_inc) first, then each layer's log
+share of E_dep: the response and its spread are then one learned variable rather than the sum of
+large anticorrelated layer fluctuations, whose spread the law got too wide (docs/calorimeter.md).
 
 Stage 2, `VoxelShareVae`: the share s_v = E_v / E_layer of every voxel inside its layer, from a
 conditional VAE given the condition and the (normalised) layer energies: per voxel a hit
