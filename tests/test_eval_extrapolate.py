@@ -42,12 +42,14 @@ def test_shipped_protocols_are_valid():
     assert pxd.condition == "luminosity" and pxd.test_points()[-1] == pytest.approx(3 * pxd.training_range[1])
     calo = load_protocol(CONFIGS / "extrapolate_calo_energy.yaml")
     assert calo.condition == "incident_energy" and calo.test_points()[-1] == pytest.approx(10 * calo.training_range[1])
+    layers = load_protocol(CONFIGS / "extrapolate_calo_layers_energy.yaml")
+    assert layers.training_range == pytest.approx((1e3, 1e5)) and layers.test_points()[-1] == pytest.approx(1e6)
     scenarios = load_protocol(CONFIGS / "extrapolate_pxd_scenarios.yaml")
     assert scenarios.machine == list(SHIPPED_SCENARIOS) and scenarios.baseline == "overlay"
     assert scenarios.test_points() == pytest.approx([1.2e36, 1.6e36, 2.4e36])
     assert scenarios.training_range == pytest.approx((2e35, 8e35))
     # the reference and baseline seeds of every shipped protocol are not the training seeds
-    for protocol in (pxd, calo, scenarios):
+    for protocol in (pxd, calo, layers, scenarios):
         assert protocol.training_seeds and not set(protocol.simulator_seeds().values()) & set(protocol.training_seeds)
 
 
@@ -198,6 +200,10 @@ out: {tmp_path / 'ext'}
     assert resp["baseline"] == pytest.approx(resp["reference"], rel=0.05)
     hits = point["observables"]["mean hits per shower"]
     assert set(hits) == set(resp) and hits["reference"] > 0
+    # the resolution and mean depth of each sample at the test energy (the zero-shot targets)
+    for name in ("resolution", "mean shower depth"):
+        values = point["observables"][name]
+        assert set(values) == set(resp) and all(0 < v < 100 for v in values.values())
     assert (tmp_path / "ext" / point["directory"] / "binned_response_vs_energy.png").exists()
     assert (tmp_path / "ext" / "trend_mean_response.png").exists()
 

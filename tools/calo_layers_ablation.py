@@ -65,7 +65,7 @@ def main() -> None:
     e32 = e_inc.float()
     posterior_noise = noise  # replaced with --train (the posterior-latent variant)
     with torch.no_grad():
-        y = model.law.sample(cond, noise["law_u"], noise["law_eps"], model.y_lo, model.y_hi)
+        y, _ = model.sample_layers(e32, cond, noise["law_u"], noise["law_eps"])
         # (b) shuffle each layer's value among showers in 20 log-energy bins
         log_e = np.log(e_inc.numpy())
         bins = np.digitize(log_e, np.linspace(log_e.min(), log_e.max(), 21)[1:-1])

@@ -23,6 +23,13 @@ class CaloLayersConfig(Section):
         1e-7, gt=0.0,
         description="Layer energies are modelled as log(E_layer / E_inc + layer_floor): an empty layer sits at "
         "log(layer_floor).")
+    layer_target: Literal["layers", "total_shares"] = Field(
+        "layers",
+        description="What the layer-energy law models. 'layers': log(E_layer / E_inc + layer_floor) of every layer, "
+        "autoregressively; the total deposit and its spread come out of the sum. 'total_shares': first "
+        "log(E_dep / E_inc), the total deposited fraction, then log(E_layer / E_dep + layer_floor) of every layer "
+        "given it, the sampled shares renormalised to sum to one: the response and its spread per incident energy "
+        "are learned as one variable, not as a small difference of large anticorrelated layer fluctuations.")
     latent_dim: int = Field(32, gt=0, description="Latent dimension of the voxel VAE (carries the shower's shape).")
     hidden_dim: int = Field(512, gt=0, description="Hidden width of the voxel VAE's encoder and decoder.")
     kl_weight: float = Field(1.0, ge=0.0, description="Weight of the VAE's KL term.")

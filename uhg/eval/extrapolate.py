@@ -226,7 +226,14 @@ def _observables(kind: str, samples: dict[str, FeatureSet]) -> dict[str, dict[st
         return {"mean occupancy [%]": {k: float(fs.profiles["occupancy_per_sensor"].values.mean())
                                        for k, fs in samples.items()}}
     # Hits per shower: whether the generator's multiplicity follows the reference beyond the range.
+    # Resolution: std / mean of E_dep / E_inc, all showers of a test point share one energy.
+    def resolution(fs: FeatureSet) -> float:
+        r = fs.distributions["response"].values
+        return float(r.std() / r.mean())
+
     return {"mean response": {k: float(fs.distributions["response"].values.mean()) for k, fs in samples.items()},
+            "resolution": {k: resolution(fs) for k, fs in samples.items()},
+            "mean shower depth": {k: float(fs.distributions["shower_depth"].values.mean()) for k, fs in samples.items()},
             "mean hits per shower": {k: float(fs.distributions["hits_per_event"].values.mean())
                                      for k, fs in samples.items()}}
 

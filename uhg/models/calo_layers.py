@@ -5,7 +5,10 @@ Stage 1, `LayerEnergyLaw`: y_l = log(E_layer_l / E_inc + floor) for the layers t
 an autoregressive mixture of Gaussians in layer order, p(y) = prod_l p(y_l | y_<l, condition),
 one shared network fed the condition, the masked earlier layers and a one-hot of l. The
 classifiers of the CaloChallenge see the layer energies first; this stage learns their joint law
-(longitudinal profile and its event-by-event fluctuations) exactly by maximum likelihood.
+(longitudinal profile and its event-by-event fluctuations) exactly by maximum likelihood. With
+`layer_target: total_shares` its variables are log(E_dep / E_inc) first, then each layer's log
+share of E_dep: the response and its spread are then one learned variable rather than the sum of
+large anticorrelated layer fluctuations, whose spread the law got too wide (docs/calorimeter.md).
 
 Stage 2, `VoxelShareVae`: the share s_v = E_v / E_layer of every voxel inside its layer, from a
 conditional VAE given the condition and the (normalised) layer energies: per voxel a hit
@@ -176,6 +179,14 @@ class CaloLayersModel(nn.Module):
         # (a wide mixture component must not draw a layer with 10^6 x the incident energy)
         self.register_buffer("y_lo", torch.full((self.n_layers,), -1e4))
         self.register_buffer("y_hi", torch.full((self.n_layers,), 1e4))
+        # `layer_target: total_shares`: the law's variables are the total deposited fraction and the
+        # layer shares of it, with their own standardisation and support (set like y_*)
+        self.n_law = self.n_layers + (1 if cfg.layer_target == "total_shares" else 0)
+        if cfg.layer_target == "total_shares":
+            self.register_buffer("t_mean", torch.zeros(self.n_law))
+            self.register_buffer("t_std", torch.ones(self.n_law))
+            self.register_buffer("t_lo", torch.full((self.n_law,), -1e4))
+            self.register_buffer("t_hi", torch.full((self.n_law,), 1e4))
         if cfg.share_cap:
             # log of each voxel's largest share of its layer in the training showers (0: no cap)
             self.register_buffer("log_share_hi", torch.zeros(self.n_voxels))
@@ -183,7 +194,7 @@ class CaloLayersModel(nn.Module):
             self._add_residual_quantiles()
         if cfg.share_noise == "empirical_correlated":
             self._add_noise_mix()
-        self.law = LayerEnergyLaw(self.n_layers, n_cond, cfg.law_hidden, cfg.law_components)
+        self.law = LayerEnergyLaw(self.n_law, n_cond, cfg.law_hidden, cfg.law_components)
         if cfg.ring_correlation and voxel_ring is None:
             raise ValueError("ring_correlation needs the ring index of every voxel")
         self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim,
@@ -197,6 +208,63 @@ class CaloLayersModel(nn.Module):
 
     def log_layer(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
         return torch.log(e_layer / e_inc[:, None] + self.cfg.layer_floor)
+
+    def law_target(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
+        """(B, n_law) the law's variables before standardisation: the log layer fractions
+        (`layer_target: layers`), or log(E_dep / E_inc) followed by log(E_layer / E_dep + floor)
+        (`total_shares`)."""
+        if self.cfg.layer_target == "layers":
+            return self.log_layer(e_layer, e_inc)
+        e_dep = e_layer.sum(-1)
+        total = torch.log(e_dep / e_inc + self.cfg.layer_floor)
+        shares = torch.log(e_layer / e_dep.clamp_min(1e-30)[:, None] + self.cfg.layer_floor)
+        return torch.cat([total[:, None], shares], -1)
+
+    @torch.no_grad()
+    def set_standardisation(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> None:
+        """Standardisation and support of the log layer fractions (y_*) and of the law's
+        variables (t_*, `total_shares`) from training showers' layer energies (B, L) MeV and
+        incident energies (B,) MeV."""
+        pairs = [(self.log_layer(e_layer, e_inc), "y")]
+        if self.cfg.layer_target != "layers":
+            pairs.append((self.law_target(e_layer, e_inc), "t"))
+        for x, name in pairs:
+            mean, std = getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
+            mean.copy_(x.mean(0))
+            std.copy_(x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones_like(std))
+            x_norm = (x - mean) / std
+            getattr(self, f"{name}_lo").copy_(x_norm.min(0).values)
+            getattr(self, f"{name}_hi").copy_(x_norm.max(0).values)
+
+    def law_standardisation(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, lo, hi) of the law's variables: lo and hi bound the standardised values."""
+        if self.cfg.layer_target == "layers":
+            return self.y_mean, self.y_std, self.y_lo, self.y_hi
+        return self.t_mean, self.t_std, self.t_lo, self.t_hi
+
+    def sample_layers(self, e_inc: torch.Tensor, cond: torch.Tensor, u: torch.Tensor,
+                      eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer energies from the law for incident energies (B,) MeV, normalised conditions (B, C),
+        uniforms u and normals eps (B, n_law): (normalised log layer fractions (B, L), the VAE's
+        context; layer energies (B, L) MeV)."""
+        mean, std, lo, hi = self.law_standardisation()
+        t = self.law.sample(cond, u, eps, lo, hi)
+        floor = self.cfg.layer_floor
+        raw = t * std + mean
+        if self.cfg.layer_target == "layers":
+            return t, self._layer_energy(raw.exp() - floor, e_inc)
+        total = (raw[:, 0].exp() - floor).clamp_min(0.0)
+        share = raw[:, 1:].exp() - floor
+        # the mixture smears the spike of empty layers (at log(floor)) over shares of ~floor
+        share = torch.where(share < floor, 0.0, share)
+        share = share / share.sum(-1, keepdim=True).clamp_min(1e-30)
+        e_layer = share * (total * e_inc)[:, None]
+        return self.normalise(self.log_layer(e_layer, e_inc)), e_layer
+
+    def _layer_energy(self, frac: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
+        """(B, L) MeV from layer fractions of E_inc; the mixture smears the spike of empty layers
+        (at log(floor)) over fractions of ~floor: a layer within one floor of empty is empty."""
+        return torch.where(frac < self.cfg.layer_floor, 0.0, frac) * e_inc[:, None]
 
     def log_share_max(self, voxels: torch.Tensor) -> torch.Tensor:
         """(V,) log of each voxel's largest share of its layer's energy among dense showers (B, V),
@@ -327,7 +395,11 @@ class CaloLayersModel(nn.Module):
         normalised conditions (B, C): per-event NLL of the law plus the VAE's ELBO terms."""
         e_layer = self.layer_energies(voxels)
         y = self.normalise(self.log_layer(e_layer, e_inc))
-        nll_law = -self.law.log_prob(y, cond).mean()
+        if self.cfg.layer_target == "layers":
+            nll_law = -self.law.log_prob(y, cond).mean()
+        else:
+            mean, std, _, _ = self.law_standardisation()
+            nll_law = -self.law.log_prob((self.law_target(e_layer, e_inc) - mean) / std, cond).mean()
         share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
         hit = voxels > 0
         log_share = torch.log(share.clamp_min(self.cfg.share_floor))
@@ -343,11 +415,9 @@ class CaloLayersModel(nn.Module):
         conditions (B, C), all randomness from `noise` (see `noise_shapes`). `y` (B, L) replaces
         the law's normalised log layer energies (ablation studies)."""
         if y is None:
-            y = self.law.sample(cond, noise["law_u"], noise["law_eps"], self.y_lo, self.y_hi)
-        frac = (y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor
-        # the mixture smears the spike of empty layers (at log(floor)) over fractions of ~floor:
-        # a layer within one floor of empty is empty
-        e_layer = torch.where(frac < self.cfg.layer_floor, 0.0, frac) * e_inc[:, None]
+            y, e_layer = self.sample_layers(e_inc, cond, noise["law_u"], noise["law_eps"])
+        else:
+            e_layer = self._layer_energy((y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor, e_inc)
         logit, mu, log_sigma, rho = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
         hit = noise["voxel_u"] < torch.sigmoid(logit)
         eps = self.vae.noise(log_sigma, rho, noise["voxel_eps"], noise.get("ring_eps"))
@@ -376,7 +446,7 @@ class CaloLayersModel(nn.Module):
 
     def noise_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-shower noise: name -> shape (uniform for *_u, standard normal otherwise)."""
-        shapes = {"law_u": (self.n_layers,), "law_eps": (self.n_layers,), "z": (self.cfg.latent_dim,),
+        shapes = {"law_u": (self.n_law,), "law_eps": (self.n_law,), "z": (self.cfg.latent_dim,),
                   "voxel_u": (self.n_voxels,), "voxel_eps": (self.n_voxels,)}
         if self.vae.n_rings:
             shapes["ring_eps"] = (self.vae.n_rings,)

@@ -42,20 +42,16 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         model = modules["model"]
-        ys, share_hi = [], []
+        e_layers, e_incs, share_hi = [], [], []
         for batch in batches:
             voxels, e_inc, _ = self._dense(TorchHits.from_batch(batch))
-            ys.append(model.log_layer(model.layer_energies(voxels), e_inc))
+            e_layers.append(model.layer_energies(voxels))
+            e_incs.append(e_inc)
             if self.cfg.share_cap:
                 share_hi.append(model.log_share_max(voxels))
-        if not ys:
+        if not e_layers:
             return {}
-        y = torch.cat(ys)
-        model.y_mean.copy_(y.mean(0))
-        model.y_std.copy_(y.std(0).clamp_min(1e-3) if len(y) > 1 else torch.ones_like(model.y_std))
-        y_norm = model.normalise(y)
-        model.y_lo.copy_(y_norm.min(0).values)
-        model.y_hi.copy_(y_norm.max(0).values)
+        model.set_standardisation(torch.cat(e_layers), torch.cat(e_incs))
         if share_hi:
             model.log_share_hi.copy_(torch.stack(share_hi).max(0).values)
         return {"layer_log_energy_std_mean": float(model.y_std.mean())}

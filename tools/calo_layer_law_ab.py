@@ -1,0 +1,139 @@
+"""A/B of what the layer-energy law of `calo_layers` models (`model.layer_target`), on the law
+alone: for each target, the law of a fresh `CaloLayersModel` is standardised and trained on the
+layer energies of a training store exactly as in a full training (same network, optimiser, batch
+and clipping; the voxel VAE, which does not feed the law, is left out), then sampled at the
+incident energies of a reference store. Prints, against that reference and with the floor of a
+second reference beside them, the two metrics of `uhg eval` that the layer energies alone fix:
+the energy per layer (mean relative error of the mean profile) and the resolution vs energy
+(sigma/mean of E_dep/E_inc in the same 8 log bins of E_inc, mean relative error over the bins),
+plus the per-layer and per-bin values they average.
+
+    python tools/calo_layer_law_ab.py --train data/ds1_photons_24k.zarr --reference REF1.zarr \
+        --reference2 REF2.zarr [--steps 4000] [--targets layers,total_shares] [--ema-decay 0.999]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    from uhg.config.calo_layers import CaloLayersConfig
+    from uhg.data import open_store
+    from uhg.eval.compare import binned_edges, binned_stats, mean_abs_rel_error
+    from uhg.eval.features import Binned
+    from uhg.models.common import EMA, ConditionNorm
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.calo_layers_family import STATS_EVENTS, CaloLayersFamily
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--reference", required=True)
+    ap.add_argument("--reference2", required=True)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--events", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--targets", default="layers,total_shares")
+    ap.add_argument("--ema-decay", type=float, default=0.0,
+                    help="sample with an EMA of the law's weights (as `model.ema_decay` exports them)")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+
+    train = open_store(a.train)
+    geometry = train.geometry
+
+    def layers_of(batch):
+        dense = TorchHits.from_batch(batch).calo_dense(geometry.layer_offsets, geometry.n_cells).double()
+        return dense, torch.as_tensor(batch.conditions["incident_energy"], dtype=torch.float64)
+
+    train_batch = train.read(0, len(train))
+    dense_train, e_train = layers_of(train_batch)
+    refs = [layers_of(open_store(p).read(0, a.events)) for p in (a.reference, a.reference2)]
+    norm = ConditionNorm.from_ranges({"incident_energy": (float(e_train.min()), float(e_train.max()))},
+                                     ["incident_energy"])
+
+    def resolution_and_profile(e_layer: np.ndarray, e_inc: np.ndarray):
+        return e_layer.mean(0), Binned("response", "E_inc", "E_dep/E_inc", e_inc, e_layer.sum(1) / e_inc)
+
+    results = {}
+    for target in a.targets.split(","):
+        torch.manual_seed(a.seed)
+        cfg = CaloLayersConfig(layer_target=target)
+        fam = CaloLayersFamily(geometry, cfg, norm)
+        model = fam.build_modules()["model"]
+        stats = train.read(0, min(STATS_EVENTS, len(train)))
+        fam.initialise_from_data({"model": model}, [stats])
+        e_layer_train = model.layer_energies(dense_train.float())
+        mean, std, _, _ = model.law_standardisation()
+        t_train = (model.law_target(e_layer_train, e_train.float()) - mean) / std
+        c_train = norm({"incident_energy": e_train})
+        opt = torch.optim.AdamW(model.law.parameters(), lr=a.lr)
+        gen = torch.Generator().manual_seed(a.seed)
+        ema = EMA(model.law, a.ema_decay) if a.ema_decay > 0 else None
+        start = time.time()
+        for step in range(a.steps):
+            idx = torch.randint(len(t_train), (a.batch_size,), generator=gen)
+            loss = -model.law.log_prob(t_train[idx], c_train[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.law.parameters(), 5.0)
+            opt.step()
+            if ema is not None:
+                ema.update(model.law)
+            if (step + 1) % 1000 == 0:
+                with torch.no_grad():
+                    full = -model.law.log_prob(t_train[:4096], c_train[:4096]).mean()
+                print(f"{target}: step {step + 1} nll {float(full):.3f} ({time.time() - start:.0f} s)", flush=True)
+        if ema is not None:
+            model.law.load_state_dict(ema.state_dict(), strict=False)
+        e_ref = refs[0][1]
+        noise = torch.Generator().manual_seed(a.seed + 1)
+        u = torch.rand(len(e_ref), model.n_law, generator=noise)
+        eps = torch.randn(len(e_ref), model.n_law, generator=noise)
+        with torch.no_grad():
+            _, e_layer = model.sample_layers(e_ref.float(), norm({"incident_energy": e_ref}), u, eps)
+        results[target] = e_layer.double().numpy()
+
+    e_inc = refs[0][1].numpy()
+    ref_layers = [model.layer_energies(d.float()).double().numpy() for d, _ in refs]
+    prof_ref, bin_ref = resolution_and_profile(ref_layers[0], e_inc)
+    edges = binned_edges([refs[0][1].numpy(), refs[1][1].numpy()], True)
+    _, reso_ref = binned_stats(bin_ref, edges, np.ones(len(e_inc)), bin_ref.min_events_per_bin)
+    rows = {"reference 2 (floor)": (ref_layers[1], refs[1][1].numpy()), **{k: (v, e_inc) for k, v in results.items()}}
+    print(f"\nresolution per E_inc bin (edges {np.round(edges / 1000, 1).tolist()} GeV), reference 1: "
+          + " ".join(f"{r:.4f}" for r in reso_ref))
+    print("mean energy per layer, reference 1 [MeV]: " + " ".join(f"{m:.1f}" for m in prof_ref) + "\n")
+    print("| sample | energy per layer MRE | relative error per layer | resolution vs energy MRE | "
+          "resolution per bin / reference |\n|---|---|---|---|---|")
+    for name, (e_layer, e) in rows.items():
+        prof, binned = resolution_and_profile(e_layer, e)
+        _, reso = binned_stats(binned, edges, np.ones(len(e)), binned.min_events_per_bin)
+        print(f"| {name} | {mean_abs_rel_error(prof, prof_ref):.4f} | "
+              + " ".join(f"{x:+.3f}" for x in (prof - prof_ref) / prof_ref)
+              + f" | {mean_abs_rel_error(reso, reso_ref):.4f} | " + " ".join(f"{x:.2f}" for x in reso / reso_ref) + " |")
+    # where in each layer's distribution the mean goes wrong: quantiles of E_layer / E_inc over the
+    # reference's, and the mean per E_inc bin over the reference's
+    levels = (0.5, 0.9, 0.99, 0.999)
+    frac_ref = ref_layers[0] / e_inc[:, None]
+    q_ref = np.quantile(frac_ref, levels, axis=0)
+    idx = np.clip(np.searchsorted(edges, e_inc, side="right") - 1, 0, len(edges) - 2)
+    m_ref = np.stack([frac_ref[idx == b].mean(0) for b in range(len(edges) - 1)])
+    print(f"\nper layer: quantiles {levels} of E_layer/E_inc, and mean of E_layer/E_inc per E_inc bin, over reference 1")
+    for name, (e_layer, e) in rows.items():
+        frac = e_layer / e[:, None]
+        q = np.quantile(frac, levels, axis=0) / np.where(q_ref > 0, q_ref, np.nan)
+        i = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, len(edges) - 2)
+        m = np.stack([frac[i == b].mean(0) for b in range(len(edges) - 1)]) / m_ref
+        for k in range(frac.shape[1]):
+            print(f"  {name}, layer index {k}: quantiles " + " ".join(f"{x:.2f}" for x in q[:, k])
+                  + " | mean per bin " + " ".join(f"{x:.2f}" for x in m[:, k]))
+
+
+if __name__ == "__main__":
+    main()
