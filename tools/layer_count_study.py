@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--geometry", default="epical-mini")
     parser.add_argument("--train-events", type=int, default=4000)
     parser.add_argument("--test-events", type=int, default=300)
-    parser.add_argument("--forms", nargs="*", default=["quadratic", "power"])
+    parser.add_argument("--forms", nargs="*", default=["quadratic", "power", "unit_quadratic"])
     parser.add_argument("--factors", nargs="*", type=int, default=[1, 2])
     args = parser.parse_args()
     torch.set_num_threads(1)
