@@ -45,6 +45,11 @@ def depth(counts: np.ndarray) -> np.ndarray:
     return (counts * layers).sum(1) / np.maximum(counts.sum(1), 1)
 
 
+def spread(counts: np.ndarray) -> float:
+    total = counts.sum(1)
+    return float(total.std() / total.mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", default="epical-mini")
@@ -70,8 +75,8 @@ def main() -> None:
         tests.append((f, ref, layer_counts(ref, n_lay), layer_counts(ref2, n_lay)))
     sim_s = time.perf_counter() - t0
     print("| form | copula factors | E / training max | hits per layer MRE (floor) | mean depth error (floor) "
-          "| depth std: law / reference |")
-    print("|---|---|---|---|---|---|")
+          "| depth std: law / reference | pixels per shower, std / mean: law / reference (reference 2) |")
+    print("|---|---|---|---|---|---|---|")
     for form in args.forms:
         for k in args.factors:
             torch.manual_seed(0)
@@ -90,7 +95,8 @@ def main() -> None:
                 d_ref, d_ref2, d_law = depth(n_ref), depth(n_ref2), depth(n_law)
                 print(f"| {form} | {k} | {f:g} | {mre(n_law.mean(0), n_ref.mean(0)):.3f} "
                       f"({mre(n_ref2.mean(0), n_ref.mean(0)):.3f}) | {100 * (d_law.mean() / d_ref.mean() - 1):+.2f} % "
-                      f"({100 * (d_ref2.mean() / d_ref.mean() - 1):+.2f} %) | {d_law.std():.3f} / {d_ref.std():.3f} |",
+                      f"({100 * (d_ref2.mean() / d_ref.mean() - 1):+.2f} %) | {d_law.std():.3f} / {d_ref.std():.3f} | "
+                      f"{spread(n_law):.4f} / {spread(n_ref):.4f} ({spread(n_ref2):.4f}) |",
                       flush=True)
             print(f"<!-- {form}, {k} factors: fit {fit_s:.1f} s; simulation {sim_s:.0f} s -->", flush=True)
 
