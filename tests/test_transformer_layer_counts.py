@@ -156,3 +156,30 @@ def test_layer_counts_settings_are_checked():
     cfg = TransformerConfig(conditions=["luminosity"], multiplicity="count", layer_counts=True)
     with pytest.raises(ConfigError, match="layer_counts.*pixel detector"):
         build_family(get_geometry("pxd-tiny"), cfg, ConditionNorm.from_ranges({"luminosity": (1.0, 2.0)}, ["luminosity"]))
+
+
+def test_shipped_epical_config_draws_a_layer_profile_that_holds_beyond_the_range():
+    """configs/epical_transformer_mini.yaml fits one law unit per layer to the training showers,
+    and its mean pixels per layer at 2x the training top stay close to simulated showers there
+    (a shower-wide count, the config before, has no per-layer profile of its own)."""
+    from pathlib import Path
+
+    from uhg.config.loading import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "epical_transformer_mini.yaml", [])
+    g = get_geometry(cfg.geometry)
+    family = build_family(g, cfg.model, ConditionNorm.from_ranges({"incident_energy": TRAIN}, ["incident_energy"]))
+    torch.manual_seed(0)
+    modules = family.build_modules()
+    family.initialise_from_data(modules, [simulate_calo_showers(g, 1500, seed=6, energy_min=TRAIN[0],
+                                                                energy_max=TRAIN[1])])
+    law = modules["model"].counts
+    assert len(law.positions) == g.n_layers
+    ref = _per_layer(simulate_calo_showers(g, 200, seed=9, energy_min=32000.0, energy_max=32000.0), g.n_layers)
+    cond = family.condition_norm({"incident_energy": torch.tensor([32000.0])})
+    mean = law.mean(cond)[0].detach().double().numpy()
+    target = ref.mean(0)
+    mre = float(np.mean(np.abs(mean / target - 1)))
+    assert mre < 0.2, mre
+    layers = np.arange(g.n_layers)
+    assert abs((mean * layers).sum() / mean.sum() / ((target * layers).sum() / target.sum()) - 1) < 0.04
