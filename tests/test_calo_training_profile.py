@@ -92,4 +92,11 @@ def test_short_training_moves_the_layer_profile_toward_the_data(name, one_torch_
     for step in range(steps):
         family.train_step(engines, TorchHits.from_batch(train.take(rng.choice(n_train, batch, replace=False))), step)
     after = distance()
-    assert after < SHRINK.get(name, 0.5) * before, (name, before, after)
+    if getattr(cfg.model, "layer_counts", False):
+        # a per-layer count law: the profile is the law's, fitted in the data-driven start (before
+        # any step); the short training must keep it within 2x the distance between two simulated samples
+        real2 = simulate_calo_showers(g, 200, seed=13, energy_min=sim.energy_min, energy_max=e_max)
+        floor = profile_distance(real2, real, g)
+        assert after < 2 * floor, (name, before, after, floor)
+    else:
+        assert after < SHRINK.get(name, 0.5) * before, (name, before, after)

@@ -135,14 +135,32 @@ class TransformerConfig(Section):
         "range (tokens are pushed to the last rows, where they overlap). Exports written before this key "
         "have none.",
     )
-    count_law: Literal["power", "powers", "quadratic"] = Field(
+    count_law: Literal["power", "powers", "quadratic", "unit_quadratic"] = Field(
         "quadratic",
         description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "
         "`conditions`), all learned from the data. power: a_u + b_u . x (one power law per unit, free exponents); "
         "powers: log sum_k exp(a_uk + beta_k . x), `count_terms` power-law components with free real exponents "
         "beta_k shared by the units and amplitudes per unit (backgrounds made of processes that scale "
         "differently); quadratic: a_u + (b + d_u) . x + x^T Q x (shared slope and curvature, per-unit slope deviations shrunk towards "
-        "the shared slope). docs/transformer.md has the measurement behind the default.",
+        "the shared slope); unit_quadratic: a_u + b_u . x + c_u . x^2 (slope and curvature of every unit its own: "
+        "calorimeter layers with layer_counts, whose tail grows faster than the saturating core). docs/transformer.md "
+        "and docs/calorimeter.md have the measurements behind the defaults.",
+    )
+    layer_counts: bool = Field(
+        False,
+        description="Calorimeters, multiplicity=count: the count law draws the hits of every layer (one "
+        "negative binomial per layer, its dependence on the conditions learned from the training showers as "
+        "`count_law` says; the layers of a shower correlated through the copula, `count_factors`) and the "
+        "transformer places exactly that many in each layer: the layer of every hit follows from the drawn "
+        "counts, the network chooses the cell. The longitudinal profile then follows the law beyond the "
+        "training range instead of the network's pacing. With pace_prior the pacing is per layer. Exports "
+        "written before this key draw one count per shower.",
+    )
+    count_factors: int = Field(
+        1, ge=1, le=8,
+        description="multiplicity=count: factors of the Gaussian copula that correlates the units' counts (1: "
+        "one event-wide factor, all units busier together; more let a shower's layers move in several "
+        "patterns, e.g. earlier or later as well as busier). Exports written before this key have one.",
     )
     count_terms: int = Field(2, ge=1, le=8, description="count_law=powers: number of power-law components.")
     count_bootstrap: int = Field(
@@ -216,6 +234,9 @@ class TransformerConfig(Section):
         if self.pace_prior and self.multiplicity != "count":
             raise ValueError("pace_prior spaces the tokens a count law has drawn, so it needs multiplicity=count "
                              f"(got multiplicity={self.multiplicity})")
+        if self.layer_counts and self.multiplicity != "count":
+            raise ValueError("layer_counts draws the hits of each layer from the count law, so it needs "
+                             f"multiplicity=count (got multiplicity={self.multiplicity})")
         if self.cluster_charge_redraws and self.cluster_pixel_context:
             raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
                              "cluster_pixel_context draws them slot by slot: switch one of them off")

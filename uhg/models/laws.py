@@ -15,6 +15,7 @@ sequence's draw does not depend on the batch it is computed in (see transformer_
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x[:, None, :] * w[None]).sum(-1)
 
 
-COUNT_LAWS = ("power", "powers", "quadratic")
+COUNT_LAWS = ("power", "powers", "quadratic", "unit_quadratic")
 
 
 class CountLaw(nn.Module):
@@ -76,7 +77,11 @@ class CountLaw(nn.Module):
       conditions (a log-sum-exp is convex), which is how a mixture of power laws behaves;
     - quadratic: eta = a_u + (b + d_u) . x + x^T Q x, a shared slope b and symmetric Q and
       per-unit slope deviations d_u shrunk towards 0 (a ridge whose strength is chosen on held-out events, `choose_shrink`): a low-order polynomial in the
-      log-conditions whose per-unit part stays as precise as the data on each unit allow.
+      log-conditions whose per-unit part stays as precise as the data on each unit allow;
+    - unit_quadratic: eta = a_u + b_u . x + c_u . (x * x), a second-order polynomial per unit
+      with its own slope and curvature in each log-condition: units whose counts bend
+      differently with the conditions (a calorimeter's layers: the tail grows faster than the
+      core, which saturates).
 
     All three saturate at the full grid (sigmoid). docs/transformer.md has the measurement that
     chose the default.
@@ -92,14 +97,17 @@ class CountLaw(nn.Module):
     events (`set_bootstrap`), from which `occupancy_band` gives a band on the predicted mean
     occupancy (+- one standard deviation of the refits' predictions)."""
 
-    def __init__(self, n_units: int, n_cond: int, positions: int, form: str = "quadratic", terms: int = 2,
-                 bootstrap: int = 0):
+    def __init__(self, n_units: int, n_cond: int, positions: int | Sequence[int], form: str = "quadratic",
+                 terms: int = 2, bootstrap: int = 0, factors: int = 1):
         super().__init__()
         if form not in COUNT_LAWS:
             raise ValueError(f"count law form must be one of {COUNT_LAWS}, got {form!r}")
-        self.form = form
+        self.form, self.factors = form, factors
         c = max(n_cond, 1)
-        self.register_buffer("positions", torch.full((n_units,), float(positions)))
+        grid = [float(positions)] * n_units if isinstance(positions, int) else [float(p) for p in positions]
+        if len(grid) != n_units:
+            raise ValueError(f"{len(grid)} unit sizes for {n_units} units")
+        self.register_buffer("positions", torch.tensor(grid))
         init = math.log(INIT_FRACTION / (1 - INIT_FRACTION))
         if form == "powers":
             self.amplitude = nn.Parameter(torch.full((n_units, terms), init - math.log(terms)))
@@ -109,17 +117,25 @@ class CountLaw(nn.Module):
         else:
             self.bias = nn.Parameter(torch.full((n_units,), init))
             self.slope = nn.Parameter(torch.zeros(n_units, c))
+            if form == "unit_quadratic":
+                self.unit_curvature = nn.Parameter(torch.zeros(n_units, c))
             if form == "quadratic":
                 self.shared_slope = nn.Parameter(torch.zeros(c))
                 self.curvature = nn.Parameter(torch.zeros(c, c))
         # atanh of l_u; not 0, where the copula density is flat in every loading (a saddle)
         self.loading = nn.Parameter(torch.full((n_units,), math.atanh(0.3)))
+        if factors > 1:
+            # several factors: raw loadings W (U, K), used as W / sqrt(1 + |W_u|^2) so that every
+            # unit keeps a positive specific variance; distinct starts (a common one is a saddle)
+            ramp = torch.linspace(-0.3, 0.3, n_units)[:, None] * torch.arange(1, factors)[None].float()
+            self.factor_loading = nn.Parameter(torch.cat([torch.full((n_units, 1), 0.3), ramp], 1))
         self.log_dispersion = nn.Parameter(torch.full((n_units,), math.log(20.0)))
         self.register_buffer("bootstrap", torch.zeros(bootstrap, self.n_mean_parameters()))
 
     def mean_parameters(self) -> list[nn.Parameter]:
         """The parameters that set the expected counts (the bootstrap refits these)."""
         names = {"powers": ("amplitude", "exponent"), "power": ("bias", "slope"),
+                 "unit_quadratic": ("bias", "slope", "unit_curvature"),
                  "quadratic": ("bias", "slope", "shared_slope", "curvature")}[self.form]
         return [getattr(self, n) for n in names]
 
@@ -136,6 +152,8 @@ class CountLaw(nn.Module):
             return torch.logsumexp(amplitude[None] + _dot(x, exponent)[:, None, :], -1)
         if self.form == "power":
             return p[0][None] + _dot(x, p[1])
+        if self.form == "unit_quadratic":
+            return p[0][None] + _dot(x, p[1]) + _dot(x * x, p[2])
         bias, unit_slope, slope, curvature = p
         q = (curvature + curvature.T) / 2
         return bias[None] + _dot(x, unit_slope + slope[None]) + ((x @ q) * x).sum(-1, keepdim=True)
@@ -180,6 +198,13 @@ class CountLaw(nn.Module):
     def loadings(self) -> torch.Tensor:
         return torch.tanh(self.loading).clamp(-0.999, 0.999)
 
+    def loading_matrix(self) -> torch.Tensor:
+        """(U, K) loadings of the K copula factors (K = 1: `loadings` as one column)."""
+        if self.factors == 1:
+            return self.loadings()[:, None]
+        w = self.factor_loading
+        return w / (1 + w.square().sum(1, keepdim=True)).sqrt()
+
     def marginal_log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B,) sum over units of the NB log-likelihood of hits per unit `counts` (B, U)."""
         return nb_log_prob(counts.to(cond.dtype), self.mean(cond), self.dispersion()[None]).sum(-1)
@@ -192,7 +217,9 @@ class CountLaw(nn.Module):
 
     def copula_log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """(B,) Gaussian log-density of normal scores y (B, U) under the one-factor copula."""
-        return one_factor_log_density(y, self.loadings().to(y.dtype))
+        if self.factors == 1:
+            return one_factor_log_density(y, self.loadings().to(y.dtype))
+        return factor_log_density(y, self.loading_matrix().to(y.dtype))
 
     def log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B,) log-likelihood of observed hits per unit `counts` (B, U): the NB marginals plus
@@ -200,15 +227,23 @@ class CountLaw(nn.Module):
         return self.marginal_log_prob(counts, cond) + self.copula_log_prob(self.scores(counts, cond))
 
     def sample(self, u_unit: torch.Tensor, u_event: torch.Tensor, cond: torch.Tensor, cap: int) -> tuple[torch.Tensor, int]:
-        """(B*U,) counts (event-major) from uniforms u_unit (B*U,) and u_event (B,), at most
-        min(cap, positions); and how many draws the cap cut."""
+        """(B*U,) counts (event-major) from uniforms u_unit (B*U,) and u_event (B,) (one per
+        event and factor: (B, K) with K factors), at most min(cap, positions); and how many
+        draws the cap cut."""
         B, U = len(cond), len(self.positions)
         mean = self.mean(cond).reshape(-1)
         r = self.dispersion().repeat(B)
-        load = self.loadings().double().repeat(B)
-        g = torch.special.ndtri(u_event.double().clamp(1e-12, 1 - 1e-12)).repeat_interleave(U)
         e = torch.special.ndtri(u_unit.double().clamp(1e-12, 1 - 1e-12))
-        u = torch.special.ndtr(load * g + (1 - load.square()).sqrt() * e)
+        if self.factors == 1:
+            load = self.loadings().double().repeat(B)
+            g = torch.special.ndtri(u_event.double().reshape(-1).clamp(1e-12, 1 - 1e-12)).repeat_interleave(U)
+            u = torch.special.ndtr(load * g + (1 - load.square()).sqrt() * e)
+        else:
+            lam = self.loading_matrix().double()  # (U, K)
+            g = torch.special.ndtri(u_event.double().reshape(B, -1).clamp(1e-12, 1 - 1e-12))  # (B, K)
+            common = (g[:, None, :] * lam[None]).sum(-1).reshape(-1)  # elementwise: batch-independent
+            specific = (1 - lam.square().sum(1)).clamp_min(1e-6).sqrt().repeat(B)
+            u = torch.special.ndtr(common + specific * e)
         raw = nb_quantile(u, mean, r, self.positions.long().repeat(B))
         capped = int((raw > cap).sum())
         return raw.clamp_max(cap), capped
@@ -234,6 +269,17 @@ def one_factor_log_density(y: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
     a = load / d
     quad = (y.square() / d).sum(-1) - (y * a).sum(-1).square() / (1 + (load * a).sum())
     logdet = d.log().sum() + torch.log1p((load * a).sum())
+    return -0.5 * (quad + logdet + y.shape[-1] * math.log(2 * math.pi))
+
+
+def factor_log_density(y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """(B,) log N(y | 0, diag(1 - |lam_u|^2) + lam lam^T) for y (B, U), loadings lam (U, K) (Woodbury)."""
+    d = (1 - lam.square().sum(1)).clamp_min(1e-6)
+    a = lam / d[:, None]  # D^-1 lam
+    inner = torch.eye(lam.shape[1], dtype=y.dtype, device=y.device) + lam.T @ a
+    proj = y @ a  # (B, K)
+    quad = (y.square() / d).sum(-1) - (proj * torch.linalg.solve(inner, proj.T).T).sum(-1)
+    logdet = d.log().sum() + torch.logdet(inner)
     return -0.5 * (quad + logdet + y.shape[-1] * math.log(2 * math.pi))
 
 
@@ -368,4 +414,4 @@ def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
 
 
 __all__ = ["COUNT_LAWS", "CountLaw", "choose_shrink", "count_law_loss", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
-           "one_factor_log_density"]
+           "factor_log_density", "one_factor_log_density"]

@@ -275,9 +275,21 @@ class HitTransformer(nn.Module):
         for emb in (self.row_in, self.col_in, *values_in, self.row_out, self.col_out, self.unit_emb, *values_out):
             nn.init.normal_(emb.weight, std=0.02)
         self.counts = None
-        if config.multiplicity == "count":
+        self.layered = config.multiplicity == "count" and config.layer_counts
+        if self.layered:
+            if L.kind != "calo":
+                raise ValueError("layer_counts draws the hits of each calorimeter layer; this is a pixel geometry")
+            # one law unit per layer; the layer of every hit follows from the drawn counts
+            self.counts = CountLaw(L.n_rows, n_cond, list(L.row_width), config.count_law, config.count_terms,
+                                   config.count_bootstrap, config.count_factors)
+            self.layer_count_in = nn.Linear(L.n_rows, d)
+            self.layer_in = nn.Embedding(L.n_rows + 1, d)
+            self.layer_remain_in = nn.Linear(1, d)
+            nn.init.normal_(self.layer_in.weight, std=0.02)
+        elif config.multiplicity == "count":
             self.counts = CountLaw(L.n_units, n_cond, L.positions_per_unit, config.count_law, config.count_terms,
-                                   config.count_bootstrap)
+                                   config.count_bootstrap, config.count_factors)
+        if config.multiplicity == "count":
             self.count_in, self.remain_in = nn.Linear(1, d), nn.Linear(1, d)
             if config.pace_prior:
                 self.pace_weight = nn.Parameter(torch.ones(1))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
@@ -317,6 +329,29 @@ class HitTransformer(nn.Module):
     def count_context(self, counts: torch.Tensor) -> torch.Tensor:
         """(S, d) context term of sequences with `counts` (S,) hits."""
         return self.count_in(count_feature(counts, self.layout.positions_per_unit))
+
+    def layer_count_context(self, layer_counts: torch.Tensor) -> torch.Tensor:
+        """(S, d) context term of showers with `layer_counts` (S, n_rows) hits per layer (layer_counts)."""
+        return self.layer_count_in(count_feature(layer_counts, max(self.layout.row_width)).squeeze(-1))
+
+    def layer_plan(self, cum: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """layer_counts: (layer of hit t, hits of that layer still to place with hit t) for
+        showers whose cumulative hits per layer are `cum` (S, n_rows) and hit indices t (S, T);
+        the layer is n_rows (END) where t is past the last hit."""
+        row = torch.searchsorted(cum, t.contiguous(), right=True)
+        rem = cum.gather(1, row.clamp(max=self.layout.n_rows - 1)) - t
+        return row, torch.where(row == self.layout.n_rows, 0, rem)
+
+    def layer_input(self, row: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
+        """(..., d) token-input term of the target's layer `row` and its hits still to place `rem`."""
+        return self.layer_in(row) + self.layer_remain_in(count_feature(rem, max(self.layout.row_width)))
+
+    def hits_per_row(self, tokens: TokenBatch) -> torch.Tensor:
+        """(S, n_rows) hits of every row (calorimeter layer) of each sequence."""
+        t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
+        hit = ((t >= 1) & (t <= tokens.lengths[:, None])).long()
+        return torch.zeros(len(tokens.lengths), self.layout.n_rows, dtype=torch.long,
+                           device=hit.device).scatter_add_(1, tokens.rows, hit)
 
     def remaining_input(self, remaining: torch.Tensor) -> torch.Tensor:
         """(..., d) token-input term for `remaining` (...) hits still to place."""
@@ -428,10 +463,14 @@ class HitTransformer(nn.Module):
         return self.row_head(h).masked_fill(~ok, float("-inf"))
 
     def col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
-                   remaining: torch.Tensor | None = None) -> torch.Tensor:
+                   remaining: torch.Tensor | None = None, row_remaining: torch.Tensor | None = None) -> torch.Tensor:
         """(..., n_cols) column logits given the chosen row; invalid columns are -inf (with
-        `remaining`, also those leaving too few positions for the hits after this one). For END
+        `remaining`, also those leaving too few positions for the hits after this one; with
+        `row_remaining`, the hits of this row still to place with this one (layer_counts), those
+        leaving too few positions in the row, and pace_prior paces them over the row). For END
         (row = n_rows) every column is left open; that value is never used."""
+        if row_remaining is not None:
+            return self._row_col_logits(h, row, prev_row, prev_col, row_remaining)
         c = torch.arange(self.layout.n_cols, device=h.device)
         width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])
         r = row.unsqueeze(-1)
@@ -444,6 +483,23 @@ class HitTransformer(nn.Module):
             _, lam = self._pace_rate(prev_row, prev_col, remaining)
             first = torch.where(row == prev_row, prev_col + 1, 0).unsqueeze(-1)
             logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first).clamp_min(0)
+        return logits.masked_fill(~ok, float("-inf"))
+
+    def _row_col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
+                        row_remaining: torch.Tensor) -> torch.Tensor:
+        """col_logits of layer_counts: the row is fixed by the counts, so the columns are paced
+        and masked within it."""
+        c = torch.arange(self.layout.n_cols, device=h.device)
+        width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])[row]
+        first = torch.where(row == prev_row, prev_col + 1, 0)
+        last = width - row_remaining.clamp_min(1)  # the rest of the row's hits must fit after this one
+        ok = (c >= first.unsqueeze(-1)) & (c <= last.unsqueeze(-1))
+        ok = ok | (row == self.layout.n_rows).unsqueeze(-1)
+        logits = self.col_head(h + self.row_out(row))
+        if self.config.pace_prior:
+            left = (width - first).clamp_min(1)
+            lam = -torch.log1p(-(row_remaining.float() / left).clamp(1e-6, 0.999))
+            logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first.unsqueeze(-1)).clamp_min(0)
         return logits.masked_fill(~ok, float("-inf"))
 
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -529,6 +585,10 @@ class HitTransformer(nn.Module):
         counting = self.counts is not None
         if counting:
             ctx = ctx + self.count_context(tokens.lengths)
+        if self.layered:
+            per_row = self.hits_per_row(tokens)
+            ctx = ctx + self.layer_count_context(per_row)
+            cum_all = torch.cumsum(per_row, 1)
         # Run the blocks per length bucket (sequences of similar length padded together) and
         # keep only real targets: padding costs at most ~bucket_slack x the real tokens.
         parts = []
@@ -544,6 +604,10 @@ class HitTransformer(nn.Module):
             t = torch.arange(T, device=rows.device)[None]
             if counting:
                 x = x + self.remaining_input(n[:, None] - t)
+            row_rem = None
+            if self.layered:
+                plan_row, row_rem = self.layer_plan(cum_all[idx], t.expand(S, T))
+                x = x + self.layer_input(plan_row, row_rem)
             h = self.hidden(x, ctx[idx], prev_r, prev_c)
             # With a count law END is not a prediction (it follows the last hit by construction).
             real = t < n[:, None] if counting else t <= n[:, None]
@@ -552,14 +616,18 @@ class HitTransformer(nn.Module):
             t_col = torch.cat([cols[:, 1:], cols.new_zeros(S, 1)], 1)
             t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1, *vals.shape[2:])], 1)
             remaining = (n[:, None] - t).expand(S, T)  # hits still to place at target t (this one included)
-            parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val, remaining)])
-        h, pr, pc, t_row, t_col, t_val, rem = (torch.cat(x) for x in zip(*parts, strict=True))
+            row_rem = remaining if row_rem is None else row_rem
+            parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val, remaining, row_rem)])
+        h, pr, pc, t_row, t_col, t_val, rem, row_rem = (torch.cat(x) for x in zip(*parts, strict=True))
         rem = rem if counting else None
-        nll_row = F.cross_entropy(self.row_logits(h, pr, pc, rem), t_row, reduction="sum")
+        if self.layered:  # the layer of every hit follows from the counts: no row prediction
+            nll_row = h.new_zeros(())
+        else:
+            nll_row = F.cross_entropy(self.row_logits(h, pr, pc, rem), t_row, reduction="sum")
         hit = t_row != L.n_rows
         h, pr, pc, hr, hc = h[hit], pr[hit], pc[hit], t_row[hit], t_col[hit]
-        nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc, None if rem is None else rem[hit]), hc,
-                                  reduction="sum")
+        nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc, None if rem is None else rem[hit],
+                                                  row_rem[hit] if self.layered else None), hc, reduction="sum")
         cluster_nll = {}
         if self.clusters:
             cluster_nll = self.cluster_value_nll(h, hr, hc, t_val[hit])
@@ -569,7 +637,8 @@ class HitTransformer(nn.Module):
         nll = nll_row + nll_col + nll_val
         laws = {}
         if counting:
-            laws["nll_count"] = -self.counts.log_prob(tokens.lengths.view(B, L.n_units), cond).sum()
+            observed = per_row if self.layered else tokens.lengths.view(B, L.n_units)
+            laws["nll_count"] = -self.counts.log_prob(observed, cond).sum()
             nll = nll + laws["nll_count"]
         if self.response is not None:
             if log_response is None:

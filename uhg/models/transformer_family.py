@@ -41,6 +41,9 @@ class TransformerFamily:
         if cfg.token == "cluster" and self.layout.kind != "pixel":
             raise ConfigError(f"model.token: cluster makes tokens of pixel clusters; geometry {geometry.name!r} is a "
                               f"calorimeter (use token: pixel)")
+        if cfg.layer_counts and self.layout.kind != "calo":
+            raise ConfigError(f"model.layer_counts draws the hits of each calorimeter layer; geometry {geometry.name!r} "
+                              f"is a pixel detector")
         if cfg.response_model and self.layout.kind == "pixel":
             raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
 

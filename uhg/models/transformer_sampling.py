@@ -210,13 +210,28 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                          for s in seeds]).to(dev) if B else torch.zeros(0, model.latent_dim, device=dev)
     ev_pad = _padded(torch.arange(B, device=dev)) if B else torch.zeros(0, dtype=torch.long, device=dev)
     ctx_all = model.sequence_context(model.unit_context(cond[ev_pad]), None if z is None else z[ev_pad])[:S]
-    targets, n_capped_counts = None, 0
+    targets, n_capped_counts, cum_all = None, 0, None
     if model.counts is not None and S:
         event_keys = torch.tensor(list(seeds), dtype=torch.int64, device=dev)
-        targets, n_capped_counts = model.counts.sample(counter_uniform(keys, units, -1, 0),
-                                                       counter_uniform(event_keys, torch.full_like(event_keys, U), -1, 0),
-                                                       cond, max_hits)
+        # one uniform per event and copula factor, keyed as units n_units, n_units + 1, ...
+        u_event = torch.stack([counter_uniform(event_keys, torch.full_like(event_keys, U + j), -1, 0)
+                               for j in range(model.counts.factors)], 1)
         seq_pad = _padded(torch.arange(S, device=dev))
+        if model.layered:  # hits per layer (law units = layers; one sequence per shower, U = 1)
+            R = L.n_rows
+            per_row, n_capped_counts = model.counts.sample(
+                counter_uniform(keys.repeat_interleave(R), torch.arange(R, device=dev).repeat(S), -1, 0),
+                u_event, cond, max_hits)
+            per_row = per_row.view(S, R)
+            before = torch.cumsum(per_row, 1) - per_row
+            cut = per_row > (max_hits - before).clamp_min(0)
+            n_capped_counts = max(n_capped_counts, int(cut.any(1).sum()))
+            per_row = torch.minimum(per_row, (max_hits - before).clamp_min(0))
+            cum_all, targets = torch.cumsum(per_row, 1), per_row.sum(1)
+            ctx_all = ctx_all + model.layer_count_context(per_row[seq_pad])[:S]
+        else:
+            targets, n_capped_counts = model.counts.sample(counter_uniform(keys, units, -1, 0), u_event, cond,
+                                                           max_hits)
         ctx_all = ctx_all + model.count_context(targets[seq_pad])[:S]
 
     # FiLM of each sequence's context, once (padded rows, as every product here)
@@ -248,6 +263,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     films = [f[slots] for f in films_all]
     pre = counter_prefix(keys[slots], units[slots])
     tg = None if targets is None else targets[slots]
+    cum = None if cum_all is None else cum_all[slots]
     spread = L.kind == "calo"  # only calorimeter energies are spread inside their bin
     for t in range(max_hits + 1):
         if not bool(live.any()):
@@ -261,6 +277,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                                 prev_v[slots, None], False, ctx)
             if tg is not None:
                 x = x + model.remaining_input(tg[:, None] - t)
+            if cum is not None:
+                x = x + model.layer_input(*model.layer_plan(cum, torch.full_like(tg[:, None], t)))
             h = model.hidden(x, ctx, prev_r[slots, None], prev_c[slots, None], caches, films)[:, 0]
         else:  # full recomputation of the prefix: start token + hits 0..t-1
             first = torch.zeros_like(slots)[:, None]
@@ -272,13 +290,20 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             x = model.embed(hr, hc, hv, True, ctx)
             if tg is not None:
                 x = x + model.remaining_input(tg[:, None] - torch.arange(t + 1, device=dev)[None])
+            if cum is not None:
+                x = x + model.layer_input(*model.layer_plan(cum, torch.arange(t + 1, device=dev)[None].expand(len(cum), -1)))
             h = model.hidden(x, ctx, pr, pc, films=films)[:, -1]
         pr, pc = prev_r[slots], prev_c[slots]
         rem = None if tg is None else tg - t
-        row = sample_top_q(model.row_logits(h, pr, pc, rem), prefixed_uniform(pre, t, 0),
-                           temperature, top_q)
-        col = sample_top_q(model.col_logits(h, row, pr, pc, rem), prefixed_uniform(pre, t, 1),
-                           temperature, top_q)
+        if cum is not None:  # layer_counts: the layer follows from the drawn counts
+            row, row_rem = (v[:, 0] for v in model.layer_plan(cum, torch.full_like(tg[:, None], t)))
+            col = sample_top_q(model.col_logits(h, row, pr, pc, None, row_rem), prefixed_uniform(pre, t, 1),
+                               temperature, top_q)
+        else:
+            row = sample_top_q(model.row_logits(h, pr, pc, rem), prefixed_uniform(pre, t, 0),
+                               temperature, top_q)
+            col = sample_top_q(model.col_logits(h, row, pr, pc, rem), prefixed_uniform(pre, t, 1),
+                               temperature, top_q)
         if model.clusters:
             val = sample_cluster_values(model, h, row, col, pre, t, temperature, top_q)
         else:
@@ -308,6 +333,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             slots, live = slots[pos], torch.arange(len(pos), device=dev) < n_run
             ctx, films, pre = ctx[pos], [f[pos] for f in films], pre[pos]
             tg = None if tg is None else tg[pos]
+            cum = None if cum is None else cum[pos]
             if caches is not None:
                 for c in caches:
                     c.select(pos)

@@ -85,6 +85,9 @@ class TransformerFamily(model.TransformerFamily):
             conds.append(self.condition_norm(hits.conditions).double())
             if census is not None:  # cluster tokens: the laws count tokens, known once the vocabulary is
                 census.add(batch)
+            elif model.layered:  # hits per (shower, layer)
+                flat = hits.event_index() * self.layout.n_rows + hits.columns["layer"].long()
+                counts.append(torch.bincount(flat, minlength=len(batch) * self.layout.n_rows).view(len(batch), -1))
             else:
                 units = hits.columns["sensor"] if self.layout.kind == "pixel" else torch.zeros_like(hits.event_index())
                 flat = hits.event_index() * self.layout.n_units + units.long()
