@@ -59,6 +59,20 @@ class GanConfig(Section):
         "scaled by the mean and spread of the data's charge (as normal scores) at its position in its cluster's "
         "shape, fitted to the training data (fit_from_data); false: every pixel's charge noise is alike.",
     )
+    cluster_charge_share: bool = Field(
+        False,
+        description="Pixel detectors with cluster_charge_profile: every cluster draws one charge score shared by its "
+        "pixels, with the correlation of the pixels' charges (after the profile) fitted per shape to the training "
+        "data (fit_from_data), as one particle's charge spread over its pixels; false: the pixels' noise is "
+        "independent.",
+    )
+    cluster_merge_correction: bool = Field(
+        False,
+        description="Pixel detectors with count_law: the data's clusters, merges included, merge a second time where "
+        "their shapes are placed next to each other; the fitted start generates fit events and moves the shape mix "
+        "(per cluster size) and the count law's level (one factor) until the generated clusters have the data's "
+        "size spectrum and number. false: the shapes and count as fitted.",
+    )
     charge_noise: bool = Field(
         False,
         description="Pixel detectors: stochastic charge, drawn through a table of charge quantiles fitted to the "
@@ -113,6 +127,10 @@ class GanConfig(Section):
             raise ValueError("cluster_shapes and cluster_growth are two ways of making clusters: set one of them")
         if self.cluster_charge_profile and not (self.cluster_shapes and self.charge_noise and self.fit_from_data):
             raise ValueError("cluster_charge_profile needs cluster_shapes > 0, charge_noise and fit_from_data: true")
+        if self.cluster_charge_share and not self.cluster_charge_profile:
+            raise ValueError("cluster_charge_share needs cluster_charge_profile: true (it shares the profile's noise)")
+        if self.cluster_merge_correction and not self.count_law:
+            raise ValueError("cluster_merge_correction needs count_law (it moves the law's level)")
         if self.count_law and not (self.cluster_shapes and self.fit_from_data):
             raise ValueError("count_law needs cluster_shapes > 0 (it counts clusters) and fit_from_data: true "
                              "(it is fitted to the training data)")

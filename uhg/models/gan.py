@@ -148,6 +148,16 @@ class Generator(nn.Module):
             window = (self.n_shapes, SHAPE_ROWS, 2 * SHAPE_HALF_COLS + 1)
             self.register_buffer("shape_charge_mean", torch.zeros(window))
             self.register_buffer("shape_charge_sd", torch.ones(window))
+        # Shared cluster charge: one particle deposits one (Landau-distributed) charge that diffuses
+        # over its cluster's pixels, so their charges rise and fall together (pxd-mini training data,
+        # after the profile: size x the variance of a cluster's mean residual score 1.05 for 2-pixel,
+        # 1.3 for 4-pixel, 1.8 for 8-pixel clusters; 1 for independent pixels). Per shape, the
+        # fitted correlation rho of the pixels' residual scores: every cluster draws one standard
+        # normal score, shared by its pixels with weight sqrt(rho) (their own noise sqrt(1 - rho)),
+        # so each pixel's charge spectrum is unchanged.
+        self.charge_share = bool(self.charge_profile and cfg.cluster_charge_share)
+        if self.charge_share:
+            self.register_buffer("shape_charge_share", torch.zeros(self.n_shapes))
         # Clusters per sensor from a count law fitted to the training data (NB per sensor, one-factor
         # copula for event-wide fluctuations): the gate only says where seeds go, the law how many.
         # A gate alone gives every event the same expected count (hits-per-event spread too narrow)
@@ -280,11 +290,21 @@ class Generator(nn.Module):
 
     def _profile_maps(self, seeds: torch.Tensor, clusters: torch.Tensor,
                       uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, U, H, W) charge-profile mean and spread of the shape and position covering each pixel,
-        for the clusters `place_clusters(seeds, clusters, uniforms)` places."""
+        """(B, U, H, W) offset and scale of each pixel's noise for the clusters
+        `place_clusters(seeds, clusters, uniforms)` places: the charge-profile mean and spread of the
+        shape and position covering it; with a shared cluster charge the offset also holds the
+        cluster's own score (from the seed's second uniform) with weight spread x sqrt(rho), and
+        the scale is spread x sqrt(1 - rho)."""
         choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
-        _, (mean, sd) = place_shapes(seeds, choice, self.shape_stencils, (self.shape_charge_mean, self.shape_charge_sd))
-        return mean, sd
+        tables = (self.shape_charge_mean, self.shape_charge_sd)
+        if not self.charge_share:
+            _, (mean, sd) = place_shapes(seeds, choice, self.shape_stencils, tables)
+            return mean, sd
+        cluster_score = torch.special.ndtri(uniforms[:, 1].double().clamp(1e-7, 1 - 1e-7)).to(self.shape_charge_sd.dtype)
+        rho = self.shape_charge_share[choice].clamp(0.0, 1.0)
+        _, (mean, sd, shared, own) = place_shapes(seeds, choice, self.shape_stencils, tables,
+                                                  per_seed=(cluster_score * rho.sqrt(), (1 - rho).sqrt()))
+        return mean + sd * shared, sd * own
 
     # -- clusters: the gate fires seeds; `clusters` (the third output of forward) say how they grow
     def draw_counts(self, cond: torch.Tensor, u_unit: torch.Tensor, u_event: torch.Tensor) -> torch.Tensor:
@@ -297,8 +317,9 @@ class Generator(nn.Module):
 
     @property
     def draws_per_seed(self) -> int:
-        """Uniform random numbers `place_clusters` takes per seed."""
-        return 1 if self.n_shapes else len(NEIGHBOURS)
+        """Uniform random numbers `place_clusters` takes per seed (the shape; with a shared cluster
+        charge, also the cluster's charge score)."""
+        return (1 + int(self.charge_share)) if self.n_shapes else len(NEIGHBOURS)
 
     def fire_probability(self, seed: torch.Tensor, clusters: torch.Tensor | None) -> torch.Tensor:
         """(B, U, H, W) probability that a pixel fires, from the seed probabilities (differentiable)."""
@@ -411,15 +432,17 @@ def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tenso
 
 
 def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tensor,
-                 tables: tuple[torch.Tensor, ...] = ()):
+                 tables: tuple[torch.Tensor, ...] = (), per_seed: tuple[torch.Tensor, ...] = ()):
     """(B, U, H, W) bool mask: the shape `choice[i]` (a row of the (K, R, C) 0/1 `stencils`) placed at
     the i-th seed of `seeds.nonzero()`, its anchor on the seed, moved inside the image where it
     would cross an edge. (Clipping instead would cut the shapes a second time: the table already
     holds the data's clusters as cut by the edges; on pxd-tiny clipped shapes were 7% too small.)
     With `tables` ((K, R, C) values per shape and stencil position), returns (mask, one (B, U, H, W)
-    map per table: at each placed pixel the value of its shape and position, 0 elsewhere); where
-    shapes overlap, one of them gives the value."""
+    map per table: at each placed pixel the value of its shape and position, 0 elsewhere, then one
+    map per `per_seed` (n_seeds,) values: at each placed pixel its seed's value); where shapes
+    overlap, one of them gives the value."""
     out = torch.zeros_like(seeds)
+    tables = tuple(tables) + tuple(per_seed)
     maps = tuple(torch.zeros(seeds.shape, dtype=t.dtype, device=t.device) for t in tables)
     if not len(choice):
         return (out, maps) if tables else out
@@ -448,8 +471,11 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     out[where] = True
     if not tables:
         return out
-    for m, t in zip(maps, tables, strict=True):
+    n_tables = len(tables) - len(per_seed)
+    for m, t in zip(maps[:n_tables], tables[:n_tables], strict=True):
         m[where] = t[used].flatten(1).gather(1, idx)[s][keep]
+    for m, v in zip(maps[n_tables:], per_seed, strict=True):
+        m[where] = v.repeat_interleave(n)
     return out, maps
 
 

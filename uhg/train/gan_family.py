@@ -36,6 +36,7 @@ from uhg.models.gan import (
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.models.laws import fit_count_law
 from uhg.seeding import event_seed
+from uhg.sparse.clusters import connected_pixels
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
@@ -46,6 +47,7 @@ OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overla
 OVERLAP_PIXELS = 256 * 40 * 32 * 96  # ... at most this many pixels' worth (256 pxd-mini events; full resolution: 16 events)
 OVERLAP_MIN_EVENTS = 16
 OVERLAP_CHUNK_PIXELS = 4 * 40 * 250 * 768  # pixels per draw (256 full events in one draw: gates, uniforms and head over 24 GB by their sizes)
+MERGE_CLASSES = 9  # cluster sizes 1 .. 8 and 9 or more: the size classes of `cluster_merge_correction`
 
 
 class GanFamily(model.GanFamily):
@@ -80,7 +82,7 @@ class GanFamily(model.GanFamily):
         quantiles of the encoded charges. The adversarial game would need thousands of steps to
         move a log occupancy by units; it refines both afterwards."""
         g = modules[self.generator_name]
-        conds, counts, codes, sizes, shapes, raw = [], [], [], [], [], []
+        conds, counts, codes, sizes, shapes, raw, observed = [], [], [], [], [], [], []
         for batch in batches:
             raw.append(batch.conditions)
             hits = TorchHits.from_batch(batch)
@@ -94,6 +96,11 @@ class GanFamily(model.GanFamily):
             if g.n_shapes:
                 keys, sensors, events, *pixels = cluster_shape_keys(batch, self.geometry, g.charge_profile)
                 shapes.append((keys, sensors, events + sum(len(c) for c in conds[:-1]), *pixels))
+            if g.counts is not None and self.cfg.cluster_merge_correction:  # every cluster: (event, size)
+                labels, n_clusters = pixel_clusters(batch, self.geometry)
+                of = np.zeros(n_clusters, np.int64)
+                of[labels] = batch.event_index() + sum(len(c) for c in conds[:-1])
+                observed.append((of, np.bincount(labels, minlength=n_clusters)))
         if not conds:
             return {}
         cond, n = torch.cat(conds), torch.cat(counts).double()  # (E, C), (E, U)
@@ -128,7 +135,7 @@ class GanFamily(model.GanFamily):
             if g.n_shapes:  # seeds fire at occupancy / (the sensor's mean shape size)
                 mean_size, d_log_size, slot_of = _fit_shapes(g, shapes, cond)
                 if g.charge_profile:
-                    profile = _fit_charge_profile(g, shapes, slot_of, torch.cat(codes).numpy())
+                    profile, profile_scores = _fit_charge_profile(g, shapes, slot_of, torch.cat(codes).numpy())
                 g.head.bias[: g.shuffle**2] = 0.0
                 seed = torch.exp(log_occ[:, 0]) / mean_size
             # The start is the fitted model itself: a random head adds a random map to every
@@ -146,12 +153,14 @@ class GanFamily(model.GanFamily):
                 out["fit_mean_cluster_size"] = float(mean_size.mean())
             if g.charge_profile:
                 out["fit_profile_positions"] = profile
+            if g.charge_share:  # the shapes' mean within-cluster charge correlation, weighted by use
+                use = torch.softmax(g.shape_prior.double(), -1).mean(0)
+                out["fit_charge_share"] = float((use * g.shape_charge_share.double()).sum())
             if g.charge_noise:
                 code = torch.cat(codes)
                 if len(code) > QUANTILE_SAMPLE:  # torch.quantile's input limit; an even thinning keeps the shape
                     code = code[even_thinning(len(code), QUANTILE_SAMPLE)]
-                probs = torch.linspace(0, 1, len(g.charge_quantiles), dtype=torch.float64)
-                g.charge_quantiles.copy_(torch.quantile(code, probs).to(g.charge_quantiles.dtype))
+                _fit_charge_table(g, code, profile_scores if g.charge_profile else None)
                 out["fit_charge_median_adu"] = float(torch.expm1(torch.quantile(code, 0.5) * math.log1p(self.layout.adc_max)))
         if g.counts is not None:  # clusters per sensor and event, the census's clusters
             events = np.concatenate([c[2] for c in shapes])
@@ -162,18 +171,24 @@ class GanFamily(model.GanFamily):
             out |= fit_count_law(g.counts, clusters, cond)
         if g.n_shapes:
             conditions = {k: np.concatenate([r[k] for r in raw]) for k in raw[0]}
-            out["fit_overlap_correction"] = self._correct_overlaps(g, conditions, n)
+            data_clusters = tuple(np.concatenate(c) for c in zip(*observed, strict=True)) if observed else None
+            out["fit_overlap_correction"] = self._correct_overlaps(g, conditions, n, data_clusters)
         return out
 
     @torch.no_grad()
-    def _correct_overlaps(self, g: nn.Module, conditions: dict[str, np.ndarray], n: torch.Tensor) -> float:
+    def _correct_overlaps(self, g: nn.Module, conditions: dict[str, np.ndarray], n: torch.Tensor,
+                          data_clusters: tuple[np.ndarray, np.ndarray] | None = None) -> float:
         """Placed shapes overlap and merge where they meet. The table's shapes are the data's
         clusters, merges included, so seeds at occupancy / mean shape size lose hits to a second
         round of merging (pxd-mini at 8e35: -5.6% hits on layer 1). Each sensor's seed rate is
         scaled by the data's hits / the generated hits at the conditions of up to OVERLAP_EVENTS
         fit events, twice (deterministic seeds: every rank starts alike), drawn a few events at a
         time (each event's draw is its own, so the chunks change nothing). Returns the mean factor
-        applied."""
+        applied. With `data_clusters` ((event, size) of every cluster of the fit events;
+        `cluster_merge_correction`), each round also moves the shape log-odds of each size class by
+        log(data / generated clusters of that size) and the law's level by log(data / generated
+        clusters): placed next to each other, the data's shapes merge a second time (pxd-mini at
+        8e35: mean cluster size 3.27 against 3.13, 8-pixel and larger clusters too many)."""
         idx = overlap_events(len(n), self.layout.n_units * self.layout.height * self.layout.width)
         real = n[idx].sum(0)
         chunk = max(1, OVERLAP_CHUNK_PIXELS // (self.layout.n_units * self.layout.height * self.layout.width))
@@ -188,6 +203,7 @@ class GanFamily(model.GanFamily):
         for _ in range(2):
             made = torch.zeros(self.layout.n_units, dtype=torch.float64)
             target = torch.zeros(self.layout.n_units, dtype=torch.float64) if g.counts is not None else real
+            made_sizes, n_made = np.zeros(MERGE_CLASSES + 1, np.int64), 0
             for part in np.array_split(idx, range(chunk, len(idx), chunk)):
                 cond = {k: torch.as_tensor(v[part]) for k, v in conditions.items()}
                 drawn = self.draw(g, cond, [event_seed(1, int(i), "generate") for i in part])
@@ -195,8 +211,33 @@ class GanFamily(model.GanFamily):
                 if g.counts is not None:
                     size = torch.softmax(drawn.clusters.double(), -1) @ stencil_size.to(drawn.clusters.device)  # (B, U)
                     target += (drawn.seeds.sum(dim=(2, 3)).double() * size).sum(0).cpu()
+                if data_clusters is not None:
+                    sizes = self._cluster_sizes(drawn.mask)
+                    made_sizes += np.bincount(np.minimum(sizes, MERGE_CLASSES), minlength=MERGE_CLASSES + 1)
+                    n_made += len(sizes)
             level += torch.log((target + 1) / (made + 1)).to(level).view(-1, *[1] * (level.dim() - 1))
+            if data_clusters is not None:
+                level += self._correct_merges(g, made_sizes, n_made, data_clusters[1][np.isin(data_clusters[0], idx)])
         return float(torch.exp(level - start).mean())
+
+    def _cluster_sizes(self, mask: torch.Tensor) -> np.ndarray:
+        """Pixels of every cluster (4-connected hits of one sensor image) of a hit `mask` (B, U, H, W)."""
+        at = mask.nonzero().cpu().numpy()
+        labels, n = connected_pixels(at[:, 0] * self.layout.n_units + at[:, 1], at[:, 2], at[:, 3],
+                                     self.layout.height, self.layout.width)
+        return np.bincount(labels, minlength=n)
+
+    def _correct_merges(self, g: nn.Module, made: np.ndarray, n_made: int, data_sizes: np.ndarray) -> float:
+        """One round of `cluster_merge_correction` from the generated clusters per size class `made`
+        (1 .. MERGE_CLASSES, the last holds the larger ones too; `n_made` clusters in all) and the
+        sizes of the data's clusters at the same conditions: shifts the shape log-odds of each size
+        class in place; returns the log factor for the law's level."""
+        data = np.bincount(np.minimum(data_sizes, MERGE_CLASSES), minlength=MERGE_CLASSES + 1)
+        shift = torch.as_tensor(np.log((data[1:] + 1.0) / (made[1:] + 1.0)), dtype=g.shape_prior.dtype)
+        size = g.shape_stencils.flatten(1).sum(1).long().clamp(1, MERGE_CLASSES) - 1
+        used = g.shape_prior > NO_SHAPE / 2
+        g.shape_prior.add_(torch.where(used, shift[size][None, :], torch.zeros_like(g.shape_prior)))
+        return math.log((len(data_sizes) + 1.0) / (n_made + 1.0))
 
     # -- training
     def _noise(self, generator: Engine | nn.Module, b: int, device: torch.device):
@@ -520,16 +561,31 @@ def mid_ranks(values: np.ndarray, sample: np.ndarray) -> np.ndarray:
     return (lo + hi) / (2.0 * len(sample))
 
 
+def _fit_charge_table(g: nn.Module, code: torch.Tensor, profile_scores: np.ndarray | None) -> None:
+    """The generator's charge quantile table from the training pixels' encoded charges `code`: the
+    knot at standard normal percentile p holds the data's quantile p. With a charge profile the knot
+    of score s holds the data's quantile at the fraction of `profile_scores` below s instead: the
+    profile's scores (a normal per shape position) mix to heavier tails than one normal, and read at
+    normal percentiles they gave pxd-mini pixel charges a spread of 20.9 ADU against the data's 19.8.
+    `code`: at most QUANTILE_SAMPLE charges (torch.quantile's input limit)."""
+    probs = torch.linspace(0, 1, len(g.charge_quantiles), dtype=torch.float64)
+    if profile_scores is not None and len(profile_scores):
+        ranked = np.sort(profile_scores)
+        probs = torch.as_tensor(np.searchsorted(ranked, torch.special.ndtri(probs).numpy()) / len(ranked))
+    g.charge_quantiles.copy_(torch.quantile(code, probs.to(code.dtype)).to(g.charge_quantiles.dtype))
+
+
 PROFILE_PRIOR = 10.0  # pixels' worth of the overall charge (normal scores 0, 1) in each profile entry
 
 
 def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot_of: np.ndarray,
-                        codes: np.ndarray) -> int:
+                        codes: np.ndarray) -> tuple[int, np.ndarray]:
     """The generator's charge profile: per table shape and stencil position, the mean and spread of
     the normal scores of the training pixels' charges there (scores from the mid-rank of each charge
     among all training charges `codes`, so the quantile table maps them back), shrunk toward 0 and 1
     by PROFILE_PRIOR pixels. `slot_of`: table slot of every census cluster (-1: not in the table).
-    Returns the number of (shape, position) entries with data."""
+    Returns the number of (shape, position) entries with data and the profile's scores (mean +
+    spread x a standard normal draw, fixed seed) at every training pixel of a table shape."""
     offsets = np.cumsum([0] + [len(c[0]) for c in census[:-1]])
     cluster = np.concatenate([c[3] + o for c, o in zip(census, offsets, strict=True)])
     bit = np.concatenate([c[4] for c in census])
@@ -546,7 +602,40 @@ def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot
     sd = np.sqrt(np.maximum(second - mean**2, 0.01))
     g.shape_charge_mean.copy_(torch.as_tensor(mean.reshape(g.shape_charge_mean.shape)))
     g.shape_charge_sd.copy_(torch.as_tensor(sd.reshape(g.shape_charge_sd.shape)))
-    return int((n > 0).sum())
+    if g.charge_share:
+        residual = (z[keep] - mean[flat]) / sd[flat]
+        _fit_charge_share(g, slot[keep], cluster[keep], residual)
+    scores = mean[flat] + sd[flat] * np.random.default_rng(0).standard_normal(len(flat))
+    return int((n > 0).sum()), scores
+
+
+SHARE_PRIOR = 50.0  # clusters' worth of the pooled correlation of their size in each shape's
+
+
+def _fit_charge_share(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, residual: np.ndarray) -> None:
+    """The generator's shared cluster charge: per table shape of n pixels, the correlation rho of its
+    pixels' residual scores (after the charge profile) from the variance of their mean over each
+    training cluster, n Var(mean) = 1 + (n - 1) rho; shrunk toward the pooled value of its size by
+    SHARE_PRIOR clusters and kept in [0, 1) (a negative correlation, a fixed total shared out, is
+    drawn as independent pixels). `slot`, `cluster`, `residual`: table slot, census cluster and
+    residual score of every training pixel in a table shape."""
+    _, first, inverse = np.unique(cluster, return_index=True, return_inverse=True)
+    size = np.bincount(inverse).astype(np.float64)
+    mean_sq = (np.bincount(inverse, residual) / size) ** 2  # the profile's residuals have mean ~0
+    shape = slot[first]
+    k = g.n_shapes
+    count = np.bincount(shape, minlength=k).astype(np.float64)
+    n_pix = g.shape_stencils.flatten(1).sum(1).double().numpy()
+    var = np.bincount(shape, mean_sq, minlength=k) / np.maximum(count, 1)
+    raw = (n_pix * var - 1) / np.maximum(n_pix - 1, 1)
+    pooled = np.zeros(k)
+    for n in np.unique(n_pix[n_pix > 1]):
+        of = (n_pix == n) & (count > 0)
+        if of.any():
+            pooled[n_pix == n] = (n * (count[of] * var[of]).sum() / count[of].sum() - 1) / (n - 1)
+    rho = (count * raw + SHARE_PRIOR * pooled) / (count + SHARE_PRIOR)
+    rho = np.where(n_pix > 1, np.clip(rho, 0.0, 0.95), 0.0)
+    g.shape_charge_share.copy_(torch.as_tensor(rho, dtype=g.shape_charge_share.dtype))
 
 
 def _autocast_like(engine: Engine, device: torch.device):
