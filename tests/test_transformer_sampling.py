@@ -14,9 +14,9 @@ from uhg.geometry import get_geometry
 from uhg.models.transformer import HitTransformer
 from uhg.models.transformer_sampling import (
     counter_uniform,
+    draw_from_cdf,
     generate_tokens,
     sample_events,
-    draw_from_cdf,
     sample_top_q,
     top_q_cdf,
     top_q_mask,
