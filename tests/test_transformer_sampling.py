@@ -14,9 +14,11 @@ from uhg.geometry import get_geometry
 from uhg.models.transformer import HitTransformer
 from uhg.models.transformer_sampling import (
     counter_uniform,
+    draw_from_cdf,
     generate_tokens,
     sample_events,
     sample_top_q,
+    top_q_cdf,
     top_q_mask,
 )
 from uhg.models.transformer_tokens import layout_for_geometry
@@ -72,6 +74,29 @@ def test_sample_top_q_follows_renormalised_distribution():
     masked = logits.clone()
     masked[:, 1] = -torch.inf
     assert not (sample_top_q(masked, u, 1.0, 0.9) == 1).any()
+
+
+def test_draw_from_cdf_equals_the_full_search_at_the_top_of_the_cdf():
+    """Redraws reuse one CDF and find the last token with mass only where u * total rounds to
+    the total: every draw must equal the plain inverse-CDF search clamped to that token."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4000, 40, generator=gen, dtype=torch.float64) * 3
+    logits[torch.rand(4000, 40, generator=gen) < 0.3] = -torch.inf  # masked tokens, masked tails too
+    logits[::7, -5:] = -torch.inf
+    logits[::11, 1:] = -torch.inf
+    logits[:, 0] = 0.0  # every row has a token with mass
+    u = torch.rand(4000, generator=gen, dtype=torch.float64)
+    u[::3] = 1.0  # target = total, as when u * total rounds up to the total
+    for q in (1.0, 0.8):
+        probs, cdf = top_q_cdf(logits, 1.0, q)
+        plain = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        last = 39 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), -1)
+        got = draw_from_cdf(probs, cdf, u)
+        assert bool((plain == 40).any())  # the edge is exercised
+        assert torch.equal(got, torch.minimum(plain, last))
+        assert bool((probs.gather(1, got[:, None]) > 0).all())  # never a masked token
+        sel = torch.arange(0, 4000, 2)
+        assert torch.equal(draw_from_cdf(probs[sel], cdf[sel], u[sel]), got[sel])  # rows are independent
 
 
 def test_counter_uniform_is_pure_and_uniform():

@@ -97,19 +97,35 @@ def top_q_mask(probs: torch.Tensor, q: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def sample_top_q(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_q: float) -> torch.Tensor:
-    """(N,) long: inverse-CDF draw by uniforms `u` (N,) from softmax(logits / temperature)
-    restricted to the top-q set and renormalised. Masked logits (-inf) are never drawn."""
+def top_q_cdf(logits: torch.Tensor, temperature: float, top_q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, cdf), both (N, V) float64: softmax(logits / temperature) restricted to the top-q
+    set (not renormalised) and its running sum, for `draw_from_cdf`. Computed once per set of
+    logits, so redraws from the same logits cost a gather and a search."""
     logits = logits.double()
     probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if top_q < 1.0:
         probs = probs * top_q_mask(probs, top_q)
-    cdf = torch.cumsum(probs, -1)
+    return probs, torch.cumsum(probs, -1)
+
+
+def draw_from_cdf(probs: torch.Tensor, cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(N,) long: inverse-CDF draw by uniforms `u` (N,) from the rows of `top_q_cdf`."""
     target = (u * cdf[:, -1]).unsqueeze(-1)
     choice = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # Rounding at the top of the CDF: fall back to the last token with mass.
-    last = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), -1)
-    return torch.minimum(choice, last)
+    # Rounding at the top of the CDF (u * total rounds to total): no entry exceeds the target,
+    # so fall back to the last token with mass. Only those rows can run past it (the CDF is
+    # flat after that token), so only they pay for finding it.
+    over = (choice == cdf.shape[-1]).nonzero().squeeze(1)
+    if len(over):
+        p = probs[over]
+        choice[over] = p.shape[-1] - 1 - torch.argmax((p.flip(-1) > 0).to(torch.int8), -1)
+    return choice
+
+
+def sample_top_q(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_q: float) -> torch.Tensor:
+    """(N,) long: inverse-CDF draw by uniforms `u` (N,) from softmax(logits / temperature)
+    restricted to the top-q set and renormalised. Masked logits (-inf) are never drawn."""
+    return draw_from_cdf(*top_q_cdf(logits, temperature, top_q), u)
 
 
 def _pad_rows(n: int) -> int:
@@ -150,20 +166,21 @@ def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Ten
         pad = _padded(torch.arange(len(tok), device=h.device))
         tp, sp = tok[pad], slot[pad]
         logits = model.pixel_logits(h[tp], row[tp], col[tp], shape[tp], charge[tp], sp)[:len(tok)]
-        codes[tok, slot] = sample_top_q(logits, prefixed_uniform(prefix[tok], step, 2, slot + 1), temperature, top_q)
-        redraw_out_of_class(model, codes, charge, size, tok, slot, logits, prefix, step, temperature, top_q)
+        probs, cdf = top_q_cdf(logits, temperature, top_q)
+        codes[tok, slot] = draw_from_cdf(probs, cdf, prefixed_uniform(prefix[tok], step, 2, slot + 1))
+        redraw_out_of_class(model, codes, charge, size, tok, slot, probs, cdf, prefix, step)
     return torch.cat([shape[:, None], charge[:, None], codes], 1)
 
 
 def redraw_out_of_class(model: HitTransformer, codes: torch.Tensor, charge: torch.Tensor, size: torch.Tensor,
-                        tok: torch.Tensor, slot: torch.Tensor, logits: torch.Tensor, prefix: torch.Tensor,
-                        step: int, temperature: float, top_q: float) -> None:
+                        tok: torch.Tensor, slot: torch.Tensor, probs: torch.Tensor, cdf: torch.Tensor,
+                        prefix: torch.Tensor, step: int) -> None:
     """cluster_charge_redraws: draw the codes (N, P) of every token whose summed ADC lies outside
     its drawn charge class again from the same pixel logits, up to that many times, in place.
     The codes of a training cluster always sum into its class, so this conditions the product of
     independent pixel laws on what the data always satisfy. tok, slot: (M,) the real pixels,
-    logits (M, n_values) theirs. Redraw a keys pixel slot s by 1 + s + a (P + 1), distinct from
-    every first draw (1 + s), so each token's result depends on its own uniforms only."""
+    probs, cdf (M, n_values) their `top_q_cdf`. Redraw a keys pixel slot s by 1 + s + a (P + 1),
+    distinct from every first draw (1 + s), so each token's result depends on its own uniforms only."""
     redraws = model.config.cluster_charge_redraws
     if not redraws or not len(tok):
         return
@@ -176,7 +193,7 @@ def redraw_out_of_class(model: HitTransformer, codes: torch.Tensor, charge: torc
         if not len(sel):
             return
         u = prefixed_uniform(prefix[tok[sel]], step, 2, slot[sel] + 1 + a * (P + 1))
-        codes[tok[sel], slot[sel]] = sample_top_q(logits[sel], u, temperature, top_q)
+        codes[tok[sel], slot[sel]] = draw_from_cdf(probs[sel], cdf[sel], u)
 
 
 @dataclass
