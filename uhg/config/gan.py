@@ -73,6 +73,13 @@ class GanConfig(Section):
         "(per cluster size) and the count law's level (one factor) until the generated clusters have the data's "
         "size spectrum and number. false: the shapes and count as fitted.",
     )
+    charge_at_fit: bool = Field(
+        False,
+        description="Pixel detectors with charge_noise and fit_from_data: the generator's charge score (the charge "
+        "channels of its head, zero after the fitted start) gets no gradient, so the charge stays the fitted start's "
+        "(quantile table, profile, shared cluster charge) while the adversarial game trains where the seeds go; "
+        "false: the game also shifts each pixel's charge percentile.",
+    )
     charge_noise: bool = Field(
         False,
         description="Pixel detectors: stochastic charge, drawn through a table of charge quantiles fitted to the "
@@ -129,6 +136,8 @@ class GanConfig(Section):
             raise ValueError("cluster_charge_profile needs cluster_shapes > 0, charge_noise and fit_from_data: true")
         if self.cluster_charge_share and not self.cluster_charge_profile:
             raise ValueError("cluster_charge_share needs cluster_charge_profile: true (it shares the profile's noise)")
+        if self.charge_at_fit and not (self.charge_noise and self.fit_from_data):
+            raise ValueError("charge_at_fit needs charge_noise and fit_from_data: true (it keeps the fitted charge)")
         if self.cluster_merge_correction and not self.count_law:
             raise ValueError("cluster_merge_correction needs count_law (it moves the law's level)")
         if self.count_law and not (self.cluster_shapes and self.fit_from_data):
