@@ -66,6 +66,13 @@ class GanConfig(Section):
         "data (fit_from_data), as one particle's charge spread over its pixels; false: the pixels' noise is "
         "independent.",
     )
+    cluster_charge_bank: int = Field(
+        0, ge=0,
+        description="Pixel detectors with cluster_charge_profile: every placed cluster takes the pixel charges of one "
+        "training cluster of its shape (drawn by its second uniform), from a bank of at most this many pixel charges "
+        "filled from the fit events by the fitted start (each shape's clusters thinned evenly to fit); the profile's "
+        "normal scores are then not used. 0 = off.",
+    )
     cluster_merge_correction: bool = Field(
         False,
         description="Pixel detectors with count_law: the data's clusters, merges included, merge a second time where "
@@ -136,6 +143,8 @@ class GanConfig(Section):
             raise ValueError("cluster_charge_profile needs cluster_shapes > 0, charge_noise and fit_from_data: true")
         if self.cluster_charge_share and not self.cluster_charge_profile:
             raise ValueError("cluster_charge_share needs cluster_charge_profile: true (it shares the profile's noise)")
+        if self.cluster_charge_bank and not self.cluster_charge_profile:
+            raise ValueError("cluster_charge_bank needs cluster_charge_profile: true (it replaces the profile's charges)")
         if self.charge_at_fit and not (self.charge_noise and self.fit_from_data):
             raise ValueError("charge_at_fit needs charge_noise and fit_from_data: true (it keeps the fitted charge)")
         if self.cluster_merge_correction and not self.count_law:

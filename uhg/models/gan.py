@@ -158,6 +158,16 @@ class Generator(nn.Module):
         self.charge_share = bool(self.charge_profile and cfg.cluster_charge_share)
         if self.charge_share:
             self.register_buffer("shape_charge_share", torch.zeros(self.n_shapes))
+        # Cluster charge bank: the charges of a cluster's pixels are not a Gaussian copula of their
+        # spectra (pxd-mini 2-pixel clusters: the data's total is peaked at 35-50 ADU, the charge split
+        # between the pixels; the profile with a shared score drew it broad, cluster-charge separation
+        # power 0.03 within that size). Per shape, the encoded pixel charges of training clusters of
+        # that shape (their pixels in stencil order, `bank_size` in all); each placed cluster takes one.
+        self.charge_bank = bool(self.charge_profile and cfg.cluster_charge_bank)
+        if self.charge_bank:
+            self.register_buffer("shape_charge_bank", torch.zeros(cfg.cluster_charge_bank))
+            self.register_buffer("shape_bank_start", torch.zeros(self.n_shapes, dtype=torch.long))
+            self.register_buffer("shape_bank_count", torch.zeros(self.n_shapes, dtype=torch.long))
         # Clusters per sensor from a count law fitted to the training data (NB per sensor, one-factor
         # copula for event-wide fluctuations): the gate only says where seeds go, the law how many.
         # A gate alone gives every event the same expected count (hits-per-event spread too narrow)
@@ -269,8 +279,10 @@ class Generator(nn.Module):
                         seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """`profile_code` at the pixels `index` only, from `sample_maps`'s head output: the charge
         profile's mean and spread of the shape and position covering each hit."""
-        mean, sd = self._profile_maps(seeds, clusters, uniforms)
         score = self._score_at(head, index)
+        if self.charge_bank:
+            return self._bank_map(seeds, clusters, uniforms)[index].to(score.dtype)
+        mean, sd = self._profile_maps(seeds, clusters, uniforms)
         return self._code(score + mean[index].to(score.dtype) + sd[index].to(score.dtype) * pixel_noise)
 
     def _score_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -285,8 +297,21 @@ class Generator(nn.Module):
         """With a charge profile, forward's second output is the charge score before noise: the encoded
         charge (B, U, H, W) after the clusters of `place_clusters(seeds, clusters, uniforms)` are placed,
         head + mean + spread x `pixel_noise` (B, U, 1, H, W) of the shape and position that covers each pixel."""
+        if self.charge_bank:
+            return self._bank_map(seeds, clusters, uniforms).to(score.dtype)
         mean, sd = self._profile_maps(seeds, clusters, uniforms)
         return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise[:, :, 0])
+
+    def _bank_map(self, seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """(B, U, H, W) encoded charges of the clusters `place_clusters(seeds, clusters, uniforms)` places,
+        each from the bank: the training cluster of its shape that its second uniform picks."""
+        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
+        count = self.shape_bank_count[choice].clamp_min(1)
+        pick = (uniforms[:, 1].double() * count).long().clamp(max=count - 1)
+        n_pix = self.shape_stencils.flatten(1).sum(1).long()
+        base = self.shape_bank_start[choice] + pick * n_pix[choice]
+        _, (code,) = place_shapes(seeds, choice, self.shape_stencils, per_pixel=((self.shape_charge_bank, base),))
+        return code
 
     def _profile_maps(self, seeds: torch.Tensor, clusters: torch.Tensor,
                       uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +344,7 @@ class Generator(nn.Module):
     def draws_per_seed(self) -> int:
         """Uniform random numbers `place_clusters` takes per seed (the shape; with a shared cluster
         charge, also the cluster's charge score)."""
-        return (1 + int(self.charge_share)) if self.n_shapes else len(NEIGHBOURS)
+        return (1 + int(self.charge_share or self.charge_bank)) if self.n_shapes else len(NEIGHBOURS)
 
     def fire_probability(self, seed: torch.Tensor, clusters: torch.Tensor | None) -> torch.Tensor:
         """(B, U, H, W) probability that a pixel fires, from the seed probabilities (differentiable)."""
@@ -432,17 +457,21 @@ def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tenso
 
 
 def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tensor,
-                 tables: tuple[torch.Tensor, ...] = (), per_seed: tuple[torch.Tensor, ...] = ()):
+                 tables: tuple[torch.Tensor, ...] = (), per_seed: tuple[torch.Tensor, ...] = (),
+                 per_pixel: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()):
     """(B, U, H, W) bool mask: the shape `choice[i]` (a row of the (K, R, C) 0/1 `stencils`) placed at
     the i-th seed of `seeds.nonzero()`, its anchor on the seed, moved inside the image where it
     would cross an edge. (Clipping instead would cut the shapes a second time: the table already
     holds the data's clusters as cut by the edges; on pxd-tiny clipped shapes were 7% too small.)
     With `tables` ((K, R, C) values per shape and stencil position), returns (mask, one (B, U, H, W)
     map per table: at each placed pixel the value of its shape and position, 0 elsewhere, then one
-    map per `per_seed` (n_seeds,) values: at each placed pixel its seed's value); where shapes
-    overlap, one of them gives the value."""
+    map per `per_seed` (n_seeds,) values: at each placed pixel its seed's value, then one map per
+    `per_pixel` (values (N,), base (n_seeds,)): at the j-th pixel of seed i's shape, in stencil
+    order, values[base[i] + j]); where shapes overlap, one of them gives the value."""
     out = torch.zeros_like(seeds)
     tables = tuple(tables) + tuple(per_seed)
+    n_seed_maps = len(tables)
+    tables = tables + tuple(v for v, _ in per_pixel)
     maps = tuple(torch.zeros(seeds.shape, dtype=t.dtype, device=t.device) for t in tables)
     if not len(choice):
         return (out, maps) if tables else out
@@ -471,11 +500,13 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     out[where] = True
     if not tables:
         return out
-    n_tables = len(tables) - len(per_seed)
+    n_tables = n_seed_maps - len(per_seed)
     for m, t in zip(maps[:n_tables], tables[:n_tables], strict=True):
         m[where] = t[used].flatten(1).gather(1, idx)[s][keep]
-    for m, v in zip(maps[n_tables:], per_seed, strict=True):
+    for m, v in zip(maps[n_tables:n_seed_maps], per_seed, strict=True):
         m[where] = v.repeat_interleave(n)
+    for m, (v, base) in zip(maps[n_seed_maps:], per_pixel, strict=True):
+        m[where] = v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]]
     return out, maps
 
 

@@ -621,8 +621,55 @@ def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot
     if g.charge_share:
         residual = (z[keep] - mean[flat]) / sd[flat]
         _fit_charge_share(g, slot[keep], cluster[keep], residual)
+    if g.charge_bank:
+        _fit_charge_bank(g, slot[keep], cluster[keep], bit[keep], value[keep])
     scores = mean[flat] + sd[flat] * np.random.default_rng(0).standard_normal(len(flat))
     return int((n > 0).sum()), scores
+
+
+def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: np.ndarray, code: np.ndarray) -> None:
+    """The generator's cluster charge bank: the encoded charges of training clusters, each cluster's
+    pixels in stencil (bit) order, grouped by table shape; a shape with n clusters keeps every
+    ceil(n / c)-th of them (census order: spread over the fit events and their conditions), c the
+    largest count per shape that fits the bank. `slot`, `cluster`, `bit`, `code`: table slot, census
+    cluster, window bit and encoded charge of every training pixel in a table shape."""
+    order = np.lexsort((bit, cluster))
+    cluster, code = cluster[order], code[order]
+    first = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
+    size = np.diff(np.r_[first, len(cluster)])
+    shape = slot[order][first]
+    k = g.n_shapes
+    n = np.bincount(shape, minlength=k)
+    n_pix = np.bincount(shape, size, minlength=k) / np.maximum(n, 1)  # every cluster of a shape has its pixels
+    capacity = g.shape_charge_bank.numel()
+
+    def every(c: int) -> np.ndarray:  # keep every ceil(n / c)-th cluster: ceil(n / that) <= c of them
+        return np.maximum(-(-n // c), 1)
+
+    def kept(c: int) -> np.ndarray:
+        return -(-n // every(c)) if c else np.zeros_like(n)
+
+    lo, hi = 0, max(int(n.max()), 1)
+    while lo < hi:  # the largest per-shape count whose clusters fit
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if (kept(mid) * n_pix).sum() <= capacity else (lo, mid - 1)
+    if lo == 0:
+        raise ValueError(f"cluster_charge_bank {capacity} holds less than one training cluster of every shape "
+                         f"({int((n_pix * (n > 0)).sum())} pixels): raise it or lower cluster_shapes")
+    step = every(lo)
+    by_shape = np.argsort(shape, kind="stable")
+    rank = np.empty(len(shape), np.int64)
+    rank[by_shape] = np.arange(len(shape)) - np.repeat(np.r_[0, np.cumsum(n)[:-1]], n)
+    chosen = by_shape[(rank[by_shape] % step[shape[by_shape]]) == 0]  # by shape, census order within
+    starts = np.repeat(first[chosen], size[chosen])
+    within = np.arange(len(starts)) - np.repeat(np.r_[0, np.cumsum(size[chosen])[:-1]], size[chosen])
+    values = code[starts + within]
+    count = np.bincount(shape[chosen], minlength=k)
+    bank = torch.zeros_like(g.shape_charge_bank)
+    bank[: len(values)] = torch.as_tensor(values, dtype=bank.dtype)
+    g.shape_charge_bank.copy_(bank)
+    g.shape_bank_count.copy_(torch.as_tensor(count))
+    g.shape_bank_start.copy_(torch.as_tensor(np.r_[0, np.cumsum(count * n_pix.round().astype(np.int64))[:-1]]))
 
 
 SHARE_PRIOR = 50.0  # clusters' worth of the pooled correlation of their size in each shape's
