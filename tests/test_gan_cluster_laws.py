@@ -383,7 +383,9 @@ def test_the_charge_bank_gives_the_clusters_of_each_size_the_datas_charge_spectr
         if bank:  # every table shape with training clusters has some in the bank, each its stencil's pixels long
             used = g.shape_prior[0] > -1e3
             assert bool((g.shape_bank_count[used] > 0).all())
-            assert int((g.shape_bank_count * g.shape_stencils.flatten(1).sum(1).long()).sum()) <= bank
+            assert int((g.shape_bank_count * g.shape_stencils.flatten(1).sum(1)).sum()) <= bank
+            # the export holds the floating-point state only: a long buffer would load as zeros
+            assert all(getattr(g, k).is_floating_point() for k in ("shape_charge_bank", "shape_bank_start", "shape_bank_count"))
         got, size = charges(fam.sample(g, {"luminosity": torch.full((100,), 8e35, dtype=torch.float64)},
                                        list(range(300, 400))))
         binning = common_binning([want, got], "log")

@@ -166,8 +166,9 @@ class Generator(nn.Module):
         self.charge_bank = bool(self.charge_profile and cfg.cluster_charge_bank)
         if self.charge_bank:
             self.register_buffer("shape_charge_bank", torch.zeros(cfg.cluster_charge_bank))
-            self.register_buffer("shape_bank_start", torch.zeros(self.n_shapes, dtype=torch.long))
-            self.register_buffer("shape_bank_count", torch.zeros(self.n_shapes, dtype=torch.long))
+            # float, not long: the export holds the floating-point state (the EMA's); exact below 2^24
+            self.register_buffer("shape_bank_start", torch.zeros(self.n_shapes))
+            self.register_buffer("shape_bank_count", torch.zeros(self.n_shapes))
         # Clusters per sensor from a count law fitted to the training data (NB per sensor, one-factor
         # copula for event-wide fluctuations): the gate only says where seeds go, the law how many.
         # A gate alone gives every event the same expected count (hits-per-event spread too narrow)
@@ -306,10 +307,10 @@ class Generator(nn.Module):
         """(B, U, H, W) encoded charges of the clusters `place_clusters(seeds, clusters, uniforms)` places,
         each from the bank: the training cluster of its shape that its second uniform picks."""
         choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
-        count = self.shape_bank_count[choice].clamp_min(1)
-        pick = (uniforms[:, 1].double() * count).long().clamp(max=count - 1)
-        n_pix = self.shape_stencils.flatten(1).sum(1).long()
-        base = self.shape_bank_start[choice] + pick * n_pix[choice]
+        count = self.shape_bank_count[choice].round().long().clamp_min(1)
+        pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
+        n_pix = self.shape_stencils.flatten(1).sum(1).round().long()
+        base = self.shape_bank_start[choice].round().long() + pick * n_pix[choice]
         _, (code,) = place_shapes(seeds, choice, self.shape_stencils, per_pixel=((self.shape_charge_bank, base),))
         return code
 

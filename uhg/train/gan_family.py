@@ -668,8 +668,9 @@ def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: n
     bank = torch.zeros_like(g.shape_charge_bank)
     bank[: len(values)] = torch.as_tensor(values, dtype=bank.dtype)
     g.shape_charge_bank.copy_(bank)
-    g.shape_bank_count.copy_(torch.as_tensor(count))
-    g.shape_bank_start.copy_(torch.as_tensor(np.r_[0, np.cumsum(count * n_pix.round().astype(np.int64))[:-1]]))
+    g.shape_bank_count.copy_(torch.as_tensor(count, dtype=g.shape_bank_count.dtype))
+    g.shape_bank_start.copy_(torch.as_tensor(np.r_[0, np.cumsum(count * n_pix.round().astype(np.int64))[:-1]],
+                                             dtype=g.shape_bank_start.dtype))
 
 
 SHARE_PRIOR = 50.0  # clusters' worth of the pooled correlation of their size in each shape's
