@@ -32,11 +32,15 @@ ENERGY_MAX = {"epical_transformer_mini.yaml": 4000.0}
 # GPU-sized: minutes per step on a 2-core CPU and ~8 GB for the full transformer, so their short
 # training is not a CPU test (they share the family code of the mini configs; test_config validates them)
 GPU_SIZED = {"calo_transformer.yaml", "calo_gan.yaml"}
+# too slow for this test on a 2-core CPU: calo_layers_ds2 trains at 0.64-1.55 steps/s (6480 voxels;
+# docs/results.md), and the ds1 model of the same family needs ~300 steps to move its profile
+# (above), 3-8 min; its 45-layer model is tested in test_calo_layers_ds2.py
+CPU_SLOW = {"calo_layers_ds2.yaml"}
 
 
 def test_every_shipped_calorimeter_config_is_covered():
     shipped = {p.name for pattern in ("calo_*.yaml", "epical_*.yaml") for p in CONFIGS.glob(pattern)}
-    assert shipped == set(SHORT) | GPU_SIZED
+    assert shipped == set(SHORT) | GPU_SIZED | CPU_SLOW
 
 
 def layer_profile(batch, g) -> np.ndarray:
