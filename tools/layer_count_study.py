@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
+from uhg.eval.distances import common_binning, separation_power_samples
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.eval.distances import common_binning, separation_power_samples
 from uhg.models.laws import CountLaw, LayerShareLaw, fit_count_law, fit_share_law
 from uhg.sim.calo import simulate_calo_showers
 
