@@ -159,9 +159,9 @@ def test_layer_counts_settings_are_checked():
 
 
 def test_shipped_epical_config_draws_a_layer_profile_that_holds_beyond_the_range():
-    """configs/epical_transformer_mini.yaml fits one law unit per layer to the training showers,
-    and its mean pixels per layer at 2x the training top stay close to simulated showers there
-    (a shower-wide count, the config before, has no per-layer profile of its own)."""
+    """configs/epical_transformer_mini.yaml fits a pixel-total law and a per-layer share law to the
+    training showers (layer_split), and its mean pixels per layer at 2x the training top (the
+    total's mean times the mean shares) stay close to simulated showers there."""
     from pathlib import Path
 
     from uhg.config.loading import load_config
@@ -173,11 +173,12 @@ def test_shipped_epical_config_draws_a_layer_profile_that_holds_beyond_the_range
     modules = family.build_modules()
     family.initialise_from_data(modules, [simulate_calo_showers(g, 1500, seed=6, energy_min=TRAIN[0],
                                                                 energy_max=TRAIN[1])])
-    law = modules["model"].counts
-    assert len(law.positions) == g.n_layers
+    model = modules["model"]
+    assert len(model.counts.positions) == 1 and model.shares is not None
     ref = _per_layer(simulate_calo_showers(g, 200, seed=9, energy_min=32000.0, energy_max=32000.0), g.n_layers)
     cond = family.condition_norm({"incident_energy": torch.tensor([32000.0])})
-    mean = law.mean(cond)[0].detach().double().numpy()
+    with torch.no_grad():
+        mean = (model.counts.mean(cond) * model.shares.mean_shares(cond.to(model.shares.bias.dtype)))[0].double().numpy()
     target = ref.mean(0)
     mre = float(np.mean(np.abs(mean / target - 1)))
     assert mre < 0.2, mre

@@ -156,6 +156,16 @@ class TransformerConfig(Section):
         "training range instead of the network's pacing. With pace_prior the pacing is per layer. Exports "
         "written before this key draw one count per shower.",
     )
+    layer_split: bool = Field(
+        False,
+        description="layer_counts: draw each shower's pixel total first from a one-unit count law (`count_law`, "
+        "fitted to the training showers' totals) and split it over the layers with a learned share law (a "
+        "Dirichlet-multinomial whose mean shares are a softmax of per-layer quadratics in the log-scaled "
+        "conditions plus a per-shower depth factor; fitted by maximum likelihood to the training showers' "
+        "pixels per layer). The total then keeps the data's shower-to-shower spread beyond the training range, "
+        "which a sum of per-layer draws does not (docs/calorimeter.md). count_factors does not apply. Exports "
+        "written before this key draw every layer from its own law.",
+    )
     count_factors: int = Field(
         1, ge=1, le=8,
         description="multiplicity=count: factors of the Gaussian copula that correlates the units' counts (1: "
@@ -237,6 +247,9 @@ class TransformerConfig(Section):
         if self.layer_counts and self.multiplicity != "count":
             raise ValueError("layer_counts draws the hits of each layer from the count law, so it needs "
                              f"multiplicity=count (got multiplicity={self.multiplicity})")
+        if self.layer_split and not self.layer_counts:
+            raise ValueError("layer_split splits a shower's pixel total over its layers, so it needs "
+                             "layer_counts: true (got layer_counts=false)")
         if self.cluster_charge_redraws and self.cluster_pixel_context:
             raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
                              "cluster_pixel_context draws them slot by slot: switch one of them off")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -408,10 +409,107 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     return out
 
 
+SHARE_NODES = 16  # Gauss-Hermite nodes of the share law's depth factor (its likelihood integrates it out)
+SHARE_STREAM = 0x5A4E  # second seed word of a shower's share draws (apart from its other streams)
+
+
+class LayerShareLaw(nn.Module):
+    """How a shower's pixel total splits over its layers, given the total: a Dirichlet-multinomial
+    over the layers whose mean shares are softmax(eta), eta_l = a_l + b_l . x + c_l . (x * x) + t_l z
+    (each layer's own slope and curvature in the log-scaled conditions x, as the `unit_quadratic`
+    count law), with one standard-normal depth factor z per shower (a shower that starts earlier
+    or later moves all layers together in the pattern t) and a concentration kappa = exp(k_0 + k . x)
+    for what the factor leaves (shares scatter less or more with the energy as the data say).
+
+    The total is drawn first from a shower-wide law, so its spread is the data's at every energy;
+    only the split comes from here. Every parameter is fitted by maximum likelihood to the
+    training showers' pixels per layer (`fit_share_law`), z integrated out by Gauss-Hermite
+    quadrature; nothing about a longitudinal profile is fixed in advance."""
+
+    def __init__(self, n_layers: int, n_cond: int):
+        super().__init__()
+        c = max(n_cond, 1)
+        self.bias = nn.Parameter(torch.zeros(n_layers))
+        self.slope = nn.Parameter(torch.zeros(n_layers, c))
+        self.curvature = nn.Parameter(torch.zeros(n_layers, c))
+        # a ramp, not 0: with t = 0 the likelihood is flat in every direction of t (a saddle)
+        self.depth = nn.Parameter(torch.linspace(-0.3, 0.3, n_layers))
+        self.log_concentration = nn.Parameter(torch.full((1,), math.log(100.0)))
+        self.concentration_slope = nn.Parameter(torch.zeros(c))
+        nodes, weights = np.polynomial.hermite_e.hermegauss(SHARE_NODES)  # probabilists': weight exp(-z^2 / 2)
+        self.register_buffer("nodes", torch.tensor(nodes))
+        self.register_buffer("log_weights", torch.tensor(weights / weights.sum()).log())
+
+    def eta(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, L) share logits at depth factor 0."""
+        x = cond if cond.shape[1] else cond.new_zeros(len(cond), 1)
+        return self.bias[None] + _dot(x, self.slope) + _dot(x * x, self.curvature)
+
+    def concentration(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B,) Dirichlet concentration kappa."""
+        x = cond if cond.shape[1] else cond.new_zeros(len(cond), 1)
+        return (self.log_concentration + (x * self.concentration_slope[None]).sum(-1)).clamp(-5.0, 15.0).exp()
+
+    def mean_shares(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, L) expected share of each layer (the depth factor averaged over its nodes)."""
+        eta = self.eta(cond)[:, None] + self.nodes.to(cond.dtype)[None, :, None] * self.depth[None, None]
+        return (torch.softmax(eta, -1) * self.log_weights.to(cond.dtype).exp()[None, :, None]).sum(1)
+
+    def log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B,) log-likelihood of the split `counts` (B, L) given its total (the depth factor integrated)."""
+        n = counts.to(cond.dtype)
+        total = n.sum(-1)
+        kappa = self.concentration(cond)
+        eta = self.eta(cond)[:, None] + self.nodes.to(cond.dtype)[None, :, None] * self.depth[None, None]  # (B, Q, L)
+        alpha = kappa[:, None, None] * torch.softmax(eta, -1)
+        per_node = (torch.lgamma(n[:, None] + alpha) - torch.lgamma(alpha)).sum(-1)  # (B, Q)
+        norm = (torch.lgamma(total + 1) - torch.lgamma(n + 1).sum(-1)
+                + torch.lgamma(kappa) - torch.lgamma(total + kappa))
+        return norm + torch.logsumexp(per_node + self.log_weights.to(cond.dtype)[None], -1)
+
+    def sample(self, totals: torch.Tensor, cond: torch.Tensor, seeds: Sequence[int], capacity: torch.Tensor) -> torch.Tensor:
+        """(B, L) long: each shower's total `totals` (B,) split over the layers, at most `capacity`
+        (L,) per layer. Shower b draws from its own generator seeded by seeds[b], so a draw does not
+        depend on the batch it is made in."""
+        with torch.no_grad():
+            cond = cond.to(self.bias.dtype)
+            eta, kappa = self.eta(cond).double().cpu().numpy(), self.concentration(cond).double().cpu().numpy()
+            depth = self.depth.detach().double().cpu().numpy()
+        cap = capacity.long().cpu().numpy()
+        out = np.zeros(eta.shape, dtype=np.int64)
+        for b, seed in enumerate(seeds):
+            rng = np.random.default_rng((int(seed), SHARE_STREAM))
+            logits = eta[b] + rng.standard_normal() * depth
+            p = np.exp(logits - logits.max())
+            alpha = kappa[b] * p / p.sum()
+            g = rng.standard_gamma(alpha)
+            shares = g / g.sum() if g.sum() > 0 else alpha / alpha.sum()
+            out[b] = np.minimum(rng.multinomial(int(totals[b]), shares), cap)
+        return torch.as_tensor(out, device=totals.device)
+
+
+
+def share_law_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per shower plus a small ridge on the slopes and curvatures."""
+    return (-law.log_prob(counts, cond).mean()
+            + RIDGE * (law.slope.square().sum() + law.curvature.square().sum() + law.concentration_slope.square().sum()))
+
+
+def fit_share_law(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
+    """Maximum-likelihood fit of `law` to pixels per layer `counts` (N, L) at normalised
+    conditions `cond` (N, C): the mean shares first (from the empirical ones, no depth factor),
+    then everything (full-batch L-BFGS, deterministic)."""
+    with torch.no_grad():
+        frac = (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
+        law.bias.copy_(frac.log().mean(0) - frac.log().mean())
+    out = {"law_share_nll": fit_law(law, lambda m: share_law_loss(m, counts, cond), max_iter=300)}
+    return out
+
+
 def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     """Hits (or hits still to place) as an O(1) input: log(1 + n) / log(1 + positions)."""
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["COUNT_LAWS", "CountLaw", "choose_shrink", "count_law_loss", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "choose_shrink", "count_law_loss", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
            "factor_log_density", "one_factor_log_density"]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
-from uhg.models.laws import CountLaw, ResponseLaw, count_feature
+from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
 from uhg.models.transformer_tokens import TokenBatch, TokenLayout, encode_hits
 from uhg.sparse.torch_hits import TorchHits
@@ -274,14 +274,20 @@ class HitTransformer(nn.Module):
         values_out = [self.shape_out, self.charge_out, self.offset_out] if self.clusters else []
         for emb in (self.row_in, self.col_in, *values_in, self.row_out, self.col_out, self.unit_emb, *values_out):
             nn.init.normal_(emb.weight, std=0.02)
-        self.counts = None
+        self.counts, self.shares = None, None
         self.layered = config.multiplicity == "count" and config.layer_counts
         if self.layered:
             if L.kind != "calo":
                 raise ValueError("layer_counts draws the hits of each calorimeter layer; this is a pixel geometry")
-            # one law unit per layer; the layer of every hit follows from the drawn counts
-            self.counts = CountLaw(L.n_rows, n_cond, list(L.row_width), config.count_law, config.count_terms,
-                                   config.count_bootstrap, config.count_factors)
+            # one law unit per layer, or (layer_split) one for the shower's total and a share law
+            # for its split; the layer of every hit follows from the drawn counts
+            if config.layer_split:
+                self.counts = CountLaw(1, n_cond, sum(L.row_width), config.count_law, config.count_terms,
+                                       config.count_bootstrap)
+                self.shares = LayerShareLaw(L.n_rows, n_cond)
+            else:
+                self.counts = CountLaw(L.n_rows, n_cond, list(L.row_width), config.count_law, config.count_terms,
+                                       config.count_bootstrap, config.count_factors)
             self.layer_count_in = nn.Linear(L.n_rows, d)
             self.layer_in = nn.Embedding(L.n_rows + 1, d)
             self.layer_remain_in = nn.Linear(1, d)
@@ -297,7 +303,7 @@ class HitTransformer(nn.Module):
 
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
-        return [p for m in (self.counts, self.response) if m is not None for p in m.parameters()]
+        return [p for m in (self.counts, self.shares, self.response) if m is not None for p in m.parameters()]
 
     # ---- tokens ---------------------------------------------------------------------------
     def tokenize(self, hits: TorchHits) -> TokenBatch:
@@ -638,6 +644,10 @@ class HitTransformer(nn.Module):
         laws = {}
         if counting:
             observed = per_row if self.layered else tokens.lengths.view(B, L.n_units)
+            if self.shares is not None:  # layer_split: the total, then its split
+                laws["nll_share"] = -self.shares.log_prob(per_row, cond).sum()
+                nll = nll + laws["nll_share"]
+                observed = per_row.sum(1, keepdim=True)
             laws["nll_count"] = -self.counts.log_prob(observed, cond).sum()
             nll = nll + laws["nll_count"]
         if self.response is not None:

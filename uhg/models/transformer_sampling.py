@@ -236,9 +236,14 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         seq_pad = _padded(torch.arange(S, device=dev))
         if model.layered:  # hits per layer (law units = layers; one sequence per shower, U = 1)
             R = L.n_rows
-            per_row, n_capped_counts = model.counts.sample(
-                counter_uniform(keys.repeat_interleave(R), torch.arange(R, device=dev).repeat(S), -1, 0),
-                u_event, cond, max_hits)
+            if model.shares is not None:  # layer_split: the shower's total, then its split over the layers
+                totals, n_capped_counts = model.counts.sample(counter_uniform(keys, units, -1, 0), u_event, cond,
+                                                              max_hits)
+                per_row = model.shares.sample(totals, cond, seeds, torch.as_tensor(L.row_width))
+            else:
+                per_row, n_capped_counts = model.counts.sample(
+                    counter_uniform(keys.repeat_interleave(R), torch.arange(R, device=dev).repeat(S), -1, 0),
+                    u_event, cond, max_hits)
             per_row = per_row.view(S, R)
             before = torch.cumsum(per_row, 1) - per_row
             cut = per_row > (max_hits - before).clamp_min(0)

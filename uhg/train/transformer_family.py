@@ -18,7 +18,7 @@ from torch import nn
 from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.models import transformer_family as model
-from uhg.models.laws import fit_count_law, fit_law
+from uhg.models.laws import fit_count_law, fit_law, fit_share_law
 from uhg.models.modes import eval_mode
 from uhg.models.transformer import mean_attended, padded_tokens
 from uhg.models.transformer_clusters import ShapeCensus
@@ -103,6 +103,9 @@ class TransformerFamily(model.TransformerFamily):
             out.update(census.coverage(vocab))
             counts = [census.token_counts(vocab)]
         cond, n = torch.cat(conds), torch.cat(counts).double()
+        if model.shares is not None:  # layer_split: the total's law on the totals, the split's on the layers
+            out |= fit_share_law(model.shares, n, cond)
+            n = n.sum(1, keepdim=True)
         if model.counts is not None:
             out |= fit_count_law(model.counts, n, cond)
         if model.response is not None:
