@@ -309,8 +309,7 @@ class Generator(nn.Module):
         choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
         count = self.shape_bank_count[choice].round().long().clamp_min(1)
         pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
-        n_pix = self.shape_stencils.flatten(1).sum(1).round().long()
-        base = self.shape_bank_start[choice].round().long() + pick * n_pix[choice]
+        base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
         _, (code,) = place_shapes(seeds, choice, self.shape_stencils, per_pixel=((self.shape_charge_bank, base),))
         return code
 
@@ -340,6 +339,11 @@ class Generator(nn.Module):
         n, _ = self.counts.sample(u_unit.reshape(-1), u_event, cond.to(self.counts.positions.dtype),
                                   self.layout.height * self.layout.width)
         return n.view(b, u)
+
+    @property
+    def shape_pixels(self) -> torch.Tensor:
+        """(n_shapes,) pixels of each table shape (its stencil's count; the stencils are 0/1)."""
+        return self.shape_stencils.flatten(1).sum(1).round().long()
 
     @property
     def draws_per_seed(self) -> int:

@@ -201,7 +201,7 @@ class GanFamily(model.GanFamily):
         # fit events' counts over 256 events to every sensor: per-sensor MRE 6.1%, floor 2.3%.)
         level = _count_level(g.counts) if g.counts is not None else g.unit_gate[:, 0]
         start = level.detach().clone()
-        stencil_size = g.shape_stencils.flatten(1).sum(1).double()
+        stencil_size = g.shape_pixels.double()
         for _ in range(2):
             made = torch.zeros(self.layout.n_units, dtype=torch.float64)
             target = torch.zeros(self.layout.n_units, dtype=torch.float64) if g.counts is not None else real
@@ -236,7 +236,7 @@ class GanFamily(model.GanFamily):
         class in place; returns the log factor for the law's level."""
         data = np.bincount(np.minimum(data_sizes, MERGE_CLASSES), minlength=MERGE_CLASSES + 1)
         shift = torch.as_tensor(np.log((data[1:] + 1.0) / (made[1:] + 1.0)), dtype=g.shape_prior.dtype)
-        size = g.shape_stencils.flatten(1).sum(1).long().clamp(1, MERGE_CLASSES) - 1
+        size = g.shape_pixels.clamp(1, MERGE_CLASSES) - 1
         used = g.shape_prior > NO_SHAPE / 2
         g.shape_prior.add_(torch.where(used, shift[size][None, :], torch.zeros_like(g.shape_prior)))
         return math.log((len(data_sizes) + 1.0) / (n_made + 1.0))
@@ -683,7 +683,7 @@ def _fit_charge_share(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, resid
     shape = slot[first]
     k = g.n_shapes
     count = np.bincount(shape, minlength=k).astype(np.float64)
-    n_pix = g.shape_stencils.flatten(1).sum(1).double().numpy()
+    n_pix = g.shape_pixels.double().numpy()
     var = np.bincount(shape, mean_sq, minlength=k) / np.maximum(count, 1)
     raw = (n_pix * var - 1) / np.maximum(n_pix - 1, 1)
     pooled = np.zeros(k)
