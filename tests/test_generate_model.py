@@ -146,3 +146,41 @@ def test_generate_beyond_the_training_range_says_how_far(pxd_export: Path, tmp_p
     assert main(["generate", "--model", str(pxd_export), "--events", "2", "--out", str(tmp_path / "low.zarr"),
                  "--luminosity", "5e33"]) == 0
     assert "0.5x the training minimum 1e+34" in capsys.readouterr().err
+
+
+def test_integer_buffers_survive_export_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generator with an integer buffer (indices, counts) exports it at its own dtype, the
+    EMA path carries it beside the averaged weights, and loading restores it; an export without
+    it is refused by name instead of loading the buffer's initial value."""
+    from uhg.models import gan
+    from uhg.models.common import EMA
+    from uhg.train.engine import PlainEngine
+    from uhg.train.loop import _generator_state
+
+    index = 2**25 + 1  # not representable in float32
+    init = gan.Generator.__init__
+
+    def with_index(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_buffer("picked", torch.zeros(3, dtype=torch.int64))
+
+    monkeypatch.setattr(gan.Generator, "__init__", with_index)
+    cfg = config_from_dict({"name": "g", "geometry": "pxd-tiny", "data": {"store": "unused.zarr"},
+                            "model": {**MODEL, "conditions": ["luminosity"]}, "train": {"steps": 1, "batch_size": 1}})
+    family = build_family(get_geometry("pxd-tiny"), cfg.model,
+                          ConditionNorm.from_ranges({"luminosity": (1e34, 4e34)}, ["luminosity"]))
+    g = family.build_modules()["generator"]
+    g.picked.fill_(index)
+    state = _generator_state(family, {"generator": PlainEngine(g, torch.optim.SGD(g.parameters(), lr=0.1))}, EMA(g, 0.99))
+    assert state["picked"].dtype == torch.int64 and int(state["picked"][0]) == index
+
+    export = export_generator(tmp_path / "export", family, cfg, state, step=1)
+    loaded = Generator.load(export)
+    assert loaded.module.picked.dtype == torch.int64 and loaded.module.picked.tolist() == [index] * 3
+
+    from safetensors.torch import load_file, save_file
+
+    weights = export / "generator.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if k != "picked"}, str(weights))
+    with pytest.raises(CheckpointError, match="picked"):
+        Generator.load(export)

@@ -85,8 +85,7 @@ class Generator:
             module.load_state_dict(state, strict=False)
         except RuntimeError as err:
             raise CheckpointError(f"{weights_path}: weights do not fit the model of {sidecar_path} ({err})") from None
-        expected = {k for k, v in module.state_dict().items() if v.is_floating_point()}
-        missing = expected - set(state)
+        missing = set(module.state_dict()) - set(state)
         if missing:
             raise CheckpointError(f"{weights_path}: lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         module.to(device).eval()

@@ -58,8 +58,11 @@ def export_generator(out_dir: Path, family: ModelFamily, cfg: RunConfig, state_d
     import uhg
     from uhg.geometry import get_geometry
 
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    # floating-point state as float32; integer buffers keep their dtype (a float copy would round
+    # indices above 2^24 and load back into a float tensor)
+    tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+               for k, v in state_dict.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise TrainingError(f"step {step}: generator weights {bad[:3]} are non-finite; export not written")
     out_dir = Path(out_dir)

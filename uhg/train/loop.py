@@ -119,17 +119,23 @@ def _finalise_from_data(family, module, gen_state, data) -> dict[str, torch.Tens
         return gen_state
     log.info("fitted the trained model's noise laws to %d training events: %s", len(ids),
              ", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _generator_state(family: ModelFamily, engines: Mapping, ema: EMA | None) -> dict[str, torch.Tensor]:
-    """Full generator weights for validation/export: the EMA, or the gathered live weights."""
+    """Full generator state for validation/export: the EMA of the floating-point tensors (or the
+    gathered live weights), with the live non-floating buffers (counts, indices), which an
+    average has no meaning for but the model needs."""
     from uhg.train.engine import full_parameters
 
+    engine = engines[family.generator_name]
     if ema is not None:
-        return ema.state_dict()
-    with full_parameters(engines[family.generator_name]) as module:
-        return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+        # buffers are never partitioned by ZeRO, so no gather is needed for them
+        module = getattr(engine, "module", engine)
+        live = {k: v.detach().clone() for k, v in module.state_dict().items() if not v.is_floating_point()}
+        return live | ema.state_dict()
+    with full_parameters(engine) as module:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger | None = None) -> TrainResult:
