@@ -12,7 +12,8 @@ ms/event at several batch sizes, model forward + conversion to sparse hits (no s
 With --config the weights are freshly initialised (the cost of a forward pass does not depend
 on training; the number of hits does, through the gate's initial 1% occupancy). Each
 measurement generates max(batch, --min-events) events after one warm-up batch; prints one
-JSON line per batch size. `cpu_ms_per_event` is the process CPU time: on a loaded shared
+JSON line per batch size, with the SHA-256 of the generated events (seed 1; equal digests
+before and after a change: the same events, bit for bit). `cpu_ms_per_event` is the process CPU time: on a loaded shared
 machine it is closer than wall time to what one dedicated core would take (with --threads 1).
 Like a generation worker, the process keeps freed memory for the next batch
 (`uhg.generate.memory`; --release-freed-memory leaves glibc's defaults, to compare).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -48,6 +50,19 @@ def export_from_config(config: str, out: Path, overrides: list[str] | None = Non
     torch.manual_seed(0)
     module = family.build_modules()[family.generator_name]
     return export_generator(out, family, cfg, module.state_dict(), step=0)
+
+
+def hits_sha256(hits) -> str:
+    """SHA-256 of a HitBatch's columns (by name), offsets and conditions: equal digests, equal events."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name, group in (("columns", hits.columns), ("conditions", hits.conditions)):
+        for k in sorted(group):
+            h.update(f"{name}.{k}".encode())
+            h.update(np.ascontiguousarray(group[k]).tobytes())
+    h.update(np.ascontiguousarray(hits.offsets).tobytes())
+    return h.hexdigest()
 
 
 def _condition(text: str) -> tuple[str, float]:
@@ -123,7 +138,8 @@ def main() -> None:
                               "system_cpu_ms_per_event": round(1000 * (r1.ru_stime - r0.ru_stime) / n, 3),
                               "page_faults_per_event": round((r1.ru_minflt - r0.ru_minflt) / n),
                               "events_per_s": round(n / dt, 2),
-                              "hits_per_event": float(hits.hits_per_event.mean()), "device": args.device,
+                              "hits_per_event": float(hits.hits_per_event.mean()), "sha256": hits_sha256(hits),
+                              "device": args.device,
                               "precision": args.precision, "compiled": args.compile,
                               "freed_memory_kept": not args.release_freed_memory,
                               "torch_threads": torch.get_num_threads(),
