@@ -26,6 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from uhg.config.gan import GanConfig
 from uhg.models.common import ConditionEmbedding, FiLM, SensorEmbedding
 from uhg.models.gan_layout import UnitLayout
+from uhg.models.gan_seeds import place_counted_seeds
 from uhg.models.laws import CountLaw
 
 INITIAL_OCCUPANCY = 0.01  # gate bias at start: ~1% of pixels fire, the order of PXD occupancy
@@ -250,20 +251,37 @@ class Generator(nn.Module):
     @torch.no_grad()
     def sample_maps(self, z: torch.Tensor, unit_noise: torch.Tensor | None,
                     cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (gate logits (B, U, H, W), the head's output (for `code_at`), clusters): `forward`'s
-        gates and clusters, bit for bit. The encoded values are left to `code_at`, at the hits only
-        (~1% of the pixels): the charge map and its pixel shuffle were a third of the sampling cost."""
-        b, u, h, w = z.shape[0], self.layout.n_units, self.layout.height, self.layout.width
-        tok = self.tokens(z, unit_noise, cond).reshape(b * u, -1)
-        head = self._head(tok)
+        """-> (the head's output, the per-image gate offset (B * U,), clusters): what `gate_map`,
+        `gate_at` and `code_at` read `forward`'s gates and values from, bit for bit, and `forward`'s
+        clusters. Nothing is computed per pixel here: with a count law the gates are needed at a
+        few candidate pixels only (`uhg.models.gan_seeds`), and the values at the hits (~1% of the
+        pixels; the charge map and its pixel shuffle were a third of the sampling cost)."""
+        b = z.shape[0]
+        tok = self.tokens(z, unit_noise, cond).reshape(b * self.layout.n_units, -1)
+        return self._head(tok), self._gate_offset(cond).reshape(-1), self._clusters(tok, cond, b)
+
+    def gate_map(self, head: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """(B, U, H, W) gate logits of `forward` from `sample_maps`'s head and offset."""
+        u, h, w = self.layout.n_units, self.layout.height, self.layout.width
         s, (hs, ws) = self.shuffle, head.shape[2:]
-        offset = self._gate_offset(cond).reshape(b * u, 1, 1, 1, 1)
         # The pixel shuffle of the gate channels, the gate offset and the crop in one pass: the
         # channels-last head holds each position's s x s sub-pixels next to each other.
         sub = head.permute(0, 2, 3, 1)[..., : s * s].unflatten(-1, (s, s)).transpose(2, 3)  # (N, hs, s, ws, s)
-        gate = torch.add(sub, offset, out=head.new_empty(b * u, hs, s, ws, s,
+        offset = offset.reshape(-1, 1, 1, 1, 1)
+        gate = torch.add(sub, offset, out=head.new_empty(len(head), hs, s, ws, s,
                                                          dtype=torch.promote_types(head.dtype, offset.dtype)))
-        return gate.view(b, u, hs * s, ws * s)[:, :, :h, :w], head, self._clusters(tok, cond, b)
+        return gate.view(-1, u, hs * s, ws * s)[:, :, :h, :w]
+
+    def gate_at(self, head: torch.Tensor, offset: torch.Tensor, image: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """`gate_map`'s values at `pixel` (flat row * W + col) of image `image` (b * U + u), both (n,)."""
+        s, w = self.shuffle, self.layout.width
+        row, col = pixel // w, pixel % w
+        return head[image, (row % s) * s + col % s, row // s, col // s] + offset[image]
+
+    def gate_max(self, head: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """(B * U,) an upper bound of each image's gate (its maximum, or above it: rows the crop cuts
+        count too)."""
+        return head[:, : self.shuffle**2].amax(dim=(1, 2, 3)) + offset
 
     def code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...],
                 pixel_noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,14 +294,14 @@ class Generator(nn.Module):
             score = score + pixel_noise
         return self._code(score)
 
-    def profile_code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...], pixel_noise: torch.Tensor,
-                        seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        """`profile_code` at the pixels `index` only, from `sample_maps`'s head output: the charge
-        profile's mean and spread of the shape and position covering each hit."""
-        score = self._score_at(head, index)
+    def profile_code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...], pixel_noise: torch.Tensor | None,
+                        charges: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`profile_code` at the pixels `index` only, from `sample_maps`'s head output and the charge
+        maps of `sample_clusters`; `pixel_noise` (n,): the noise at those pixels (unused with the bank)."""
         if self.charge_bank:
-            return self._bank_map(seeds, clusters, uniforms)[index].to(score.dtype)
-        mean, sd = self._profile_maps(seeds, clusters, uniforms)
+            return charges[0][index]
+        score = self._score_at(head, index)
+        mean, sd = charges
         return self._code(score + mean[index].to(score.dtype) + sd[index].to(score.dtype) * pixel_noise)
 
     def _score_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -298,38 +316,42 @@ class Generator(nn.Module):
         """With a charge profile, forward's second output is the charge score before noise: the encoded
         charge (B, U, H, W) after the clusters of `place_clusters(seeds, clusters, uniforms)` are placed,
         head + mean + spread x `pixel_noise` (B, U, 1, H, W) of the shape and position that covers each pixel."""
+        _, charges = self.sample_clusters(seeds, clusters, uniforms)
         if self.charge_bank:
-            return self._bank_map(seeds, clusters, uniforms).to(score.dtype)
-        mean, sd = self._profile_maps(seeds, clusters, uniforms)
+            return charges[0].to(score.dtype)
+        mean, sd = charges
         return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise[:, :, 0])
 
-    def _bank_map(self, seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        """(B, U, H, W) encoded charges of the clusters `place_clusters(seeds, clusters, uniforms)` places,
-        each from the bank: the training cluster of its shape that its second uniform picks."""
-        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
-        count = self.shape_bank_count[choice].round().long().clamp_min(1)
-        pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
-        base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
-        _, (code,) = place_shapes(seeds, choice, self.shape_stencils, per_pixel=((self.shape_charge_bank, base),))
-        return code
-
-    def _profile_maps(self, seeds: torch.Tensor, clusters: torch.Tensor,
-                      uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, U, H, W) offset and scale of each pixel's noise for the clusters
-        `place_clusters(seeds, clusters, uniforms)` places: the charge-profile mean and spread of the
-        shape and position covering it; with a shared cluster charge the offset also holds the
-        cluster's own score (from the seed's second uniform) with weight spread x sqrt(rho), and
-        the scale is spread x sqrt(1 - rho)."""
-        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
+    def sample_clusters(self, seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor,
+                        at: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The clusters grown from `seeds` (B, U, H, W) bool (`at`: `seeds.nonzero()`, if known) with
+        `uniforms` (n_seeds, draws_per_seed), shapes drawn and placed once: (the hit mask of
+        `place_clusters`, the charge maps (B, U, H, W) of the charge profile: with the bank (the
+        encoded charges,): each cluster's from the training cluster of its shape that its second
+        uniform picks; else (offset, scale) of each pixel's noise: the profile's mean and spread of
+        the shape and position covering it; with a shared cluster charge the offset also holds the
+        cluster's own score (from the second uniform) with weight spread x sqrt(rho), and the scale
+        is spread x sqrt(1 - rho); () without a profile)."""
+        at = seeds.nonzero() if at is None else at
+        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0], at=at)
+        stencils = self.shape_stencils
+        if not self.charge_profile:
+            return place_shapes(seeds, choice, stencils, at=at), ()
+        if self.charge_bank:
+            count = self.shape_bank_count[choice].round().long().clamp_min(1)
+            pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
+            base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
+            mask, (code,) = place_shapes(seeds, choice, stencils, per_pixel=((self.shape_charge_bank, base),), at=at)
+            return mask, (code,)
         tables = (self.shape_charge_mean, self.shape_charge_sd)
         if not self.charge_share:
-            _, (mean, sd) = place_shapes(seeds, choice, self.shape_stencils, tables)
-            return mean, sd
+            mask, (mean, sd) = place_shapes(seeds, choice, stencils, tables, at=at)
+            return mask, (mean, sd)
         cluster_score = torch.special.ndtri(uniforms[:, 1].double().clamp(1e-7, 1 - 1e-7)).to(self.shape_charge_sd.dtype)
         rho = self.shape_charge_share[choice].clamp(0.0, 1.0)
-        _, (mean, sd, shared, own) = place_shapes(seeds, choice, self.shape_stencils, tables,
-                                                  per_seed=(cluster_score * rho.sqrt(), (1 - rho).sqrt()))
-        return mean + sd * shared, sd * own
+        mask, (mean, sd, shared, own) = place_shapes(seeds, choice, stencils, tables,
+                                                     per_seed=(cluster_score * rho.sqrt(), (1 - rho).sqrt()), at=at)
+        return mask, (mean + sd * shared, sd * own)
 
     # -- clusters: the gate fires seeds; `clusters` (the third output of forward) say how they grow
     def draw_counts(self, cond: torch.Tensor, u_unit: torch.Tensor, u_event: torch.Tensor) -> torch.Tensor:
@@ -448,14 +470,16 @@ def expected_shape_hits(seed: torch.Tensor, footprint: torch.Tensor) -> torch.Te
     return full[..., :h, c // 2: c // 2 + w].clamp_min(0.0)  # FFT round-off: no negative counts
 
 
-def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Shape index of every seed (`seeds.nonzero()` order) from its image's shape logits (B, U, K),
-    by inverting the image's cumulative distribution at `uniforms` (n_seeds,): one search over all
-    images at once (image i's distribution shifted to [i, i + 1], float64 keeps rare shapes)."""
+def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+    """Shape index of every seed (`seeds.nonzero()` order; `at`: that index, if known) from its
+    image's shape logits (B, U, K), by inverting the image's cumulative distribution at `uniforms`
+    (n_seeds,): one search over all images at once (image i's distribution shifted to [i, i + 1],
+    float64 keeps rare shapes)."""
     b, u, k = logits.shape
     cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1).reshape(b * u, k)
     cdf = (cdf / cdf[:, -1:]).clamp(max=1.0) + torch.arange(b * u, device=cdf.device, dtype=cdf.dtype)[:, None]
-    at = seeds.nonzero()
+    at = seeds.nonzero() if at is None else at
     image = at[:, 0] * u + at[:, 1]
     pos = torch.searchsorted(cdf.flatten(), image.double() + uniforms.double().clamp(0, 1 - 1e-12), right=True)
     return (pos - image * k).clamp(0, k - 1)
@@ -463,9 +487,9 @@ def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tenso
 
 def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tensor,
                  tables: tuple[torch.Tensor, ...] = (), per_seed: tuple[torch.Tensor, ...] = (),
-                 per_pixel: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()):
+                 per_pixel: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (), at: torch.Tensor | None = None):
     """(B, U, H, W) bool mask: the shape `choice[i]` (a row of the (K, R, C) 0/1 `stencils`) placed at
-    the i-th seed of `seeds.nonzero()`, its anchor on the seed, moved inside the image where it
+    the i-th seed of `seeds.nonzero()` (`at`: that index, if known), its anchor on the seed, moved inside the image where it
     would cross an edge. (Clipping instead would cut the shapes a second time: the table already
     holds the data's clusters as cut by the edges; on pxd-tiny clipped shapes were 7% too small.)
     With `tables` ((K, R, C) values per shape and stencil position), returns (mask, one (B, U, H, W)
@@ -493,7 +517,7 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     big = torch.iinfo(torch.long).max // 4
     lowest = torch.where(ok, dr, -big).amax(1)
     left, right = torch.where(ok, dc, big).amin(1), torch.where(ok, dc, -big).amax(1)
-    at = seeds.nonzero()
+    at = seeds.nonzero() if at is None else at
     s = remap[choice]
     h, w = seeds.shape[-2:]
     row0 = torch.minimum(at[:, 2], (h - 1 - lowest[s]).clamp_min(0))
@@ -513,25 +537,6 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     for m, (v, base) in zip(maps[n_seed_maps:], per_pixel, strict=True):
         m[where] = v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]]
     return out, maps
-
-
-def place_counted_seeds(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """(B, U, H, W) bool: exactly counts[b, u] seeds in image (b, u), positions drawn without
-    replacement with odds sigmoid(gate) (Gumbel top-k: the `counts` largest log sigmoid(gate) +
-    Gumbel(uniforms), uniforms (B, U, H, W) in (0, 1)). Each image's draw is its own (top-k
-    per row, sorted), so it does not depend on the batch."""
-    b, u, h, w = gate.shape
-    counts = counts.long().clamp(0, h * w)
-    out = torch.zeros(b * u, h * w + 1, dtype=torch.bool, device=gate.device)  # last column: discarded
-    k = int(counts.max()) if counts.numel() else 0
-    if k == 0:
-        return out[:, :-1].reshape(b, u, h, w)
-    gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-7)))
-    keys = (nn.functional.logsigmoid(gate.detach()) + gumbel).reshape(b * u, -1)
-    top = keys.topk(k, dim=-1, sorted=True).indices  # (B U, k), largest first
-    keep = torch.arange(k, device=gate.device)[None] < counts.reshape(-1, 1)
-    out.scatter_(1, torch.where(keep, top, h * w), True)
-    return out[:, :-1].reshape(b, u, h, w)
 
 
 def counted_seed_probability(gate: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
