@@ -281,7 +281,9 @@ class Generator(nn.Module):
     def gate_max(self, head: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """(B * U,) an upper bound of each image's gate (its maximum, or above it: rows the crop cuts
         count too)."""
-        return head[:, : self.shuffle**2].amax(dim=(1, 2, 3)) + offset
+        # per channel first (the channels-last head's positions are rows of its channels): 3x faster
+        per_channel = head.permute(0, 2, 3, 1).reshape(len(head), -1, head.shape[1]).amax(dim=1)
+        return per_channel[:, : self.shuffle**2].amax(dim=1) + offset
 
     def code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...],
                 pixel_noise: torch.Tensor | None = None) -> torch.Tensor:

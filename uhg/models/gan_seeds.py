@@ -62,8 +62,10 @@ def counted_seed_index(counts: torch.Tensor, uniforms: torch.Tensor,
         if not len(todo):
             break
         u_min = (1.0 - frac[todo]).astype(np.float32)
-        hit = np.flatnonzero(u_np[todo] >= u_min[:, None])  # the candidates, row-major
-        row, pix = hit // n_pix, hit % n_pix
+        threshold = np.full(n_img, np.inf, np.float32)  # all rows compared: no copy of the uniforms
+        threshold[todo] = u_min
+        hit = np.flatnonzero(u_np >= threshold[:, None])  # the candidates, row-major
+        row, pix = np.searchsorted(todo, hit // n_pix), hit % n_pix  # row: position in `todo`
         rows = torch.from_numpy(todo[row]).to(u.device)
         pixels = torch.from_numpy(pix).to(u.device)
         keys = _padded_keys(gate_at(rows, pixels), u[rows, pixels]).cpu()
