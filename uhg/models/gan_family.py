@@ -19,7 +19,7 @@ from torch import nn
 from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import Discriminator, Generator
+from uhg.models.gan import Discriminator, Generator, HeadMaps
 from uhg.models.gan_layout import decode_hits, hit_index, unit_layout
 from uhg.models.gan_seeds import counted_seed_index
 from uhg.models.modes import eval_mode
@@ -38,7 +38,7 @@ class GanDraw:
     """the cluster logits of `Generator.sample_maps`, or None."""
     cluster_draws: torch.Tensor | None
     """(seeds, draws_per_seed) uniforms `place_clusters` took, or None."""
-    head: torch.Tensor
+    head: HeadMaps
     """the head output of `Generator.sample_maps` (charges are read from it at the hits)."""
     charges: tuple[torch.Tensor, ...]
     """the charge maps of `Generator.sample_clusters` (with a charge profile), else ()."""
@@ -118,8 +118,8 @@ class GanFamily:
         with stage("seeds"):
             if counted:  # exactly the law's count of seeds, where the gate puts them (u as Gumbel noise)
                 counts = module.draw_counts(cond, law_u[:, 1:], law_u[:, 0])
-                flat = counted_seed_index(counts, u.view(b * lay.n_units, -1), lambda r, q: module.gate_at(head, offset, r, q),
-                                          module.gate_max(head, offset))
+                flat = counted_seed_index(counts, u.view(b * lay.n_units, -1),
+                                          lambda r, q: module.gate_at(head, offset, r, q), module.gate_max(head, offset))
                 seed_mask = torch.zeros(u.numel(), dtype=torch.bool, device=device)
                 seed_mask[flat] = True
                 seed_mask = seed_mask.view(u.shape)
