@@ -8,8 +8,8 @@ Each worker count runs the same overlay (signal store + generated background at
 L = 2e34 cm^-2 s^-1, one event per part) on one local Ray started once with as many CPUs as
 the largest worker count; every actor holds one generator and one CPU (torch intra-op threads =
 1). Reported per run: actor start-up (model load), steady-state events/s after start-up, and the
-per-event time of each stage inside a worker (generator forward + sparsification, merge, store
-write). The scaling ratio compares steady-state events/s of K workers with 1 worker in the same
+per-event wall and CPU time of each stage inside a worker (generator forward + sparsification,
+merge, store write). The scaling ratio compares steady-state events/s of K workers with 1 worker in the same
 invocation.
 
 Without --model the generator is a freshly initialised (UNTRAINED) GAN built from the model

@@ -288,8 +288,8 @@ class Generator(nn.Module):
     def gate_max(self, head: HeadMaps, offset: torch.Tensor) -> torch.Tensor:
         """(B * U,) an upper bound of each image's gate (its maximum, or above it: rows the crop cuts
         count too)."""
-        gate = head.gate  # per channel first (channels-last: positions are rows of channels), 3x faster
-        return gate.permute(0, 2, 3, 1).reshape(len(gate), -1, gate.shape[1]).amax(dim=1).amax(dim=1) + offset
+        gate = head.gate  # channels-last: each image is one contiguous row (a 4-D reduction was 5x slower)
+        return gate.permute(0, 2, 3, 1).reshape(len(gate), -1).amax(dim=1) + offset
 
     def code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...],
                 pixel_noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -521,7 +521,7 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     map per `per_seed` (n_seeds,) values: at each placed pixel its seed's value, then one map per
     `per_pixel` (values (N,), base (n_seeds,)): at the j-th pixel of seed i's shape, in stencil
     order, values[base[i] + j]); where shapes overlap, one of them gives the value."""
-    out = torch.zeros_like(seeds)
+    out = torch.zeros(seeds.shape, dtype=torch.bool, device=seeds.device)
     tables = tuple(tables) + tuple(per_seed)
     n_seed_maps = len(tables)
     tables = tables + tuple(v for v, _ in per_pixel)
@@ -549,17 +549,18 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     rows, cols = row0[:, None] + dr[s], col0[:, None] + dc[s]
     keep = ok[s] & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # a shape larger than the image
     n = keep.sum(1)
-    where = (at[:, 0].repeat_interleave(n), at[:, 1].repeat_interleave(n), rows[keep], cols[keep])
-    out[where] = True
+    image = (at[:, 0] * seeds.shape[1] + at[:, 1]).repeat_interleave(n)
+    where = (image * h + rows[keep]) * w + cols[keep]  # flat: a 1-D scatter is ~4x one over 4 indices
+    out.view(-1)[where] = True
     if not tables:
         return out
     n_tables = n_seed_maps - len(per_seed)
     for m, t in zip(maps[:n_tables], tables[:n_tables], strict=True):
-        m[where] = t[used].flatten(1).gather(1, idx)[s][keep]
+        m.view(-1)[where] = t[used].flatten(1).gather(1, idx)[s][keep]
     for m, v in zip(maps[n_tables:n_seed_maps], per_seed, strict=True):
-        m[where] = v.repeat_interleave(n)
+        m.view(-1)[where] = v.repeat_interleave(n)
     for m, (v, base) in zip(maps[n_seed_maps:], per_pixel, strict=True):
-        m[where] = v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]]
+        m.view(-1)[where] = v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]]
     return out, maps
 
 
