@@ -207,7 +207,7 @@ def test_the_sampling_path_reads_the_charge_profile_as_the_forward_pass(share: b
         draws = torch.rand(int(seeds.sum()), g.draws_per_seed)
         mask = g.place_clusters(seeds, clusters, draws)
         dense = g.profile_code(score, pn, seeds, clusters, draws)
-        fast_mask, charges = g.sample_clusters(seeds, fast_clusters, draws)
+        fast_mask, charges = g.sample_clusters(seeds, fast_clusters, draws, at_hits=True)
         at = mask.nonzero(as_tuple=True)
         fast = g.profile_code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]], charges)
     assert torch.equal(fast_mask, mask)

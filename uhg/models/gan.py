@@ -302,15 +302,16 @@ class Generator(nn.Module):
             score = score + pixel_noise
         return self._code(score)
 
-    def profile_code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...], pixel_noise: torch.Tensor | None,
+    def profile_code_at(self, head: HeadMaps, index: tuple[torch.Tensor, ...], pixel_noise: torch.Tensor | None,
                         charges: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """`profile_code` at the pixels `index` only, from `sample_maps`'s head output and the charge
-        maps of `sample_clusters`; `pixel_noise` (n,): the noise at those pixels (unused with the bank)."""
+        """`profile_code` at the hits `index` only, from `sample_maps`'s head output and the charge
+        maps of `sample_clusters(..., at_hits=True)` (at the same hits); `pixel_noise` (n,): the noise
+        at the hits (unused with the bank)."""
         if self.charge_bank:
-            return charges[0][index]
+            return charges[0]
         score = self._score_at(head, index)
         mean, sd = charges
-        return self._code(score + mean[index].to(score.dtype) + sd[index].to(score.dtype) * pixel_noise)
+        return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise)
 
     def _score_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The charge score before noise at the pixels `index` = (event, unit, row, col)."""
@@ -329,7 +330,7 @@ class Generator(nn.Module):
         return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise[:, :, 0])
 
     def sample_clusters(self, seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor,
-                        at: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                        at: torch.Tensor | None = None, at_hits: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The clusters grown from `seeds` (B, U, H, W) bool (`at`: `seeds.nonzero()`, if known) with
         `uniforms` (n_seeds, draws_per_seed), shapes drawn and placed once: (the hit mask of
         `place_clusters`, the charge maps (B, U, H, W) of the charge profile: with the bank (the
@@ -337,26 +338,29 @@ class Generator(nn.Module):
         uniform picks; else (offset, scale) of each pixel's noise: the profile's mean and spread of
         the shape and position covering it; with a shared cluster charge the offset also holds the
         cluster's own score (from the second uniform) with weight spread x sqrt(rho), and the scale
-        is spread x sqrt(1 - rho); () without a profile)."""
+        is spread x sqrt(1 - rho); () without a profile). With `at_hits` the charge maps are given at
+        the hits only, (n_hits,) in the order of `mask.nonzero()` (what `profile_code_at` takes)."""
         at = seeds.nonzero() if at is None else at
         choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0], at=at)
         stencils = self.shape_stencils
         if not self.charge_profile:
-            return place_shapes(seeds, choice, stencils, at=at), ()
+            return place_shapes(seeds, choice, stencils, at=at, at_hits=at_hits), ()
         if self.charge_bank:
             count = self.shape_bank_count[choice].round().long().clamp_min(1)
             pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
             base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
-            mask, (code,) = place_shapes(seeds, choice, stencils, per_pixel=((self.shape_charge_bank, base),), at=at)
+            mask, (code,) = place_shapes(seeds, choice, stencils, per_pixel=((self.shape_charge_bank, base),), at=at,
+                                         at_hits=at_hits)
             return mask, (code,)
         tables = (self.shape_charge_mean, self.shape_charge_sd)
         if not self.charge_share:
-            mask, (mean, sd) = place_shapes(seeds, choice, stencils, tables, at=at)
+            mask, (mean, sd) = place_shapes(seeds, choice, stencils, tables, at=at, at_hits=at_hits)
             return mask, (mean, sd)
         cluster_score = torch.special.ndtri(uniforms[:, 1].double().clamp(1e-7, 1 - 1e-7)).to(self.shape_charge_sd.dtype)
         rho = self.shape_charge_share[choice].clamp(0.0, 1.0)
         mask, (mean, sd, shared, own) = place_shapes(seeds, choice, stencils, tables,
-                                                     per_seed=(cluster_score * rho.sqrt(), (1 - rho).sqrt()), at=at)
+                                                     per_seed=(cluster_score * rho.sqrt(), (1 - rho).sqrt()), at=at,
+                                                     at_hits=at_hits)
         return mask, (mean + sd * shared, sd * own)
 
     # -- clusters: the gate fires seeds; `clusters` (the third output of forward) say how they grow
@@ -511,23 +515,25 @@ def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tenso
 
 def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tensor,
                  tables: tuple[torch.Tensor, ...] = (), per_seed: tuple[torch.Tensor, ...] = (),
-                 per_pixel: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (), at: torch.Tensor | None = None):
+                 per_pixel: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (), at: torch.Tensor | None = None,
+                 at_hits: bool = False):
     """(B, U, H, W) bool mask: the shape `choice[i]` (a row of the (K, R, C) 0/1 `stencils`) placed at
-    the i-th seed of `seeds.nonzero()` (`at`: that index, if known), its anchor on the seed, moved inside the image where it
-    would cross an edge. (Clipping instead would cut the shapes a second time: the table already
-    holds the data's clusters as cut by the edges; on pxd-tiny clipped shapes were 7% too small.)
+    the i-th seed of `seeds.nonzero()` (`at`: that index, if known), its anchor on the seed, moved
+    inside the image where it would cross an edge. (Clipping instead would cut the shapes a second
+    time: the table already holds the data's clusters as cut by the edges; on pxd-tiny clipped
+    shapes were 7% too small.)
     With `tables` ((K, R, C) values per shape and stencil position), returns (mask, one (B, U, H, W)
     map per table: at each placed pixel the value of its shape and position, 0 elsewhere, then one
     map per `per_seed` (n_seeds,) values: at each placed pixel its seed's value, then one map per
     `per_pixel` (values (N,), base (n_seeds,)): at the j-th pixel of seed i's shape, in stencil
-    order, values[base[i] + j]); where shapes overlap, one of them gives the value."""
+    order, values[base[i] + j]); where shapes overlap, the last placed gives the value. With
+    `at_hits`, each map is given at the hits only, (n_hits,) in the order of `mask.nonzero()`."""
     out = torch.zeros(seeds.shape, dtype=torch.bool, device=seeds.device)
-    tables = tuple(tables) + tuple(per_seed)
-    n_seed_maps = len(tables)
-    tables = tables + tuple(v for v, _ in per_pixel)
-    maps = tuple(torch.zeros(seeds.shape, dtype=t.dtype, device=t.device) for t in tables)
+    n_maps = len(tables) + len(per_seed) + len(per_pixel)
+    dtypes = [t.dtype for t in (*tables, *per_seed, *(v for v, _ in per_pixel))]
     if not len(choice):
-        return (out, maps) if tables else out
+        maps = tuple(torch.zeros((0,) if at_hits else seeds.shape, dtype=d, device=seeds.device) for d in dtypes)
+        return (out, maps) if n_maps else out
     k, r, c = stencils.shape
     used = torch.unique(choice)
     sub = stencils[used] > 0  # only the drawn shapes: a table of up to thousands of entries
@@ -552,15 +558,19 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     image = (at[:, 0] * seeds.shape[1] + at[:, 1]).repeat_interleave(n)
     where = (image * h + rows[keep]) * w + cols[keep]  # flat: a 1-D scatter is ~4x one over 4 indices
     out.view(-1)[where] = True
-    if not tables:
+    if not n_maps:
         return out
-    n_tables = n_seed_maps - len(per_seed)
-    for m, t in zip(maps[:n_tables], tables[:n_tables], strict=True):
-        m.view(-1)[where] = t[used].flatten(1).gather(1, idx)[s][keep]
-    for m, v in zip(maps[n_tables:n_seed_maps], per_seed, strict=True):
-        m.view(-1)[where] = v.repeat_interleave(n)
-    for m, (v, base) in zip(maps[n_seed_maps:], per_pixel, strict=True):
-        m.view(-1)[where] = v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]]
+    values = [t[used].flatten(1).gather(1, idx)[s][keep] for t in tables]
+    values += [v.repeat_interleave(n) for v in per_seed]
+    values += [v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]] for v, base in per_pixel]
+    if at_hits:  # the last write to each hit, hits in row-major order: no dense map to fill and read
+        hits, slot = torch.unique(where, sorted=True, return_inverse=True)
+        last = torch.full((len(hits),), -1, dtype=torch.long, device=where.device)
+        last.scatter_reduce_(0, slot, torch.arange(len(where), device=where.device), "amax")
+        return out, tuple(v[last] for v in values)
+    maps = tuple(torch.zeros(seeds.shape, dtype=d, device=seeds.device) for d in dtypes)
+    for m, v in zip(maps, values, strict=True):
+        m.view(-1)[where] = v
     return out, maps
 
 

@@ -41,7 +41,7 @@ class GanDraw:
     head: HeadMaps
     """the head output of `Generator.sample_maps` (charges are read from it at the hits)."""
     charges: tuple[torch.Tensor, ...]
-    """the charge maps of `Generator.sample_clusters` (with a charge profile), else ()."""
+    """the charge maps of `Generator.sample_clusters` at the hits (with a charge profile), else ()."""
     pixel_noise: torch.Tensor | None
     """(B, U, P, H, W) pixel noise maps, or None."""
     conditions: dict[str, torch.Tensor]
@@ -137,7 +137,7 @@ class GanFamily:
                 draws = torch.cat([torch.rand(int(n), k, generator=g, device=device)
                                    for g, n in zip(gens, n_seeds, strict=True)])
                 if module.n_shapes:  # shapes drawn and placed once, for the hits and their charges
-                    mask, charges = module.sample_clusters(seed_mask, clusters, draws, at=at)
+                    mask, charges = module.sample_clusters(seed_mask, clusters, draws, at=at, at_hits=True)
                 else:
                     mask = module.place_clusters(seed_mask, clusters, draws)
         return GanDraw(mask, seed_mask, clusters, draws, head, charges, pn, conds)
