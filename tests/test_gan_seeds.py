@@ -17,8 +17,9 @@ def dense_seeds(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor
     return np.sort(np.concatenate([r * gate.shape[1] + top[r, : int(c)].numpy() for r, c in enumerate(counts)]))
 
 
-def draw(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor) -> np.ndarray:
-    return counted_seed_index(counts, uniforms, lambda r, p: gate[r, p], gate.amax(dim=1)).numpy()
+def draw(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor, rank_all: bool = False) -> np.ndarray:
+    return counted_seed_index(counts, uniforms, lambda r, p: gate[r, p], gate.amax(dim=1), lambda: gate,
+                              rank_all=rank_all).numpy()
 
 
 @pytest.mark.parametrize("spread", [0.05, 3.0, 12.0])  # flat gates (candidates suffice) to steep ones (more, or all keys)
@@ -31,6 +32,7 @@ def test_candidate_keys_give_the_dense_draw(spread: float) -> None:
     counts[0], counts[1], counts[2] = 0, n_pix, n_pix // 3  # none, every pixel, beyond the candidate fractions
     got = draw(gate, counts, uniforms)
     assert np.array_equal(got, dense_seeds(gate, counts, uniforms))
+    assert np.array_equal(draw(gate, counts, uniforms, rank_all=True), got)  # the path a GPU takes
     assert np.array_equal(np.bincount(got // n_pix, minlength=n_img), counts.numpy())
 
 

@@ -119,7 +119,8 @@ class GanFamily:
             if counted:  # exactly the law's count of seeds, where the gate puts them (u as Gumbel noise)
                 counts = module.draw_counts(cond, law_u[:, 1:], law_u[:, 0])
                 flat = counted_seed_index(counts, u.view(b * lay.n_units, -1),
-                                          lambda r, q: module.gate_at(head, offset, r, q), module.gate_max(head, offset))
+                                          lambda r, q: module.gate_at(head, offset, r, q), module.gate_max(head, offset),
+                                          lambda: module.gate_map(head, offset).reshape(b * lay.n_units, -1))
                 seed_mask = torch.zeros(u.numel(), dtype=torch.bool, device=device)
                 seed_mask[flat] = True
                 seed_mask = seed_mask.view(u.shape)

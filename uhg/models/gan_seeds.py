@@ -37,18 +37,26 @@ def gumbel_keys(gate: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def counted_seed_index(counts: torch.Tensor, uniforms: torch.Tensor,
-                       gate_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                       gate_max: torch.Tensor) -> torch.Tensor:
+                       gate_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gate_max: torch.Tensor,
+                       gate_map: Callable[[], torch.Tensor], rank_all: bool | None = None) -> torch.Tensor:
     """(n_seeds,) long: flat indices into the (R, P) images of `uniforms` (R images of P pixels) of
-    the counts[r] seeds of each image r, ascending (the order of
-    `nonzero` on the seed mask). `gate_at(rows, pixels)` gives the gate logits at those pixels,
-    `gate_max` (R,) an upper bound of each image's gate."""
+    the counts[r] seeds of each image r, ascending (the order of `nonzero` on the seed mask).
+    `gate_at(rows, pixels)` gives the gate logits at those pixels, `gate_max` (R,) an upper bound
+    of each image's gate, `gate_map()` the (R, P) gates. With `rank_all` (default: off the CPU,
+    where ranking every key on the device beats finding candidates on the host) all keys are ranked
+    from `gate_map()`."""
     u = uniforms
     n_img, n_pix = u.shape
-    counts = counts.reshape(-1).long().clamp(0, n_pix).cpu()
+    counts = counts.reshape(-1).long().clamp(0, n_pix)
     k_max = int(counts.max()) if n_img else 0
     if k_max == 0:
         return torch.zeros(0, dtype=torch.long, device=u.device)
+    if u.device.type != "cpu" if rank_all is None else rank_all:
+        top = gumbel_keys(gate_map(), u).topk(k_max, dim=1, sorted=True).indices
+        keep = torch.arange(k_max, device=u.device)[None] < counts.to(u.device)[:, None]
+        image = torch.arange(n_img, device=u.device)[:, None].expand_as(top)
+        return torch.sort(image[keep] * n_pix + top[keep]).values
+    counts = counts.cpu()
     u_np = u.cpu().numpy()
     ls_max = nn.functional.logsigmoid(gate_max.detach().double().cpu())
     todo = np.flatnonzero(counts.numpy() > 0)
@@ -119,7 +127,8 @@ def place_counted_seeds(gate: torch.Tensor, counts: torch.Tensor, uniforms: torc
     not depend on the batch."""
     b, u, h, w = gate.shape
     flat = gate.detach().reshape(b * u, h * w)
-    index = counted_seed_index(counts, uniforms.reshape(b * u, h * w), lambda r, p: flat[r, p], flat.amax(dim=1))
+    index = counted_seed_index(counts, uniforms.reshape(b * u, h * w), lambda r, p: flat[r, p], flat.amax(dim=1),
+                               lambda: flat)
     out = torch.zeros(b * u * h * w, dtype=torch.bool, device=gate.device)
     out[index] = True
     return out.view(b, u, h, w)
