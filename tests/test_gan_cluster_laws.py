@@ -203,12 +203,14 @@ def test_the_sampling_path_reads_the_charge_profile_as_the_forward_pass(share: b
     seeds = torch.rand(b, u, h, w) < 0.02
     with torch.no_grad():
         _, score, clusters = g(z, un, cond, pn)
-        _, head, fast_clusters = g.sample_maps(z, un, cond)
+        head, _, fast_clusters = g.sample_maps(z, un, cond)
         draws = torch.rand(int(seeds.sum()), g.draws_per_seed)
         mask = g.place_clusters(seeds, clusters, draws)
         dense = g.profile_code(score, pn, seeds, clusters, draws)
+        fast_mask, charges = g.sample_clusters(seeds, fast_clusters, draws, at_hits=True)
         at = mask.nonzero(as_tuple=True)
-        fast = g.profile_code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]], seeds, fast_clusters, draws)
+        fast = g.profile_code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]], charges)
+    assert torch.equal(fast_mask, mask)
     assert len(at[0]) > int(seeds.sum())  # clusters grew
     torch.testing.assert_close(fast, dense[at], rtol=1e-6, atol=1e-6)
     if bank:
@@ -252,7 +254,7 @@ def test_a_shared_cluster_charge_is_fitted_and_drawn_with_the_datas_correlation(
         g.charge_share = share
         torch.manual_seed(1)
         draws = torch.rand(int(seeds.sum()), g.draws_per_seed)
-        offset, scale = g._profile_maps(seeds, clusters, draws)
+        _, (offset, scale) = g.sample_clusters(seeds, clusters, draws)
         noise = torch.randn(b, u, h, w)
         score = (offset + scale * noise)  # the pixel's charge score before the head's map
         blocks = score[:, :, : (h - 1) // 3 * 3, : (w - 1) // 3 * 3].unflatten(3, (-1, 3)).unflatten(2, (-1, 3))

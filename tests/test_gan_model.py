@@ -71,7 +71,7 @@ def test_generated_events_are_sparse_hits_of_the_geometry(geometry: str) -> None
 @pytest.mark.parametrize(("geometry", "kw"), [("pxd-tiny", dict(pixel_shuffle=2, charge_noise=True)),
                                                 ("pxd-tiny", dict(pixel_shuffle=1)), ("ds2", {})])
 def test_sampling_path_gives_the_values_of_the_forward_pass(geometry: str, kw: dict) -> None:
-    """`sample_maps` (gates only, channels-last decoder) + `code_at` (values at the hits only):
+    """`sample_maps` + `gate_map` (gates, channels-last decoder) + `code_at` (values at the hits only):
     the gates of `forward` bit for bit, and its encoded values at any pixel."""
     fam = family(geometry, **kw)
     torch.manual_seed(3)
@@ -84,7 +84,8 @@ def test_sampling_path_gives_the_values_of_the_forward_pass(geometry: str, kw: d
     pn = torch.randn(b, u, 1, h, w) if g.pixel_noise_channels else None
     with torch.no_grad():
         gate, code, _ = g(z, un, cond, pn)
-        fast_gate, head, _ = g.sample_maps(z, un, cond)
+        head, offset, _ = g.sample_maps(z, un, cond)
+        fast_gate = g.gate_map(head, offset)
         at = (torch.rand(b, u, h, w) < 0.2).nonzero(as_tuple=True)
         fast_code = g.code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]] if pn is not None else None)
     assert torch.equal(fast_gate, gate)

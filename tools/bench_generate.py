@@ -12,7 +12,10 @@ ms/event at several batch sizes, model forward + conversion to sparse hits (no s
 With --config the weights are freshly initialised (the cost of a forward pass does not depend
 on training; the number of hits does, through the gate's initial 1% occupancy). Each
 measurement generates max(batch, --min-events) events after one warm-up batch; prints one
-JSON line per batch size. `cpu_ms_per_event` is the process CPU time: on a loaded shared
+JSON line per batch size, with the SHA-256 of the generated events (seed 1; equal digests
+before and after a change: the same events, bit for bit) and the CPU and wall time of each stage
+of generation that the model marks (`uhg.models.stages`; GAN: noise, decoder, seeds, clusters,
+hits and charges). `cpu_ms_per_event` is the process CPU time: on a loaded shared
 machine it is closer than wall time to what one dedicated core would take (with --threads 1).
 Like a generation worker, the process keeps freed memory for the next batch
 (`uhg.generate.memory`; --release-freed-memory leaves glibc's defaults, to compare).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -50,6 +54,19 @@ def export_from_config(config: str, out: Path, overrides: list[str] | None = Non
     return export_generator(out, family, cfg, module.state_dict(), step=0)
 
 
+def hits_sha256(hits) -> str:
+    """SHA-256 of a HitBatch's columns (by name), offsets and conditions: equal digests, equal events."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name, group in (("columns", hits.columns), ("conditions", hits.conditions)):
+        for k in sorted(group):
+            h.update(f"{name}.{k}".encode())
+            h.update(np.ascontiguousarray(group[k]).tobytes())
+    h.update(np.ascontiguousarray(hits.offsets).tobytes())
+    return h.hexdigest()
+
+
 def _condition(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     if not sep:
@@ -62,6 +79,7 @@ def main() -> None:
     import torch
 
     from uhg.models.generator import Generator
+    from uhg.models.stages import recording
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -110,7 +128,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0, c0 = time.perf_counter(), time.process_time()
-            with autocast:
+            with autocast, recording() as stages:
                 hits = gen.generate(conds, seed=1, batch_size=bs)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -123,7 +141,10 @@ def main() -> None:
                               "system_cpu_ms_per_event": round(1000 * (r1.ru_stime - r0.ru_stime) / n, 3),
                               "page_faults_per_event": round((r1.ru_minflt - r0.ru_minflt) / n),
                               "events_per_s": round(n / dt, 2),
-                              "hits_per_event": float(hits.hits_per_event.mean()), "device": args.device,
+                              "stage_cpu_ms_per_event": {k: round(1000 * v["cpu_s"] / n, 1) for k, v in stages.items()},
+                              "stage_wall_ms_per_event": {k: round(1000 * v["wall_s"] / n, 1) for k, v in stages.items()},
+                              "hits_per_event": float(hits.hits_per_event.mean()), "sha256": hits_sha256(hits),
+                              "device": args.device,
                               "precision": args.precision, "compiled": args.compile,
                               "freed_memory_kept": not args.release_freed_memory,
                               "torch_threads": torch.get_num_threads(),

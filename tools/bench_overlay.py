@@ -8,8 +8,8 @@ Each worker count runs the same overlay (signal store + generated background at
 L = 2e34 cm^-2 s^-1, one event per part) on one local Ray started once with as many CPUs as
 the largest worker count; every actor holds one generator and one CPU (torch intra-op threads =
 1). Reported per run: actor start-up (model load), steady-state events/s after start-up, and the
-per-event time of each stage inside a worker (generator forward + sparsification, merge, store
-write). The scaling ratio compares steady-state events/s of K workers with 1 worker in the same
+per-event wall and CPU time of each stage inside a worker (generator forward + sparsification,
+merge, store write). The scaling ratio compares steady-state events/s of K workers with 1 worker in the same
 invocation.
 
 Without --model the generator is a freshly initialised (UNTRAINED) GAN built from the model
@@ -130,11 +130,13 @@ def main() -> int:
                     stages[name] = stages.get(name, 0.0) + s
             n = report.n_events
             cpu_s = stages.pop("cpu")
+            cpu_stages = {name[4:]: stages.pop(name) for name in list(stages) if name.startswith("cpu_")}
             runs.append({
                 "workers": k, "events": n, "startup_s": round(report.startup_s, 2), "wall_s": round(report.wall_s, 2),
                 "events_per_s": report.events_per_s, "wall_ms_per_event": 1000 / report.events_per_s,
                 "worker_ms_per_event": {name: 1000 * s / n for name, s in stages.items()},
                 "worker_cpu_s_per_event": cpu_s / n,
+                "worker_cpu_ms_per_event": {name: 1000 * s / n for name, s in cpu_stages.items()},
                 "worker_s_per_event_total": sum(stages.values()) / n,
                 "hits_per_event": sum(r.n_hits for r in report.parts) / n,
             })
@@ -150,13 +152,14 @@ def main() -> int:
     }
     print(json.dumps(result, indent=1))
     print("\n| workers | events | start-up s | events/s | ms/event (wall) | worker wall s/event: generate / merge / write "
-          "| worker CPU s/event | scaling |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| worker CPU s/event: generate / merge / write | worker CPU s/event | scaling |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        st = r["worker_ms_per_event"]
+        st, cs = r["worker_ms_per_event"], r["worker_cpu_ms_per_event"]
         print(f"| {r['workers']} | {r['events']} | {r['startup_s']:.1f} | {r['events_per_s']:.3f} | "
               f"{r['wall_ms_per_event']:.0f} | {st['background'] / 1000:.2f} / {st['merge'] / 1000:.3f} / "
-              f"{st['write'] / 1000:.3f} | {r['worker_cpu_s_per_event']:.2f} | {r['scaling_vs_first']:.2f}x |")
+              f"{st['write'] / 1000:.3f} | {cs['background'] / 1000:.2f} / {cs['merge'] / 1000:.3f} / "
+              f"{cs['write'] / 1000:.3f} | {r['worker_cpu_s_per_event']:.2f} | {r['scaling_vs_first']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

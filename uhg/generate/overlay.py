@@ -107,19 +107,20 @@ class OverlayJob:
         from uhg.sparse.overlay import merge_overlay
 
         start, stop = part_range(self._out_attrs, part)
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        clock = [(time.perf_counter(), time.process_time())]  # wall and CPU time after each stage
         signal = pixel_columns_only(self._signal.read(start, stop))
-        t1 = time.perf_counter()
+        clock.append((time.perf_counter(), time.process_time()))
         background = self._background.events(start, stop)
-        t2 = time.perf_counter()
+        clock.append((time.perf_counter(), time.process_time()))
         merged = merge_overlay(signal, background, self._geometry)
-        t3 = time.perf_counter()
+        clock.append((time.perf_counter(), time.process_time()))
         write_part(self.out, part, merged)
-        t4 = time.perf_counter()
-        return PartResult(part, len(merged), merged.n_hits,
-                          {"read_signal": t1 - t0, "background": t2 - t1, "merge": t3 - t2, "write": t4 - t3,
-                           "cpu": time.process_time() - cpu0})
-
+        clock.append((time.perf_counter(), time.process_time()))
+        seconds = {"cpu": clock[-1][1] - clock[0][1]}
+        for i, name in enumerate(("read_signal", "background", "merge", "write")):
+            seconds[name] = clock[i + 1][0] - clock[i][0]
+            seconds[f"cpu_{name}"] = clock[i + 1][1] - clock[i][1]
+        return PartResult(part, len(merged), merged.n_hits, seconds)
 
 def plan_overlay(signal: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
                  conditions: dict[str, float] | None = None, background: str | os.PathLike | None = None,

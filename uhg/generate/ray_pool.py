@@ -32,7 +32,8 @@ MAX_RESTARTS = 3
 @dataclass(frozen=True)
 class PartResult:
     """What a worker reports for one written part; `seconds` holds the worker's wall time per
-    stage (e.g. "background", "merge", "write") and, as "cpu", its process CPU time."""
+    stage (e.g. "background", "merge", "write"), its process CPU time per stage ("cpu_<stage>")
+    and in all ("cpu")."""
 
     part: int
     n_events: int

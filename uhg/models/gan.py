@@ -18,6 +18,7 @@ hit channel is the generator's straight-through mask, so where hits are gets a g
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from uhg.config.gan import GanConfig
 from uhg.models.common import ConditionEmbedding, FiLM, SensorEmbedding
 from uhg.models.gan_layout import UnitLayout
+from uhg.models.gan_seeds import place_counted_seeds
 from uhg.models.laws import CountLaw
 
 INITIAL_OCCUPANCY = 0.01  # gate bias at start: ~1% of pixels fire, the order of PXD occupancy
@@ -195,8 +197,8 @@ class Generator(nn.Module):
             t = block(t)
         return self.norm(t)
 
-    def _head(self, tok: torch.Tensor) -> torch.Tensor:
-        """(B * U, E) unit tokens -> the head's output (B * U, 2 s^2, H / s, W / s), channels-last.
+    def _decode(self, tok: torch.Tensor) -> torch.Tensor:
+        """(B * U, E) unit tokens -> the last block's output (B * U, C, H / s, W / s), channels-last.
         The last block and the head run at the decoder's full resolution and are most of its cost;
         channels-last halves their CPU time and gives the same values, bit for bit, as the
         contiguous layout (measured; the wider early blocks would sum in another order, for no gain)."""
@@ -204,7 +206,7 @@ class Generator(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x.contiguous(memory_format=torch.channels_last) if i == last else x, tok)
-        return self.head(x.contiguous(memory_format=torch.channels_last))
+        return x.contiguous(memory_format=torch.channels_last)
 
     def _gate_offset(self, cond: torch.Tensor) -> torch.Tensor:
         """(B, U) per-unit gate offset, linear in the conditions."""
@@ -229,7 +231,7 @@ class Generator(nn.Module):
         or None without cluster growth)."""
         b, u, h, w = z.shape[0], self.layout.n_units, self.layout.height, self.layout.width
         tok = self.tokens(z, unit_noise, cond).reshape(b * u, -1)
-        out = self._head(tok).contiguous()  # the per-pixel maps below: row-contiguous, as vectorised kernels want
+        out = self.head(self._decode(tok)).contiguous()  # the per-pixel maps below: row-contiguous, as vectorised kernels want
         if self.shuffle > 1:
             out = nn.functional.pixel_shuffle(out, self.shuffle)
         out = out[:, :, :h, :w]
@@ -249,21 +251,45 @@ class Generator(nn.Module):
     # -- sampling: the same values as `forward`, without its dense per-pixel work beyond the gates
     @torch.no_grad()
     def sample_maps(self, z: torch.Tensor, unit_noise: torch.Tensor | None,
-                    cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (gate logits (B, U, H, W), the head's output (for `code_at`), clusters): `forward`'s
-        gates and clusters, bit for bit. The encoded values are left to `code_at`, at the hits only
-        (~1% of the pixels): the charge map and its pixel shuffle were a third of the sampling cost."""
-        b, u, h, w = z.shape[0], self.layout.n_units, self.layout.height, self.layout.width
-        tok = self.tokens(z, unit_noise, cond).reshape(b * u, -1)
-        head = self._head(tok)
-        s, (hs, ws) = self.shuffle, head.shape[2:]
-        offset = self._gate_offset(cond).reshape(b * u, 1, 1, 1, 1)
+                    cond: torch.Tensor) -> tuple[HeadMaps, torch.Tensor, torch.Tensor | None]:
+        """-> (the head's output, the per-image gate offset (B * U,), clusters): what `gate_map`,
+        `gate_at` and `code_at` read `forward`'s gates and values from, bit for bit, and `forward`'s
+        clusters. Nothing is computed per pixel here: with a count law the gates are needed at a
+        few candidate pixels only (`uhg.models.gan_seeds`), and the values at the hits (~1% of the
+        pixels; the charge map and its pixel shuffle were a third of the sampling cost)."""
+        b = z.shape[0]
+        tok = self.tokens(z, unit_noise, cond).reshape(b * self.layout.n_units, -1)
+        x = self._decode(tok)
+        # The gate and the charge channels as two convolutions: each 16-channel half took a fifth
+        # of the time of the 32-channel head on CPU (same values, bit for bit); the charge half is
+        # not computed where the charge bank gives the charges.
+        s2, w, bias = self.shuffle**2, self.head.weight, self.head.bias
+        gate = self.head._conv_forward(x, w[:s2], bias[:s2])
+        charge = None if self.charge_bank else self.head._conv_forward(x, w[s2:], bias[s2:])
+        return HeadMaps(gate, charge), self._gate_offset(cond).reshape(-1), self._clusters(tok, cond, b)
+
+    def gate_map(self, head: HeadMaps, offset: torch.Tensor) -> torch.Tensor:
+        """(B, U, H, W) gate logits of `forward` from `sample_maps`'s head and offset."""
+        u, h, w = self.layout.n_units, self.layout.height, self.layout.width
+        s, (hs, ws) = self.shuffle, head.gate.shape[2:]
         # The pixel shuffle of the gate channels, the gate offset and the crop in one pass: the
         # channels-last head holds each position's s x s sub-pixels next to each other.
-        sub = head.permute(0, 2, 3, 1)[..., : s * s].unflatten(-1, (s, s)).transpose(2, 3)  # (N, hs, s, ws, s)
-        gate = torch.add(sub, offset, out=head.new_empty(b * u, hs, s, ws, s,
-                                                         dtype=torch.promote_types(head.dtype, offset.dtype)))
-        return gate.view(b, u, hs * s, ws * s)[:, :, :h, :w], head, self._clusters(tok, cond, b)
+        sub = head.gate.permute(0, 2, 3, 1).unflatten(-1, (s, s)).transpose(2, 3)  # (N, hs, s, ws, s)
+        offset = offset.reshape(-1, 1, 1, 1, 1)
+        gate = torch.add(sub, offset, out=sub.new_empty(len(sub), hs, s, ws, s,
+                                                        dtype=torch.promote_types(sub.dtype, offset.dtype)))
+        return gate.view(-1, u, hs * s, ws * s)[:, :, :h, :w]
+
+    def gate_at(self, head: HeadMaps, offset: torch.Tensor, image: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """`gate_map`'s values at `pixel` (flat row * W + col) of image `image` (b * U + u), both (n,)."""
+        w = self.layout.width
+        return _sub_pixels(head.gate, self.shuffle, image, pixel // w, pixel % w) + offset[image]
+
+    def gate_max(self, head: HeadMaps, offset: torch.Tensor) -> torch.Tensor:
+        """(B * U,) an upper bound of each image's gate (its maximum, or above it: rows the crop cuts
+        count too)."""
+        gate = head.gate  # channels-last: each image is one contiguous row (a 4-D reduction was 5x slower)
+        return gate.permute(0, 2, 3, 1).reshape(len(gate), -1).amax(dim=1) + offset
 
     def code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...],
                 pixel_noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,60 +302,66 @@ class Generator(nn.Module):
             score = score + pixel_noise
         return self._code(score)
 
-    def profile_code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...], pixel_noise: torch.Tensor,
-                        seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        """`profile_code` at the pixels `index` only, from `sample_maps`'s head output: the charge
-        profile's mean and spread of the shape and position covering each hit."""
-        score = self._score_at(head, index)
+    def profile_code_at(self, head: HeadMaps, index: tuple[torch.Tensor, ...], pixel_noise: torch.Tensor | None,
+                        charges: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`profile_code` at the hits `index` only, from `sample_maps`'s head output and the charge
+        maps of `sample_clusters(..., at_hits=True)` (at the same hits); `pixel_noise` (n,): the noise
+        at the hits (unused with the bank)."""
         if self.charge_bank:
-            return self._bank_map(seeds, clusters, uniforms)[index].to(score.dtype)
-        mean, sd = self._profile_maps(seeds, clusters, uniforms)
-        return self._code(score + mean[index].to(score.dtype) + sd[index].to(score.dtype) * pixel_noise)
+            return charges[0]
+        score = self._score_at(head, index)
+        mean, sd = charges
+        return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise)
 
     def _score_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The charge score before noise at the pixels `index` = (event, unit, row, col)."""
         ev, unit, row, col = index
-        s = self.shuffle
-        sub = (row % s) * s + col % s
-        return head[ev * self.layout.n_units + unit, s * s + sub, row // s, col // s]
+        return _sub_pixels(head.charge, self.shuffle, ev * self.layout.n_units + unit, row, col)
 
     def profile_code(self, score: torch.Tensor, pixel_noise: torch.Tensor, seeds: torch.Tensor, clusters: torch.Tensor,
                      uniforms: torch.Tensor) -> torch.Tensor:
         """With a charge profile, forward's second output is the charge score before noise: the encoded
         charge (B, U, H, W) after the clusters of `place_clusters(seeds, clusters, uniforms)` are placed,
         head + mean + spread x `pixel_noise` (B, U, 1, H, W) of the shape and position that covers each pixel."""
+        _, charges = self.sample_clusters(seeds, clusters, uniforms)
         if self.charge_bank:
-            return self._bank_map(seeds, clusters, uniforms).to(score.dtype)
-        mean, sd = self._profile_maps(seeds, clusters, uniforms)
+            return charges[0].to(score.dtype)
+        mean, sd = charges
         return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise[:, :, 0])
 
-    def _bank_map(self, seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        """(B, U, H, W) encoded charges of the clusters `place_clusters(seeds, clusters, uniforms)` places,
-        each from the bank: the training cluster of its shape that its second uniform picks."""
-        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
-        count = self.shape_bank_count[choice].round().long().clamp_min(1)
-        pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
-        base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
-        _, (code,) = place_shapes(seeds, choice, self.shape_stencils, per_pixel=((self.shape_charge_bank, base),))
-        return code
-
-    def _profile_maps(self, seeds: torch.Tensor, clusters: torch.Tensor,
-                      uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, U, H, W) offset and scale of each pixel's noise for the clusters
-        `place_clusters(seeds, clusters, uniforms)` places: the charge-profile mean and spread of the
-        shape and position covering it; with a shared cluster charge the offset also holds the
-        cluster's own score (from the seed's second uniform) with weight spread x sqrt(rho), and
-        the scale is spread x sqrt(1 - rho)."""
-        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
+    def sample_clusters(self, seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor,
+                        at: torch.Tensor | None = None, at_hits: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The clusters grown from `seeds` (B, U, H, W) bool (`at`: `seeds.nonzero()`, if known) with
+        `uniforms` (n_seeds, draws_per_seed), shapes drawn and placed once: (the hit mask of
+        `place_clusters`, the charge maps (B, U, H, W) of the charge profile: with the bank (the
+        encoded charges,): each cluster's from the training cluster of its shape that its second
+        uniform picks; else (offset, scale) of each pixel's noise: the profile's mean and spread of
+        the shape and position covering it; with a shared cluster charge the offset also holds the
+        cluster's own score (from the second uniform) with weight spread x sqrt(rho), and the scale
+        is spread x sqrt(1 - rho); () without a profile). With `at_hits` the charge maps are given at
+        the hits only, (n_hits,) in the order of `mask.nonzero()` (what `profile_code_at` takes)."""
+        at = seeds.nonzero() if at is None else at
+        choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0], at=at)
+        stencils = self.shape_stencils
+        if not self.charge_profile:
+            return place_shapes(seeds, choice, stencils, at=at, at_hits=at_hits), ()
+        if self.charge_bank:
+            count = self.shape_bank_count[choice].round().long().clamp_min(1)
+            pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
+            base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
+            mask, (code,) = place_shapes(seeds, choice, stencils, per_pixel=((self.shape_charge_bank, base),), at=at,
+                                         at_hits=at_hits)
+            return mask, (code,)
         tables = (self.shape_charge_mean, self.shape_charge_sd)
         if not self.charge_share:
-            _, (mean, sd) = place_shapes(seeds, choice, self.shape_stencils, tables)
-            return mean, sd
+            mask, (mean, sd) = place_shapes(seeds, choice, stencils, tables, at=at, at_hits=at_hits)
+            return mask, (mean, sd)
         cluster_score = torch.special.ndtri(uniforms[:, 1].double().clamp(1e-7, 1 - 1e-7)).to(self.shape_charge_sd.dtype)
         rho = self.shape_charge_share[choice].clamp(0.0, 1.0)
-        _, (mean, sd, shared, own) = place_shapes(seeds, choice, self.shape_stencils, tables,
-                                                  per_seed=(cluster_score * rho.sqrt(), (1 - rho).sqrt()))
-        return mean + sd * shared, sd * own
+        mask, (mean, sd, shared, own) = place_shapes(seeds, choice, stencils, tables,
+                                                     per_seed=(cluster_score * rho.sqrt(), (1 - rho).sqrt()), at=at,
+                                                     at_hits=at_hits)
+        return mask, (mean + sd * shared, sd * own)
 
     # -- clusters: the gate fires seeds; `clusters` (the third output of forward) say how they grow
     def draw_counts(self, cond: torch.Tensor, u_unit: torch.Tensor, u_event: torch.Tensor) -> torch.Tensor:
@@ -383,6 +415,24 @@ class Generator(nn.Module):
         frac = pos - i
         i = i.long()
         return q[i] + frac * (q[i + 1] - q[i])
+
+
+class HeadMaps(NamedTuple):
+    """The head's output as `Generator.sample_maps` computes it: gate and charge channels, each
+    (B * U, s^2, H / s, W / s) channels-last, sub-pixel (i, j) in channel i * s + j."""
+
+    gate: torch.Tensor
+    charge: torch.Tensor | None  # None where the charge bank gives the charges
+
+
+def _sub_pixels(maps: torch.Tensor, s: int, image: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Values of (N, s^2, H / s, W / s) sub-pixel maps at pixels (row, col) of images `image`, (n,)
+    each: one flat gather where the maps are channels-last (4x faster than indexing 4 dimensions)."""
+    channel, y, x = (row % s) * s + col % s, row // s, col // s
+    if not maps.is_contiguous(memory_format=torch.channels_last):
+        return maps[image, channel, y, x]
+    _, c, hs, ws = maps.shape
+    return maps.permute(0, 2, 3, 1).reshape(-1)[((image * hs + y) * ws + x) * c + channel]
 
 
 def _logit(p: float) -> float:
@@ -448,14 +498,16 @@ def expected_shape_hits(seed: torch.Tensor, footprint: torch.Tensor) -> torch.Te
     return full[..., :h, c // 2: c // 2 + w].clamp_min(0.0)  # FFT round-off: no negative counts
 
 
-def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Shape index of every seed (`seeds.nonzero()` order) from its image's shape logits (B, U, K),
-    by inverting the image's cumulative distribution at `uniforms` (n_seeds,): one search over all
-    images at once (image i's distribution shifted to [i, i + 1], float64 keeps rare shapes)."""
+def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+    """Shape index of every seed (`seeds.nonzero()` order; `at`: that index, if known) from its
+    image's shape logits (B, U, K), by inverting the image's cumulative distribution at `uniforms`
+    (n_seeds,): one search over all images at once (image i's distribution shifted to [i, i + 1],
+    float64 keeps rare shapes)."""
     b, u, k = logits.shape
     cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1).reshape(b * u, k)
     cdf = (cdf / cdf[:, -1:]).clamp(max=1.0) + torch.arange(b * u, device=cdf.device, dtype=cdf.dtype)[:, None]
-    at = seeds.nonzero()
+    at = seeds.nonzero() if at is None else at
     image = at[:, 0] * u + at[:, 1]
     pos = torch.searchsorted(cdf.flatten(), image.double() + uniforms.double().clamp(0, 1 - 1e-12), right=True)
     return (pos - image * k).clamp(0, k - 1)
@@ -463,23 +515,25 @@ def draw_shapes(seeds: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tenso
 
 def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tensor,
                  tables: tuple[torch.Tensor, ...] = (), per_seed: tuple[torch.Tensor, ...] = (),
-                 per_pixel: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()):
+                 per_pixel: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (), at: torch.Tensor | None = None,
+                 at_hits: bool = False):
     """(B, U, H, W) bool mask: the shape `choice[i]` (a row of the (K, R, C) 0/1 `stencils`) placed at
-    the i-th seed of `seeds.nonzero()`, its anchor on the seed, moved inside the image where it
-    would cross an edge. (Clipping instead would cut the shapes a second time: the table already
-    holds the data's clusters as cut by the edges; on pxd-tiny clipped shapes were 7% too small.)
+    the i-th seed of `seeds.nonzero()` (`at`: that index, if known), its anchor on the seed, moved
+    inside the image where it would cross an edge. (Clipping instead would cut the shapes a second
+    time: the table already holds the data's clusters as cut by the edges; on pxd-tiny clipped
+    shapes were 7% too small.)
     With `tables` ((K, R, C) values per shape and stencil position), returns (mask, one (B, U, H, W)
     map per table: at each placed pixel the value of its shape and position, 0 elsewhere, then one
     map per `per_seed` (n_seeds,) values: at each placed pixel its seed's value, then one map per
     `per_pixel` (values (N,), base (n_seeds,)): at the j-th pixel of seed i's shape, in stencil
-    order, values[base[i] + j]); where shapes overlap, one of them gives the value."""
-    out = torch.zeros_like(seeds)
-    tables = tuple(tables) + tuple(per_seed)
-    n_seed_maps = len(tables)
-    tables = tables + tuple(v for v, _ in per_pixel)
-    maps = tuple(torch.zeros(seeds.shape, dtype=t.dtype, device=t.device) for t in tables)
+    order, values[base[i] + j]); where shapes overlap, the last placed gives the value. With
+    `at_hits`, each map is given at the hits only, (n_hits,) in the order of `mask.nonzero()`."""
+    out = torch.zeros(seeds.shape, dtype=torch.bool, device=seeds.device)
+    n_maps = len(tables) + len(per_seed) + len(per_pixel)
+    dtypes = [t.dtype for t in (*tables, *per_seed, *(v for v, _ in per_pixel))]
     if not len(choice):
-        return (out, maps) if tables else out
+        maps = tuple(torch.zeros((0,) if at_hits else seeds.shape, dtype=d, device=seeds.device) for d in dtypes)
+        return (out, maps) if n_maps else out
     k, r, c = stencils.shape
     used = torch.unique(choice)
     sub = stencils[used] > 0  # only the drawn shapes: a table of up to thousands of entries
@@ -493,7 +547,7 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     big = torch.iinfo(torch.long).max // 4
     lowest = torch.where(ok, dr, -big).amax(1)
     left, right = torch.where(ok, dc, big).amin(1), torch.where(ok, dc, -big).amax(1)
-    at = seeds.nonzero()
+    at = seeds.nonzero() if at is None else at
     s = remap[choice]
     h, w = seeds.shape[-2:]
     row0 = torch.minimum(at[:, 2], (h - 1 - lowest[s]).clamp_min(0))
@@ -501,37 +555,23 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     rows, cols = row0[:, None] + dr[s], col0[:, None] + dc[s]
     keep = ok[s] & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # a shape larger than the image
     n = keep.sum(1)
-    where = (at[:, 0].repeat_interleave(n), at[:, 1].repeat_interleave(n), rows[keep], cols[keep])
-    out[where] = True
-    if not tables:
+    image = (at[:, 0] * seeds.shape[1] + at[:, 1]).repeat_interleave(n)
+    where = (image * h + rows[keep]) * w + cols[keep]  # flat: a 1-D scatter is ~4x one over 4 indices
+    out.view(-1)[where] = True
+    if not n_maps:
         return out
-    n_tables = n_seed_maps - len(per_seed)
-    for m, t in zip(maps[:n_tables], tables[:n_tables], strict=True):
-        m[where] = t[used].flatten(1).gather(1, idx)[s][keep]
-    for m, v in zip(maps[n_tables:n_seed_maps], per_seed, strict=True):
-        m[where] = v.repeat_interleave(n)
-    for m, (v, base) in zip(maps[n_seed_maps:], per_pixel, strict=True):
-        m[where] = v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]]
+    values = [t[used].flatten(1).gather(1, idx)[s][keep] for t in tables]
+    values += [v.repeat_interleave(n) for v in per_seed]
+    values += [v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]] for v, base in per_pixel]
+    if at_hits:  # the last write to each hit, hits in row-major order: no dense map to fill and read
+        hits, slot = torch.unique(where, sorted=True, return_inverse=True)
+        last = torch.full((len(hits),), -1, dtype=torch.long, device=where.device)
+        last.scatter_reduce_(0, slot, torch.arange(len(where), device=where.device), "amax")
+        return out, tuple(v[last] for v in values)
+    maps = tuple(torch.zeros(seeds.shape, dtype=d, device=seeds.device) for d in dtypes)
+    for m, v in zip(maps, values, strict=True):
+        m.view(-1)[where] = v
     return out, maps
-
-
-def place_counted_seeds(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """(B, U, H, W) bool: exactly counts[b, u] seeds in image (b, u), positions drawn without
-    replacement with odds sigmoid(gate) (Gumbel top-k: the `counts` largest log sigmoid(gate) +
-    Gumbel(uniforms), uniforms (B, U, H, W) in (0, 1)). Each image's draw is its own (top-k
-    per row, sorted), so it does not depend on the batch."""
-    b, u, h, w = gate.shape
-    counts = counts.long().clamp(0, h * w)
-    out = torch.zeros(b * u, h * w + 1, dtype=torch.bool, device=gate.device)  # last column: discarded
-    k = int(counts.max()) if counts.numel() else 0
-    if k == 0:
-        return out[:, :-1].reshape(b, u, h, w)
-    gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-7)))
-    keys = (nn.functional.logsigmoid(gate.detach()) + gumbel).reshape(b * u, -1)
-    top = keys.topk(k, dim=-1, sorted=True).indices  # (B U, k), largest first
-    keep = torch.arange(k, device=gate.device)[None] < counts.reshape(-1, 1)
-    out.scatter_(1, torch.where(keep, top, h * w), True)
-    return out[:, :-1].reshape(b, u, h, w)
 
 
 def counted_seed_probability(gate: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

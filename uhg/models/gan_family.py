@@ -19,9 +19,11 @@ from torch import nn
 from uhg.config.gan import GanConfig
 from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import Discriminator, Generator, place_counted_seeds
+from uhg.models.gan import Discriminator, Generator, HeadMaps
 from uhg.models.gan_layout import decode_hits, hit_index, unit_layout
+from uhg.models.gan_seeds import counted_seed_index
 from uhg.models.modes import eval_mode
+from uhg.models.stages import stage
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ class GanDraw:
     """the cluster logits of `Generator.sample_maps`, or None."""
     cluster_draws: torch.Tensor | None
     """(seeds, draws_per_seed) uniforms `place_clusters` took, or None."""
-    head: torch.Tensor
+    head: HeadMaps
     """the head output of `Generator.sample_maps` (charges are read from it at the hits)."""
+    charges: tuple[torch.Tensor, ...]
+    """the charge maps of `Generator.sample_clusters` at the hits (with a charge profile), else ()."""
     pixel_noise: torch.Tensor | None
     """(B, U, P, H, W) pixel noise maps, or None."""
     conditions: dict[str, torch.Tensor]
@@ -70,51 +74,71 @@ class GanFamily:
     @torch.no_grad()
     def sample(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> HitBatch:
         d = self.draw(module, conditions, seeds)
-        index = hit_index(self.layout, d.mask)
-        at = tuple(torch.from_numpy(i).to(d.mask.device) for i in index)
-        pn = d.pixel_noise[at[0], at[1], 0, at[2], at[3]] if d.pixel_noise is not None else None
-        if module.charge_profile:
-            code = module.profile_code_at(d.head, at, pn, d.seeds, d.clusters, d.cluster_draws)
-        else:
-            code = module.code_at(d.head, at, pn)
-        return decode_hits(self.layout, index, code.float().cpu().numpy(), len(seeds), d.conditions)
+        with stage("hits and charges"):  # the sparse conversion: hit search, charges at the hits
+            index = hit_index(self.layout, d.mask)
+            at = tuple(torch.from_numpy(i).to(d.mask.device) for i in index)
+            pn = None
+            if d.pixel_noise is not None and not module.charge_bank:  # the bank's charges need no noise
+                pn = d.pixel_noise[at[0], at[1], 0, at[2], at[3]]
+            if module.charge_profile:
+                code = module.profile_code_at(d.head, at, pn, d.charges)
+            else:
+                code = module.code_at(d.head, at, pn)
+            return decode_hits(self.layout, index, code.float().cpu().numpy(), len(seeds), d.conditions)
 
     @torch.no_grad()
     def draw(self, module: nn.Module, conditions: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> GanDraw:
         """The images of `sample` before the charges are read at the hits (`GanDraw`)."""
         lay, cfg = self.layout, self.cfg
         device = next(module.parameters()).device
-        gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
-        z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
-        un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
-        # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
-        # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels. Noise maps
-        # are drawn in place, event by event: torch.rand/randn's numbers without stacking copies.
-        u = torch.empty((len(gens), lay.n_units, lay.height, lay.width), device=device)
-        for row, g in zip(u, gens, strict=True):
-            row.uniform_(generator=g)
-        p = module.pixel_noise_channels
-        pn = None
-        if p:
-            pn = torch.empty((len(gens), lay.n_units, p, lay.height, lay.width), device=device)
-            for row, g in zip(pn, gens, strict=True):
-                row.normal_(generator=g)
-        counted = getattr(module, "counts", None) is not None
-        if counted:  # the count law's uniforms: one per sensor and one for the event-wide factor
-            law_u = torch.stack([torch.rand(lay.n_units + 1, generator=g, device=device) for g in gens])
+        with stage("noise"):
+            gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
+            z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
+            un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
+            # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
+            # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels. Noise maps
+            # are drawn in place, event by event: torch.rand/randn's numbers without stacking copies.
+            u = torch.empty((len(gens), lay.n_units, lay.height, lay.width), device=device)
+            for row, g in zip(u, gens, strict=True):
+                row.uniform_(generator=g)
+            p = module.pixel_noise_channels
+            pn = None
+            if p:
+                pn = torch.empty((len(gens), lay.n_units, p, lay.height, lay.width), device=device)
+                for row, g in zip(pn, gens, strict=True):
+                    row.normal_(generator=g)
+            counted = getattr(module, "counts", None) is not None
+            if counted:  # the count law's uniforms: one per sensor and one for the event-wide factor
+                law_u = torch.stack([torch.rand(lay.n_units + 1, generator=g, device=device) for g in gens])
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
-        with eval_mode(module):
-            gate, head, clusters = module.sample_maps(z, un, cond)
-        if counted:  # exactly the law's count of seeds, where the gate puts them (u as Gumbel noise)
-            seed_mask = place_counted_seeds(gate, module.draw_counts(cond, law_u[:, 1:], law_u[:, 0]), u)
-        else:
-            seed_mask = torch.lt(u, gate.sigmoid_())
-        mask, draws = seed_mask, None
-        if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
-            n_seeds = np.count_nonzero(seed_mask.cpu().numpy().reshape(len(gens), -1), axis=1)  # 10x a bool sum()
-            k = module.draws_per_seed
-            draws = torch.cat([torch.rand(int(n), k, generator=g, device=device)
-                               for g, n in zip(gens, n_seeds, strict=True)])
-            mask = module.place_clusters(seed_mask, clusters, draws)
-        return GanDraw(mask, seed_mask, clusters, draws, head, pn, conds)
+        with eval_mode(module), stage("decoder"):
+            head, offset, clusters = module.sample_maps(z, un, cond)
+        b, at = len(gens), None
+        with stage("seeds"):
+            if counted:  # exactly the law's count of seeds, where the gate puts them (u as Gumbel noise)
+                counts = module.draw_counts(cond, law_u[:, 1:], law_u[:, 0])
+                flat = counted_seed_index(counts, u.view(b * lay.n_units, -1),
+                                          lambda r, q: module.gate_at(head, offset, r, q), module.gate_max(head, offset),
+                                          lambda: module.gate_map(head, offset).reshape(b * lay.n_units, -1))
+                seed_mask = torch.zeros(u.numel(), dtype=torch.bool, device=device)
+                seed_mask[flat] = True
+                seed_mask = seed_mask.view(u.shape)
+                hw = lay.height * lay.width
+                at = torch.stack([flat // (lay.n_units * hw), flat // hw % lay.n_units, flat % hw // lay.width,
+                                  flat % lay.width], dim=1)  # = seed_mask.nonzero(), without the search
+                n_seeds = np.bincount((flat // (lay.n_units * hw)).cpu().numpy(), minlength=b)
+            else:
+                seed_mask = torch.lt(u, module.gate_map(head, offset).sigmoid_())
+                n_seeds = np.count_nonzero(seed_mask.cpu().numpy().reshape(b, -1), axis=1)  # 10x a bool sum()
+        mask, draws, charges = seed_mask, None, ()
+        with stage("clusters"):
+            if clusters is not None:  # clusters grow from the seeds, drawn per event from its own generator
+                k = module.draws_per_seed
+                draws = torch.cat([torch.rand(int(n), k, generator=g, device=device)
+                                   for g, n in zip(gens, n_seeds, strict=True)])
+                if module.n_shapes:  # shapes drawn and placed once, for the hits and their charges
+                    mask, charges = module.sample_clusters(seed_mask, clusters, draws, at=at, at_hits=True)
+                else:
+                    mask = module.place_clusters(seed_mask, clusters, draws)
+        return GanDraw(mask, seed_mask, clusters, draws, head, charges, pn, conds)
