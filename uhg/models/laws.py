@@ -62,6 +62,7 @@ def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 COUNT_LAWS = ("power", "powers", "quadratic", "unit_quadratic")
+COUNT_DISPERSIONS = ("constant", "power")
 
 
 class CountLaw(nn.Module):
@@ -99,10 +100,12 @@ class CountLaw(nn.Module):
     occupancy (+- one standard deviation of the refits' predictions)."""
 
     def __init__(self, n_units: int, n_cond: int, positions: int | Sequence[int], form: str = "quadratic",
-                 terms: int = 2, bootstrap: int = 0, factors: int = 1):
+                 terms: int = 2, bootstrap: int = 0, factors: int = 1, dispersion: str = "constant"):
         super().__init__()
         if form not in COUNT_LAWS:
             raise ValueError(f"count law form must be one of {COUNT_LAWS}, got {form!r}")
+        if dispersion not in COUNT_DISPERSIONS:
+            raise ValueError(f"count law dispersion must be one of {COUNT_DISPERSIONS}, got {dispersion!r}")
         self.form, self.factors = form, factors
         c = max(n_cond, 1)
         grid = [float(positions)] * n_units if isinstance(positions, int) else [float(p) for p in positions]
@@ -131,6 +134,8 @@ class CountLaw(nn.Module):
             ramp = torch.linspace(-0.3, 0.3, n_units)[:, None] * torch.arange(1, factors)[None].float()
             self.factor_loading = nn.Parameter(torch.cat([torch.full((n_units, 1), 0.3), ramp], 1))
         self.log_dispersion = nn.Parameter(torch.full((n_units,), math.log(20.0)))
+        if dispersion == "power":  # log r_u grows with the unit's log expected occupancy (0: constant r_u)
+            self.dispersion_power = nn.Parameter(torch.zeros(1))
         self.register_buffer("bootstrap", torch.zeros(bootstrap, self.n_mean_parameters()))
 
     def mean_parameters(self) -> list[nn.Parameter]:
@@ -193,8 +198,18 @@ class CountLaw(nn.Module):
         """(B, U) expected hits."""
         return self.positions[None] * torch.sigmoid(self.eta(cond))
 
-    def dispersion(self) -> torch.Tensor:
-        return self.log_dispersion.clamp(-5.0, 12.0).exp()
+    def dispersion(self, mean: torch.Tensor) -> torch.Tensor:
+        """NB dispersion r of each count whose expected value is `mean` (B, U): r_u, or with
+        dispersion="power" r_u (mean / positions_u)^k, k shared and fitted. Variance mean + mean^2 / r:
+        a constant r makes the extra variance grow as the mean squared, k = 1 as the mean (extra
+        variance from bursts of clusters whose number, not size, follows the conditions), and the
+        data choose between them; a constant r fitted over the whole range overstates the variance
+        at its busy end when the data's grows more slowly than the mean squared."""
+        log_r = self.log_dispersion[None]
+        if hasattr(self, "dispersion_power"):
+            occupancy = (mean / self.positions[None]).clamp_min(1e-12)
+            log_r = log_r + self.dispersion_power * occupancy.log()
+        return log_r.clamp(-5.0, 12.0).exp().expand_as(mean)
 
     def loadings(self) -> torch.Tensor:
         return torch.tanh(self.loading).clamp(-0.999, 0.999)
@@ -208,13 +223,14 @@ class CountLaw(nn.Module):
 
     def marginal_log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B,) sum over units of the NB log-likelihood of hits per unit `counts` (B, U)."""
-        return nb_log_prob(counts.to(cond.dtype), self.mean(cond), self.dispersion()[None]).sum(-1)
+        mean = self.mean(cond)
+        return nb_log_prob(counts.to(cond.dtype), mean, self.dispersion(mean)).sum(-1)
 
     def scores(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B, U) normal scores of the counts under the current marginals (no gradient)."""
         with torch.no_grad():
             mean = self.mean(cond)
-            return normal_scores(counts, mean, self.dispersion()[None].expand_as(mean))
+            return normal_scores(counts, mean, self.dispersion(mean))
 
     def copula_log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """(B,) Gaussian log-density of normal scores y (B, U) under the one-factor copula."""
@@ -232,8 +248,9 @@ class CountLaw(nn.Module):
         event and factor: (B, K) with K factors), at most min(cap, positions); and how many
         draws the cap cut."""
         B, U = len(cond), len(self.positions)
-        mean = self.mean(cond).reshape(-1)
-        r = self.dispersion().repeat(B)
+        mean = self.mean(cond)
+        r = self.dispersion(mean).reshape(-1)
+        mean = mean.reshape(-1)
         e = torch.special.ndtri(u_unit.double().clamp(1e-12, 1 - 1e-12))
         if self.factors == 1:
             load = self.loadings().double().repeat(B)
