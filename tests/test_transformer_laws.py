@@ -365,12 +365,14 @@ def test_pace_weight_is_learned_in_training_steps():
     assert float(model.pace_weight.detach()) != 1.0
 
 
-def _bursts(x: np.ndarray, n_units: int, seed: int) -> np.ndarray:
-    """(N, n_units) counts made of bursts: Poisson(5 e^(0.7 x)) bursts of 1-4 clusters each, so the
+def _bursts(x: np.ndarray, n_units: int, seed: int, common: float = 0.0) -> np.ndarray:
+    """(N, n_units) counts made of bursts: Poisson(5 e^(0.7 x) g) bursts of 1-4 clusters each, so the
     variance grows in proportion to the mean (variance / mean = E[size^2] / E[size] = 3) rather
-    than as the mean squared."""
+    than as the mean squared; g: an event-wide gamma factor of mean 1 and variance `common`, shared
+    by all units (their correlation then rises with the mean)."""
     rng = np.random.default_rng(seed)
-    bursts = rng.poisson(5.0 * np.exp(0.7 * x)[:, None], size=(len(x), n_units)).ravel()
+    g = rng.gamma(1 / common, common, len(x)) if common else np.ones(len(x))
+    bursts = rng.poisson((5.0 * np.exp(0.7 * x) * g)[:, None], size=(len(x), n_units)).ravel()
     sizes = np.r_[0, np.cumsum(rng.integers(1, 5, bursts.sum()))]
     ends = np.cumsum(bursts)
     return (sizes[ends] - sizes[ends - bursts]).reshape(len(x), n_units).astype(np.float64)
@@ -403,3 +405,21 @@ def test_an_unknown_count_dispersion_is_refused():
         config_from_dict({"name": "t", "geometry": "pxd-tiny", "data": {"store": "x.zarr"},
                           "model": {"family": "transformer", "count_dispersion": "cubic"},
                           "train": {"steps": 1, "batch_size": 1}})
+
+
+@pytest.mark.parametrize("dispersion, passes", [("constant", False), ("power", True)])
+def test_event_wide_spread_at_the_top_of_the_range_follows_the_data(dispersion, passes):
+    # Units that share an event-wide factor correlate more the busier they are; the spread of the
+    # event's total at the busy end needs loadings that follow the occupancy
+    x = np.random.default_rng(0).uniform(-1, 1, 6000)
+    law = CountLaw(n_units=6, n_cond=1, positions=3072, form="quadratic", dispersion=dispersion)
+    fit_count_law(law, torch.as_tensor(_bursts(x, 6, seed=1, common=0.04)), torch.as_tensor(x)[:, None])
+    top = _bursts(np.ones(20000), 6, seed=2, common=0.04).sum(1)
+    keys = torch.tensor(_seeds(4, 20000), dtype=torch.int64)
+    with torch.no_grad():
+        n, _ = law.sample(counter_uniform(keys.repeat_interleave(6), torch.arange(6).repeat(20000), -1, 0),
+                          counter_uniform(keys, torch.full_like(keys, 6), -1, 0),
+                          torch.ones(20000, 1, dtype=law.positions.dtype), cap=3072)
+    drawn = n.view(20000, 6).sum(1).double().numpy()
+    assert abs(drawn.mean() / top.mean() - 1) < 0.03
+    assert (abs(drawn.std() / top.std() - 1) < 0.05) == passes, f"sd of the total, law / data: {drawn.std() / top.std()}"

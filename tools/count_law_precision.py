@@ -2,7 +2,7 @@
 precise as its training events allow?
 
     python tools/count_law_precision.py --config configs/pxd_transformer_mini.yaml [--events 16000]
-        [--luminosity 8e35] [--shrink 100 1000 10000]
+        [--luminosity 8e35] [--shrink 100 1000 10000] [--draws 1000] [--set model.count_dispersion=constant]
 
 Fits the count law exactly as `uhg train` starts it (the same training events, shape vocabulary,
 held-out choice of the per-unit ridge and bootstrap refits; no network is trained: at
@@ -12,7 +12,12 @@ against the reference's: the rms of the miss, the rms spread of the law's bootst
 resampled training events (its statistical precision), the reference's own rms noise, and
 chi2/ndf of the miss against both (about 1: the miss is the fit's noise; well above 1: a bias).
 `--shrink` refits the law with those fixed ridge strengths and prints the same miss for each
-(what the held-out choice, `uhg.models.laws.choose_shrink`, trades).
+(what the held-out choice, `uhg.models.laws.choose_shrink`, trades). `--draws N`: the law's own
+draws (tokens per sensor of N events, as generation draws them before any token is placed) against
+the first N reference events: the classifier AUC on the 40 per-sensor counts
+(`uhg.eval.classifier.classifier_auc`; floor: the next N reference events), the mean per-sensor
+variance ratio and the spread of the event's total; what the count law alone gives the low-level
+classifier's occupancy and cluster blocks.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import numpy as np
 import torch
 
 from uhg.config.loading import load_config
+from uhg.eval.classifier import classifier_auc
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
 from uhg.models.laws import count_law_loss, fit_law
 from uhg.models.transformer_clusters import encode_clusters
+from uhg.models.transformer_sampling import counter_uniform
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.train.family import build_family
 from uhg.train.loop import _initialise_from_data, prepare_data, seed_everything
@@ -62,9 +69,13 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=16000, help="reference events at --luminosity")
     ap.add_argument("--luminosity", type=float, default=8e35)
     ap.add_argument("--shrink", type=float, nargs="*", default=[], help="also refit with these ridge strengths")
+    ap.add_argument("--draws", type=int, default=0, help="compare N events of the law's draws (needs 2N --events)")
+    ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
+    if 2 * args.draws > args.events:
+        ap.error(f"--draws {args.draws} needs --events >= {2 * args.draws}")
     if cfg.model.family != "transformer" or cfg.model.token != "cluster" or cfg.model.multiplicity != "count":
         ap.error(f"{args.config}: needs a cluster-token transformer with multiplicity: count")
     t0 = time.time()
@@ -100,6 +111,18 @@ def main() -> None:
         chi2 += f", against it and the refits' spread {np.mean(miss ** 2 / (ref_sd ** 2 + boot_sd ** 2)):.2f}"
     print(chi2)
     print("per sensor, law / reference - 1 [%]:", " ".join(f"{100 * x:+.1f}" for x in miss))
+    if args.draws:
+        n, U = args.draws, model.layout.n_units
+        keys = torch.arange(n, dtype=torch.int64) + 10**6
+        with torch.no_grad():
+            drawn, _ = law.sample(counter_uniform(keys.repeat_interleave(U), torch.arange(U).repeat(n), -1, 0),
+                                  counter_uniform(keys, torch.full_like(keys, U), -1, 0)[:, None],
+                                  cond[:n].to(law.positions.dtype), 10**6)
+        g, a, b = drawn.view(n, U).double().numpy(), ref[:n], ref[n:2 * n]
+        print(f"law's draws, {n} events vs reference (floor: reference 2, {n} events): per-sensor counts "
+              f"classifier AUC {classifier_auc(a, g, seed=1).auc:.3f} (floor {classifier_auc(a, b, seed=2).auc:.3f}); "
+              f"per-sensor variance / reference's {np.mean(g.var(0) / a.var(0)):.3f} (floor {np.mean(b.var(0) / a.var(0)):.3f}); "
+              f"sd of the event's tokens {g.sum(1).std():.1f} (reference {a.sum(1).std():.1f}, reference 2 {b.sum(1).std():.1f})")
     if args.shrink:
         counts, conds = [], []
         ids = data.train_ids[family.fit_sample(data.n_train)]
