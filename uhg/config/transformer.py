@@ -178,7 +178,7 @@ class TransformerConfig(Section):
         description="multiplicity=count: the negative-binomial dispersion of each unit's count. constant: r_u "
         "(extra variance grows as the mean squared); power: r_u (mean / positions)^k with k fitted to the "
         "training events with the rest of the law (k = 0 is constant, k = 1 extra variance proportional to "
-        "the mean). On pxd-mini a constant r_u, fitted over the whole training range, gave 28 % too much "
+        "the mean). On pxd-mini a constant r_u, fitted over the whole training range, gave 17-28 % too much "
         "variance per sensor at its top (docs/results.md). Exports written before this key have constant.",
     )
     count_bootstrap: int = Field(
