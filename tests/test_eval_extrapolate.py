@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from uhg.cli import main
+from uhg.config import load_config
 from uhg.data.hits import HitBatch
 from uhg.errors import ConfigError
 from uhg.eval.baselines import overlay_baseline, scale_baseline, thin
@@ -48,8 +49,16 @@ def test_shipped_protocols_are_valid():
     assert scenarios.machine == list(SHIPPED_SCENARIOS) and scenarios.baseline == "overlay"
     assert scenarios.test_points() == pytest.approx([1.2e36, 1.6e36, 2.4e36])
     assert scenarios.training_range == pytest.approx((2e35, 8e35))
+    # the in-range check sits at the top of the shipped mini configs' training range, with enough
+    # events that the per-sensor occupancy floor is below the 3 % target (docs/results.md)
+    inrange = load_protocol(CONFIGS / "extrapolate_pxd_mini_inrange.yaml")
+    for run in ("pxd_transformer_mini", "pxd_gan_mini"):
+        sim = load_config(CONFIGS / f"{run}.yaml").data.simulate
+        assert inrange.training_range == pytest.approx((sim.luminosity_min, sim.luminosity_max))
+        assert sim.seed in inrange.training_seeds
+    assert inrange.test_points() == pytest.approx([inrange.training_range[1]]) and inrange.n_events >= 4000
     # the reference and baseline seeds of every shipped protocol are not the training seeds
-    for protocol in (pxd, calo, layers, scenarios):
+    for protocol in (pxd, calo, layers, scenarios, inrange):
         assert protocol.training_seeds and not set(protocol.simulator_seeds().values()) & set(protocol.training_seeds)
 
 

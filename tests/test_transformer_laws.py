@@ -16,7 +16,7 @@ from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.laws import CountLaw, fit_law, nb_quantile
+from uhg.models.laws import CountLaw, fit_count_law, fit_law, nb_quantile
 from uhg.models.transformer import HitTransformer
 from uhg.models.transformer_sampling import counter_uniform, generate_tokens, sample_events
 from uhg.models.transformer_tokens import layout_for_geometry
@@ -363,3 +363,63 @@ def test_pace_weight_is_learned_in_training_steps():
         out = family.train_step(engines, TorchHits.from_batch(data.slice(8 * step, 8 * step + 8)), step)
         assert math.isfinite(float(out["loss"]))
     assert float(model.pace_weight.detach()) != 1.0
+
+
+def _bursts(x: np.ndarray, n_units: int, seed: int, common: float = 0.0) -> np.ndarray:
+    """(N, n_units) counts made of bursts: Poisson(5 e^(0.7 x) g) bursts of 1-4 clusters each, so the
+    variance grows in proportion to the mean (variance / mean = E[size^2] / E[size] = 3) rather
+    than as the mean squared; g: an event-wide gamma factor of mean 1 and variance `common`, shared
+    by all units (their correlation then rises with the mean)."""
+    rng = np.random.default_rng(seed)
+    g = rng.gamma(1 / common, common, len(x)) if common else np.ones(len(x))
+    bursts = rng.poisson((5.0 * np.exp(0.7 * x) * g)[:, None], size=(len(x), n_units)).ravel()
+    sizes = np.r_[0, np.cumsum(rng.integers(1, 5, bursts.sum()))]
+    ends = np.cumsum(bursts)
+    return (sizes[ends] - sizes[ends - bursts]).reshape(len(x), n_units).astype(np.float64)
+
+
+@pytest.mark.parametrize("dispersion, passes", [("constant", False), ("power", True)])
+def test_count_variance_at_the_top_of_the_range_follows_the_data(dispersion, passes):
+    # Fitted over a range where the mean grows 4x, a constant NB dispersion must compromise
+    # between the ends and overstates the variance at the busy end; the dispersion power lets the
+    # data say how the extra variance grows (here as the mean: the power comes out near 1)
+    x = np.random.default_rng(0).uniform(-1, 1, 6000)
+    counts = torch.as_tensor(_bursts(x, 3, seed=1))
+    law = CountLaw(n_units=3, n_cond=1, positions=3072, form="quadratic", dispersion=dispersion)
+    fit_count_law(law, counts, torch.as_tensor(x)[:, None])
+    top = _bursts(np.ones(20000), 3, seed=2)
+    with torch.no_grad():
+        mean = law.mean(torch.ones(1, 1, dtype=law.positions.dtype))
+        var = (mean + mean.square() / law.dispersion(mean))[0].double().numpy()
+    ratio = var / top.var(0)
+    assert np.all(np.abs(mean[0].double().numpy() / top.mean(0) - 1) < 0.05)
+    assert np.all(np.abs(ratio - 1) < 0.1) == passes, f"variance law / data at the top: {ratio}"
+    if dispersion == "power":
+        assert 0.6 < float(law.dispersion_power.detach()) < 1.4
+
+
+def test_an_unknown_count_dispersion_is_refused():
+    with pytest.raises(ValueError, match="dispersion must be one of"):
+        CountLaw(n_units=2, n_cond=1, positions=10, dispersion="quadratic")
+    with pytest.raises(ConfigError, match="count_dispersion"):
+        config_from_dict({"name": "t", "geometry": "pxd-tiny", "data": {"store": "x.zarr"},
+                          "model": {"family": "transformer", "count_dispersion": "cubic"},
+                          "train": {"steps": 1, "batch_size": 1}})
+
+
+@pytest.mark.parametrize("dispersion, passes", [("constant", False), ("power", True)])
+def test_event_wide_spread_at_the_top_of_the_range_follows_the_data(dispersion, passes):
+    # Units that share an event-wide factor correlate more the busier they are; the spread of the
+    # event's total at the busy end needs loadings that follow the occupancy
+    x = np.random.default_rng(0).uniform(-1, 1, 6000)
+    law = CountLaw(n_units=6, n_cond=1, positions=3072, form="quadratic", dispersion=dispersion)
+    fit_count_law(law, torch.as_tensor(_bursts(x, 6, seed=1, common=0.04)), torch.as_tensor(x)[:, None])
+    top = _bursts(np.ones(20000), 6, seed=2, common=0.04).sum(1)
+    keys = torch.tensor(_seeds(4, 20000), dtype=torch.int64)
+    with torch.no_grad():
+        n, _ = law.sample(counter_uniform(keys.repeat_interleave(6), torch.arange(6).repeat(20000), -1, 0),
+                          counter_uniform(keys, torch.full_like(keys, 6), -1, 0),
+                          torch.ones(20000, 1, dtype=law.positions.dtype), cap=3072)
+    drawn = n.view(20000, 6).sum(1).double().numpy()
+    assert abs(drawn.mean() / top.mean() - 1) < 0.03
+    assert (abs(drawn.std() / top.std() - 1) < 0.05) == passes, f"sd of the total, law / data: {drawn.std() / top.std()}"

@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=202, help="reference seed (the second reference uses seed + 1); "
                     "must not be a seed of the training store")
     ap.add_argument("--generate-seed", type=int, default=7)
+    ap.add_argument("--save", default=None, help="also write the three samples' classifier vectors to this .npz")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -70,9 +71,13 @@ def main() -> None:
     for j, name in enumerate(LOW_LEVEL):
         cols = slice(n * j, n * (j + 1))
         rel = (c[:, cols].mean(0) - a[:, cols].mean(0)) / np.maximum(a[:, cols].mean(0), 1e-12)
+        rest = [k for k in range(a.shape[1]) if not n * j <= k < n * (j + 1)]
         print(f"  {name:20s} block AUC {classifier_auc(a[:, cols], c[:, cols], seed=1).auc:.3f} "
               f"(floor {classifier_auc(a[:, cols], b[:, cols], seed=2).auc:.3f})  per-sensor mean rel. diff "
-              f"{rel.mean():+.3f} (min {rel.min():+.3f}, max {rel.max():+.3f})")
+              f"{rel.mean():+.3f} (min {rel.min():+.3f}, max {rel.max():+.3f})  AUC without the block "
+              f"{classifier_auc(a[:, rest], c[:, rest], seed=1).auc:.3f}")
+    if args.save:
+        np.savez(args.save, **{f"{k}_{v}": f[k].vectors[v] for k in f for v in ("high_level", "low_level")})
     size_r, size_g = (f[k].distributions["cluster_size"].values for k in ("ref", "gen"))
     q_r, q_g = (f[k].distributions["cluster_charge"].values for k in ("ref", "gen"))
     for s in (1, 2, 3, 4, 6):

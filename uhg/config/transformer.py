@@ -173,6 +173,14 @@ class TransformerConfig(Section):
         "patterns, e.g. earlier or later as well as busier). Exports written before this key have one.",
     )
     count_terms: int = Field(2, ge=1, le=8, description="count_law=powers: number of power-law components.")
+    count_dispersion: Literal["constant", "power"] = Field(
+        "constant",
+        description="multiplicity=count: the negative-binomial dispersion of each unit's count. constant: r_u "
+        "(extra variance grows as the mean squared); power: r_u (mean / positions)^k with k fitted to the "
+        "training events with the rest of the law (k = 0 is constant, k = 1 extra variance proportional to "
+        "the mean). On pxd-mini a constant r_u, fitted over the whole training range, gave 17-28 % too much "
+        "variance per sensor at its top (docs/results.md). Exports written before this key have constant.",
+    )
     count_bootstrap: int = Field(
         16, ge=0, le=256,
         description="multiplicity=count: refits of the law's mean parameters on resampled training events, kept "

@@ -62,6 +62,7 @@ def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 COUNT_LAWS = ("power", "powers", "quadratic", "unit_quadratic")
+COUNT_DISPERSIONS = ("constant", "power")
 
 
 class CountLaw(nn.Module):
@@ -99,10 +100,14 @@ class CountLaw(nn.Module):
     occupancy (+- one standard deviation of the refits' predictions)."""
 
     def __init__(self, n_units: int, n_cond: int, positions: int | Sequence[int], form: str = "quadratic",
-                 terms: int = 2, bootstrap: int = 0, factors: int = 1):
+                 terms: int = 2, bootstrap: int = 0, factors: int = 1, dispersion: str = "constant"):
         super().__init__()
         if form not in COUNT_LAWS:
             raise ValueError(f"count law form must be one of {COUNT_LAWS}, got {form!r}")
+        if dispersion not in COUNT_DISPERSIONS:
+            raise ValueError(f"count law dispersion must be one of {COUNT_DISPERSIONS}, got {dispersion!r}")
+        if dispersion == "power" and factors > 1:
+            raise ValueError("count law dispersion 'power' has one copula factor; got factors > 1")
         self.form, self.factors = form, factors
         c = max(n_cond, 1)
         grid = [float(positions)] * n_units if isinstance(positions, int) else [float(p) for p in positions]
@@ -131,6 +136,9 @@ class CountLaw(nn.Module):
             ramp = torch.linspace(-0.3, 0.3, n_units)[:, None] * torch.arange(1, factors)[None].float()
             self.factor_loading = nn.Parameter(torch.cat([torch.full((n_units, 1), 0.3), ramp], 1))
         self.log_dispersion = nn.Parameter(torch.full((n_units,), math.log(20.0)))
+        if dispersion == "power":  # log r_u and atanh l_u move with the unit's log expected occupancy (0: constant)
+            self.dispersion_power = nn.Parameter(torch.zeros(1))
+            self.loading_power = nn.Parameter(torch.zeros(1))
         self.register_buffer("bootstrap", torch.zeros(bootstrap, self.n_mean_parameters()))
 
     def mean_parameters(self) -> list[nn.Parameter]:
@@ -193,11 +201,29 @@ class CountLaw(nn.Module):
         """(B, U) expected hits."""
         return self.positions[None] * torch.sigmoid(self.eta(cond))
 
-    def dispersion(self) -> torch.Tensor:
-        return self.log_dispersion.clamp(-5.0, 12.0).exp()
+    def dispersion(self, mean: torch.Tensor) -> torch.Tensor:
+        """NB dispersion r of each count whose expected value is `mean` (B, U): r_u, or with
+        dispersion="power" r_u (mean / positions_u)^k, k shared and fitted. Variance mean + mean^2 / r:
+        a constant r makes the extra variance grow as the mean squared, k = 1 as the mean (extra
+        variance from bursts of clusters whose number, not size, follows the conditions), and the
+        data choose between them; a constant r fitted over the whole range overstates the variance
+        at its busy end when the data's grows more slowly than the mean squared."""
+        log_r = self.log_dispersion[None]
+        if hasattr(self, "dispersion_power"):
+            occupancy = (mean / self.positions[None]).clamp_min(1e-12)
+            log_r = log_r + self.dispersion_power * occupancy.log()
+        return log_r.clamp(-5.0, 12.0).exp().expand_as(mean)
 
-    def loadings(self) -> torch.Tensor:
-        return torch.tanh(self.loading).clamp(-0.999, 0.999)
+    def loadings(self, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """(U,) copula loadings, or (B, U) at expected counts `mean` (B, U) with dispersion="power":
+        atanh l_u + c log(mean / positions_u), c shared and fitted. When the extra variance grows as
+        the mean, the part all units share (event-wide fluctuations, ~ mean^2) is a growing share of
+        each unit's variance: the correlation rises with the occupancy, which one l_u per unit,
+        fitted over the whole range, cannot follow."""
+        z = self.loading if mean is None else self.loading[None].expand_as(mean)
+        if mean is not None and hasattr(self, "loading_power"):
+            z = z + self.loading_power * (mean / self.positions[None]).clamp_min(1e-12).log()
+        return torch.tanh(z).clamp(-0.999, 0.999)
 
     def loading_matrix(self) -> torch.Tensor:
         """(U, K) loadings of the K copula factors (K = 1: `loadings` as one column)."""
@@ -208,35 +234,38 @@ class CountLaw(nn.Module):
 
     def marginal_log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B,) sum over units of the NB log-likelihood of hits per unit `counts` (B, U)."""
-        return nb_log_prob(counts.to(cond.dtype), self.mean(cond), self.dispersion()[None]).sum(-1)
+        mean = self.mean(cond)
+        return nb_log_prob(counts.to(cond.dtype), mean, self.dispersion(mean)).sum(-1)
 
     def scores(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B, U) normal scores of the counts under the current marginals (no gradient)."""
         with torch.no_grad():
             mean = self.mean(cond)
-            return normal_scores(counts, mean, self.dispersion()[None].expand_as(mean))
+            return normal_scores(counts, mean, self.dispersion(mean))
 
-    def copula_log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        """(B,) Gaussian log-density of normal scores y (B, U) under the one-factor copula."""
+    def copula_log_prob(self, y: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) Gaussian log-density of normal scores y (B, U) under the one-factor copula; `mean`
+        (B, U): the expected counts the loadings depend on (dispersion="power")."""
         if self.factors == 1:
-            return one_factor_log_density(y, self.loadings().to(y.dtype))
+            return one_factor_log_density(y, self.loadings(mean).to(y.dtype))
         return factor_log_density(y, self.loading_matrix().to(y.dtype))
 
     def log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B,) log-likelihood of observed hits per unit `counts` (B, U): the NB marginals plus
         the copula's Gaussian log-density of the (fixed) normal scores."""
-        return self.marginal_log_prob(counts, cond) + self.copula_log_prob(self.scores(counts, cond))
+        return self.marginal_log_prob(counts, cond) + self.copula_log_prob(self.scores(counts, cond), self.mean(cond))
 
     def sample(self, u_unit: torch.Tensor, u_event: torch.Tensor, cond: torch.Tensor, cap: int) -> tuple[torch.Tensor, int]:
         """(B*U,) counts (event-major) from uniforms u_unit (B*U,) and u_event (B,) (one per
         event and factor: (B, K) with K factors), at most min(cap, positions); and how many
         draws the cap cut."""
         B, U = len(cond), len(self.positions)
-        mean = self.mean(cond).reshape(-1)
-        r = self.dispersion().repeat(B)
+        mean = self.mean(cond)
+        r = self.dispersion(mean).reshape(-1)
+        mean = mean.reshape(-1)
         e = torch.special.ndtri(u_unit.double().clamp(1e-12, 1 - 1e-12))
         if self.factors == 1:
-            load = self.loadings().double().repeat(B)
+            load = self.loadings(mean.view(B, U)).double().reshape(-1)
             g = torch.special.ndtri(u_event.double().reshape(-1).clamp(1e-12, 1 - 1e-12)).repeat_interleave(U)
             u = torch.special.ndtr(load * g + (1 - load.square()).sqrt() * e)
         else:
@@ -265,11 +294,12 @@ def normal_scores(counts: torch.Tensor, mean: torch.Tensor, r: torch.Tensor) -> 
 
 
 def one_factor_log_density(y: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
-    """(B,) log N(y | 0, diag(1 - l^2) + l l^T) for y (B, U), loadings l (U,) (Woodbury)."""
+    """(B,) log N(y | 0, diag(1 - l^2) + l l^T) for y (B, U), loadings l (U,) or one row per event
+    (B, U) (Woodbury)."""
     d = 1 - load.square()
     a = load / d
-    quad = (y.square() / d).sum(-1) - (y * a).sum(-1).square() / (1 + (load * a).sum())
-    logdet = d.log().sum() + torch.log1p((load * a).sum())
+    quad = (y.square() / d).sum(-1) - (y * a).sum(-1).square() / (1 + (load * a).sum(-1))
+    logdet = d.log().sum(-1) + torch.log1p((load * a).sum(-1))
     return -0.5 * (quad + logdet + y.shape[-1] * math.log(2 * math.pi))
 
 
@@ -392,7 +422,9 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     # buy that smaller diagonal with large loadings (0.45 where the scores correlate by 0.035:
     # event-to-event spread of the total twice the data's). Each unit's scores are standardised first.
     y = y / y.std(0, keepdim=True).clamp_min(1e-6)
-    out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y).mean())
+    with torch.no_grad():
+        mean = law.mean(cond.to(law.positions.dtype)).double()
+    out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y, mean).mean())
     n_boot = len(law.bootstrap)
     if n_boot:
         fitted = [p.detach().clone() for p in law.parameters()]

@@ -283,18 +283,18 @@ class HitTransformer(nn.Module):
             # for its split; the layer of every hit follows from the drawn counts
             if config.layer_split:
                 self.counts = CountLaw(1, n_cond, sum(L.row_width), config.count_law, config.count_terms,
-                                       config.count_bootstrap)
+                                       config.count_bootstrap, dispersion=config.count_dispersion)
                 self.shares = LayerShareLaw(L.n_rows, n_cond)
             else:
                 self.counts = CountLaw(L.n_rows, n_cond, list(L.row_width), config.count_law, config.count_terms,
-                                       config.count_bootstrap, config.count_factors)
+                                       config.count_bootstrap, config.count_factors, config.count_dispersion)
             self.layer_count_in = nn.Linear(L.n_rows, d)
             self.layer_in = nn.Embedding(L.n_rows + 1, d)
             self.layer_remain_in = nn.Linear(1, d)
             nn.init.normal_(self.layer_in.weight, std=0.02)
         elif config.multiplicity == "count":
             self.counts = CountLaw(L.n_units, n_cond, L.positions_per_unit, config.count_law, config.count_terms,
-                                   config.count_bootstrap, config.count_factors)
+                                   config.count_bootstrap, config.count_factors, config.count_dispersion)
         if config.multiplicity == "count":
             self.count_in, self.remain_in = nn.Linear(1, d), nn.Linear(1, d)
             if config.pace_prior:
