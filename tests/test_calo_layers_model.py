@@ -199,14 +199,14 @@ def test_share_cap_is_the_training_maximum_and_bounds_tail_draws(one_torch_threa
     assert "log_share_hi" not in uncapped.build_modules()["model"].state_dict()
 
 
-def _briefly_trained(share_noise: str):
+def _briefly_trained(share_noise: str, **options):
     """(family, model, training showers, their TorchHits): a small model trained 30 steps on 400 DS1 showers."""
     from uhg.sim.calo import simulate_calo_showers
     from uhg.sparse.torch_hits import TorchHits
     from uhg.train.engine import PlainEngine
 
     torch.manual_seed(0)
-    cfg = CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_noise=share_noise)
+    cfg = CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, share_noise=share_noise, **options)
     fam = build_family(G, cfg, NORM)
     model = fam.build_modules()["model"]
     data = simulate_calo_showers(G, 400, seed=4, energy_min=1e3, energy_max=1e5)
@@ -273,6 +273,63 @@ def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
     assert not torch.allclose(model.sample(e8, c8, noise), out)
 
 
+def test_mixture_latent_prior_draws_latents_where_the_encoder_puts_training_showers(one_torch_thread):
+    """`latent_prior: mixture`: frozen while the VAE trains, then fitted to draws of the encoder's
+    q(z | shower) of training showers; generation decodes latents drawn from it. The encoder is
+    shifted here so that its latents sit far from the unit normal, as the aggregate posterior of
+    a trained VAE can."""
+    fam, model, data, hits = _briefly_trained("gaussian", latent_prior="mixture", prior_steps=400)
+    untouched = {k: v.clone() for k, v in model.prior.state_dict().items()}
+    for step in range(3):  # the training step leaves the prior alone
+        fam.train_step({"model": _family_engine(model)}, hits, step)
+    assert all(torch.equal(v, model.prior.state_dict()[k]) for k, v in untouched.items())
+    assert "prior_u" in model.noise_shapes()
+    with torch.no_grad():
+        model.vae.encoder[-1].bias[:4] += torch.tensor([3.0, -2.0, 0.0, 1.5])
+    fitted = fam.finalise_from_data(model, [data.slice(0, 200), data.slice(200, 400)])
+    # held-out posterior means are far more likely under the fitted prior than the unit normal
+    assert fitted["latent_heldout_logp_prior"] > fitted["latent_heldout_logp_unit"] + 4.0, fitted
+    model.eval()
+    voxels = hits.calo_dense(G.layer_offsets, G.n_cells).float()
+    e_inc = hits.conditions["incident_energy"].float()
+    cond = NORM(hits.conditions)
+    with torch.no_grad():
+        mu_z, logvar_z, ctx = model.encode_latents(voxels, e_inc, cond)
+        gen = torch.Generator().manual_seed(5)
+        reps = 20
+        posterior = (mu_z + torch.randn(reps, *mu_z.shape, generator=gen) * (0.5 * logvar_z).exp()).flatten(0, 1)
+        drawn = model.prior.sample(ctx.repeat(reps, 1), torch.rand(reps * len(ctx), 1, generator=gen),
+                                   torch.randn(reps * len(ctx), 4, generator=gen))
+    torch.testing.assert_close(drawn.mean(0), posterior.mean(0), atol=0.15 * float(posterior.std(0).max()), rtol=0)
+    torch.testing.assert_close(drawn.std(0), posterior.std(0), rtol=0.2, atol=0.02)
+    # generation draws the latent from the prior: same noise, different showers than the unit normal
+    gen = torch.Generator().manual_seed(1)
+    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((8, *s), generator=gen)
+             for k, s in model.noise_shapes().items()}
+    e8 = torch.full((8,), 2e4)
+    c8 = NORM({"incident_energy": e8.double()})
+    out = model.sample(e8, c8, noise)
+    prior = model.prior
+    del model.prior
+    assert "prior_u" not in model.noise_shapes()
+    assert not torch.allclose(model.sample(e8, c8, noise), out)
+    model.prior = prior
+    torch.testing.assert_close(model.layer_energies(out).sum(-1), model.layer_energies(model.sample(e8, c8, noise)).sum(-1))
+
+
+def _family_engine(model):
+    """A plain engine with the family's optimiser (which leaves frozen parameters out)."""
+    from uhg.config.schema import TrainConfig
+    from uhg.train.calo_layers_family import CaloLayersFamily
+    from uhg.train.engine import PlainEngine
+
+    fam = build_family(G, model.cfg, NORM)
+    assert isinstance(fam, CaloLayersFamily)
+    opt = fam.build_optimizer("model", model, TrainConfig(steps=1, batch_size=8))
+    assert all(p.requires_grad for group in opt.param_groups for p in group["params"])
+    return PlainEngine(model, opt, 5.0)
+
+
 @pytest.mark.slow
 def test_training_exports_the_fitted_share_noise(tmp_path, world_of_one):
     """`uhg train` fits the empirical log-share noise after the last step and exports it."""
@@ -308,6 +365,11 @@ tracking: {{enabled: false}}
                   hooks=TrainHooks())
     mix = Generator.load(mixed.export).module.noise_mix
     assert bool(torch.isfinite(mix).all()) and not torch.allclose(mix, torch.eye(mix.shape[1]).expand_as(mix))
+    with_prior = train(load_config(path, [f"output_dir={tmp_path / 'prior'}", "model.latent_prior=mixture",
+                                          "model.prior_steps=20"]), hooks=TrainHooks())
+    loaded = Generator.load(with_prior.export)
+    showers = loaded.generate({"incident_energy": np.array([5e3, 5e4])}, seed=1)
+    assert hasattr(loaded.module, "prior") and len(showers) == 2
 
 
 def test_correlated_empirical_noise_has_the_residuals_within_layer_correlation(one_torch_thread):

@@ -1,11 +1,13 @@
-"""Fit the empirical log-share noise (`share_noise: empirical`) of a trained `calo_layers` export
-to training showers and write a new export with it: the same weights plus each voxel's residual
-quantiles (with `--share-noise empirical_correlated` also their within-layer correlation), and that
-`share_noise` in the sidecar. What `uhg train` does at the end of a training with that option, for
-an export trained without it.
+"""Fit the after-training parts of a trained `calo_layers` export to training showers and write a
+new export with them: the same weights plus, with `--share-noise`, each voxel's residual quantiles
+(`empirical_correlated`: also their within-layer correlation), and with `--latent-prior mixture`
+the conditional latent prior fitted to the encoder's latents; the sidecar carries the new
+settings. What `uhg train` does at the end of a training with those options, for an export
+trained without them (only the parts asked for are fitted; the rest stays as exported).
 
     python tools/calo_fit_share_noise.py --model runs/calo_layers_ds1/export --train data/ds1_photons_24k.zarr
         --out runs/calo_layers_ds1_empirical/export [--events 4096] [--share-noise empirical_correlated]
+        [--latent-prior mixture [--prior-components 8] [--prior-steps 3000]]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
 
     from uhg.data import open_store
     from uhg.models.generator import SIDECAR, WEIGHTS, Generator
+    from uhg.models.modes import eval_mode
     from uhg.train.calo_layers_family import CaloLayersFamily
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,8 +32,13 @@ def main() -> None:
     ap.add_argument("--train", required=True, help="training store of the model")
     ap.add_argument("--out", required=True, help="new export directory (must not exist)")
     ap.add_argument("--events", type=int, default=4096, help="training showers (the first ones of the store)")
-    ap.add_argument("--share-noise", choices=("empirical", "empirical_correlated"), default="empirical")
+    ap.add_argument("--share-noise", choices=("empirical", "empirical_correlated"))
+    ap.add_argument("--latent-prior", choices=("mixture",))
+    ap.add_argument("--prior-components", type=int)
+    ap.add_argument("--prior-steps", type=int)
     a = ap.parse_args()
+    if a.share_noise is None and a.latent_prior is None:
+        raise SystemExit("nothing to fit: give --share-noise and/or --latent-prior")
     torch.set_num_threads(1)
 
     gen = Generator.load(a.model)
@@ -41,17 +49,27 @@ def main() -> None:
     out = Path(a.out)
     if out.exists():
         raise SystemExit(f"{out}: exists")
+    update = {k: v for k, v in (("share_noise", a.share_noise), ("latent_prior", a.latent_prior),
+                                ("prior_components", a.prior_components), ("prior_steps", a.prior_steps))
+              if v is not None}
     sidecar = dict(gen.sidecar)
-    sidecar["model"] = {**sidecar["model"], "share_noise": a.share_noise}
+    sidecar["model"] = {**sidecar["model"], **update}
     fam = gen.family
-    cfg = fam.cfg.model_copy(update={"share_noise": a.share_noise})
-    trainer = CaloLayersFamily(fam.geometry, cfg, fam.condition_norm)
+    cfg = fam.cfg.model_copy(update=update)
     module = gen.module
     module.cfg = cfg
     store = open_store(a.train)
     n = min(len(store), a.events)  # the store's first showers: energies are drawn per event, any block spans the range
-    chunks = (store.read(i, min(i + 1024, n)) for i in range(0, n, 1024))
-    fitted = trainer.finalise_from_data(module, chunks)
+    chunks = [store.read(i, min(i + 1024, n)) for i in range(0, n, 1024)]
+    fitted = {}
+    if a.share_noise is not None:
+        trainer = CaloLayersFamily(fam.geometry, cfg.model_copy(update={"latent_prior": "standard"}), fam.condition_norm)
+        fitted.update(trainer.finalise_from_data(module, chunks))
+    if a.latent_prior is not None:
+        trainer = CaloLayersFamily(fam.geometry, cfg, fam.condition_norm)
+        module.add_latent_prior()
+        with eval_mode(module):
+            fitted.update(module.fit_latent_prior(*trainer.dense_showers(module, chunks)))
     print(", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
     out.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in module.state_dict().items() if v.is_floating_point()},

@@ -18,7 +18,9 @@ empirical`, fitted to this model; the normal's quantiles are mapped, so the same
 (h) the reference showers' own layer energies with the prior latent, and with the latent at the
 encoder's posterior mean of each reference shower (is it the latent or the voxel noise that
 spreads the centre?). Each row also gives the spread of the centre of
-energy in x per layer (reference in the header).
+energy in x per layer (reference in the header) and, summed over the layers, the mean width in x
+and the mean fraction of cells hit relative to the reference's. A model with `latent_prior:
+mixture` draws its latents from that prior in every variant but the posterior one.
 
     python tools/calo_layers_ablation.py --model runs/calo_layers_ds1/export --reference REF.zarr [--events 10000]
         [--stage layers|voxels] [--high-only] [--temperatures 0.5,0] [--train TRAIN.zarr]
@@ -63,7 +65,7 @@ def main() -> None:
     noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((len(e_inc), *s), generator=rng)
              for k, s in model.noise_shapes().items()}
     e32 = e_inc.float()
-    posterior_noise = noise  # replaced with --train (the posterior-latent variant)
+    posterior_z = None  # set with --train (the posterior-latent variant)
     with torch.no_grad():
         y, _ = model.sample_layers(e32, cond, noise["law_u"], noise["law_eps"])
         # (b) shuffle each layer's value among showers in 20 log-energy bins
@@ -89,6 +91,14 @@ def main() -> None:
 
         def centre_spread(fs) -> str:
             return " ".join(f"{np.std(fs.distributions[f'centre_x_layer{lay}'].values):.2f}" for lay in active)
+
+        def summed_mean(fs, feature: str) -> float:
+            return sum(float(np.mean(fs.distributions[f"{feature}_layer{lay}"].values)) for lay in active)
+
+        def excess(fs) -> str:
+            """Summed over the layers, the mean width in x and the mean fraction of cells hit
+            relative to the reference's."""
+            return " | ".join(f"{summed_mean(fs, k) / summed_mean(f_ref, k) - 1:+.0%}" for k in ("width_x", "sparsity"))
 
         if a.stage == "layers":
             variants = {"as generated": (y, model), "layer energies shuffled (no correlations)": (y_shuf, model),
@@ -118,7 +128,7 @@ def main() -> None:
         vectors = ("high_level",) if a.high_only else ("high_level", "low_level")
         print(f"std of centre x per layer {active} [mm], reference: {centre_spread(f_ref)}\n")
         print("| variant | " + " | ".join(f"cls-{v.split('_')[0]} AUC" for v in vectors)
-              + " | std centre x per layer [mm] |\n|---|" + "---|" * len(vectors) + "---|")
+              + " | width x | cells hit | std centre x per layer [mm] |\n|---|" + "---|" * len(vectors) + "---|---|---|")
         cap = None
         if a.stage == "voxels" and a.train:
             train = open_store(a.train)
@@ -140,11 +150,11 @@ def main() -> None:
             log_share_ref = torch.log((dense_ref.float() / model.layer_energies(dense_ref.float())[:, model.voxel_layer]
                                        .clamp_min(1e-30)).clamp_min(model.cfg.share_floor))
             mu_z = model.vae.encoder(torch.cat([log_share_ref * hit_ref, hit_ref.float(), cond, y_ref], -1)).chunk(2, -1)[0]
-            posterior_noise = {**noise, "z": mu_z}
+            posterior_z = mu_z
             for tag, yy in (("prior latent", y_ref), ("posterior latent", y_ref)):
                 variants[f"{tag}, reference layer energies"] = (yy, model)
         for name, (yy, m) in variants.items():
-            dense = m.sample(e32, cond, posterior_noise if name.startswith("posterior") else noise, y=yy)
+            dense = m.sample(e32, cond, noise, y=yy, z=posterior_z if name.startswith("posterior") else None)
             if name.startswith("shares capped"):
                 e_layer = model.layer_energies(dense)[:, model.voxel_layer]
                 share = torch.minimum(dense / e_layer.clamp_min(1e-30), cap)
@@ -152,7 +162,8 @@ def main() -> None:
                 dense = share / per_layer.clamp_min(1e-30) * e_layer
             f = calo_features(dense_to_hits(dense.numpy(), e_inc.numpy(), g), g)
             aucs = [classifier_auc(f_ref.vectors[v], f.vectors[v], seed=0, method="dnn").auc for v in vectors]
-            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in aucs) + f" | {centre_spread(f)} |", flush=True)
+            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in aucs) + f" | {excess(f)} | {centre_spread(f)} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,17 @@ class CaloLayersConfig(Section):
         "the normal's heavier right tail is what pushed the centre of energy sideways. 'empirical_correlated': "
         "the same quantiles, drawn through normals with the within-layer correlation of the residuals' normal "
         "scores in those training showers (also fitted after training; not with ring_correlation).")
+    latent_prior: Literal["standard", "mixture"] = Field(
+        "standard",
+        description="Generation: law the VAE's latent is drawn from. 'standard': the unit normal of the KL term. "
+        "'mixture': a conditional mixture of diagonal Gaussians p(z | log E_inc, layer energies) fitted after "
+        "training to the latents the encoder gives the training showers (draws of q(z | shower)), so generated "
+        "latents fill the region the decoder was trained on rather than the unit normal, which the aggregate "
+        "posterior does not match (`CaloLayersModel.fit_latent_prior`).")
+    prior_components: int = Field(8, gt=0, description="Gaussian components of the 'mixture' latent prior.")
+    prior_hidden: int = Field(128, gt=0, description="Hidden width of the 'mixture' latent prior's network.")
+    prior_steps: int = Field(
+        3000, gt=0, description="Adam steps (512 latents each) fitting the 'mixture' latent prior after training.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")
 

@@ -20,6 +20,10 @@ centre of energy sideways (measured: docs/calorimeter.md). Sampled shares are re
 within each layer and multiplied by the stage-1 layer energies, so the energy per layer is
 exactly that of stage 1.
 
+With `latent_prior: mixture` generated latents come from `LatentPrior`, a conditional mixture
+p(z | condition, layer energies) fitted after training to the encoder's latents of training
+showers, instead of the unit normal (measured on DS2: docs/calorimeter.md).
+
 Nothing here is specific to one simulator: all shapes and fluctuations are learned from showers.
 The model is dense in voxels (the CaloChallenge geometries have <= 40 500); stores and generated
 showers stay sparse (the fired voxels).
@@ -161,6 +165,48 @@ class VoxelShareVae(nn.Module):
         return bce + gauss, kl
 
 
+class LatentPrior(nn.Module):
+    """Conditional mixture of diagonal Gaussians over the VAE's latent, p(z | ctx): what the
+    generated latents are drawn from with `latent_prior: mixture`, fitted to the encoder's latents
+    of training showers. The KL term pulls each q(z | shower) towards the unit normal but does not
+    make their union (the aggregate posterior) the unit normal; the decoder only learned the
+    region the encoder fills."""
+
+    def __init__(self, latent: int, n_ctx: int, hidden: int, components: int):
+        super().__init__()
+        self.latent, self.components = latent, components
+        self.net = _mlp(n_ctx, hidden, components * (1 + 2 * latent))
+        # the mixture lives in latents standardised with the fitted latents' mean and spread (set
+        # by `fit_latent_prior`), so its network starts at the right place and scale
+        self.register_buffer("z_mean", torch.zeros(latent))
+        self.register_buffer("z_std", torch.ones(latent))
+
+    def _params(self, ctx: torch.Tensor):
+        """(log weights (B, K), means (B, K, D), log sigmas (B, K, D)) for contexts (B, C)."""
+        out = self.net(ctx)
+        k, d = self.components, self.latent
+        log_w = F.log_softmax(out[:, :k], -1)
+        mu, log_sigma = out[:, k:].view(len(ctx), k, 2 * d).chunk(2, dim=-1)
+        log_sigma = log_sigma.clamp(-7.0, 3.0) + self.z_std.log()
+        return log_w, self.z_mean + mu * self.z_std, log_sigma
+
+    def log_prob(self, z: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """(B,) log density of latents z (B, D) given contexts (B, C)."""
+        log_w, mu, log_sigma = self._params(ctx)
+        r = (z[:, None, :] - mu) / log_sigma.exp()
+        comp = (-0.5 * r * r - log_sigma - 0.5 * LOG_2PI).sum(-1)
+        return torch.logsumexp(log_w + comp, -1)
+
+    @torch.no_grad()
+    def sample(self, ctx: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(B, D) latents from uniforms u (B, 1) (component choice) and normals eps (B, D)."""
+        log_w, mu, log_sigma = self._params(ctx)
+        cdf = log_w.exp().cumsum(-1)
+        k = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(self.components - 1)
+        idx = k[:, :, None].expand(-1, 1, self.latent)
+        return mu.gather(1, idx)[:, 0] + log_sigma.gather(1, idx)[:, 0].exp() * eps
+
+
 class CaloLayersModel(nn.Module):
     """Both stages for one geometry. `voxel_layer` ((V,) long) gives the position of each voxel's
     layer among the `n_layers` layers holding voxels; `voxel_ring` ((V,) long, optional) the ring
@@ -199,6 +245,8 @@ class CaloLayersModel(nn.Module):
             raise ValueError("ring_correlation needs the ring index of every voxel")
         self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim,
                                  voxel_ring if cfg.ring_correlation else None)
+        if cfg.latent_prior == "mixture":
+            self.add_latent_prior()
 
     # -- representation
     def layer_energies(self, voxels: torch.Tensor) -> torch.Tensor:
@@ -342,12 +390,9 @@ class CaloLayersModel(nn.Module):
         if self.cfg.share_noise == "empirical_correlated" and not hasattr(self, "noise_mix"):
             self._add_noise_mix()
         e_layer = self.layer_energies(voxels)
-        y = self.normalise(self.log_layer(e_layer, e_inc))
         hit = voxels > 0
-        share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
-        log_share = torch.log(share.clamp_min(self.cfg.share_floor))
-        ctx = torch.cat([cond, y], -1)
-        mu_z = self.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, dim=-1)[0]
+        log_share = torch.log((voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)).clamp_min(self.cfg.share_floor))
+        mu_z, _, ctx = self.encode_latents(voxels, e_inc, cond)
         _, mu, log_sigma, _ = self.vae.decode(mu_z, ctx)
         resid = (log_share - mu) / log_sigma.exp()
         levels = ((torch.arange(RESIDUAL_LEVELS) + 0.5) / RESIDUAL_LEVELS).to(self.residual_q)
@@ -374,6 +419,70 @@ class CaloLayersModel(nn.Module):
             else torch.zeros(4)
         return {"residual_skewness": skew, "residual_voxels_own_quantiles": float(own),
                 **{f"residual_quantile_{p}": float(t) for p, t in zip((1, 50, 95, 99), tails, strict=True)}, **extra}
+
+    def encode_latents(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor):
+        """(posterior mean (B, D), posterior log variance (B, D), decoder context (B, C + L)) of
+        dense showers (B, V)."""
+        e_layer = self.layer_energies(voxels)
+        y = self.normalise(self.log_layer(e_layer, e_inc))
+        hit = voxels > 0
+        share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
+        log_share = torch.log(share.clamp_min(self.cfg.share_floor))
+        ctx = torch.cat([cond, y], -1)
+        mu_z, logvar_z = self.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, dim=-1)
+        return mu_z, logvar_z.clamp(-12.0, 6.0), ctx
+
+    def add_latent_prior(self) -> None:
+        """Module `prior` of `latent_prior: mixture` (sizes from cfg). It is fitted after training
+        (`fit_latent_prior`), not by the training loss: frozen until then."""
+        n_ctx = self.vae.decoder[0].in_features - self.cfg.latent_dim
+        self.prior = LatentPrior(self.cfg.latent_dim, n_ctx, self.cfg.prior_hidden,
+                                 self.cfg.prior_components).to(self.y_mean.device)
+        self.prior.requires_grad_(False)
+
+    def fit_latent_prior(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor,
+                         seed: int = 0) -> dict[str, float]:
+        """Fit `prior` (`latent_prior: mixture`) by maximum likelihood to draws of the encoder's
+        q(z | shower) of dense training showers (B, V), a fresh draw per shower and step, with
+        their decoder contexts: `prior_steps` Adam steps of 512 showers. One shower in ten is held
+        out; returns the mean log density of its posterior means under the unit normal and under
+        the fitted prior (how far the aggregate posterior is from the unit normal)."""
+        if not hasattr(self, "prior"):
+            raise ValueError("fit_latent_prior needs a model built with latent_prior: mixture")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            mu_z, logvar_z, ctx = self.encode_latents(voxels, e_inc, cond)
+        n = len(mu_z)
+        order = torch.randperm(n, generator=gen).to(mu_z.device)
+        n_held = max(1, n // 10) if n > 1 else 0
+        held, fit = order[:n_held], order[n_held:]
+        draws = mu_z[fit] + torch.randn(mu_z[fit].shape, generator=gen).to(mu_z) * (0.5 * logvar_z[fit]).exp()
+        self.prior.z_mean.copy_(draws.mean(0))
+        self.prior.z_std.copy_(draws.std(0).clamp_min(1e-3) if len(draws) > 1 else torch.ones_like(self.prior.z_std))
+        self.prior.requires_grad_(True)
+        opt = torch.optim.Adam(self.prior.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.cfg.prior_steps)
+        try:
+            with torch.enable_grad():
+                for _ in range(self.cfg.prior_steps):
+                    pick = fit[torch.randint(len(fit), (min(512, len(fit)),), generator=gen).to(fit.device)]
+                    eps = torch.randn(len(pick), self.cfg.latent_dim, generator=gen).to(mu_z)
+                    z = mu_z[pick] + eps * (0.5 * logvar_z[pick]).exp()
+                    loss = -self.prior.log_prob(z, ctx[pick]).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+        finally:
+            self.prior.requires_grad_(False)
+        out = {"latent_prior_fit_nll": float(loss.detach())}
+        if n_held:
+            with torch.no_grad():
+                z = mu_z[held]
+                unit = (-0.5 * z * z - 0.5 * LOG_2PI).sum(-1)
+                out["latent_heldout_logp_unit"] = float(unit.mean())
+                out["latent_heldout_logp_prior"] = float(self.prior.log_prob(z, ctx[held]).mean())
+        return out
 
     def empirical_noise(self, standard: torch.Tensor) -> torch.Tensor:
         """(B, V) standard normals mapped through each voxel's residual quantiles (linear between
@@ -410,15 +519,18 @@ class CaloLayersModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, e_inc: torch.Tensor, cond: torch.Tensor, noise: dict[str, torch.Tensor],
-               y: torch.Tensor | None = None) -> torch.Tensor:
+               y: torch.Tensor | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
         """Dense voxel energies (B, V) MeV for incident energies (B,) MeV and normalised
         conditions (B, C), all randomness from `noise` (see `noise_shapes`). `y` (B, L) replaces
-        the law's normalised log layer energies (ablation studies)."""
+        the law's normalised log layer energies, `z` (B, D) the latent (ablation studies)."""
         if y is None:
             y, e_layer = self.sample_layers(e_inc, cond, noise["law_u"], noise["law_eps"])
         else:
             e_layer = self._layer_energy((y * self.y_std + self.y_mean).exp() - self.cfg.layer_floor, e_inc)
-        logit, mu, log_sigma, rho = self.vae.decode(noise["z"], torch.cat([cond, y], -1))
+        ctx = torch.cat([cond, y], -1)
+        if z is None:
+            z = self.prior.sample(ctx, noise["prior_u"], noise["z"]) if hasattr(self, "prior") else noise["z"]
+        logit, mu, log_sigma, rho = self.vae.decode(z, ctx)
         hit = noise["voxel_u"] < torch.sigmoid(logit)
         eps = self.vae.noise(log_sigma, rho, noise["voxel_eps"], noise.get("ring_eps"))
         if self.cfg.share_noise != "gaussian":
@@ -450,4 +562,6 @@ class CaloLayersModel(nn.Module):
                   "voxel_u": (self.n_voxels,), "voxel_eps": (self.n_voxels,)}
         if self.vae.n_rings:
             shapes["ring_eps"] = (self.vae.n_rings,)
+        if hasattr(self, "prior"):
+            shapes["prior_u"] = (1,)
         return shapes

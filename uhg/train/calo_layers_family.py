@@ -29,7 +29,8 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
     """Trainable `calo_layers` family."""
 
     def build_optimizer(self, name: str, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(module.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+        # the latent prior (`latent_prior: mixture`) is frozen during training, fitted after it
+        return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
 
     def _dense(self, batch: TorchHits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         voxels = batch.calo_dense(self.geometry.layer_offsets, self.geometry.n_cells)
@@ -56,20 +57,33 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
             model.log_share_hi.copy_(torch.stack(share_hi).max(0).values)
         return {"layer_log_energy_std_mean": float(model.y_std.mean())}
 
+    def dense_showers(self, module: nn.Module, batches: Iterable[HitBatch]):
+        """(dense voxels (B, V), incident energies (B,), normalised conditions (B, C)) of all
+        `batches` on the module's device; None without showers."""
+        device = next(module.parameters()).device
+        parts = [self._dense(TorchHits.from_batch(b).to(device)) for b in batches]
+        if not parts:
+            return None
+        return tuple(torch.cat(x) for x in zip(*parts, strict=True))
+
     @torch.no_grad()
     def finalise_from_data(self, module: nn.Module, batches: Iterable[HitBatch]) -> dict[str, float]:
-        """After training (`share_noise: empirical` or `empirical_correlated`): each voxel's
-        log-share residual quantiles (and their within-layer correlation) from the same training
-        showers as the standardisation."""
-        if self.cfg.share_noise == "gaussian":
+        """After training, from the same training showers as the standardisation: each voxel's
+        log-share residual quantiles (and their within-layer correlation) with `share_noise:
+        empirical` (`empirical_correlated`), and the latent prior with `latent_prior: mixture`."""
+        if self.cfg.share_noise == "gaussian" and self.cfg.latent_prior == "standard":
             return {}
         with eval_mode(module):
-            device = next(module.parameters()).device
-            parts = [self._dense(TorchHits.from_batch(b).to(device)) for b in batches]
-            if not parts:
+            showers = self.dense_showers(module, batches)
+            if showers is None:
                 return {}
-            voxels, e_inc, cond = (torch.cat(x) for x in zip(*parts, strict=True))
-            return module.fit_residual_quantiles(voxels, e_inc, cond)
+            voxels, e_inc, cond = showers
+            out = {}
+            if self.cfg.share_noise != "gaussian":
+                out.update(module.fit_residual_quantiles(voxels, e_inc, cond))
+            if self.cfg.latent_prior == "mixture":
+                out.update(module.fit_latent_prior(voxels, e_inc, cond))
+            return out
 
     # -- training
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
