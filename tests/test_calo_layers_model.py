@@ -370,6 +370,18 @@ tracking: {{enabled: false}}
     loaded = Generator.load(with_prior.export)
     showers = loaded.generate({"incident_energy": np.array([5e3, 5e4])}, seed=1)
     assert hasattr(loaded.module, "prior") and len(showers) == 2
+    # the run's final validation describes the export (the prior fitted), not the model before the fit
+    from uhg.sparse.torch_hits import TorchHits
+    from uhg.train.loop import prepare_data
+
+    prior_cfg = load_config(path, [f"output_dir={tmp_path / 'prior'}", "model.latent_prior=mixture"])
+    data = prepare_data(prior_cfg, 0, 1)
+    batch = TorchHits.from_batch(data.events(data.validation_ids(prior_cfg.data.validation_events)))
+    trainer = build_family(loaded.geometry, prior_cfg.model, loaded.family.condition_norm)
+    export_metrics = trainer.validation_metrics({trainer.generator_name: loaded.module}, batch)
+    # the metrics of generated showers (the loss terms draw the encoder's noise from the global RNG)
+    drawn = {f"val_{k}": v for k, v in export_metrics.items() if "loss" not in k and "nll" not in k}
+    assert {k: with_prior.validation[k] for k in drawn} == pytest.approx(drawn)
 
 
 def test_correlated_empirical_noise_has_the_residuals_within_layer_correlation(one_torch_thread):

@@ -122,6 +122,17 @@ def _finalise_from_data(family, module, gen_state, data) -> dict[str, torch.Tens
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def _validate(family, module, state, data, cfg: RunConfig, device) -> dict[str, float]:
+    """The family's validation metrics (`val_*`) of `module` with `state` on the validation events
+    ({} without any)."""
+    val_ids = data.validation_ids(cfg.data.validation_events)
+    if not len(val_ids):
+        return {}
+    module.load_state_dict(state, strict=False)
+    vb = TorchHits.from_batch(data.events(val_ids)).to(device)
+    return {f"val_{k}": v for k, v in family.validation_metrics({family.generator_name: module}, vb).items()}
+
+
 def _generator_state(family: ModelFamily, engines: Mapping, ema: EMA | None) -> dict[str, torch.Tensor]:
     """Full generator state for validation/export: the EMA of the floating-point tensors (or the
     gathered live weights), with the live non-floating buffers (counts, indices), which an
@@ -227,15 +238,12 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
                                 "events_per_s": window_events * world / max(elapsed, 1e-9),
                                 "lr": t.lr, "events_seen": float(events_seen)}, step=step)
             window_t0, window_events = time.perf_counter(), 0
-        if (t.validate_every and step % t.validate_every == 0) or last:
+        # the last step's validation waits for the after-training fits below: it describes the export
+        if t.validate_every and step % t.validate_every == 0 and not last:
             gen_state = _generator_state(family, engines, ema)
             if rank == 0:
-                eval_module.load_state_dict(gen_state, strict=False)
-                val_ids = data.validation_ids(cfg.data.validation_events)
-                if len(val_ids):
-                    vb = TorchHits.from_batch(data.events(val_ids)).to(device)
-                    validation = {f"val_{k}": v for k, v in family.validation_metrics(
-                        {family.generator_name: eval_module}, vb).items()}
+                validation = _validate(family, eval_module, gen_state, data, cfg, device) or validation
+                if validation:
                     logger.log_metrics(validation, step=step)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
             trainer_state = {"step": step, "skipped_steps": skipped, "events_seen": events_seen, "world_size": world,
@@ -250,6 +258,10 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     if rank == 0:
         # the fingerprint below stays that of the trained weights, the same on every rank
         export_state = _finalise_from_data(family, eval_module, gen_state, data)
+        final = _validate(family, eval_module, export_state, data, cfg, device)
+        if final:
+            validation = final
+            logger.log_metrics(validation, step=step)
         export = export_generator(run_dir / "export", family, cfg, export_state, step, validation)
     _barrier()
     fingerprint = float(sum(v.double().abs().sum() for v in gen_state.values()))
