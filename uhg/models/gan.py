@@ -169,6 +169,14 @@ class Generator(nn.Module):
             # float, not long: the export holds the floating-point state (the EMA's); exact below 2^24
             self.register_buffer("shape_bank_start", torch.zeros(self.n_shapes))
             self.register_buffer("shape_bank_count", torch.zeros(self.n_shapes))
+        # Per sensor (`cluster_charge_bank_per_sensor`): a shape's charge differs from sensor to sensor
+        # (pxd-mini: layer-2 pixels 4% above layer 1's, which holds three quarters of the clusters and
+        # set the pooled bank's charge). Within each shape's clusters, those of each unit lie together:
+        # the first (in clusters from the shape's start) and how many.
+        self.bank_per_unit = bool(self.charge_bank and cfg.cluster_charge_bank_per_sensor)
+        if self.bank_per_unit:
+            self.register_buffer("unit_bank_first", torch.zeros(layout.n_units, self.n_shapes))
+            self.register_buffer("unit_bank_count", torch.zeros(layout.n_units, self.n_shapes))
         # Clusters per sensor from a count law fitted to the training data (NB per sensor, one-factor
         # copula for event-wide fluctuations): the gate only says where seeds go, the law how many.
         # A gate alone gives every event the same expected count (hits-per-event spread too narrow)
@@ -305,11 +313,18 @@ class Generator(nn.Module):
 
     def _bank_map(self, seeds: torch.Tensor, clusters: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """(B, U, H, W) encoded charges of the clusters `place_clusters(seeds, clusters, uniforms)` places,
-        each from the bank: the training cluster of its shape that its second uniform picks."""
+        each from the bank: the training cluster of its shape that its second uniform picks (of its
+        sensor's clusters of that shape where the bank holds some and `bank_per_unit`)."""
         choice = draw_shapes(seeds, clusters.detach(), uniforms[:, 0])
         count = self.shape_bank_count[choice].round().long().clamp_min(1)
+        first = torch.zeros_like(count)
+        if self.bank_per_unit:
+            unit = seeds.nonzero()[:, 1]
+            own = self.unit_bank_count[unit, choice].round().long()
+            first = torch.where(own > 0, self.unit_bank_first[unit, choice].round().long(), first)
+            count = torch.where(own > 0, own, count)
         pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
-        base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
+        base = self.shape_bank_start[choice].round().long() + (first + pick) * self.shape_pixels[choice]
         _, (code,) = place_shapes(seeds, choice, self.shape_stencils, per_pixel=((self.shape_charge_bank, base),))
         return code
 
