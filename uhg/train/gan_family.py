@@ -24,7 +24,6 @@ from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.models import gan_family as model
-from uhg.models.gan_family import GanDraw
 from uhg.models.gan import (
     NEIGHBOURS,
     NO_SHAPE,
@@ -35,6 +34,7 @@ from uhg.models.gan import (
     gate_noise,
     relaxed_images,
 )
+from uhg.models.gan_family import GanDraw
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.models.laws import fit_count_law
 from uhg.seeding import event_seed
