@@ -435,8 +435,8 @@ def test_fit_events_sets_how_many_training_events_the_start_reads() -> None:
 
 @pytest.mark.slow
 def test_the_per_sensor_charge_bank_gives_each_layer_its_pixel_charge(tiny_range) -> None:
-    """A shape's charge differs from sensor to sensor (pxd-mini layer-2 pixels of the pooled bank 4%
-    below the reference's, layer 1 1% above: per-sensor mean charge the classifier's largest
+    """A shape's charge differs between the layers (pxd-mini layer-2 pixels of the pooled bank 2.5%
+    below the reference's, layer 1's 1.8% above: per-sensor mean charge the classifier's largest
     low-level handle). Each sensor's clusters take the charges of its own training clusters of
     their shape; generated at the training events' own conditions, the layers' mean pixel charges
     are the data's."""

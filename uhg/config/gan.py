@@ -90,9 +90,9 @@ class GanConfig(Section):
     cluster_charge_bank_per_sensor: bool = Field(
         False,
         description="Pixel detectors with cluster_charge_bank: a cluster placed on a sensor takes the charges of a "
-        "training cluster of its shape from that sensor where the bank holds one (the charge of a shape differs "
-        "from sensor to sensor: pxd-mini layer 2 pixels 4% above layer 1's), else from any sensor; false: from any "
-        "sensor.",
+        "training cluster of its shape from that sensor where the bank holds one (a shape's charge differs "
+        "between the layers: with the pooled bank pxd-mini's layer-2 pixel charge was 2.5% low, layer 1's 1.8% high), "
+        "else from any sensor; false: from any sensor.",
     )
     fit_events: int = Field(
         2000, ge=1,

@@ -169,10 +169,10 @@ class Generator(nn.Module):
             # float, not long: the export holds the floating-point state (the EMA's); exact below 2^24
             self.register_buffer("shape_bank_start", torch.zeros(self.n_shapes))
             self.register_buffer("shape_bank_count", torch.zeros(self.n_shapes))
-        # Per sensor (`cluster_charge_bank_per_sensor`): a shape's charge differs from sensor to sensor
-        # (pxd-mini: layer-2 pixels 4% above layer 1's, which holds three quarters of the clusters and
-        # set the pooled bank's charge). Within each shape's clusters, those of each unit lie together:
-        # the first (in clusters from the shape's start) and how many.
+        # Per sensor (`cluster_charge_bank_per_sensor`): a shape's charge differs between the layers, and
+        # the pooled bank, two thirds of it layer 1's clusters, gave pxd-mini's layer-2 pixels 2.5% too
+        # little charge and layer 1's 1.8% too much. Within each shape's clusters, those of each unit lie
+        # together: the first (in clusters from the shape's start) and how many.
         self.bank_per_unit = bool(self.charge_bank and cfg.cluster_charge_bank_per_sensor)
         if self.bank_per_unit:
             self.register_buffer("unit_bank_first", torch.zeros(layout.n_units, self.n_shapes))
