@@ -171,6 +171,14 @@ class Generator(nn.Module):
             # float, not long: the export holds the floating-point state (the EMA's); exact below 2^24
             self.register_buffer("shape_bank_start", torch.zeros(self.n_shapes))
             self.register_buffer("shape_bank_count", torch.zeros(self.n_shapes))
+        # Per sensor (`cluster_charge_bank_per_sensor`): a shape's charge differs between the layers, and
+        # the pooled bank, two thirds of it layer 1's clusters, gave pxd-mini's layer-2 pixels 2.5% too
+        # little charge and layer 1's 1.8% too much. Within each shape's clusters, those of each unit lie
+        # together: the first (in clusters from the shape's start) and how many.
+        self.bank_per_unit = bool(self.charge_bank and cfg.cluster_charge_bank_per_sensor)
+        if self.bank_per_unit:
+            self.register_buffer("unit_bank_first", torch.zeros(layout.n_units, self.n_shapes))
+            self.register_buffer("unit_bank_count", torch.zeros(layout.n_units, self.n_shapes))
         # Clusters per sensor from a count law fitted to the training data (NB per sensor, one-factor
         # copula for event-wide fluctuations): the gate only says where seeds go, the law how many.
         # A gate alone gives every event the same expected count (hits-per-event spread too narrow)
@@ -347,8 +355,15 @@ class Generator(nn.Module):
             return place_shapes(seeds, choice, stencils, at=at, at_hits=at_hits), ()
         if self.charge_bank:
             count = self.shape_bank_count[choice].round().long().clamp_min(1)
+            first = torch.zeros_like(count)
+            if self.bank_per_unit:
+                # the training clusters of the seed's own sensor and shape, where the bank holds some
+                unit = at[:, 1]
+                own = self.unit_bank_count[unit, choice].round().long()
+                first = torch.where(own > 0, self.unit_bank_first[unit, choice].round().long(), first)
+                count = torch.where(own > 0, own, count)
             pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
-            base = self.shape_bank_start[choice].round().long() + pick * self.shape_pixels[choice]
+            base = self.shape_bank_start[choice].round().long() + (first + pick) * self.shape_pixels[choice]
             mask, (code,) = place_shapes(seeds, choice, stencils, per_pixel=((self.shape_charge_bank, base),), at=at,
                                          at_hits=at_hits)
             return mask, (code,)

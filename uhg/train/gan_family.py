@@ -30,9 +30,11 @@ from uhg.models.gan import (
     SHAPE_HALF_COLS,
     SHAPE_ROWS,
     counted_seed_probability,
+    draw_shapes,
     gate_noise,
     relaxed_images,
 )
+from uhg.models.gan_family import GanDraw
 from uhg.models.gan_layout import CALO_DECADES, encode_hits
 from uhg.models.laws import fit_count_law
 from uhg.seeding import event_seed
@@ -41,7 +43,6 @@ from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
-FIT_EVENTS = 2000  # training events read for the data-driven start
 QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
 OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes ...
 OVERLAP_PIXELS = 256 * 40 * 32 * 96  # ... at most this many pixels' worth (256 pxd-mini events; full resolution: 16 events)
@@ -71,10 +72,10 @@ class GanFamily(model.GanFamily):
 
     # -- data-driven start
     def fit_sample(self, n_train: int) -> np.ndarray:
-        """Training-event positions `initialise_from_data` wants (evenly spread, at most FIT_EVENTS)."""
+        """Training-event positions `initialise_from_data` wants (evenly spread, at most `fit_events`)."""
         if not (self.cfg.fit_from_data and self.layout.kind == "pixel"):
             return np.zeros(0, dtype=np.int64)
-        return np.unique(np.linspace(0, n_train - 1, min(n_train, FIT_EVENTS)).round().astype(np.int64))
+        return np.unique(np.linspace(0, n_train - 1, min(n_train, self.cfg.fit_events)).round().astype(np.int64))
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         """Start the generator at the training data's per-sensor occupancy and charge spectrum
@@ -196,12 +197,13 @@ class GanFamily(model.GanFamily):
         chunk = max(1, OVERLAP_CHUNK_PIXELS // (self.layout.n_units * self.layout.height * self.layout.width))
         # With a count law the seed count is the law's: its per-sensor level moves instead of the gate's
         # (the logit of a sparse occupancy is its log to first order; the second round corrects the rest),
-        # by the pixels the drawn seeds' shapes hold in expectation / the hits placed: the merging alone.
-        # (Data hits / generated hits, as without a law, added the noise of the law's draws and of the
-        # fit events' counts over 256 events to every sensor: per-sensor MRE 6.1%, floor 2.3%.)
+        # by the pixels of the shapes the seeds drew / the hits placed: the merging alone. (Data hits /
+        # generated hits, as without a law, added the noise of the law's draws and of the fit events'
+        # counts over 256 events to every sensor: per-sensor MRE 6.1%, floor 2.3%. The shapes' expected
+        # pixels instead of the drawn ones added the noise of the shape draws: on a pxd-mini layer-2
+        # sensor ~1300 seeds in 256 events, sizes 1 to 30 pixels, a few percent per sensor.)
         level = _count_level(g.counts) if g.counts is not None else g.unit_gate[:, 0]
         start = level.detach().clone()
-        stencil_size = g.shape_pixels.double()
         for _ in range(2):
             made = torch.zeros(self.layout.n_units, dtype=torch.float64)
             target = torch.zeros(self.layout.n_units, dtype=torch.float64) if g.counts is not None else real
@@ -211,8 +213,7 @@ class GanFamily(model.GanFamily):
                 drawn = self.draw(g, cond, [event_seed(1, int(i), "generate") for i in part])
                 made += drawn.mask.sum(dim=(0, 2, 3)).double().cpu()
                 if g.counts is not None:
-                    size = torch.softmax(drawn.clusters.double(), -1) @ stencil_size.to(drawn.clusters.device)  # (B, U)
-                    target += (drawn.seeds.sum(dim=(2, 3)).double() * size).sum(0).cpu()
+                    target += drawn_shape_pixels(g, drawn).cpu()
                 if data_clusters is not None:
                     sizes = self._cluster_sizes(drawn.mask)
                     made_sizes += np.bincount(np.minimum(sizes, MERGE_CLASSES), minlength=MERGE_CLASSES + 1)
@@ -423,6 +424,15 @@ def hold_charge_at_fit(g: nn.Module) -> None:
         p.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
 
 
+def drawn_shape_pixels(g: nn.Module, drawn: GanDraw) -> torch.Tensor:
+    """(U,) float64: pixels of the shapes the seeds of `drawn` drew, summed per unit over its events
+    (what the placed hits would be without overlaps)."""
+    choice = draw_shapes(drawn.seeds, drawn.clusters.detach(), drawn.cluster_draws[:, 0])
+    unit = drawn.seeds.nonzero()[:, 1]
+    return torch.zeros(g.layout.n_units, dtype=torch.float64, device=unit.device).index_add_(
+        0, unit, g.shape_pixels[choice].double())
+
+
 def _count_level(law: nn.Module) -> torch.Tensor:
     """The per-unit level of a count law's eta (a view: adding to it shifts every unit's log-odds)."""
     return law.bias.data if law.form != "powers" else law.amplitude.data
@@ -622,19 +632,22 @@ def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot
         residual = (z[keep] - mean[flat]) / sd[flat]
         _fit_charge_share(g, slot[keep], cluster[keep], residual)
     if g.charge_bank:
-        _fit_charge_bank(g, slot[keep], cluster[keep], bit[keep], value[keep])
+        sensor = np.concatenate([c[1] for c in census])  # of every census cluster
+        _fit_charge_bank(g, slot[keep], cluster[keep], bit[keep], value[keep], sensor)
     scores = mean[flat] + sd[flat] * np.random.default_rng(0).standard_normal(len(flat))
     return int((n > 0).sum()), scores
 
 
-def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: np.ndarray, code: np.ndarray) -> None:
+def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: np.ndarray, code: np.ndarray,
+                     sensor: np.ndarray) -> None:
     """The generator's cluster charge bank: the encoded charges of training clusters, each cluster's
     pixels in stencil (bit) order, grouped by table shape; every m-th cluster of each shape is kept
     (census order: spread over the fit events and their conditions; at least one per shape), m the
     smallest that fits the bank. (One cap per shape instead kept 217 clusters of every shape of
     pxd-mini, the single pixel's included: its charge missed by 1.7 ADU.) `slot`, `cluster`, `bit`,
     `code`: table slot, census cluster, window bit and encoded charge of every training pixel in a
-    table shape."""
+    table shape; `sensor`: the unit of every census cluster. With `bank_per_unit` the kept clusters
+    of each shape are ordered by unit, and each unit's first and count are stored."""
     order = np.lexsort((bit, cluster))
     cluster, code = cluster[order], code[order]
     first = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
@@ -655,6 +668,9 @@ def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: n
     rank = np.empty(len(shape), np.int64)
     rank[by_shape] = np.arange(len(shape)) - np.repeat(np.r_[0, np.cumsum(n)[:-1]], n)
     chosen = by_shape[rank[by_shape] % lo == 0]  # by shape, census order within
+    if g.bank_per_unit:  # by shape, then unit, census order within
+        unit = sensor[cluster[first[chosen]]]
+        chosen = chosen[np.lexsort((np.arange(len(chosen)), unit, shape[chosen]))]
     starts = np.repeat(first[chosen], size[chosen])
     within = np.arange(len(starts)) - np.repeat(np.r_[0, np.cumsum(size[chosen])[:-1]], size[chosen])
     values = code[starts + within]
@@ -665,6 +681,16 @@ def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: n
     g.shape_bank_count.copy_(torch.as_tensor(count, dtype=g.shape_bank_count.dtype))
     g.shape_bank_start.copy_(torch.as_tensor(np.r_[0, np.cumsum(count * n_pix.round().astype(np.int64))[:-1]],
                                              dtype=g.shape_bank_start.dtype))
+    if g.bank_per_unit:
+        unit, kept_shape = sensor[cluster[first[chosen]]], shape[chosen]
+        within_shape = np.arange(len(chosen)) - np.r_[0, np.cumsum(count)[:-1]][kept_shape]
+        n_units = g.unit_bank_count.shape[0]
+        per_unit = np.zeros((n_units, k), np.int64)
+        np.add.at(per_unit, (unit, kept_shape), 1)
+        start = np.full((n_units, k), len(chosen), np.int64)
+        np.minimum.at(start, (unit, kept_shape), within_shape)
+        g.unit_bank_count.copy_(torch.as_tensor(per_unit, dtype=g.unit_bank_count.dtype))
+        g.unit_bank_first.copy_(torch.as_tensor(np.where(per_unit > 0, start, 0), dtype=g.unit_bank_first.dtype))
 
 
 SHARE_PRIOR = 50.0  # clusters' worth of the pooled correlation of their size in each shape's
