@@ -41,7 +41,9 @@ from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
-FIT_EVENTS = 2000  # training events read for the data-driven start
+FIT_EVENTS = 8192  # training events read for the data-driven start (the count law among it: its per-sensor
+# levels and slopes carry the noise of the events it sees, and extrapolation multiplies it; the
+# transformer reads as many, LAW_FIT_EVENTS)
 QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
 OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes ...
 OVERLAP_PIXELS = 256 * 40 * 32 * 96  # ... at most this many pixels' worth (256 pxd-mini events; full resolution: 16 events)
