@@ -81,6 +81,9 @@ def test_the_fitted_start_reads_as_many_training_events_as_the_transformer_law()
                     NORM)
     assert len(fam.fit_sample(3600)) == 3600
     assert len(fam.fit_sample(4 * LAW_FIT_EVENTS)) == LAW_FIT_EVENTS
+    # at full resolution (62.5 times the pixels of pxd-mini) the fit keeps its 2000 events' memory
+    full = GanFamily(get_geometry("pxd"), GanConfig(conditions=["luminosity"], count_law="quadratic", **SHAPES), NORM)
+    assert len(full.fit_sample(20000)) == 2000
 
 
 def test_count_law_needs_cluster_shapes_and_the_fitted_start() -> None:
