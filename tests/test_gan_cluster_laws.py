@@ -69,23 +69,6 @@ def test_counted_sampling_is_per_event_deterministic() -> None:
         assert np.array_equal(whole.slice(2, 4).columns[k], tail.columns[k])
 
 
-def test_the_fitted_start_reads_as_many_training_events_as_the_transformer_law() -> None:
-    """The count law's per-sensor levels and slopes carry the noise of the events they are fitted
-    to, and extrapolation beyond the training range multiplies it: the fitted start reads every
-    event of a 4000-event store (3600 after the validation split), as the transformer's law does,
-    not 2000 of them (at 2000 the law's per-sensor error at 2x the training maximum was larger than
-    at 4000: docs/results.md, "Per sensor against the overlay baseline: bias and noise")."""
-    from uhg.train.transformer_family import LAW_FIT_EVENTS
-
-    fam = GanFamily(get_geometry("pxd-tiny"), GanConfig(conditions=["luminosity"], count_law="quadratic", **SHAPES),
-                    NORM)
-    assert len(fam.fit_sample(3600)) == 3600
-    assert len(fam.fit_sample(4 * LAW_FIT_EVENTS)) == LAW_FIT_EVENTS
-    # at full resolution (62.5 times the pixels of pxd-mini) the fit keeps its 2000 events' memory
-    full = GanFamily(get_geometry("pxd"), GanConfig(conditions=["luminosity"], count_law="quadratic", **SHAPES), NORM)
-    assert len(full.fit_sample(20000)) == 2000
-
-
 def test_count_law_needs_cluster_shapes_and_the_fitted_start() -> None:
     with pytest.raises(ValueError, match="count_law needs cluster_shapes"):
         GanConfig(count_law="quadratic", fit_from_data=True)

@@ -41,11 +41,7 @@ from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
-FIT_EVENTS = 8192  # training events read for the data-driven start, as the transformer's law
-# (LAW_FIT_EVENTS): the count law's per-sensor levels and slopes carry the noise of the events it
-# sees, and extrapolation beyond the training range multiplies it (2000 events: docs/results.md) ...
-FIT_PIXELS = 2000 * 40 * 250 * 768  # ... at most this many pixels' worth (full resolution: 2000 events,
-# as before; the fit keeps every cluster of them)
+FIT_EVENTS = 2000  # training events read for the data-driven start
 QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
 OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes ...
 OVERLAP_PIXELS = 256 * 40 * 32 * 96  # ... at most this many pixels' worth (256 pxd-mini events; full resolution: 16 events)
@@ -75,13 +71,10 @@ class GanFamily(model.GanFamily):
 
     # -- data-driven start
     def fit_sample(self, n_train: int) -> np.ndarray:
-        """Training-event positions `initialise_from_data` wants (evenly spread, at most FIT_EVENTS and
-        FIT_PIXELS' worth)."""
+        """Training-event positions `initialise_from_data` wants (evenly spread, at most FIT_EVENTS)."""
         if not (self.cfg.fit_from_data and self.layout.kind == "pixel"):
             return np.zeros(0, dtype=np.int64)
-        pixels = self.layout.n_units * self.layout.height * self.layout.width
-        want = min(n_train, FIT_EVENTS, max(1, FIT_PIXELS // pixels))
-        return np.unique(np.linspace(0, n_train - 1, want).round().astype(np.int64))
+        return np.unique(np.linspace(0, n_train - 1, min(n_train, FIT_EVENTS)).round().astype(np.int64))
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         """Start the generator at the training data's per-sensor occupancy and charge spectrum
