@@ -184,3 +184,7 @@ def test_integer_buffers_survive_export_and_load(tmp_path: Path, monkeypatch: py
     save_file({k: v for k, v in load_file(str(weights)).items() if k != "picked"}, str(weights))
     with pytest.raises(CheckpointError, match="picked"):
         Generator.load(export)
+    # an export of the format before integer buffers were written keeps the model's own values
+    sidecar = export / "generator.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "format": "uhg-generator/1"}))
+    assert Generator.load(export).module.picked.tolist() == [0, 0, 0]

@@ -23,7 +23,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from uhg.data import open_store
-    from uhg.models.generator import SIDECAR, WEIGHTS, Generator
+    from uhg.models.generator import FORMAT, SIDECAR, WEIGHTS, Generator
     from uhg.models.modes import eval_mode
     from uhg.train.calo_layers_family import CaloLayersFamily
 
@@ -72,8 +72,9 @@ def main() -> None:
             fitted.update(module.fit_latent_prior(*trainer.dense_showers(module, chunks)))
     print(", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
     out.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items() if v.is_floating_point()},
-              str(out / WEIGHTS))
+    sidecar["format"] = FORMAT  # every tensor of the model is written, integer buffers included
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(out / WEIGHTS),
+              metadata={"format": FORMAT})
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=1))
     Generator.load(out)  # the new export loads
     print(f"wrote {out}")

@@ -168,7 +168,7 @@ class Generator(nn.Module):
         self.charge_bank = bool(self.charge_profile and cfg.cluster_charge_bank)
         if self.charge_bank:
             self.register_buffer("shape_charge_bank", torch.zeros(cfg.cluster_charge_bank))
-            # float, not long: the export holds the floating-point state (the EMA's); exact below 2^24
+            # float, not long: the EMA averages the floating-point state and keeps it at its fit; exact below 2^24
             self.register_buffer("shape_bank_start", torch.zeros(self.n_shapes))
             self.register_buffer("shape_bank_count", torch.zeros(self.n_shapes))
         # Per sensor (`cluster_charge_bank_per_sensor`): a shape's charge differs between the layers, and

@@ -28,7 +28,10 @@ from uhg.data.hits import HitBatch
 from uhg.errors import CheckpointError, ConditionError
 from uhg.seeding import event_seed
 
-FORMAT = "uhg-generator/1"
+FORMAT = "uhg-generator/2"
+# Format 1 held the floating-point tensors only: its models' integer buffers (e.g. the
+# calorimeter's voxel-to-layer map) keep the values the model builds from its geometry.
+FLOAT_ONLY_FORMAT = "uhg-generator/1"
 WEIGHTS = "generator.safetensors"
 SIDECAR = "generator.json"
 
@@ -65,7 +68,7 @@ class Generator:
                                   f"(expected {SIDECAR} and {WEIGHTS})") from None
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{sidecar_path}: corrupt JSON ({err})") from None
-        if sidecar.get("format") != FORMAT:
+        if sidecar.get("format") not in (FORMAT, FLOAT_ONLY_FORMAT):
             raise CheckpointError(f"{sidecar_path}: format {sidecar.get('format')!r}, expected {FORMAT!r}")
         try:
             model_cfg = TypeAdapter(ModelConfig).validate_python(sidecar["model"])
@@ -85,7 +88,10 @@ class Generator:
             module.load_state_dict(state, strict=False)
         except RuntimeError as err:
             raise CheckpointError(f"{weights_path}: weights do not fit the model of {sidecar_path} ({err})") from None
-        missing = set(module.state_dict()) - set(state)
+        expected = module.state_dict()
+        if sidecar["format"] == FLOAT_ONLY_FORMAT:
+            expected = {k: v for k, v in expected.items() if v.is_floating_point()}
+        missing = set(expected) - set(state)
         if missing:
             raise CheckpointError(f"{weights_path}: lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         module.to(device).eval()

@@ -242,7 +242,7 @@ class HitTransformer(nn.Module):
                 raise ValueError("token=cluster needs a pixel geometry")
             K, P, Q = config.cluster_shapes, config.cluster_max_pixels, config.cluster_charge_bins
             # The shape table is filled from the training clusters (`set_shapes`); until then only
-            # the single pixel exists. Float buffers: exports and the EMA keep floating-point state.
+            # the single pixel exists. Float buffers, as the EMA averages floating-point state.
             size = torch.zeros(K)
             size[0] = 1
             self.register_buffer("shape_offsets", torch.zeros(K, P, 2))
