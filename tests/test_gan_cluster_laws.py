@@ -221,7 +221,7 @@ def test_the_sampling_path_reads_the_charge_profile_as_the_forward_pass(share: b
         head, _, fast_clusters = g.sample_maps(z, un, cond)
         draws = torch.rand(int(seeds.sum()), g.draws_per_seed)
         mask = g.place_clusters(seeds, clusters, draws)
-        dense = g.profile_code(score, pn, seeds, clusters, draws)
+        dense = g.profile_code(score, pn, g.sample_clusters(seeds, clusters, draws)[1])
         fast_mask, charges = g.sample_clusters(seeds, fast_clusters, draws, at_hits=True)
         at = mask.nonzero(as_tuple=True)
         fast = g.profile_code_at(head, at, pn[at[0], at[1], 0, at[2], at[3]], charges)
@@ -462,7 +462,6 @@ def test_the_per_sensor_charge_bank_gives_each_layer_its_pixel_charge(tiny_range
             torch.testing.assert_close(count.sum(0), g.shape_bank_count)
         conditions = {k: torch.as_tensor(v) for k, v in data.conditions.items()}
         got[per_sensor] = layer_ratio(fam.sample(g, conditions, list(range(300, 300 + len(data)))))
-    print(got, want)
     assert abs(got[True] / want - 1) < 0.01 < abs(got[False] / want - 1), (got, want)
 
 

@@ -326,12 +326,12 @@ class Generator(nn.Module):
         ev, unit, row, col = index
         return _sub_pixels(head.charge, self.shuffle, ev * self.layout.n_units + unit, row, col)
 
-    def profile_code(self, score: torch.Tensor, pixel_noise: torch.Tensor, seeds: torch.Tensor, clusters: torch.Tensor,
-                     uniforms: torch.Tensor) -> torch.Tensor:
+    def profile_code(self, score: torch.Tensor, pixel_noise: torch.Tensor,
+                     charges: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """With a charge profile, forward's second output is the charge score before noise: the encoded
-        charge (B, U, H, W) after the clusters of `place_clusters(seeds, clusters, uniforms)` are placed,
-        head + mean + spread x `pixel_noise` (B, U, 1, H, W) of the shape and position that covers each pixel."""
-        _, charges = self.sample_clusters(seeds, clusters, uniforms)
+        charge (B, U, H, W) of the clusters that `sample_clusters` placed with `charges` (its second
+        output), head + mean + spread x `pixel_noise` (B, U, 1, H, W) of the shape and position that
+        covers each pixel."""
         if self.charge_bank:
             return charges[0].to(score.dtype)
         mean, sd = charges
@@ -627,9 +627,12 @@ def relaxed_images(gate: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, 
     if clusters is not None:
         seeds = hard > 0
         uniforms = torch.rand(int(seeds.sum()), generator.draws_per_seed, device=gate.device)
-        hard = generator.place_clusters(seeds, clusters.detach(), uniforms).to(soft.dtype)
-        if generator.charge_profile:
-            code = generator.profile_code(code, pixel_noise, seeds, clusters, uniforms)
+        if generator.charge_profile:  # shapes drawn and placed once, for the hits and their charges
+            placed, charges = generator.sample_clusters(seeds, clusters, uniforms)
+            code = generator.profile_code(code, pixel_noise, charges)
+        else:
+            placed = generator.place_clusters(seeds, clusters.detach(), uniforms)
+        hard = placed.to(soft.dtype)
         if torch.is_grad_enabled():
             soft = generator.fire_probability(soft, clusters)
     mask = (hard + soft - soft.detach()) * valid
