@@ -272,8 +272,8 @@ class Generator(nn.Module):
         # of the time of the 32-channel head on CPU (same values, bit for bit); the charge half is
         # not computed where the charge bank gives the charges.
         s2, w, bias = self.shuffle**2, self.head.weight, self.head.bias
-        gate = self.head._conv_forward(x, w[:s2], bias[:s2])
-        charge = None if self.charge_bank else self.head._conv_forward(x, w[s2:], bias[s2:])
+        gate = nn.functional.conv2d(x, w[:s2], bias[:s2], padding=self.head.padding)
+        charge = None if self.charge_bank else nn.functional.conv2d(x, w[s2:], bias[s2:], padding=self.head.padding)
         return HeadMaps(gate, charge), self._gate_offset(cond).reshape(-1), self._clusters(tok, cond, b)
 
     def gate_map(self, head: HeadMaps, offset: torch.Tensor) -> torch.Tensor:
@@ -299,7 +299,7 @@ class Generator(nn.Module):
         gate = head.gate  # channels-last: each image is one contiguous row (a 4-D reduction was 5x slower)
         return gate.permute(0, 2, 3, 1).reshape(len(gate), -1).amax(dim=1) + offset
 
-    def code_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...],
+    def code_at(self, head: HeadMaps, index: tuple[torch.Tensor, ...],
                 pixel_noise: torch.Tensor | None = None) -> torch.Tensor:
         """Encoded values at the pixels `index` = (event, unit, row, col) from `sample_maps`'s head
         output; `pixel_noise` (n,): the pixel noise map (charge_noise) at those pixels."""
@@ -321,7 +321,7 @@ class Generator(nn.Module):
         mean, sd = charges
         return self._code(score + mean.to(score.dtype) + sd.to(score.dtype) * pixel_noise)
 
-    def _score_at(self, head: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _score_at(self, head: HeadMaps, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The charge score before noise at the pixels `index` = (event, unit, row, col)."""
         ev, unit, row, col = index
         return _sub_pixels(head.charge, self.shuffle, ev * self.layout.n_units + unit, row, col)

@@ -124,10 +124,8 @@ class GanFamily:
                 seed_mask = torch.zeros(u.numel(), dtype=torch.bool, device=device)
                 seed_mask[flat] = True
                 seed_mask = seed_mask.view(u.shape)
-                hw = lay.height * lay.width
-                at = torch.stack([flat // (lay.n_units * hw), flat // hw % lay.n_units, flat % hw // lay.width,
-                                  flat % lay.width], dim=1)  # = seed_mask.nonzero(), without the search
-                n_seeds = np.bincount((flat // (lay.n_units * hw)).cpu().numpy(), minlength=b)
+                at = torch.stack(torch.unravel_index(flat, u.shape), dim=1)  # = seed_mask.nonzero(), without the search
+                n_seeds = np.bincount(at[:, 0].cpu().numpy(), minlength=b)
             else:
                 seed_mask = torch.lt(u, module.gate_map(head, offset).sigmoid_())
                 n_seeds = np.count_nonzero(seed_mask.cpu().numpy().reshape(b, -1), axis=1)  # 10x a bool sum()

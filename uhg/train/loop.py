@@ -242,7 +242,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
         if t.validate_every and step % t.validate_every == 0 and not last:
             gen_state = _generator_state(family, engines, ema)
             if rank == 0:
-                validation = _validate(family, eval_module, gen_state, data, cfg, device) or validation
+                validation = _validate(family, eval_module, gen_state, data, cfg, device)
                 if validation:
                     logger.log_metrics(validation, step=step)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
