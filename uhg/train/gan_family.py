@@ -670,7 +670,8 @@ def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: n
     chosen = by_shape[rank[by_shape] % lo == 0]  # by shape, census order within
     if g.bank_per_unit:  # by shape, then unit, census order within
         unit = sensor[cluster[first[chosen]]]
-        chosen = chosen[np.lexsort((np.arange(len(chosen)), unit, shape[chosen]))]
+        order = np.lexsort((np.arange(len(chosen)), unit, shape[chosen]))
+        chosen, unit = chosen[order], unit[order]
     starts = np.repeat(first[chosen], size[chosen])
     within = np.arange(len(starts)) - np.repeat(np.r_[0, np.cumsum(size[chosen])[:-1]], size[chosen])
     values = code[starts + within]
@@ -682,7 +683,7 @@ def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: n
     g.shape_bank_start.copy_(torch.as_tensor(np.r_[0, np.cumsum(count * n_pix.round().astype(np.int64))[:-1]],
                                              dtype=g.shape_bank_start.dtype))
     if g.bank_per_unit:
-        unit, kept_shape = sensor[cluster[first[chosen]]], shape[chosen]
+        kept_shape = shape[chosen]
         within_shape = np.arange(len(chosen)) - np.r_[0, np.cumsum(count)[:-1]][kept_shape]
         n_units = g.unit_bank_count.shape[0]
         per_unit = np.zeros((n_units, k), np.int64)
