@@ -6,7 +6,7 @@ import pytest
 from uhg.data.hits import CaloEvent, HitBatch, PixelEvent
 from uhg.errors import ConditionError, GeometryError
 from uhg.eval.features_calo import calo_features, cell_xy, high_level_names
-from uhg.eval.features_pxd import hit_positions, pixel_clusters, pxd_features
+from uhg.eval.features_pxd import clusters_per_image, hit_positions, per_image, pixel_clusters, pxd_features
 from uhg.geometry import get_geometry
 
 PXD = get_geometry("pxd-tiny")  # 40 sensors x 16 x 48 pixels
@@ -39,6 +39,12 @@ def test_clusters_of_known_shapes_use_8_connectivity_within_one_sensor_image():
     got = sorted(zip(sizes.event.tolist(), sizes.values.tolist(), charges.values.tolist(), strict=True))
     assert got == [(0, 1, 40), (0, 1, 50), (0, 1, 60), (0, 1, 70), (0, 1, 80), (0, 3, 60), (1, 4, 48)]
     assert fs.distributions["clusters_per_event"].values.tolist() == [6, 1]
+    # per (event, sensor) image: hits, clusters and summed charge
+    hits, clusters, charge = per_image(b, PXD), clusters_per_image(b, PXD), per_image(b, PXD, "value")
+    assert hits.shape == clusters.shape == (2, PXD.n_sensors)
+    assert (hits[0, :2].tolist(), hits[1, :2].tolist(), hits.sum()) == ([7, 1], [4, 0], 12)
+    assert (clusters[0, :2].tolist(), clusters[1, :2].tolist(), clusters.sum()) == ([5, 1], [1, 0], 7)
+    assert (charge[0, :2].tolist(), charge[1, 0]) == ([280, 80], 48)
 
 
 def test_occupancy_per_sensor_layer_and_image():

@@ -46,9 +46,9 @@ def separation_power(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def occupancy_per_image(batch, geometry) -> np.ndarray:
-    idx = batch.event_index() * geometry.n_sensors + batch.columns["sensor"]
-    counts = np.bincount(idx, minlength=len(batch) * geometry.n_sensors)
-    return counts.reshape(len(batch), geometry.n_sensors) / geometry.pixels_per_sensor
+    from uhg.eval.features_pxd import per_image
+
+    return per_image(batch, geometry) / geometry.pixels_per_sensor
 
 
 def cluster_sizes(batch, geometry) -> np.ndarray:

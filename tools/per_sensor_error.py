@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from uhg.eval.baselines import overlay_baseline
-from uhg.eval.features_pxd import pixel_clusters
+from uhg.eval.features_pxd import clusters_per_image, per_image
 from uhg.geometry import get_geometry
 from uhg.models import laws as laws_module
 from uhg.models.common import ConditionNorm
@@ -39,20 +39,6 @@ from uhg.sim.pxd_machine import CONDITIONS
 
 TRAIN = (2e35, 8e35)
 DEFAULT_GRID = laws_module.SHRINK_GRID
-
-
-def hits_per_sensor(batch, n_sensors: int) -> np.ndarray:
-    idx = batch.event_index() * n_sensors + batch.columns["sensor"].astype(np.int64)
-    return np.bincount(idx, minlength=len(batch) * n_sensors).reshape(len(batch), n_sensors).astype(float)
-
-
-def clusters_per_sensor(batch, geometry) -> np.ndarray:
-    labels, n = pixel_clusters(batch, geometry)
-    if n == 0:
-        return np.zeros((len(batch), geometry.n_sensors))
-    first = np.unique(labels, return_index=True)[1]
-    idx = (batch.event_index()[first] * geometry.n_sensors + batch.columns["sensor"][first].astype(np.int64))
-    return np.bincount(idx, minlength=len(batch) * geometry.n_sensors).reshape(len(batch), -1).astype(float)
 
 
 def split(mean_s: np.ndarray, var_s: np.ndarray | None, n_s: int, truth: np.ndarray, var_truth: np.ndarray,
@@ -95,7 +81,7 @@ def main() -> None:
                                         scenario=args.machine)
         norm = ConditionNorm.from_ranges({k: (float(v.min()), float(v.max())) for k, v in train.conditions.items()},
                                          list(CONDITIONS))
-        n_train = torch.as_tensor(clusters_per_sensor(train, g)).double()
+        n_train = torch.as_tensor(clusters_per_image(train, g)).double()
         c_train = norm({k: torch.as_tensor(train.conditions[k]) for k in norm.names}).double()
         for label in args.forms:
             form, _, fixed = label.partition("@")
@@ -123,11 +109,11 @@ def main() -> None:
         base_rng = np.random.default_rng([104, 0])
         base = overlay_baseline(lambda m, off: simulate_pxd_background(g, m, 104, first_event=off, luminosity=TRAIN[1],
                                                                        scenario=args.machine), g, f, n, base_rng)
-        h = {"reference 2": hits_per_sensor(ref2, g.n_sensors), "overlay": hits_per_sensor(base, g.n_sensors)}
-        h_ref = hits_per_sensor(ref, g.n_sensors)
+        h = {"reference 2": per_image(ref2, g), "overlay": per_image(base, g)}
+        h_ref = per_image(ref, g)
         if gen is not None:
             conds = {k: ref.conditions[k] for k in gen.condition_names}
-            h["generated"] = hits_per_sensor(gen.generate(conds, seed=103, batch_size=args.batch_size), g.n_sensors)
+            h["generated"] = per_image(gen.generate(conds, seed=103, batch_size=args.batch_size), g)
         both = np.concatenate([h_ref, h["reference 2"]])
         truth, var_truth = both.mean(0), both.var(0) / len(both)
         var_ref = h_ref.var(0)
@@ -135,7 +121,7 @@ def main() -> None:
         for name, x in h.items():
             rows[name] = split(x.mean(0), x.var(0), len(x), truth, var_truth, var_ref, args.protocol_events, rng)
         if laws:
-            c_both = np.concatenate([clusters_per_sensor(ref, g), clusters_per_sensor(ref2, g)])
+            c_both = np.concatenate([clusters_per_image(ref, g), clusters_per_image(ref2, g)])
             c_truth, c_var = c_both.mean(0), c_both.var(0) / len(c_both)
             for name, law in laws.items():
                 cond = norm({k: torch.as_tensor(ref.conditions[k]) for k in norm.names}).double()
@@ -143,7 +129,7 @@ def main() -> None:
                     pred = law.mean(cond).mean(0).numpy()
                 rows[f"law {name} (clusters)"] = split(pred, None, 1, c_truth, c_var, c_both.var(0),
                                                        args.protocol_events, rng)
-            c_base = clusters_per_sensor(base, g)
+            c_base = clusters_per_image(base, g)
             rows["overlay (clusters)"] = split(c_base.mean(0), c_base.var(0), len(c_base), c_truth, c_var,
                                                c_both.var(0), args.protocol_events, rng)
         for name, r in rows.items():

@@ -22,22 +22,13 @@ import numpy as np
 def per_sensor(path: str, n: int) -> tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(geometry, per (event, sensor) arrays hits / clusters / charge sums, the store's conditions)."""
     from uhg.data.reader import open_store
-    from uhg.eval.features_pxd import pixel_clusters
+    from uhg.eval.features_pxd import clusters_per_image, per_image
 
     store = open_store(path)
-    n = min(n, len(store))
-    batch = store.read(0, n)
+    batch = store.read(0, min(n, len(store)))
     geo = store.geometry
-    units = len(geo.sensors)
-    image = batch.event_index() * units + batch.columns["sensor"].astype(np.int64)
-    labels, n_clusters = pixel_clusters(batch, geo)
-    cluster_image = np.zeros(n_clusters, np.int64)
-    cluster_image[labels] = image
-    out = {
-        "hits": np.bincount(image, minlength=n * units).reshape(n, units).astype(np.float64),
-        "clusters": np.bincount(cluster_image, minlength=n * units).reshape(n, units).astype(np.float64),
-        "charge": np.bincount(image, batch.columns["value"].astype(np.float64), minlength=n * units).reshape(n, units),
-    }
+    out = {"hits": per_image(batch, geo), "clusters": clusters_per_image(batch, geo),
+           "charge": per_image(batch, geo, "value")}
     return geo, out, dict(batch.conditions)
 
 

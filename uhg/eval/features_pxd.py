@@ -37,6 +37,23 @@ def pixel_clusters(batch: HitBatch, geometry: PixelGeometry) -> tuple[np.ndarray
     return connected_pixels(image, batch.columns["row"], batch.columns["col"], geometry.rows, geometry.cols)
 
 
+def per_image(batch: HitBatch, geometry: PixelGeometry, weights: str | None = None) -> np.ndarray:
+    """(events, sensors) float64: each sensor image's hits, or the sum of column `weights` over them."""
+    n, units = len(batch), geometry.n_sensors
+    image = batch.event_index() * units + batch.columns["sensor"].astype(np.int64)
+    w = None if weights is None else batch.columns[weights].astype(np.float64)
+    return np.bincount(image, w, minlength=n * units).reshape(n, units).astype(np.float64)
+
+
+def clusters_per_image(batch: HitBatch, geometry: PixelGeometry) -> np.ndarray:
+    """(events, sensors) float64: each sensor image's clusters (`pixel_clusters`)."""
+    n, units = len(batch), geometry.n_sensors
+    labels, n_clusters = pixel_clusters(batch, geometry)
+    cluster_image = np.zeros(n_clusters, np.int64)
+    cluster_image[labels] = batch.event_index() * units + batch.columns["sensor"].astype(np.int64)
+    return np.bincount(cluster_image, minlength=n * units).reshape(n, units).astype(np.float64)
+
+
 def hit_positions(batch: HitBatch, geometry: PixelGeometry) -> tuple[np.ndarray, np.ndarray]:
     """(phi_rad, z_mm) of each hit: the pixel centre on its planar sensor, phi in [-pi, pi)."""
     sensor = batch.columns["sensor"].astype(np.int64)
