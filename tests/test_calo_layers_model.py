@@ -244,7 +244,7 @@ def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
     hit = voxels > 0
     with torch.no_grad():
         ctx = torch.cat([cond, y], -1)
-        mu_z = model.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, -1)[0]
+        mu_z = model.vae.encode(log_share, hit, ctx)[0]
         _, mu, log_sigma, _ = model.vae.decode(mu_z, ctx)
     v = int(hit.sum(0).argmax())
     assert int(hit[:, v].sum()) >= RESIDUAL_MIN_HITS
@@ -407,7 +407,7 @@ def test_correlated_empirical_noise_has_the_residuals_within_layer_correlation(o
     hit = voxels > 0
     with torch.no_grad():
         ctx = torch.cat([NORM(hits.conditions), y], -1)
-        mu_z = model.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, -1)[0]
+        mu_z = model.vae.encode(log_share, hit, ctx)[0]
         _, mu, log_sigma, _ = model.vae.decode(mu_z, ctx)
     resid = ((log_share - mu) / log_sigma.exp()).numpy()
     layer1 = np.flatnonzero(model.voxel_layer.numpy() == 1)

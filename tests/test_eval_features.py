@@ -6,7 +6,13 @@ import pytest
 from uhg.data.hits import CaloEvent, HitBatch, PixelEvent
 from uhg.errors import ConditionError, GeometryError
 from uhg.eval.features_calo import calo_features, cell_xy, high_level_names
-from uhg.eval.features_pxd import clusters_per_image, hit_positions, per_image, pixel_clusters, pxd_features
+from uhg.eval.features_pxd import (
+    clusters_per_image,
+    hit_positions,
+    per_image,
+    pixel_clusters,
+    pxd_features,
+)
 from uhg.geometry import get_geometry
 
 PXD = get_geometry("pxd-tiny")  # 40 sensors x 16 x 48 pixels

@@ -149,7 +149,7 @@ def main() -> None:
             hit_ref = dense_ref > 0
             log_share_ref = torch.log((dense_ref.float() / model.layer_energies(dense_ref.float())[:, model.voxel_layer]
                                        .clamp_min(1e-30)).clamp_min(model.cfg.share_floor))
-            mu_z = model.vae.encoder(torch.cat([log_share_ref * hit_ref, hit_ref.float(), cond, y_ref], -1)).chunk(2, -1)[0]
+            mu_z = model.vae.encode(log_share_ref, hit_ref, torch.cat([cond, y_ref], -1))[0]
             posterior_z = mu_z
             for tag, yy in (("prior latent", y_ref), ("posterior latent", y_ref)):
                 variants[f"{tag}, reference layer energies"] = (yy, model)

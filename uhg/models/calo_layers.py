@@ -150,12 +150,16 @@ class VoxelShareVae(nn.Module):
         rho_v = rho[:, self.voxel_ring]
         return log_sigma.exp() * ((1.0 - rho_v).sqrt() * voxel_eps + rho_v.sqrt() * ring_eps[:, self.voxel_ring])
 
+    def encode(self, log_share: torch.Tensor, hit: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior (mean, log variance) (B, D) of log shares (B, V) (any value where not hit)."""
+        hit_f = hit.float()
+        mu_z, logvar_z = self.encoder(torch.cat([log_share * hit_f, hit_f, ctx], -1)).chunk(2, dim=-1)
+        return mu_z, logvar_z.clamp(-12.0, 6.0)
+
     def loss(self, log_share: torch.Tensor, hit: torch.Tensor, ctx: torch.Tensor, free_bits: float):
         """Per-event (reconstruction NLL, KL) for log shares (B, V) (any value where not hit)."""
         hit_f = hit.float()
-        stats = self.encoder(torch.cat([log_share * hit_f, hit_f, ctx], -1))
-        mu_z, logvar_z = stats.chunk(2, dim=-1)
-        logvar_z = logvar_z.clamp(-12.0, 6.0)
+        mu_z, logvar_z = self.encode(log_share, hit, ctx)
         z = mu_z + torch.randn_like(mu_z) * (0.5 * logvar_z).exp()
         logit, mu, log_sigma, rho = self.decode(z, ctx)
         bce = F.binary_cross_entropy_with_logits(logit, hit_f, reduction="none").sum(-1)
@@ -389,9 +393,7 @@ class CaloLayersModel(nn.Module):
             self._add_residual_quantiles()
         if self.cfg.share_noise == "empirical_correlated" and not hasattr(self, "noise_mix"):
             self._add_noise_mix()
-        e_layer = self.layer_energies(voxels)
-        hit = voxels > 0
-        log_share = torch.log((voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)).clamp_min(self.cfg.share_floor))
+        _, hit, log_share = self.log_shares(voxels)
         mu_z, _, ctx = self.encode_latents(voxels, e_inc, cond)
         _, mu, log_sigma, _ = self.vae.decode(mu_z, ctx)
         resid = (log_share - mu) / log_sigma.exp()
@@ -420,17 +422,19 @@ class CaloLayersModel(nn.Module):
         return {"residual_skewness": skew, "residual_voxels_own_quantiles": float(own),
                 **{f"residual_quantile_{p}": float(t) for p, t in zip((1, 50, 95, 99), tails, strict=True)}, **extra}
 
+    def log_shares(self, voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(layer energies (B, L), hit voxels (B, V) bool, log shares of the layer energy (B, V),
+        floored at `share_floor`) of dense showers (B, V)."""
+        e_layer = self.layer_energies(voxels)
+        share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
+        return e_layer, voxels > 0, torch.log(share.clamp_min(self.cfg.share_floor))
+
     def encode_latents(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor):
         """(posterior mean (B, D), posterior log variance (B, D), decoder context (B, C + L)) of
         dense showers (B, V)."""
-        e_layer = self.layer_energies(voxels)
-        y = self.normalise(self.log_layer(e_layer, e_inc))
-        hit = voxels > 0
-        share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
-        log_share = torch.log(share.clamp_min(self.cfg.share_floor))
-        ctx = torch.cat([cond, y], -1)
-        mu_z, logvar_z = self.vae.encoder(torch.cat([log_share * hit, hit.float(), ctx], -1)).chunk(2, dim=-1)
-        return mu_z, logvar_z.clamp(-12.0, 6.0), ctx
+        e_layer, hit, log_share = self.log_shares(voxels)
+        ctx = torch.cat([cond, self.normalise(self.log_layer(e_layer, e_inc))], -1)
+        return (*self.vae.encode(log_share, hit, ctx), ctx)
 
     def add_latent_prior(self) -> None:
         """Module `prior` of `latent_prior: mixture` (sizes from cfg). It is fitted after training
@@ -502,16 +506,13 @@ class CaloLayersModel(nn.Module):
     def forward(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training loss of dense voxel energies (B, V) MeV, incident energies (B,) MeV and
         normalised conditions (B, C): per-event NLL of the law plus the VAE's ELBO terms."""
-        e_layer = self.layer_energies(voxels)
+        e_layer, hit, log_share = self.log_shares(voxels)
         y = self.normalise(self.log_layer(e_layer, e_inc))
         if self.cfg.layer_target == "layers":
             nll_law = -self.law.log_prob(y, cond).mean()
         else:
             mean, std, _, _ = self.law_standardisation()
             nll_law = -self.law.log_prob((self.law_target(e_layer, e_inc) - mean) / std, cond).mean()
-        share = voxels / e_layer[:, self.voxel_layer].clamp_min(1e-30)
-        hit = voxels > 0
-        log_share = torch.log(share.clamp_min(self.cfg.share_floor))
         rec, kl = self.vae.loss(log_share, hit, torch.cat([cond, y], -1), self.cfg.free_bits)
         loss = nll_law + rec.mean() + self.cfg.kl_weight * kl.mean()
         return {"loss": loss, "nll_layers": nll_law.detach(), "nll_voxels": rec.mean().detach(),
