@@ -24,7 +24,6 @@ def main() -> None:
 
     from uhg.data import open_store
     from uhg.models.generator import FORMAT, SIDECAR, WEIGHTS, Generator
-    from uhg.models.modes import eval_mode
     from uhg.train.calo_layers_family import CaloLayersFamily
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,10 +35,12 @@ def main() -> None:
     ap.add_argument("--latent-prior", choices=("mixture",))
     ap.add_argument("--prior-components", type=int)
     ap.add_argument("--prior-steps", type=int)
+    ap.add_argument("--seed", type=int, default=0, help="torch's global seed: the prior's initial weights")
     a = ap.parse_args()
     if a.share_noise is None and a.latent_prior is None:
         raise SystemExit("nothing to fit: give --share-noise and/or --latent-prior")
     torch.set_num_threads(1)
+    torch.manual_seed(a.seed)  # the same export for the same inputs
 
     gen = Generator.load(a.model)
     if gen.family.name != "calo_layers":
@@ -61,15 +62,11 @@ def main() -> None:
     store = open_store(a.train)
     n = min(len(store), a.events)  # the store's first showers: energies are drawn per event, any block spans the range
     chunks = [store.read(i, min(i + 1024, n)) for i in range(0, n, 1024)]
-    fitted = {}
-    if a.share_noise is not None:
-        trainer = CaloLayersFamily(fam.geometry, cfg.model_copy(update={"latent_prior": "standard"}), fam.condition_norm)
-        fitted.update(trainer.finalise_from_data(module, chunks))
-    if a.latent_prior is not None:
-        trainer = CaloLayersFamily(fam.geometry, cfg, fam.condition_norm)
+    if a.latent_prior is not None and not hasattr(module, "prior"):
         module.add_latent_prior()
-        with eval_mode(module):
-            fitted.update(module.fit_latent_prior(*trainer.dense_showers(module, chunks)))
+    # the training's own after-training fit, asked for the parts given here only
+    asked = cfg.model_copy(update={"share_noise": a.share_noise or "gaussian", "latent_prior": a.latent_prior or "standard"})
+    fitted = CaloLayersFamily(fam.geometry, asked, fam.condition_norm).finalise_from_data(module, chunks)
     print(", ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
     out.mkdir(parents=True)
     sidecar["format"] = FORMAT  # every tensor of the model is written, integer buffers included
