@@ -22,14 +22,19 @@ def family(one_torch_thread):
     return fam, fam.build_modules()["model"].eval()
 
 
+def _noise(model, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Every noise input of `model.sample` for n showers: uniforms for `*_u`, normals otherwise."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (torch.rand if k.endswith("_u") else torch.randn)((n, *s), generator=gen)
+            for k, s in model.noise_shapes().items()}
+
+
 def test_voxels_sum_to_the_sampled_layer_energies(family):
     fam, model = family
     n = 16
     e_inc = torch.full((n,), 2e4)
     cond = NORM({"incident_energy": e_inc.double()})
-    gen = torch.Generator().manual_seed(1)
-    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((n, *s), generator=gen)
-             for k, s in model.noise_shapes().items()}
+    noise = _noise(model, n, seed=1)
     voxels = model.sample(e_inc, cond, noise)
     y = model.law.sample(cond, noise["law_u"], noise["law_eps"], model.y_lo, model.y_hi)
     frac = (y * model.y_std + model.y_mean).exp() - model.cfg.layer_floor
@@ -185,9 +190,7 @@ def test_share_cap_is_the_training_maximum_and_bounds_tail_draws(one_torch_threa
     n = 4
     e_inc = torch.full((n,), 3e4)
     cond = NORM({"incident_energy": e_inc.double()})
-    gen = torch.Generator().manual_seed(2)
-    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((n, *s), generator=gen)
-             for k, s in model.noise_shapes().items()}
+    noise = _noise(model, n, seed=2)
     noise["voxel_u"] = torch.zeros(n, G.n_cells)
     noise["voxel_eps"] = torch.full((n, G.n_cells), 1e3)
     voxels = model.sample(e_inc, cond, noise)
@@ -258,9 +261,7 @@ def test_empirical_share_noise_follows_the_training_residuals(one_torch_thread):
     q = torch.quantile(draws, levels[4:-4])
     torch.testing.assert_close(q, model.residual_q[v, 4:-4], atol=0.05 * float(resid.std()), rtol=0)
     # and the showers still carry exactly the layer energies of stage 1
-    gen = torch.Generator().manual_seed(1)
-    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((8, *s), generator=gen)
-             for k, s in model.noise_shapes().items()}
+    noise = _noise(model, 8, seed=1)
     e8 = torch.full((8,), 2e4)
     c8 = NORM({"incident_energy": e8.double()})
     out = model.sample(e8, c8, noise)
@@ -303,9 +304,7 @@ def test_mixture_latent_prior_draws_latents_where_the_encoder_puts_training_show
     torch.testing.assert_close(drawn.mean(0), posterior.mean(0), atol=0.15 * float(posterior.std(0).max()), rtol=0)
     torch.testing.assert_close(drawn.std(0), posterior.std(0), rtol=0.2, atol=0.02)
     # generation draws the latent from the prior: same noise, different showers than the unit normal
-    gen = torch.Generator().manual_seed(1)
-    noise = {k: (torch.rand if k.endswith("_u") else torch.randn)((8, *s), generator=gen)
-             for k, s in model.noise_shapes().items()}
+    noise = _noise(model, 8, seed=1)
     e8 = torch.full((8,), 2e4)
     c8 = NORM({"incident_energy": e8.double()})
     out = model.sample(e8, c8, noise)
