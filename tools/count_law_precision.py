@@ -59,8 +59,7 @@ def reference_tokens(model, family, geometry, n: int, luminosity: float, machine
 
 def law_mean(law, cond: torch.Tensor, params=None) -> np.ndarray:
     with torch.no_grad():
-        c = cond.to(law.positions.dtype)
-        return (law.positions[None] * torch.sigmoid(law.eta(c, params))).double().numpy().mean(0)
+        return law.mean(cond.to(law.positions.dtype), params).double().numpy().mean(0)
 
 
 def main() -> None:

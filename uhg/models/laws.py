@@ -169,8 +169,7 @@ class CountLaw(nn.Module):
 
     def mean_occupancy(self, cond: torch.Tensor, params: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B,) expected fraction of fired positions over all units."""
-        mean = self.positions[None] * torch.sigmoid(self.eta(cond, params))
-        return mean.sum(-1) / self.positions.sum()
+        return self.mean(cond, params).sum(-1) / self.positions.sum()
 
     def set_bootstrap(self, samples: torch.Tensor) -> None:
         """Store (n, n_mean_parameters) refitted mean parameters."""
@@ -197,9 +196,13 @@ class CountLaw(nn.Module):
             sd = float(draws.double().std())
         return mean, mean - sd, mean + sd
 
-    def mean(self, cond: torch.Tensor) -> torch.Tensor:
-        """(B, U) expected hits."""
-        return self.positions[None] * torch.sigmoid(self.eta(cond))
+    def mean(self, cond: torch.Tensor, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, U) expected hits (`params`: as in `eta`)."""
+        return self.positions[None] * torch.sigmoid(self.eta(cond, params))
+
+    def _log_occupancy(self, mean: torch.Tensor) -> torch.Tensor:
+        """(B, U) log(mean / positions): what the dispersion and loading powers multiply."""
+        return (mean / self.positions[None]).clamp_min(1e-12).log()
 
     def dispersion(self, mean: torch.Tensor) -> torch.Tensor:
         """NB dispersion r of each count whose expected value is `mean` (B, U): r_u, or with
@@ -210,8 +213,7 @@ class CountLaw(nn.Module):
         at its busy end when the data's grows more slowly than the mean squared."""
         log_r = self.log_dispersion[None]
         if hasattr(self, "dispersion_power"):
-            occupancy = (mean / self.positions[None]).clamp_min(1e-12)
-            log_r = log_r + self.dispersion_power * occupancy.log()
+            log_r = log_r + self.dispersion_power * self._log_occupancy(mean)
         return log_r.clamp(-5.0, 12.0).exp().expand_as(mean)
 
     def loadings(self, mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +224,7 @@ class CountLaw(nn.Module):
         fitted over the whole range, cannot follow."""
         z = self.loading if mean is None else self.loading[None].expand_as(mean)
         if mean is not None and hasattr(self, "loading_power"):
-            z = z + self.loading_power * (mean / self.positions[None]).clamp_min(1e-12).log()
+            z = z + self.loading_power * self._log_occupancy(mean)
         return torch.tanh(z).clamp(-0.999, 0.999)
 
     def loading_matrix(self) -> torch.Tensor:
