@@ -70,6 +70,10 @@ class FamilyRegistry:
             self._loaded[name] = getattr(importlib.import_module(module_name), attr)
         return self._loaded[name]
 
+    def build(self, geometry: Any, model_config: Any, condition_norm: ConditionNorm) -> Any:
+        """The family named by `model_config.family`, bound to geometry and conditions."""
+        return self.get(model_config.family)(geometry, model_config, condition_norm)
+
 
 _REGISTRY = FamilyRegistry({
     "gan": "uhg.models.gan_family:GanFamily",
@@ -85,4 +89,4 @@ def get_family(name: str) -> FamilyFactory:
 
 def build_family(geometry: Any, model_config: Any, condition_norm: ConditionNorm) -> ModelFamily:
     """Shortcut: the family named by `model_config.family`, bound to geometry and conditions."""
-    return get_family(model_config.family)(geometry, model_config, condition_norm)
+    return _REGISTRY.build(geometry, model_config, condition_norm)

@@ -97,4 +97,4 @@ def get_family(name: str) -> FamilyFactory:
 
 def build_family(geometry: Any, model_config: Any, condition_norm: ConditionNorm) -> ModelFamily:
     """Shortcut: the family named by `model_config.family`, bound to geometry and conditions."""
-    return get_family(model_config.family)(geometry, model_config, condition_norm)
+    return _REGISTRY.build(geometry, model_config, condition_norm)
