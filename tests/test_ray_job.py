@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from ray_nodes import free_ports, kill_tree, processes_naming
 from services import wait_until_healthy
+from tiny_gan import TINY_GAN_MODEL
 
 # ~1.5 min per job on an idle 2-core machine; generous limits because shared CI machines are not idle.
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1500)]
@@ -46,15 +47,7 @@ data:
   store: data/tiny.zarr
   simulate: {n_events: 48, part_size: 24, luminosity_min: 1.0e34, luminosity_max: 4.0e34}
   validation_events: 8
-model:
-  family: gan
-  z_dim: 8
-  sensor_noise_dim: 2
-  embed_dim: 16
-  attention_layers: 1
-  attention_heads: 2
-  decoder_channels: [8, 4]
-  discriminator_channels: [4, 8]
+""" + TINY_GAN_MODEL + """\
 train:
   steps: 6
   batch_size: 2

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_gan import TINY_GAN_MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -45,15 +46,7 @@ data:
   store: {store}
   simulate: {{n_events: 24, part_size: 12, luminosity_min: 1.0e34, luminosity_max: 4.0e34}}
   validation_events: 4
-model:
-  family: gan
-  z_dim: 8
-  sensor_noise_dim: 2
-  embed_dim: 16
-  attention_layers: 1
-  attention_heads: 2
-  decoder_channels: [8, 4]
-  discriminator_channels: [4, 8]
+""" + TINY_GAN_MODEL + """\
 train:
   steps: 16
   batch_size: 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from ray_nodes import LoopbackCluster, kill_tree, loopback_cluster
+from tiny_gan import TINY_GAN_MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -24,15 +25,7 @@ data:
   store: ../data/tiny.zarr           # relative to this file (configs/)
   simulate: {n_events: 24, part_size: 12, luminosity_min: 1.0e34, luminosity_max: 4.0e34}
   validation_events: 4
-model:
-  family: gan
-  z_dim: 8
-  sensor_noise_dim: 2
-  embed_dim: 16
-  attention_layers: 1
-  attention_heads: 2
-  decoder_channels: [8, 4]
-  discriminator_channels: [4, 8]
+""" + TINY_GAN_MODEL + """\
 train: {steps: 2, batch_size: 2, zero_stage: 1}
 distributed: {workers: 1, cpus_per_worker: 1, max_failures: 0, storage_path: ../shared}
 tracking: {enabled: false}
