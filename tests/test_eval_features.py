@@ -67,12 +67,13 @@ def test_occupancy_per_sensor_layer_and_image():
     assert fs.distributions["occupancy_per_image"].values.shape == (80,)
     assert fs.distributions["hits_per_event"].values.tolist() == [12, 1]
     assert sorted(fs.distributions["charge"].values.tolist()) == sorted([20] * 8 + [30] * 4 + [7])
-    # occupancy vs phi / z: each layer's bins hold all hits of that layer
-    for lay, n_hits in ((1, 8), (2, 4)):
+    # occupancy vs phi / z: a hit lands in its own layer's profile only (event 1: one hit, layer 2)
+    for lay, ev1_hits in ((1, 0), (2, 1)):
         for coord in ("phi", "z"):
             prof = fs.profiles[f"occupancy_vs_{coord}_layer{lay}"]
             assert np.all(prof.values >= 0)
             assert np.count_nonzero(prof.values[0]) >= 1
+            assert np.count_nonzero(prof.values[1]) == ev1_hits
     assert fs.vectors["low_level"].shape == (2, 120)
     assert fs.vectors["high_level"].shape[0] == 2
 

@@ -52,7 +52,7 @@ class _Terminal(io.StringIO):
 
 def test_line_redraws_on_a_terminal_and_prints_every_interval_in_a_log() -> None:
     tty, log = _Terminal(), io.StringIO()
-    for sink, stream in ((ProgressLine(tty), tty), (ProgressLine(log, interval_s=3600), log)):
+    for sink in (ProgressLine(tty), ProgressLine(log, interval_s=3600)):
         tracker = ProgressTracker("run", sink)
         tracker.start(0, 100)
         for step in range(1, 101):

@@ -209,7 +209,7 @@ def _calibration(rows: int, cols: int, model: ChargeModel, shares_key: tuple) ->
     names = list(PROCESS_CLUSTER_TYPES)
     n_mc = 20000
     mean_fired = np.empty((n_sensors, len(names)))
-    for layer, sensors in ((1, np.arange(N_LAYER1)), (2, np.arange(N_LAYER1, n_sensors))):
+    for sensors in (np.arange(N_LAYER1), np.arange(N_LAYER1, n_sensors)):
         for p in range(len(names)):
             cl = _process_clusters(grid, rng.choice(sensors, n_mc), np.full(n_mc, p), rng)
             mean_fired[sensors, p] = _fired_per_cluster(grid, cl, rng, model).mean()
