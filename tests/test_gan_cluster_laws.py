@@ -100,15 +100,14 @@ def test_count_law_needs_cluster_shapes_and_the_fitted_start() -> None:
 
 
 @pytest.mark.slow
-def test_the_fitted_count_law_draws_the_event_to_event_spread_of_the_clusters() -> None:
+def test_the_fitted_count_law_draws_the_event_to_event_spread_of_the_clusters(tiny_range) -> None:
     """Clusters per sensor of pxd-tiny (about 4 at 8e35): their mid-point normal scores have a
     variance near 0.8, and the one-factor copula fitted to them as they were bought that smaller
     diagonal with loadings near 0.45 where the scores correlate by 0.035, drawing event totals
     twice as spread as the data's. Standardised scores give the data's spread."""
     from uhg.train.gan_family import cluster_shape_keys
 
-    geo = get_geometry("pxd-tiny")
-    data = simulate_pxd_background(geo, 300, seed=1, luminosity=2e35, luminosity_max=8e35)
+    geo, data, _ = tiny_range
     _, sensors, events = cluster_shape_keys(data, geo)
     counts = torch.zeros(len(data), geo.n_sensors, dtype=torch.float64)
     counts.index_put_((torch.as_tensor(events), torch.as_tensor(sensors)), torch.ones(len(events), dtype=torch.float64),
