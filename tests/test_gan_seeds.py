@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from uhg.models.gan_seeds import SparseUniforms, counted_seed_index, gumbel_keys, place_counted_seeds
+from uhg.models.gan_seeds import (
+    SparseUniforms,
+    counted_seed_index,
+    gumbel_keys,
+    place_counted_seeds,
+)
 
 
 def dense_seeds(gate: torch.Tensor, counts: torch.Tensor, uniforms: torch.Tensor) -> np.ndarray:
