@@ -105,3 +105,26 @@ def test_sparse_uniforms_complete_to_independent_uniforms() -> None:
         assert stats.kstest(full[r], "uniform").pvalue > 1e-3
     above = full[0] >= 0.9  # where the pixels above a threshold are: no preference along the image
     assert stats.kstest(np.flatnonzero(above) / n_pix, "uniform").pvalue > 1e-3
+
+
+def test_sparse_uniforms_place_the_seeds_as_often_as_the_dense_map() -> None:
+    """The same law as a dense uniform map: each pixel is a seed as often under both (600 draws of 8
+    images of 768 pixels, counts 1-11, gates spread so that candidates grow and images are read whole)."""
+    g = torch.Generator().manual_seed(0)
+    n_img, n_pix, draws = 8, 768, 600
+    gate = -5.0 + 3.0 * torch.randn(n_img, n_pix, generator=g)
+    counts = torch.randint(1, 12, (n_img,), generator=g)
+    counts[0] = 200  # beyond the candidate fractions: every key of the image
+
+    def seeds(u) -> np.ndarray:
+        return counted_seed_index(counts, u, lambda r, p: gate[r, p], gate.amax(dim=1), lambda: gate).numpy()
+
+    dense, lazy = np.zeros(n_img * n_pix), np.zeros(n_img * n_pix)
+    for i in range(draws):
+        dense[seeds(torch.rand(n_img, n_pix, generator=g))] += 1
+        lazy[seeds(sparse(1, n_img, n_pix, seed=1000 + i))] += 1
+    p = (dense + lazy) / (2 * draws)
+    often = (p > 0.02) & (p < 0.98)
+    z = (lazy - dense)[often] / np.sqrt(2 * draws * p[often] * (1 - p[often]))
+    assert often.sum() > 300
+    assert abs(z.mean()) < 0.15 and (z**2).mean() < 1.25, (z.mean(), (z**2).mean())
