@@ -98,9 +98,12 @@ def test_short_training_moves_the_layer_profile_toward_the_data(name, one_torch_
     after = distance()
     if getattr(cfg.model, "layer_counts", False):
         # a per-layer count law: the profile is the law's, fitted in the data-driven start (before
-        # any step); the short training must keep it within 2x the distance between two simulated samples
+        # any step); the short training must keep it within 3.5x the distance between two simulated
+        # samples. Measured (epical, laws fitted to these 200 showers): the law's expected profile is
+        # at 2.1x that distance (0.048 against 0.022), its draws for 200 showers at 1.5-3.1x over four
+        # seed sets, with the share law's numpy draws before as with its counter-based draws now
         real2 = simulate_calo_showers(g, 200, seed=13, energy_min=sim.energy_min, energy_max=e_max)
         floor = profile_distance(real2, real, g)
-        assert after < 2 * floor, (name, before, after, floor)
+        assert after < 3.5 * floor, (name, before, after, floor)
     else:
         assert after < SHRINK.get(name, 0.5) * before, (name, before, after)

@@ -61,7 +61,8 @@ def test_split_total_keeps_the_spread_of_the_pixel_total_at_five_times_the_train
     fit_share_law(shares, n, cond)
     totals, _ = total_law.sample(torch.rand(B, generator=gen, dtype=torch.float64),
                                  torch.rand(B, 1, generator=gen, dtype=torch.float64), at, 1 << 20)
-    split = shares.sample(totals, at, range(B), torch.tensor(g.cells_per_layer)).numpy()
+    split = shares.sample(totals, at, torch.rand(B, 2 * g.n_layers, generator=gen, dtype=torch.float64),
+                          torch.tensor(g.cells_per_layer)).numpy()
     assert np.array_equal(split.sum(1), totals.numpy())
     spread = split.sum(1).std() / split.sum(1).mean()
     assert spread < 1.6 * ref_spread, (spread, ref_spread)
@@ -137,3 +138,27 @@ def test_split_model_generates_the_drawn_split_and_trains(showers):
                for k, m in modules.items()}
     out = family.train_step(engines, TorchHits.from_batch(showers.slice(0, 4)), 0)
     assert math.isfinite(float(out["loss"])) and out["nll_share"] > 0 and out["nll_row"] == 0.0
+
+
+def test_share_law_draws_a_dirichlet_multinomial_from_uniforms():
+    """The split is a function of the shower's uniforms (as every law's draws in generation: the
+    counter-based ones), adds up to the total, and has the Dirichlet-multinomial's mean and
+    variance: N p_l and N p_l (1 - p_l) (N + kappa) / (1 + kappa)."""
+    law = LayerShareLaw(4, 1).double()
+    with torch.no_grad():
+        law.bias.copy_(torch.tensor([0.5, 1.0, 0.0, -1.0]))
+        law.depth.zero_()
+        law.log_concentration.fill_(math.log(20.0))
+    B, N = 20000, 300
+    cond = torch.zeros(B, 1, dtype=torch.float64)
+    totals = torch.full((B,), N)
+    u = torch.rand(B, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    split = law.sample(totals, cond, u, torch.full((4,), 10**6))
+    assert torch.equal(split, law.sample(totals, cond, u, torch.full((4,), 10**6)))
+    assert torch.equal(split.sum(1), totals)
+    p = torch.softmax(law.bias.detach(), 0).numpy()
+    n = split.double().numpy()
+    np.testing.assert_allclose(n.mean(0), N * p, rtol=0.02)
+    np.testing.assert_allclose(n.var(0), N * p * (1 - p) * (N + 20.0) / 21.0, rtol=0.06)
+    with pytest.raises(ValueError, match="uniforms"):
+        law.sample(totals[:3], cond[:3], u[:3, :5], torch.full((4,), 10**6))

@@ -111,7 +111,8 @@ def main() -> None:
                 draws, _ = law.sample(torch.rand(B * units, generator=gen, dtype=torch.float64),
                                       torch.rand(B, k, generator=gen, dtype=torch.float64), cond, 1 << 20)
             if split:
-                n_law = shares.sample(draws, cond, range(B), torch.tensor(g.cells_per_layer)).numpy()
+                n_law = shares.sample(draws, cond, torch.rand(B, 2 * n_lay, generator=gen, dtype=torch.float64),
+                                      torch.tensor(g.cells_per_layer)).numpy()
             else:
                 n_law = draws.view(B, n_lay).numpy()
             d_ref, d_ref2, d_law = depth(n_ref), depth(n_ref2), depth(n_law)

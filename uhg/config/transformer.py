@@ -166,6 +166,16 @@ class TransformerConfig(Section):
         "which a sum of per-layer draws does not (docs/calorimeter.md). count_factors does not apply. Exports "
         "written before this key draw every layer from its own law.",
     )
+    cell_field: bool = Field(
+        False,
+        description="layer_counts, cartesian calorimeter layers (epical): the cell of every pixel is paced by a "
+        "smooth per-cell fire probability over the layer, learned by the network from a radial basis of the "
+        "cell's distance to the layer centre (and its x, y), in place of pace_prior's uniform spacing: the next "
+        "fired cell in (row, column) order is the first of independent per-cell draws, so a layer's pixels "
+        "gather where the network's field is high. Starts equal to the uniform pacing (the field's weights are "
+        "zero) and every token input also carries its cell's basis. docs/calorimeter.md. Exports written "
+        "before this key have none.",
+    )
     count_factors: int = Field(
         1, ge=1, le=8,
         description="multiplicity=count: factors of the Gaussian copula that correlates the units' counts (1: "
@@ -258,6 +268,12 @@ class TransformerConfig(Section):
         if self.layer_split and not self.layer_counts:
             raise ValueError("layer_split splits a shower's pixel total over its layers, so it needs "
                              "layer_counts: true (got layer_counts=false)")
+        if self.cell_field and not self.layer_counts:
+            raise ValueError("cell_field paces the cells of a layer whose pixels the count law has drawn, so it "
+                             "needs layer_counts: true (got layer_counts=false)")
+        if self.cell_field and self.pace_prior:
+            raise ValueError("cell_field replaces pace_prior's uniform spacing of a layer's cells: set pace_prior: "
+                             "false (or cell_field: false)")
         if self.cluster_charge_redraws and self.cluster_pixel_context:
             raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
                              "cluster_pixel_context draws them slot by slot: switch one of them off")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import special, stats
 from torch import nn
 
 INIT_FRACTION = 0.05  # starting occupancy of every unit (logit -2.9): within 3 of any detector's
@@ -444,7 +445,6 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
 
 
 SHARE_NODES = 16  # Gauss-Hermite nodes of the share law's depth factor (its likelihood integrates it out)
-SHARE_STREAM = 0x5A4E  # second seed word of a shower's share draws (apart from its other streams)
 
 
 class LayerShareLaw(nn.Module):
@@ -501,26 +501,36 @@ class LayerShareLaw(nn.Module):
                 + torch.lgamma(kappa) - torch.lgamma(total + kappa))
         return norm + torch.logsumexp(per_node + self.log_weights.to(cond.dtype)[None], -1)
 
-    def sample(self, totals: torch.Tensor, cond: torch.Tensor, seeds: Sequence[int], capacity: torch.Tensor) -> torch.Tensor:
+    def sample(self, totals: torch.Tensor, cond: torch.Tensor, u: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
         """(B, L) long: each shower's total `totals` (B,) split over the layers, at most `capacity`
-        (L,) per layer. Shower b draws from its own generator seeded by seeds[b], so a draw does not
-        depend on the batch it is made in."""
+        (L,) per layer. u: (B, 2L) uniforms of each shower (counter-based in generation, so a draw
+        does not depend on the batch it is made in), all by inverse CDF: u[:, 0] its depth factor,
+        u[:, 1:L+1] the gamma variates of its Dirichlet shares, u[:, L+1:] the binomials that deal
+        its total out layer by layer (a multinomial)."""
+        n_layers = len(self.bias)
+        if u.shape != (len(totals), 2 * n_layers):
+            raise ValueError(f"share law: need ({len(totals)}, {2 * n_layers}) uniforms, got {tuple(u.shape)}")
         with torch.no_grad():
             cond = cond.to(self.bias.dtype)
             eta, kappa = self.eta(cond).double().cpu().numpy(), self.concentration(cond).double().cpu().numpy()
             depth = self.depth.detach().double().cpu().numpy()
-        cap = capacity.long().cpu().numpy()
+        u = u.double().cpu().numpy()
+        logits = eta + special.ndtri(u[:, :1]) * depth[None]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        alpha = kappa[:, None] * p / p.sum(1, keepdims=True)
+        g = special.gammaincinv(alpha, u[:, 1:n_layers + 1])
+        g_sum = g.sum(1, keepdims=True)
+        shares = np.where(g_sum > 0, g / np.where(g_sum > 0, g_sum, 1.0), alpha / alpha.sum(1, keepdims=True))
         out = np.zeros(eta.shape, dtype=np.int64)
-        for b, seed in enumerate(seeds):
-            rng = np.random.default_rng((int(seed), SHARE_STREAM))
-            logits = eta[b] + rng.standard_normal() * depth
-            p = np.exp(logits - logits.max())
-            alpha = kappa[b] * p / p.sum()
-            g = rng.standard_gamma(alpha)
-            shares = g / g.sum() if g.sum() > 0 else alpha / alpha.sum()
-            out[b] = np.minimum(rng.multinomial(int(totals[b]), shares), cap)
-        return torch.as_tensor(out, device=totals.device)
-
+        left = totals.long().cpu().numpy().copy()
+        rest = np.ones(len(left))
+        for lay in range(n_layers - 1):
+            q = np.clip(shares[:, lay] / np.maximum(rest, 1e-300), 0.0, 1.0)
+            out[:, lay] = np.clip(stats.binom.ppf(u[:, n_layers + 1 + lay], left, q), 0, left).astype(np.int64)  # ppf(0) is -1
+            left -= out[:, lay]
+            rest = rest - shares[:, lay]
+        out[:, -1] = left
+        return torch.as_tensor(np.minimum(out, capacity.long().cpu().numpy()[None]), device=totals.device)
 
 
 def share_law_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

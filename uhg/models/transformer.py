@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -217,7 +218,9 @@ class HitTransformer(nn.Module):
     `uhg.models.common.ConditionNorm` (C = len(config.conditions)); `forward` is the training
     loss so a DeepSpeed engine can wrap the module."""
 
-    def __init__(self, config: TransformerConfig, layout: TokenLayout):
+    def __init__(self, config: TransformerConfig, layout: TokenLayout, cell_xy: np.ndarray | None = None):
+        """cell_xy: (n_cols, 2) centre of every cell of a layer in units of the pixel pitch, about the
+        layer centre (needed with config.cell_field; all layers share the grid)."""
         super().__init__()
         self.config, self.layout = config, layout
         d, L = config.d_model, layout
@@ -300,6 +303,16 @@ class HitTransformer(nn.Module):
             if config.pace_prior:
                 self.pace_weight = nn.Parameter(torch.ones(1))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
         self.response = ResponseLaw(n_cond) if config.response_model else None
+        self.cell_field = config.cell_field
+        if self.cell_field:  # created last: the other modules initialise as without it
+            if cell_xy is None or np.shape(cell_xy) != (L.n_cols, 2):
+                raise ValueError(f"cell_field needs the (x, y) of the {L.n_cols} cells of a layer, got "
+                                 f"{None if cell_xy is None else np.shape(cell_xy)}")
+            self.register_buffer("cell_basis", cell_basis(np.asarray(cell_xy)), persistent=False)
+            self.field_head = nn.Linear(d, self.cell_basis.shape[1])
+            nn.init.zeros_(self.field_head.weight)  # zero field: the uniform pacing of pace_prior
+            nn.init.zeros_(self.field_head.bias)
+            self.cell_in = nn.Linear(self.cell_basis.shape[1], d)
 
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
@@ -405,6 +418,8 @@ class HitTransformer(nn.Module):
             x = x + self.shape_in(values[..., 0]) + self.charge_in(values[..., 1])
         else:
             x = x + self.val_in(values)
+        if self.cell_field:
+            x = x + self.cell_in(self.cell_basis[cols])
         if first:
             x = torch.cat([(self.start + ctx)[:, None], x[:, 1:]], 1)
         return x
@@ -501,12 +516,29 @@ class HitTransformer(nn.Module):
         last = width - row_remaining.clamp_min(1)  # the rest of the row's hits must fit after this one
         ok = (c >= first.unsqueeze(-1)) & (c <= last.unsqueeze(-1))
         ok = ok | (row == self.layout.n_rows).unsqueeze(-1)
-        logits = self.col_head(h + self.row_out(row))
-        if self.config.pace_prior:
+        hr = h + self.row_out(row)
+        logits = self.col_head(hr)
+        if self.cell_field:
+            logits = logits + self._field_logits(hr, first, width, row_remaining)
+        elif self.config.pace_prior:
             left = (width - first).clamp_min(1)
             lam = -torch.log1p(-(row_remaining.float() / left).clamp(1e-6, 0.999))
             logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first.unsqueeze(-1)).clamp_min(0)
         return logits.masked_fill(~ok, float("-inf"))
+
+    def _field_logits(self, hr: torch.Tensor, first: torch.Tensor, width: torch.Tensor,
+                      row_remaining: torch.Tensor) -> torch.Tensor:
+        """cell_field: log-probability that cell c is the next fired one when every cell from `first`
+        on fires on its own with probability sigmoid(l_c): log s(l_c) + sum_{first <= j < c} log s(-l_j).
+        l_c = logit(remaining / cells left) + field_head(hr) . basis(c): with a zero field this is
+        pace_prior's geometric gap (up to a constant per token); the field moves the pixels towards
+        where the network places them (the radial profile of the layer at this energy and stage)."""
+        left = (width - first).clamp_min(1)
+        rho = (row_remaining.to(hr.dtype) / left).clamp(1e-6, 0.999)
+        ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr) @ self.cell_basis.to(hr.dtype).T
+        c = torch.arange(ell.shape[-1], device=hr.device)
+        off = F.logsigmoid(-ell).masked_fill(c < first.unsqueeze(-1), 0.0)
+        return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
 
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return self.val_head(h + self.row_out(row) + self.col_out(col))
@@ -694,6 +726,22 @@ class HitTransformer(nn.Module):
         return float(3 * forward if training else forward)
 
 
+FIELD_RADII = 12  # radial basis functions of cell_field
+
+
+def cell_basis(cell_xy: np.ndarray) -> torch.Tensor:
+    """(n_cells, FIELD_RADII + 2) float32 cell_field basis: Gaussian bumps in log(1 + r) evenly
+    spaced from the layer centre to its corner (r: distance in pixel pitches, so the core's
+    single pixels and the sparse halo get comparable resolution), then x / r_max, y / r_max."""
+    xy = np.asarray(cell_xy, dtype=np.float64)
+    s = np.log1p(np.hypot(xy[:, 0], xy[:, 1]))
+    centres = np.linspace(0.0, s.max(), FIELD_RADII)
+    width = centres[1] - centres[0]
+    bumps = np.exp(-0.5 * ((s[:, None] - centres[None]) / width) ** 2)
+    r_max = max(float(np.hypot(xy[:, 0], xy[:, 1]).max()), 1e-9)
+    return torch.as_tensor(np.concatenate([bumps, xy / r_max], 1), dtype=torch.float32)
+
+
 def padded_tokens(lengths: torch.Tensor, slack: float = BUCKET_SLACK) -> int:
     """Token positions the blocks process for sequences of `lengths` hits (length buckets)."""
     return sum(len(g) * (int(lengths[g].max()) + 1) for g in length_buckets(lengths, slack))
@@ -716,5 +764,5 @@ def mean_attended(lengths: torch.Tensor, window: int = 0) -> float:
     return float((m * (m + 1) / 2 + (n - m) * (window + 1)).sum() / n.sum())
 
 
-__all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "count_parameters", "length_buckets", "mean_attended",
+__all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "cell_basis", "count_parameters", "length_buckets", "mean_attended",
            "padded_tokens", "window_mask"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,7 +49,16 @@ class TransformerFamily:
             raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"model": HitTransformer(self.cfg, self.layout)}
+        return {"model": HitTransformer(self.cfg, self.layout, self._cell_xy() if self.cfg.cell_field else None)}
+
+    def _cell_xy(self) -> np.ndarray:
+        """cell_field: (cells, 2) centres of a layer's cells in pixel pitches about the layer centre."""
+        g = self.geometry
+        if getattr(g, "layout", None) != "cartesian":
+            raise ConfigError(f"model.cell_field needs a calorimeter of pixel layers on one grid (epical); geometry "
+                              f"{g.name!r} is not")
+        xs, ys = g.cell_centers(0)
+        return np.stack([np.asarray(xs) / g.pitch_x_mm, np.asarray(ys) / g.pitch_y_mm], 1)
 
 
     @torch.no_grad()

@@ -239,7 +239,10 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             if model.shares is not None:  # layer_split: the shower's total, then its split over the layers
                 totals, n_capped_counts = model.counts.sample(counter_uniform(keys, units, -1, 0), u_event, cond,
                                                               max_hits)
-                per_row = model.shares.sample(totals, cond, seeds, torch.as_tensor(L.row_width))
+                # 2 R uniforms per shower, keyed as its draws -3 / 0 / k: the share law's depth factor, gammas, binomials
+                u_share = counter_uniform(keys.repeat_interleave(2 * R), units.repeat_interleave(2 * R), -3, 0,
+                                          torch.arange(2 * R, device=dev).repeat(S)).view(S, 2 * R)
+                per_row = model.shares.sample(totals, cond, u_share, torch.as_tensor(L.row_width))
             else:
                 per_row, n_capped_counts = model.counts.sample(
                     counter_uniform(keys.repeat_interleave(R), torch.arange(R, device=dev).repeat(S), -1, 0),

@@ -1,0 +1,90 @@
+"""Cell field of the hit transformer on the digital pixel calorimeter (model.cell_field): the next
+fired cell of a layer is the first of independent per-cell draws whose probabilities the network
+sets through a radial basis of the cell position, in place of the uniform pacing of pace_prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uhg.config.loading import config_from_dict
+from uhg.config.transformer import TransformerConfig
+from uhg.errors import ConfigError
+from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
+from uhg.models.transformer import FIELD_RADII
+from uhg.models.transformer_sampling import sample_events
+from uhg.seeding import event_seed
+from uhg.sim.calo import simulate_calo_showers
+from uhg.train.family import build_family
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRAIN = (1000.0, 16000.0)
+NORM = ConditionNorm.from_ranges({"incident_energy": TRAIN}, ["incident_energy"])
+BASE = dict(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["incident_energy"], multiplicity="count",
+            count_bootstrap=0, max_hits=8192, layer_counts=True, layer_split=True, count_law="unit_quadratic")
+
+
+def _model(**kw):
+    family = build_family(get_geometry("epical-mini"), TransformerConfig(**BASE, **kw), NORM)
+    torch.manual_seed(0)
+    return family, family.build_modules()["model"]
+
+
+def test_zero_field_is_the_uniform_pacing_of_pace_prior():
+    """With the field's weights at their initial zero the distribution of the next cell is pace_prior's
+    (geometric gaps at the rate of the layer's pixels still to place), for first and later hits."""
+    _, field = _model(cell_field=True)
+    _, paced = _model(pace_prior=True)
+    paced.load_state_dict(field.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 32, generator=gen)
+    row, prev_row = torch.tensor([0, 3, 5, 5, 10]), torch.tensor([-1, 2, 5, 5, 9])
+    prev_col, left = torch.tensor([-1, 100, 30, 2000, 4000]), torch.tensor([50, 3, 100, 20, 7])
+    with torch.no_grad():
+        a = torch.log_softmax(field.col_logits(h, row, prev_row, prev_col, None, left), -1)
+        b = torch.log_softmax(paced.col_logits(h, row, prev_row, prev_col, None, left), -1)
+    assert torch.equal(a.isinf(), b.isinf())
+    ok = ~a.isinf()
+    assert float((a[ok] - b[ok]).abs().max()) < 1e-4
+
+
+def _mean_radius(batch) -> float:
+    g = get_geometry("epical-mini")
+    row, col = np.divmod(batch.columns["cell"].astype(np.int64), g.nx)
+    return float(np.hypot(col + 0.5 - g.nx / 2, row + 0.5 - g.ny / 2).mean())
+
+
+def test_a_central_field_gathers_the_pixels_of_every_layer_about_the_axis():
+    """Generation places a layer's pixels where the field is high: weights favouring the innermost
+    radial bumps bring the sampled pixels' mean distance to the axis well below the uniform pacing's,
+    with the pixels per layer unchanged (the count laws draw them)."""
+    family, model = _model(cell_field=True)
+    family.initialise_from_data({"model": model}, [simulate_calo_showers(get_geometry("epical-mini"), 200, seed=4,
+                                                                          energy_min=TRAIN[0], energy_max=TRAIN[1])])
+    model.eval()
+    e_inc = np.full(4, 4000.0)
+    cond = NORM({"incident_energy": torch.as_tensor(e_inc)})
+    seeds = [event_seed(3, i, "generate") for i in range(4)]
+    uniform = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+    with torch.no_grad():
+        model.field_head.bias[:FIELD_RADII] = torch.linspace(4.0, -4.0, FIELD_RADII)
+    central = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+    np.testing.assert_array_equal(central.hits_per_event, uniform.hits_per_event)
+    assert _mean_radius(central) < 0.6 * _mean_radius(uniform), (_mean_radius(central), _mean_radius(uniform))
+
+
+def test_cell_field_settings_are_checked():
+    raw = {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
+           "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count",
+                     "cell_field": True}}
+    with pytest.raises(ConfigError, match="cell_field.*layer_counts"):
+        config_from_dict(raw)
+    raw["model"] |= {"layer_counts": True, "pace_prior": True}
+    with pytest.raises(ConfigError, match="cell_field.*pace_prior"):
+        config_from_dict(raw)
+    cfg = TransformerConfig(**BASE, cell_field=True)
+    with pytest.raises(ConfigError, match="cell_field.*ds2"):
+        build_family(get_geometry("ds2"), cfg, NORM).build_modules()
