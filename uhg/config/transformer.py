@@ -135,6 +135,15 @@ class TransformerConfig(Section):
         "range (tokens are pushed to the last rows, where they overlap). Exports written before this key "
         "have none.",
     )
+    event_counts: bool = Field(
+        False,
+        description="multiplicity=count, several units (PXD sensors): each sequence's context also sees the "
+        "token counts of all units of its event (the training event's in training, the count law's draws in "
+        "generation), through a learned linear map. How busy the whole event is, and where, then informs what "
+        "each token is (cluster shape, charge), as the data show; without it a sequence knows only its own "
+        "count and the event latent, which is drawn independently of the counts in generation. Exports written "
+        "before this key have none.",
+    )
     count_law: Literal["power", "powers", "quadratic", "unit_quadratic"] = Field(
         "quadratic",
         description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "
@@ -262,6 +271,10 @@ class TransformerConfig(Section):
         if self.pace_prior and self.multiplicity != "count":
             raise ValueError("pace_prior spaces the tokens a count law has drawn, so it needs multiplicity=count "
                              f"(got multiplicity={self.multiplicity})")
+        if self.event_counts and (self.multiplicity != "count" or self.layer_counts):
+            raise ValueError("event_counts feeds every sequence the counts the law has drawn for its event's units, so it "
+                             f"needs multiplicity=count without layer_counts (got multiplicity={self.multiplicity}, "
+                             f"layer_counts={self.layer_counts})")
         if self.layer_counts and self.multiplicity != "count":
             raise ValueError("layer_counts draws the hits of each layer from the count law, so it needs "
                              f"multiplicity=count (got multiplicity={self.multiplicity})")

@@ -302,6 +302,10 @@ class HitTransformer(nn.Module):
             self.count_in, self.remain_in = nn.Linear(1, d), nn.Linear(1, d)
             if config.pace_prior:
                 self.pace_weight = nn.Parameter(torch.ones(1))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
+            if config.event_counts:  # zero at the start: the model begins as it would without the key
+                self.event_count_in = nn.Linear(L.n_units, d)
+                nn.init.zeros_(self.event_count_in.weight)
+                nn.init.zeros_(self.event_count_in.bias)
         self.response = ResponseLaw(n_cond) if config.response_model else None
         self.cell_field = config.cell_field
         if self.cell_field:  # created last: the other modules initialise as without it
@@ -348,6 +352,12 @@ class HitTransformer(nn.Module):
     def count_context(self, counts: torch.Tensor) -> torch.Tensor:
         """(S, d) context term of sequences with `counts` (S,) hits."""
         return self.count_in(count_feature(counts, self.layout.positions_per_unit))
+
+    def event_count_context(self, counts: torch.Tensor) -> torch.Tensor:
+        """(B * U, d) context term of every sequence of events whose units have `counts` (B, U)
+        tokens: the same vector for all units of an event (its whole count pattern)."""
+        feature = count_feature(counts, self.layout.positions_per_unit).squeeze(-1)
+        return self.event_count_in(feature).repeat_interleave(self.layout.n_units, 0)
 
     def layer_count_context(self, layer_counts: torch.Tensor) -> torch.Tensor:
         """(S, d) context term of showers with `layer_counts` (S, n_rows) hits per layer (layer_counts)."""
@@ -623,6 +633,8 @@ class HitTransformer(nn.Module):
         counting = self.counts is not None
         if counting:
             ctx = ctx + self.count_context(tokens.lengths)
+            if self.config.event_counts:
+                ctx = ctx + self.event_count_context(tokens.lengths.view(B, L.n_units))
         if self.layered:
             per_row = self.hits_per_row(tokens)
             ctx = ctx + self.layer_count_context(per_row)

@@ -258,6 +258,8 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             targets, n_capped_counts = model.counts.sample(counter_uniform(keys, units, -1, 0), u_event, cond,
                                                            max_hits)
         ctx_all = ctx_all + model.count_context(targets[seq_pad])[:S]
+        if model.config.event_counts:  # rows of padded events repeat the first event's counts
+            ctx_all = ctx_all + model.event_count_context(targets.view(B, U)[ev_pad])[:S]
 
     # FiLM of each sequence's context, once (padded rows, as every product here)
     films_all = [f[:S] for f in model.context_films(ctx_all[_padded(torch.arange(S, device=dev))])] if S else []
