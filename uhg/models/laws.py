@@ -84,9 +84,9 @@ class CountLaw(nn.Module):
       per-unit slope is mostly pooled: a part proportional to the unit's own level (one k per
       condition, estimated from every unit's events: busier units grow more slowly as their
       clusters start to merge, or faster where a steeper process dominates them) and a remainder
-      d_u shrunk towards 0. The strengths of the ridges on d_u and on Q are chosen by forward
-      validation (`choose_forward`): fitted on the lower part of the training range, scored on
-      the upper part, as the law will be used beyond it;
+      d_u shrunk towards 0. The strength of the ridge on Q is chosen by forward validation
+      (`choose_forward`: fitted on the lower part of the training range, scored on the upper
+      part, as the law will be used beyond it), the one on d_u on held-out events (`choose_pooled`);
     - unit_quadratic: eta = a_u + b_u . x + c_u . (x * x), a second-order polynomial per unit
       with its own slope and curvature in each log-condition: units whose counts bend
       differently with the conditions (a calorimeter's layers: the tail grows faster than the
@@ -390,8 +390,8 @@ SHRINK_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)  # strengths (in events' wort
 # slope is multiplied by the distance beyond the training range; how much per-unit structure the
 # data hold depends on how many events there are, so the strength is chosen on held-out events
 HOLDOUT = 0.25  # fraction of the events held out to choose the strength
-POOLED_SHRINK_GRID = (3000.0, 30000.0, 300000.0)  # per-unit slope remainders of the pooled law: the
-# level-linked part carries the pattern's drift, so the remainder's choices reach stronger ridges
+POOLED_SHRINK_GRID = (300.0, 3000.0, 30000.0, 300000.0)  # per-unit slope remainders of the pooled law:
+# the level-linked part carries much of the pattern's drift, so the choices reach stronger ridges
 CURVATURE_GRID = (0.0, 1e5, 1e8)  # strengths (in events) of a ridge on the pooled law's curvature Q:
 # none, some, and as good as none (a power law): a curvature fitted inside the range grows with the
 # square of the distance beyond it, so whether the data's bend is worth extrapolating is measured
@@ -463,8 +463,8 @@ def choose_forward(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> t
     the pair whose fit to the lower part of the training range (`forward_split`) predicts each
     unit's mean count over the upper part best (mean squared relative error over the units: the
     per-sensor occupancy a generator is judged on). Held-out events from the same range (as
-    `choose_shrink`) reward the fit inside the range and choose curvatures that bend away
-    beyond it; these are scored as the law is used. Ties go to the stronger ridges."""
+    `choose_shrink`) barely tell a curvature that continues beyond the range from one that bends
+    away; these are scored as the law is used. Ties go to the stronger ridges."""
     default = (POOLED_SHRINK_GRID[-1], CURVATURE_GRID[-1])
     split = forward_split(counts, cond)
     if split is None:
@@ -486,17 +486,44 @@ def choose_forward(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> t
     return choice
 
 
+def choose_pooled(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """(per-unit ridge, curvature ridge) of the pooled law: the curvature's by forward validation
+    (`choose_forward`), then the per-unit ridge, at that curvature, by the likelihood of a random
+    held-out quarter of the events (as `choose_shrink`). Per-unit structure is measured best over
+    the whole range: a fit to its lower half sees less of a pattern that drifts with the
+    conditions (design: the quadratic process's pattern takes over at the top) and asks for
+    ridges too strong for the full range (measured in docs/results.md)."""
+    _, curvature = choose_forward(law, counts, cond)
+    if len(counts) < 8:
+        return POOLED_SHRINK_GRID[-1], curvature
+    start = [p.detach().clone() for p in law.parameters()]
+    perm = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed + 1))
+    n_out = max(1, int(HOLDOUT * len(counts)))
+    out, fit = perm[:n_out], perm[n_out:]
+    best, shrink = math.inf, POOLED_SHRINK_GRID[-1]
+    for strength in reversed(POOLED_SHRINK_GRID):
+        fit_law(law, lambda m, k=strength: count_law_loss(m, counts[fit], cond[fit], k, curvature))
+        with torch.no_grad():
+            dtype = law.positions.dtype
+            score = float(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).mean())
+            for p, s in zip(law.parameters(), start, strict=True):
+                p.copy_(s)
+        if score < best:
+            best, shrink = score, strength
+    return shrink, curvature
+
+
 def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """Maximum-likelihood fit of `law` to hits per unit `counts` (N, U) at normalised
     conditions `cond` (N, C): the per-unit ridge's strength chosen on held-out events
-    (`choose_shrink`; the pooled law's two ridges by forward validation, `choose_forward`), the NB
+    (`choose_shrink`; the pooled law's curvature ridge by forward validation, `choose_pooled`), the NB
     marginals on all events, then the copula loadings on the normal scores; then, when the law
     has a bootstrap buffer, refits of the mean parameters on events resampled with replacement
     (seeded, so deterministic), stored for `occupancy_band`. Returns the losses and the chosen
     strengths (`law_shrink`, and `law_curvature_ridge` for the pooled law)."""
     curvature = 0.0
     if law.form == "pooled":
-        shrink, curvature = choose_forward(law, counts, cond)
+        shrink, curvature = choose_pooled(law, counts, cond, seed)
     else:
         shrink = choose_shrink(law, counts, cond, seed)
     out = {"law_shrink": shrink}
@@ -630,5 +657,5 @@ def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "choose_forward", "choose_shrink", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "choose_forward", "choose_pooled", "choose_shrink", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
            "factor_log_density", "one_factor_log_density"]
