@@ -124,3 +124,41 @@ def test_pooled_law_beats_the_overlay_per_sensor_on_luminosity_dominated():
         law_err = rms(pred, truth, noise2)
         overlay_err = rms(c_base.mean(0), truth, noise2 + c_base.var(0) / len(c_base) / truth ** 2)
         assert law_err < overlay_err, (factor, law_err, overlay_err)
+
+
+def test_a_transformer_fits_the_pooled_law_from_its_training_events():
+    """model.count_law: pooled in a hit transformer: the fitted start chooses both ridges, the law
+    predicts the training events' mean hits per event, and its pooled slope and bootstrap
+    refits travel in the state dict (a reload predicts the same)."""
+    from uhg.config.loading import config_from_dict
+    from uhg.geometry import get_geometry
+    from uhg.models.common import ConditionNorm
+    from uhg.sim.pxd_background import simulate_pxd_background
+    from uhg.train.family import build_family
+
+    g = get_geometry("pxd-tiny")
+    events = simulate_pxd_background(g, 160, seed=3, luminosity=2e35, luminosity_max=8e35)
+    raw = {"name": "x", "geometry": "pxd-tiny", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
+           "model": {"family": "transformer", "conditions": ["luminosity"], "d_model": 32, "n_layers": 1, "n_heads": 2,
+                     "latent_dim": 0, "multiplicity": "count", "count_law": "pooled", "count_bootstrap": 2}}
+    cfg = config_from_dict(raw)
+    norm = ConditionNorm.from_ranges({"luminosity": (2e35, 8e35)}, ["luminosity"])
+    family = build_family(g, cfg.model, norm)
+    modules = family.build_modules()
+    idx = family.fit_sample(len(events))
+    fitted = family.initialise_from_data(modules, (events.take(idx[i:i + 64]) for i in range(0, len(idx), 64)))
+    assert {"law_shrink", "law_curvature_ridge"} <= set(fitted)
+    law = modules["model"].counts
+    assert law.form == "pooled" and law.bootstrap.shape[0] == 2
+    state = modules["model"].state_dict()
+    assert "counts.level_slope" in state
+    cond = norm({"luminosity": torch.as_tensor(events.conditions["luminosity"])})
+    with torch.no_grad():
+        before = law.mean(cond).sum(1)
+    reloaded = family.build_modules()["model"]
+    reloaded.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(reloaded.counts.mean(cond).sum(1), before)
+    hits = float(events.hits_per_event.mean())  # hit tokens: the law counts the hits of each sensor
+    assert abs(float(before.mean()) / hits - 1) < 0.05, (float(before.mean()), hits)
+
