@@ -162,3 +162,26 @@ def test_a_transformer_fits_the_pooled_law_from_its_training_events():
     hits = float(events.hits_per_event.mean())  # hit tokens: the law counts the hits of each sensor
     assert abs(float(before.mean()) / hits - 1) < 0.05, (float(before.mean()), hits)
 
+
+
+@pytest.mark.slow
+def test_pooled_law_lets_per_unit_slopes_through_that_the_level_does_not_explain():
+    """Units at one level whose counts grow with different slopes (nothing for the level-linked
+    slope to carry): the per-unit ridge chosen on held-out events is below its strongest, and
+    the law predicts every unit at 2x the top within 10 % (at the strongest ridge the slopes,
+    0.2 to 1.2, would be pulled towards their mean: tens of percent off)."""
+    from uhg.models.laws import POOLED_SHRINK_GRID, choose_pooled
+
+    gen = torch.Generator().manual_seed(2)
+    n, units = 3000, 12
+    x = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 2 - 1
+    slopes = 0.7 + 0.5 * torch.linspace(-1, 1, units, dtype=torch.float64)
+    counts = torch.poisson(20.0 * torch.exp(x * slopes[None]), generator=gen)
+    law = CountLaw(units, 1, 3072, "pooled").double()
+    shrink, _ = choose_pooled(law, counts, x)
+    assert shrink < POOLED_SHRINK_GRID[-1], shrink
+    fit_count_law(law, counts, x)
+    at = torch.tensor([[2.0]], dtype=torch.float64)
+    with torch.no_grad():
+        rel = law.mean(at)[0] / (20.0 * torch.exp(2.0 * slopes)) - 1
+    assert float(rel.abs().max()) < 0.10, rel
