@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--factors", type=float, nargs="*", default=[1.5, 2.0, 3.0])
     parser.add_argument("--forms", nargs="*", default=[],
                         help="count law forms to fit: FORM, or FORM@RIDGE with the quadratic law's per-unit ridge "
-                             "fixed at RIDGE instead of chosen on held-out events")
+                             "fixed at RIDGE instead of chosen on held-out events (the pooled law chooses its ridges "
+                             "by forward validation)")
     parser.add_argument("--train-events", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=50)
     args = parser.parse_args()
@@ -88,7 +89,8 @@ def main() -> None:
             laws_module.SHRINK_GRID = (float(fixed),) if fixed else DEFAULT_GRID
             law = CountLaw(g.n_sensors, len(CONDITIONS), g.pixels_per_sensor, form).double()
             fitted = fit_count_law(law, n_train, c_train, seed=0)
-            print(f"<!-- law {label}: per-unit ridge {fitted['law_shrink']} -->", flush=True)
+            curvature = f", curvature ridge {fitted['law_curvature_ridge']}" if "law_curvature_ridge" in fitted else ""
+            print(f"<!-- law {label}: per-unit ridge {fitted['law_shrink']}{curvature} -->", flush=True)
             laws[label] = law
     gen = None
     if args.export:

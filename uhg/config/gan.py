@@ -45,7 +45,7 @@ class GanConfig(Section):
         "pattern from a table of at most this many shapes, fitted with their per-sensor frequencies to the training "
         "data (fit_from_data); the generator shifts each sensor's shape log-odds. 0 = off. Excludes cluster_growth.",
     )
-    count_law: Literal["power", "powers", "quadratic"] | None = Field(
+    count_law: Literal["power", "powers", "quadratic", "pooled"] | None = Field(
         None,
         description="Pixel detectors with cluster_shapes: the clusters (seeds) of every sensor are drawn from a count "
         "law fitted to the training data before the first step and kept at its fit (negative binomial per sensor, "

@@ -144,14 +144,17 @@ class TransformerConfig(Section):
         "count and the event latent, which is drawn independently of the counts in generation. Exports written "
         "before this key have none.",
     )
-    count_law: Literal["power", "powers", "quadratic", "unit_quadratic"] = Field(
+    count_law: Literal["power", "powers", "quadratic", "pooled", "unit_quadratic"] = Field(
         "quadratic",
         description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "
         "`conditions`), all learned from the data. power: a_u + b_u . x (one power law per unit, free exponents); "
         "powers: log sum_k exp(a_uk + beta_k . x), `count_terms` power-law components with free real exponents "
         "beta_k shared by the units and amplitudes per unit (backgrounds made of processes that scale "
         "differently); quadratic: a_u + (b + d_u) . x + x^T Q x (shared slope and curvature, per-unit slope deviations shrunk towards "
-        "the shared slope); unit_quadratic: a_u + b_u . x + c_u . x^2 (slope and curvature of every unit its own: "
+        "the shared slope, the ridge chosen on held-out events); pooled: the quadratic form whose per-unit slope is a part "
+        "proportional to the unit's level (one coefficient per condition, fitted on every unit) plus a shrunk remainder, "
+        "the ridges on the remainder and on Q chosen by forward validation (fit on the lower half of the training range, "
+        "scored on the upper half); unit_quadratic: a_u + b_u . x + c_u . x^2 (slope and curvature of every unit its own: "
         "calorimeter layers with layer_counts, whose tail grows faster than the saturating core). docs/transformer.md "
         "and docs/calorimeter.md have the measurements behind the defaults.",
     )

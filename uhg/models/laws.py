@@ -62,7 +62,7 @@ def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x[:, None, :] * w[None]).sum(-1)
 
 
-COUNT_LAWS = ("power", "powers", "quadratic", "unit_quadratic")
+COUNT_LAWS = ("power", "powers", "quadratic", "pooled", "unit_quadratic")
 COUNT_DISPERSIONS = ("constant", "power")
 
 
@@ -81,12 +81,19 @@ class CountLaw(nn.Module):
     - quadratic: eta = a_u + (b + d_u) . x + x^T Q x, a shared slope b and symmetric Q and
       per-unit slope deviations d_u shrunk towards 0 (a ridge whose strength is chosen on held-out events, `choose_shrink`): a low-order polynomial in the
       log-conditions whose per-unit part stays as precise as the data on each unit allow;
+    - pooled: eta = a_u + (b + k (a_u - mean_v a_v) + d_u) . x + x^T Q x, the quadratic law whose
+      per-unit slope is mostly pooled: a part proportional to the unit's own level (one k per
+      condition, estimated from every unit's events: busier units grow more slowly as their
+      clusters start to merge, or faster where a steeper process dominates them) and a remainder
+      d_u shrunk towards 0. The strength of the ridge on Q is chosen by forward validation
+      (`choose_forward`: fitted on the lower part of the training range, scored on the upper
+      part, as the law will be used beyond it), the one on d_u on held-out events (`choose_pooled`);
     - unit_quadratic: eta = a_u + b_u . x + c_u . (x * x), a second-order polynomial per unit
       with its own slope and curvature in each log-condition: units whose counts bend
       differently with the conditions (a calorimeter's layers: the tail grows faster than the
       core, which saturates).
 
-    All three saturate at the full grid (sigmoid). docs/transformer.md has the measurement that
+    All forms saturate at the full grid (sigmoid). docs/transformer.md has the measurement that
     chose the default.
 
     Event-wide fluctuations (all sensors of an event busier together) come from a one-factor
@@ -126,9 +133,11 @@ class CountLaw(nn.Module):
             self.slope = nn.Parameter(torch.zeros(n_units, c))
             if form == "unit_quadratic":
                 self.unit_curvature = nn.Parameter(torch.zeros(n_units, c))
-            if form == "quadratic":
+            if form in ("quadratic", "pooled"):
                 self.shared_slope = nn.Parameter(torch.zeros(c))
                 self.curvature = nn.Parameter(torch.zeros(c, c))
+            if form == "pooled":
+                self.level_slope = nn.Parameter(torch.zeros(c))
         # atanh of l_u; not 0, where the copula density is flat in every loading (a saddle)
         self.loading = nn.Parameter(torch.full((n_units,), math.atanh(0.3)))
         if factors > 1:
@@ -146,7 +155,8 @@ class CountLaw(nn.Module):
         """The parameters that set the expected counts (the bootstrap refits these)."""
         names = {"powers": ("amplitude", "exponent"), "power": ("bias", "slope"),
                  "unit_quadratic": ("bias", "slope", "unit_curvature"),
-                 "quadratic": ("bias", "slope", "shared_slope", "curvature")}[self.form]
+                 "quadratic": ("bias", "slope", "shared_slope", "curvature"),
+                 "pooled": ("bias", "slope", "shared_slope", "curvature", "level_slope")}[self.form]
         return [getattr(self, n) for n in names]
 
     def n_mean_parameters(self) -> int:
@@ -164,7 +174,12 @@ class CountLaw(nn.Module):
             return p[0][None] + _dot(x, p[1])
         if self.form == "unit_quadratic":
             return p[0][None] + _dot(x, p[1]) + _dot(x * x, p[2])
-        bias, unit_slope, slope, curvature = p
+        if self.form == "pooled":
+            bias, unit_slope, slope, curvature, level_slope = p
+            level = bias - bias.mean()
+            unit_slope = unit_slope + level[:, None] * level_slope[None]
+        else:
+            bias, unit_slope, slope, curvature = p
         q = (curvature + curvature.T) / 2
         return bias[None] + _dot(x, unit_slope + slope[None]) + ((x @ q) * x).sum(-1, keepdim=True)
 
@@ -376,13 +391,27 @@ SHRINK_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)  # strengths (in events' wort
 # slope is multiplied by the distance beyond the training range; how much per-unit structure the
 # data hold depends on how many events there are, so the strength is chosen on held-out events
 HOLDOUT = 0.25  # fraction of the events held out to choose the strength
+POOLED_SHRINK_GRID = (300.0, 3000.0, 30000.0, 300000.0)  # per-unit slope remainders of the pooled law:
+# the level-linked part carries much of the pattern's drift, so the choices reach stronger ridges
+CURVATURE_GRID = (0.0, 1e5, 1e8)  # strengths (in events) of a ridge on the pooled law's curvature Q:
+# none, some, and as good as none (a power law): a curvature fitted inside the range grows with the
+# square of the distance beyond it, so whether the data's bend is worth extrapolating is measured
+FORWARD = 0.5  # upper fraction of the training range (along the conditions' main direction) that
+# forward validation holds out
 
 
-def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, shrink: float = SHRINK_GRID[-1]) -> torch.Tensor:
+def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, shrink: float = SHRINK_GRID[-1],
+                   curvature_ridge: float = 0.0) -> torch.Tensor:
     """Mean negative NB log-likelihood per event plus the ridges on the shape parameters; `shrink`
     is the strength of the ridge on per-unit slope deviations in events (a prior: it weighs as
-    much whatever the number of events, so more events let more per-unit structure through)."""
+    much whatever the number of events, so more events let more per-unit structure through);
+    `curvature_ridge` (pooled law) the strength of the one on its curvature, in events too."""
     nll = -law.marginal_log_prob(counts, cond).mean()
+    if law.form == "pooled":
+        _, unit_slope, slope, curvature, level_slope = law.mean_parameters()
+        return (nll + shrink / len(counts) * unit_slope.square().sum()
+                + (RIDGE + curvature_ridge / len(counts)) * curvature.square().sum()
+                + RIDGE * (slope.square().sum() + level_slope.square().sum()))
     if law.form == "quadratic":
         _, unit_slope, slope, curvature = law.mean_parameters()
         return (nll + shrink / len(counts) * unit_slope.square().sum()
@@ -410,15 +439,98 @@ def choose_shrink(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     return SHRINK_GRID[min(range(len(scores)), key=scores.__getitem__)]
 
 
+def forward_split(counts: torch.Tensor, cond: torch.Tensor, fraction: float = FORWARD) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(fit, held-out) event indices: the held-out events are the `fraction` furthest along the
+    conditions' main direction (first principal axis, signed to grow with the events' total
+    counts), as a law is asked for conditions beyond the top of its training range. None when
+    the conditions do not vary."""
+    if cond.shape[1] == 0 or len(counts) < 8:
+        return None
+    x = cond.double() - cond.double().mean(0)
+    if float(x.square().sum()) == 0.0:
+        return None
+    axis = torch.linalg.svd(x, full_matrices=False).Vh[0]
+    t = x @ axis
+    total = counts.double().sum(1)
+    if float(((t - t.mean()) * (total - total.mean())).sum()) < 0:
+        t = -t
+    order = torch.argsort(t, stable=True)
+    n_out = max(1, int(round(fraction * len(counts))))
+    return order[:-n_out], order[-n_out:]
+
+
+def choose_forward(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> tuple[float, float]:
+    """(per-unit ridge, curvature ridge) of the pooled law from POOLED_SHRINK_GRID x CURVATURE_GRID:
+    the pair whose fit to the lower part of the training range (`forward_split`) predicts each
+    unit's mean count over the upper part best (mean squared relative error over the units: the
+    per-sensor occupancy a generator is judged on). Held-out events from the same range (as
+    `choose_shrink`) barely tell a curvature that continues beyond the range from one that bends
+    away; these are scored as the law is used. Ties go to the stronger ridges."""
+    default = (POOLED_SHRINK_GRID[-1], CURVATURE_GRID[-1])
+    split = forward_split(counts, cond)
+    if split is None:
+        return default
+    fit, out = split
+    start = [p.detach().clone() for p in law.parameters()]
+    observed = counts[out].double().mean(0).clamp_min(1e-12)
+    best, choice = math.inf, default
+    for curvature in reversed(CURVATURE_GRID):
+        for shrink in reversed(POOLED_SHRINK_GRID):
+            fit_law(law, lambda m, k=shrink, c=curvature: count_law_loss(m, counts[fit], cond[fit], k, c))
+            with torch.no_grad():
+                predicted = law.mean(cond[out].to(law.positions.dtype)).double().mean(0)
+                score = float((predicted / observed - 1).square().mean())
+                for p, s in zip(law.parameters(), start, strict=True):
+                    p.copy_(s)
+            if score < best:
+                best, choice = score, (shrink, curvature)
+    return choice
+
+
+def choose_pooled(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """(per-unit ridge, curvature ridge) of the pooled law: the curvature's by forward validation
+    (`choose_forward`), then the per-unit ridge, at that curvature, by the likelihood of a random
+    held-out quarter of the events (as `choose_shrink`). Per-unit structure is measured best over
+    the whole range: a fit to its lower half sees less of a pattern that drifts with the
+    conditions (design: the quadratic process's pattern takes over at the top) and asks for
+    ridges too strong for the full range (measured in docs/results.md)."""
+    _, curvature = choose_forward(law, counts, cond)
+    if len(counts) < 8:
+        return POOLED_SHRINK_GRID[-1], curvature
+    start = [p.detach().clone() for p in law.parameters()]
+    perm = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed + 1))
+    n_out = max(1, int(HOLDOUT * len(counts)))
+    out, fit = perm[:n_out], perm[n_out:]
+    best, shrink = math.inf, POOLED_SHRINK_GRID[-1]
+    for strength in reversed(POOLED_SHRINK_GRID):
+        fit_law(law, lambda m, k=strength: count_law_loss(m, counts[fit], cond[fit], k, curvature))
+        with torch.no_grad():
+            dtype = law.positions.dtype
+            score = float(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).mean())
+            for p, s in zip(law.parameters(), start, strict=True):
+                p.copy_(s)
+        if score < best:
+            best, shrink = score, strength
+    return shrink, curvature
+
+
 def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """Maximum-likelihood fit of `law` to hits per unit `counts` (N, U) at normalised
     conditions `cond` (N, C): the per-unit ridge's strength chosen on held-out events
-    (`choose_shrink`), the NB marginals on all events, then the copula loadings on the normal
-    scores; then, when the law has a bootstrap buffer, refits of the mean parameters on events
-    resampled with replacement (seeded, so deterministic), stored for `occupancy_band`.
-    Returns the losses and the chosen strength (`law_shrink`)."""
-    shrink = choose_shrink(law, counts, cond, seed)
-    out = {"law_shrink": shrink, "law_count_nll": fit_law(law, lambda m: count_law_loss(m, counts, cond, shrink))}
+    (`choose_shrink`; the pooled law's curvature ridge by forward validation, `choose_pooled`), the NB
+    marginals on all events, then the copula loadings on the normal scores; then, when the law
+    has a bootstrap buffer, refits of the mean parameters on events resampled with replacement
+    (seeded, so deterministic), stored for `occupancy_band`. Returns the losses and the chosen
+    strengths (`law_shrink`, and `law_curvature_ridge` for the pooled law)."""
+    curvature = 0.0
+    if law.form == "pooled":
+        shrink, curvature = choose_pooled(law, counts, cond, seed)
+    else:
+        shrink = choose_shrink(law, counts, cond, seed)
+    out = {"law_shrink": shrink}
+    if law.form == "pooled":
+        out["law_curvature_ridge"] = curvature
+    out["law_count_nll"] = fit_law(law, lambda m: count_law_loss(m, counts, cond, shrink, curvature))
     y = law.scores(counts, cond.to(law.loading.dtype)).double()
     # The copula is a correlation model (unit diagonal). Mid-point scores of small counts have a
     # variance below 1 (pxd-tiny, ~4 clusters per sensor: 0.82), and the one-factor density would
@@ -435,7 +547,7 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
         samples = []
         for _ in range(n_boot):
             idx = torch.randint(len(counts), (len(counts),), generator=gen)
-            fit_law(law, lambda m, i=idx: count_law_loss(m, counts[i], cond[i], shrink), max_iter=100)
+            fit_law(law, lambda m, i=idx: count_law_loss(m, counts[i], cond[i], shrink, curvature), max_iter=100)
             samples.append(torch.cat([p.detach().double().reshape(-1) for p in law.mean_parameters()]))
             with torch.no_grad():  # every refit starts from the fit to all events
                 for p, f in zip(law.parameters(), fitted, strict=True):
@@ -555,5 +667,5 @@ def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "choose_shrink", "count_law_loss", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "choose_forward", "choose_pooled", "choose_shrink", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
            "factor_log_density", "one_factor_log_density"]
