@@ -9,7 +9,6 @@ metrics, the data-driven start) is `uhg.train.gan_family`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from uhg.data.hits import HitBatch
 from uhg.models.common import ConditionNorm
 from uhg.models.gan import Discriminator, Generator, HeadMaps
 from uhg.models.gan_layout import decode_hits, hit_index, unit_layout
-from uhg.models.gan_seeds import SparseUniforms, counted_seed_index
+from uhg.models.gan_seeds import counted_seed_index
 from uhg.models.modes import eval_mode
 from uhg.models.stages import stage
 
@@ -43,8 +42,8 @@ class GanDraw:
     """the head output of `Generator.sample_maps` (charges are read from it at the hits)."""
     charges: tuple[torch.Tensor, ...]
     """the charge maps of `Generator.sample_clusters` at the hits (with a charge profile), else ()."""
-    generators: list[torch.Generator]
-    """each event's random stream after these draws (`sample` draws the pixel noise at the hits from it)."""
+    pixel_noise: torch.Tensor | None
+    """(B, U, P, H, W) pixel noise maps, or None."""
     conditions: dict[str, torch.Tensor]
 
 
@@ -79,12 +78,8 @@ class GanFamily:
             index = hit_index(self.layout, d.mask)
             at = tuple(torch.from_numpy(i).to(d.mask.device) for i in index)
             pn = None
-            if module.pixel_noise_channels and not module.charge_bank:  # the bank's charges need no noise
-                # the pixel noise is read at the hits only: drawn there, each event's from its own stream
-                # (a standard-normal map of every pixel, 7.68 M per full PXD event, was a fifth of its cost)
-                per_event = np.bincount(index[0], minlength=len(seeds))
-                pn = torch.cat([torch.randn(int(n), generator=g, device=d.mask.device)
-                                for g, n in zip(d.generators, per_event, strict=True)])
+            if d.pixel_noise is not None and not module.charge_bank:  # the bank's charges need no noise
+                pn = d.pixel_noise[at[0], at[1], 0, at[2], at[3]]
             if module.charge_profile:
                 code = module.profile_code_at(d.head, at, pn, d.charges)
             else:
@@ -100,19 +95,21 @@ class GanFamily:
             gens = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
             z = torch.stack([torch.randn(cfg.z_dim, generator=g, device=device) for g in gens])
             un = torch.stack([torch.randn(lay.n_units, cfg.sensor_noise_dim, generator=g, device=device) for g in gens])
+            # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
+            # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels. Noise maps
+            # are drawn in place, event by event: torch.rand/randn's numbers without stacking copies.
+            u = torch.empty((len(gens), lay.n_units, lay.height, lay.width), device=device)
+            for row, g in zip(u, gens, strict=True):
+                row.uniform_(generator=g)
+            p = module.pixel_noise_channels
+            pn = None
+            if p:
+                pn = torch.empty((len(gens), lay.n_units, p, lay.height, lay.width), device=device)
+                for row, g in zip(pn, gens, strict=True):
+                    row.normal_(generator=g)
             counted = getattr(module, "counts", None) is not None
             if counted:  # the count law's uniforms: one per sensor and one for the event-wide factor
                 law_u = torch.stack([torch.rand(lay.n_units + 1, generator=g, device=device) for g in gens])
-            shape = (len(gens), lay.n_units, lay.height, lay.width)
-            if counted and device.type == "cpu":  # the seed search reads a few uniforms: drawn where it does
-                u = SparseUniforms(gens, lay.n_units, lay.height * lay.width, device)
-            else:
-                # A pixel fires when gate + logistic noise > 0, i.e. with probability sigmoid(gate): drawn
-                # here as uniform u < sigmoid(gate), which needs no logarithms over 7.68 M pixels. Drawn in
-                # place, event by event: torch.rand's numbers without stacking copies.
-                u = torch.empty(shape, device=device)
-                for row, g in zip(u, gens, strict=True):
-                    row.uniform_(generator=g)
         conds = {k: torch.as_tensor(v) for k, v in conditions.items()}
         cond = self.condition_norm(conds).to(device)
         with eval_mode(module), stage("decoder"):
@@ -121,13 +118,13 @@ class GanFamily:
         with stage("seeds"):
             if counted:  # exactly the law's count of seeds, where the gate puts them (u as Gumbel noise)
                 counts = module.draw_counts(cond, law_u[:, 1:], law_u[:, 0])
-                flat = counted_seed_index(counts, u if isinstance(u, SparseUniforms) else u.view(b * lay.n_units, -1),
+                flat = counted_seed_index(counts, u.view(b * lay.n_units, -1),
                                           lambda r, q: module.gate_at(head, offset, r, q), module.gate_max(head, offset),
                                           lambda: module.gate_map(head, offset).reshape(b * lay.n_units, -1))
-                seed_mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=device)
+                seed_mask = torch.zeros(u.numel(), dtype=torch.bool, device=device)
                 seed_mask[flat] = True
-                seed_mask = seed_mask.view(shape)
-                at = torch.stack(torch.unravel_index(flat, shape), dim=1)  # = seed_mask.nonzero(), without the search
+                seed_mask = seed_mask.view(u.shape)
+                at = torch.stack(torch.unravel_index(flat, u.shape), dim=1)  # = seed_mask.nonzero(), without the search
                 n_seeds = np.bincount(at[:, 0].cpu().numpy(), minlength=b)
             else:
                 seed_mask = torch.lt(u, module.gate_map(head, offset).sigmoid_())
@@ -142,4 +139,4 @@ class GanFamily:
                     mask, charges = module.sample_clusters(seed_mask, clusters, draws, at=at, at_hits=True)
                 else:
                     mask = module.place_clusters(seed_mask, clusters, draws)
-        return GanDraw(mask, seed_mask, clusters, draws, head, charges, gens, conds)
+        return GanDraw(mask, seed_mask, clusters, draws, head, charges, pn, conds)
