@@ -30,19 +30,20 @@ def _showers(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return (share * (0.95 * e_inc)[:, None]).float(), e_inc
 
 
-def _model(empty: str, components: int = 4) -> CaloLayersModel:
+def _model(empty: str, skip: bool = False) -> CaloLayersModel:
     torch.manual_seed(0)
     return CaloLayersModel(torch.arange(N_LAYERS), 1, CaloLayersConfig(
-        layer_target="total_shares", empty_layers=empty, law_hidden=64, law_components=components,
+        layer_target="total_shares", empty_layers=empty, law_condition_skip=skip, law_hidden=64, law_components=4,
         latent_dim=2, hidden_dim=8))
 
 
-def _trained(empty: str, e_layer: torch.Tensor, e_inc: torch.Tensor, steps: int) -> CaloLayersModel:
-    model = _model(empty)
+def _trained(empty: str, skip: bool, e_layer: torch.Tensor, e_inc: torch.Tensor, steps: int) -> CaloLayersModel:
+    """The law alone trained as in a full training (Adam at 1e-3, batch 256)."""
+    model = _model(empty, skip)
     model.set_standardisation(e_layer, e_inc.float())
     t = model.law_input(e_layer, e_inc.float())
     cond = NORM({"incident_energy": e_inc})
-    opt = torch.optim.Adam(model.law.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.law.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         idx = torch.randint(len(t), (256,), generator=gen)
@@ -109,13 +110,27 @@ def test_bernoulli_needs_total_shares():
 
 
 @pytest.mark.slow
-def test_bernoulli_learns_the_mean_of_an_often_empty_layer_that_the_floor_misses(one_torch_thread):
-    gen = torch.Generator().manual_seed(0)
-    e_layer, e_inc = _showers(16000, gen)
+def test_bernoulli_and_condition_skip_learn_the_mean_of_an_often_empty_layer(one_torch_thread):
+    # measured (1500 steps; largest error of the last layer's mean over three energy bins): the
+    # shared network alone flattens the layer's dependence on the energy (2.2-2.4x too high in the
+    # lowest bin with either treatment of empty layers); with the per-layer skip the spike of
+    # empty layers still costs 'floor' 0.24 where 'bernoulli' is within 0.10
+    e_layer, e_inc = _showers(16000, torch.Generator().manual_seed(0))
     ref, e_ref = _showers(20000, torch.Generator().manual_seed(5))
     errors = {}
-    for empty in ("floor", "bernoulli"):
-        model = _trained(empty, e_layer, e_inc, steps=800)
-        errors[empty] = _last_layer_mean_error(_sampled(model, e_ref), ref, e_ref)
-    assert errors["bernoulli"] < 0.08, errors
-    assert errors["floor"] > 2 * errors["bernoulli"], errors
+    for empty, skip in (("bernoulli", False), ("floor", True), ("bernoulli", True)):
+        model = _trained(empty, skip, e_layer, e_inc, steps=1500)
+        errors[empty, skip] = _last_layer_mean_error(_sampled(model, e_ref), ref, e_ref)
+    assert errors["bernoulli", True] < 0.15, errors
+    assert errors["bernoulli", False] > 3 * errors["bernoulli", True], errors
+    assert errors["floor", True] > 1.5 * errors["bernoulli", True], errors
+
+
+def test_condition_skip_starts_at_the_shared_network(one_torch_thread):
+    model = _model("bernoulli", skip=True)
+    e_layer, e_inc = _showers(256, torch.Generator().manual_seed(0))
+    model.set_standardisation(e_layer, e_inc.float())
+    t, cond = model.law_input(e_layer, e_inc.float()), NORM({"incident_energy": e_inc})
+    before = model.law.log_prob(t, cond)
+    del model.law.skip
+    assert torch.equal(before, model.law.log_prob(t, cond))

@@ -9,10 +9,11 @@ the energy per layer (mean relative error of the mean profile) and the resolutio
 plus the per-layer and per-bin values they average.
 
     python tools/calo_layer_law_ab.py --train data/ds1_photons_24k.zarr --reference REF1.zarr \
-        --reference2 REF2.zarr [--steps 4000] [--targets layers,total_shares,total_shares+bernoulli] \
+        --reference2 REF2.zarr [--steps 4000] [--targets layers,total_shares,total_shares+bernoulli+skip] \
         [--ema-decay 0.999]
 
-A target `T+bernoulli` is target T with `model.empty_layers: bernoulli`. Per layer it also prints,
+A target `T+bernoulli` is target T with `model.empty_layers: bernoulli`, `T+skip` with
+`model.law_condition_skip: true` (both: `T+bernoulli+skip`). Per layer it also prints,
 per E_inc bin over reference 1: the fraction of empty showers, and the mean and the standard
 deviation of E_layer / E_inc.
 """
@@ -71,8 +72,9 @@ def main() -> None:
     results = {}
     for target in a.targets.split(","):
         torch.manual_seed(a.seed)
-        layer_target, _, empty = target.partition("+")
-        cfg = CaloLayersConfig(layer_target=layer_target, empty_layers=empty or "floor", law_components=a.components,
+        layer_target, *options = target.split("+")
+        cfg = CaloLayersConfig(layer_target=layer_target, empty_layers="bernoulli" if "bernoulli" in options else "floor",
+                               law_condition_skip="skip" in options, law_components=a.components,
                                law_hidden=a.hidden)
         fam = CaloLayersFamily(geometry, cfg, norm)
         model = fam.build_modules()["model"]

@@ -38,6 +38,12 @@ class CaloLayersConfig(Section):
         "(a probability from the same autoregressive network, given the earlier layers and which of them were "
         "empty), the mixture models only the layers that hold energy, and the standardisation is over those "
         "(measured on layers that are often empty: docs/calorimeter.md). Needs layer_target 'total_shares'.")
+    law_condition_skip: bool = Field(
+        False,
+        description="Give every variable of the layer-energy law its own linear dependence on the condition (log "
+        "E_inc), added to all its outputs (mixture weights, means, widths, empty logit), besides the shared network: "
+        "how each layer's share moves with the energy is then learned directly instead of from the product of the "
+        "layer's one-hot and the condition inside the network (measured: docs/results.md).")
     latent_dim: int = Field(32, gt=0, description="Latent dimension of the voxel VAE (carries the shower's shape).")
     hidden_dim: int = Field(512, gt=0, description="Hidden width of the voxel VAE's encoder and decoder.")
     kl_weight: float = Field(1.0, ge=0.0, description="Weight of the VAE's KL term.")

@@ -56,11 +56,19 @@ class LayerEnergyLaw(nn.Module):
     earlier variables and which of them were empty), and the mixture models only the values of
     variables that are not empty; an empty variable is -inf in `log_prob` and `sample`."""
 
-    def __init__(self, n_layers: int, n_cond: int, hidden: int, components: int, empty_logit: bool = False):
+    def __init__(self, n_layers: int, n_cond: int, hidden: int, components: int, empty_logit: bool = False,
+                 condition_skip: bool = False):
         super().__init__()
         self.n_layers, self.components, self.empty_logit = n_layers, components, empty_logit
         n_in = n_cond + (3 if empty_logit else 2) * n_layers
-        self.net = _mlp(n_in, hidden, 3 * components + (1 if empty_logit else 0))
+        n_out = 3 * components + (1 if empty_logit else 0)
+        self.net = _mlp(n_in, hidden, n_out)
+        if condition_skip:
+            # every layer's own linear dependence of all its outputs on the condition, added to the
+            # network's (which must otherwise learn it from the product of the one-hot and the
+            # condition); zero at the start
+            self.skip = nn.Linear(n_cond, n_layers * n_out, bias=False)
+            nn.init.zeros_(self.skip.weight)
         # earlier layers only: row l sees y_0 .. y_{l-1}
         self.register_buffer("mask", torch.tril(torch.ones(n_layers, n_layers), diagonal=-1), persistent=False)
 
@@ -74,6 +82,8 @@ class LayerEnergyLaw(nn.Module):
         if self.empty_logit:
             parts.append(empty.to(y.dtype)[:, None, :] * self.mask[rows])
         out = self.net(torch.cat([*parts, eye.expand(b, r, -1)], -1))
+        if hasattr(self, "skip"):
+            out = out + self.skip(cond).view(b, self.n_layers, -1)[:, rows]
         logit, mu, log_sigma = out[..., :3 * self.components].chunk(3, dim=-1)
         empty_logit = out[..., -1] if self.empty_logit else None
         return F.log_softmax(logit, -1), mu, log_sigma.clamp(-7.0, 3.0), empty_logit
@@ -276,7 +286,7 @@ class CaloLayersModel(nn.Module):
         if cfg.share_noise == "empirical_correlated":
             self._add_noise_mix()
         self.law = LayerEnergyLaw(self.n_law, n_cond, cfg.law_hidden, cfg.law_components,
-                                  empty_logit=cfg.empty_layers == "bernoulli")
+                                  empty_logit=cfg.empty_layers == "bernoulli", condition_skip=cfg.law_condition_skip)
         if cfg.ring_correlation and voxel_ring is None:
             raise ValueError("ring_correlation needs the ring index of every voxel")
         self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim,
