@@ -34,7 +34,7 @@ def main() -> None:
     from uhg.eval.features import Binned
     from uhg.models.common import EMA, ConditionNorm
     from uhg.sparse.torch_hits import TorchHits
-    from uhg.train.calo_layers_family import STATS_EVENTS, CaloLayersFamily
+    from uhg.train.calo_layers_family import CaloLayersFamily
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True)
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--targets", default="layers,total_shares")
     ap.add_argument("--components", type=int, default=8, help="model.law_components")
     ap.add_argument("--hidden", type=int, default=128, help="model.law_hidden")
+    ap.add_argument("--cosine", action="store_true", help="learning rate decayed to 0 over the steps (cosine)")
     ap.add_argument("--ema-decay", type=float, default=0.0,
                     help="sample with an EMA of the law's weights (as `model.ema_decay` exports them)")
     a = ap.parse_args()
@@ -78,7 +79,7 @@ def main() -> None:
                                law_hidden=a.hidden)
         fam = CaloLayersFamily(geometry, cfg, norm)
         model = fam.build_modules()["model"]
-        stats = train.read(0, min(STATS_EVENTS, len(train)))
+        stats = train.read(0, min(cfg.fit_events, len(train)))
         fam.initialise_from_data({"model": model}, [stats])
         e_layer_train = model.layer_energies(dense_train.float())
         t_train = model.law_input(e_layer_train, e_train.float())
@@ -86,6 +87,7 @@ def main() -> None:
         opt = torch.optim.AdamW(model.law.parameters(), lr=a.lr)
         gen = torch.Generator().manual_seed(a.seed)
         ema = EMA(model.law, a.ema_decay) if a.ema_decay > 0 else None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
         start = time.time()
         for step in range(a.steps):
             idx = torch.randint(len(t_train), (a.batch_size,), generator=gen)
@@ -94,6 +96,8 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.law.parameters(), 5.0)
             opt.step()
+            if sched is not None:
+                sched.step()
             if ema is not None:
                 ema.update(model.law)
             if (step + 1) % 1000 == 0:

@@ -44,6 +44,17 @@ class CaloLayersConfig(Section):
         "E_inc), added to all its outputs (mixture weights, means, widths, empty logit), besides the shared network: "
         "how each layer's share moves with the energy is then learned directly instead of from the product of the "
         "layer's one-hot and the condition inside the network (measured: docs/results.md).")
+    law_fit_steps: int = Field(
+        0, ge=0,
+        description="After training, train the layer-energy law alone this many more Adam steps (batch 512) on the "
+        "layer energies of `fit_events` training showers, its learning rate decayed from `law_fit_lr` to 0 (cosine): "
+        "the law trained together with the voxel stage at a constant rate ends wherever its last steps left it "
+        "(measured: the energy per layer moved by 2-5x between initialisations; docs/results.md). 0: off.")
+    law_fit_lr: float = Field(1e-3, gt=0.0, description="Start learning rate of the after-training law fit.")
+    fit_events: int = Field(
+        4096, gt=0,
+        description="Training showers (spread over the training range) that set the layer-energy standardisation "
+        "before training and that the after-training fits (law, residual quantiles, latent prior) use.")
     latent_dim: int = Field(32, gt=0, description="Latent dimension of the voxel VAE (carries the shower's shape).")
     hidden_dim: int = Field(512, gt=0, description="Hidden width of the voxel VAE's encoder and decoder.")
     kl_weight: float = Field(1.0, ge=0.0, description="Weight of the VAE's KL term.")
