@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--targets", default="layers,total_shares")
     ap.add_argument("--components", type=int, default=8, help="model.law_components")
     ap.add_argument("--hidden", type=int, default=128, help="model.law_hidden")
+    ap.add_argument("--law-fit-steps", type=int, default=0,
+                    help="then the after-training law fit of `model.law_fit_steps` on every training shower")
     ap.add_argument("--cosine", action="store_true", help="learning rate decayed to 0 over the steps (cosine)")
     ap.add_argument("--ema-decay", type=float, default=0.0,
                     help="sample with an EMA of the law's weights (as `model.ema_decay` exports them)")
@@ -75,7 +77,7 @@ def main() -> None:
         torch.manual_seed(a.seed)
         layer_target, *options = target.split("+")
         cfg = CaloLayersConfig(layer_target=layer_target, empty_layers="bernoulli" if "bernoulli" in options else "floor",
-                               law_condition_skip="skip" in options, law_components=a.components,
+                               law_condition_skip="skip" in options, law_components=a.components, law_fit_steps=a.law_fit_steps,
                                law_hidden=a.hidden)
         fam = CaloLayersFamily(geometry, cfg, norm)
         model = fam.build_modules()["model"]
@@ -104,6 +106,8 @@ def main() -> None:
                 with torch.no_grad():
                     full = -model.law.log_prob(t_train[:4096], c_train[:4096]).mean()
                 print(f"{target}: step {step + 1} nll {float(full):.3f} ({time.time() - start:.0f} s)", flush=True)
+        if a.law_fit_steps:
+            print(f"{target}: after-training fit {model.fit_law(dense_train.float(), e_train.float(), c_train)}", flush=True)
         if ema is not None:
             model.law.load_state_dict(ema.state_dict(), strict=False)
         e_ref = refs[0][1]

@@ -563,7 +563,8 @@ class CaloLayersModel(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(seed)
         opt = torch.optim.Adam(self.law.parameters(), lr=self.cfg.law_fit_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.cfg.law_fit_steps)
-        out = {"law_fit_nll_before": float(-self.law.log_prob(target, cond).mean())}
+        with torch.no_grad():
+            out = {"law_fit_nll_before": float(-self.law.log_prob(target, cond).mean())}
         with torch.enable_grad():
             for _ in range(self.cfg.law_fit_steps):
                 pick = torch.randint(len(target), (min(512, len(target)),), generator=gen).to(target.device)
@@ -572,7 +573,8 @@ class CaloLayersModel(nn.Module):
                 loss.backward()
                 opt.step()
                 sched.step()
-        out["law_fit_nll_after"] = float(-self.law.log_prob(target, cond).mean())
+        with torch.no_grad():
+            out["law_fit_nll_after"] = float(-self.law.log_prob(target, cond).mean())
         return out
 
     def empirical_noise(self, standard: torch.Tensor) -> torch.Tensor:
