@@ -34,7 +34,8 @@ ENERGY_MAX = {"epical_transformer_mini.yaml": 4000.0}
 GPU_SIZED = {"calo_transformer.yaml", "calo_gan.yaml"}
 # too slow for this test on a 2-core CPU: calo_layers_ds2 trains at 0.64-1.55 steps/s (6480 voxels;
 # docs/results.md), and the ds1 model of the same family needs ~300 steps to move its profile
-# (above), 3-8 min; its 45-layer model is tested in test_calo_layers_ds2.py
+# (above), 3-8 min; its 45-layer model is tested in test_calo_layers_ds2.py, and its law's
+# short training moving the profile in the ds2 test at the end of this file
 CPU_SLOW = {"calo_layers_ds2.yaml"}
 
 
