@@ -9,6 +9,11 @@ classifiers of the CaloChallenge see the layer energies first; this stage learns
 `layer_target: total_shares` its variables are log(E_dep / E_inc) first, then each layer's log
 share of E_dep: the response and its spread are then one learned variable rather than the sum of
 large anticorrelated layer fluctuations, whose spread the law got too wide (docs/calorimeter.md).
+With `empty_layers: bernoulli` whether each variable is empty is a Bernoulli of the same network
+and the mixture covers only layers that hold energy (an empty layer as the value log(floor) was a
+spike that took the mixture's components and set the standardisation's scale); with
+`law_condition_skip` each variable has its own linear dependence on the condition; with
+`law_fit_steps` the law is trained alone after the joint training, to a decayed rate (`fit_law`).
 
 Stage 2, `VoxelShareVae`: the share s_v = E_v / E_layer of every voxel inside its layer, from a
 conditional VAE given the condition and the (normalised) layer energies: per voxel a hit
