@@ -27,8 +27,9 @@ def trained():
     g = get_geometry(cfg.geometry)
     sim = cfg.data.simulate
     norm = ConditionNorm.from_ranges({"incident_energy": (sim.energy_min, sim.energy_max)}, cfg.model.conditions)
-    # the shipped model; its latent prior fitted with fewer steps (96 showers here, not 4096)
-    family = build_family(g, cfg.model.model_copy(update={"prior_steps": 300}), norm)
+    # the shipped model; its latent prior and its law fitted after training with fewer steps (96
+    # showers here, not 12 000)
+    family = build_family(g, cfg.model.model_copy(update={"prior_steps": 300, "law_fit_steps": 100}), norm)
     torch.manual_seed(0)
     model = family.build_modules()["model"]
     data = simulate_calo_showers(g, 96, seed=21, energy_min=sim.energy_min, energy_max=sim.energy_max)
@@ -58,6 +59,7 @@ def test_the_shipped_ds2_model_trains_and_fits_its_share_noise(trained):
     # most voxels are hit often enough in 96 showers to get their own residual quantiles
     assert 0 < fitted["residual_voxels_own_quantiles"] < model.n_voxels
     assert bool(torch.isfinite(model.residual_q).all())
+    assert fitted["law_fit_nll_after"] < fitted["law_fit_nll_before"], fitted
     assert bool((model.residual_q.diff(dim=1) >= 0).all())
 
 

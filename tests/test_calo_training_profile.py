@@ -34,7 +34,8 @@ ENERGY_MAX = {"epical_transformer_mini.yaml": 4000.0}
 GPU_SIZED = {"calo_transformer.yaml", "calo_gan.yaml"}
 # too slow for this test on a 2-core CPU: calo_layers_ds2 trains at 0.64-1.55 steps/s (6480 voxels;
 # docs/results.md), and the ds1 model of the same family needs ~300 steps to move its profile
-# (above), 3-8 min; its 45-layer model is tested in test_calo_layers_ds2.py
+# (above), 3-8 min; its 45-layer model is tested in test_calo_layers_ds2.py, and its law's
+# short training moving the profile in the ds2 test at the end of this file
 CPU_SLOW = {"calo_layers_ds2.yaml"}
 
 
@@ -107,3 +108,35 @@ def test_short_training_moves_the_layer_profile_toward_the_data(name, one_torch_
         assert after < 3.5 * floor, (name, before, after, floor)
     else:
         assert after < SHRINK.get(name, 0.5) * before, (name, before, after)
+
+
+@pytest.mark.slow
+def test_short_law_fit_of_the_ds2_config_moves_the_layer_profile_toward_the_data(one_torch_thread):
+    # calo_layers_ds2 is too slow for the whole-model test above; its showers carry exactly the
+    # layer energies of its law (tests/test_calo_layers_ds2.py), so the law's own short training
+    # (the after-training fit, `law_fit_steps`) is what moves their profile
+    cfg = load_config(CONFIGS / "calo_layers_ds2.yaml", ["model.law_fit_steps=300"])
+    g = get_geometry(cfg.geometry)
+    sim = cfg.data.simulate
+    train = simulate_calo_showers(g, 600, seed=11, energy_min=sim.energy_min, energy_max=sim.energy_max)
+    real = simulate_calo_showers(g, 400, seed=12, energy_min=sim.energy_min, energy_max=sim.energy_max)
+    norm = ConditionNorm.from_ranges({"incident_energy": (sim.energy_min, sim.energy_max)}, cfg.model.conditions)
+    family = build_family(g, cfg.model, norm)
+    torch.manual_seed(0)
+    model = family.build_modules()["model"]
+    family.initialise_from_data({"model": model}, [train])
+    voxels, e_inc, cond = family.dense_showers(model, [train])
+    e_real = torch.as_tensor(real.conditions["incident_energy"], dtype=torch.float32)
+    c_real = norm({"incident_energy": e_real})
+    gen = torch.Generator().manual_seed(5)
+    u, eps = torch.rand(len(e_real), model.n_law, generator=gen), torch.randn(len(e_real), model.n_law, generator=gen)
+    real_profile = model.layer_energies(family.dense_showers(model, [real])[0]).double().mean(0)
+
+    def distance() -> float:
+        profile = model.sample_layers(e_real, c_real, u, eps)[1].double().mean(0)
+        return float((profile - real_profile).abs().sum() / real_profile.sum())
+
+    before = distance()
+    model.fit_law(voxels, e_inc, cond)
+    after = distance()
+    assert after < 0.5 * before, (before, after)

@@ -9,7 +9,13 @@ the energy per layer (mean relative error of the mean profile) and the resolutio
 plus the per-layer and per-bin values they average.
 
     python tools/calo_layer_law_ab.py --train data/ds1_photons_24k.zarr --reference REF1.zarr \
-        --reference2 REF2.zarr [--steps 4000] [--targets layers,total_shares] [--ema-decay 0.999]
+        --reference2 REF2.zarr [--steps 4000] [--targets layers,total_shares,total_shares+bernoulli+skip] \
+        [--ema-decay 0.999]
+
+A target `T+bernoulli` is target T with `model.empty_layers: bernoulli`, `T+skip` with
+`model.law_condition_skip: true` (both: `T+bernoulli+skip`). Per layer it also prints,
+per E_inc bin over reference 1: the fraction of empty showers, and the mean and the standard
+deviation of E_layer / E_inc.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ def main() -> None:
     from uhg.eval.features import Binned
     from uhg.models.common import EMA, ConditionNorm
     from uhg.sparse.torch_hits import TorchHits
-    from uhg.train.calo_layers_family import STATS_EVENTS, CaloLayersFamily
+    from uhg.train.calo_layers_family import CaloLayersFamily
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True)
@@ -40,6 +46,11 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", default="layers,total_shares")
+    ap.add_argument("--components", type=int, default=8, help="model.law_components")
+    ap.add_argument("--hidden", type=int, default=128, help="model.law_hidden")
+    ap.add_argument("--law-fit-steps", type=int, default=0,
+                    help="then the after-training law fit of `model.law_fit_steps` on every training shower")
+    ap.add_argument("--cosine", action="store_true", help="learning rate decayed to 0 over the steps (cosine)")
     ap.add_argument("--ema-decay", type=float, default=0.0,
                     help="sample with an EMA of the law's weights (as `model.ema_decay` exports them)")
     a = ap.parse_args()
@@ -64,18 +75,21 @@ def main() -> None:
     results = {}
     for target in a.targets.split(","):
         torch.manual_seed(a.seed)
-        cfg = CaloLayersConfig(layer_target=target)
+        layer_target, *options = target.split("+")
+        cfg = CaloLayersConfig(layer_target=layer_target, empty_layers="bernoulli" if "bernoulli" in options else "floor",
+                               law_condition_skip="skip" in options, law_components=a.components, law_fit_steps=a.law_fit_steps,
+                               law_hidden=a.hidden)
         fam = CaloLayersFamily(geometry, cfg, norm)
         model = fam.build_modules()["model"]
-        stats = train.read(0, min(STATS_EVENTS, len(train)))
+        stats = train.read(0, min(cfg.fit_events, len(train)))
         fam.initialise_from_data({"model": model}, [stats])
         e_layer_train = model.layer_energies(dense_train.float())
-        mean, std, _, _ = model.law_standardisation()
-        t_train = (model.law_target(e_layer_train, e_train.float()) - mean) / std
+        t_train = model.law_input(e_layer_train, e_train.float())
         c_train = norm({"incident_energy": e_train})
         opt = torch.optim.AdamW(model.law.parameters(), lr=a.lr)
         gen = torch.Generator().manual_seed(a.seed)
         ema = EMA(model.law, a.ema_decay) if a.ema_decay > 0 else None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
         start = time.time()
         for step in range(a.steps):
             idx = torch.randint(len(t_train), (a.batch_size,), generator=gen)
@@ -84,12 +98,16 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.law.parameters(), 5.0)
             opt.step()
+            if sched is not None:
+                sched.step()
             if ema is not None:
                 ema.update(model.law)
             if (step + 1) % 1000 == 0:
                 with torch.no_grad():
                     full = -model.law.log_prob(t_train[:4096], c_train[:4096]).mean()
                 print(f"{target}: step {step + 1} nll {float(full):.3f} ({time.time() - start:.0f} s)", flush=True)
+        if a.law_fit_steps:
+            print(f"{target}: after-training fit {model.fit_law(dense_train.float(), e_train.float(), c_train)}", flush=True)
         if ema is not None:
             model.law.load_state_dict(ema.state_dict(), strict=False)
         e_ref = refs[0][1]
@@ -124,15 +142,25 @@ def main() -> None:
     q_ref = np.quantile(frac_ref, levels, axis=0)
     idx = np.clip(np.searchsorted(edges, e_inc, side="right") - 1, 0, len(edges) - 2)
     m_ref = np.stack([frac_ref[idx == b].mean(0) for b in range(len(edges) - 1)])
-    print(f"\nper layer: quantiles {levels} of E_layer/E_inc, and mean of E_layer/E_inc per E_inc bin, over reference 1")
+    s_ref = np.stack([frac_ref[idx == b].std(0) for b in range(len(edges) - 1)])
+    z_ref = np.stack([(frac_ref[idx == b] <= 0).mean(0) for b in range(len(edges) - 1)])
+    print("\nper layer: fraction of empty showers per E_inc bin, reference 1")
+    for k in range(frac_ref.shape[1]):
+        print(f"  layer index {k}: " + " ".join(f"{x:.3f}" for x in z_ref[:, k]))
+    print(f"\nper layer: quantiles {levels} of E_layer/E_inc, and mean and standard deviation of E_layer/E_inc "
+          "per E_inc bin, and fraction of empty showers per bin minus reference 1's, over reference 1")
     for name, (e_layer, e) in rows.items():
         frac = e_layer / e[:, None]
         q = np.quantile(frac, levels, axis=0) / np.where(q_ref > 0, q_ref, np.nan)
         i = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, len(edges) - 2)
         m = np.stack([frac[i == b].mean(0) for b in range(len(edges) - 1)]) / m_ref
+        sd = np.stack([frac[i == b].std(0) for b in range(len(edges) - 1)]) / s_ref
+        z = np.stack([(frac[i == b] <= 0).mean(0) for b in range(len(edges) - 1)]) - z_ref
         for k in range(frac.shape[1]):
             print(f"  {name}, layer index {k}: quantiles " + " ".join(f"{x:.2f}" for x in q[:, k])
-                  + " | mean per bin " + " ".join(f"{x:.2f}" for x in m[:, k]))
+                  + " | mean per bin " + " ".join(f"{x:.2f}" for x in m[:, k])
+                  + " | std per bin " + " ".join(f"{x:.2f}" for x in sd[:, k])
+                  + " | empty per bin " + " ".join(f"{x:+.2f}" for x in z[:, k]))
 
 
 if __name__ == "__main__":

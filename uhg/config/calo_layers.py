@@ -30,6 +30,31 @@ class CaloLayersConfig(Section):
         "log(E_dep / E_inc), the total deposited fraction, then log(E_layer / E_dep + layer_floor) of every layer "
         "given it, the sampled shares renormalised to sum to one: the response and its spread per incident energy "
         "are learned as one variable, not as a small difference of large anticorrelated layer fluctuations.")
+    empty_layers: Literal["floor", "bernoulli"] = Field(
+        "floor",
+        description="How the layer-energy law treats a layer without energy. 'floor': as the value "
+        "log(layer_floor), a spike far below the layers that hold energy, which then also sets the scale the law's "
+        "values are standardised with. 'bernoulli': whether each layer is empty is its own variable of the law "
+        "(a probability from the same autoregressive network, given the earlier layers and which of them were "
+        "empty), the mixture models only the layers that hold energy, and the standardisation is over those "
+        "(measured on layers that are often empty: docs/calorimeter.md). Needs layer_target 'total_shares'.")
+    law_condition_skip: bool = Field(
+        False,
+        description="Give every variable of the layer-energy law its own linear dependence on the condition (log "
+        "E_inc), added to all its outputs (mixture weights, means, widths, empty logit), besides the shared network: "
+        "how each layer's share moves with the energy is then learned directly instead of from the product of the "
+        "layer's one-hot and the condition inside the network (measured: docs/results.md).")
+    law_fit_steps: int = Field(
+        0, ge=0,
+        description="After training, train the layer-energy law alone this many more Adam steps (batch 512) on the "
+        "layer energies of `fit_events` training showers, its learning rate decayed from `law_fit_lr` to 0 (cosine): "
+        "the law trained together with the voxel stage at a constant rate ends wherever its last steps left it "
+        "(measured: the energy per layer moved by 2-5x between initialisations; docs/results.md). 0: off.")
+    law_fit_lr: float = Field(1e-3, gt=0.0, description="Start learning rate of the after-training law fit.")
+    fit_events: int = Field(
+        4096, gt=0,
+        description="Training showers (spread over the training range) that set the layer-energy standardisation "
+        "before training and that the after-training fits (law, residual quantiles, latent prior) use.")
     latent_dim: int = Field(32, gt=0, description="Latent dimension of the voxel VAE (carries the shower's shape).")
     hidden_dim: int = Field(512, gt=0, description="Hidden width of the voxel VAE's encoder and decoder.")
     kl_weight: float = Field(1.0, ge=0.0, description="Weight of the VAE's KL term.")
@@ -74,6 +99,13 @@ class CaloLayersConfig(Section):
         3000, gt=0, description="Adam steps (512 latents each) fitting the 'mixture' latent prior after training.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the exported weights (0 = off).")
     generate_batch: int = Field(1024, gt=0, description="Showers generated together.")
+
+    @model_validator(mode="after")
+    def _empty_layers_need_shares(self):
+        if self.empty_layers == "bernoulli" and self.layer_target != "total_shares":
+            raise ValueError("model.empty_layers 'bernoulli' models the layer shares of the deposit; "
+                             "set model.layer_target to 'total_shares'")
+        return self
 
     @model_validator(mode="after")
     def _one_noise_correlation(self):

@@ -9,6 +9,11 @@ classifiers of the CaloChallenge see the layer energies first; this stage learns
 `layer_target: total_shares` its variables are log(E_dep / E_inc) first, then each layer's log
 share of E_dep: the response and its spread are then one learned variable rather than the sum of
 large anticorrelated layer fluctuations, whose spread the law got too wide (docs/calorimeter.md).
+With `empty_layers: bernoulli` whether each variable is empty is a Bernoulli of the same network
+and the mixture covers only layers that hold energy (an empty layer as the value log(floor) was a
+spike that took the mixture's components and set the standardisation's scale); with
+`law_condition_skip` each variable has its own linear dependence on the condition; with
+`law_fit_steps` the law is trained alone after the joint training, to a decayed rate (`fit_law`).
 
 Stage 2, `VoxelShareVae`: the share s_v = E_v / E_layer of every voxel inside its layer, from a
 conditional VAE given the condition and the (normalised) layer energies: per voxel a hit
@@ -51,44 +56,81 @@ def _mlp(d_in: int, hidden: int, d_out: int, depth: int = 2) -> nn.Sequential:
 
 
 class LayerEnergyLaw(nn.Module):
-    """Autoregressive Gaussian mixture over n_layers normalised log layer energies."""
+    """Autoregressive Gaussian mixture over n_layers normalised log layer energies. With
+    `empty_logit` every variable is first empty or not (a Bernoulli of the same network, fed the
+    earlier variables and which of them were empty), and the mixture models only the values of
+    variables that are not empty; an empty variable is -inf in `log_prob` and `sample`."""
 
-    def __init__(self, n_layers: int, n_cond: int, hidden: int, components: int):
+    def __init__(self, n_layers: int, n_cond: int, hidden: int, components: int, empty_logit: bool = False,
+                 condition_skip: bool = False):
         super().__init__()
-        self.n_layers, self.components = n_layers, components
-        self.net = _mlp(n_cond + 2 * n_layers, hidden, 3 * components)
+        self.n_layers, self.components, self.empty_logit = n_layers, components, empty_logit
+        n_in = n_cond + (3 if empty_logit else 2) * n_layers
+        n_out = 3 * components + (1 if empty_logit else 0)
+        self.net = _mlp(n_in, hidden, n_out)
+        if condition_skip:
+            # every layer's own linear dependence of all its outputs on the condition, added to the
+            # network's (which must otherwise learn it from the product of the one-hot and the
+            # condition); zero at the start
+            self.skip = nn.Linear(n_cond, n_layers * n_out, bias=False)
+            nn.init.zeros_(self.skip.weight)
         # earlier layers only: row l sees y_0 .. y_{l-1}
         self.register_buffer("mask", torch.tril(torch.ones(n_layers, n_layers), diagonal=-1), persistent=False)
 
     def _params(self, y: torch.Tensor, cond: torch.Tensor, rows: torch.Tensor):
-        """Mixture parameters of layers `rows` ((R,) long) given y (B, L) and cond (B, C) -> (B, R, K) x3."""
+        """Mixture parameters of layers `rows` ((R,) long) given y (B, L) and cond (B, C) -> (B, R, K) x3,
+        and the empty logit (B, R) (None without `empty_logit`)."""
         b, r = len(y), len(rows)
         eye = torch.eye(self.n_layers, device=y.device)[rows]
-        x = torch.cat([cond[:, None, :].expand(b, r, -1), y[:, None, :] * self.mask[rows], eye.expand(b, r, -1)], -1)
-        logit, mu, log_sigma = self.net(x).chunk(3, dim=-1)
-        return F.log_softmax(logit, -1), mu, log_sigma.clamp(-7.0, 3.0)
+        empty = torch.isneginf(y)
+        parts = [cond[:, None, :].expand(b, r, -1), torch.where(empty, 0.0, y)[:, None, :] * self.mask[rows]]
+        if self.empty_logit:
+            parts.append(empty.to(y.dtype)[:, None, :] * self.mask[rows])
+        out = self.net(torch.cat([*parts, eye.expand(b, r, -1)], -1))
+        if hasattr(self, "skip"):
+            out = out + self.skip(cond).view(b, self.n_layers, -1)[:, rows]
+        logit, mu, log_sigma = out[..., :3 * self.components].chunk(3, dim=-1)
+        empty_logit = out[..., -1] if self.empty_logit else None
+        return F.log_softmax(logit, -1), mu, log_sigma.clamp(-7.0, 3.0), empty_logit
 
     def log_prob(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """(B,) log density of normalised log layer energies y (B, L)."""
-        log_w, mu, log_sigma = self._params(y, cond, torch.arange(self.n_layers, device=y.device))
-        z = (y[..., None] - mu) / log_sigma.exp()
+        """(B,) log density of normalised log layer energies y (B, L) (-inf: empty, with `empty_logit`)."""
+        log_w, mu, log_sigma, empty_logit = self._params(y, cond, torch.arange(self.n_layers, device=y.device))
+        empty = torch.isneginf(y)
+        z = (torch.where(empty, 0.0, y)[..., None] - mu) / log_sigma.exp()
         comp = log_w - 0.5 * z * z - log_sigma - 0.5 * LOG_2PI
-        return torch.logsumexp(comp, -1).sum(-1)
+        value = torch.logsumexp(comp, -1)
+        if empty_logit is None:
+            return value.sum(-1)
+        return torch.where(empty, F.logsigmoid(empty_logit), F.logsigmoid(-empty_logit) + value).sum(-1)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, u: torch.Tensor, eps: torch.Tensor,
-               lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) samples from uniforms u (B, L) (component choice) and normals eps (B, L),
-        each layer clamped to [lo, hi] ((L,)) before the next layer conditions on it."""
+               lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+               can_empty: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) samples from uniforms u (B, L) (emptiness, then component choice) and normals eps
+        (B, L), each layer clamped to [lo, hi] ((L,)) before the next layer conditions on it; a
+        layer with can_empty ((L,) bool) false is never drawn empty."""
         y = torch.zeros(len(cond), self.n_layers, device=cond.device)
         for layer in range(self.n_layers):
-            log_w, mu, log_sigma = self._params(y, cond, torch.tensor([layer], device=cond.device))
+            log_w, mu, log_sigma, empty_logit = self._params(y, cond, torch.tensor([layer], device=cond.device))
+            u_k = u[:, layer]
+            if empty_logit is not None:
+                # one uniform decides both: below p_empty the layer is empty, above it the rest of
+                # its range, rescaled to [0, 1), picks the component
+                p_empty = torch.sigmoid(empty_logit[:, 0])
+                if can_empty is not None and not bool(can_empty[layer]):
+                    p_empty = torch.zeros_like(p_empty)
+                empty = u_k < p_empty
+                u_k = ((u_k - p_empty) / (1.0 - p_empty).clamp_min(1e-12)).clamp(0.0, 1.0)
             cdf = log_w[:, 0].exp().cumsum(-1)
-            k = torch.searchsorted(cdf, u[:, layer:layer + 1] * cdf[:, -1:]).clamp_max(self.components - 1)
+            k = torch.searchsorted(cdf, u_k[:, None] * cdf[:, -1:]).clamp_max(self.components - 1)
             m, s = mu[:, 0].gather(1, k)[:, 0], log_sigma[:, 0].gather(1, k)[:, 0].exp()
             y[:, layer] = m + s * eps[:, layer]
             if lo is not None and hi is not None:
                 y[:, layer] = y[:, layer].clamp(lo[layer], hi[layer])
+            if empty_logit is not None:
+                y[:, layer] = torch.where(empty, -torch.inf, y[:, layer])
         return y
 
 
@@ -237,6 +279,10 @@ class CaloLayersModel(nn.Module):
             self.register_buffer("t_std", torch.ones(self.n_law))
             self.register_buffer("t_lo", torch.full((self.n_law,), -1e4))
             self.register_buffer("t_hi", torch.full((self.n_law,), 1e4))
+        if cfg.empty_layers == "bernoulli":
+            # fraction of the training showers in which each law variable is empty: one that never
+            # is (the deposit, the central layers) is never drawn empty either (the law's support)
+            self.register_buffer("t_empty", torch.ones(self.n_law))
         if cfg.share_cap:
             # log of each voxel's largest share of its layer in the training showers (0: no cap)
             self.register_buffer("log_share_hi", torch.zeros(self.n_voxels))
@@ -244,7 +290,8 @@ class CaloLayersModel(nn.Module):
             self._add_residual_quantiles()
         if cfg.share_noise == "empirical_correlated":
             self._add_noise_mix()
-        self.law = LayerEnergyLaw(self.n_law, n_cond, cfg.law_hidden, cfg.law_components)
+        self.law = LayerEnergyLaw(self.n_law, n_cond, cfg.law_hidden, cfg.law_components,
+                                  empty_logit=cfg.empty_layers == "bernoulli", condition_skip=cfg.law_condition_skip)
         if cfg.ring_correlation and voxel_ring is None:
             raise ValueError("ring_correlation needs the ring index of every voxel")
         self.vae = VoxelShareVae(self.n_voxels, n_cond + self.n_layers, cfg.latent_dim, cfg.hidden_dim,
@@ -264,13 +311,16 @@ class CaloLayersModel(nn.Module):
     def law_target(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
         """(B, n_law) the law's variables before standardisation: the log layer fractions
         (`layer_target: layers`), or log(E_dep / E_inc) followed by log(E_layer / E_dep + floor)
-        (`total_shares`)."""
+        (`total_shares`). With `empty_layers: bernoulli` an empty layer (or no deposit) is -inf."""
         if self.cfg.layer_target == "layers":
             return self.log_layer(e_layer, e_inc)
         e_dep = e_layer.sum(-1)
         total = torch.log(e_dep / e_inc + self.cfg.layer_floor)
         shares = torch.log(e_layer / e_dep.clamp_min(1e-30)[:, None] + self.cfg.layer_floor)
-        return torch.cat([total[:, None], shares], -1)
+        out = torch.cat([total[:, None], shares], -1)
+        if self.cfg.empty_layers == "bernoulli":
+            out = torch.where(torch.cat([e_dep[:, None], e_layer], -1) > 0, out, -torch.inf)
+        return out
 
     @torch.no_grad()
     def set_standardisation(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> None:
@@ -282,11 +332,22 @@ class CaloLayersModel(nn.Module):
             pairs.append((self.law_target(e_layer, e_inc), "t"))
         for x, name in pairs:
             mean, std = getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
-            mean.copy_(x.mean(0))
-            std.copy_(x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones_like(std))
+            # over the layers that hold energy only: with `empty_layers: bernoulli` (-inf entries)
+            # the spike of empty layers no longer sets the scale the law's values are learned at
+            held = torch.isfinite(x)
+            if bool(held.all()):
+                mean.copy_(x.mean(0))
+                std.copy_(x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones_like(std))
+            else:
+                n = held.sum(0)
+                mean.copy_(torch.where(held, x, 0.0).sum(0) / n.clamp_min(1))
+                var = (torch.where(held, x - mean, 0.0) ** 2).sum(0) / (n - 1).clamp_min(1)
+                std.copy_(torch.where(n > 1, var.sqrt().clamp_min(1e-3), torch.ones_like(std)))
             x_norm = (x - mean) / std
-            getattr(self, f"{name}_lo").copy_(x_norm.min(0).values)
-            getattr(self, f"{name}_hi").copy_(x_norm.max(0).values)
+            getattr(self, f"{name}_lo").copy_(torch.where(held, x_norm, torch.inf).min(0).values)
+            getattr(self, f"{name}_hi").copy_(torch.where(held, x_norm, -torch.inf).max(0).values)
+            if name == "t" and hasattr(self, "t_empty"):
+                self.t_empty.copy_((~held).float().mean(0))
 
     def law_standardisation(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std, lo, hi) of the law's variables: lo and hi bound the standardised values."""
@@ -294,19 +355,25 @@ class CaloLayersModel(nn.Module):
             return self.y_mean, self.y_std, self.y_lo, self.y_hi
         return self.t_mean, self.t_std, self.t_lo, self.t_hi
 
+    def law_input(self, e_layer: torch.Tensor, e_inc: torch.Tensor) -> torch.Tensor:
+        """(B, n_law) the law's standardised variables of layer energies (B, L) MeV and incident
+        energies (B,) MeV (what `law.log_prob` scores)."""
+        mean, std, _, _ = self.law_standardisation()
+        return (self.law_target(e_layer, e_inc) - mean) / std
+
     def sample_layers(self, e_inc: torch.Tensor, cond: torch.Tensor, u: torch.Tensor,
                       eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer energies from the law for incident energies (B,) MeV, normalised conditions (B, C),
         uniforms u and normals eps (B, n_law): (normalised log layer fractions (B, L), the VAE's
         context; layer energies (B, L) MeV)."""
         mean, std, lo, hi = self.law_standardisation()
-        t = self.law.sample(cond, u, eps, lo, hi)
+        t = self.law.sample(cond, u, eps, lo, hi, self.t_empty > 0 if hasattr(self, "t_empty") else None)
         floor = self.cfg.layer_floor
         raw = t * std + mean
         if self.cfg.layer_target == "layers":
             return t, self._layer_energy(raw.exp() - floor, e_inc)
         total = (raw[:, 0].exp() - floor).clamp_min(0.0)
-        share = raw[:, 1:].exp() - floor
+        share = (raw[:, 1:].exp() - floor).clamp_min(0.0)  # an empty layer (-inf) is 0
         # the mixture smears the spike of empty layers (at log(floor)) over shares of ~floor
         share = torch.where(share < floor, 0.0, share)
         share = share / share.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -488,6 +555,33 @@ class CaloLayersModel(nn.Module):
                 out["latent_heldout_logp_prior"] = float(self.prior.log_prob(z, ctx[held]).mean())
         return out
 
+    def fit_law(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
+        """Train the layer-energy law alone `law_fit_steps` more Adam steps of 512 on the layer
+        energies of dense training showers (B, V), the learning rate decayed from `law_fit_lr` to 0
+        (cosine), so the exported law is not wherever the last constant-rate steps of the joint
+        training left it. Returns its mean negative log-likelihood on these showers before and after."""
+        e_layer = self.layer_energies(voxels)
+        if self.cfg.layer_target == "layers":
+            target = self.normalise(self.log_layer(e_layer, e_inc))
+        else:
+            target = self.law_input(e_layer, e_inc)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        opt = torch.optim.Adam(self.law.parameters(), lr=self.cfg.law_fit_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.cfg.law_fit_steps)
+        with torch.no_grad():
+            out = {"law_fit_nll_before": float(-self.law.log_prob(target, cond).mean())}
+        with torch.enable_grad():
+            for _ in range(self.cfg.law_fit_steps):
+                pick = torch.randint(len(target), (min(512, len(target)),), generator=gen).to(target.device)
+                loss = -self.law.log_prob(target[pick], cond[pick]).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        with torch.no_grad():
+            out["law_fit_nll_after"] = float(-self.law.log_prob(target, cond).mean())
+        return out
+
     def empirical_noise(self, standard: torch.Tensor) -> torch.Tensor:
         """(B, V) standard normals mapped through each voxel's residual quantiles (linear between
         the levels, the end levels beyond them)."""
@@ -511,8 +605,7 @@ class CaloLayersModel(nn.Module):
         if self.cfg.layer_target == "layers":
             nll_law = -self.law.log_prob(y, cond).mean()
         else:
-            mean, std, _, _ = self.law_standardisation()
-            nll_law = -self.law.log_prob((self.law_target(e_layer, e_inc) - mean) / std, cond).mean()
+            nll_law = -self.law.log_prob(self.law_input(e_layer, e_inc), cond).mean()
         rec, kl = self.vae.loss(log_share, hit, torch.cat([cond, y], -1), self.cfg.free_bits)
         loss = nll_law + rec.mean() + self.cfg.kl_weight * kl.mean()
         return {"loss": loss, "nll_layers": nll_law.detach(), "nll_voxels": rec.mean().detach(),

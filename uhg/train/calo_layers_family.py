@@ -19,9 +19,6 @@ from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
 from uhg.train.family import Engine, check_finite
 
-STATS_EVENTS = 4096
-"""Training showers (spread over the training range) that set the layer-energy standardisation,
-the law's support and (`share_cap`) the largest share of every voxel."""
 ENERGY = model_half.ENERGY
 
 
@@ -39,7 +36,7 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
 
     # -- data-driven start: standardisation of the log layer energies
     def fit_sample(self, n_train: int) -> np.ndarray:
-        return np.unique(np.linspace(0, n_train - 1, min(n_train, STATS_EVENTS)).round().astype(np.int64))
+        return np.unique(np.linspace(0, n_train - 1, min(n_train, self.cfg.fit_events)).round().astype(np.int64))
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         model = modules["model"]
@@ -70,8 +67,9 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
     def finalise_from_data(self, module: nn.Module, batches: Iterable[HitBatch]) -> dict[str, float]:
         """After training, from the same training showers as the standardisation: each voxel's
         log-share residual quantiles (and their within-layer correlation) with `share_noise:
-        empirical` (`empirical_correlated`), and the latent prior with `latent_prior: mixture`."""
-        if self.cfg.share_noise == "gaussian" and self.cfg.latent_prior == "standard":
+        empirical` (`empirical_correlated`), the latent prior with `latent_prior: mixture`, and the
+        layer-energy law trained further alone with `law_fit_steps`."""
+        if self.cfg.share_noise == "gaussian" and self.cfg.latent_prior == "standard" and not self.cfg.law_fit_steps:
             return {}
         with eval_mode(module):
             showers = self.dense_showers(module, batches)
@@ -79,6 +77,8 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
                 return {}
             voxels, e_inc, cond = showers
             out = {}
+            if self.cfg.law_fit_steps:
+                out.update(module.fit_law(voxels, e_inc, cond))
             if self.cfg.share_noise != "gaussian":
                 out.update(module.fit_residual_quantiles(voxels, e_inc, cond))
             if self.cfg.latent_prior == "mixture":
