@@ -543,9 +543,12 @@ class HitTransformer(nn.Module):
         l_c = logit(remaining / cells left) + field_head(hr) . basis(c): with a zero field this is
         pace_prior's geometric gap (up to a constant per token); the field moves the pixels towards
         where the network places them (the radial profile of the layer at this energy and stage)."""
+        # in float32 under any autocast: in bf16 the clamp's 0.999 is 1.0 (logit +inf, NaN sums) and an
+        # exclusive cumsum over a layer's cells loses the small terms
+        hr = hr.float()
         left = (width - first).clamp_min(1)
-        rho = (row_remaining.to(hr.dtype) / left).clamp(1e-6, 0.999)
-        ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr) @ self.cell_basis.to(hr.dtype).T
+        rho = (row_remaining.float() / left).clamp(1e-6, 0.999)
+        ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr).float() @ self.cell_basis.float().T
         c = torch.arange(ell.shape[-1], device=hr.device)
         off = F.logsigmoid(-ell).masked_fill(c < first.unsqueeze(-1), 0.0)
         return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
