@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from uhg.models.laws import CURVATURE_GRID, CountLaw, choose_forward, fit_count_law, forward_split
+from uhg.models.laws import CURVATURE_GRID, CountLaw, choose_forward, fit_count_law, forward_score, forward_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,6 +75,16 @@ def test_forward_validation_keeps_a_bend_that_continues_beyond_the_range():
         else:
             assert abs(float(pred.sum() / truth.sum()) - 1) < 0.05, float(pred.sum() / truth.sum())
             assert float(power.sum() / truth.sum()) < 0.8
+
+
+def test_forward_score_leaves_out_units_empty_over_the_held_out_part():
+    """Forward validation scores each unit's relative error over the upper part of the range; a unit
+    with no counts there has none, and must not decide the ridges alone (a clamped denominator gave it
+    an error of 1e20): the score is the other units'."""
+    predicted = torch.tensor([11.0, 18.0, 0.3], dtype=torch.float64)
+    observed = torch.tensor([10.0, 20.0, 0.0], dtype=torch.float64)
+    assert forward_score(predicted, observed) == pytest.approx((0.1**2 + 0.1**2) / 2)
+    assert forward_score(predicted[2:], observed[2:]) == 0.0
 
 
 def _clusters(batch) -> np.ndarray:

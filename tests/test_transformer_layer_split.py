@@ -162,3 +162,21 @@ def test_share_law_draws_a_dirichlet_multinomial_from_uniforms():
     np.testing.assert_allclose(n.var(0), N * p * (1 - p) * (N + 20.0) / 21.0, rtol=0.06)
     with pytest.raises(ValueError, match="uniforms"):
         law.sample(totals[:3], cond[:3], u[:3, :5], torch.full((4,), 10**6))
+
+
+def test_a_layer_whose_share_underflows_draws_nothing_and_the_rest_stay_random():
+    """A layer whose share logit is far below the others (its Dirichlet parameter exactly 0, as far
+    beyond the range) draws no pixels, and the other layers keep their Dirichlet spread rather than
+    every shower falling back to the mean shares."""
+    law = LayerShareLaw(4, 1).double()
+    with torch.no_grad():
+        law.bias.copy_(torch.tensor([0.5, 1.0, 0.0, -900.0]))
+        law.depth.zero_()
+        law.log_concentration.fill_(math.log(20.0))
+    B, N = 2000, 300
+    u = torch.rand(B, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    split = law.sample(torch.full((B,), N), torch.zeros(B, 1, dtype=torch.float64), u, torch.full((4,), 10**6))
+    n = split.double().numpy()
+    assert (n[:, 3] == 0).all() and (n.sum(1) == N).all()
+    p = torch.softmax(law.bias.detach()[:3], 0).numpy()
+    np.testing.assert_allclose(n[:, :3].var(0), N * p * (1 - p) * (N + 20.0) / 21.0, rtol=0.15)

@@ -459,6 +459,14 @@ def forward_split(counts: torch.Tensor, cond: torch.Tensor, fraction: float = FO
     return order[:-n_out], order[-n_out:]
 
 
+def forward_score(predicted: torch.Tensor, observed: torch.Tensor) -> float:
+    """Mean squared relative error of the predicted mean count per unit over the units with counts:
+    a unit empty over the held-out part has no relative error to score (a clamped denominator would
+    give it an error of 1e20 and let it choose alone)."""
+    seen = observed > 0
+    return float((predicted[seen] / observed[seen] - 1).square().mean()) if bool(seen.any()) else 0.0
+
+
 def choose_forward(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> tuple[float, float]:
     """(per-unit ridge, curvature ridge) of the pooled law from POOLED_SHRINK_GRID x CURVATURE_GRID:
     the pair whose fit to the lower part of the training range (`forward_split`) predicts each
@@ -472,14 +480,14 @@ def choose_forward(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> t
         return default
     fit, out = split
     start = [p.detach().clone() for p in law.parameters()]
-    observed = counts[out].double().mean(0).clamp_min(1e-12)
+    observed = counts[out].double().mean(0)
     best, choice = math.inf, default
     for curvature in reversed(CURVATURE_GRID):
         for shrink in reversed(POOLED_SHRINK_GRID):
             fit_law(law, lambda m, k=shrink, c=curvature: count_law_loss(m, counts[fit], cond[fit], k, c))
             with torch.no_grad():
                 predicted = law.mean(cond[out].to(law.positions.dtype)).double().mean(0)
-                score = float((predicted / observed - 1).square().mean())
+                score = forward_score(predicted, observed)
                 for p, s in zip(law.parameters(), start, strict=True):
                     p.copy_(s)
             if score < best:
@@ -630,7 +638,9 @@ class LayerShareLaw(nn.Module):
         logits = eta + special.ndtri(u[:, :1]) * depth[None]
         p = np.exp(logits - logits.max(1, keepdims=True))
         alpha = kappa[:, None] * p / p.sum(1, keepdims=True)
-        g = special.gammaincinv(alpha, u[:, 1:n_layers + 1])
+        # a layer whose share underflowed to 0 draws 0 (gammaincinv(0, u) is NaN, which would turn
+        # the whole shower into the mean shares)
+        g = np.where(alpha > 0, special.gammaincinv(np.where(alpha > 0, alpha, 1.0), u[:, 1:n_layers + 1]), 0.0)
         g_sum = g.sum(1, keepdims=True)
         shares = np.where(g_sum > 0, g / np.where(g_sum > 0, g_sum, 1.0), alpha / alpha.sum(1, keepdims=True))
         out = np.zeros(eta.shape, dtype=np.int64)
