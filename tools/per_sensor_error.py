@@ -68,8 +68,9 @@ def main() -> None:
     parser.add_argument("--factors", type=float, nargs="*", default=[1.5, 2.0, 3.0])
     parser.add_argument("--forms", nargs="*", default=[],
                         help="count law forms to fit: FORM, or FORM@RIDGE with the quadratic law's per-unit ridge "
-                             "fixed at RIDGE instead of chosen on held-out events (the pooled law chooses its ridges "
-                             "by forward validation)")
+                             "fixed at RIDGE instead of chosen on held-out events (quadratic only: the pooled law "
+                             "always chooses its curvature ridge by forward validation and its per-unit ridge on "
+                             "held-out events)")
     parser.add_argument("--train-events", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=50)
     args = parser.parse_args()

@@ -153,8 +153,8 @@ class TransformerConfig(Section):
         "differently); quadratic: a_u + (b + d_u) . x + x^T Q x (shared slope and curvature, per-unit slope deviations shrunk towards "
         "the shared slope, the ridge chosen on held-out events); pooled: the quadratic form whose per-unit slope is a part "
         "proportional to the unit's level (one coefficient per condition, fitted on every unit) plus a shrunk remainder, "
-        "the ridges on the remainder and on Q chosen by forward validation (fit on the lower half of the training range, "
-        "scored on the upper half); unit_quadratic: a_u + b_u . x + c_u . x^2 (slope and curvature of every unit its own: "
+        "the ridge on Q chosen by forward validation (fit on the lower half of the training range, scored on the "
+        "upper half), then the ridge on the remainder on held-out events at that Q; unit_quadratic: a_u + b_u . x + c_u . x^2 (slope and curvature of every unit its own: "
         "calorimeter layers with layer_counts, whose tail grows faster than the saturating core). docs/transformer.md "
         "and docs/calorimeter.md have the measurements behind the defaults.",
     )
