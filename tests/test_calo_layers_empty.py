@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from calo_law import fit_law_alone
 
 from uhg.config.calo_layers import CaloLayersConfig
 from uhg.models.calo_layers import CaloLayersModel
@@ -41,17 +42,7 @@ def _trained(empty: str, skip: bool, e_layer: torch.Tensor, e_inc: torch.Tensor,
     """The law alone trained as in a full training (Adam at 1e-3, batch 256)."""
     model = _model(empty, skip)
     model.set_standardisation(e_layer, e_inc.float())
-    t = model.law_input(e_layer, e_inc.float())
-    cond = NORM({"incident_energy": e_inc})
-    opt = torch.optim.Adam(model.law.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        idx = torch.randint(len(t), (256,), generator=gen)
-        loss = -model.law.log_prob(t[idx], cond[idx]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return fit_law_alone(model, model.law_input(e_layer, e_inc.float()), NORM({"incident_energy": e_inc}), steps, 1e-3)
 
 
 def _sampled(model: CaloLayersModel, e_inc: torch.Tensor, seed: int = 2) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from calo_law import fit_law_alone
 
 from uhg.config.calo_layers import CaloLayersConfig
 from uhg.models.calo_layers import CaloLayersModel
@@ -36,16 +37,7 @@ def _trained_law(target: str, e_layer: torch.Tensor, e_inc: torch.Tensor, steps:
     model.set_standardisation(e_layer, e_inc.float())
     mean, std, _, _ = model.law_standardisation()
     t = (model.law_target(e_layer, e_inc.float()) - mean) / std
-    cond = NORM({"incident_energy": e_inc})
-    opt = torch.optim.Adam(model.law.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        idx = torch.randint(len(t), (256,), generator=gen)
-        loss = -model.law.log_prob(t[idx], cond[idx]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return fit_law_alone(model, t, NORM({"incident_energy": e_inc}), steps, 3e-3)
 
 
 def _resolution(model: CaloLayersModel, energy: float, n: int = 4000) -> float:

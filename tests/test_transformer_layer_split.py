@@ -140,15 +140,21 @@ def test_split_model_generates_the_drawn_split_and_trains(showers):
     assert math.isfinite(float(out["loss"])) and out["nll_share"] > 0 and out["nll_row"] == 0.0
 
 
+def _share_law(bias: list[float]) -> LayerShareLaw:
+    """A share law of four layers with these share logits, no depth spread and concentration 20."""
+    law = LayerShareLaw(4, 1).double()
+    with torch.no_grad():
+        law.bias.copy_(torch.tensor(bias))
+        law.depth.zero_()
+        law.log_concentration.fill_(math.log(20.0))
+    return law
+
+
 def test_share_law_draws_a_dirichlet_multinomial_from_uniforms():
     """The split is a function of the shower's uniforms (as every law's draws in generation: the
     counter-based ones), adds up to the total, and has the Dirichlet-multinomial's mean and
     variance: N p_l and N p_l (1 - p_l) (N + kappa) / (1 + kappa)."""
-    law = LayerShareLaw(4, 1).double()
-    with torch.no_grad():
-        law.bias.copy_(torch.tensor([0.5, 1.0, 0.0, -1.0]))
-        law.depth.zero_()
-        law.log_concentration.fill_(math.log(20.0))
+    law = _share_law([0.5, 1.0, 0.0, -1.0])
     B, N = 20000, 300
     cond = torch.zeros(B, 1, dtype=torch.float64)
     totals = torch.full((B,), N)
@@ -168,11 +174,7 @@ def test_a_layer_whose_share_underflows_draws_nothing_and_the_rest_stay_random()
     """A layer whose share logit is far below the others (its Dirichlet parameter exactly 0, as far
     beyond the range) draws no pixels, and the other layers keep their Dirichlet spread rather than
     every shower falling back to the mean shares."""
-    law = LayerShareLaw(4, 1).double()
-    with torch.no_grad():
-        law.bias.copy_(torch.tensor([0.5, 1.0, 0.0, -900.0]))
-        law.depth.zero_()
-        law.log_concentration.fill_(math.log(20.0))
+    law = _share_law([0.5, 1.0, 0.0, -900.0])
     B, N = 2000, 300
     u = torch.rand(B, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     split = law.sample(torch.full((B,), N), torch.zeros(B, 1, dtype=torch.float64), u, torch.full((4,), 10**6))
