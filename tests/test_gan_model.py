@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from uhg.config.gan import GanConfig
 from uhg.config.schema import TrainConfig
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import gate_noise, relaxed_images
+from uhg.models.gan import gate_noise, relaxed_images, upsample2
 from uhg.models.gan_layout import encode_hits, unit_layout
 from uhg.sim.calo import simulate_calo_showers
 from uhg.sim.pxd_background import simulate_pxd_background
@@ -93,6 +94,28 @@ def test_sampling_path_gives_the_values_of_the_forward_pass(geometry: str, kw: d
         assert torch.equal(fast_code, code[at])
     else:  # rows of 9 values: the dense sigmoid evaluates the last of each row by its scalar path
         torch.testing.assert_close(fast_code, code[at], rtol=1e-6, atol=0.0)
+
+
+def test_sampling_decoder_gives_the_training_decoder_values_bit_for_bit() -> None:
+    """Without autograd the blocks modulate in place and upsample by strided copies: the decoder's
+    output is that of the autograd path, bit for bit (the events of a seed do not change)."""
+    fam = family("pxd-tiny", pixel_shuffle=2, charge_noise=True)
+    torch.manual_seed(4)
+    g = fam.build_modules()["generator"].eval()
+    with torch.no_grad():
+        for p in g.parameters():  # FiLM away from its zero start
+            p.add_(0.1 * torch.randn_like(p))
+    tok = torch.randn(3 * fam.layout.n_units, g.cfg.embed_dim)
+    with torch.enable_grad():
+        trained = g._decode(tok.requires_grad_())
+    with torch.no_grad():
+        sampled = g._decode(tok.detach())
+    assert trained.requires_grad and not sampled.requires_grad
+    assert torch.equal(sampled, trained.detach())
+    for x in (torch.randn(2, 5, 3, 7), torch.randn(2, 5, 3, 7).contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert torch.equal(upsample2(x), nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert torch.equal(upsample2(x.requires_grad_()).detach(), upsample2(x.detach()))
 
 
 def test_sampling_is_per_event_deterministic() -> None:

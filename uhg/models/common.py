@@ -99,6 +99,14 @@ class FiLM(nn.Module):
         shape = gamma.shape + (1,) * (x.dim() - 2)
         return x * (1 + gamma.view(shape)) + beta.view(shape)
 
+    def modulate_(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """`forward` in place on x (no autograd through x): the same values, bit for bit."""
+        gamma, beta = self.proj(cond).chunk(2, dim=-1)
+        if torch.result_type(x, gamma) != x.dtype:  # out of place it would promote x: keep forward's dtype
+            return self(x, cond)
+        shape = gamma.shape + (1,) * (x.dim() - 2)
+        return x.mul_(1 + gamma.view(shape)).add_(beta.view(shape))
+
 
 class ConditionEmbedding(nn.Module):
     """(B, n_conditions) normalised conditions -> (B, dim); works with zero conditions."""

@@ -58,16 +58,30 @@ class UpBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2, inplace=True)  # on FiLM's fresh output: one full-size map less
 
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        return self.act(self.film(self.conv(upsample2(x)), token))
+        y = self.conv(upsample2(x))
+        if torch.is_grad_enabled():
+            return self.act(self.film(y, token))
+        # Sampling: FiLM on the convolution's fresh output in place (the same products and sums,
+        # bit for bit, without two more full-size maps: ~5 ms of a full PXD event).
+        return self.act(self.film.modulate_(y, token))
 
 
 def upsample2(x: torch.Tensor) -> torch.Tensor:
-    """x2 nearest-neighbour upsampling of (N, C, H, W). For contiguous maps as a broadcast copy:
-    the same values, in half the CPU time of `interpolate` (whose channels-last kernel is fast)."""
+    """x2 nearest-neighbour upsampling of (N, C, H, W). Channels-last maps by `interpolate` (whose
+    channels-last kernel is fast); contiguous ones as copies: the same values in half the CPU time
+    of `interpolate`, and when no gradient is needed as strided copies of x into the even columns
+    of the even rows, then of those rows into the odd rows (another ~40% less than one broadcast
+    copy, whose innermost dimension is a stride-0 pair)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
     n, c, h, w = x.shape
-    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+    out = x.new_empty(n, c, h, 2, w, 2)
+    out[:, :, :, 0, :, 0] = x
+    out[:, :, :, 0, :, 1] = x
+    out[:, :, :, 1] = out[:, :, :, 0]
+    return out.view(n, c, 2 * h, 2 * w)
 
 
 class Generator(nn.Module):
