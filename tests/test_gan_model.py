@@ -96,6 +96,31 @@ def test_sampling_path_gives_the_values_of_the_forward_pass(geometry: str, kw: d
         torch.testing.assert_close(fast_code, code[at], rtol=1e-6, atol=0.0)
 
 
+def test_the_charge_noise_is_drawn_at_the_hits_after_the_other_draws() -> None:
+    """The pixel noise of `sample` is each event's next standard normals after `draw`, one per hit in
+    row-major order (no noise map): its law is the map's read at the hits, and an event's values do
+    not depend on its batch."""
+    from uhg.models.gan_layout import decode_hits, hit_index
+
+    fam = family("pxd-tiny", pixel_shuffle=2, charge_noise=True)
+    torch.manual_seed(5)
+    g = fam.build_modules()["generator"].eval()
+    cond, seeds = {"luminosity": torch.tensor([1e34, 3e34, 2e34])}, [11, 12, 13]
+    hits = fam.sample(g, cond, seeds)
+    d = fam.draw(g, cond, seeds)
+    index = hit_index(fam.layout, d.mask)
+    n_hits = np.bincount(index[0], minlength=len(seeds))
+    assert n_hits.min() > 0
+    pn = torch.cat([torch.randn(int(n), generator=gen) for gen, n in zip(d.generators, n_hits, strict=True)])
+    with torch.no_grad():
+        code = g.code_at(d.head, tuple(torch.from_numpy(i) for i in index), pn)
+    again = decode_hits(fam.layout, index, code.numpy(), len(seeds), d.conditions)
+    for k in hits.columns:
+        assert np.array_equal(hits.columns[k], again.columns[k])
+    alone = fam.sample(g, {"luminosity": cond["luminosity"][1:2]}, seeds[1:2])
+    assert np.array_equal(hits.slice(1, 2).columns["value"], alone.columns["value"])
+
+
 def test_sampling_decoder_gives_the_training_decoder_values_bit_for_bit() -> None:
     """Without autograd the blocks modulate in place and upsample by strided copies: the decoder's
     output is that of the autograd path, bit for bit (the events of a seed do not change)."""
