@@ -38,6 +38,59 @@ CLUSTERS = dict(embed_dim=32, attention_layers=1, z_dim=8, sensor_noise_dim=4, d
                 charge_noise=True, fit_from_data=True, physics_weight=1.0)
 
 
+def _placed_by_loop(seeds, choice, stencils, tables, per_seed, per_pixel):
+    """`place_shapes` written out seed by seed and pixel by pixel (the reference)."""
+    k, r, c = stencils.shape
+    b, u, h, w = seeds.shape
+    mask = torch.zeros(seeds.shape, dtype=torch.bool)
+    maps = [torch.zeros(seeds.shape, dtype=t.dtype) for t in (*tables, *per_seed, *(v for v, _ in per_pixel))]
+    for i, (e, unit, y, x) in enumerate(seeds.nonzero().tolist()):
+        cells = (stencils[choice[i]] > 0).nonzero().tolist()  # stencil (row-major) order
+        lowest = max(dr for dr, _ in cells)
+        left, right = min(dc for _, dc in cells) - c // 2, max(dc for _, dc in cells) - c // 2
+        y0, x0 = min(y, max(h - 1 - lowest, 0)), max(min(x, w - 1 - right), -left)
+        for j, (dr, dc) in enumerate(cells):
+            yy, xx = y0 + dr, x0 + dc - c // 2
+            if not (0 <= yy < h and 0 <= xx < w):
+                continue
+            mask[e, unit, yy, xx] = True
+            vals = [t[choice[i], dr, dc] for t in tables] + [v[i] for v in per_seed]
+            vals += [v[base[i] + j] for v, base in per_pixel]
+            for m, v in zip(maps, vals, strict=True):
+                m[e, unit, yy, xx] = v
+    return mask, maps
+
+
+def test_placed_shapes_and_their_values_are_those_of_the_shape_by_shape_placement() -> None:
+    """The flat placement (all seeds' pixels as one list) against a loop over seeds and pixels: the
+    same hits and, where shapes overlap, the last placed shape's values; also for a shape taller
+    and wider than the image (its pixels outside are dropped)."""
+    g = torch.Generator().manual_seed(3)
+    k, width = 6, 2 * SHAPE_HALF_COLS + 1
+    stencils = (torch.rand(k, SHAPE_ROWS, width, generator=g) < 0.15).float()
+    stencils[:, 0, SHAPE_HALF_COLS] = 1.0  # every shape holds its anchor
+    stencils[5, :, :] = 1.0  # larger than the image
+    seeds = torch.rand(2, 3, 7, 9, generator=g) < 0.15
+    n = int(seeds.sum())
+    choice = torch.randint(0, k, (n,), generator=g)
+    choice[0] = 5
+    tables = (torch.randn(k, SHAPE_ROWS, width, generator=g), torch.rand(k, SHAPE_ROWS, width, generator=g))
+    per_seed = (torch.randn(n, generator=g),)
+    bank = torch.randn(n * SHAPE_ROWS * width, generator=g)
+    per_pixel = ((bank, torch.arange(n) * SHAPE_ROWS * width),)
+    mask, maps = place_shapes(seeds, choice, stencils, tables, per_seed, per_pixel)
+    ref_mask, ref_maps = _placed_by_loop(seeds, choice, stencils, tables, per_seed, per_pixel)
+    assert torch.equal(mask, ref_mask)
+    for m, ref in zip(maps, ref_maps, strict=True):
+        assert torch.equal(m, ref)
+    at_mask, at_hits = place_shapes(seeds, choice, stencils, tables, per_seed, per_pixel, at=seeds.nonzero(),
+                                    at_hits=True)
+    assert torch.equal(at_mask, ref_mask)
+    for v, ref in zip(at_hits, ref_maps, strict=True):
+        assert torch.equal(v, ref[ref_mask])
+    assert torch.equal(place_shapes(seeds, choice, stencils), ref_mask)
+
+
 def test_a_seed_grows_into_its_neighbours_and_the_expectation_is_exact() -> None:
     seed = torch.zeros(1, 1, 5, 6)
     seed[0, 0, 2, 3] = 1.0

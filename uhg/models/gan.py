@@ -572,7 +572,7 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     p = int(n_pix.max())
     idx = torch.argsort((~sub.flatten(1)).to(torch.int8), dim=1, stable=True)[:, :p]  # pixels of each shape first
     dr, dc = idx // c, idx % c - c // 2  # (S, P)
-    ok = torch.arange(p, device=idx.device)[None, :] < n_pix[:, None]
+    ok = torch.arange(p, device=idx.device)[None, :] < n_pix[:, None]  # (S, P): the shape's pixels
     big = torch.iinfo(torch.long).max // 4
     lowest = torch.where(ok, dr, -big).amax(1)
     left, right = torch.where(ok, dc, big).amin(1), torch.where(ok, dc, -big).amax(1)
@@ -581,17 +581,24 @@ def place_shapes(seeds: torch.Tensor, choice: torch.Tensor, stencils: torch.Tens
     h, w = seeds.shape[-2:]
     row0 = torch.minimum(at[:, 2], (h - 1 - lowest[s]).clamp_min(0))
     col0 = torch.maximum(torch.minimum(at[:, 3], w - 1 - right[s]), -left[s])
-    rows, cols = row0[:, None] + dr[s], col0[:, None] + dc[s]
-    keep = ok[s] & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # a shape larger than the image
-    n = keep.sum(1)
-    image = (at[:, 0] * seeds.shape[1] + at[:, 1]).repeat_interleave(n)
-    where = (image * h + rows[keep]) * w + cols[keep]  # flat: a 1-D scatter is ~4x one over 4 indices
+    # The placed pixels as one flat list, seed by seed and each shape's pixels in stencil order (the
+    # row-major order of a (seeds, P) table of them, without its padding: ~3 pixels a seed, P ~13).
+    n = n_pix[s]
+    seed = torch.repeat_interleave(n)
+    j = torch.arange(len(seed), device=seed.device) - (torch.cumsum(n, 0) - n)[seed]  # pixel of its shape
+    q = s[seed] * p + j  # into the (S, P) shape tables
+    rows, cols = row0[seed] + dr.flatten()[q], col0[seed] + dc.flatten()[q]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # not so for a shape larger than the image
+    if not bool(inside.all()):
+        seed, j, q, rows, cols = seed[inside], j[inside], q[inside], rows[inside], cols[inside]
+    image = at[seed, 0] * seeds.shape[1] + at[seed, 1]
+    where = (image * h + rows) * w + cols  # flat: a 1-D scatter is ~4x one over 4 indices
     out.view(-1)[where] = True
     if not n_maps:
         return out
-    values = [t[used].flatten(1).gather(1, idx)[s][keep] for t in tables]
-    values += [v.repeat_interleave(n) for v in per_seed]
-    values += [v[(base[:, None] + torch.arange(p, device=base.device)[None, :])[keep]] for v, base in per_pixel]
+    values = [t[used].flatten(1).gather(1, idx).flatten()[q] for t in tables]
+    values += [v[seed] for v in per_seed]
+    values += [v[base[seed] + j] for v, base in per_pixel]
     if at_hits:  # the last write to each hit, hits in row-major order: no dense map to fill and read
         hits, slot = torch.unique(where, sorted=True, return_inverse=True)
         last = torch.full((len(hits),), -1, dtype=torch.long, device=where.device)
