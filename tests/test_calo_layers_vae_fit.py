@@ -63,6 +63,7 @@ def test_vae_fit_comes_before_the_residual_quantiles(one_torch_thread):
     assert torch.allclose(fitted_q, model.residual_q)
 
 
-def test_shipped_ds1_config_refits_its_vae():
+def test_shipped_ds1_config_refits_its_vae_and_fits_its_latent_prior():
     cfg = load_config("configs/calo_layers_ds1.yaml")
     assert cfg.model.vae_fit_steps > 0
+    assert cfg.model.latent_prior == "mixture"
