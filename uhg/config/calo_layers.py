@@ -51,6 +51,14 @@ class CaloLayersConfig(Section):
         "the law trained together with the voxel stage at a constant rate ends wherever its last steps left it "
         "(measured: the energy per layer moved by 2-5x between initialisations; docs/results.md). 0: off.")
     law_fit_lr: float = Field(1e-3, gt=0.0, description="Start learning rate of the after-training law fit.")
+    vae_fit_steps: int = Field(
+        0, ge=0,
+        description="After training (and the law fit), train the voxel-share VAE alone this many more Adam steps "
+        "(batch 512) on `fit_events` training showers, its learning rate decayed from `vae_fit_lr` to 0 (cosine): "
+        "trained at a constant rate together with the law, its loss stops falling early and its end state, and "
+        "with it the voxel classifier's AUC, moves from one training to the next (measured: docs/results.md). "
+        "The residual quantiles and the latent prior are fitted after it. 0: off.")
+    vae_fit_lr: float = Field(1e-3, gt=0.0, description="Start learning rate of the after-training VAE fit.")
     fit_events: int = Field(
         4096, gt=0,
         description="Training showers (spread over the training range) that set the layer-energy standardisation "

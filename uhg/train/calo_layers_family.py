@@ -67,9 +67,11 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
     def finalise_from_data(self, module: nn.Module, batches: Iterable[HitBatch]) -> dict[str, float]:
         """After training, from the same training showers as the standardisation: each voxel's
         log-share residual quantiles (and their within-layer correlation) with `share_noise:
-        empirical` (`empirical_correlated`), the latent prior with `latent_prior: mixture`, and the
-        layer-energy law trained further alone with `law_fit_steps`."""
-        if self.cfg.share_noise == "gaussian" and self.cfg.latent_prior == "standard" and not self.cfg.law_fit_steps:
+        empirical` (`empirical_correlated`), the latent prior with `latent_prior: mixture`, the
+        layer-energy law trained further alone with `law_fit_steps` and the voxel VAE with
+        `vae_fit_steps` (before the residuals and the prior, which depend on it)."""
+        if self.cfg.share_noise == "gaussian" and self.cfg.latent_prior == "standard" and not self.cfg.law_fit_steps \
+                and not self.cfg.vae_fit_steps:
             return {}
         with eval_mode(module):
             showers = self.dense_showers(module, batches)
@@ -79,6 +81,8 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
             out = {}
             if self.cfg.law_fit_steps:
                 out.update(module.fit_law(voxels, e_inc, cond))
+            if self.cfg.vae_fit_steps:
+                out.update(module.fit_vae(voxels, e_inc, cond))
             if self.cfg.share_noise != "gaussian":
                 out.update(module.fit_residual_quantiles(voxels, e_inc, cond))
             if self.cfg.latent_prior == "mixture":
