@@ -18,7 +18,7 @@ With `deposit_spread` other than `network` the deposited fraction is standardise
 energy by a location and a scale that are low-order functions of log E_inc fitted to the training
 showers (`DepositLaw`), and the law's first variable sees the condition only inside the training
 range: beyond it the fraction's spread follows the fitted function instead of whatever the
-network's extrapolation gives (docs/calorimeter.md, "Zero-shot in energy").
+network's extrapolation gives (measured: docs/results.md).
 
 Stage 2, `VoxelShareVae`: the share s_v = E_v / E_layer of every voxel inside its layer, from a
 conditional VAE given the condition and the (normalised) layer energies: per voxel a hit
@@ -162,7 +162,8 @@ def deposit_location_scale(form: str, coef: torch.Tensor, u: torch.Tensor) -> tu
     fitting showers) for the parameters `coef` of `form` (location polynomial first)."""
     n_loc = DEPOSIT_LOCATION_DEGREE + 1
     # the location is held at its edge value beyond the fitted range: the quadratic turns over
-    # within a few times the range's top (measured: docs/calorimeter.md, "Zero-shot in energy")
+    # within a few times the range's top (measured: docs/results.md, "Zero-shot in energy with the
+    # shipped layer law, and a fitted spread of the deposit")
     powers = u.clamp(-1.0, 1.0)[:, None] ** torch.arange(n_loc, device=u.device, dtype=u.dtype)
     location = powers @ coef[:n_loc].to(u.dtype)
     p = coef[n_loc:].to(u.dtype)
