@@ -13,7 +13,13 @@ plus the per-layer and per-bin values they average.
         [--ema-decay 0.999]
 
 A target `T+bernoulli` is target T with `model.empty_layers: bernoulli`, `T+skip` with
-`model.law_condition_skip: true` (both: `T+bernoulli+skip`). Per layer it also prints,
+`model.law_condition_skip: true` (both: `T+bernoulli+skip`), `T+log_linear`, `T+log_quadratic` or
+`T+power_floor` with that `model.deposit_spread`. With `--extrapolate-energies` each law is also
+sampled at those fixed energies (beyond the training range: the zero-shot protocol of `uhg eval
+extrapolate`), against two samples simulated there (seeds `--extrapolate-seed` and +1, the second
+the floor): mean response, resolution (std / mean of E_dep / E_inc) and mean shower depth
+(energy-weighted layer depth in X0), the three observables of that protocol that the layer
+energies alone fix. Per layer it also prints,
 per E_inc bin over reference 1: the fraction of empty showers, and the mean and the standard
 deviation of E_layer / E_inc.
 """
@@ -51,6 +57,9 @@ def main() -> None:
     ap.add_argument("--law-fit-steps", type=int, default=0,
                     help="then the after-training law fit of `model.law_fit_steps` on every training shower")
     ap.add_argument("--cosine", action="store_true", help="learning rate decayed to 0 over the steps (cosine)")
+    ap.add_argument("--extrapolate-energies", default="", help="MeV, comma-separated: fixed test energies")
+    ap.add_argument("--extrapolate-events", type=int, default=2000)
+    ap.add_argument("--extrapolate-seed", type=int, default=201)
     ap.add_argument("--ema-decay", type=float, default=0.0,
                     help="sample with an EMA of the law's weights (as `model.ema_decay` exports them)")
     a = ap.parse_args()
@@ -72,13 +81,14 @@ def main() -> None:
     def resolution_and_profile(e_layer: np.ndarray, e_inc: np.ndarray):
         return e_layer.mean(0), Binned("response", "E_inc", "E_dep/E_inc", e_inc, e_layer.sum(1) / e_inc)
 
-    results = {}
+    results, extrapolated = {}, {}
     for target in a.targets.split(","):
         torch.manual_seed(a.seed)
         layer_target, *options = target.split("+")
+        spread = [o for o in options if o in ("log_linear", "log_quadratic", "power_floor")]
         cfg = CaloLayersConfig(layer_target=layer_target, empty_layers="bernoulli" if "bernoulli" in options else "floor",
                                law_condition_skip="skip" in options, law_components=a.components, law_fit_steps=a.law_fit_steps,
-                               law_hidden=a.hidden)
+                               law_hidden=a.hidden, deposit_spread=spread[0] if spread else "network")
         fam = CaloLayersFamily(geometry, cfg, norm)
         model = fam.build_modules()["model"]
         stats = train.read(0, min(cfg.fit_events, len(train)))
@@ -117,7 +127,18 @@ def main() -> None:
         with torch.no_grad():
             _, e_layer = model.sample_layers(e_ref.float(), norm({"incident_energy": e_ref}), u, eps)
         results[target] = e_layer.double().numpy()
+        if a.extrapolate_energies:
+            extrapolated[target] = {}
+            for energy in (float(x) for x in a.extrapolate_energies.split(",")):
+                e_fix = torch.full((a.extrapolate_events,), energy, dtype=torch.float64)
+                u = torch.rand(len(e_fix), model.n_law, generator=noise)
+                eps = torch.randn(len(e_fix), model.n_law, generator=noise)
+                with torch.no_grad():
+                    _, e_layer = model.sample_layers(e_fix.float(), norm({"incident_energy": e_fix}), u, eps)
+                extrapolated[target][energy] = e_layer.double().numpy()
 
+    if extrapolated:
+        print_extrapolation(extrapolated, geometry, model, layers_of, a)
     e_inc = refs[0][1].numpy()
     ref_layers = [model.layer_energies(d.float()).double().numpy() for d, _ in refs]
     prof_ref, bin_ref = resolution_and_profile(ref_layers[0], e_inc)
@@ -161,6 +182,37 @@ def main() -> None:
                   + " | mean per bin " + " ".join(f"{x:.2f}" for x in m[:, k])
                   + " | std per bin " + " ".join(f"{x:.2f}" for x in sd[:, k])
                   + " | empty per bin " + " ".join(f"{x:+.2f}" for x in z[:, k]))
+
+
+def print_extrapolation(extrapolated, geometry, model, layers_of, a) -> None:
+    """Per fixed energy: mean response, resolution and mean shower depth of each law's samples and of
+    the second simulated sample, relative to the first."""
+    from uhg.sim.calo import simulate_calo_showers
+
+    active = list(geometry.active_layers)
+    depth_mid = np.array([0.5 * sum(geometry.layer_depth_x0[lay]) for lay in active])
+
+    def observables(e_layer: np.ndarray, energy: float) -> np.ndarray:
+        r = e_layer.sum(1) / energy
+        has = r > 0
+        depth = (e_layer[has] @ depth_mid) / e_layer[has].sum(1)
+        return np.array([r.mean(), r.std() / r.mean(), depth.mean()])
+
+    print("\nfixed energies: mean response / resolution / mean shower depth, relative to simulated sample 1 "
+          f"(seed {a.extrapolate_seed}; {a.extrapolate_events} showers per sample)\n")
+    print("| E_inc | sample 1: response, resolution, depth [X0] | sample 2 (floor) | "
+          + " | ".join(extrapolated) + " |\n|---|---|---|" + "---|" * len(extrapolated))
+    for energy in next(iter(extrapolated.values())):
+        sims = []
+        for k in range(2):
+            batch = simulate_calo_showers(geometry, a.extrapolate_events, a.extrapolate_seed + k,
+                                          energies=np.full(a.extrapolate_events, energy))
+            dense, _ = layers_of(batch)
+            sims.append(observables(model.layer_energies(dense.float()).double().numpy(), energy))
+        cells = [sims[1]] + [observables(v[energy], energy) for v in extrapolated.values()]
+        print(f"| {energy / 1e3:.0f} GeV | {sims[0][0]:.4f}, {sims[0][1]:.5f}, {sims[0][2]:.2f} | "
+              + " | ".join(" / ".join(f"{100 * (c[i] / sims[0][i] - 1):+.1f} %" for i in range(3)) for c in cells)
+              + " |", flush=True)
 
 
 if __name__ == "__main__":

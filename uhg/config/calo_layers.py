@@ -50,6 +50,16 @@ class CaloLayersConfig(Section):
         "layer energies of `fit_events` training showers, its learning rate decayed from `law_fit_lr` to 0 (cosine): "
         "the law trained together with the voxel stage at a constant rate ends wherever its last steps left it "
         "(measured: the energy per layer moved by 2-5x between initialisations; docs/results.md). 0: off.")
+    deposit_spread: Literal["network", "log_linear", "log_quadratic", "power_floor"] = Field(
+        "network",
+        description="How the spread of the deposited fraction log(E_dep / E_inc) depends on the incident energy. "
+        "'network': the law's network, fed log E_inc, learns it with everything else (beyond the training range it "
+        "is the network's extrapolation). Otherwise the fraction is standardised per shower by a location (a "
+        "quadratic in log E_inc) and a scale fitted to the training showers by maximum likelihood with the "
+        "standardisation, and the law's first variable sees the condition only inside the training range: "
+        "'log_linear' log scale = a + b log E, 'log_quadratic' adds c (log E)^2, 'power_floor' scale = a power of "
+        "E_inc falling to a fitted floor. The form is chosen by forward validation inside the training range "
+        "(docs/calorimeter.md, 'Zero-shot in energy'). Needs layer_target 'total_shares'.")
     law_fit_lr: float = Field(1e-3, gt=0.0, description="Start learning rate of the after-training law fit.")
     vae_fit_steps: int = Field(
         0, ge=0,
@@ -113,6 +123,13 @@ class CaloLayersConfig(Section):
         if self.empty_layers == "bernoulli" and self.layer_target != "total_shares":
             raise ValueError("model.empty_layers 'bernoulli' models the layer shares of the deposit; "
                              "set model.layer_target to 'total_shares'")
+        return self
+
+    @model_validator(mode="after")
+    def _deposit_spread_needs_shares(self):
+        if self.deposit_spread != "network" and self.layer_target != "total_shares":
+            raise ValueError("model.deposit_spread standardises the deposited fraction, the first variable of "
+                             "layer_target 'total_shares'; set model.layer_target to 'total_shares'")
         return self
 
     @model_validator(mode="after")
