@@ -599,7 +599,7 @@ class HitTransformer(nn.Module):
     # ---- factorised pixel head (pixel_head=factorised) ------------------------------------
     def _tile(self, cells: torch.Tensor) -> torch.Tensor:
         """Field tile of flat cells (row-major tiles of field_tile x field_tile pixels)."""
-        ny, nx = self.grid
+        nx = self.grid[1]
         T = self.config.field_tile
         return (cells // nx // T) * (nx // T) + (cells % nx) // T
 
@@ -616,6 +616,7 @@ class HitTransformer(nn.Module):
         logit of the layer's uniform pacing (pixels still to place / cells left) plus the field."""
         ny, nx = self.grid
         T = self.config.field_tile
+        # 1e-7, not the flat head's 1e-6: one pixel left for a 1 M-cell layer is a rate of 1e-6
         rho = (row_remaining.float() / (self.layout.n_cols - first).clamp_min(1)).clamp(1e-7, 0.999)
         ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr.float()).float() @ self.cell_basis.float().T
         return ell.view(len(hr), ny // T, nx // T)
