@@ -37,11 +37,15 @@ GPU_SIZED = {"calo_transformer.yaml", "calo_gan.yaml"}
 # (above), 3-8 min; its 45-layer model is tested in test_calo_layers_ds2.py, and its law's
 # short training moving the profile in the ds2 test at the end of this file
 CPU_SLOW = {"calo_layers_ds2.yaml"}
+# the full 25 M-channel pixel calorimeter: its layer profile is the count laws' (as for the mini
+# config above, which covers the family's short training); its factorised pixel head trains and
+# generates full-geometry showers in tests/test_transformer_factorised.py
+FACTORISED = {"epical_transformer.yaml"}
 
 
 def test_every_shipped_calorimeter_config_is_covered():
     shipped = {p.name for pattern in ("calo_*.yaml", "epical_*.yaml") for p in CONFIGS.glob(pattern)}
-    assert shipped == set(SHORT) | GPU_SIZED | CPU_SLOW
+    assert shipped == set(SHORT) | GPU_SIZED | CPU_SLOW | FACTORISED
 
 
 def layer_profile(batch, g) -> np.ndarray:

@@ -188,6 +188,19 @@ class TransformerConfig(Section):
         "zero) and every token input also carries its cell's basis. docs/calorimeter.md. Exports written "
         "before this key have none.",
     )
+    pixel_head: Literal["flat", "factorised"] = Field(
+        "flat",
+        description="layer_counts: how the cell of a pixel within its layer is predicted. flat: one categorical over "
+        "the layer's cells (at most 65 536; epical-mini). factorised: the pixel row, then the pixel column given the "
+        "row, each a categorical over one side of the grid, so a layer of 1024 x 1024 pixels (the full 25 M-channel "
+        "epical) costs two 1024-way heads per pixel; with cell_field the field is constant on tiles of "
+        "`field_tile` x `field_tile` pixels, which keeps its row and column sums exact and cheap (docs/calorimeter.md).",
+    )
+    field_tile: int = Field(
+        32, ge=1, le=1024,
+        description="pixel_head=factorised with cell_field: side in pixels of the square tiles on which the cell "
+        "field is constant (it must divide both sides of the layer grid).",
+    )
     count_factors: int = Field(
         1, ge=1, le=8,
         description="multiplicity=count: factors of the Gaussian copula that correlates the units' counts (1: "
@@ -290,6 +303,9 @@ class TransformerConfig(Section):
         if self.cell_field and self.pace_prior:
             raise ValueError("cell_field replaces pace_prior's uniform spacing of a layer's cells: set pace_prior: "
                              "false (or cell_field: false)")
+        if self.pixel_head == "factorised" and not self.layer_counts:
+            raise ValueError("pixel_head=factorised predicts the pixel of a hit within the layer the count law has "
+                             "drawn, so it needs layer_counts: true (got layer_counts=false)")
         if self.cluster_charge_redraws and self.cluster_pixel_context:
             raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
                              "cluster_pixel_context draws them slot by slot: switch one of them off")

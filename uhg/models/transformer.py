@@ -213,15 +213,34 @@ class LatentEncoder(nn.Module):
         return mu, logvar.clamp(-10, 10)
 
 
+class GridEmbedding(nn.Module):
+    """Embedding of a flat cell `row * nx + col` of an (ny, nx) pixel grid as the sum of a row and a
+    column embedding (pixel_head=factorised: ny + nx vectors instead of ny x nx)."""
+
+    def __init__(self, ny: int, nx: int, d: int):
+        super().__init__()
+        self.nx = nx
+        self.rows, self.cols = nn.Embedding(ny, d), nn.Embedding(nx, d)
+
+    def forward(self, cells: torch.Tensor) -> torch.Tensor:
+        return self.rows(cells // self.nx) + self.cols(cells % self.nx)
+
+
 class HitTransformer(nn.Module):
     """The model. Conditions enter as (B, C) features normalised by
     `uhg.models.common.ConditionNorm` (C = len(config.conditions)); `forward` is the training
     loss so a DeepSpeed engine can wrap the module."""
 
-    def __init__(self, config: TransformerConfig, layout: TokenLayout, cell_xy: np.ndarray | None = None):
+    def __init__(self, config: TransformerConfig, layout: TokenLayout, cell_xy: np.ndarray | None = None,
+                 grid: tuple[int, int] | None = None):
         """cell_xy: (n_cols, 2) centre of every cell of a layer in units of the pixel pitch, about the
-        layer centre (needed with config.cell_field; all layers share the grid)."""
+        layer centre (needed with config.cell_field and the flat pixel head; all layers share the grid).
+        grid: (ny, nx) pixel rows and columns of a layer (needed with pixel_head=factorised)."""
         super().__init__()
+        self.factorised = config.pixel_head == "factorised"
+        if self.factorised and (grid is None or grid[0] * grid[1] != layout.n_cols):
+            raise ValueError(f"pixel_head=factorised needs the (rows, columns) of the {layout.n_cols}-cell layer grid, "
+                             f"got {grid}")
         self.config, self.layout = config, layout
         d, L = config.d_model, layout
         n_cond = len(config.conditions)
@@ -238,7 +257,8 @@ class HitTransformer(nn.Module):
             self.latent_proj = nn.Linear(config.latent_dim, d)
             self.encoder = LatentEncoder(d, n_cond, config.latent_dim)
         self.start = nn.Parameter(torch.zeros(d))
-        self.row_in, self.col_in = nn.Embedding(L.n_rows, d), nn.Embedding(L.n_cols, d)
+        self.row_in = nn.Embedding(L.n_rows, d)
+        self.col_in = GridEmbedding(*grid, d) if self.factorised else nn.Embedding(L.n_cols, d)
         self.clusters = config.token == "cluster"
         if self.clusters:
             if L.kind != "pixel":
@@ -270,13 +290,16 @@ class HitTransformer(nn.Module):
         nn.init.zeros_(self.final_film.bias)
         self.row_head = nn.Linear(d, L.n_rows + 1)
         self.row_out = nn.Embedding(L.n_rows + 1, d)
-        self.col_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_cols))
-        self.col_out = nn.Embedding(L.n_cols, d)
+        # factorised: col_head is the pixel-row head (x_head, created last, the column head given the row)
+        self.col_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"),
+                                      nn.Linear(d, grid[0] if self.factorised else L.n_cols))
+        self.col_out = GridEmbedding(*grid, d) if self.factorised else nn.Embedding(L.n_cols, d)
         self.val_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, L.n_values))
         values_in = [self.shape_in, self.charge_in] if self.clusters else [self.val_in]
         values_out = [self.shape_out, self.charge_out, self.offset_out] if self.clusters else []
         for emb in (self.row_in, self.col_in, *values_in, self.row_out, self.col_out, self.unit_emb, *values_out):
-            nn.init.normal_(emb.weight, std=0.02)
+            for w in ((emb.rows.weight, emb.cols.weight) if isinstance(emb, GridEmbedding) else (emb.weight,)):
+                nn.init.normal_(w, std=0.02)
         self.counts, self.shares = None, None
         self.layered = config.multiplicity == "count" and config.layer_counts
         if self.layered:
@@ -308,7 +331,19 @@ class HitTransformer(nn.Module):
                 nn.init.zeros_(self.event_count_in.bias)
         self.response = ResponseLaw(n_cond) if config.response_model else None
         self.cell_field = config.cell_field
-        if self.cell_field:  # created last: the other modules initialise as without it
+        if self.cell_field and self.factorised:  # the field on tiles (see _tile_field)
+            ny, nx = grid
+            T = config.field_tile
+            if ny % T or nx % T:
+                raise ValueError(f"field_tile ({T}) must divide the {ny} x {nx} pixel grid")
+            ty, tx = np.meshgrid(np.arange(ny // T), np.arange(nx // T), indexing="ij")
+            centres = np.stack([(tx.ravel() + 0.5) * T - nx / 2, (ty.ravel() + 0.5) * T - ny / 2], 1)
+            self.register_buffer("cell_basis", cell_basis(centres), persistent=False)
+            self.field_head = nn.Linear(d, self.cell_basis.shape[1])
+            nn.init.zeros_(self.field_head.weight)  # zero field: the uniform pacing of pace_prior
+            nn.init.zeros_(self.field_head.bias)
+            self.cell_in = nn.Linear(self.cell_basis.shape[1], d)
+        elif self.cell_field:  # created last: the other modules initialise as without it
             if cell_xy is None or np.shape(cell_xy) != (L.n_cols, 2):
                 raise ValueError(f"cell_field needs the (x, y) of the {L.n_cols} cells of a layer, got "
                                  f"{None if cell_xy is None else np.shape(cell_xy)}")
@@ -317,6 +352,11 @@ class HitTransformer(nn.Module):
             nn.init.zeros_(self.field_head.weight)  # zero field: the uniform pacing of pace_prior
             nn.init.zeros_(self.field_head.bias)
             self.cell_in = nn.Linear(self.cell_basis.shape[1], d)
+        if self.factorised:  # the column head given the pixel row
+            self.grid = grid
+            self.y_out = nn.Embedding(grid[0], d)
+            nn.init.normal_(self.y_out.weight, std=0.02)
+            self.x_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, grid[1]))
 
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
@@ -429,7 +469,7 @@ class HitTransformer(nn.Module):
         else:
             x = x + self.val_in(values)
         if self.cell_field:
-            x = x + self.cell_in(self.cell_basis[cols])
+            x = x + self.cell_in(self.cell_basis[self._tile(cols) if self.factorised else cols])
         if first:
             x = torch.cat([(self.start + ctx)[:, None], x[:, 1:]], 1)
         return x
@@ -501,6 +541,9 @@ class HitTransformer(nn.Module):
         leaving too few positions in the row, and pace_prior paces them over the row). For END
         (row = n_rows) every column is left open; that value is never used."""
         if row_remaining is not None:
+            if self.factorised:
+                raise ValueError("pixel_head=factorised has no categorical over a layer's cells: use cell_log_prob, "
+                                 "or pixel_row_logits then pixel_col_logits")
             return self._row_col_logits(h, row, prev_row, prev_col, row_remaining)
         c = torch.arange(self.layout.n_cols, device=h.device)
         width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])
@@ -552,6 +595,99 @@ class HitTransformer(nn.Module):
         c = torch.arange(ell.shape[-1], device=hr.device)
         off = F.logsigmoid(-ell).masked_fill(c < first.unsqueeze(-1), 0.0)
         return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
+
+    # ---- factorised pixel head (pixel_head=factorised) ------------------------------------
+    def _tile(self, cells: torch.Tensor) -> torch.Tensor:
+        """Field tile of flat cells (row-major tiles of field_tile x field_tile pixels)."""
+        nx = self.grid[1]
+        T = self.config.field_tile
+        return (cells // nx // T) * (nx // T) + (cells % nx) // T
+
+    def _grid_span(self, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
+                   row_remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, last) flat cell the next pixel may take in its layer: after the previous pixel of the
+        layer, leaving room for the layer's pixels after it (END rows: the whole grid)."""
+        width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])[row]
+        first = torch.where(row == prev_row, prev_col + 1, 0)
+        return first, width - row_remaining.clamp_min(1)
+
+    def _tile_field(self, hr: torch.Tensor, first: torch.Tensor, row_remaining: torch.Tensor) -> torch.Tensor:
+        """cell_field on tiles: (N, tile rows, tile cols) log-odds l of each pixel of a tile firing, the
+        logit of the layer's uniform pacing (pixels still to place / cells left) plus the field."""
+        ny, nx = self.grid
+        T = self.config.field_tile
+        # 1e-7, not the flat head's 1e-6: one pixel left for a 1 M-cell layer is a rate of 1e-6
+        rho = (row_remaining.float() / (self.layout.n_cols - first).clamp_min(1)).clamp(1e-7, 0.999)
+        ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr.float()).float() @ self.cell_basis.float().T
+        return ell.view(len(hr), ny // T, nx // T)
+
+    def pixel_row_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
+                         row_remaining: torch.Tensor) -> torch.Tensor:
+        """(N, ny) logits of the pixel row of the next pixel in layer `row` (its first factor).
+
+        Rows before the previous pixel's, and rows that would leave too few cells for the layer's
+        pixels after this one, are -inf. With cell_field every pixel fires on its own with
+        probability sigmoid(l) (l constant on a tile), the next pixel is the first to fire in (row,
+        column) order, and its row is row y with log-probability sum_{y' < y} A(y') + log(1 - e^A(y)),
+        A(y) = sum of log sigmoid(-l) over the open cells of row y (the first and last open rows are
+        cut where the layer's span starts and ends): the flat head's first-success law exactly, and
+        cheap because l is constant on tiles (A of a full row is field_tile x its tile row's sum)."""
+        ny, nx = self.grid
+        first, last = self._grid_span(row, prev_row, prev_col, row_remaining)
+        y0, x0, y1 = first // nx, first % nx, last // nx
+        y = torch.arange(ny, device=h.device)
+        ok = (y >= y0.unsqueeze(-1)) & (y <= y1.unsqueeze(-1))
+        ok = ok | (row == self.layout.n_rows).unsqueeze(-1)
+        hr = h + self.row_out(row)
+        logits = self.col_head(hr)
+        if self.cell_field:
+            T = self.config.field_tile
+            lneg = F.logsigmoid(-self._tile_field(hr, first, row_remaining))  # (N, ny / T, nx / T)
+            a = (T * lneg.sum(-1)).repeat_interleave(T, 1)  # (N, ny): A of every full row
+            # the first and last open rows are cut at x0 / x1: A of their open cells only
+            x, n = torch.arange(nx, device=h.device), torch.arange(len(h), device=h.device)
+            x1 = last % nx
+            for at in (y1, y0):  # y0 last: where y0 == y1 its sum holds both cuts
+                cells = lneg[n, (at // T).clamp_max(ny // T - 1)].repeat_interleave(T, 1)  # (N, nx)
+                lo = torch.where(at == y0, x0, 0).unsqueeze(-1)
+                hi = torch.where(at == y1, x1, nx - 1).unsqueeze(-1)
+                part = cells.masked_fill((x < lo) | (x > hi), 0.0).sum(-1, keepdim=True)
+                a = torch.where(y == at.unsqueeze(-1), part, a)
+            a = a.masked_fill(y < y0.unsqueeze(-1), 0.0).clamp_max(-1e-12)  # rows before the start: skipped
+            before = torch.cumsum(a, -1) - a
+            logits = logits.float() + before + torch.log(-torch.expm1(a))
+        return logits.masked_fill(~ok, float("-inf"))
+
+    def pixel_col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
+                         row_remaining: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N, nx) logits of the pixel column of the next pixel given its pixel row `y` (the second
+        factor). With cell_field: log sigmoid(l_x) + sum of log sigmoid(-l) over the open cells of
+        row y before x (the first fired cell of the row)."""
+        ny, nx = self.grid
+        first, last = self._grid_span(row, prev_row, prev_col, row_remaining)
+        x = torch.arange(nx, device=h.device)
+        lo = torch.where(y == first // nx, first % nx, 0).unsqueeze(-1)
+        hi = torch.where(y == last // nx, last % nx, nx - 1).unsqueeze(-1)
+        ok = ((x >= lo) & (x <= hi)) | (row == self.layout.n_rows).unsqueeze(-1)
+        hr = h + self.row_out(row)
+        logits = self.x_head(hr + self.y_out(y))
+        if self.cell_field:
+            T = self.config.field_tile
+            ell = self._tile_field(hr, first, row_remaining)
+            ell = ell[torch.arange(len(h), device=h.device), y // T].repeat_interleave(T, 1)  # (N, nx)
+            off = F.logsigmoid(-ell).masked_fill(x < lo, 0.0)
+            logits = logits.float() + F.logsigmoid(ell) + torch.cumsum(off, -1) - off
+        return logits.masked_fill(~ok, float("-inf"))
+
+    def cell_log_prob(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
+                      row_remaining: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """(N,) log p(cell) = log p(pixel row) + log p(pixel column | row) of flat cells `cell` of
+        layers `row` (pixel_head=factorised); each factor is a normalised softmax."""
+        nx = self.grid[1]
+        y, x = cell // nx, cell % nx
+        lp_y = F.log_softmax(self.pixel_row_logits(h, row, prev_row, prev_col, row_remaining), -1)
+        lp_x = F.log_softmax(self.pixel_col_logits(h, row, prev_row, prev_col, row_remaining, y), -1)
+        return lp_y.gather(1, y[:, None])[:, 0] + lp_x.gather(1, x[:, None])[:, 0]
 
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return self.val_head(h + self.row_out(row) + self.col_out(col))
@@ -679,8 +815,11 @@ class HitTransformer(nn.Module):
             nll_row = F.cross_entropy(self.row_logits(h, pr, pc, rem), t_row, reduction="sum")
         hit = t_row != L.n_rows
         h, pr, pc, hr, hc = h[hit], pr[hit], pc[hit], t_row[hit], t_col[hit]
-        nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc, None if rem is None else rem[hit],
-                                                  row_rem[hit] if self.layered else None), hc, reduction="sum")
+        if self.factorised:
+            nll_col = -self.cell_log_prob(h, hr, pr, pc, row_rem[hit], hc).sum()
+        else:
+            nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc, None if rem is None else rem[hit],
+                                                      row_rem[hit] if self.layered else None), hc, reduction="sum")
         cluster_nll = {}
         if self.clusters:
             cluster_nll = self.cluster_value_nll(h, hr, hc, t_val[hit])
@@ -733,7 +872,8 @@ class HitTransformer(nn.Module):
         c, L = self.config, self.layout
         d = c.d_model
         block = 4 * d * d + 2 * c.mlp_ratio * d * d  # qkv + proj + mlp
-        heads = d * (L.n_rows + 1) + (d * d + d * L.n_cols) + (d * d + d * L.n_values)
+        cells = 2 * d * d + d * sum(self.grid) if self.factorised else d * d + d * L.n_cols
+        heads = d * (L.n_rows + 1) + cells + (d * d + d * L.n_values)
         if self.clusters:  # shape and charge heads; the value head runs once per pixel of the token
             heads += (d * d + d * c.cluster_shapes) + (d * d + d * c.cluster_charge_bins)
             heads += (pixels_per_token - 1) * (d * d + d * L.n_values)
@@ -779,5 +919,5 @@ def mean_attended(lengths: torch.Tensor, window: int = 0) -> float:
     return float((m * (m + 1) / 2 + (n - m) * (window + 1)).sum() / n.sum())
 
 
-__all__ = ["Block", "HitTransformer", "KVCache", "Rotary2D", "cell_basis", "count_parameters", "length_buckets", "mean_attended",
+__all__ = ["Block", "GridEmbedding", "HitTransformer", "KVCache", "Rotary2D", "cell_basis", "count_parameters", "length_buckets", "mean_attended",
            "padded_tokens", "window_mask"]

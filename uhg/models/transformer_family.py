@@ -33,11 +33,18 @@ class TransformerFamily:
     def __init__(self, geometry, cfg: TransformerConfig, condition_norm: ConditionNorm):
         self.geometry, self.cfg, self.condition_norm = geometry, cfg, condition_norm
         lo, hi = cfg.energy_range
+        factorised = cfg.pixel_head == "factorised"
+        if factorised and getattr(geometry, "layout", None) != "cartesian":
+            raise ConfigError(f"model.pixel_head: factorised predicts a cell as (pixel row, pixel column) of a layer "
+                              f"grid; geometry {geometry.name!r} has no pixel grid (use pixel_head: flat)")
+        if factorised and cfg.cell_field and (geometry.nx % cfg.field_tile or geometry.ny % cfg.field_tile):
+            raise ConfigError(f"model.field_tile ({cfg.field_tile}) must divide the {geometry.ny} x {geometry.nx} "
+                              f"pixel grid of geometry {geometry.name!r}")
         if cfg.energy_reference == "incident":
             self.layout = layout_for_geometry(geometry, cfg.energy_bins, energy_reference="incident",
-                                              energy_min_fraction=lo, energy_max_fraction=hi)
+                                              energy_min_fraction=lo, energy_max_fraction=hi, factorised=factorised)
         else:
-            self.layout = layout_for_geometry(geometry, cfg.energy_bins, lo, hi)
+            self.layout = layout_for_geometry(geometry, cfg.energy_bins, lo, hi, factorised=factorised)
         self.ema_decay = cfg.ema_decay
         if cfg.token == "cluster" and self.layout.kind != "pixel":
             raise ConfigError(f"model.token: cluster makes tokens of pixel clusters; geometry {geometry.name!r} is a "
@@ -49,6 +56,8 @@ class TransformerFamily:
             raise ConfigError(f"model.response_model is for calorimeters; geometry {geometry.name!r} is a pixel detector")
 
     def build_modules(self) -> dict[str, nn.Module]:
+        if self.cfg.pixel_head == "factorised":  # the field lives on tiles the model lays out itself
+            return {"model": HitTransformer(self.cfg, self.layout, grid=(self.geometry.ny, self.geometry.nx))}
         return {"model": HitTransformer(self.cfg, self.layout, self._cell_xy() if self.cfg.cell_field else None)}
 
     def _cell_xy(self) -> np.ndarray:

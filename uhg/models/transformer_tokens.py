@@ -135,10 +135,12 @@ class TokenLayout:
 
 def layout_for_geometry(geometry, n_energy_bins: int = 128, energy_min_mev: float = 0.01515,
                         energy_max_mev: float = 1.0e6, energy_reference: str = "absolute",
-                        energy_min_fraction: float = 1.0e-9, energy_max_fraction: float = 1.0) -> TokenLayout:
+                        energy_min_fraction: float = 1.0e-9, energy_max_fraction: float = 1.0,
+                        factorised: bool = False) -> TokenLayout:
     """The token layout of a PXD (`PixelGeometry`) or calorimeter (`CaloGeometry`) geometry.
     Calorimeter energy bins: energy_min_mev..energy_max_mev (energy_reference="absolute") or
-    energy_min_fraction..energy_max_fraction of the incident energy ("incident")."""
+    energy_min_fraction..energy_max_fraction of the incident energy ("incident"). factorised: the
+    model predicts a cell as (pixel row, pixel column), so a layer may exceed MAX_CELLS_PER_ROW."""
     if geometry.kind == "pixel":
         return TokenLayout(
             kind="pixel", n_units=geometry.n_sensors, n_rows=geometry.rows, n_cols=geometry.cols,
@@ -156,9 +158,10 @@ def layout_for_geometry(geometry, n_energy_bins: int = 128, energy_min_mev: floa
                                 f"got {energy_min_fraction}, {energy_max_fraction}")
         absolute = energy_reference == "absolute"
         widths = tuple(int(c) for c in geometry.cells_per_layer)
-        if max(widths) > MAX_CELLS_PER_ROW:
+        if max(widths) > MAX_CELLS_PER_ROW and not factorised:
             raise GeometryError(f"geometry {geometry.name!r} has {max(widths)} cells in a layer; the hit transformer's "
-                                f"cell head supports at most {MAX_CELLS_PER_ROW} (use a coarser variant, e.g. epical-mini)")
+                                f"flat cell head supports at most {MAX_CELLS_PER_ROW} (use model.pixel_head: factorised, "
+                                f"or a coarser variant, e.g. epical-mini)")
         digital = getattr(geometry, "readout", "analog") == "digital"
         return TokenLayout(
             kind="calo", n_units=1, n_rows=geometry.n_layers, n_cols=max(widths), row_width=widths,
