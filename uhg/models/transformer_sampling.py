@@ -180,11 +180,17 @@ def _rows_with_room(model: HitTransformer, occ: torch.Tensor, occ_rows: torch.Te
 def shape_overlaps(model: HitTransformer, occupied: tuple[torch.Tensor, torch.Tensor], row: torch.Tensor,
                    col: torch.Tensor) -> torch.Tensor:
     """(N, K) whether shape k at anchor (row, col) would cover a pixel its sequence's earlier tokens
-    fired; occupied: ((S, rows x cols) fired pixels of every sequence, (N,) the sequence of each row)."""
+    fired; occupied: ((S, rows x cols) fired pixels of every sequence, (N,) the sequence of each row).
+    Exact for the shapes `shape_logits` allows at that anchor (inside the sensor); slots beyond a
+    shape's size sit on the anchor itself. The rest are out of the draw anyway, and their indices
+    are only kept inside the map."""
     grid, seq = occupied
-    flat, inside = token_pixels(model, row.clamp(max=model.layout.n_rows - 1), col, None)
-    hit = grid[seq.view(-1, 1, 1).expand_as(flat), flat]
-    return (hit & inside).any(-1)
+    L = model.layout
+    off, _ = model.shape_table()
+    shape_flat = off[..., 0] * L.n_cols + off[..., 1]  # (K, P)
+    base = seq * (L.n_rows * L.n_cols) + row.clamp(max=L.n_rows - 1) * L.n_cols + col  # (N,)
+    lin = (base[:, None, None] + shape_flat[None]).clamp_(0, grid.numel() - 1)
+    return grid.view(-1)[lin].any(-1)
 
 
 def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
