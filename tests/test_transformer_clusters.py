@@ -120,8 +120,9 @@ def _seeds(seed: int, first: int, n: int) -> list[int]:
     return [event_seed(seed, first + i, "generate") for i in range(n)]
 
 
-@pytest.mark.parametrize("pixels", [{}, {"cluster_pixel_context": True}, {"cluster_charge_redraws": 8}],
-                         ids=["independent-pixels", "pixel-context", "charge-redraws"])
+@pytest.mark.parametrize("pixels", [{}, {"cluster_pixel_context": True}, {"cluster_charge_redraws": 8},
+                                    {"cluster_exclusive": True}],
+                         ids=["independent-pixels", "pixel-context", "charge-redraws", "exclusive-pixels"])
 def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache(pixels):
     model = _cluster_model(**pixels)
     n = 5
@@ -260,6 +261,33 @@ def test_charge_redraws_put_the_pixel_codes_into_the_drawn_charge_class():
     for k in ("rows", "cols", "lengths"):
         assert torch.equal(getattr(plain, k), getattr(redrawn, k))
     assert torch.equal(plain.values[..., :2], redrawn.values[..., :2])
+
+
+def _shared_pixels(model: HitTransformer, g) -> tuple[int, int]:
+    """(pixels drawn by more than one token of their sequence, tokens) of generated sequences."""
+    off, size = model.shape_table()
+    shared = tokens = 0
+    for s in range(len(g.lengths)):
+        n = int(g.lengths[s])
+        shape = g.values[s, :n, 0]
+        real = torch.arange(off.shape[1])[None] < size[shape][:, None]
+        r = (g.rows[s, :n, None] + off[shape, :, 0])[real]
+        c = (g.cols[s, :n, None] + off[shape, :, 1])[real]
+        shared += len(r) - len(torch.unique(r * 10_000 + c))
+        tokens += n
+    return shared, tokens
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_exclusive_pixels_keep_every_pixel_in_one_token(exclusive):
+    """A training sequence never has two tokens on one pixel; an untrained model's draws often do
+    (their pixels merge into one cluster when decoded), and cluster_exclusive leaves those anchors
+    and shapes out of the draw."""
+    model = _cluster_model(cluster_exclusive=exclusive)
+    g = generate_tokens(model, torch.linspace(-1, 1, 4)[:, None], _seeds(4, 0, 4), max_hits=24)
+    shared, tokens = _shared_pixels(model, g)
+    assert tokens > 200
+    assert (shared == 0) == exclusive, f"{shared} pixels drawn twice among {tokens} tokens"
 
 
 def test_charge_redraws_refuse_the_pixel_context():

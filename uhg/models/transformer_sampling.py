@@ -138,13 +138,73 @@ def _padded(index: torch.Tensor) -> torch.Tensor:
     return torch.cat([index, index[:1].expand(n - len(index))])
 
 
+def _allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits with the classes not `allowed` (N, K) removed, except in rows where that would leave
+    none of the classes the logits allow (those rows are kept as they are)."""
+    keep = allowed & torch.isfinite(logits)
+    return torch.where(keep.any(-1, keepdim=True), logits.masked_fill(~keep, float("-inf")), logits)
+
+
+def token_pixels(model: HitTransformer, row: torch.Tensor, col: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P) flat in-sensor pixel index (row x n_cols + col) of each slot of cluster tokens at
+    anchors (row, col) with `shape` (N,) or of every shape (shape None: (N, K, P)); and whether the
+    slot is a real pixel of the shape inside the sensor."""
+    off, size = model.shape_table()
+    L = model.layout
+    if shape is not None:
+        off, size = off[shape], size[shape]  # (N, P, 2), (N,)
+        r, c = row[:, None] + off[..., 0], col[:, None] + off[..., 1]
+        real = torch.arange(off.shape[1], device=row.device)[None] < size[:, None]
+    else:
+        r, c = row[:, None, None] + off[None, ..., 0], col[:, None, None] + off[None, ..., 1]
+        real = (torch.arange(off.shape[1], device=row.device)[None] < size[:, None])[None]
+    inside = real & (r >= 0) & (r < L.n_rows) & (c >= 0) & (c < L.n_cols)
+    return (r.clamp(0, L.n_rows - 1) * L.n_cols + c.clamp(0, L.n_cols - 1)), inside
+
+
+def _rows_with_room(model: HitTransformer, occ: torch.Tensor, occ_rows: torch.Tensor, seq: torch.Tensor,
+                    prev_row: torch.Tensor, prev_col: torch.Tensor) -> torch.Tensor:
+    """(N, n_rows + 1) whether row r still has a pixel no earlier token of sequence `seq` fired at or
+    after the next position (rows after the previous anchor: any; its own row: a column after the
+    previous anchor's); END (the last class) always."""
+    L = model.layout
+    full = occ_rows[seq] >= L.n_cols  # (N, n_rows)
+    own = occ.view(-1, L.n_rows, L.n_cols)[seq, prev_row.clamp_min(0)]  # (N, n_cols)
+    after = torch.arange(L.n_cols, device=occ.device)[None] > prev_col[:, None]
+    own_room = (~own & after).any(-1)
+    r = torch.arange(L.n_rows, device=occ.device)[None]
+    room = torch.where(r == prev_row[:, None], own_room[:, None], ~full)
+    return torch.cat([room, torch.ones_like(room[:, :1])], 1)
+
+
+def shape_overlaps(model: HitTransformer, occupied: tuple[torch.Tensor, torch.Tensor], row: torch.Tensor,
+                   col: torch.Tensor) -> torch.Tensor:
+    """(N, K) whether shape k at anchor (row, col) would cover a pixel its sequence's earlier tokens
+    fired; occupied: ((S, rows x cols) fired pixels of every sequence, (N,) the sequence of each row).
+    Exact for the shapes `shape_logits` allows at that anchor (inside the sensor); slots beyond a
+    shape's size sit on the anchor itself. The rest are out of the draw anyway, and their indices
+    are only kept inside the map."""
+    grid, seq = occupied
+    L = model.layout
+    off, _ = model.shape_table()
+    shape_flat = off[..., 0] * L.n_cols + off[..., 1]  # (K, P)
+    base = seq * (L.n_rows * L.n_cols) + row.clamp(max=L.n_rows - 1) * L.n_cols + col  # (N,)
+    lin = (base[:, None, None] + shape_flat[None]).clamp_(0, grid.numel() - 1)
+    return grid.view(-1)[lin].any(-1)
+
+
 def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                          prefix: torch.Tensor, step: int, temperature: float, top_q: float) -> torch.Tensor:
+                          prefix: torch.Tensor, step: int, temperature: float, top_q: float,
+                          occupied: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(N, 2 + P) long: shape, charge class and pixel codes of the cluster tokens of one step;
-    prefix: (N,) `counter_prefix` of each token's sequence.
+    prefix: (N,) `counter_prefix` of each token's sequence; occupied: (fired pixels (S, rows x cols)
+    of every sequence, (N,) each row's sequence) (cluster_exclusive: shapes covering one are not drawn).
     Pixel rows are gathered per real pixel of the drawn shapes (not all P slots) and padded to
     ROW_PAD, so each draw is the same whatever else is in the batch."""
-    shape = sample_top_q(model.shape_logits(h, row, col), prefixed_uniform(prefix, step, 2), temperature, top_q)
+    logits = model.shape_logits(h, row, col)
+    if occupied is not None:
+        logits = _allowed(logits, ~shape_overlaps(model, occupied, row, col))
+    shape = sample_top_q(logits, prefixed_uniform(prefix, step, 2), temperature, top_q)
     charge = sample_top_q(model.charge_logits(h, row, col, shape), prefixed_uniform(prefix, step, 3),
                           temperature, top_q)
     P = model.config.cluster_max_pixels
@@ -264,6 +324,10 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     # FiLM of each sequence's context, once (padded rows, as every product here)
     films_all = [f[:S] for f in model.context_films(ctx_all[_padded(torch.arange(S, device=dev))])] if S else []
 
+    # cluster_exclusive: the pixels each sequence's tokens have fired so far (a pixel belongs to one token)
+    occ = (torch.zeros(S, L.n_rows * L.n_cols, dtype=torch.bool, device=dev)
+           if model.clusters and model.config.cluster_exclusive else None)
+    occ_rows = torch.zeros(S, L.n_rows, dtype=torch.long, device=dev) if occ is not None else None  # fired per row
     cap = 16
     vshape = (2 + model.config.cluster_max_pixels,) if model.clusters else ()  # cluster values per token
     out = {k: torch.zeros(S, cap, *(vshape if k == "values" else ()), dtype=torch.long, device=dev)
@@ -334,12 +398,18 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                 col = sample_top_q(model.col_logits(h, row, pr, pc, None, row_rem), prefixed_uniform(pre, t, 1),
                                    temperature, top_q)
         else:
-            row = sample_top_q(model.row_logits(h, pr, pc, rem), prefixed_uniform(pre, t, 0),
-                               temperature, top_q)
-            col = sample_top_q(model.col_logits(h, row, pr, pc, rem), prefixed_uniform(pre, t, 1),
-                               temperature, top_q)
+            row_logits = model.row_logits(h, pr, pc, rem)
+            if occ is not None:  # rows with no free pixel left after the previous anchor are left out
+                row_logits = _allowed(row_logits, _rows_with_room(model, occ, occ_rows, slots, pr, pc))
+            row = sample_top_q(row_logits, prefixed_uniform(pre, t, 0), temperature, top_q)
+            col_logits = model.col_logits(h, row, pr, pc, rem)
+            if occ is not None:  # anchors on fired pixels are left out (END rows: nothing to leave out)
+                taken = occ.view(S, L.n_rows, L.n_cols)[slots, row.clamp(max=L.n_rows - 1)]
+                col_logits = _allowed(col_logits, ~taken | (row == L.n_rows)[:, None])
+            col = sample_top_q(col_logits, prefixed_uniform(pre, t, 1), temperature, top_q)
         if model.clusters:
-            val = sample_cluster_values(model, h, row, col, pre, t, temperature, top_q)
+            val = sample_cluster_values(model, h, row, col, pre, t, temperature, top_q,
+                                        None if occ is None else (occ, slots))
         else:
             val = sample_top_q(model.value_logits(h, row, col), prefixed_uniform(pre, t, 2),
                                temperature, top_q)
@@ -360,6 +430,12 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             out_u[hit, t] = counter_uniform(keys[hit], units[hit], t, 3)
         lengths[hit] = t + 1
         prev_r[hit], prev_c[hit], prev_v[hit] = row[go], col[go], val[go]
+        if occ is not None and len(hit):
+            flat, inside = token_pixels(model, row[go], col[go], val[go][:, 0])
+            fresh = inside & ~occ[hit[:, None].expand_as(flat), flat]
+            occ[hit[:, None].expand_as(flat)[fresh], flat[fresh]] = True
+            occ_rows.index_put_((hit[:, None].expand_as(flat)[fresh], flat[fresh] // L.n_cols),
+                                torch.ones(int(fresh.sum()), dtype=torch.long, device=dev), accumulate=True)
         live[li[ended]] = False
         n_run = int(live.sum())
         if n_run and n_run <= 0.75 * len(slots) and _pad_rows(n_run) < len(slots):
