@@ -1,8 +1,9 @@
 """The spread of the deposited fraction as a fitted function of log E_inc (`model.deposit_spread`):
 fitted on showers of a lower energy range, it must predict the spread at higher energies. The
-showers come from the reference simulator, whose resolution is not of the fitted law's family, so
-the law has to extrapolate a shape it was not built from (docs/calorimeter.md, "Zero-shot in
-energy")."""
+showers come from the reference simulator, not from the fitted law: its constants are nowhere in
+the law, and its spread also carries leakage and sampling effects the law's forms do not name
+(`power_floor`, a fitted power of E falling to a fitted floor, is the nearest of them to a
+sampling term with a constant term; docs/calorimeter.md, "Zero-shot in energy")."""
 
 import math
 

@@ -192,6 +192,8 @@ def test_cluster_tokens_need_a_pixel_geometry_and_old_configs_are_pixel():
     assert old.token == "pixel"
     with pytest.raises(ValueError, match="token"):
         TransformerConfig(token="voxel")
+    with pytest.raises(ValueError, match="cluster_exclusive .* needs token: cluster"):
+        TransformerConfig(cluster_exclusive=True)  # pixel tokens: it would silently do nothing
 
 
 def _size_spectrum(batch: HitBatch, geometry) -> np.ndarray:

@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--cosine", action="store_true", help="learning rate decayed to 0 over the steps (cosine)")
     ap.add_argument("--extrapolate-energies", default="", help="MeV, comma-separated: fixed test energies")
     ap.add_argument("--extrapolate-events", type=int, default=2000)
-    ap.add_argument("--extrapolate-seed", type=int, default=201)
+    ap.add_argument("--extrapolate-seed", type=int, default=301)
     ap.add_argument("--ema-decay", type=float, default=0.0,
                     help="sample with an EMA of the law's weights (as `model.ema_decay` exports them)")
     a = ap.parse_args()

@@ -314,6 +314,9 @@ class TransformerConfig(Section):
         if self.pixel_head == "factorised" and not self.layer_counts:
             raise ValueError("pixel_head=factorised predicts the pixel of a hit within the layer the count law has "
                              "drawn, so it needs layer_counts: true (got layer_counts=false)")
+        if self.cluster_exclusive and self.token != "cluster":
+            raise ValueError(f"cluster_exclusive keeps the pixels of cluster tokens apart, so it needs token: cluster "
+                             f"(got token={self.token!r})")
         if self.cluster_charge_redraws and self.cluster_pixel_context:
             raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
                              "cluster_pixel_context draws them slot by slot: switch one of them off")
