@@ -42,6 +42,7 @@ showers stay sparse (the fired voxels).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -374,6 +375,24 @@ class LatentPrior(nn.Module):
         return mu.gather(1, idx)[:, 0] + log_sigma.gather(1, idx)[:, 0].exp() * eps
 
 
+def fit_alone(params: Iterable[nn.Parameter], lr: float, steps: int, pool: torch.Tensor, gen: torch.Generator,
+              loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """`steps` Adam steps on `params` alone, each on 512 indices drawn with replacement from `pool`
+    (by `gen`), the rate decayed from `lr` to 0 by a cosine: the after-training fits of one part of
+    the model, which end where the decayed rate settles rather than where the last constant-rate
+    steps of the joint training left them."""
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    with torch.enable_grad():
+        for _ in range(steps):
+            pick = pool[torch.randint(len(pool), (min(512, len(pool)),), generator=gen).to(pool.device)]
+            loss = loss_of(pick)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+
+
 class CaloLayersModel(nn.Module):
     """Both stages for one geometry. `voxel_layer` ((V,) long) gives the position of each voxel's
     layer among the `n_layers` layers holding voxels; `voxel_ring` ((V,) long, optional) the ring
@@ -702,18 +721,11 @@ class CaloLayersModel(nn.Module):
         else:
             target = self.law_input(e_layer, e_inc)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        opt = torch.optim.Adam(self.law.parameters(), lr=self.cfg.law_fit_lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.cfg.law_fit_steps)
         with torch.no_grad():
             out = {"law_fit_nll_before": float(-self.law.log_prob(target, cond).mean())}
-        with torch.enable_grad():
-            for _ in range(self.cfg.law_fit_steps):
-                pick = torch.randint(len(target), (min(512, len(target)),), generator=gen).to(target.device)
-                loss = -self.law.log_prob(target[pick], cond[pick]).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
+        fit_alone(self.law.parameters(), self.cfg.law_fit_lr, self.cfg.law_fit_steps,
+                  torch.arange(len(target), device=target.device), gen,
+                  lambda pick: -self.law.log_prob(target[pick], cond[pick]).mean())
         with torch.no_grad():
             out["law_fit_nll_after"] = float(-self.law.log_prob(target, cond).mean())
         return out
@@ -736,24 +748,18 @@ class CaloLayersModel(nn.Module):
             rec, kl = self.vae.loss(log_share[held], hit[held], ctx[held], self.cfg.free_bits)
             return float((rec + self.cfg.kl_weight * kl).mean())
 
+        def loss_of(pick: torch.Tensor) -> torch.Tensor:
+            rec, kl = self.vae.loss(log_share[pick], hit[pick], ctx[pick], self.cfg.free_bits)
+            return (rec + self.cfg.kl_weight * kl).mean()
+
         out = {}
-        opt = torch.optim.Adam(self.vae.parameters(), lr=self.cfg.vae_fit_lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.cfg.vae_fit_steps)
         # the reparametrisation draws come from the global generator: seeded here, restored after
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             with torch.no_grad():
                 if n_held:
                     out["vae_fit_heldout_loss_before"] = held_loss()
-            with torch.enable_grad():
-                for _ in range(self.cfg.vae_fit_steps):
-                    pick = fit[torch.randint(len(fit), (min(512, len(fit)),), generator=gen).to(fit.device)]
-                    rec, kl = self.vae.loss(log_share[pick], hit[pick], ctx[pick], self.cfg.free_bits)
-                    loss = (rec + self.cfg.kl_weight * kl).mean()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    sched.step()
+            fit_alone(self.vae.parameters(), self.cfg.vae_fit_lr, self.cfg.vae_fit_steps, fit, gen, loss_of)
             with torch.no_grad():
                 if n_held:
                     out["vae_fit_heldout_loss_after"] = held_loss()
