@@ -3,41 +3,18 @@ further on the fit showers with a decaying learning rate, the layer-energy law u
 residual quantiles fitted to the refitted decoder."""
 
 import torch
+from calo_law import finalise_fresh
+from calo_law import small_ds1_family as _family
 
-from uhg.config.calo_layers import CaloLayersConfig
 from uhg.config.loading import load_config
 from uhg.geometry import get_geometry
-from uhg.models.common import ConditionNorm
 from uhg.sim.calo import simulate_calo_showers
-from uhg.train.calo_layers_family import CaloLayersFamily
-
-
-def _family(**model) -> CaloLayersFamily:
-    model = {"share_noise": "gaussian", **model}
-    cfg = CaloLayersConfig(layer_target="total_shares", empty_layers="bernoulli", law_hidden=32, latent_dim=4,
-                           hidden_dim=32, **model)
-    norm = ConditionNorm.from_ranges({"incident_energy": (1e3, 1e5)}, cfg.conditions)
-    return CaloLayersFamily(get_geometry("ds1-photons"), cfg, norm)
 
 
 def test_vae_fit_trains_the_vae_alone_after_training(one_torch_thread):
     g = get_geometry("ds1-photons")
     showers = simulate_calo_showers(g, 400, seed=23, energy_min=1e3, energy_max=1e5)
-    results = []
-    for steps in (0, 120, 120):
-        family = _family(vae_fit_steps=steps)
-        torch.manual_seed(0)
-        model = family.build_modules()["model"]
-        family.initialise_from_data({"model": model}, [showers])
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        rng_before = torch.random.get_rng_state()
-        fitted = family.finalise_from_data(model, [showers])
-        rng_kept = torch.equal(rng_before, torch.random.get_rng_state())
-        after = model.state_dict()
-        vae_moved = any(not torch.equal(before[k], after[k]) for k in after if k.startswith("vae."))
-        rest_kept = all(torch.equal(before[k], after[k]) for k in after if not k.startswith("vae."))
-        results.append((fitted, vae_moved, rest_kept, rng_kept,
-                        {k: v.clone() for k, v in after.items() if k.startswith("vae.")}))
+    results = [finalise_fresh(_family(vae_fit_steps=steps), showers, "vae.") for steps in (0, 120, 120)]
     (off, off_moved, _, _, _), (on, on_moved, on_kept, on_rng, vae1), (_, _, _, _, vae2) = results
     assert off == {} and not off_moved
     assert on_moved and on_kept and on_rng
