@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from uhg.config.calo_layers import CaloLayersConfig
 from uhg.geometry import get_geometry
-from uhg.models.calo_layers import CaloLayersModel, DepositLaw
+from uhg.models.calo_deposit import DepositLaw
+from uhg.models.calo_layers import CaloLayersModel
 from uhg.models.common import ConditionNorm
 from uhg.sim.calo import simulate_calo_showers
 

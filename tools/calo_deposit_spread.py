@@ -1,6 +1,6 @@
 """Forward validation of the `deposit_spread` forms of `calo_layers` (how the spread of the
 deposited fraction log(E_dep / E_inc) depends on log E_inc), inside a training store: each form is
-fitted (`uhg.models.calo_layers.fit_deposit_spread`, the fit the model makes) to the showers below
+fitted (`uhg.models.calo_deposit.fit_deposit_spread`, the fit the model makes) to the showers below
 a cut T of the store's incident energies and predicts the spread in log bins around 2x, 5x and 10x
 T that lie inside the store; then fitted to the whole store, it predicts the spread at fixed
 energies above it, against showers simulated there (optional, `--reference-energies`).
@@ -31,7 +31,7 @@ def deposits(batch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict(form: str, coef: torch.Tensor, log_e: tuple[float, float], e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from uhg.models.calo_layers import deposit_location_scale
+    from uhg.models.calo_deposit import deposit_location_scale
 
     u = (torch.as_tensor(np.log(e)) - log_e[0]) / log_e[1]
     location, log_scale = deposit_location_scale(form, coef, u)
@@ -39,7 +39,7 @@ def predict(form: str, coef: torch.Tensor, log_e: tuple[float, float], e: np.nda
 
 
 def fit(form: str, e: np.ndarray, r: np.ndarray):
-    from uhg.models.calo_layers import fit_deposit_spread
+    from uhg.models.calo_deposit import fit_deposit_spread
 
     ok = r > 0
     log_e = np.log(e[ok])
@@ -50,7 +50,7 @@ def fit(form: str, e: np.ndarray, r: np.ndarray):
 
 def main() -> None:
     from uhg.data import open_store
-    from uhg.models.calo_layers import DEPOSIT_SPREAD_PARAMS
+    from uhg.models.calo_deposit import DEPOSIT_SPREAD_PARAMS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True)
