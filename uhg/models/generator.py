@@ -43,8 +43,11 @@ class Generator:
         self.family, self.module, self.sidecar, self.path = family, module, dict(sidecar), path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu",
+             model_overrides: Mapping[str, Any] | None = None) -> Generator:
         """Rebuild the generator from an export directory (`generator.json` + safetensors).
+        `model_overrides`: model keys set over the export's (e.g. a GAN's `sample_precision`;
+        keys that change the modules' shapes make the weights not fit).
 
         Only JSON and safetensors are read: nothing is unpickled. Raises CheckpointError for a
         missing, corrupt or incompatible export."""
@@ -71,7 +74,7 @@ class Generator:
         if sidecar.get("format") not in (FORMAT, FLOAT_ONLY_FORMAT):
             raise CheckpointError(f"{sidecar_path}: format {sidecar.get('format')!r}, expected {FORMAT!r}")
         try:
-            model_cfg = TypeAdapter(ModelConfig).validate_python(sidecar["model"])
+            model_cfg = TypeAdapter(ModelConfig).validate_python(sidecar["model"] | dict(model_overrides or {}))
             norm = ConditionNorm.from_dict(sidecar["condition_norm"])
             geometry = get_geometry(sidecar["geometry"])
         except (KeyError, ValidationError, ValueError) as err:
