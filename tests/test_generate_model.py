@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,15 @@ def test_model_overrides_set_sampling_keys_over_the_export(pxd_export: Path) -> 
                 .generate({"luminosity": lum}, seed=2))
     with pytest.raises(CheckpointError, match="generator.json"):
         Generator.load(pxd_export, model_overrides={"sample_precison": "bf16"})
+
+
+def test_bf16_sampling_on_a_cpu_without_amx_warns(pxd_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.warns(UserWarning, match="without AMX is slower than fp32"):
+        Generator.load(pxd_export, model_overrides={"sample_precision": "bf16"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Generator.load(pxd_export)
 
 
 def hit_keys(b: HitBatch) -> set[tuple[int, ...]]:
