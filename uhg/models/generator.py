@@ -102,7 +102,7 @@ class Generator:
         if getattr(model_cfg, "sample_precision", "fp32") == "bf16" and torch.device(device).type == "cpu" \
                 and not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
             # oneDNN's bf16 convolutions pay off with AMX only (measured on the full PXD decoder's
-            # layers: 1.6-1.8x slower than fp32 with AVX512-BF16 alone, 4-5x with AVX-512, 9-18x with AVX2)
+            # layers: 1.6-1.8x slower than fp32 with AVX512-BF16 alone, 4-5x with AVX-512, 9-19x with AVX2)
             warnings.warn(f"{sidecar_path}: sample_precision bf16 on a CPU without AMX is slower than fp32; "
                           "set the model key sample_precision: fp32 for this machine", stacklevel=2)
         return cls(family, module, sidecar, path)
