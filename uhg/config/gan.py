@@ -110,9 +110,9 @@ class GanConfig(Section):
         "fp32",
         description="Sampling only (training is unchanged): the precision of the decoder's convolutions, "
         "upsampling and FiLM when events are generated. bf16 (channels-last, summed in fp32 by "
-        "oneDNN; gates and charges read in fp32) takes ~2.5x less CPU time for the decoder on CPUs with AMX or "
-        "AVX512-BF16 (docs/benchmarks.md), but gives other events than fp32 for the same seed (the same law "
-        "within the measured fidelity floors); on CPUs without bf16 instructions it is slower than fp32.",
+        "oneDNN; gates and charges read in fp32) takes about half the decoder's CPU time on CPUs with AMX "
+        "(docs/benchmarks.md), but gives other events than fp32 for the same seed (the same law within the "
+        "measured fidelity floors); on CPUs without AMX it is slower than fp32.",
     )
     fit_from_data: bool = Field(
         False,

@@ -234,7 +234,7 @@ class Generator(nn.Module):
         channels-last halves their CPU time and gives the same values, bit for bit, as the
         contiguous layout (measured; the wider early blocks would sum in another order, for no gain).
         `dtype` bf16 (sampling, `sample_precision`): every block in bf16 and channels-last, where
-        oneDNN's AMX / AVX512-BF16 kernels take a third to a quarter of the fp32 time."""
+        oneDNN's AMX kernels take a third to a quarter of the fp32 time per convolution."""
         x = self.to_grid(tok).view(len(tok), -1, self.h0, self.w0)
         if dtype is not None and dtype != x.dtype:
             x = x.to(dtype=dtype, memory_format=torch.channels_last)
