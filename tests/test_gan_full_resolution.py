@@ -36,6 +36,8 @@ def test_the_full_resolution_config_has_the_cluster_laws_and_range_of_the_mini_o
     for key in LAWS:
         assert getattr(full.model, key) == getattr(mini.model, key), key
     assert full.model.count_law is not None and full.model.cluster_shapes > 0
+    # generation in bf16 at full resolution (the 0.2 CPU s target), the mini config's events unchanged
+    assert (full.model.sample_precision, mini.model.sample_precision) == ("bf16", "fp32")
     # the range of the mini configs and of the zero-shot protocol, whose top is the calibration point
     sim_full, sim_mini = full.data.simulate, mini.data.simulate
     assert (sim_full.luminosity_min, sim_full.luminosity_max) == (sim_mini.luminosity_min, sim_mini.luminosity_max)

@@ -14,7 +14,7 @@ from uhg.config.gan import GanConfig
 from uhg.config.schema import TrainConfig
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.gan import gate_noise, relaxed_images, upsample2
+from uhg.models.gan import HeadMaps, gate_noise, relaxed_images, upsample2
 from uhg.models.gan_layout import encode_hits, unit_layout
 from uhg.sim.calo import simulate_calo_showers
 from uhg.sim.pxd_background import simulate_pxd_background
@@ -141,6 +141,76 @@ def test_sampling_decoder_gives_the_training_decoder_values_bit_for_bit() -> Non
         with torch.no_grad():
             assert torch.equal(upsample2(x), nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
         assert torch.equal(upsample2(x.requires_grad_()).detach(), upsample2(x.detach()))
+
+
+def test_film_in_place_gives_forward_values_in_any_layout_and_rounds_bf16_factors() -> None:
+    """`FiLM.modulate_`: fp32 maps, contiguous or channels-last, get `forward`'s values bit for bit;
+    a bf16 map is modulated in bf16 by 1 + gamma and beta rounded to bf16, the same values as
+    those products and sums out of place."""
+    from uhg.models.common import FiLM
+
+    torch.manual_seed(2)
+    film = FiLM(6, 5)
+    with torch.no_grad():
+        film.proj.weight.normal_()
+        film.proj.bias.normal_()
+        cond = torch.randn(3, 6)
+        x = torch.randn(3, 5, 4, 7)
+        expected = film(x, cond)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            y = x.clone(memory_format=layout)
+            assert film.modulate_(y, cond) is y and torch.equal(y, expected)
+        gamma, beta = film.proj(cond).chunk(2, dim=-1)
+        xb = x.to(torch.bfloat16)
+        rounded = xb * (1 + gamma).to(torch.bfloat16)[:, :, None, None] + beta.to(torch.bfloat16)[:, :, None, None]
+        for layout in (torch.contiguous_format, torch.channels_last):
+            y = xb.clone(memory_format=layout)
+            film.modulate_(y, cond)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, rounded)
+        assert not torch.equal(rounded.float(), expected)  # the rounding is there to see
+
+
+def test_bf16_sampling_decodes_in_bf16_and_reads_the_maps_in_fp32() -> None:
+    """`sample_precision: bf16`: the decoder and head run in bf16 channels-last (the head maps are
+    bf16), their values within bf16 rounding of the fp32 decoder's; gates, offsets and encoded
+    values are read in fp32, and an event is the same in any batch."""
+    kw = dict(pixel_shuffle=2, charge_noise=True)
+    fam32, fam16 = family("pxd-tiny", **kw), family("pxd-tiny", sample_precision="bf16", **kw)
+    assert fam32.cfg.sample_precision == "fp32"
+    torch.manual_seed(3)
+    g32 = fam32.build_modules()["generator"].eval()
+    with torch.no_grad():
+        for p in g32.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g16 = fam16.build_modules()["generator"].eval()
+    g16.load_state_dict(g32.state_dict())
+    b, u, h, w = 2, fam32.layout.n_units, fam32.layout.height, fam32.layout.width
+    z, un, cond = torch.randn(b, 8), torch.randn(b, u, 4), torch.tensor([[-0.5], [0.7]])
+    with torch.no_grad():
+        head32, offset, _ = g32.sample_maps(z, un, cond)
+        head16, offset16, _ = g16.sample_maps(z, un, cond)
+        assert torch.equal(offset16, offset)
+        for m32, m16 in zip(head32, head16, strict=True):
+            assert m16.dtype == torch.bfloat16 and m16.is_contiguous(memory_format=torch.channels_last)
+            err = (m16.float() - m32).abs().max()
+            assert 0 < err < 0.02 * m32.abs().max()  # bf16 keeps 8 bits: rounding, not another model
+        gate = g16.gate_map(head16, offset)
+        assert gate.dtype == torch.float32
+        assert torch.equal(gate, g32.gate_map(HeadMaps(head16.gate.float(), None), offset))
+        at = (torch.rand(b, u, h, w) < 0.2).nonzero(as_tuple=True)
+        image, pixel = at[0] * u + at[1], at[2] * w + at[3]
+        assert torch.equal(g16.gate_at(head16, offset, image, pixel), gate[at])
+        assert g16.gate_max(head16, offset).dtype == torch.float32
+        pn = torch.randn(len(at[0]))
+        code = g16.code_at(head16, at, pn)
+        assert code.dtype == torch.float32
+        assert torch.equal(code, g32.code_at(HeadMaps(head16.gate.float(), head16.charge.float()), at, pn))
+    lum = torch.tensor([1e34, 2e34, 3e34, 4e34])
+    whole = fam16.sample(g16, {"luminosity": lum}, seeds=[5, 6, 7, 8])
+    tail = fam16.sample(g16, {"luminosity": lum[2:]}, seeds=[7, 8])
+    assert whole.slice(2, 4).n_hits > 0
+    for k in ("sensor", "row", "col", "value"):
+        assert np.array_equal(whole.slice(2, 4).columns[k], tail.columns[k])
 
 
 def test_sampling_is_per_event_deterministic() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,32 @@ def test_export_loads_without_unpickling(pxd_export: Path, monkeypatch: pytest.M
     gen = Generator.load(pxd_export)
     assert gen.condition_names == ["luminosity"] and gen.geometry.name == "pxd-tiny"
     assert len(gen.generate({"luminosity": np.full(2, 2e34)}, seed=1)) == 2
+
+
+def test_model_overrides_set_sampling_keys_over_the_export(pxd_export: Path) -> None:
+    """`Generator.load(..., model_overrides=...)`: a sampling key of the export's model (bf16 decoding)
+    changes the events, not the weights; a key that does not exist is an error naming the export."""
+    plain = Generator.load(pxd_export)
+    bf16 = Generator.load(pxd_export, model_overrides={"sample_precision": "bf16"})
+    assert plain.module.cfg.sample_precision == "fp32" and bf16.module.cfg.sample_precision == "bf16"
+    for k, v in plain.module.state_dict().items():
+        assert torch.equal(v, bf16.module.state_dict()[k])
+    lum = np.full(3, 3e34)
+    a, b = plain.generate({"luminosity": lum}, seed=2), bf16.generate({"luminosity": lum}, seed=2)
+    assert a.n_hits > 0 and b.n_hits > 0 and not same(a, b)
+    assert same(b, Generator.load(pxd_export, model_overrides={"sample_precision": "bf16"})
+                .generate({"luminosity": lum}, seed=2))
+    with pytest.raises(CheckpointError, match="generator.json"):
+        Generator.load(pxd_export, model_overrides={"sample_precison": "bf16"})
+
+
+def test_bf16_sampling_on_a_cpu_without_amx_warns(pxd_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.warns(UserWarning, match="without AMX is slower than fp32"):
+        Generator.load(pxd_export, model_overrides={"sample_precision": "bf16"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Generator.load(pxd_export)
 
 
 def hit_keys(b: HitBatch) -> set[tuple[int, ...]]:

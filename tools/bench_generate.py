@@ -74,6 +74,18 @@ def _condition(text: str) -> tuple[str, float]:
     return name.strip(), float(value)
 
 
+def _model_overrides(items: list[str]) -> dict[str, object]:
+    import yaml
+
+    out = {}
+    for text in items:
+        key, sep, value = text.partition("=")
+        if not sep or not key.startswith("model."):
+            raise SystemExit(f"--set {text!r}: with --model, expected model.KEY=VALUE")
+        out[key.removeprefix("model.")] = yaml.safe_load(value)
+    return out
+
+
 def main() -> None:
     import numpy as np
     import torch
@@ -86,7 +98,8 @@ def main() -> None:
     src.add_argument("--model", help="generator export directory")
     src.add_argument("--config", help="run config: benchmark its model with fresh weights")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="with --config: override a config key (e.g. model.cluster_shapes=4096), repeatable")
+                    help="with --config: override a config key (e.g. model.cluster_shapes=4096); with --model: a "
+                         "model key of the export (e.g. model.sample_precision=bf16); repeatable")
     ap.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
                     help="event condition (default luminosity=2e34, her_current=1.5, ler_current=1.5, beta_y_star=0.3); "
                          "a trained export is timed at its own conditions, where its hit count is realistic")
@@ -109,7 +122,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else export_from_config(args.config, Path(tmp) / "export", args.set)
-        gen = Generator.load(path, device=args.device)
+        gen = Generator.load(path, device=args.device, model_overrides=_model_overrides(args.set) if args.model else None)
         if args.compile and hasattr(gen.module, "sample_maps"):  # the GAN samples through it, not forward
             gen.module.sample_maps = torch.compile(gen.module.sample_maps)
         elif args.compile:

@@ -106,6 +106,14 @@ class GanConfig(Section):
         description="Pixel detectors: stochastic charge, drawn through a table of charge quantiles fitted to the "
         "training data (the generator shifts each pixel's percentile); false: one charge per pixel given the noise.",
     )
+    sample_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Sampling only (training is unchanged): the precision of the decoder's convolutions, "
+        "upsampling and FiLM when events are generated. bf16 (channels-last, summed in fp32 by "
+        "oneDNN; gates and charges read in fp32) takes about half the decoder's CPU time on CPUs with AMX "
+        "(docs/benchmarks.md), but gives other events than fp32 for the same seed (the same law within the "
+        "measured fidelity floors); on CPUs without AMX it is slower than fp32.",
+    )
     fit_from_data: bool = Field(
         False,
         description="Pixel detectors: before the first step, fit each sensor's occupancy (log-linear in the "

@@ -100,12 +100,25 @@ class FiLM(nn.Module):
         return x * (1 + gamma.view(shape)) + beta.view(shape)
 
     def modulate_(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """`forward` in place on x (no autograd through x): the same values, bit for bit."""
+        """`forward` in place on x (no autograd through x): the same values, bit for bit. A bf16 x
+        (sampling in bf16) is modulated in bf16: 1 + gamma and beta rounded to it."""
         gamma, beta = self.proj(cond).chunk(2, dim=-1)
-        if torch.result_type(x, gamma) != x.dtype:  # out of place it would promote x: keep forward's dtype
+        scale = 1 + gamma
+        if x.dtype == torch.bfloat16:
+            scale, beta = scale.to(x.dtype), beta.to(x.dtype)
+        elif torch.result_type(x, gamma) != x.dtype:  # out of place it would promote x: keep forward's dtype
             return self(x, cond)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # As (N, H, W, C) rows with the factors repeated along one row (W x C, contiguous): a
+            # factor broadcast along the strided channel dimension takes the scalar path (bf16 add:
+            # ~10x slower). Elementwise products and sums: the same values in any order.
+            n, c, _, w = x.shape
+            rows = x.permute(0, 2, 3, 1)
+            rows.mul_(scale.view(n, 1, 1, c).expand(n, 1, w, c).contiguous())
+            rows.add_(beta.view(n, 1, 1, c).expand(n, 1, w, c).contiguous())
+            return x
         shape = gamma.shape + (1,) * (x.dim() - 2)
-        return x.mul_(1 + gamma.view(shape)).add_(beta.view(shape))
+        return x.mul_(scale.view(shape)).add_(beta.view(shape))
 
 
 class ConditionEmbedding(nn.Module):
