@@ -91,9 +91,8 @@ def test_factorised_field_is_the_first_success_law_of_the_tiles():
     h = torch.randn(len(row), 16, generator=gen)
     with torch.no_grad():
         lp = _all_cells(model, h, row, prev_row, prev_col, left).view(len(row), ny * nx)
-        hr = h + model.row_out(row)
+        ell = model.pixel_span(h, row, prev_row, prev_col, left).ell  # (N, ny / 4, nx / 4)
         first = torch.where(row == prev_row, prev_col + 1, 0)
-        ell = model._tile_field(hr, first, left)  # (N, ny / 4, nx / 4)
         ell = ell.repeat_interleave(4, 1).repeat_interleave(4, 2).reshape(len(row), -1)
         c = torch.arange(ny * nx)
         open_ = (c >= first[:, None]) & (c <= (ny * nx - left)[:, None])

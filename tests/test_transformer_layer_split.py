@@ -98,6 +98,32 @@ def test_share_law_likelihood_is_a_normalised_split():
         assert abs(float(law.log_prob(splits, cond).exp().sum()) - 1) < 1e-6
 
 
+@pytest.mark.slow
+def test_share_means_put_the_laws_pixels_per_layer_where_the_datas_are(showers):
+    """Fitted to 1-16 GeV showers, the share law's expected pixels per layer summed over those
+    showers (its mean shares times each shower's total) are the data's within 0.5 % in every layer
+    with share_means; the likelihood fit alone leaves at least one layer more than 2 % off."""
+    g = get_geometry("epical-mini")
+    n = torch.as_tensor(_per_layer(showers, g.n_layers)).double()
+    cond = _cond(showers)
+    data = n.sum(0)
+    keep = data > 100  # layers with enough pixels for a per-cent comparison
+    off = {}
+    for means in (False, True):
+        law = LayerShareLaw(g.n_layers, 1).double()
+        fit_share_law(law, n, cond, means=means)
+        with torch.no_grad():
+            expected = (law.mean_shares(cond) * n.sum(1, keepdim=True)).sum(0)
+        off[means] = float((expected[keep] / data[keep] - 1).abs().max())
+    assert off[True] < 0.005, off
+    assert off[False] > 0.02, off
+
+
+def test_share_means_needs_layer_split():
+    with pytest.raises(ValueError, match="share_means.*layer_split"):
+        TransformerConfig(conditions=["incident_energy"], multiplicity="count", layer_counts=True, share_means=True)
+
+
 def test_layer_split_needs_layer_counts():
     raw = {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
            "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count",

@@ -127,7 +127,7 @@ def main() -> None:
         "command": "python tools/bench_transformer.py " + " ".join(f"{k}={v}" for k, v in vars(args).items()),
         "config": args.config, "geometry": cfg.geometry, "parameters": count_parameters(model),
         "precision": args.precision, "token": cfg.model.token, "batch_events": batch,
-        "real_hits_per_event": float(batches[0].columns["row"].numel()) / batch,
+        "real_hits_per_event": float(batches[0].columns["value"].numel()) / batch,
         "real_tokens_per_event": float(tok0.lengths.sum()) / batch, "simulate_s": sim_s,
         **{f"fit_{k}": float(v) for k, v in fitted.items()},
     }

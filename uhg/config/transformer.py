@@ -186,6 +186,14 @@ class TransformerConfig(Section):
         "which a sum of per-layer draws does not (docs/calorimeter.md). count_factors does not apply. Exports "
         "written before this key draw every layer from its own law.",
     )
+    share_means: bool = Field(
+        False,
+        description="layer_split: after the share law's maximum-likelihood fit, refit its mean shares (bias, slope "
+        "and curvature of every layer; depth pattern and concentration kept) so that its expected pixels per "
+        "layer, summed over the training showers, are the data's. The Dirichlet-multinomial likelihood is "
+        "nearly flat along directions that move the deep layers' mean share at the top energies, so the maximum "
+        "alone can leave them off by several per cent (docs/calorimeter.md, \"Share law: mean shares\").",
+    )
     cell_field: bool = Field(
         False,
         description="layer_counts, cartesian calorimeter layers (epical): the cell of every pixel is paced by a "
@@ -305,6 +313,9 @@ class TransformerConfig(Section):
         if self.layer_split and not self.layer_counts:
             raise ValueError("layer_split splits a shower's pixel total over its layers, so it needs "
                              "layer_counts: true (got layer_counts=false)")
+        if self.share_means and not self.layer_split:
+            raise ValueError("share_means refits the share law of layer_split, so it needs layer_split: true "
+                             "(got layer_split=false)")
         if self.cell_field and not self.layer_counts:
             raise ValueError("cell_field paces the cells of a layer whose pixels the count law has drawn, so it "
                              "needs layer_counts: true (got layer_counts=false)")

@@ -661,14 +661,37 @@ def share_law_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor)
             + RIDGE * (law.slope.square().sum() + law.curvature.square().sum() + law.concentration_slope.square().sum()))
 
 
-def fit_share_law(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
+def share_means_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Multinomial negative log-likelihood per shower of the pixels per layer under the law's mean
+    shares (depth factor integrated), plus the ridge of share_law_loss: its minimum puts the law's
+    mean pixels per layer, summed over the showers, where the data's are (the score equations of a
+    multinomial), whatever the law's scatter."""
+    return (-(counts * law.mean_shares(cond).log()).sum(-1).mean()
+            + RIDGE * (law.slope.square().sum() + law.curvature.square().sum()))
+
+
+def fit_share_law(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor, means: bool = False) -> dict[str, float]:
     """Maximum-likelihood fit of `law` to pixels per layer `counts` (N, L) at normalised
     conditions `cond` (N, C): the mean shares first (from the empirical ones, no depth factor),
-    then everything (full-batch L-BFGS, deterministic)."""
+    then everything (full-batch L-BFGS, deterministic). With `means`, then the mean shares' bias,
+    slope and curvature alone to `share_means_loss`, the depth pattern and concentration kept:
+    the Dirichlet-multinomial's likelihood is nearly flat along directions that move the deep
+    layers' mean share at the top energies (two fits within 0.004 nats per shower of each other
+    differ by 0.18 layers in mean depth there; docs/calorimeter.md), and the scatter model's misfit
+    decides where along them it ends."""
     with torch.no_grad():
         frac = (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
         law.bias.copy_(frac.log().mean(0) - frac.log().mean())
     out = {"law_share_nll": fit_law(law, lambda m: share_law_loss(m, counts, cond), max_iter=300)}
+    if means:
+        kept = [law.depth, law.log_concentration, law.concentration_slope]
+        for p in kept:
+            p.requires_grad_(False)
+        try:
+            out["law_share_means_nll"] = fit_law(law, lambda m: share_means_loss(m, counts, cond), max_iter=300)
+        finally:
+            for p in kept:
+                p.requires_grad_(True)
     return out
 
 
@@ -677,5 +700,5 @@ def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "choose_forward", "choose_pooled", "choose_shrink", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "share_means_loss", "choose_forward", "choose_pooled", "choose_shrink", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
            "factor_log_density", "one_factor_log_density"]

@@ -45,6 +45,7 @@ from torch import nn
 from uhg.config.transformer import TransformerConfig
 from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
+from uhg.models.transformer_factorised import FactorisedPixelHead, layer_fire_rate, tile_centres
 from uhg.models.transformer_tokens import TokenBatch, TokenLayout, encode_hits
 from uhg.sparse.torch_hits import TorchHits
 
@@ -226,7 +227,7 @@ class GridEmbedding(nn.Module):
         return self.rows(cells // self.nx) + self.cols(cells % self.nx)
 
 
-class HitTransformer(nn.Module):
+class HitTransformer(FactorisedPixelHead):
     """The model. Conditions enter as (B, C) features normalised by
     `uhg.models.common.ConditionNorm` (C = len(config.conditions)); `forward` is the training
     loss so a DeepSpeed engine can wrap the module."""
@@ -336,9 +337,7 @@ class HitTransformer(nn.Module):
             T = config.field_tile
             if ny % T or nx % T:
                 raise ValueError(f"field_tile ({T}) must divide the {ny} x {nx} pixel grid")
-            ty, tx = np.meshgrid(np.arange(ny // T), np.arange(nx // T), indexing="ij")
-            centres = np.stack([(tx.ravel() + 0.5) * T - nx / 2, (ty.ravel() + 0.5) * T - ny / 2], 1)
-            self.register_buffer("cell_basis", cell_basis(centres), persistent=False)
+            self.register_buffer("cell_basis", cell_basis(tile_centres(grid, T)), persistent=False)
             self.field_head = nn.Linear(d, self.cell_basis.shape[1])
             nn.init.zeros_(self.field_head.weight)  # zero field: the uniform pacing of pace_prior
             nn.init.zeros_(self.field_head.bias)
@@ -574,8 +573,7 @@ class HitTransformer(nn.Module):
         if self.cell_field:
             logits = logits + self._field_logits(hr, first, width, row_remaining)
         elif self.config.pace_prior:
-            left = (width - first).clamp_min(1)
-            lam = -torch.log1p(-(row_remaining.float() / left).clamp(1e-6, 0.999))
+            lam = -torch.log1p(-layer_fire_rate(row_remaining, first, width))
             logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first.unsqueeze(-1)).clamp_min(0)
         return logits.masked_fill(~ok, float("-inf"))
 
@@ -589,105 +587,11 @@ class HitTransformer(nn.Module):
         # in float32 under any autocast: in bf16 the clamp's 0.999 is 1.0 (logit +inf, NaN sums) and an
         # exclusive cumsum over a layer's cells loses the small terms
         hr = hr.float()
-        left = (width - first).clamp_min(1)
-        rho = (row_remaining.float() / left).clamp(1e-6, 0.999)
+        rho = layer_fire_rate(row_remaining, first, width)
         ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr).float() @ self.cell_basis.float().T
         c = torch.arange(ell.shape[-1], device=hr.device)
         off = F.logsigmoid(-ell).masked_fill(c < first.unsqueeze(-1), 0.0)
         return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
-
-    # ---- factorised pixel head (pixel_head=factorised) ------------------------------------
-    def _tile(self, cells: torch.Tensor) -> torch.Tensor:
-        """Field tile of flat cells (row-major tiles of field_tile x field_tile pixels)."""
-        nx = self.grid[1]
-        T = self.config.field_tile
-        return (cells // nx // T) * (nx // T) + (cells % nx) // T
-
-    def _grid_span(self, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
-                   row_remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first, last) flat cell the next pixel may take in its layer: after the previous pixel of the
-        layer, leaving room for the layer's pixels after it (END rows: the whole grid)."""
-        width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])[row]
-        first = torch.where(row == prev_row, prev_col + 1, 0)
-        return first, width - row_remaining.clamp_min(1)
-
-    def _tile_field(self, hr: torch.Tensor, first: torch.Tensor, row_remaining: torch.Tensor) -> torch.Tensor:
-        """cell_field on tiles: (N, tile rows, tile cols) log-odds l of each pixel of a tile firing, the
-        logit of the layer's uniform pacing (pixels still to place / cells left) plus the field."""
-        ny, nx = self.grid
-        T = self.config.field_tile
-        # 1e-7, not the flat head's 1e-6: one pixel left for a 1 M-cell layer is a rate of 1e-6
-        rho = (row_remaining.float() / (self.layout.n_cols - first).clamp_min(1)).clamp(1e-7, 0.999)
-        ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr.float()).float() @ self.cell_basis.float().T
-        return ell.view(len(hr), ny // T, nx // T)
-
-    def pixel_row_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
-                         row_remaining: torch.Tensor) -> torch.Tensor:
-        """(N, ny) logits of the pixel row of the next pixel in layer `row` (its first factor).
-
-        Rows before the previous pixel's, and rows that would leave too few cells for the layer's
-        pixels after this one, are -inf. With cell_field every pixel fires on its own with
-        probability sigmoid(l) (l constant on a tile), the next pixel is the first to fire in (row,
-        column) order, and its row is row y with log-probability sum_{y' < y} A(y') + log(1 - e^A(y)),
-        A(y) = sum of log sigmoid(-l) over the open cells of row y (the first and last open rows are
-        cut where the layer's span starts and ends): the flat head's first-success law exactly, and
-        cheap because l is constant on tiles (A of a full row is field_tile x its tile row's sum)."""
-        ny, nx = self.grid
-        first, last = self._grid_span(row, prev_row, prev_col, row_remaining)
-        y0, x0, y1 = first // nx, first % nx, last // nx
-        y = torch.arange(ny, device=h.device)
-        ok = (y >= y0.unsqueeze(-1)) & (y <= y1.unsqueeze(-1))
-        ok = ok | (row == self.layout.n_rows).unsqueeze(-1)
-        hr = h + self.row_out(row)
-        logits = self.col_head(hr)
-        if self.cell_field:
-            T = self.config.field_tile
-            lneg = F.logsigmoid(-self._tile_field(hr, first, row_remaining))  # (N, ny / T, nx / T)
-            a = (T * lneg.sum(-1)).repeat_interleave(T, 1)  # (N, ny): A of every full row
-            # the first and last open rows are cut at x0 / x1: A of their open cells only
-            x, n = torch.arange(nx, device=h.device), torch.arange(len(h), device=h.device)
-            x1 = last % nx
-            for at in (y1, y0):  # y0 last: where y0 == y1 its sum holds both cuts
-                cells = lneg[n, (at // T).clamp_max(ny // T - 1)].repeat_interleave(T, 1)  # (N, nx)
-                lo = torch.where(at == y0, x0, 0).unsqueeze(-1)
-                hi = torch.where(at == y1, x1, nx - 1).unsqueeze(-1)
-                part = cells.masked_fill((x < lo) | (x > hi), 0.0).sum(-1, keepdim=True)
-                a = torch.where(y == at.unsqueeze(-1), part, a)
-            a = a.masked_fill(y < y0.unsqueeze(-1), 0.0).clamp_max(-1e-12)  # rows before the start: skipped
-            before = torch.cumsum(a, -1) - a
-            logits = logits.float() + before + torch.log(-torch.expm1(a))
-        return logits.masked_fill(~ok, float("-inf"))
-
-    def pixel_col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
-                         row_remaining: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(N, nx) logits of the pixel column of the next pixel given its pixel row `y` (the second
-        factor). With cell_field: log sigmoid(l_x) + sum of log sigmoid(-l) over the open cells of
-        row y before x (the first fired cell of the row)."""
-        ny, nx = self.grid
-        first, last = self._grid_span(row, prev_row, prev_col, row_remaining)
-        x = torch.arange(nx, device=h.device)
-        lo = torch.where(y == first // nx, first % nx, 0).unsqueeze(-1)
-        hi = torch.where(y == last // nx, last % nx, nx - 1).unsqueeze(-1)
-        ok = ((x >= lo) & (x <= hi)) | (row == self.layout.n_rows).unsqueeze(-1)
-        hr = h + self.row_out(row)
-        logits = self.x_head(hr + self.y_out(y))
-        if self.cell_field:
-            T = self.config.field_tile
-            ell = self._tile_field(hr, first, row_remaining)
-            ell = ell[torch.arange(len(h), device=h.device), y // T].repeat_interleave(T, 1)  # (N, nx)
-            off = F.logsigmoid(-ell).masked_fill(x < lo, 0.0)
-            logits = logits.float() + F.logsigmoid(ell) + torch.cumsum(off, -1) - off
-        return logits.masked_fill(~ok, float("-inf"))
-
-    def cell_log_prob(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
-                      row_remaining: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """(N,) log p(cell) = log p(pixel row) + log p(pixel column | row) of flat cells `cell` of
-        layers `row` (pixel_head=factorised); each factor is a normalised softmax."""
-        nx = self.grid[1]
-        y, x = cell // nx, cell % nx
-        lp_y = F.log_softmax(self.pixel_row_logits(h, row, prev_row, prev_col, row_remaining), -1)
-        lp_x = F.log_softmax(self.pixel_col_logits(h, row, prev_row, prev_col, row_remaining, y), -1)
-        return lp_y.gather(1, y[:, None])[:, 0] + lp_x.gather(1, x[:, None])[:, 0]
 
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return self.val_head(h + self.row_out(row) + self.col_out(col))

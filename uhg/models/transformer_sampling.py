@@ -389,9 +389,10 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if cum is not None:  # layer_counts: the layer follows from the drawn counts
             row, row_rem = (v[:, 0] for v in model.layer_plan(cum, torch.full_like(tg[:, None], t)))
             if model.factorised:  # pixel row, then pixel column (draw 4: a draw no other head of a calo token uses)
-                y = sample_top_q(model.pixel_row_logits(h, row, pr, pc, row_rem), prefixed_uniform(pre, t, 1),
+                span = model.pixel_span(h, row, pr, pc, row_rem)
+                y = sample_top_q(model.pixel_row_logits(h, row, pr, pc, row_rem, span), prefixed_uniform(pre, t, 1),
                                  temperature, top_q)
-                x = sample_top_q(model.pixel_col_logits(h, row, pr, pc, row_rem, y), prefixed_uniform(pre, t, 4),
+                x = sample_top_q(model.pixel_col_logits(h, row, pr, pc, row_rem, y, span), prefixed_uniform(pre, t, 4),
                                  temperature, top_q)
                 col = y * model.grid[1] + x
             else:

@@ -104,7 +104,7 @@ class TransformerFamily(model.TransformerFamily):
             counts = [census.token_counts(vocab)]
         cond, n = torch.cat(conds), torch.cat(counts).double()
         if model.shares is not None:  # layer_split: the total's law on the totals, the split's on the layers
-            out |= fit_share_law(model.shares, n, cond)
+            out |= fit_share_law(model.shares, n, cond, means=self.cfg.share_means)
             n = n.sum(1, keepdim=True)
         if model.counts is not None:
             out |= fit_count_law(model.counts, n, cond)

@@ -1,0 +1,56 @@
+"""CPU time of the hit transformer's teacher-forced loss and its backward pass on the first showers
+of a store (no optimiser, no data loading): the model's own cost per training step, steadier than a
+whole step on a loaded machine. Weights of seed 0, as initialised.
+
+    uhg sim calo --geometry epical --energy-min 1000 --energy-max 4000 --events 24 --seed 9 --out full24.zarr
+    python tools/bench_transformer_loss.py --config configs/epical_transformer.yaml --store full24.zarr
+
+Run it against two checkouts (PYTHONPATH pointing at each) to compare them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from uhg.config.loading import load_config
+from uhg.data.reader import open_store
+from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
+from uhg.sparse.torch_hits import TorchHits
+from uhg.train.family import build_family
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="run config (a transformer on a calorimeter)")
+    ap.add_argument("--store", required=True, help="store of simulated showers of the config's geometry")
+    ap.add_argument("--showers", type=int, default=16, help="showers per loss (default 16, the shipped batch)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up pass")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(args.config)
+    sim = cfg.data.simulate
+    norm = ConditionNorm.from_ranges({"incident_energy": (sim.energy_min, sim.energy_max)}, cfg.model.conditions)
+    family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
+    torch.manual_seed(0)
+    model = family.build_modules()["model"]
+    hits = TorchHits.from_batch(open_store(args.store).read(0, args.showers))
+    cond = norm({"incident_energy": hits.conditions["incident_energy"]})
+    tokens = model.tokenize(hits)
+    times = []
+    for _ in range(args.repeats + 1):
+        model.zero_grad()
+        t = time.process_time()
+        model.loss(tokens, cond)["loss"].backward()
+        times.append(time.process_time() - t)
+    times = times[1:]
+    print(f"{int(tokens.lengths.sum())} tokens: CPU s per loss + backward, median {statistics.median(times):.3f}, "
+          f"min {min(times):.3f} ({args.repeats} passes, one thread)")
+
+
+if __name__ == "__main__":
+    main()

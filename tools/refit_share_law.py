@@ -1,0 +1,68 @@
+"""Refit the share law of a hit-transformer export (model.layer_split) to its training showers with
+or without `share_means`, and write the export again with that law. The network does not see the
+law in training (the laws are fitted before it and kept: law_lr 0; teacher forcing uses the data's
+pixels per layer), so the result is the export a training run with the other setting would make
+at the same seed, without the training.
+
+    python tools/refit_share_law.py --export runs/ab_F/export --store data/epical_mini.zarr --means --out exportM
+
+The training showers are the store's training split of the export's run (split seed = run seed,
+validation fraction as in its config), as `uhg train` fits them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from uhg.data.loader import split_mask, store_salt
+from uhg.data.reader import open_store
+from uhg.models.generator import Generator
+from uhg.models.laws import LayerShareLaw, fit_share_law
+from uhg.sparse.torch_hits import TorchHits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--export", required=True, help="export directory of a layer_split transformer")
+    ap.add_argument("--store", required=True, help="its training store")
+    ap.add_argument("--means", action="store_true", help="fit with share_means")
+    ap.add_argument("--split-seed", type=int, default=0, help="the run's seed (default 0)")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="data.validation_fraction of the run")
+    ap.add_argument("--out", required=True, help="new export directory")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    gen = Generator.load(args.export)
+    model = gen.module if hasattr(gen, "module") else gen._module
+    if model.shares is None:
+        raise SystemExit(f"{args.export}: no share law (model.layer_split is off)")
+    store = open_store(args.store)
+    train = np.flatnonzero(~split_mask(store.event_ids, args.split_seed, store_salt(store), args.val_fraction))
+    hits = TorchHits.from_batch(store.read(0, len(store)).take(train))
+    n_layers = len(model.shares.bias)
+    flat = hits.event_index() * n_layers + hits.columns["layer"].long()
+    counts = torch.bincount(flat, minlength=len(train) * n_layers).view(len(train), n_layers).double()
+    cond = gen.family.condition_norm(hits.conditions).double()
+    law = LayerShareLaw(n_layers, cond.shape[1]).double()
+    fit = fit_share_law(law, counts, cond, means=args.means)
+    out = Path(args.out)
+    shutil.copytree(args.export, out, dirs_exist_ok=True)
+    state = load_file(str(out / "generator.safetensors"))
+    for k, v in law.state_dict().items():
+        if f"shares.{k}" in state:
+            state[f"shares.{k}"] = v.to(state[f"shares.{k}"].dtype).contiguous()
+    save_file(state, str(out / "generator.safetensors"))
+    side = json.loads((out / "generator.json").read_text())
+    side["model"]["share_means"] = bool(args.means)
+    (out / "generator.json").write_text(json.dumps(side, indent=2))
+    print(f"{len(train)} training showers; share law refitted ({fit}) -> {out}")
+
+
+if __name__ == "__main__":
+    main()
