@@ -204,7 +204,7 @@ def joins_vocab_shape(model: HitTransformer, vocab: ShapeVocab, occ: torch.Tenso
     base = _key_base(L.n_cols)
     for i in touch.nonzero().squeeze(1).tolist():
         fired = grid[int(seq[idx[i]])].cpu().numpy()
-        pixels = {(int(a), int(b)) for a, b, k in zip(r[i].tolist(), c[i].tolist(), inside[i].tolist()) if k}
+        pixels = {(int(a), int(b)) for a, b, k in zip(r[i].tolist(), c[i].tolist(), inside[i].tolist(), strict=True) if k}
         stack, seen = list(pixels), set(pixels)
         while stack:  # the fired pixels 8-connected to the token
             a, b = stack.pop()
