@@ -21,6 +21,7 @@ from uhg.models.transformer import HitTransformer
 from uhg.models.transformer_clusters import (
     ShapeCensus,
     ShapeVocab,
+    _key_base,
     charge_classes,
     decode_clusters,
     encode_clusters,
@@ -121,8 +122,8 @@ def _seeds(seed: int, first: int, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("pixels", [{}, {"cluster_pixel_context": True}, {"cluster_charge_redraws": 8},
-                                    {"cluster_exclusive": True}],
-                         ids=["independent-pixels", "pixel-context", "charge-redraws", "exclusive-pixels"])
+                                    {"cluster_exclusive": True}, {"cluster_exclusive": True, "cluster_merge_redraws": 8}],
+                         ids=["independent-pixels", "pixel-context", "charge-redraws", "exclusive-pixels", "merge-redraws"])
 def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache(pixels):
     model = _cluster_model(**pixels)
     n = 5
@@ -290,6 +291,50 @@ def test_exclusive_pixels_keep_every_pixel_in_one_token(exclusive):
     shared, tokens = _shared_pixels(model, g)
     assert tokens > 200
     assert (shared == 0) == exclusive, f"{shared} pixels drawn twice among {tokens} tokens"
+
+
+def _vocabulary_joins(model: HitTransformer, g) -> tuple[int, int]:
+    """(tokens that join the clusters of their sequence they touch into a vocabulary shape, tokens
+    touching an earlier one): replayed token by token on sets of pixels."""
+    off, size = model.shape_table()
+    vocab, base, n_cols = model.shape_vocab(), _key_base(model.layout.n_cols), model.layout.n_cols
+    joins = touching = 0
+    for s in range(len(g.lengths)):
+        clusters: list[set] = []
+        for t in range(int(g.lengths[s])):
+            k = int(g.values[s, t, 0])
+            pix = {(int(g.rows[s, t] + off[k, i, 0]), int(g.cols[s, t] + off[k, i, 1])) for i in range(int(size[k]))}
+            pix = {(r, c) for r, c in pix if 0 <= r < model.layout.n_rows and 0 <= c < n_cols}
+            halo = {(r + a, c + b) for r, c in pix for a in (-1, 0, 1) for b in (-1, 0, 1)}
+            near = [j for j, q in enumerate(clusters) if q & halo]
+            merged = pix.union(*(clusters[j] for j in near))
+            first = min(merged)
+            key = tuple((r - first[0]) * base + (c - first[1]) + n_cols for r, c in sorted(merged))
+            touching += bool(near)
+            joins += bool(near) and key in vocab.index
+            clusters = [q for j, q in enumerate(clusters) if j not in near] + [merged]
+    return joins, touching
+
+
+@pytest.mark.parametrize("redraws", [0, 16])
+def test_merge_redraws_keep_tokens_from_joining_into_a_vocabulary_shape(redraws):
+    """The encoder writes a cluster whose pattern is a vocabulary shape as one token, so no training
+    sequence has a token that joins what it touches into one; an untrained model's draws often do,
+    and cluster_merge_redraws draws those tokens again. Tokens that touch without forming a
+    vocabulary shape (pieces of a split cluster) stay allowed."""
+    model = _cluster_model(cluster_exclusive=True, cluster_merge_redraws=redraws)
+    g = generate_tokens(model, torch.linspace(-1, 1, 4)[:, None], _seeds(4, 0, 4), max_hits=24)
+    joins, touching = _vocabulary_joins(model, g)
+    assert int(g.lengths.sum()) > 200
+    if redraws:
+        assert joins == 0 and touching > 0, f"{joins} of {touching} touching tokens join into a vocabulary shape"
+    else:
+        assert joins > 5, f"only {joins} of {touching} touching tokens join into a vocabulary shape"
+
+
+def test_merge_redraws_need_exclusive_pixels():
+    with pytest.raises(ValueError, match="cluster_merge_redraws .* cluster_exclusive"):
+        TransformerConfig(token="cluster", cluster_merge_redraws=4)
 
 
 def test_charge_redraws_refuse_the_pixel_context():

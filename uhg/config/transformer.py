@@ -70,6 +70,14 @@ class TransformerConfig(Section):
         "the pxd-mini model fell on earlier ones, merging with them (fewer, larger clusters: docs/results.md). "
         "Exports written before this key have it off.",
     )
+    cluster_merge_redraws: int = Field(
+        0, ge=0, le=64,
+        description="token=cluster with cluster_exclusive, generation: a drawn token that would join the clusters of "
+        "its sequence it touches into one whose pattern is a vocabulary shape is drawn again (anchor, shape, charge "
+        "and pixel codes, from the same distribution), up to this many times. The encoder writes such a cluster as "
+        "one token, so no training sequence holds it (0 of the pxd-mini reference's tokens; 1.6 % of the shipped "
+        "model's: docs/results.md). 0: off.",
+    )
     d_model: int = Field(128, gt=0, description="Token width.")
     n_layers: int = Field(4, gt=0, description="Transformer blocks (pre-norm, FiLM-modulated by the sequence context).")
     n_heads: int = Field(4, gt=0, description="Attention heads per block; d_model / n_heads must be a multiple of 4 (2-D rotary).")
@@ -328,6 +336,9 @@ class TransformerConfig(Section):
         if self.cluster_exclusive and self.token != "cluster":
             raise ValueError(f"cluster_exclusive keeps the pixels of cluster tokens apart, so it needs token: cluster "
                              f"(got token={self.token!r})")
+        if self.cluster_merge_redraws and not self.cluster_exclusive:
+            raise ValueError("cluster_merge_redraws checks tokens against the pixels earlier tokens fired, which "
+                             "cluster_exclusive keeps: set cluster_exclusive: true (got false)")
         if self.cluster_charge_redraws and self.cluster_pixel_context:
             raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
                              "cluster_pixel_context draws them slot by slot: switch one of them off")

@@ -35,12 +35,14 @@ import torch
 from uhg.data.hits import HitBatch
 from uhg.models.modes import eval_mode
 from uhg.models.transformer import HitTransformer, KVCache
-from uhg.models.transformer_clusters import charge_classes, decode_clusters
+from uhg.models.transformer_clusters import ShapeVocab, _key_base, charge_classes, decode_clusters
 from uhg.models.transformer_tokens import decode_tokens
 
 log = logging.getLogger("uhg.models.transformer")
 
 ROW_PAD = 16
+REDRAW_STEP = 1 << 22  # cluster_merge_redraws: redraw a of step t keys its draws as step t + a x this
+# (the counters hash (step x 4 + draw) mod 2^32: distinct from every first draw up to 4 M steps, 64 redraws)
 _M32 = 0xFFFFFFFF
 
 
@@ -175,6 +177,47 @@ def _rows_with_room(model: HitTransformer, occ: torch.Tensor, occ_rows: torch.Te
     r = torch.arange(L.n_rows, device=occ.device)[None]
     room = torch.where(r == prev_row[:, None], own_room[:, None], ~full)
     return torch.cat([room, torch.ones_like(room[:, :1])], 1)
+
+
+def joins_vocab_shape(model: HitTransformer, vocab: ShapeVocab, occ: torch.Tensor, seq: torch.Tensor,
+                      row: torch.Tensor, col: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """(N,) whether each cluster token (anchor row, col; `shape`; END rows: False) of sequence `seq`
+    would join the pixels its sequence has fired (`occ`, (S, rows x cols)) that it touches (8
+    neighbours) into one cluster whose pattern is a vocabulary shape. The encoder writes such a
+    cluster as one token, so no training sequence holds this. Touching is tested for every row at
+    once; the joined pattern only for the few rows that touch."""
+    L = model.layout
+    out = torch.zeros(len(row), dtype=torch.bool, device=row.device)
+    idx = (row < L.n_rows).nonzero().squeeze(1)
+    if not len(idx):
+        return out
+    flat, inside = token_pixels(model, row[idx], col[idx], shape[idx])
+    r, c = flat // L.n_cols, flat % L.n_cols
+    grid = occ.view(-1, L.n_rows, L.n_cols)
+    s = seq[idx][:, None].expand_as(r)
+    touch = torch.zeros(len(idx), dtype=torch.bool, device=row.device)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            rr, cc = r + dr, c + dc
+            ok = inside & (rr >= 0) & (rr < L.n_rows) & (cc >= 0) & (cc < L.n_cols)
+            touch |= (grid[s, rr.clamp(0, L.n_rows - 1), cc.clamp(0, L.n_cols - 1)] & ok).any(1)
+    base = _key_base(L.n_cols)
+    for i in touch.nonzero().squeeze(1).tolist():
+        fired = grid[int(seq[idx[i]])].cpu().numpy()
+        pixels = {(int(a), int(b)) for a, b, k in zip(r[i].tolist(), c[i].tolist(), inside[i].tolist(), strict=True) if k}
+        stack, seen = list(pixels), set(pixels)
+        while stack:  # the fired pixels 8-connected to the token
+            a, b = stack.pop()
+            for da in (-1, 0, 1):
+                for db in (-1, 0, 1):
+                    q = (a + da, b + db)
+                    if q not in seen and 0 <= q[0] < L.n_rows and 0 <= q[1] < L.n_cols and fired[q]:
+                        seen.add(q)
+                        stack.append(q)
+        px = sorted(seen)
+        key = tuple((a - px[0][0]) * base + (b - px[0][1]) + L.n_cols for a, b in px)
+        out[idx[i]] = key in vocab.index
+    return out
 
 
 def shape_overlaps(model: HitTransformer, occupied: tuple[torch.Tensor, torch.Tensor], row: torch.Tensor,
@@ -328,6 +371,9 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     occ = (torch.zeros(S, L.n_rows * L.n_cols, dtype=torch.bool, device=dev)
            if model.clusters and model.config.cluster_exclusive else None)
     occ_rows = torch.zeros(S, L.n_rows, dtype=torch.long, device=dev) if occ is not None else None  # fired per row
+    # cluster_merge_redraws (anchor drawn row then column, not from the layer counts)
+    merge_redraws = model.config.cluster_merge_redraws if occ is not None and cum_all is None else 0
+    vocab = model.shape_vocab() if merge_redraws else None
     cap = 16
     vshape = (2 + model.config.cluster_max_pixels,) if model.clusters else ()  # cluster values per token
     out = {k: torch.zeros(S, cap, *(vshape if k == "values" else ()), dtype=torch.long, device=dev)
@@ -411,6 +457,18 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if model.clusters:
             val = sample_cluster_values(model, h, row, col, pre, t, temperature, top_q,
                                         None if occ is None else (occ, slots))
+            for a in range(1, merge_redraws + 1):  # cluster_merge_redraws: the whole token again
+                bad = (live & joins_vocab_shape(model, vocab, occ, slots, row, col, val[:, 0])).nonzero().squeeze(1)
+                if not len(bad):
+                    break
+                bp, n_bad, tk = bad[_padded(torch.arange(len(bad), device=dev))], len(bad), t + a * REDRAW_STEP
+                r2 = sample_top_q(row_logits[bp], prefixed_uniform(pre[bp], tk, 0), temperature, top_q)
+                cl = model.col_logits(h[bp], r2, pr[bp], pc[bp], None if rem is None else rem[bp])
+                taken = occ.view(S, L.n_rows, L.n_cols)[slots[bp], r2.clamp(max=L.n_rows - 1)]
+                c2 = sample_top_q(_allowed(cl, ~taken | (r2 == L.n_rows)[:, None]), prefixed_uniform(pre[bp], tk, 1),
+                                  temperature, top_q)
+                v2 = sample_cluster_values(model, h[bp], r2, c2, pre[bp], tk, temperature, top_q, (occ, slots[bp]))
+                row[bad], col[bad], val[bad] = r2[:n_bad], c2[:n_bad], v2[:n_bad]
         else:
             val = sample_top_q(model.value_logits(h, row, col), prefixed_uniform(pre, t, 2),
                                temperature, top_q)
