@@ -108,13 +108,11 @@ def test_other_problems(tmp_path: Path) -> None:
         load_config(write(tmp_path, GOOD.replace("name: t\n", "")))
 
 
-def test_the_gan_refuses_the_pooled_count_law():
-    """The GAN shifts each sensor's count-law level after the fit (overlap correction); in the pooled
-    form that would also move the sensor's slope, a combination not measured: refused by name."""
+def test_the_gan_takes_the_pooled_count_law_and_refuses_an_unknown_one():
     from pydantic import ValidationError
 
     from uhg.config.gan import GanConfig
 
-    GanConfig(count_law="quadratic", cluster_shapes=8, fit_from_data=True)
-    with pytest.raises(ValidationError, match="count_law\n.*'power', 'powers' or 'quadratic'"):
-        GanConfig(count_law="pooled", cluster_shapes=8, fit_from_data=True)
+    assert GanConfig(count_law="pooled", cluster_shapes=8, fit_from_data=True).count_law == "pooled"
+    with pytest.raises(ValidationError, match="count_law\n.*'power', 'powers', 'quadratic' or 'pooled'"):
+        GanConfig(count_law="unit_quadratic", cluster_shapes=8, fit_from_data=True)

@@ -195,3 +195,22 @@ def test_pooled_law_lets_per_unit_slopes_through_that_the_level_does_not_explain
     with torch.no_grad():
         rel = law.mean(at)[0] / (20.0 * torch.exp(2.0 * slopes)) - 1
     assert float(rel.abs().max()) < 0.10, rel
+
+
+def test_shift_level_moves_every_unit_by_its_shift_and_keeps_its_slope():
+    """A level moved after the fit (the GAN's overlap and merge corrections) adds the shift to each
+    unit's log-odds at every condition: in the pooled form a unit's level also sets part of its
+    slope, which must stay at the fit."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(50, 2, generator=g, dtype=torch.float64) * 4 - 2
+    delta = torch.randn(6, generator=g, dtype=torch.float64) * 0.3
+    for form in ("power", "powers", "quadratic", "pooled", "unit_quadratic"):
+        law = CountLaw(6, 2, 3072, form).double()
+        with torch.no_grad():
+            for p in law.mean_parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+        before = law.eta(x)
+        law.shift_level(delta)
+        assert torch.allclose(law.eta(x) - before, delta[None].expand(50, 6), atol=1e-12), form
+        law.shift_level(0.25)  # one number for every unit
+        assert torch.allclose(law.eta(x) - before, (delta + 0.25)[None].expand(50, 6), atol=1e-12), form

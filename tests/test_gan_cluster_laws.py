@@ -426,6 +426,26 @@ def test_the_overlap_correction_moves_each_sensor_by_the_pixels_overlaps_lose(ti
     assert float(moved.max()) < 0.1, moved
 
 
+@pytest.mark.slow
+def test_the_overlap_correction_keeps_the_pooled_laws_slopes_at_their_fit(tiny_range) -> None:
+    """In the pooled law a sensor's level sets part of its slope (k (a_u - mean a)); the overlap
+    and merge corrections move the levels after the fit and must leave every sensor's slope
+    where the fit put it, so that the law extrapolates as fitted."""
+    torch.manual_seed(0)
+    geo, data, _ = tiny_range
+    fam, g = fitted_start(geo, data, count_law="pooled", cluster_merge_correction=True)
+    ends = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    eta = g.counts.eta(ends.to(g.counts.bias))
+    slope_before, level_before = eta[1] - eta[0], eta.mean(0)
+    assert float(g.counts.level_slope.abs().max()) > 0  # the level does set part of the slope here
+    conditions = {k: np.asarray(v) for k, v in data.conditions.items()}
+    counts = torch.zeros(len(data), geo.n_sensors)
+    fam._correct_overlaps(g, conditions, counts)
+    eta = g.counts.eta(ends.to(g.counts.bias))
+    assert float((eta.mean(0) - level_before).abs().max()) > 1e-4  # the levels moved
+    assert torch.allclose(eta[1] - eta[0], slope_before, atol=1e-5)
+
+
 def test_fit_events_sets_how_many_training_events_the_start_reads() -> None:
     geo = get_geometry("pxd-tiny")
     for want, config in ((2000, {}), (4000, {"fit_events": 4000}), (3, {"fit_events": 3})):

@@ -18,6 +18,9 @@ the truth at `--events`, and the MRE the protocol would expect at `--protocol-ev
 averaged over Gaussian noise draws. Laws: CountLaw fitted to clusters per sensor (8-connected
 pixels) of `--train-events` training events (2e35-8e35 log-uniform, seed 1, the training
 stores' seed), compared with the truth's clusters per sensor (no sampling noise on the law).
+An export with a count law (the GAN's) adds two rows in clusters: its generated events' clusters
+and its own law's expected seeds per sensor (the fit after the overlap and merge corrections,
+which raise each level by the hits that placed shapes lose to merging), against the truth's.
 """
 
 from __future__ import annotations
@@ -114,18 +117,31 @@ def main() -> None:
                                                                        scenario=args.machine), g, f, n, base_rng)
         h = {"reference 2": per_image(ref2, g), "overlay": per_image(base, g)}
         h_ref = per_image(ref, g)
+        made = None
         if gen is not None:
             conds = {k: ref.conditions[k] for k in gen.condition_names}
-            h["generated"] = per_image(gen.generate(conds, seed=103, batch_size=args.batch_size), g)
+            made = gen.generate(conds, seed=103, batch_size=args.batch_size)
+            h["generated"] = per_image(made, g)
         both = np.concatenate([h_ref, h["reference 2"]])
         truth, var_truth = both.mean(0), both.var(0) / len(both)
         var_ref = h_ref.var(0)
         rows = {}
         for name, x in h.items():
             rows[name] = split(x.mean(0), x.var(0), len(x), truth, var_truth, var_ref, args.protocol_events, rng)
-        if laws:
+        law_of_export = getattr(gen.module, "counts", None) if gen is not None else None
+        if laws or law_of_export is not None:
             c_both = np.concatenate([clusters_per_image(ref, g), clusters_per_image(ref2, g)])
             c_truth, c_var = c_both.mean(0), c_both.var(0) / len(c_both)
+        if law_of_export is not None:  # a GAN's count law: where its hits per sensor part from the truth's
+            c_made = clusters_per_image(made, g)
+            rows["generated (clusters)"] = split(c_made.mean(0), c_made.var(0), len(c_made), c_truth, c_var,
+                                                 c_both.var(0), args.protocol_events, rng)
+            cond = gen.family.condition_norm({k: torch.as_tensor(ref.conditions[k]) for k in gen.condition_names})
+            with torch.no_grad():
+                pred = law_of_export.mean(cond.to(law_of_export.bias)).double().mean(0).numpy()
+            rows["export's law, seeds (clusters)"] = split(pred, None, 1, c_truth, c_var, c_both.var(0),
+                                                            args.protocol_events, rng)
+        if laws:
             for name, law in laws.items():
                 cond = norm({k: torch.as_tensor(ref.conditions[k]) for k in norm.names}).double()
                 with torch.no_grad():

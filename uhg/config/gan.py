@@ -45,14 +45,15 @@ class GanConfig(Section):
         "pattern from a table of at most this many shapes, fitted with their per-sensor frequencies to the training "
         "data (fit_from_data); the generator shifts each sensor's shape log-odds. 0 = off. Excludes cluster_growth.",
     )
-    count_law: Literal["power", "powers", "quadratic"] | None = Field(
+    count_law: Literal["power", "powers", "quadratic", "pooled"] | None = Field(
         None,
         description="Pixel detectors with cluster_shapes: the clusters (seeds) of every sensor are drawn from a count "
         "law fitted to the training data before the first step and kept at its fit (negative binomial per sensor, "
         "a one-factor Gaussian copula for event-wide fluctuations; forms as the transformer's `count_law`), and "
         "exactly that many seeds are placed, at positions drawn from the generator's seed map. null = off (the gate "
-        "decides how many pixels seed). Not `pooled`: the GAN's overlap correction shifts each sensor's level after "
-        "the fit, which in the pooled form would also move its slope; that has not been measured.",
+        "decides how many pixels seed). The overlap and merge corrections shift each sensor's level after the fit and "
+        "leave its slope at the fit (in the pooled form the level also sets part of the slope: the remainder takes "
+        "the opposite tilt).",
     )
     cluster_charge_profile: bool = Field(
         False,

@@ -183,6 +183,23 @@ class CountLaw(nn.Module):
         q = (curvature + curvature.T) / 2
         return bias[None] + _dot(x, unit_slope + slope[None]) + ((x @ q) * x).sum(-1, keepdim=True)
 
+    @torch.no_grad()
+    def shift_level(self, delta: torch.Tensor | float) -> None:
+        """Add `delta` (per unit (U,), or one number) to every unit's log-odds at all conditions,
+        each unit's slope unchanged. In the pooled form a unit's level also sets part of its slope
+        (k (a_u - mean_v a_v)), so a level moved after the fit (the GAN's overlap and merge
+        corrections: placed shapes lose hits where they merge) would tilt the slope fitted to the
+        data's counts too; the remainder d_u takes the opposite tilt."""
+        d = torch.as_tensor(delta, dtype=torch.float64).to(self.positions.device)
+        d = d.expand(len(self.positions)) if d.dim() == 0 else d
+        if self.form == "powers":
+            self.amplitude.data += d.to(self.amplitude)[:, None]
+            return
+        if self.form == "pooled":
+            moved = (d - d.mean()).to(self.slope)
+            self.slope.data -= moved[:, None] * self.level_slope.data[None]
+        self.bias.data += d.to(self.bias)
+
     def mean_occupancy(self, cond: torch.Tensor, params: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B,) expected fraction of fired positions over all units."""
         return self.mean(cond, params).sum(-1) / self.positions.sum()

@@ -204,6 +204,7 @@ class GanFamily(model.GanFamily):
         # sensor ~1300 seeds in 256 events, sizes 1 to 30 pixels, a few percent per sensor.)
         level = _count_level(g.counts) if g.counts is not None else g.unit_gate[:, 0]
         start = level.detach().clone()
+        shift = g.counts.shift_level if g.counts is not None else level.add_
         for _ in range(2):
             made = torch.zeros(self.layout.n_units, dtype=torch.float64)
             target = torch.zeros(self.layout.n_units, dtype=torch.float64) if g.counts is not None else real
@@ -218,9 +219,9 @@ class GanFamily(model.GanFamily):
                     sizes = self._cluster_sizes(drawn.mask)
                     made_sizes += np.bincount(np.minimum(sizes, MERGE_CLASSES), minlength=MERGE_CLASSES + 1)
                     n_made += len(sizes)
-            level += torch.log((target + 1) / (made + 1)).to(level).view(-1, *[1] * (level.dim() - 1))
+            shift(torch.log((target + 1) / (made + 1)).to(level))
             if data_clusters is not None:
-                level += self._correct_merges(g, made_sizes, n_made, data_clusters[1][np.isin(data_clusters[0], idx)])
+                shift(self._correct_merges(g, made_sizes, n_made, data_clusters[1][np.isin(data_clusters[0], idx)]))
         return float(torch.exp(level - start).mean())
 
     def _cluster_sizes(self, mask: torch.Tensor) -> np.ndarray:
