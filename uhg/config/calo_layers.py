@@ -101,7 +101,7 @@ class CaloLayersConfig(Section):
         "voxels' hit Bernoullis fires (in DS2's last layers, 40-50 % of the showers that reach them). "
         "'most_likely': the voxel with the highest hit probability, always the same central voxel for a given "
         "shower shape, which narrows the centre-of-energy distribution of nearly empty layers. 'drawn': one voxel "
-        "drawn with probability proportional to the layers' voxel hit probabilities, so a one-hit layer lands "
+        "drawn with probability proportional to the layer's voxel hit probabilities, so a one-hit layer lands "
         "where the decoder says hits land (measured: docs/results.md, 'DS2: the tail layers' centres').")
     share_noise: Literal["gaussian", "empirical", "empirical_correlated"] = Field(
         "gaussian",
