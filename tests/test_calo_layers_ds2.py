@@ -73,6 +73,7 @@ def test_ds2_showers_carry_the_law_layer_energies(trained):
              for k, s in model.noise_shapes().items()}
     voxels = model.sample(e_inc, cond, noise)
     _, e_layer = model.sample_layers(e_inc, cond, noise["law_u"], noise["law_eps"])
+    assert model.cfg.empty_layer_voxel == "drawn" and list(noise)[-1] == "empty_u"
     assert voxels.shape == (n, 6480) and bool((voxels >= 0).all())
     torch.testing.assert_close(model.layer_energies(voxels), e_layer, rtol=1e-4, atol=1e-3)
     # the deposit is bounded by the training showers' deposited fractions (the law's support)

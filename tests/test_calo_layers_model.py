@@ -431,3 +431,48 @@ def test_correlated_empirical_noise_has_the_residuals_within_layer_correlation(o
     # the ring correlation would mix the same normals twice
     with pytest.raises(ValueError, match="ring_correlation"):
         CaloLayersConfig(share_noise="empirical_correlated", ring_correlation=True)
+
+
+def test_drawn_empty_layer_voxel_follows_the_hit_probabilities(family):
+    fam, _ = family
+    model = fam.build_modules()["model"]
+    n = 20000
+    gen = torch.Generator().manual_seed(5)
+    p_hit = torch.rand(1, G.n_cells, generator=gen).expand(n, -1)
+    empty = torch.ones(n, model.n_layers, dtype=torch.bool)
+    u = ((torch.arange(n) + 0.5) / n)[:, None].expand(-1, model.n_layers)
+    chosen = model.draw_voxel(p_hit, empty, u)
+    per_layer = torch.zeros(n, model.n_layers, dtype=torch.long).index_add_(1, model.voxel_layer, chosen.long())
+    assert bool((per_layer == 1).all())
+    freq = chosen.double().mean(0)
+    p = p_hit[0].double()
+    want = p / torch.zeros(model.n_layers, dtype=torch.float64).index_add_(0, model.voxel_layer, p)[model.voxel_layer]
+    torch.testing.assert_close(freq, want, atol=1.5 / n, rtol=0)
+
+
+def test_layers_without_a_sampled_hit_keep_their_energy_in_one_voxel(one_torch_thread):
+    """With no hit Bernoulli firing, every layer that the law gives energy holds it in one voxel:
+    always the same one for 'most_likely', one drawn per shower for 'drawn'; the other draws of a
+    seed are the same for both."""
+    n = 64
+    cells_used = {}
+    for mode in ("most_likely", "drawn"):
+        torch.manual_seed(0)
+        fam = build_family(G, CaloLayersConfig(hidden_dim=64, latent_dim=4, law_hidden=32, empty_layer_voxel=mode), NORM)
+        model = fam.build_modules()["model"].eval()
+        e_inc = torch.full((n,), 2e4)
+        cond = NORM({"incident_energy": e_inc.double()})
+        one = _noise(model, 1, seed=3)
+        noise = {k: v.expand(n, *v.shape[1:]).clone() for k, v in one.items()}
+        noise["voxel_u"] = torch.ones(n, G.n_cells)
+        if mode == "drawn":
+            noise["empty_u"] = torch.rand(n, model.n_layers, generator=torch.Generator().manual_seed(4))
+            assert list(model.noise_shapes())[-1] == "empty_u"
+        voxels = model.sample(e_inc, cond, noise)
+        hits = torch.zeros(n, model.n_layers, dtype=torch.long).index_add_(1, model.voxel_layer, (voxels > 0).long())
+        e_layer = model.layer_energies(voxels)
+        assert bool((hits == (e_layer > 0).long()).all())
+        big = int(torch.bincount(model.voxel_layer).argmax())
+        assert bool((e_layer[:, big] > 0).all())
+        cells_used[mode] = torch.unique(torch.nonzero(voxels[:, model.voxel_layer == big])[:, 1]).numel()
+    assert cells_used["most_likely"] == 1 and cells_used["drawn"] > 5

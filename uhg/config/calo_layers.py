@@ -95,6 +95,14 @@ class CaloLayersConfig(Section):
         "the training showers (set with the layer-energy standardisation), then renormalise: a tail draw of the "
         "log-normal noise of a rarely hit outer voxel cannot pull the centre of energy further out than the data "
         "ever did.")
+    empty_layer_voxel: Literal["most_likely", "drawn"] = Field(
+        "most_likely",
+        description="Generation: where the energy of a layer goes when the law gives it energy but none of its "
+        "voxels' hit Bernoullis fires (in DS2's last layers, 40-50 % of the showers that reach them). "
+        "'most_likely': the voxel with the highest hit probability, always the same central voxel for a given "
+        "shower shape, which narrows the centre-of-energy distribution of nearly empty layers. 'drawn': one voxel "
+        "drawn with probability proportional to the layer's voxel hit probabilities, so a one-hit layer lands "
+        "where the decoder says hits land (measured: docs/results.md, 'DS2: the tail layers' centres').")
     share_noise: Literal["gaussian", "empirical", "empirical_correlated"] = Field(
         "gaussian",
         description="Generation: law of the standardised log-share noise of each voxel. 'gaussian': the VAE's "

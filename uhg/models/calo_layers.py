@@ -716,10 +716,14 @@ class CaloLayersModel(nn.Module):
         if self.cfg.share_cap:
             log_share = torch.minimum(log_share, self.log_share_hi)
         share = torch.exp(log_share) * hit
-        # a layer with energy but no sampled hit keeps it in its most likely voxel
+        # a layer with energy but no sampled hit keeps it in one voxel: its most likely one, or one
+        # drawn by the hit probabilities (`empty_layer_voxel`)
         per_layer = torch.zeros(len(share), self.n_layers, device=share.device).index_add_(1, self.voxel_layer, share)
         empty = per_layer <= 0
-        if bool(empty.any()):
+        if bool(empty.any()) and self.cfg.empty_layer_voxel == "drawn":
+            share = torch.where(self.draw_voxel(torch.sigmoid(logit), empty, noise["empty_u"]), 1.0, share)
+            per_layer = torch.zeros_like(per_layer).index_add_(1, self.voxel_layer, share)
+        elif bool(empty.any()):
             masked = torch.where(empty[:, self.voxel_layer], logit, torch.full_like(logit, -torch.inf))
             best = torch.full((len(share), self.n_layers), -torch.inf, device=share.device)
             best = best.scatter_reduce(1, self.voxel_layer.expand(len(share), -1), masked, "amax")
@@ -729,6 +733,19 @@ class CaloLayersModel(nn.Module):
         share = share / per_layer.clamp_min(1e-30)[:, self.voxel_layer]
         return share * e_layer[:, self.voxel_layer]
 
+    def draw_voxel(self, p_hit: torch.Tensor, empty: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(B, V) bool: in every layer flagged in `empty` (B, L), the one voxel whose interval of the
+        layer's cumulative hit probabilities p_hit (B, V) holds u (B, L) times their sum."""
+        chosen = torch.zeros_like(p_hit, dtype=torch.bool)
+        for layer in torch.nonzero(empty.any(0)).flatten().tolist():
+            vox = torch.nonzero(self.voxel_layer == layer).flatten()
+            rows = torch.nonzero(empty[:, layer]).flatten()
+            cum = p_hit[rows][:, vox].double().cumsum(-1)
+            target = u[rows, layer].double() * cum[:, -1]
+            pick = torch.searchsorted(cum, target[:, None], right=True).clamp_max(len(vox) - 1)
+            chosen[rows, vox[pick[:, 0]]] = True
+        return chosen
+
     def noise_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-shower noise: name -> shape (uniform for *_u, standard normal otherwise)."""
         shapes = {"law_u": (self.n_law,), "law_eps": (self.n_law,), "z": (self.cfg.latent_dim,),
@@ -737,4 +754,7 @@ class CaloLayersModel(nn.Module):
             shapes["ring_eps"] = (self.vae.n_rings,)
         if hasattr(self, "prior"):
             shapes["prior_u"] = (1,)
+        if self.cfg.empty_layer_voxel == "drawn":
+            # last, so that the other draws of a seed stay those of 'most_likely'
+            shapes["empty_u"] = (self.n_layers,)
         return shapes
