@@ -20,6 +20,8 @@ from uhg.models.calo_layers import CaloLayersModel
 from uhg.models.common import ConditionNorm
 from uhg.sim.calo import simulate_calo_showers
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: one thread beats two on a busy 2-core machine
+
 FIT_RANGE = (1e3, 2e4)
 """MeV: the showers the law is fitted on (1-20 GeV)."""
 TEST_RANGE = (4e4, 1e5)

@@ -18,6 +18,8 @@ from uhg.sim.calo import simulate_calo_showers
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sim.pxd_machine import SHIPPED_SCENARIOS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: one thread beats two on a busy 2-core machine
+
 PXD = get_geometry("pxd-tiny")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -26,6 +26,8 @@ from uhg.train.gan_family import (
     unique_rows,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: one thread beats two on a busy 2-core machine
+
 ROOT = Path(__file__).resolve().parents[1]
 LAWS = ("cluster_shapes", "count_law", "cluster_charge_profile", "charge_noise", "fit_from_data")
 

@@ -22,6 +22,8 @@ from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import PlainEngine
 from uhg.train.gan_family import GanFamily
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: one thread beats two on a busy 2-core machine
+
 SMALL = dict(embed_dim=32, attention_layers=1, z_dim=8, sensor_noise_dim=4, decoder_channels=[16, 8, 4],
              discriminator_channels=[8, 16])
 
@@ -238,8 +240,7 @@ def test_encoding_of_real_hits() -> None:
     assert img.shape == (2, 45, 16, 9) and int((img > 0).sum()) == showers.n_hits
 
 
-@pytest.mark.slow  # 66-87 s each on the shared 2-core machine
-@pytest.mark.parametrize("geometry", ["pxd-tiny", "ds2"])
+@pytest.mark.parametrize("geometry", ["pxd-tiny", "ds2"])  # 1-2 s each on one thread (fast tier)
 def test_training_moves_the_generator_toward_the_data(geometry: str) -> None:
     """With the physics term on, the occupancy (pixel) or energy-response (calo) mismatch
     between generated and real events falls during a short training."""

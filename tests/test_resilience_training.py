@@ -60,7 +60,7 @@ tracking:
 
 
 def _uhg(workdir: Path, *args: str, timeout: float = 800) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # tiny model: one thread beats two on a busy 2-core machine
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.monotonic()
     done = subprocess.run([str(BIN / "uhg"), *args], cwd=workdir, env=env, capture_output=True, text=True,
@@ -104,7 +104,7 @@ def test_sigkilled_training_resumes_from_its_last_checkpoint(workdir: Path) -> N
     from uhg.train.checkpoint import latest_checkpoint, verify_checkpoint
 
     ckpts = workdir / "runs" / RUN / "checkpoints"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # tiny model: one thread beats two on a busy 2-core machine
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([str(BIN / "uhg"), "train", "--local", "--config", "configs/tiny.yaml"], cwd=workdir,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -151,7 +151,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_one_before(workdir: 
     run = "tiny-ckpt-kill"
     ckpts = workdir / "runs" / run / "checkpoints"
     partial = ckpts / ".step_000008.tmp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # tiny model: one thread beats two on a busy 2-core machine
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([str(BIN / "uhg"), "train", "--local", "--config", "configs/tiny.yaml", "--set",
                              f"name={run}", "--set", "tracking.experiment=resilience-ckpt-kill"], cwd=workdir,

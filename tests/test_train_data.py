@@ -25,6 +25,8 @@ from uhg.data.loader import HitDataset
 from uhg.errors import ConfigError, StoreError
 from uhg.train.data import TrainingData, simulate_store
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: one thread beats two on a busy 2-core machine
+
 PART_SIZE = 12
 
 

@@ -23,6 +23,8 @@ from uhg.models.transformer_tokens import decode_tokens, encode_hits, layout_for
 from uhg.sim.calo import simulate_calo_showers
 from uhg.sparse.torch_hits import TorchHits
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: one thread beats two on a busy 2-core machine
+
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "configs" / "calo_transformer_mini.yaml"
 BINS, LO, HI = 64, 1.0e-9, 1.0
