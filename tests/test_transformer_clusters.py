@@ -21,10 +21,10 @@ from uhg.models.transformer import HitTransformer
 from uhg.models.transformer_clusters import (
     ShapeCensus,
     ShapeVocab,
-    _key_base,
     charge_classes,
     decode_clusters,
     encode_clusters,
+    shape_key_base,
 )
 from uhg.models.transformer_sampling import generate_tokens, sample_events
 from uhg.models.transformer_tokens import layout_for_geometry
@@ -297,7 +297,7 @@ def _vocabulary_joins(model: HitTransformer, g) -> tuple[int, int]:
     """(tokens that join the clusters of their sequence they touch into a vocabulary shape, tokens
     touching an earlier one): replayed token by token on sets of pixels."""
     off, size = model.shape_table()
-    vocab, base, n_cols = model.shape_vocab(), _key_base(model.layout.n_cols), model.layout.n_cols
+    vocab, base, n_cols = model.shape_vocab(), shape_key_base(model.layout.n_cols), model.layout.n_cols
     joins = touching = 0
     for s in range(len(g.lengths)):
         clusters: list[set] = []

@@ -33,9 +33,9 @@ def touching(rows, cols, shapes, lengths, offsets, sizes, vocab) -> tuple[float,
     clusters it touches a cluster whose pattern is a vocabulary shape). The encoder splits only
     clusters that are not vocabulary shapes, largest pieces first, so encoded data rarely if ever
     hold the last."""
-    from uhg.models.transformer_clusters import _key_base
+    from uhg.models.transformer_clusters import shape_key_base
 
-    base, n_cols = _key_base(vocab.n_cols), vocab.n_cols
+    base, n_cols = shape_key_base(vocab.n_cols), vocab.n_cols
 
     def key(pixels: set) -> tuple:
         px = sorted(pixels)

@@ -43,7 +43,8 @@ from uhg.sparse.torch_hits import TorchHits
 Key = tuple[int, ...]
 
 
-def _key_base(n_cols: int) -> int:
+def shape_key_base(n_cols: int) -> int:
+    """Radix of a shape key: a pixel offset (dr, dc) is dr x this + dc + n_cols, unique for |dc| < n_cols."""
     return 2 * n_cols + 1
 
 
@@ -53,7 +54,7 @@ class ShapeVocab:
 
     def __init__(self, offsets: np.ndarray, sizes: np.ndarray, n_cols: int):
         self.offsets, self.sizes, self.n_cols = np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), n_cols
-        base = _key_base(n_cols)
+        base = shape_key_base(n_cols)
         self.keys: list[Key] = [tuple(int(dr * base + dc + n_cols) for dr, dc in self.offsets[k, :n])
                                 for k, n in enumerate(self.sizes)]
         self.index = {key: k for k, key in enumerate(self.keys) if self.sizes[k] > 0}
@@ -75,7 +76,7 @@ class ShapeVocab:
         chosen = [single, *ranked[:n_shapes - 1]]
         offsets = np.zeros((n_shapes, max_pixels, 2), np.int64)
         sizes = np.zeros(n_shapes, np.int64)
-        base = _key_base(n_cols)
+        base = shape_key_base(n_cols)
         for i, key in enumerate(chosen):
             codes = np.asarray(key, np.int64)
             offsets[i, :len(key), 0] = codes // base
@@ -127,7 +128,7 @@ def cluster_keys(image: np.ndarray, row: np.ndarray, col: np.ndarray, rows: int,
     lab, r, c = labels[order], row[order], col[order]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
     size = np.diff(np.r_[starts, len(lab)])
-    code = (r - np.repeat(r[starts], size)) * _key_base(cols) + (c - np.repeat(c[starts], size)) + cols
+    code = (r - np.repeat(r[starts], size)) * shape_key_base(cols) + (c - np.repeat(c[starts], size)) + cols
     return order, starts, [tuple(k.tolist()) for k in np.split(code, starts[1:])]
 
 

@@ -35,7 +35,12 @@ import torch
 from uhg.data.hits import HitBatch
 from uhg.models.modes import eval_mode
 from uhg.models.transformer import HitTransformer, KVCache
-from uhg.models.transformer_clusters import ShapeVocab, _key_base, charge_classes, decode_clusters
+from uhg.models.transformer_clusters import (
+    ShapeVocab,
+    charge_classes,
+    decode_clusters,
+    shape_key_base,
+)
 from uhg.models.transformer_tokens import decode_tokens
 
 log = logging.getLogger("uhg.models.transformer")
@@ -201,7 +206,7 @@ def joins_vocab_shape(model: HitTransformer, vocab: ShapeVocab, occ: torch.Tenso
             rr, cc = r + dr, c + dc
             ok = inside & (rr >= 0) & (rr < L.n_rows) & (cc >= 0) & (cc < L.n_cols)
             touch |= (grid[s, rr.clamp(0, L.n_rows - 1), cc.clamp(0, L.n_cols - 1)] & ok).any(1)
-    base = _key_base(L.n_cols)
+    base = shape_key_base(L.n_cols)
     for i in touch.nonzero().squeeze(1).tolist():
         fired = grid[int(seq[idx[i]])].cpu().numpy()
         pixels = {(int(a), int(b)) for a, b, k in zip(r[i].tolist(), c[i].tolist(), inside[i].tolist(), strict=True) if k}
