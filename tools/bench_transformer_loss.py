@@ -14,14 +14,10 @@ import argparse
 import statistics
 import time
 
-import torch
+from transformer_fingerprint import seeded_model  # tools/, on the path when run as a script
 
-from uhg.config.loading import load_config
 from uhg.data.reader import open_store
-from uhg.geometry import get_geometry
-from uhg.models.common import ConditionNorm
 from uhg.sparse.torch_hits import TorchHits
-from uhg.train.family import build_family
 
 
 def main() -> None:
@@ -31,13 +27,7 @@ def main() -> None:
     ap.add_argument("--showers", type=int, default=16, help="showers per loss (default 16, the shipped batch)")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up pass")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = load_config(args.config)
-    sim = cfg.data.simulate
-    norm = ConditionNorm.from_ranges({"incident_energy": (sim.energy_min, sim.energy_max)}, cfg.model.conditions)
-    family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
-    torch.manual_seed(0)
-    model = family.build_modules()["model"]
+    _, model, norm = seeded_model(args.config)
     hits = TorchHits.from_batch(open_store(args.store).read(0, args.showers))
     cond = norm({"incident_energy": hits.conditions["incident_energy"]})
     tokens = model.tokenize(hits)

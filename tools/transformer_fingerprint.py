@@ -25,19 +25,25 @@ from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import build_family
 
 
+def seeded_model(config: str):
+    """(family, model, condition norm) of a calorimeter transformer config, the model's weights as
+    initialised with seed 0 on one thread (tools/bench_transformer_loss.py times the same model)."""
+    torch.set_num_threads(1)
+    cfg = load_config(config)
+    sim = cfg.data.simulate
+    norm = ConditionNorm.from_ranges({"incident_energy": (sim.energy_min, sim.energy_max)}, cfg.model.conditions)
+    family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
+    torch.manual_seed(0)
+    return family, family.build_modules()["model"], norm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="run config (a transformer on a calorimeter)")
     ap.add_argument("--store", required=True, help="store of simulated showers of the config's geometry")
     ap.add_argument("--energies", default="2000,8000,15000", help="MeV of the generated showers, comma-separated")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = load_config(args.config)
-    sim = cfg.data.simulate
-    norm = ConditionNorm.from_ranges({"incident_energy": (sim.energy_min, sim.energy_max)}, cfg.model.conditions)
-    family = build_family(get_geometry(cfg.geometry), cfg.model, norm)
-    torch.manual_seed(0)
-    model = family.build_modules()["model"]
+    family, model, norm = seeded_model(args.config)
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
