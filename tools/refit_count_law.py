@@ -18,12 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from refit_share_law import training_events  # tools/, on the path when run as a script
 from safetensors.torch import load_file, save_file
 
-from uhg.data.loader import split_mask, store_salt
-from uhg.data.reader import open_store
 from uhg.models.generator import Generator
 from uhg.models.laws import fit_count_law
 from uhg.models.transformer_clusters import ShapeCensus
@@ -42,9 +40,7 @@ def main() -> None:
     model, family = gen.module, gen.family
     if model.counts is None or not model.clusters:
         raise SystemExit(f"{args.export}: not a cluster-token transformer with a count law")
-    store = open_store(args.store)
-    train = np.flatnonzero(~split_mask(store.event_ids, args.split_seed, store_salt(store), args.val_fraction))
-    batch = store.read(0, len(store)).take(train)
+    batch = training_events(args.store, args.split_seed, args.val_fraction)
     census = ShapeCensus(model.layout)
     census.add(batch)
     counts = census.token_counts(model.shape_vocab()).double()
@@ -61,7 +57,7 @@ def main() -> None:
             raise SystemExit(f"{args.export}: its count law has no tensor {key} of shape {tuple(v.shape)}")
         state[key] = v.to(state[key].dtype).contiguous()
     save_file(state, str(out / "generator.safetensors"))
-    print(f"{len(train)} training events; count law refitted in {time.time() - t0:.0f} s ({fit}) -> {out}")
+    print(f"{len(batch)} training events; count law refitted in {time.time() - t0:.0f} s ({fit}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from uhg.data.hits import HitBatch
 from uhg.data.loader import split_mask, store_salt
 from uhg.data.reader import open_store
 from uhg.models.generator import Generator
 from uhg.models.laws import LayerShareLaw, fit_share_law
 from uhg.sparse.torch_hits import TorchHits
+
+
+def training_events(store_path: str, split_seed: int, val_fraction: float) -> HitBatch:
+    """The events of a store that `uhg train` fits on: its training split (split seed = run seed)."""
+    store = open_store(store_path)
+    train = np.flatnonzero(~split_mask(store.event_ids, split_seed, store_salt(store), val_fraction))
+    return store.read(0, len(store)).take(train)
 
 
 def main() -> None:
@@ -42,12 +50,12 @@ def main() -> None:
     model = gen.module if hasattr(gen, "module") else gen._module
     if model.shares is None:
         raise SystemExit(f"{args.export}: no share law (model.layer_split is off)")
-    store = open_store(args.store)
-    train = np.flatnonzero(~split_mask(store.event_ids, args.split_seed, store_salt(store), args.val_fraction))
-    hits = TorchHits.from_batch(store.read(0, len(store)).take(train))
+    batch = training_events(args.store, args.split_seed, args.val_fraction)
+    n_train = len(batch)
+    hits = TorchHits.from_batch(batch)
     n_layers = len(model.shares.bias)
     flat = hits.event_index() * n_layers + hits.columns["layer"].long()
-    counts = torch.bincount(flat, minlength=len(train) * n_layers).view(len(train), n_layers).double()
+    counts = torch.bincount(flat, minlength=n_train * n_layers).view(n_train, n_layers).double()
     cond = gen.family.condition_norm(hits.conditions).double()
     law = LayerShareLaw(n_layers, cond.shape[1]).double()
     fit = fit_share_law(law, counts, cond, means=args.means)
@@ -61,7 +69,7 @@ def main() -> None:
     side = json.loads((out / "generator.json").read_text())
     side["model"]["share_means"] = bool(args.means)
     (out / "generator.json").write_text(json.dumps(side, indent=2))
-    print(f"{len(train)} training showers; share law refitted ({fit}) -> {out}")
+    print(f"{n_train} training showers; share law refitted ({fit}) -> {out}")
 
 
 if __name__ == "__main__":
