@@ -167,6 +167,24 @@ def test_initialise_from_data_fits_the_laws_to_training_events():
     assert abs(float(mu.detach().mean()) - np.log(e_dep / e).mean()) < 0.01
 
 
+def test_fit_events_sets_how_many_training_events_the_laws_read():
+    g = get_geometry("pxd-tiny")
+    norm = ConditionNorm.from_ranges({"luminosity": (2e35, 8e35)}, ["luminosity"])
+
+    def sample(**model):
+        raw = {"name": "x", "geometry": "pxd-tiny", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
+               "model": {"family": "transformer", "conditions": ["luminosity"], "d_model": 32, "n_layers": 1,
+                         "n_heads": 2, "latent_dim": 0, "multiplicity": "count", **model}}
+        return build_family(g, config_from_dict(raw).model, norm).fit_sample(20000)
+
+    default, few = sample(), sample(fit_events=500)
+    assert len(default) == 8192 and len(few) == 500 and len(sample(fit_events=30000)) == 20000
+    # evenly spread from the first training event to the last: the whole condition range is read
+    assert few[0] == 0 and few[-1] == 19999 and np.all(np.diff(few) >= 39)
+    with pytest.raises(ConfigError, match="fit_events"):
+        sample(fit_events=0)
+
+
 @pytest.mark.parametrize(("model", "match"), [
     ({"count_exponents": [1.0, 2.0]}, "count_exponents: unknown key"),
     ({"multiplicity": "count", "count_law": "spline"}, "count_law"),

@@ -17,7 +17,7 @@ from uhg.models.modes import eval_mode
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
-from uhg.train.family import Engine, check_finite
+from uhg.train.family import Engine, check_finite, evenly_spread
 
 ENERGY = model_half.ENERGY
 
@@ -36,7 +36,7 @@ class CaloLayersFamily(model_half.CaloLayersFamily):
 
     # -- data-driven start: standardisation of the log layer energies
     def fit_sample(self, n_train: int) -> np.ndarray:
-        return np.unique(np.linspace(0, n_train - 1, min(n_train, self.cfg.fit_events)).round().astype(np.int64))
+        return evenly_spread(n_train, self.cfg.fit_events)
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         model = modules["model"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,6 +67,13 @@ class NonFiniteLoss(Exception):
     def __init__(self, name: str, value: float):
         super().__init__(f"{name} = {value}")
         self.name, self.value = name, value
+
+
+def evenly_spread(n_train: int, at_most: int) -> np.ndarray:
+    """Positions of at most `at_most` of `n_train` training events, evenly spread over them (a
+    family's `fit_sample`): the store's order follows the simulation seeds, not the conditions,
+    so an even spread keeps every part of the training range."""
+    return np.unique(np.linspace(0, n_train - 1, min(n_train, at_most)).round().astype(np.int64))
 
 
 def check_finite(name: str, loss: torch.Tensor) -> None:

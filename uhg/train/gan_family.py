@@ -41,7 +41,7 @@ from uhg.seeding import event_seed
 from uhg.sparse.clusters import connected_pixels
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
-from uhg.train.family import Engine, check_finite
+from uhg.train.family import Engine, check_finite, evenly_spread
 
 QUANTILE_SAMPLE = 1_000_000  # charges kept for the quantile table
 OVERLAP_EVENTS = 256  # fit events generated to correct the seed rate for overlapping shapes ...
@@ -75,7 +75,7 @@ class GanFamily(model.GanFamily):
         """Training-event positions `initialise_from_data` wants (evenly spread, at most `fit_events`)."""
         if not (self.cfg.fit_from_data and self.layout.kind == "pixel"):
             return np.zeros(0, dtype=np.int64)
-        return np.unique(np.linspace(0, n_train - 1, min(n_train, self.cfg.fit_events)).round().astype(np.int64))
+        return evenly_spread(n_train, self.cfg.fit_events)
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         """Start the generator at the training data's per-sensor occupancy and charge spectrum

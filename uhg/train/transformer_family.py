@@ -25,12 +25,7 @@ from uhg.models.transformer_clusters import ShapeCensus
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.engine import grad_norm_metric
-from uhg.train.family import Engine, check_finite
-
-LAW_FIT_EVENTS = 8192
-"""Training events (spread over the training range) the laws are first fitted to: a law with a
-few parameters per sensor needs thousands of events for percent-level per-sensor means. Only
-per-unit counts and energy sums are kept, so memory does not grow with the hits."""
+from uhg.train.family import Engine, check_finite, evenly_spread
 
 
 def log_response(batch: TorchHits) -> torch.Tensor:
@@ -64,10 +59,10 @@ class TransformerFamily(model.TransformerFamily):
         return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
 
     def fit_sample(self, n_train: int) -> np.ndarray:
-        """Training-event positions `initialise_from_data` wants (evenly spread, at most LAW_FIT_EVENTS)."""
+        """Training-event positions `initialise_from_data` wants (evenly spread, at most `fit_events`)."""
         if self.cfg.multiplicity != "count" and not self.cfg.response_model and self.cfg.token != "cluster":
             return np.zeros(0, dtype=np.int64)
-        return np.unique(np.linspace(0, n_train - 1, min(n_train, LAW_FIT_EVENTS)).round().astype(np.int64))
+        return evenly_spread(n_train, self.cfg.fit_events)
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
         """Start the count and response laws at their maximum-likelihood fit to training events
