@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from uhg.models.laws import CURVATURE_GRID, CountLaw, choose_forward, fit_count_law, forward_score, forward_split
+from uhg.models.laws import CURVATURE_GRID, CountLaw, fit_count_law, forward_score, forward_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,8 +61,8 @@ def test_forward_validation_keeps_a_bend_that_continues_beyond_the_range():
     counts, _ = _convex(3000, 10, t, seed=2)
     x = t[:, None]
     law = CountLaw(10, 1, 3072, "pooled").double()
-    assert choose_forward(law, counts, x)[1] == CURVATURE_GRID[0]
-    fit_count_law(law, counts, x)
+    # the fit's curvature ridge is choose_forward's choice (choose_pooled), reported by the fit
+    assert fit_count_law(law, counts, x)["law_curvature_ridge"] == CURVATURE_GRID[0]
     straight = CountLaw(10, 1, 3072, "power").double()
     fit_count_law(straight, counts, x)
     for factor in (2.0, 3.0):
@@ -180,7 +180,7 @@ def test_pooled_law_lets_per_unit_slopes_through_that_the_level_does_not_explain
     slope to carry): the per-unit ridge chosen on held-out events is below its strongest, and
     the law predicts every unit at 2x the top within 10 % (at the strongest ridge the slopes,
     0.2 to 1.2, would be pulled towards their mean: tens of percent off)."""
-    from uhg.models.laws import POOLED_SHRINK_GRID, choose_pooled
+    from uhg.models.laws import POOLED_SHRINK_GRID
 
     gen = torch.Generator().manual_seed(2)
     n, units = 3000, 12
@@ -188,9 +188,9 @@ def test_pooled_law_lets_per_unit_slopes_through_that_the_level_does_not_explain
     slopes = 0.7 + 0.5 * torch.linspace(-1, 1, units, dtype=torch.float64)
     counts = torch.poisson(20.0 * torch.exp(x * slopes[None]), generator=gen)
     law = CountLaw(units, 1, 3072, "pooled").double()
-    shrink, _ = choose_pooled(law, counts, x)
+    # the fit's per-unit ridge is choose_pooled's choice, reported by the fit
+    shrink = fit_count_law(law, counts, x)["law_shrink"]
     assert shrink < POOLED_SHRINK_GRID[-1], shrink
-    fit_count_law(law, counts, x)
     at = torch.tensor([[2.0]], dtype=torch.float64)
     with torch.no_grad():
         rel = law.mean(at)[0] / (20.0 * torch.exp(2.0 * slopes)) - 1

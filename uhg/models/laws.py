@@ -28,10 +28,13 @@ QUANTILE_SIGMAS = 12.0  # support of an inverse-CDF count draw: mean + this many
 QUANTILE_CHUNK = 1024  # sequences per inverse-CDF block (bounds memory to chunk x support)
 
 
-def nb_log_prob(n: torch.Tensor, mean: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """log NB(n | mean, dispersion r): variance mean + mean^2 / r (Poisson as r -> inf)."""
+def nb_log_prob(n: torch.Tensor, mean: torch.Tensor, r: torch.Tensor,
+                log_factorial: torch.Tensor | None = None) -> torch.Tensor:
+    """log NB(n | mean, dispersion r): variance mean + mean^2 / r (Poisson as r -> inf).
+    `log_factorial`: lgamma(n + 1) computed beforehand (a fit evaluates the likelihood of the same
+    counts hundreds of times; the values, and so the result, are the same)."""
     log_mean, log_r = mean.clamp_min(1e-12).log(), r.log()
-    return (torch.lgamma(n + r) - torch.lgamma(r) - torch.lgamma(n + 1)
+    return (torch.lgamma(n + r) - torch.lgamma(r) - (torch.lgamma(n + 1) if log_factorial is None else log_factorial)
             - r * F.softplus(log_mean - log_r) - n * F.softplus(log_r - log_mean))
 
 
@@ -267,10 +270,12 @@ class CountLaw(nn.Module):
         w = self.factor_loading
         return w / (1 + w.square().sum(1, keepdim=True)).sqrt()
 
-    def marginal_log_prob(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """(B,) sum over units of the NB log-likelihood of hits per unit `counts` (B, U)."""
+    def marginal_log_prob(self, counts: torch.Tensor, cond: torch.Tensor,
+                          log_factorial: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) sum over units of the NB log-likelihood of hits per unit `counts` (B, U)
+        (`log_factorial`: as in nb_log_prob)."""
         mean = self.mean(cond)
-        return nb_log_prob(counts.to(cond.dtype), mean, self.dispersion(mean)).sum(-1)
+        return nb_log_prob(counts.to(cond.dtype), mean, self.dispersion(mean), log_factorial).sum(-1)
 
     def scores(self, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(B, U) normal scores of the counts under the current marginals (no gradient)."""
@@ -418,12 +423,13 @@ FORWARD = 0.5  # upper fraction of the training range (along the conditions' mai
 
 
 def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, shrink: float = SHRINK_GRID[-1],
-                   curvature_ridge: float = 0.0) -> torch.Tensor:
+                   curvature_ridge: float = 0.0, log_factorial: torch.Tensor | None = None) -> torch.Tensor:
     """Mean negative NB log-likelihood per event plus the ridges on the shape parameters; `shrink`
     is the strength of the ridge on per-unit slope deviations in events (a prior: it weighs as
     much whatever the number of events, so more events let more per-unit structure through);
-    `curvature_ridge` (pooled law) the strength of the one on its curvature, in events too."""
-    nll = -law.marginal_log_prob(counts, cond).mean()
+    `curvature_ridge` (pooled law) the strength of the one on its curvature, in events too
+    (`log_factorial`: as in nb_log_prob; `CountEvents` holds it)."""
+    nll = -law.marginal_log_prob(counts, cond, log_factorial).mean()
     if law.form == "pooled":
         _, unit_slope, slope, curvature, level_slope = law.mean_parameters()
         return (nll + shrink / len(counts) * unit_slope.square().sum()
@@ -436,6 +442,22 @@ def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, shri
     return nll + RIDGE * sum(p.square().sum() for p in law.mean_parameters()[1:])
 
 
+class CountEvents:
+    """Events a count law is fitted to, with what every L-BFGS evaluation of `count_law_loss` would
+    otherwise recompute: the selected events, their counts in the conditions' dtype and the counts'
+    log-factorials. A fit evaluates the loss hundreds of times; the values are the same."""
+
+    def __init__(self, counts: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None = None):
+        if index is not None:
+            counts, cond = counts[index], cond[index]
+        self.counts, self.cond = counts.to(cond.dtype), cond
+        self.log_factorial = torch.lgamma(self.counts + 1)
+
+    def loss(self, law: CountLaw, shrink: float = SHRINK_GRID[-1], curvature_ridge: float = 0.0) -> torch.Tensor:
+        """count_law_loss of `law` on these events."""
+        return count_law_loss(law, self.counts, self.cond, shrink, curvature_ridge, self.log_factorial)
+
+
 def choose_shrink(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> float:
     """The strength in SHRINK_GRID whose fit to a random (1 - HOLDOUT) of the events gives the
     held-out events the highest NB likelihood (quadratic law; others have no per-unit ridge)."""
@@ -446,8 +468,9 @@ def choose_shrink(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     n_out = max(1, int(HOLDOUT * len(counts)))
     out, fit = perm[:n_out], perm[n_out:]
     scores = []
+    events = CountEvents(counts, cond, fit)
     for strength in SHRINK_GRID:
-        fit_law(law, lambda m, k=strength: count_law_loss(m, counts[fit], cond[fit], k))
+        fit_law(law, lambda m, k=strength: events.loss(m, k))
         with torch.no_grad():
             dtype = law.positions.dtype
             scores.append(float(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).mean()))
@@ -499,9 +522,10 @@ def choose_forward(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> t
     start = [p.detach().clone() for p in law.parameters()]
     observed = counts[out].double().mean(0)
     best, choice = math.inf, default
+    events = CountEvents(counts, cond, fit)
     for curvature in reversed(CURVATURE_GRID):
         for shrink in reversed(POOLED_SHRINK_GRID):
-            fit_law(law, lambda m, k=shrink, c=curvature: count_law_loss(m, counts[fit], cond[fit], k, c))
+            fit_law(law, lambda m, k=shrink, c=curvature: events.loss(m, k, c))
             with torch.no_grad():
                 predicted = law.mean(cond[out].to(law.positions.dtype)).double().mean(0)
                 score = forward_score(predicted, observed)
@@ -527,8 +551,9 @@ def choose_pooled(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     n_out = max(1, int(HOLDOUT * len(counts)))
     out, fit = perm[:n_out], perm[n_out:]
     best, shrink = math.inf, POOLED_SHRINK_GRID[-1]
+    events = CountEvents(counts, cond, fit)
     for strength in reversed(POOLED_SHRINK_GRID):
-        fit_law(law, lambda m, k=strength: count_law_loss(m, counts[fit], cond[fit], k, curvature))
+        fit_law(law, lambda m, k=strength: events.loss(m, k, curvature))
         with torch.no_grad():
             dtype = law.positions.dtype
             score = float(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).mean())
@@ -555,7 +580,8 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     out = {"law_shrink": shrink}
     if law.form == "pooled":
         out["law_curvature_ridge"] = curvature
-    out["law_count_nll"] = fit_law(law, lambda m: count_law_loss(m, counts, cond, shrink, curvature))
+    events = CountEvents(counts, cond)
+    out["law_count_nll"] = fit_law(law, lambda m: events.loss(m, shrink, curvature))
     y = law.scores(counts, cond.to(law.loading.dtype)).double()
     # The copula is a correlation model (unit diagonal). Mid-point scores of small counts have a
     # variance below 1 (pxd-tiny, ~4 clusters per sensor: 0.82), and the one-factor density would
@@ -572,7 +598,8 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
         samples = []
         for _ in range(n_boot):
             idx = torch.randint(len(counts), (len(counts),), generator=gen)
-            fit_law(law, lambda m, i=idx: count_law_loss(m, counts[i], cond[i], shrink, curvature), max_iter=100)
+            resampled = CountEvents(counts, cond, idx)
+            fit_law(law, lambda m: resampled.loss(m, shrink, curvature), max_iter=100)
             samples.append(torch.cat([p.detach().double().reshape(-1) for p in law.mean_parameters()]))
             with torch.no_grad():  # every refit starts from the fit to all events
                 for p, f in zip(law.parameters(), fitted, strict=True):
@@ -717,5 +744,5 @@ def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "share_means_loss", "choose_forward", "choose_pooled", "choose_shrink", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "share_means_loss", "choose_forward", "choose_pooled", "choose_shrink", "CountEvents", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_quantile", "normal_scores",
            "factor_log_density", "one_factor_log_density"]
