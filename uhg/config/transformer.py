@@ -90,6 +90,15 @@ class TransformerConfig(Section):
         "written before this key existed attend to all.",
     )
     rotary: bool = Field(True, description="2-D rotary embedding of the (row, col) or (layer, cell) position in attention.")
+    rotary_grid: bool = Field(
+        False,
+        description="rotary, cartesian calorimeter layers (epical-mini, epical): rotate by the layer, the pixel row "
+        "and the pixel column of a hit instead of the layer and its flat cell (row x columns + column), so "
+        "attention scores depend on the row and column offsets between pixels; in the flat index an upper "
+        "neighbour is a whole row of cells away and the end of a row is next to the start of the next. The "
+        "layer takes a quarter of each head's rotation pairs (d_model / n_heads >= 6). Exports written before "
+        "this key rotate by the flat cell.",
+    )
     latent_dim: int = Field(
         8, ge=0,
         description="Event latent shared by all sensors of an event (carries intra-event correlations); "
@@ -300,6 +309,11 @@ class TransformerConfig(Section):
             raise ValueError(
                 f"with rotary=true the head width d_model/n_heads ({self.d_model // self.n_heads}) must be a multiple of 4"
             )
+        if self.rotary_grid and not self.rotary:
+            raise ValueError("rotary_grid chooses the positions of the rotary embedding: set rotary: true")
+        if self.rotary_grid and self.d_model // self.n_heads < 6:
+            raise ValueError(f"rotary_grid rotates by layer, pixel row and pixel column: the head width d_model/n_heads "
+                             f"({self.d_model // self.n_heads}) must be at least 6")
         ref = self.energy_reference
         other = "incident" if ref == "absolute" else "absolute"
         for key in _RANGE_KEYS[other]:

@@ -80,13 +80,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class Rotary2D(nn.Module):
     """Rotates the first half of each head by the row and the second half by the column, so
-    attention scores depend on the relative grid offset between hits (clusters are local)."""
+    attention scores depend on the relative grid offset between hits (clusters are local).
 
-    def __init__(self, head_dim: int, base: float = 1000.0):
+    With `grid_nx` (model.rotary_grid: calorimeter layers of one pixel grid) the column is a flat
+    cell `y * grid_nx + x` of its layer and the head is rotated by the layer, the pixel row y and
+    the pixel column x, so scores depend on the layer, row and column offsets. A flat offset does
+    not: an upper neighbour is grid_nx away and the last pixel of a row 1 away from the first of
+    the next. The layer takes a quarter of the head's rotation pairs, y and x the rest."""
+
+    def __init__(self, head_dim: int, base: float = 1000.0, grid_nx: int | None = None):
         super().__init__()
-        quarter = head_dim // 4
-        self.register_buffer("inv_freq", base ** (-torch.arange(quarter, dtype=torch.float32) / quarter),
-                             persistent=False)
+        pairs = head_dim // 2
+        if grid_nx is None:
+            self.pairs = (head_dim // 4, head_dim // 4)
+        else:
+            side = (pairs - pairs // 4) // 2
+            self.pairs = (pairs - 2 * side, side, side)
+            if min(self.pairs) < 1:
+                raise ValueError(f"rotary over (layer, pixel row, pixel column) needs 3 rotation pairs per head; "
+                                 f"head width {head_dim} has {pairs}")
+        self.grid_nx = grid_nx
+        for i, n in enumerate(self.pairs):
+            self.register_buffer(f"inv_freq{i}", base ** (-torch.arange(n, dtype=torch.float32) / n),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 memo: dict | None = None) -> torch.Tensor:
@@ -96,13 +112,14 @@ class Rotary2D(nn.Module):
         tables = None if memo is None else memo.get(x.dtype)
         if tables is None:
             tables = []
-            for pos in (rows, cols):
-                ang = pos[:, None].unsqueeze(-1).to(x.dtype) * self.inv_freq.to(x.dtype)
+            axes = (rows, cols) if self.grid_nx is None else (rows, cols // self.grid_nx, cols % self.grid_nx)
+            for i, pos in enumerate(axes):
+                ang = pos[:, None].unsqueeze(-1).to(x.dtype) * getattr(self, f"inv_freq{i}").to(x.dtype)
                 tables += [ang.cos(), ang.sin()]
             if memo is not None:
                 memo[x.dtype] = tables
-        a, b = x.chunk(2, -1)
-        return torch.cat([_rotate(a, *tables[:2]), _rotate(b, *tables[2:])], -1)
+        parts = x.split([2 * n for n in self.pairs], -1)
+        return torch.cat([_rotate(p, *tables[2 * i:2 * i + 2]) for i, p in enumerate(parts)], -1)
 
 
 @dataclass
@@ -236,7 +253,8 @@ class HitTransformer(FactorisedPixelHead):
                  grid: tuple[int, int] | None = None):
         """cell_xy: (n_cols, 2) centre of every cell of a layer in units of the pixel pitch, about the
         layer centre (needed with config.cell_field and the flat pixel head; all layers share the grid).
-        grid: (ny, nx) pixel rows and columns of a layer (needed with pixel_head=factorised)."""
+        grid: (ny, nx) pixel rows and columns of a layer (needed with pixel_head=factorised or
+        config.rotary_grid)."""
         super().__init__()
         self.factorised = config.pixel_head == "factorised"
         if self.factorised and (grid is None or grid[0] * grid[1] != layout.n_cols):
@@ -282,7 +300,10 @@ class HitTransformer(FactorisedPixelHead):
             self._vocab: tuple[bytes, ShapeVocab] | None = None
         else:
             self.val_in = nn.Embedding(L.n_values, d)
-        rotary = Rotary2D(d // config.n_heads) if config.rotary else None
+        if config.rotary_grid and grid is None:
+            raise ValueError("rotary_grid rotates by the pixel row and column of a layer: it needs the layer grid")
+        rotary = (Rotary2D(d // config.n_heads, grid_nx=grid[1] if config.rotary_grid else None)
+                  if config.rotary else None)
         self.blocks = nn.ModuleList(Block(d, config.n_heads, config.mlp_ratio, rotary, config.attention_window)
                                     for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(d, elementwise_affine=False)

@@ -40,6 +40,9 @@ class TransformerFamily:
         if factorised and cfg.cell_field and (geometry.nx % cfg.field_tile or geometry.ny % cfg.field_tile):
             raise ConfigError(f"model.field_tile ({cfg.field_tile}) must divide the {geometry.ny} x {geometry.nx} "
                               f"pixel grid of geometry {geometry.name!r}")
+        if cfg.rotary_grid and getattr(geometry, "layout", None) != "cartesian":
+            raise ConfigError(f"model.rotary_grid rotates by the pixel row and column of a layer grid; geometry "
+                              f"{geometry.name!r} has no pixel grid (use rotary_grid: false)")
         if cfg.energy_reference == "incident":
             self.layout = layout_for_geometry(geometry, cfg.energy_bins, energy_reference="incident",
                                               energy_min_fraction=lo, energy_max_fraction=hi, factorised=factorised)
@@ -58,7 +61,8 @@ class TransformerFamily:
     def build_modules(self) -> dict[str, nn.Module]:
         if self.cfg.pixel_head == "factorised":  # the field lives on tiles the model lays out itself
             return {"model": HitTransformer(self.cfg, self.layout, grid=(self.geometry.ny, self.geometry.nx))}
-        return {"model": HitTransformer(self.cfg, self.layout, self._cell_xy() if self.cfg.cell_field else None)}
+        grid = (self.geometry.ny, self.geometry.nx) if self.cfg.rotary_grid else None
+        return {"model": HitTransformer(self.cfg, self.layout, self._cell_xy() if self.cfg.cell_field else None, grid)}
 
     def _cell_xy(self) -> np.ndarray:
         """cell_field: (cells, 2) centres of a layer's cells in pixel pitches about the layer centre."""
