@@ -12,14 +12,13 @@ fraction as in the config); the law is fitted by `fit_count_law`, as in training
 
 from __future__ import annotations
 
-import argparse
 import copy
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from refit_share_law import training_events  # tools/, on the path when run as a script
+from refit_share_law import refit_parser, training_events  # tools/, on the path when run as a script
 from safetensors.torch import load_file, save_file
 
 from uhg.models.generator import Generator
@@ -28,13 +27,8 @@ from uhg.models.transformer_clusters import ShapeCensus
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True, help="export directory of a cluster-token transformer with a count law")
-    ap.add_argument("--store", required=True, help="training store to fit the law on")
-    ap.add_argument("--split-seed", type=int, default=0, help="the run's seed (default 0)")
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="data.validation_fraction of the run")
-    ap.add_argument("--out", required=True, help="new export directory")
-    args = ap.parse_args()
+    args = refit_parser(__doc__.split("\n\n")[0], "export directory of a cluster-token transformer with a count law",
+                        "training store to fit the law on").parse_args()
     torch.set_num_threads(1)
     gen = Generator.load(args.export)
     model, family = gen.module, gen.family

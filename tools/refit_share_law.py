@@ -36,14 +36,21 @@ def training_events(store_path: str, split_seed: int, val_fraction: float) -> Hi
     return store.read(0, len(store)).take(train)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True, help="export directory of a layer_split transformer")
-    ap.add_argument("--store", required=True, help="its training store")
-    ap.add_argument("--means", action="store_true", help="fit with share_means")
+def refit_parser(description: str, export_help: str, store_help: str) -> argparse.ArgumentParser:
+    """The arguments every law-refit tool takes: the export, the store to fit on, the run's split
+    (so the fit sees the training events `uhg train` used) and the new export directory."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--export", required=True, help=export_help)
+    ap.add_argument("--store", required=True, help=store_help)
     ap.add_argument("--split-seed", type=int, default=0, help="the run's seed (default 0)")
     ap.add_argument("--val-fraction", type=float, default=0.1, help="data.validation_fraction of the run")
     ap.add_argument("--out", required=True, help="new export directory")
+    return ap
+
+
+def main() -> None:
+    ap = refit_parser(__doc__.split("\n\n")[0], "export directory of a layer_split transformer", "its training store")
+    ap.add_argument("--means", action="store_true", help="fit with share_means")
     args = ap.parse_args()
     torch.set_num_threads(1)
     gen = Generator.load(args.export)
