@@ -24,6 +24,8 @@ from test_train_loop import CONFIG, losses
 
 LR = 1.0e-3
 
+pytestmark = pytest.mark.usefixtures("world_of_one")  # the training-loop tests below
+
 
 def expected(step: int, steps: int, warmup: int) -> float:
     """The rate step `step` (1-based) applies: warm-up from LR / warmup, then half a cosine to 0."""
@@ -64,9 +66,6 @@ def test_constant_is_the_default_and_warmup_alone_ramps_then_holds() -> None:
 def test_cosine_needs_steps_after_the_warmup() -> None:
     with pytest.raises(ValidationError, match="leaves no step of the cosine schedule"):
         TrainConfig(steps=4, batch_size=1, lr_schedule="cosine", warmup_steps=4)
-
-
-pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.fixture(scope="module")
