@@ -48,6 +48,10 @@ ensure_token() {
     fi
 }
 
+gcs_port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/${GCS_PORT}") 2>/dev/null
+}
+
 print_submit() {
     local TOKEN_NOTE=""
     if [ "${RAY_AUTH_MODE}" = "token" ]; then
@@ -73,7 +77,9 @@ case "${1:-}" in
     start)
         shift
         ensure_token
-        if ray status --address "127.0.0.1:${GCS_PORT}" >/dev/null 2>&1; then
+        # `ray status` retries an address where nothing listens for ~45 s before it gives up:
+        # ask it only when the GCS port takes a connection.
+        if gcs_port_open && ray status --address "127.0.0.1:${GCS_PORT}" >/dev/null 2>&1; then
             echo "a Ray head already answers on 127.0.0.1:${GCS_PORT}"
             print_submit
             exit 0

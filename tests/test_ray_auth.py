@@ -258,7 +258,10 @@ def test_local_head_refuses_clients_without_the_token(local_head: dict) -> None:
 
     # a driver without the token cannot join; with it (read from RAY_AUTH_TOKEN_PATH) it can
     join = "import ray; ray.init(address='127.0.0.1:{}'); print('joined', ray.cluster_resources()['CPU'])"
-    env = {k: v for k, v in local_head["env"].items() if k != "RAY_AUTH_TOKEN_PATH"}
+    # A refused driver retries its GCS connection once a second, 20 times by default, as for a GCS
+    # still starting; this GCS is up (the control above), so two tries show the refusal.
+    env = {k: v for k, v in local_head["env"].items() if k != "RAY_AUTH_TOKEN_PATH"} | {
+        "RAY_gcs_server_port_wait_time_s": "2"}
     refused = subprocess.run([sys.executable, "-c", join.format(local_head["gcs"])], env={**env, "RAY_AUTH_MODE": "disabled"},
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "joined" not in refused.stdout

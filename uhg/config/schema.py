@@ -90,6 +90,15 @@ class TrainConfig(Section):
     )
     lr: float = Field(2e-4, gt=0, description="Learning rate (GAN: generator).")
     lr_discriminator: float | None = Field(None, gt=0, description="GAN discriminator learning rate (default: lr).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning rate over the run, per applied optimiser step and for every engine: constant "
+        "(train.lr throughout) or cosine (half a cosine from train.lr after the warm-up down to 0 at train.steps). "
+        "Saved in checkpoints: a resumed run continues it, so it refuses a checkpoint of another schedule."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Steps over which the learning rate rises linearly from train.lr / warmup_steps to "
+        "train.lr before the schedule (0 = none)."
+    )
     betas: tuple[float, float] = Field((0.0, 0.99), description="Adam betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
@@ -115,6 +124,13 @@ class TrainConfig(Section):
     def _batch(self) -> TrainConfig:
         if self.batch_size is None and self.global_batch_size is None:
             raise ValueError("set batch_size (events per worker) or global_batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> TrainConfig:
+        if self.lr_schedule == "cosine" and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) leaves no step of the cosine schedule "
+                             f"(train.steps {self.steps})")
         return self
 
 

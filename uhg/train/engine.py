@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uhg.config.schema import RunConfig
+from uhg.config.schema import RunConfig, TrainConfig
 from uhg.errors import ConfigError, TrainingError
 from uhg.train.family import ModelFamily
 from uhg.train.preflight import read_deepspeed_preset
@@ -120,6 +120,28 @@ def deepspeed_config(cfg: RunConfig, micro_batch: int, world_size: int) -> dict[
     return ds
 
 
+def build_lr_scheduler(optimizer: torch.optim.Optimizer,
+                       train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """`train.lr_schedule` with `train.warmup_steps` on `optimizer` (every parameter group, in
+    proportion to its own lr), stepped once per applied optimiser step; None for a constant rate
+    without warm-up, so such a run steps exactly as it did before schedules existed."""
+    from torch.optim import lr_scheduler as sched
+
+    warmup = train.warmup_steps
+    if train.lr_schedule == "constant" and not warmup:
+        return None
+    ramp = sched.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup) if warmup else None
+    if train.lr_schedule == "constant":
+        return ramp  # after its last step LinearLR keeps the full rate
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=train.steps - warmup)
+    return sched.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup]) if ramp is not None else cosine
+
+
+def current_lr(engine: Any) -> float:
+    """The learning rate the engine's next step applies (its optimiser's first parameter group)."""
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
 def check_zero_stage(family: ModelFamily, stage: int) -> None:
     """Refuse ZeRO stages a family is known not to train correctly under."""
     reasons: Mapping[int, str] = getattr(family, "unsupported_zero_stages", {})
@@ -137,7 +159,9 @@ def build_engines(cfg: RunConfig, family: ModelFamily, modules: Mapping[str, nn.
     for name, module in modules.items():
         module.to(device)
         optimizer = family.build_optimizer(name, module, cfg.train)
+        # the engine steps the scheduler after each applied step and saves it in its checkpoints
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                          lr_scheduler=build_lr_scheduler(optimizer, cfg.train),
                                           config=deepspeed_config(cfg, micro_batch, world_size))
         engines[name] = engine
     return engines
@@ -160,8 +184,10 @@ class PlainEngine:
     """A module + torch optimiser with the `Engine` interface, for single-device use without
     DeepSpeed (unit tests, quick experiments)."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, gradient_clipping: float = 0.0):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, gradient_clipping: float = 0.0,
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None):
         self.module, self.optimizer, self.gradient_clipping = module, optimizer, gradient_clipping
+        self.lr_scheduler = lr_scheduler
         self._grad_norm: float | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -176,6 +202,8 @@ class PlainEngine:
         self._grad_norm = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm

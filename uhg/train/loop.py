@@ -154,7 +154,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
     export the generator. Collective: every rank of the process group calls it."""
     from uhg.geometry import get_geometry
     from uhg.train.checkpoint import load_checkpoint, save_checkpoint
-    from uhg.train.engine import build_engines, full_parameters, init_distributed, select_device
+    from uhg.train.engine import build_engines, current_lr, full_parameters, init_distributed, select_device
     from uhg.train.export import export_generator
 
     rank, world, local_rank = init_distributed()
@@ -183,6 +183,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
 
     step, skipped, events_seen = 0, 0, 0
     if resume is not None:
+        _check_same_schedule(resume, cfg)  # before the engines load the checkpoint's schedule state
         state = load_checkpoint(resume, engines, ema.shadow if ema else None, rank, world)
         step, skipped, events_seen = int(state["step"]), int(state["skipped_steps"]), int(state["events_seen"])
         if ema is not None:  # one update per completed step: the warm-up continues where it stopped
@@ -209,6 +210,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
         batch = reader.get(step).widen(geometry, device)  # compact to the device, widened there
         t0 = time.perf_counter()
         wait_s = t0 - t_data  # the step's wait for its batch: read (unless read ahead), copy and widen
+        lr = current_lr(engines[family.generator_name])  # the rate this step applies (the schedule steps after it)
         try:
             metrics = family.train_step(engines, batch, step)
         except NonFiniteLoss as err:
@@ -227,7 +229,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
         step_s = time.perf_counter() - t0
         events_seen += micro * world
         window_events += micro
-        metrics = {**metrics, "step_time_s": step_s, "data_wait_s": wait_s,
+        metrics = {**metrics, "lr": lr, "step_time_s": step_s, "data_wait_s": wait_s,
                    "data_wait_fraction": wait_s / max(wait_s + step_s, 1e-12), "skipped_steps": float(skipped)}
         history.append({"step": float(step), **metrics})
         hooks.on_step(step, metrics)
@@ -236,7 +238,7 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
             elapsed = time.perf_counter() - window_t0
             logger.log_metrics({**metrics, "events_per_s_per_worker": window_events / max(elapsed, 1e-9),
                                 "events_per_s": window_events * world / max(elapsed, 1e-9),
-                                "lr": t.lr, "events_seen": float(events_seen)}, step=step)
+                                "events_seen": float(events_seen)}, step=step)
             window_t0, window_events = time.perf_counter(), 0
         # the last step's validation waits for the after-training fits below: it describes the export
         if t.validate_every and step % t.validate_every == 0 and not last:
@@ -247,7 +249,8 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
                     logger.log_metrics(validation, step=step)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
             trainer_state = {"step": step, "skipped_steps": skipped, "events_seen": events_seen, "world_size": world,
-                             "seed": cfg.seed, "family": family.name, "metrics": _finite_only(metrics)}
+                             "seed": cfg.seed, "family": family.name, "metrics": _finite_only(metrics),
+                             "lr_schedule": _schedule(cfg)}
             last_ckpt = save_checkpoint(run_dir / "checkpoints", step, engines, ema.shadow if ema else None,
                                         trainer_state, rank, t.keep_checkpoints)
             hooks.on_checkpoint(last_ckpt, step, metrics)
@@ -273,6 +276,30 @@ def train(cfg: RunConfig, *, hooks: TrainHooks | None = None, logger: RunLogger 
                                 protocol=protocol)
     hooks.on_phase("done")
     return TrainResult(run_dir, step, last_ckpt, export, skipped, history, validation, fingerprint, evaluation)
+
+
+def _schedule(cfg: RunConfig) -> dict[str, object]:
+    """What fixes the learning-rate schedule of a run (its length only matters for cosine)."""
+    t = cfg.train
+    return {"name": t.lr_schedule, "warmup_steps": t.warmup_steps,
+            "steps": t.steps if t.lr_schedule == "cosine" else None}
+
+
+def _check_same_schedule(ckpt: Path, cfg: RunConfig) -> None:
+    """Refuse to resume under another learning-rate schedule: the engines restore the
+    checkpoint's scheduler state, which would silently continue the old schedule (a cosine
+    restored past its end climbs again). Checkpoints from before schedules are constant."""
+    import json
+
+    try:
+        saved = json.loads((Path(ckpt) / "trainer.json").read_text()).get("lr_schedule")
+    except (OSError, ValueError):
+        return  # load_checkpoint names the damage
+    saved = saved or {"name": "constant", "warmup_steps": 0, "steps": None}
+    if saved != _schedule(cfg):
+        raise TrainingError(f"{ckpt}: written with the learning-rate schedule {saved}, this run asks for "
+                            f"{_schedule(cfg)} (train.lr_schedule, train.warmup_steps, train.steps); resume with "
+                            "the settings that wrote it, or start a new run")
 
 
 def _finite_only(metrics: Mapping[str, float]) -> dict[str, float]:
