@@ -372,6 +372,14 @@ class HitTransformer(FactorisedPixelHead):
             nn.init.zeros_(self.field_head.weight)  # zero field: the uniform pacing of pace_prior
             nn.init.zeros_(self.field_head.bias)
             self.cell_in = nn.Linear(self.cell_basis.shape[1], d)
+        if config.cell_neighbours:  # after every other module: they initialise as without it
+            if grid is None or grid[0] * grid[1] != L.n_cols:
+                raise ValueError(f"cell_neighbours needs the (rows, columns) of the {L.n_cols}-cell layer grid, "
+                                 f"got {grid}")
+            self.neighbour_grid = grid
+            self.neighbour_head = nn.Linear(d, len(CAUSAL_NEIGHBOURS))
+            nn.init.zeros_(self.neighbour_head.weight)  # zero weights: the model without the key
+            nn.init.zeros_(self.neighbour_head.bias)
         if self.factorised:  # the column head given the pixel row
             self.grid = grid
             self.y_out = nn.Embedding(grid[0], d)
@@ -554,17 +562,19 @@ class HitTransformer(FactorisedPixelHead):
         return self.row_head(h).masked_fill(~ok, float("-inf"))
 
     def col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
-                   remaining: torch.Tensor | None = None, row_remaining: torch.Tensor | None = None) -> torch.Tensor:
+                   remaining: torch.Tensor | None = None, row_remaining: torch.Tensor | None = None,
+                   fired: torch.Tensor | None = None) -> torch.Tensor:
         """(..., n_cols) column logits given the chosen row; invalid columns are -inf (with
         `remaining`, also those leaving too few positions for the hits after this one; with
         `row_remaining`, the hits of this row still to place with this one (layer_counts), those
         leaving too few positions in the row, and pace_prior paces them over the row). For END
-        (row = n_rows) every column is left open; that value is never used."""
+        (row = n_rows) every column is left open; that value is never used. fired: (..., n_cols)
+        bool, the cells of the row already fired (needed with cell_neighbours)."""
         if row_remaining is not None:
             if self.factorised:
                 raise ValueError("pixel_head=factorised has no categorical over a layer's cells: use cell_log_prob, "
                                  "or pixel_row_logits then pixel_col_logits")
-            return self._row_col_logits(h, row, prev_row, prev_col, row_remaining)
+            return self._row_col_logits(h, row, prev_row, prev_col, row_remaining, fired)
         c = torch.arange(self.layout.n_cols, device=h.device)
         width = torch.cat([self.row_width, self.row_width.new_full((1,), self.layout.n_cols)])
         r = row.unsqueeze(-1)
@@ -580,7 +590,7 @@ class HitTransformer(FactorisedPixelHead):
         return logits.masked_fill(~ok, float("-inf"))
 
     def _row_col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
-                        row_remaining: torch.Tensor) -> torch.Tensor:
+                        row_remaining: torch.Tensor, fired: torch.Tensor | None = None) -> torch.Tensor:
         """col_logits of layer_counts: the row is fixed by the counts, so the columns are paced
         and masked within it."""
         c = torch.arange(self.layout.n_cols, device=h.device)
@@ -593,6 +603,10 @@ class HitTransformer(FactorisedPixelHead):
         logits = self.col_head(hr)
         if self.cell_field:
             logits = logits + self._field_logits(hr, first, width, row_remaining)
+            if self.config.cell_neighbours:
+                if fired is None:
+                    raise ValueError("cell_neighbours: the cells of the layer fired so far (fired) are needed")
+                logits = logits + self._neighbour_logits(hr, fired)
         elif self.config.pace_prior:
             lam = -torch.log1p(-layer_fire_rate(row_remaining, first, width))
             logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first.unsqueeze(-1)).clamp_min(0)
@@ -613,6 +627,19 @@ class HitTransformer(FactorisedPixelHead):
         c = torch.arange(ell.shape[-1], device=hr.device)
         off = F.logsigmoid(-ell).masked_fill(c < first.unsqueeze(-1), 0.0)
         return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
+
+    def _neighbour_logits(self, hr: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
+        """cell_neighbours: sum over the causal neighbours k of weight_k(hr) x [neighbour k of the cell
+        fired]; one neighbour at a time, so the memory stays that of the logits."""
+        ny, nx = self.neighbour_grid
+        grid = fired.view(-1, ny, nx).float()
+        weight = self.neighbour_head(hr).float()
+        out = hr.new_zeros(grid.shape, dtype=torch.float32)
+        for k, (dy, dx) in enumerate(CAUSAL_NEIGHBOURS):
+            # the cell (y, x) looks at (y - dy, x - dx): shift the fired grid down by dy and right by dx
+            shifted = F.pad(grid, (max(dx, 0), max(-dx, 0), dy, 0))[:, :ny, max(-dx, 0):max(-dx, 0) + nx]
+            out += weight[:, k, None, None] * shifted
+        return out.view(fired.shape)
 
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return self.val_head(h + self.row_out(row) + self.col_out(col))
@@ -731,8 +758,9 @@ class HitTransformer(FactorisedPixelHead):
             t_val = torch.cat([vals[:, 1:], vals.new_zeros(S, 1, *vals.shape[2:])], 1)
             remaining = (n[:, None] - t).expand(S, T)  # hits still to place at target t (this one included)
             row_rem = remaining if row_rem is None else row_rem
-            parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val, remaining, row_rem)])
-        h, pr, pc, t_row, t_col, t_val, rem, row_rem = (torch.cat(x) for x in zip(*parts, strict=True))
+            seq = idx[:, None].expand(S, T)
+            parts.append([x[real] for x in (h, prev_r, prev_c, t_row, t_col, t_val, remaining, row_rem, seq)])
+        h, pr, pc, t_row, t_col, t_val, rem, row_rem, seq = (torch.cat(x) for x in zip(*parts, strict=True))
         rem = rem if counting else None
         if self.layered:  # the layer of every hit follows from the counts: no row prediction
             nll_row = h.new_zeros(())
@@ -743,8 +771,10 @@ class HitTransformer(FactorisedPixelHead):
         if self.factorised:
             nll_col = -self.cell_log_prob(h, hr, pr, pc, row_rem[hit], hc).sum()
         else:
+            fired = layer_fired(seq[hit], hr, hc, L.n_cols) if self.config.cell_neighbours else None
             nll_col = F.cross_entropy(self.col_logits(h, hr, pr, pc, None if rem is None else rem[hit],
-                                                      row_rem[hit] if self.layered else None), hc, reduction="sum")
+                                                      row_rem[hit] if self.layered else None, fired),
+                                      hc, reduction="sum")
         cluster_nll = {}
         if self.clusters:
             cluster_nll = self.cluster_value_nll(h, hr, hc, t_val[hit])
@@ -807,6 +837,28 @@ class HitTransformer(FactorisedPixelHead):
 
 
 FIELD_RADII = 12  # radial basis functions of cell_field
+# cell_neighbours: (rows up, columns left) of the cells decided before a cell in (row, column) order
+CAUSAL_NEIGHBOURS = ((0, 1), (0, 2), (1, 1), (1, 0), (1, -1), (2, 0))
+
+
+def layer_fired(seq: torch.Tensor, row: torch.Tensor, col: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(N, n_cols) bool: for each of N hit tokens, in sequence order within each sequence, the cells
+    of its row (layer) fired by the earlier hits of its sequence: what generation has placed in
+    the layer before drawing this hit (cell_neighbours)."""
+    N = len(seq)
+    fired = torch.zeros(N, n_cols, dtype=torch.bool, device=seq.device)
+    if not N:
+        return fired
+    pos = torch.arange(N, device=seq.device)
+    new_run = torch.ones(N, dtype=torch.bool, device=seq.device)
+    new_run[1:] = (seq[1:] != seq[:-1]) | (row[1:] != row[:-1])
+    start = torch.cummax(torch.where(new_run, pos, 0), 0).values
+    before = pos - start  # earlier hits of the same sequence and row
+    target = torch.repeat_interleave(pos, before)
+    offset = torch.cumsum(before, 0) - before
+    source = start[target] + (torch.arange(len(target), device=seq.device) - offset[target])
+    fired[target, col[source]] = True
+    return fired
 
 
 def cell_basis(cell_xy: np.ndarray) -> torch.Tensor:

@@ -43,6 +43,9 @@ class TransformerFamily:
         if cfg.rotary_grid and getattr(geometry, "layout", None) != "cartesian":
             raise ConfigError(f"model.rotary_grid rotates by the pixel row and column of a layer grid; geometry "
                               f"{geometry.name!r} has no pixel grid (use rotary_grid: false)")
+        if cfg.cell_neighbours and getattr(geometry, "layout", None) != "cartesian":
+            raise ConfigError(f"model.cell_neighbours weights the fired neighbours of a cell on a layer's pixel grid; "
+                              f"geometry {geometry.name!r} has no pixel grid (use cell_neighbours: false)")
         if cfg.energy_reference == "incident":
             self.layout = layout_for_geometry(geometry, cfg.energy_bins, energy_reference="incident",
                                               energy_min_fraction=lo, energy_max_fraction=hi, factorised=factorised)
@@ -61,7 +64,7 @@ class TransformerFamily:
     def build_modules(self) -> dict[str, nn.Module]:
         if self.cfg.pixel_head == "factorised":  # the field lives on tiles the model lays out itself
             return {"model": HitTransformer(self.cfg, self.layout, grid=(self.geometry.ny, self.geometry.nx))}
-        grid = (self.geometry.ny, self.geometry.nx) if self.cfg.rotary_grid else None
+        grid = (self.geometry.ny, self.geometry.nx) if self.cfg.rotary_grid or self.cfg.cell_neighbours else None
         return {"model": HitTransformer(self.cfg, self.layout, self._cell_xy() if self.cfg.cell_field else None, grid)}
 
     def _cell_xy(self) -> np.ndarray:

@@ -376,6 +376,9 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     occ = (torch.zeros(S, L.n_rows * L.n_cols, dtype=torch.bool, device=dev)
            if model.clusters and model.config.cluster_exclusive else None)
     occ_rows = torch.zeros(S, L.n_rows, dtype=torch.long, device=dev) if occ is not None else None  # fired per row
+    # cell_neighbours: the cells of its current layer each sequence has fired
+    fired_all = (torch.zeros(S, L.n_cols, dtype=torch.bool, device=dev)
+                 if model.config.cell_neighbours else None)
     # cluster_merge_redraws (anchor drawn row then column, not from the layer counts)
     merge_redraws = model.config.cluster_merge_redraws if occ is not None and cum_all is None else 0
     vocab = model.shape_vocab() if merge_redraws else None
@@ -447,8 +450,14 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
                                  temperature, top_q)
                 col = y * model.grid[1] + x
             else:
-                col = sample_top_q(model.col_logits(h, row, pr, pc, None, row_rem), prefixed_uniform(pre, t, 1),
+                fired = None
+                if fired_all is not None:  # a new layer starts with none of its cells fired
+                    fired = fired_all[slots] & (row == pr)[:, None]
+                col = sample_top_q(model.col_logits(h, row, pr, pc, None, row_rem, fired), prefixed_uniform(pre, t, 1),
                                    temperature, top_q)
+                if fired is not None:
+                    fired[torch.arange(len(col), device=dev), col] = True
+                    fired_all[slots[live]] = fired[live]
         else:
             row_logits = model.row_logits(h, pr, pc, rem)
             if occ is not None:  # rows with no free pixel left after the previous anchor are left out
