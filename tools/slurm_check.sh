@@ -97,7 +97,7 @@ mkdir -p "$WORK"
 cp -r "$ROOT/configs" "$WORK/configs"
 cd "$WORK"
 
-export UHG_ROOT="$WORK" UHG_CPU_ONLY=1 UHG_RAY_PORT=26379 UHG_RAY_DASHBOARD_PORT=26380 UHG_RAY_CLIENT_PORT=26381
+export UHG_ROOT="$WORK" UHG_CPU_ONLY=1 UHG_RAY_PORT=26379 UHG_RAY_DASHBOARD_PORT=26380 UHG_RAY_CLIENT_PORT=26381 UHG_RAY_AGENT_PORT=26382
 # Ray session folders hold unix sockets: their path must stay short (< 108 bytes).
 export RAY_TMPDIR=/tmp/uhg-slurm-ray PYTHONPATH="$ROOT" DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 export RAY_AUTH_TOKEN_PATH="$WORK/.ray/auth_token"
