@@ -632,13 +632,15 @@ class HitTransformer(FactorisedPixelHead):
         """cell_neighbours: sum over the causal neighbours k of weight_k(hr) x [neighbour k of the cell
         fired]; one neighbour at a time, so the memory stays that of the logits."""
         ny, nx = self.neighbour_grid
-        grid = fired.view(-1, ny, nx).float()
         weight = self.neighbour_head(hr).float()
-        out = hr.new_zeros(grid.shape, dtype=torch.float32)
+        # padded once by the farthest neighbour on each side: the cell (y, x) looks at (y - dy, x - dx),
+        # which sits at (y - dy + top, x - dx + left) of the padded grid; cells off the layer never fired
+        top, left, right = max(dy for dy, _ in CAUSAL_NEIGHBOURS), max(dx for _, dx in CAUSAL_NEIGHBOURS), \
+            max(-dx for _, dx in CAUSAL_NEIGHBOURS)
+        grid = F.pad(fired.view(-1, ny, nx).float(), (left, right, top, 0))
+        out = hr.new_zeros((len(grid), ny, nx), dtype=torch.float32)
         for k, (dy, dx) in enumerate(CAUSAL_NEIGHBOURS):
-            # the cell (y, x) looks at (y - dy, x - dx): shift the fired grid down by dy and right by dx
-            shifted = F.pad(grid, (max(dx, 0), max(-dx, 0), dy, 0))[:, :ny, max(-dx, 0):max(-dx, 0) + nx]
-            out += weight[:, k, None, None] * shifted
+            out += weight[:, k, None, None] * grid[:, top - dy:top - dy + ny, left - dx:left - dx + nx]
         return out.view(fired.shape)
 
     def value_logits(self, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
