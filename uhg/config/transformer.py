@@ -226,10 +226,9 @@ class TransformerConfig(Section):
         description="cell_field with pixel_head=flat: the logit of each candidate cell also gets a learned weight "
         "per causal neighbour already fired in the same layer (the two cells to its left, the three above it and "
         "the one two rows above), the weights set by the network from the token's state. The field alone is "
-        "smooth over the layer, so it cannot say that a fired pixel makes its neighbours likely: teacher-forced "
-        "on epical-mini, the next pixel is the one right after the previous in 26 % of the data and 20 % of the "
-        "model's probability, below a fired pixel in 27 % against 20 % (docs/calorimeter.md). Starts equal to "
-        "the model without it (zero weights).",
+        "smooth over the layer, so it cannot say that a fired pixel makes its neighbours likely: on epical-mini "
+        "the model without it generated 7.9 / 8.6 % fewer pixels with a fired left / upper neighbour than the "
+        "simulation (docs/calorimeter.md). Starts equal to the model without it (zero weights).",
     )
     pixel_head: Literal["flat", "factorised"] = Field(
         "flat",
