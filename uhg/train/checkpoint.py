@@ -327,6 +327,15 @@ def _convert_to_universal(ckpt: Path, names: list[str], rank: int) -> Path:
     return out
 
 
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The trainer state (`trainer.json`: step, schedule, metrics, ...) a checkpoint was written with."""
+    trainer_path = Path(ckpt) / "trainer.json"
+    try:
+        return json.loads(trainer_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{trainer_path}: unreadable trainer state ({err})") from None
+
+
 def load_checkpoint(ckpt: Path, engines: Mapping[str, Any], ema: dict[str, torch.Tensor] | None, rank: int,
                     world_size: int) -> dict[str, Any]:
     """Restore engines, EMA and this rank's RNG from `ckpt`; returns the trainer state."""
@@ -336,11 +345,7 @@ def load_checkpoint(ckpt: Path, engines: Mapping[str, Any], ema: dict[str, torch
     ckpt = Path(ckpt)
     verify_checkpoint(ckpt)
     refuse_unsafe_pickles(ckpt)
-    trainer_path = ckpt / "trainer.json"
-    try:
-        state = json.loads(trainer_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{trainer_path}: unreadable trainer state ({err})") from None
+    state = read_trainer_state(ckpt)
     saved_world = int(state.get("world_size", world_size))
     resized = saved_world != world_size and any(_zero_stage(e) > 0 for e in engines.values())
     if resized:

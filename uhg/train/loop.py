@@ -23,7 +23,7 @@ import torch
 from uhg.config.loading import config_to_dict, flatten
 from uhg.config.schema import RunConfig
 from uhg.data.loader import StepReader
-from uhg.errors import TrainingError
+from uhg.errors import CheckpointError, TrainingError
 from uhg.models.common import EMA, ConditionNorm
 from uhg.sparse.torch_hits import TorchHits
 from uhg.tracking.logger import NullLogger, RunLogger
@@ -289,11 +289,11 @@ def _check_same_schedule(ckpt: Path, cfg: RunConfig) -> None:
     """Refuse to resume under another learning-rate schedule: the engines restore the
     checkpoint's scheduler state, which would silently continue the old schedule (a cosine
     restored past its end climbs again). Checkpoints from before schedules are constant."""
-    import json
+    from uhg.train.checkpoint import read_trainer_state
 
     try:
-        saved = json.loads((Path(ckpt) / "trainer.json").read_text()).get("lr_schedule")
-    except (OSError, ValueError):
+        saved = read_trainer_state(ckpt).get("lr_schedule")
+    except CheckpointError:
         return  # load_checkpoint names the damage
     saved = saved or {"name": "constant", "warmup_steps": 0, "steps": None}
     if saved != _schedule(cfg):

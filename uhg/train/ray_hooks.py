@@ -110,14 +110,14 @@ class RayHooks(TrainHooks):
 
 def checkpoint_step(ckpt: Path) -> int:
     """Optimiser step a complete checkpoint was written at (its trainer.json)."""
-    import json
+    from uhg.errors import CheckpointError
+    from uhg.train.checkpoint import read_trainer_state
 
+    state = read_trainer_state(ckpt)
     try:
-        return int(json.loads((Path(ckpt) / "trainer.json").read_text())["step"])
-    except (OSError, ValueError, KeyError) as err:
-        from uhg.errors import CheckpointError
-
-        raise CheckpointError(f"{ckpt}/trainer.json: unreadable trainer state ({err})") from None
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt}/trainer.json: unreadable trainer state (no step: {err})") from None
 
 
 def _parse_fault(spec: str | None) -> tuple[int, int] | None:
