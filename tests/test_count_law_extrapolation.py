@@ -108,8 +108,19 @@ def _clusters(batch) -> np.ndarray:
     return clusters_per_image(batch, get_geometry("pxd-mini"))
 
 
+@pytest.fixture(scope="module")
+def luminosity_dominated_training():
+    """4000 pxd-mini events of luminosity-dominated in 2e35-8e35, simulated with seed 1 as the
+    training stores are (two tests fit laws to them)."""
+    from uhg.geometry import get_geometry
+    from uhg.sim.pxd_background import simulate_pxd_background
+
+    return simulate_pxd_background(get_geometry("pxd-mini"), 4000, seed=1, luminosity=2e35, luminosity_max=8e35,
+                                   scenario="luminosity-dominated")
+
+
 @pytest.mark.slow
-def test_pooled_law_beats_the_overlay_per_sensor_on_luminosity_dominated():
+def test_pooled_law_beats_the_overlay_per_sensor_on_luminosity_dominated(luminosity_dominated_training):
     """luminosity-dominated (occupancy ~ L^0.95, clusters ~ L^0.89 as they start to merge):
     the pooled law fitted to the clusters per sensor of 4000 training events in 2e35-8e35 (seed 1,
     as the training stores) predicts each sensor's mean cluster count at 2x and 3x the top closer
@@ -125,7 +136,7 @@ def test_pooled_law_beats_the_overlay_per_sensor_on_luminosity_dominated():
 
     machine = "luminosity-dominated"
     g = get_geometry("pxd-mini")
-    train = simulate_pxd_background(g, 4000, seed=1, luminosity=2e35, luminosity_max=8e35, scenario=machine)
+    train = luminosity_dominated_training
     norm = ConditionNorm.from_ranges({k: (float(v.min()), float(v.max())) for k, v in train.conditions.items()},
                                      list(CONDITIONS))
     law = CountLaw(g.n_sensors, len(CONDITIONS), g.pixels_per_sensor, "pooled").double()
@@ -150,7 +161,8 @@ def test_pooled_law_beats_the_overlay_per_sensor_on_luminosity_dominated():
 
 
 @pytest.mark.slow
-def test_forward_validation_chooses_no_curvature_from_the_gans_census_on_luminosity_dominated():
+def test_forward_validation_chooses_no_curvature_from_the_gans_census_on_luminosity_dominated(
+        luminosity_dominated_training):
     """The PXD GAN fits its count law to the clusters that fit its shape window (all but 0.04 % of
     the 8-connected clusters of luminosity-dominated). On those of 4000 training events in 2e35-8e35
     (seed 1, as the training stores) the curvature with ridge 1e5 scored lowest on the upper half
@@ -160,13 +172,11 @@ def test_forward_validation_chooses_no_curvature_from_the_gans_census_on_luminos
     (docs/results.md). The strongest ridges within the noise choose the power law here too."""
     from uhg.geometry import get_geometry
     from uhg.models.common import ConditionNorm
-    from uhg.sim.pxd_background import simulate_pxd_background
     from uhg.sim.pxd_machine import CONDITIONS
     from uhg.train.gan_family import cluster_shape_keys
 
     g = get_geometry("pxd-mini")
-    train = simulate_pxd_background(g, 4000, seed=1, luminosity=2e35, luminosity_max=8e35,
-                                    scenario="luminosity-dominated")
+    train = luminosity_dominated_training
     _, sensors, events = cluster_shape_keys(train, g)
     census = torch.zeros(len(train), g.n_sensors, dtype=torch.float64)
     census.index_put_((torch.as_tensor(events), torch.as_tensor(sensors)), torch.ones(len(events), dtype=torch.float64),

@@ -16,7 +16,7 @@ MFU in bf16 (peak from the device name, or --peak-tflops), the fraction of GAN t
 time spent waiting on data (tools/bench_data_wait.py, loader_workers 0 and 2), calorimeter ds2 ms per shower at
 batch 10 000, and the same training loop under Ray with one worker vs torchrun (overhead).
 With --train-minutes N the full-resolution PXD configs then train for about N minutes each
-(steps from the measured step time) and their exports are written under --out/exports, each
+(steps from the measured step time, no final evaluation) and their exports are written under --out/exports, each
 file at most 16 MiB (weights stored in bf16 when fp32 would exceed it).
 """
 
@@ -240,7 +240,9 @@ class Check:
         run_dir = self.work / f"train-{family}"
         sets = self.store_sets(config, 16 if self.args.quick else self.args.train_events) + self.train_sets() + [
             f"train.steps={steps}", f"output_dir={run_dir}", "train.checkpoint_every=0", "train.validate_every=0",
-            "distributed.workers=1", f"name={Path(config).stem}"]
+            "distributed.workers=1", f"name={Path(config).stem}",
+            # the exports are evaluated afterwards on CPU (docs/benchmarks.md): no device time for it here
+            "evaluate.final=false"]
         if self.args.quick:
             sets.append("train.batch_size=2")
         cmd = ["-m", "uhg", "train", "--local", "--no-tracking", "--config", config, *self.flags(sets)]

@@ -13,8 +13,9 @@
 # 3. Submits the mini GAN config on CPU (2 workers, 4 steps) with UHG_ROOT in a scratch folder
 #    and waits (`sbatch --wait`: its exit code is the job's), then checks the run folder and
 #    the sqlite MLflow store.
-# 4. Submits once more with the head's GCS port taken: the job must fail ("the run never
-#    started"), since `ray symmetric-run` exits 0 when the head's `ray start` fails.
+# 4. Submits once more with the head's GCS port taken, while step 3's results are checked: the
+#    job must fail ("the run never started"), since `ray symmetric-run` exits 0 when the head's
+#    `ray start` fails.
 # Environment: UHG_SLURM_CHECK_DIR (scratch folder, default /tmp/uhg-slurm-check, emptied first),
 # UHG_VENV (environment with uhg's dependencies, default: the one of `python` on PATH).
 set -euo pipefail
@@ -119,6 +120,22 @@ echo "sbatch --wait exit code ${rc} after ${elapsed} s"
 [ "$rc" = 0 ] || exit 1
 
 run_folder="$WORK/runs/pxd_gan_mini/$RUN_NAME"
+
+# A head whose `ray start` fails (here: its GCS port is taken) must fail the job; `ray
+# symmetric-run` itself exits 0 then.
+"$PYTHON" -c 'import socket, time; s = socket.socket(); s.bind(("0.0.0.0", 26389)); s.listen(); time.sleep(900)' &
+holder=$!
+trap 'kill "$holder" 2>/dev/null || true' EXIT
+sleep 1
+# Ray's own waits for a GCS that never answers (40 s by default) are shortened: the check is
+# that the job fails, not how long Ray takes to give up. This job runs while the first one's
+# results are checked below.
+RAY_py_gcs_connect_timeout_s=3 RAY_gcs_rpc_server_connect_timeout_s=2 UHG_RAY_PORT=26389 \
+    sbatch --wait --nodes=1 --cpus-per-task="$CPUS" --gpus-per-task=0 --time=00:10:00 \
+    --output="$WORK/nostart-%j.out" "$ROOT/cluster/slurm/uhg-ray.sbatch" \
+    "$WORK/configs/pxd_gan_mini.yaml" --run-name slurm-check-nostart --set train.steps=4 &
+nostart=$!
+
 "$PYTHON" - "$run_folder" "$WORK/runs/mlflow.db" "$RUN_NAME" <<'PYEOF'
 import sys
 from pathlib import Path
@@ -142,16 +159,8 @@ print(f"SLURM check passed: {folder}: checkpoints {checkpoints}, export {export}
       f"{run.info.run_id} FINISHED with {len(run.data.metrics)} metrics")
 PYEOF
 
-# A head whose `ray start` fails (here: its GCS port is taken) must fail the job; `ray
-# symmetric-run` itself exits 0 then.
-"$PYTHON" -c 'import socket, time; s = socket.socket(); s.bind(("0.0.0.0", 26389)); s.listen(); time.sleep(900)' &
-holder=$!
-trap 'kill "$holder" 2>/dev/null || true' EXIT
-sleep 1
 set +e
-UHG_RAY_PORT=26389 sbatch --wait --nodes=1 --cpus-per-task="$CPUS" --gpus-per-task=0 --time=00:10:00 \
-    --output="$WORK/nostart-%j.out" "$ROOT/cluster/slurm/uhg-ray.sbatch" \
-    "$WORK/configs/pxd_gan_mini.yaml" --run-name slurm-check-nostart --set train.steps=4
+wait "$nostart"
 rc=$?
 set -e
 kill "$holder" 2>/dev/null || true
