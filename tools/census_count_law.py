@@ -28,23 +28,32 @@ from uhg.sim.pxd_machine import CONDITIONS
 from uhg.train.gan_family import cluster_shape_keys
 
 
+def census(batch, g) -> np.ndarray:
+    """Clusters per (event, sensor) that the GAN's fitted start counts (those that fit its shape window)."""
+    _, s, e = cluster_shape_keys(batch, g)
+    out = np.zeros((len(batch), g.n_sensors))
+    np.add.at(out, (e, s), 1.0)
+    return out
+
+
+def census_hits(batch, g) -> np.ndarray:
+    """Hits per (event, sensor) of the clusters in the census."""
+    _, s, e, idx, _, _ = cluster_shape_keys(batch, g, pixels=True)
+    out = np.zeros((len(batch), g.n_sensors))
+    np.add.at(out, (e[idx], s[idx]), 1.0)
+    return out
+
+
+def pattern(rel: np.ndarray, noise2: np.ndarray) -> float:
+    """Rms over the sensors of a relative error once its mean is out, less the reference's noise."""
+    return float(np.sqrt(max(np.mean((rel - rel.mean()) ** 2) - np.mean(noise2), 0)))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     machine = sys.argv[1] if len(sys.argv) > 1 else "luminosity-dominated"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     g = get_geometry("pxd-mini")
-
-    def census(batch):
-        _, s, e = cluster_shape_keys(batch, g)
-        out = np.zeros((len(batch), g.n_sensors))
-        np.add.at(out, (e, s), 1.0)
-        return out
-
-    def census_hits(batch):  # hits of the clusters in the census
-        _, s, e, idx, _, _ = cluster_shape_keys(batch, g, pixels=True)
-        out = np.zeros((len(batch), g.n_sensors))
-        np.add.at(out, (e[idx], s[idx]), 1.0)
-        return out
 
     t0 = time.time()
     train = simulate_pxd_background(g, 4000, seed=1, luminosity=2e35, luminosity_max=8e35, scenario=machine)
@@ -53,7 +62,7 @@ def main() -> None:
     c_train = norm({k: torch.as_tensor(train.conditions[k]) for k in norm.names}).double()
     fitted = {}
     kinds_fitted = sys.argv[3].split(",") if len(sys.argv) > 3 else ["all", "census"]
-    for name, counts in (("all", clusters_per_image(train, g)), ("census", census(train))):
+    for name, counts in (("all", clusters_per_image(train, g)), ("census", census(train, g))):
         if name not in kinds_fitted:
             continue
         law = CountLaw(g.n_sensors, len(CONDITIONS), g.pixels_per_sensor, "pooled").double()
@@ -62,13 +71,10 @@ def main() -> None:
         fitted[name] = law
     print(f"training events and fits {time.time() - t0:.0f} s", flush=True)
 
-    def pattern(rel, noise2):
-        return np.sqrt(max(np.mean((rel - rel.mean()) ** 2) - np.mean(noise2), 0))
-
     print("| L / training max | quantity | mean | rms over sensors |")
     print("|---|---|---|---|")
     kinds = (("hits", lambda b: per_image(b, g)), ("all", lambda b: clusters_per_image(b, g)),
-             ("census", census), ("census hits", census_hits))
+             ("census", lambda b: census(b, g)), ("census hits", lambda b: census_hits(b, g)))
     for f in (1.0, 1.5, 2.0, 3.0):
         refs = [simulate_pxd_background(g, n, seed=s, luminosity=f * 8e35, scenario=machine) for s in (101, 102)]
         q = {k: [fn(r) for r in refs] for k, fn in kinds}
