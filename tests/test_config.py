@@ -116,3 +116,14 @@ def test_the_gan_takes_the_pooled_count_law_and_refuses_an_unknown_one():
     assert GanConfig(count_law="pooled", cluster_shapes=8, fit_from_data=True).count_law == "pooled"
     with pytest.raises(ValidationError, match="count_law\n.*'power', 'powers', 'quadratic' or 'pooled'"):
         GanConfig(count_law="unit_quadratic", cluster_shapes=8, fit_from_data=True)
+
+
+def test_the_demo_trains_the_transformer_as_before_whatever_the_mini_config_ships():
+    """`uhg demo` must end within 10 minutes and reach its cluster-size target with 150 steps
+    at a constant rate and the last weights; the shipped mini config trains 1200 steps with an
+    average of the weights for the in-range protocol, and its overrides must undo both."""
+    from uhg.cli.demo import DEMO_TRAIN
+
+    demo = load_config(ROOT / "configs/pxd_transformer_mini.yaml", DEMO_TRAIN["transformer"])
+    assert (demo.train.steps, demo.train.lr_schedule, demo.train.warmup_steps, demo.model.ema_decay) == (
+        150, "constant", 0, 0.0)

@@ -140,8 +140,11 @@ class EMA:
 
     Kept on the same device as the module, as plain tensors (no autograd); `state_dict()` is
     what the export writes. Update n (from 0) uses the decay min(decay, (1 + n) / (10 + n)): a
-    fixed 0.99 over a 100-step run would still export 37% of the initial weights. `updates` is
-    the number of updates so far (a resumed run sets it from its step count)."""
+    fixed 0.99 over a 100-step run would still export 37% of the initial weights. A tensor equal
+    to its average is left as it is: d * x + (1 - d) * x rounds away from x, and the fitted tables
+    that ride in the state as float buffers (shape vocabularies, count-law positions, bank
+    starts) must be exported exactly, not drifted by 1e-7 per update. `updates` is the number of
+    updates so far (a resumed run sets it from its step count)."""
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = float(decay)
@@ -152,7 +155,9 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for k, v in _float_state(module).items():
-            self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            v = v.detach().float()
+            if not torch.equal(self.shadow[k], v):
+                self.shadow[k].mul_(d).add_(v, alpha=1 - d)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
