@@ -331,6 +331,42 @@ def test_the_merge_correction_gives_the_generated_clusters_the_datas_sizes(tiny_
     assert abs(got[True][1] / want_count - 1) < 0.08, (got, want_count)
 
 
+@pytest.mark.slow
+def test_the_merge_density_correction_keeps_the_cluster_count_beyond_the_range(tiny_range) -> None:
+    """The count law counts the data's clusters after their merges; the placed shapes merge again,
+    the more the denser they lie. One level factor from the training conditions left the generated
+    clusters low beyond the range (pxd-mini design at 3x the training maximum: -10 %); with
+    `merge_density_correction` every draw places the seeds that leave the law's count after the
+    merges, and the generated clusters per event at 3x the top of the range come closer to an
+    independent reference there."""
+    torch.manual_seed(0)
+    geo, data, _ = tiny_range
+    high = simulate_pxd_background(geo, 200, seed=2, luminosity=3 * TOP)
+    want = pixel_clusters(high, geo)[1] / len(high)
+    got = {}
+    for on in (False, True):
+        fam, g = fitted_start(geo, data, count_law="quadratic", cluster_merge_correction=True,
+                              merge_density_correction=on)
+        if on:
+            assert float(g.merge_density.mean()) > 0 and float(g.merge_density.min()) >= 0, g.merge_density
+        made = fam.sample(g, {"luminosity": torch.full((200,), 3 * TOP, dtype=torch.float64)}, list(range(300, 500)))
+        got[on] = pixel_clusters(made, geo)[1] / len(made) / want - 1
+    print(got)
+    assert abs(got[True]) < abs(got[False]) - 0.01, got
+
+
+def test_seeds_for_clusters_leave_the_count_after_the_merges() -> None:
+    from uhg.models.gan import seeds_for_clusters
+
+    n = torch.tensor([[0, 10, 100, 400]])
+    k = torch.tensor([0.0, 2.0, 2.0, 2.0])
+    s = seeds_for_clusters(n, k, 1000).double()
+    left = s * (1 - k * s / 1000)
+    assert torch.equal(s[0, :2], torch.tensor([0.0, 10.0])) or abs(float(s[0, 1]) - 10.2) < 0.6
+    torch.testing.assert_close(left[0, :3], n[0, :3].double(), atol=0.6, rtol=0.0)
+    assert float(s[0, 3]) == 800.0  # past the root's end: twice the count
+
+
 def test_charge_at_fit_keeps_the_fitted_charge_while_the_seed_map_trains() -> None:
     """The adversarial steps widened the fitted pixel charge spectrum (pxd-mini: spread 19.9 ADU at
     the start, 20.4-20.9 after 100 steps, data 19.75). With `charge_at_fit` the head's charge
@@ -359,6 +395,13 @@ def test_charge_at_fit_keeps_the_fitted_charge_while_the_seed_map_trains() -> No
     assert charge_w == 0.0 and charge_b == 0.0
     assert gate_w > 0.0 and gate_b > 0.0
     assert moved[False][0] > 0.0 and moved[False][1] > 0.0  # without it the game shifts the charge
+
+
+def test_merge_density_correction_needs_the_merge_correction() -> None:
+    with pytest.raises(ValueError, match="merge_density_correction needs cluster_merge_correction"):
+        GanConfig(conditions=["luminosity"], count_law="quadratic", merge_density_correction=True, **SHAPES)
+    GanConfig(conditions=["luminosity"], count_law="quadratic", cluster_merge_correction=True,
+              merge_density_correction=True, **SHAPES)
 
 
 def test_charge_at_fit_needs_the_fitted_stochastic_charge() -> None:

@@ -6,9 +6,10 @@ in two reference samples (seeds 101, 102) at 1x, 1.5x, 2x and 3x the top of the 
 floor (the two references against each other), the census's share of the clusters, the hits
 outside it and the reference's pixels per census cluster.
 
-    python tools/census_count_law.py SCENARIO [EVENTS_PER_REFERENCE] [all,census]
+    python tools/census_count_law.py SCENARIO [EVENTS_PER_REFERENCE] [all,census] [pooled,quadratic]
 
-The third argument picks the counts the law is fitted to (default both).
+The third argument picks the counts the law is fitted to (default both), the fourth the law's
+form(s) (`model.count_law`; default pooled).
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ def main() -> None:
     c_train = norm({k: torch.as_tensor(train.conditions[k]) for k in norm.names}).double()
     fitted = {}
     kinds_fitted = sys.argv[3].split(",") if len(sys.argv) > 3 else ["all", "census"]
+    forms = sys.argv[4].split(",") if len(sys.argv) > 4 else ["pooled"]
     for name, counts in (("all", clusters_per_image(train, g)), ("census", census(train, g))):
         if name not in kinds_fitted:
             continue
-        law = CountLaw(g.n_sensors, len(CONDITIONS), g.pixels_per_sensor, "pooled").double()
-        out = fit_count_law(law, torch.as_tensor(counts).double(), c_train, seed=0)
-        print(f"law on {name}: ridges {out['law_shrink']} / {out['law_curvature_ridge']}", flush=True)
-        fitted[name] = law
+        for form in forms:
+            law = CountLaw(g.n_sensors, len(CONDITIONS), g.pixels_per_sensor, form).double()
+            out = fit_count_law(law, torch.as_tensor(counts).double(), c_train, seed=0)
+            print(f"{form} law on {name}: ridges {out.get('law_shrink')} / {out.get('law_curvature_ridge')}", flush=True)
+            fitted[(form, name)] = law
     print(f"training events and fits {time.time() - t0:.0f} s", flush=True)
 
     print("| L / training max | quantity | mean | rms over sensors |")
@@ -82,11 +85,11 @@ def main() -> None:
         m = {k: v.mean(0) for k, v in both.items()}
         var = {k: v.var(0) / len(v) for k, v in both.items()}
         cond = norm({k: torch.as_tensor(np.concatenate([r.conditions[k] for r in refs])) for k in norm.names}).double()
-        for name, law in fitted.items():
+        for (form, name), law in fitted.items():
             with torch.no_grad():
                 pred = law.mean(cond).mean(0).numpy()
             rel = pred / m[name] - 1
-            print(f"| {f} | pooled law on {name} vs reference {name}: mean bias, pattern (noise out) | "
+            print(f"| {f} | {form} law on {name} vs reference {name}: mean bias, pattern (noise out) | "
                   f"{100 * (pred.sum() / m[name].sum() - 1):+.2f} % | {100 * pattern(rel, var[name] / m[name] ** 2):.2f} % |")
         for k in ("hits", "census"):
             a, b = q[k][0].mean(0), q[k][1].mean(0)

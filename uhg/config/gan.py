@@ -82,6 +82,15 @@ class GanConfig(Section):
         "(per cluster size) and the count law's level (one factor) until the generated clusters have the data's "
         "size spectrum and number. false: the shapes and count as fitted.",
     )
+    merge_density_correction: bool = Field(
+        False,
+        description="Pixel detectors with cluster_merge_correction: the count law counts the data's clusters after "
+        "their merges, and the placed shapes merge the more the denser they lie, beyond the training range too. The "
+        "fitted start fits each sensor's merged fraction of placed seeds as k_u x seeds / pixels on generated fit "
+        "events, and every draw places the s seeds that leave the law's count n after the merges, "
+        "s (1 - k_u s / pixels) = n. false: the merges enter as one level factor per sensor at the training "
+        "conditions (docs/results.md: pxd-mini design at 3x the training maximum, generated clusters -10%).",
+    )
     charge_at_fit: bool = Field(
         False,
         description="Pixel detectors with charge_noise and fit_from_data: the generator's charge score (the charge "
@@ -174,6 +183,9 @@ class GanConfig(Section):
             raise ValueError("charge_at_fit needs charge_noise and fit_from_data: true (it keeps the fitted charge)")
         if self.cluster_merge_correction and not self.count_law:
             raise ValueError("cluster_merge_correction needs count_law (it moves the law's level)")
+        if self.merge_density_correction and not self.cluster_merge_correction:
+            raise ValueError("merge_density_correction needs cluster_merge_correction: true (its level factor then "
+                             "holds only what the density does not)")
         if self.count_law and not (self.cluster_shapes and self.fit_from_data):
             raise ValueError("count_law needs cluster_shapes > 0 (it counts clusters) and fit_from_data: true "
                              "(it is fitted to the training data)")

@@ -208,6 +208,9 @@ class Generator(nn.Module):
         # and a log-linear rate that misses beyond the training range.
         self.counts = CountLaw(layout.n_units, n_conditions, layout.height * layout.width, cfg.count_law) \
             if cfg.count_law and self.n_shapes else None
+        # `merge_density_correction`: per sensor, the merged fraction of placed seeds per seed / pixel (the fitted start's)
+        if self.counts is not None and cfg.merge_density_correction:
+            self.register_buffer("merge_density", torch.zeros(layout.n_units))
         self.unit_gate = nn.Parameter(torch.zeros(layout.n_units, 1 + n_conditions))
         self.register_buffer("charge_quantiles", torch.linspace(layout.min_code, 1.0, CHARGE_QUANTILES))
 
@@ -414,7 +417,10 @@ class Generator(nn.Module):
         b, u = u_unit.shape
         n, _ = self.counts.sample(u_unit.reshape(-1), u_event, cond.to(self.counts.positions.dtype),
                                   self.layout.height * self.layout.width)
-        return n.view(b, u)
+        n = n.view(b, u)
+        if self.cfg.merge_density_correction:
+            n = seeds_for_clusters(n, self.merge_density, self.layout.height * self.layout.width)
+        return n
 
     @property
     def shape_pixels(self) -> torch.Tensor:
@@ -481,6 +487,17 @@ def _sub_pixels(maps: torch.Tensor, s: int, image: torch.Tensor, row: torch.Tens
         return maps[image, channel, y, x]
     _, c, hs, ws = maps.shape
     return maps.permute(0, 2, 3, 1).reshape(-1)[((image * hs + y) * ws + x) * c + channel]
+
+
+def seeds_for_clusters(clusters: torch.Tensor, density: torch.Tensor, pixels: int) -> torch.Tensor:
+    """(B, U) long: the seeds s per sensor whose placed shapes leave `clusters` (B, U) clusters
+    after their merges, when a fraction density_u x s / pixels of them merges into another:
+    s (1 - k s / P) = n, the smaller root 2 n / (1 + sqrt(1 - 4 k n / P)) (at most 2 n, where the
+    root is gone). The law counts the data's clusters, merged at the data's density; the placed
+    shapes merge again the more the denser they lie, beyond the training range too."""
+    n = clusters.double()
+    disc = (1 - 4 * density.double() * n / pixels).clamp_min(0.0)
+    return torch.round(2 * n / (1 + torch.sqrt(disc))).long()
 
 
 def _logit(p: float) -> float:
