@@ -1,6 +1,6 @@
-"""Fired-cell profile of the digital pixel calorimeter (model.cell_profile): cell_field paces a layer's
-pixels still to place over its cells left by the layer's profile fitted to the training showers, not
-evenly."""
+"""Fired-cell profile of the digital pixel calorimeter (model.cell_profile): cell_field starts from the
+law of the smallest of a layer's pixels still to place drawn from the layer's profile fitted to the
+training showers, not from an even spacing over the cells left."""
 
 from __future__ import annotations
 
