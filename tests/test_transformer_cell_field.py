@@ -90,17 +90,22 @@ def test_cell_field_settings_are_checked():
         build_family(get_geometry("ds2"), cfg, NORM).build_modules()
 
 
-def test_field_is_finite_in_bf16_when_a_layer_is_nearly_full():
+@pytest.mark.parametrize("profile", [False, True])
+def test_field_is_finite_in_bf16_when_a_layer_is_nearly_full(profile):
     """Under bf16 autocast (the GPU precision) the field is computed in float32: a layer whose remaining
     pixels nearly fill its remaining cells (rate near 1, where bf16 rounds the clamp to 1.0 and the
-    logit to +inf) still gives finite next-cell log-probabilities, those of float32."""
-    _, model = _model(cell_field=True)
+    logit to +inf) still gives finite next-cell log-probabilities, those of float32; also when the
+    field starts from a layer profile (cell_profile, here a steep one)."""
+    _, model = _model(cell_field=True, **({"cell_profile": True} if profile else {}))
+    if profile:
+        with torch.no_grad():
+            model.cell_profile[:, 0] = 8.0  # the first bump: the layer's centre
     h = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
-    first, width = torch.tensor([0, 10, 4000]), torch.tensor([4096, 4096, 4096])
+    row, first, width = torch.tensor([0, 5, 23]), torch.tensor([0, 10, 4000]), torch.tensor([4096, 4096, 4096])
     remaining = torch.tensor([4095, 4086, 95])
     with torch.no_grad():
-        ref = model._field_logits(h, first, width, remaining)
-        low = model._field_logits(h.bfloat16(), first, width, remaining)
+        ref = model._field_logits(h, row, first, width, remaining)
+        low = model._field_logits(h.bfloat16(), row, first, width, remaining)
     ok = torch.arange(4096)[None] >= first[:, None]
     assert torch.isfinite(low[ok]).all() and torch.isfinite(ref[ok]).all()
     assert float((low[ok] - ref[ok]).abs().max()) < 0.05

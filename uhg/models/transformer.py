@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
-from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature
+from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature, fit_law
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
 from uhg.models.transformer_factorised import FactorisedPixelHead, layer_fire_rate, tile_centres
 from uhg.models.transformer_tokens import TokenBatch, TokenLayout, encode_hits
@@ -380,6 +380,12 @@ class HitTransformer(FactorisedPixelHead):
             self.neighbour_head = nn.Linear(d, len(CAUSAL_NEIGHBOURS))
             nn.init.zeros_(self.neighbour_head.weight)  # zero weights: the model without the key
             nn.init.zeros_(self.neighbour_head.bias)
+        if config.cell_profile:  # per layer, the coefficients of its fired-cell profile on cell_basis
+            if not self.cell_field or self.factorised:
+                raise ValueError("cell_profile needs cell_field with the flat pixel head")
+            # zero: the uniform profile until fit_cell_profile fills it from the training showers before
+            # training; a buffer, so the export carries it
+            self.register_buffer("cell_profile", torch.zeros(L.n_rows, self.cell_basis.shape[1]))
         if self.factorised:  # the column head given the pixel row
             self.grid = grid
             self.y_out = nn.Embedding(grid[0], d)
@@ -602,7 +608,7 @@ class HitTransformer(FactorisedPixelHead):
         hr = h + self.row_out(row)
         logits = self.col_head(hr)
         if self.cell_field:
-            logits = logits + self._field_logits(hr, first, width, row_remaining)
+            logits = logits + self._field_logits(hr, row, first, width, row_remaining)
             if self.config.cell_neighbours:
                 if fired is None:
                     raise ValueError("cell_neighbours: the cells of the layer fired so far (fired) are needed")
@@ -612,21 +618,40 @@ class HitTransformer(FactorisedPixelHead):
             logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first.unsqueeze(-1)).clamp_min(0)
         return logits.masked_fill(~ok, float("-inf"))
 
-    def _field_logits(self, hr: torch.Tensor, first: torch.Tensor, width: torch.Tensor,
+    def _field_logits(self, hr: torch.Tensor, row: torch.Tensor, first: torch.Tensor, width: torch.Tensor,
                       row_remaining: torch.Tensor) -> torch.Tensor:
         """cell_field: log-probability that cell c is the next fired one when every cell from `first`
         on fires on its own with probability sigmoid(l_c): log s(l_c) + sum_{first <= j < c} log s(-l_j).
         l_c = logit(remaining / cells left) + field_head(hr) . basis(c): with a zero field this is
         pace_prior's geometric gap (up to a constant per token); the field moves the pixels towards
-        where the network places them (the radial profile of the layer at this energy and stage)."""
+        where the network places them (the radial profile of the layer at this energy and stage).
+        With cell_profile the first term is logit(h_c) of `_profile_hazard` instead."""
         # in float32 under any autocast: in bf16 the clamp's 0.999 is 1.0 (logit +inf, NaN sums) and an
         # exclusive cumsum over a layer's cells loses the small terms
         hr = hr.float()
-        rho = layer_fire_rate(row_remaining, first, width)
-        ell = torch.logit(rho).unsqueeze(-1) + self.field_head(hr).float() @ self.cell_basis.float().T
+        field = self.field_head(hr).float() @ self.cell_basis.float().T
+        if self.config.cell_profile:
+            ell = torch.logit(self._profile_hazard(row, row_remaining)) + field
+        else:
+            ell = torch.logit(layer_fire_rate(row_remaining, first, width)).unsqueeze(-1) + field
         c = torch.arange(ell.shape[-1], device=hr.device)
         off = F.logsigmoid(-ell).masked_fill(c < first.unsqueeze(-1), 0.0)
         return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
+
+    def _profile_hazard(self, row: torch.Tensor, row_remaining: torch.Tensor) -> torch.Tensor:
+        """cell_profile: (..., n_cols) chance h_c that cell c is the next pixel of its layer given that no
+        cell between the previous pixel and c is, if the layer's `row_remaining` pixels still to place
+        were independent draws from its fitted profile q: the smallest of N draws is c with chance
+        S_c^N - S_{c+1}^N (S_c = sum_{j >= c} q_j), so h_c = 1 - (S_{c+1} / S_c)^N, clamped to
+        [1e-6, 0.999]. Placed one after another with a zero field, a layer's pixels are then the sorted
+        draws of N cells from q: the order of placement moves none of them up or down the rows (an even
+        pacing of the pixels left over the cells left does, whenever the field is short of its fit)."""
+        log_q = torch.log_softmax(self.cell_profile.float() @ self.cell_basis.float().T, -1)  # (layers, cells)
+        log_tail = torch.logcumsumexp(log_q.flip(-1), -1).flip(-1)  # log S_c
+        step = torch.cat([log_tail[:, 1:], log_tail.new_full((len(log_tail), 1), float("-inf"))], 1) - log_tail
+        r = row.clamp_max(len(log_q) - 1)  # END (row n_rows) takes no cell: any finite value serves
+        n = row_remaining.float().clamp_min(1).unsqueeze(-1)
+        return (-torch.expm1(n * step[r])).clamp(1e-6, 0.999)
 
     def _neighbour_logits(self, hr: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
         """cell_neighbours: sum over the causal neighbours k of weight_k(hr) x [neighbour k of the cell
@@ -876,6 +901,28 @@ def cell_basis(cell_xy: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.concatenate([bumps, xy / r_max], 1), dtype=torch.float32)
 
 
+def fit_cell_profile(counts: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """cell_profile: per layer, the coefficients a (layers, basis functions) of the profile log q_c =
+    a . basis(c) - log sum_j exp(a . basis(j)) that maximise the multinomial likelihood of the layer's
+    fired cells `counts` (layers, cells), summed over training showers; and the mean negative
+    log-likelihood per pixel. A smooth profile on the field's basis, not the cells' own counts: a
+    sparse layer's few thousand pixels over its 4096 cells would otherwise pace by their noise. A
+    layer without pixels keeps a = 0 (the uniform profile)."""
+    n = counts.double()
+    total = n.sum().clamp_min(1.0)
+    profile = nn.Module()
+    profile.a = nn.Parameter(torch.zeros(n.shape[0], basis.shape[1], dtype=torch.float64))
+    b = basis.double()
+
+    def nll(m: nn.Module) -> torch.Tensor:
+        log_q = torch.log_softmax(m.a @ b.T, -1)
+        # the bumps sum to nearly a constant over the cells, which the softmax ignores: a tiny ridge fixes it
+        return -(n * log_q).sum() / total + 1e-6 * (m.a ** 2).sum()
+
+    loss = fit_law(profile, nll, max_iter=500)
+    return profile.a.detach().float(), loss
+
+
 def padded_tokens(lengths: torch.Tensor, slack: float = BUCKET_SLACK) -> int:
     """Token positions the blocks process for sequences of `lengths` hits (length buckets)."""
     return sum(len(g) * (int(lengths[g].max()) + 1) for g in length_buckets(lengths, slack))
@@ -898,5 +945,6 @@ def mean_attended(lengths: torch.Tensor, window: int = 0) -> float:
     return float((m * (m + 1) / 2 + (n - m) * (window + 1)).sum() / n.sum())
 
 
-__all__ = ["Block", "GridEmbedding", "HitTransformer", "KVCache", "Rotary2D", "cell_basis", "count_parameters", "length_buckets", "mean_attended",
+__all__ = ["Block", "GridEmbedding", "HitTransformer", "KVCache", "Rotary2D", "cell_basis", "count_parameters",
+           "fit_cell_profile", "length_buckets", "mean_attended",
            "padded_tokens", "window_mask"]

@@ -20,7 +20,7 @@ from uhg.data.hits import HitBatch
 from uhg.models import transformer_family as model
 from uhg.models.laws import fit_count_law, fit_law, fit_share_law
 from uhg.models.modes import eval_mode
-from uhg.models.transformer import mean_attended, padded_tokens
+from uhg.models.transformer import fit_cell_profile, mean_attended, padded_tokens
 from uhg.models.transformer_clusters import ShapeCensus
 from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
@@ -65,8 +65,8 @@ class TransformerFamily(model.TransformerFamily):
         return evenly_spread(n_train, self.cfg.fit_events)
 
     def initialise_from_data(self, modules: Mapping[str, nn.Module], batches: Iterable[HitBatch]) -> dict[str, float]:
-        """Start the count and response laws at their maximum-likelihood fit to training events
-        (`batches`, the events of `fit_sample`; full-batch L-BFGS, deterministic, so every rank
+        """Start the count and response laws, and cell_profile's layer profiles, at their maximum-likelihood
+        fit to training events (`batches`, the events of `fit_sample`; full-batch L-BFGS, deterministic, so every rank
         starts from the same weights): SGD at the transformer's learning rate would take
         thousands of steps to move a log-occupancy by a few units, and jitters around it
         afterwards. Training then refines them jointly."""
@@ -75,6 +75,8 @@ class TransformerFamily(model.TransformerFamily):
             return {}
         census = ShapeCensus(self.layout) if model.clusters else None
         conds, counts, responses = [], [], []
+        profile = getattr(model, "cell_profile", None)
+        cells = None if profile is None else torch.zeros(self.layout.n_rows * self.layout.n_cols, dtype=torch.float64)
         for batch in batches:
             hits = TorchHits.from_batch(batch)
             conds.append(self.condition_norm(hits.conditions).double())
@@ -83,6 +85,9 @@ class TransformerFamily(model.TransformerFamily):
             elif model.layered:  # hits per (shower, layer)
                 flat = hits.event_index() * self.layout.n_rows + hits.columns["layer"].long()
                 counts.append(torch.bincount(flat, minlength=len(batch) * self.layout.n_rows).view(len(batch), -1))
+                if cells is not None:  # cell_profile: fired cells per (layer, cell) over the showers
+                    at = hits.columns["layer"].long() * self.layout.n_cols + hits.columns["cell"].long()
+                    cells += torch.bincount(at, minlength=len(cells)).double()
             else:
                 units = hits.columns["sensor"] if self.layout.kind == "pixel" else torch.zeros_like(hits.event_index())
                 flat = hits.event_index() * self.layout.n_units + units.long()
@@ -103,6 +108,10 @@ class TransformerFamily(model.TransformerFamily):
             n = n.sum(1, keepdim=True)
         if model.counts is not None:
             out |= fit_count_law(model.counts, n, cond)
+        if cells is not None:
+            coefficients, out["law_cell_profile_nll"] = fit_cell_profile(cells.view(self.layout.n_rows, -1),
+                                                                         model.cell_basis)
+            profile.copy_(coefficients)
         if model.response is not None:
             target = torch.cat(responses)
             out["law_response_nll"] = fit_law(model.response, lambda m: -m.log_prob(target, cond).mean())

@@ -1,0 +1,150 @@
+"""Fired-cell profile of the digital pixel calorimeter (model.cell_profile): cell_field starts from the
+law of the smallest of a layer's pixels still to place drawn from the layer's profile fitted to the
+training showers, not from an even spacing over the cells left."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uhg.config.loading import config_from_dict
+from uhg.config.transformer import TransformerConfig
+from uhg.errors import ConfigError
+from uhg.geometry import get_geometry
+from uhg.models.common import ConditionNorm
+from uhg.models.transformer import fit_cell_profile
+from uhg.models.transformer_sampling import sample_events
+from uhg.seeding import event_seed
+from uhg.sim.calo import simulate_calo_showers
+from uhg.sparse.torch_hits import TorchHits
+from uhg.train.family import build_family
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRAIN = (1000.0, 16000.0)
+NORM = ConditionNorm.from_ranges({"incident_energy": TRAIN}, ["incident_energy"])
+BASE = dict(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["incident_energy"], multiplicity="count",
+            count_bootstrap=0, max_hits=8192, layer_counts=True, layer_split=True, count_law="unit_quadratic",
+            cell_field=True, cell_neighbours=True)
+GEOMETRY = get_geometry("epical-mini")
+
+
+def _model(**kw):
+    family = build_family(GEOMETRY, TransformerConfig(**BASE, **kw), NORM)
+    torch.manual_seed(0)
+    return family, family.build_modules()["model"]
+
+
+def _showers(n: int, seed: int):
+    return simulate_calo_showers(GEOMETRY, n, seed=seed, energy_min=TRAIN[0], energy_max=TRAIN[1])
+
+
+def test_with_a_zero_field_the_next_cell_is_the_smallest_of_the_remaining_draws_from_the_profile():
+    """The field's law of the next cell with the field at zero is that of the smallest of N independent
+    draws from the layer's profile restricted to the cells from `first` on: (S_c^N - S_{c+1}^N) / S_first^N."""
+    family, model = _model(cell_profile=True)
+    family.initialise_from_data({"model": model}, [_showers(100, seed=5)])
+    row, first, n = torch.tensor([2, 6, 6, 0]), torch.tensor([0, 0, 1900, 2000]), torch.tensor([1, 30, 7, 2])
+    width = torch.full_like(row, GEOMETRY.nx * GEOMETRY.ny)
+    with torch.no_grad():
+        law = model._field_logits(torch.zeros(4, 32), row, first, width, n).double().exp()
+        q = torch.softmax(model.cell_profile.double() @ model.cell_basis.double().T, -1)[row]
+    c = torch.arange(q.shape[1])
+    q = q * (c[None] >= first[:, None])
+    tail = q.flip(-1).cumsum(-1).flip(-1)  # S_c over the cells from first on (S_first = 1 after division)
+    tail = tail / tail[torch.arange(4), first][:, None]
+    after = torch.cat([tail[:, 1:], tail.new_zeros(4, 1)], 1)
+    expected = tail ** n[:, None] - after ** n[:, None]
+    # away from the hazard's clamps (the cells where it is below 1e-6 or above 0.999)
+    hazard = 1 - (after / tail.clamp_min(1e-300)) ** n[:, None]
+    free = (c[None] >= first[:, None]) & (hazard > 1e-5) & (hazard < 0.99)
+    assert free.sum() > 1000
+    # float32 sums and the 1e-6 floor of the cells skipped before: 0.5 % at most
+    assert torch.allclose(law[free], expected[free], rtol=1e-2, atol=1e-9)
+    assert float(expected[free].sum()) > 3.0  # the comparison covers nearly all of each law's mass
+
+
+def test_the_fitted_profile_follows_the_data_and_paces_the_remaining_pixels():
+    """The profile fitted to simulated showers puts each layer's mass where their pixels fired (core
+    rows and columns, mean row at the data's) and leaves every cell a chance."""
+    family, model = _model(cell_profile=True)
+    showers = _showers(300, seed=4)
+    out = family.initialise_from_data({"model": model}, [showers])
+    assert np.isfinite(out["law_cell_profile_nll"])
+    assert model.cell_profile.abs().sum() > 0
+    layer, cell = showers.columns["layer"].astype(np.int64), showers.columns["cell"].astype(np.int64)
+    nx = GEOMETRY.nx
+    with torch.no_grad():
+        q = torch.softmax(model.cell_profile @ model.cell_basis.T, -1).double().numpy()
+    rows = np.arange(GEOMETRY.nx * GEOMETRY.ny) // nx
+    for lay in (1, 6, 12):
+        data_row = (cell[layer == lay] // nx).mean()
+        assert abs((q[lay] * rows).sum() - data_row) < 0.5, (lay, (q[lay] * rows).sum(), data_row)
+        core = (np.abs(rows - 31.5) < 4) & (np.abs(np.arange(len(rows)) % nx - 31.5) < 4)
+        assert q[lay][core].sum() > 10 * core.mean(), lay  # far above the uniform share of the core
+        # the profile is not the counts themselves: a cell no shower fired still has a chance
+        assert q[lay].min() > 0
+def test_generation_with_a_zero_network_draws_each_layer_from_its_profile():
+    """With every learned logit at zero, generation places a layer's pixels as draws from its fitted
+    profile: as concentrated in the core as the training showers and centred where they are, while
+    the even pacing spreads them over the layer."""
+    showers = _showers(200, seed=6)
+    layer, cell = showers.columns["layer"].astype(np.int64), showers.columns["cell"].astype(np.int64)
+    nx = GEOMETRY.nx
+
+    def core_share(lay, cells):
+        r, c = cells // nx, cells % nx
+        return float(((np.abs(r - 31.5) < 6) & (np.abs(c - 31.5) < 6)).mean())
+
+    e_inc = np.full(20, 8000.0)
+    cond = NORM({"incident_energy": torch.as_tensor(e_inc)})
+    seeds = [event_seed(5, i, "generate") for i in range(20)]
+    out = {}
+    for key in (False, True):
+        family, model = _model(cell_profile=key)
+        family.initialise_from_data({"model": model}, [showers])
+        with torch.no_grad():
+            last = [m for m in model.col_head.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.zero_()
+        model.eval()
+        out[key] = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+    np.testing.assert_array_equal(out[True].hits_per_event, out[False].hits_per_event)  # the same laws
+    data = core_share(3, cell[layer == 3])
+    for key, batch in out.items():
+        cells = batch.columns["cell"][batch.columns["layer"] == 3].astype(np.int64)
+        share = core_share(3, cells)
+        if key:
+            assert abs(share - data) < 0.1, (share, data)
+            assert abs((cells // nx).mean() - (cell[layer == 3] // nx).mean()) < 1.0
+        else:
+            assert share < data / 3, (share, data)
+
+
+def test_fit_cell_profile_recovers_a_profile_on_its_basis():
+    """Counts drawn from a profile on the basis give back its coefficients (up to the softmax's constant);
+    a layer without pixels keeps the uniform profile."""
+    _, model = _model(cell_profile=True)
+    basis = model.cell_basis
+    truth = torch.zeros(2, basis.shape[1])
+    truth[0, :4] = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    truth[0, -1] = 1.5  # a slope along y
+    q = torch.softmax(truth @ basis.T, -1)
+    counts = torch.zeros(2, basis.shape[0], dtype=torch.float64)
+    counts[0] = torch.as_tensor(np.random.default_rng(0).multinomial(200_000, q[0].double().numpy()))
+    a, nll = fit_cell_profile(counts, basis)
+    fitted = torch.softmax(a @ basis.T, -1)
+    assert torch.allclose(fitted[0], q[0], atol=2e-4), (fitted[0] - q[0]).abs().max()
+    assert torch.equal(a[1], torch.zeros_like(a[1])) and np.isfinite(nll)
+
+
+def test_cell_profile_settings_are_checked():
+    raw = {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
+           "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count",
+                     "layer_counts": True, "cell_profile": True}}
+    with pytest.raises(ConfigError, match="cell_profile.*cell_field: true"):
+        config_from_dict(raw)
+    raw["model"] |= {"cell_field": True, "pixel_head": "factorised"}
+    with pytest.raises(ConfigError, match="cell_profile.*pixel_head: flat"):
+        config_from_dict(raw)
