@@ -7,37 +7,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from epical_small import LAYER_LAWS, NORM, epical_model, epical_showers
 
 from uhg.config.loading import config_from_dict
 from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
-from uhg.models.common import ConditionNorm
 from uhg.models.transformer import FIELD_RADII
 from uhg.models.transformer_sampling import sample_events
 from uhg.seeding import event_seed
-from uhg.sim.calo import simulate_calo_showers
 from uhg.train.family import build_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TRAIN = (1000.0, 16000.0)
-NORM = ConditionNorm.from_ranges({"incident_energy": TRAIN}, ["incident_energy"])
-BASE = dict(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["incident_energy"], multiplicity="count",
-            count_bootstrap=0, max_hits=8192, layer_counts=True, layer_split=True, count_law="unit_quadratic")
-
-
-def _model(**kw):
-    family = build_family(get_geometry("epical-mini"), TransformerConfig(**BASE, **kw), NORM)
-    torch.manual_seed(0)
-    return family, family.build_modules()["model"]
 
 
 def test_zero_field_is_the_uniform_pacing_of_pace_prior():
     """With the field's weights at their initial zero the distribution of the next cell is pace_prior's
     (geometric gaps at the rate of the layer's pixels still to place), for first and later hits."""
-    _, field = _model(cell_field=True)
-    _, paced = _model(pace_prior=True)
+    _, field = epical_model(cell_field=True)
+    _, paced = epical_model(pace_prior=True)
     paced.load_state_dict(field.state_dict(), strict=False)
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(5, 32, generator=gen)
@@ -61,9 +50,8 @@ def test_a_central_field_gathers_the_pixels_of_every_layer_about_the_axis():
     """Generation places a layer's pixels where the field is high: weights favouring the innermost
     radial bumps bring the sampled pixels' mean distance to the axis well below the uniform pacing's,
     with the pixels per layer unchanged (the count laws draw them)."""
-    family, model = _model(cell_field=True)
-    family.initialise_from_data({"model": model}, [simulate_calo_showers(get_geometry("epical-mini"), 200, seed=4,
-                                                                          energy_min=TRAIN[0], energy_max=TRAIN[1])])
+    family, model = epical_model(cell_field=True)
+    family.initialise_from_data({"model": model}, [epical_showers(200, seed=4)])
     model.eval()
     e_inc = np.full(4, 4000.0)
     cond = NORM({"incident_energy": torch.as_tensor(e_inc)})
@@ -85,7 +73,7 @@ def test_cell_field_settings_are_checked():
     raw["model"] |= {"layer_counts": True, "pace_prior": True}
     with pytest.raises(ConfigError, match="cell_field.*pace_prior"):
         config_from_dict(raw)
-    cfg = TransformerConfig(**BASE, cell_field=True)
+    cfg = TransformerConfig(**LAYER_LAWS, cell_field=True)
     with pytest.raises(ConfigError, match="cell_field.*ds2"):
         build_family(get_geometry("ds2"), cfg, NORM).build_modules()
 
@@ -96,7 +84,7 @@ def test_field_is_finite_in_bf16_when_a_layer_is_nearly_full(profile):
     pixels nearly fill its remaining cells (rate near 1, where bf16 rounds the clamp to 1.0 and the
     logit to +inf) still gives finite next-cell log-probabilities, those of float32; also when the
     field starts from a layer profile (cell_profile, here a steep one)."""
-    _, model = _model(cell_field=True, **({"cell_profile": True} if profile else {}))
+    _, model = epical_model(cell_field=True, **({"cell_profile": True} if profile else {}))
     if profile:
         with torch.no_grad():
             model.cell_profile[:, 0] = 8.0  # the first bump: the layer's centre

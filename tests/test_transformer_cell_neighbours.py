@@ -7,37 +7,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from epical_small import GEOMETRY, LAYER_LAWS, NORM, epical_model, epical_showers
 
 from uhg.config.loading import config_from_dict
 from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
-from uhg.models.common import ConditionNorm
 from uhg.models.transformer import CAUSAL_NEIGHBOURS, layer_fired
 from uhg.models.transformer_sampling import sample_events
 from uhg.seeding import event_seed
-from uhg.sim.calo import simulate_calo_showers
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import build_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TRAIN = (1000.0, 16000.0)
-NORM = ConditionNorm.from_ranges({"incident_energy": TRAIN}, ["incident_energy"])
-BASE = dict(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["incident_energy"], multiplicity="count",
-            count_bootstrap=0, max_hits=8192, layer_counts=True, layer_split=True, count_law="unit_quadratic",
-            cell_field=True)
-GEOMETRY = get_geometry("epical-mini")
+BASE = dict(cell_field=True)  # on top of epical_small.LAYER_LAWS
 
 
 def _model(**kw):
-    family = build_family(GEOMETRY, TransformerConfig(**BASE, **kw), NORM)
-    torch.manual_seed(0)
-    return family, family.build_modules()["model"]
-
-
-def _showers(n: int, seed: int):
-    return simulate_calo_showers(GEOMETRY, n, seed=seed, energy_min=TRAIN[0], energy_max=TRAIN[1])
+    return epical_model(**{**BASE, **kw})
 
 
 def test_layer_fired_holds_the_earlier_hits_of_the_same_sequence_and_layer():
@@ -83,7 +71,7 @@ def test_the_key_at_its_initial_zero_weights_is_the_model_without_it():
     loss without it (the other modules initialise as without it, its weights start at zero)."""
     family, plain = _model()
     _, with_key = _model(cell_neighbours=True)
-    showers = _showers(6, seed=3)
+    showers = epical_showers(6, seed=3)
     family.initialise_from_data({"model": plain}, [showers])
     missing, unexpected = with_key.load_state_dict(plain.state_dict(), strict=False)
     assert set(missing) == {"neighbour_head.weight", "neighbour_head.bias"} and not unexpected
@@ -108,7 +96,7 @@ def test_a_weight_on_the_left_neighbour_makes_generated_pixels_touch():
     """Generation sees the layer's fired cells as teacher forcing does: a large weight on the left
     neighbour makes far more generated pixels sit right of another, with the same pixels per layer."""
     family, model = _model(cell_neighbours=True)
-    family.initialise_from_data({"model": model}, [_showers(200, seed=4)])
+    family.initialise_from_data({"model": model}, [epical_showers(200, seed=4)])
     model.eval()
     e_inc = np.full(4, 4000.0)
     cond = NORM({"incident_energy": torch.as_tensor(e_inc)})
@@ -133,6 +121,6 @@ def test_cell_neighbours_settings_are_checked():
     raw["model"] |= {"cell_field": True, "pixel_head": "factorised"}
     with pytest.raises(ConfigError, match="cell_neighbours.*pixel_head: flat"):
         config_from_dict(raw)
-    cfg = TransformerConfig(**BASE, cell_neighbours=True)
+    cfg = TransformerConfig(**LAYER_LAWS, **BASE, cell_neighbours=True)
     with pytest.raises(ConfigError, match="cell_neighbours.*ds2"):
         build_family(get_geometry("ds2"), cfg, NORM).build_modules()

@@ -7,44 +7,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from epical_small import GEOMETRY, NORM, epical_model, epical_showers
 
 from uhg.config.loading import config_from_dict
-from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
-from uhg.geometry import get_geometry
-from uhg.models.common import ConditionNorm
 from uhg.models.transformer import fit_cell_profile
 from uhg.models.transformer_sampling import sample_events
 from uhg.seeding import event_seed
-from uhg.sim.calo import simulate_calo_showers
 from uhg.sparse.torch_hits import TorchHits
-from uhg.train.family import build_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TRAIN = (1000.0, 16000.0)
-NORM = ConditionNorm.from_ranges({"incident_energy": TRAIN}, ["incident_energy"])
-BASE = dict(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["incident_energy"], multiplicity="count",
-            count_bootstrap=0, max_hits=8192, layer_counts=True, layer_split=True, count_law="unit_quadratic",
-            cell_field=True, cell_neighbours=True)
-GEOMETRY = get_geometry("epical-mini")
+BASE = dict(cell_field=True, cell_neighbours=True)  # on top of epical_small.LAYER_LAWS
 
 
 def _model(**kw):
-    family = build_family(GEOMETRY, TransformerConfig(**BASE, **kw), NORM)
-    torch.manual_seed(0)
-    return family, family.build_modules()["model"]
-
-
-def _showers(n: int, seed: int):
-    return simulate_calo_showers(GEOMETRY, n, seed=seed, energy_min=TRAIN[0], energy_max=TRAIN[1])
+    return epical_model(**{**BASE, **kw})
 
 
 def test_with_a_zero_field_the_next_cell_is_the_smallest_of_the_remaining_draws_from_the_profile():
     """The field's law of the next cell with the field at zero is that of the smallest of N independent
     draws from the layer's profile restricted to the cells from `first` on: (S_c^N - S_{c+1}^N) / S_first^N."""
     family, model = _model(cell_profile=True)
-    family.initialise_from_data({"model": model}, [_showers(100, seed=5)])
+    family.initialise_from_data({"model": model}, [epical_showers(100, seed=5)])
     row, first, n = torch.tensor([2, 6, 6, 0]), torch.tensor([0, 0, 1900, 2000]), torch.tensor([1, 30, 7, 2])
     width = torch.full_like(row, GEOMETRY.nx * GEOMETRY.ny)
     with torch.no_grad():
@@ -69,7 +54,7 @@ def test_the_fitted_profile_follows_the_data_and_paces_the_remaining_pixels():
     """The profile fitted to simulated showers puts each layer's mass where their pixels fired (core
     rows and columns, mean row at the data's) and leaves every cell a chance."""
     family, model = _model(cell_profile=True)
-    showers = _showers(300, seed=4)
+    showers = epical_showers(300, seed=4)
     out = family.initialise_from_data({"model": model}, [showers])
     assert np.isfinite(out["law_cell_profile_nll"])
     assert model.cell_profile.abs().sum() > 0
@@ -89,7 +74,7 @@ def test_generation_with_a_zero_network_draws_each_layer_from_its_profile():
     """With every learned logit at zero, generation places a layer's pixels as draws from its fitted
     profile: as concentrated in the core as the training showers and centred where they are, while
     the even pacing spreads them over the layer."""
-    showers = _showers(200, seed=6)
+    showers = epical_showers(200, seed=6)
     layer, cell = showers.columns["layer"].astype(np.int64), showers.columns["cell"].astype(np.int64)
     nx = GEOMETRY.nx
 
