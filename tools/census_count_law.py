@@ -50,6 +50,15 @@ def pattern(rel: np.ndarray, noise2: np.ndarray) -> float:
     return float(np.sqrt(max(np.mean((rel - rel.mean()) ** 2) - np.mean(noise2), 0)))
 
 
+def training_events(machine: str, g):
+    """The 4000 training events of `machine` in 2e35-8e35 (seed 1, as the training stores), their
+    condition norm and their normalised conditions (float64)."""
+    train = simulate_pxd_background(g, 4000, seed=1, luminosity=2e35, luminosity_max=8e35, scenario=machine)
+    norm = ConditionNorm.from_ranges({k: (float(v.min()), float(v.max())) for k, v in train.conditions.items()},
+                                     list(CONDITIONS))
+    return train, norm, norm({k: torch.as_tensor(train.conditions[k]) for k in norm.names}).double()
+
+
 def main() -> None:
     torch.set_num_threads(1)
     machine = sys.argv[1] if len(sys.argv) > 1 else "luminosity-dominated"
@@ -57,10 +66,7 @@ def main() -> None:
     g = get_geometry("pxd-mini")
 
     t0 = time.time()
-    train = simulate_pxd_background(g, 4000, seed=1, luminosity=2e35, luminosity_max=8e35, scenario=machine)
-    norm = ConditionNorm.from_ranges({k: (float(v.min()), float(v.max())) for k, v in train.conditions.items()},
-                                     list(CONDITIONS))
-    c_train = norm({k: torch.as_tensor(train.conditions[k]) for k in norm.names}).double()
+    train, norm, c_train = training_events(machine, g)
     fitted = {}
     kinds_fitted = sys.argv[3].split(",") if len(sys.argv) > 3 else ["all", "census"]
     forms = sys.argv[4].split(",") if len(sys.argv) > 4 else ["pooled"]

@@ -20,10 +20,9 @@ import time
 import numpy as np
 import torch
 
-from census_count_law import census, pattern  # tools/, on the path when run as a script
+from census_count_law import census, pattern, training_events  # tools/, on the path when run as a script
 
 from uhg.geometry import get_geometry
-from uhg.models.common import ConditionNorm
 from uhg.models.laws import HOLDOUT, SHRINK_GRID, CountEvents, CountLaw, fit_law, strongest_within_noise
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sim.pxd_machine import CONDITIONS
@@ -38,10 +37,7 @@ def main() -> None:
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     g = get_geometry("pxd-mini")
     t0 = time.time()
-    train = simulate_pxd_background(g, 4000, seed=1, luminosity=2e35, luminosity_max=8e35, scenario=machine)
-    norm = ConditionNorm.from_ranges({k: (float(v.min()), float(v.max())) for k, v in train.conditions.items()},
-                                     list(CONDITIONS))
-    cond = norm({k: torch.as_tensor(train.conditions[k]) for k in norm.names}).double()
+    train, norm, cond = training_events(machine, g)
     counts = torch.as_tensor(census(train, g)).double()
     refs = {}
     for f in FACTORS:
