@@ -7,15 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from epical_small import LAYER_LAWS, NORM, epical_model, epical_showers
+from epical_small import LAYER_LAWS, NORM, epical_model, epical_sample, epical_showers
 
 from uhg.config.loading import config_from_dict
 from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.transformer import FIELD_RADII
-from uhg.models.transformer_sampling import sample_events
-from uhg.seeding import event_seed
 from uhg.train.family import build_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,13 +51,10 @@ def test_a_central_field_gathers_the_pixels_of_every_layer_about_the_axis():
     family, model = epical_model(cell_field=True)
     family.initialise_from_data({"model": model}, [epical_showers(200, seed=4)])
     model.eval()
-    e_inc = np.full(4, 4000.0)
-    cond = NORM({"incident_energy": torch.as_tensor(e_inc)})
-    seeds = [event_seed(3, i, "generate") for i in range(4)]
-    uniform = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+    uniform = epical_sample(model, 4000.0, 4, seed=3)
     with torch.no_grad():
         model.field_head.bias[:FIELD_RADII] = torch.linspace(4.0, -4.0, FIELD_RADII)
-    central = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+    central = epical_sample(model, 4000.0, 4, seed=3)
     np.testing.assert_array_equal(central.hits_per_event, uniform.hits_per_event)
     assert _mean_radius(central) < 0.6 * _mean_radius(uniform), (_mean_radius(central), _mean_radius(uniform))
 

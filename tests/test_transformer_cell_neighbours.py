@@ -7,15 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from epical_small import GEOMETRY, LAYER_LAWS, NORM, epical_model, epical_showers
+from epical_small import GEOMETRY, LAYER_LAWS, NORM, epical_model, epical_sample, epical_showers
 
 from uhg.config.loading import config_from_dict
 from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.transformer import CAUSAL_NEIGHBOURS, layer_fired
-from uhg.models.transformer_sampling import sample_events
-from uhg.seeding import event_seed
 from uhg.sparse.torch_hits import TorchHits
 from uhg.train.family import build_family
 
@@ -98,15 +96,12 @@ def test_a_weight_on_the_left_neighbour_makes_generated_pixels_touch():
     family, model = _model(cell_neighbours=True)
     family.initialise_from_data({"model": model}, [epical_showers(200, seed=4)])
     model.eval()
-    e_inc = np.full(4, 4000.0)
-    cond = NORM({"incident_energy": torch.as_tensor(e_inc)})
-    seeds = [event_seed(3, i, "generate") for i in range(4)]
-    plain = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
-    again = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+    plain = epical_sample(model, 4000.0, 4, seed=3)
+    again = epical_sample(model, 4000.0, 4, seed=3)
     np.testing.assert_array_equal(again.columns["cell"], plain.columns["cell"])  # deterministic per seed
     with torch.no_grad():
         model.neighbour_head.bias[CAUSAL_NEIGHBOURS.index((0, 1))] = 6.0
-    touching = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+    touching = epical_sample(model, 4000.0, 4, seed=3)
     np.testing.assert_array_equal(touching.hits_per_event, plain.hits_per_event)
     assert _adjacent_fraction(touching) > 2 * _adjacent_fraction(plain) + 0.1, \
         (_adjacent_fraction(touching), _adjacent_fraction(plain))

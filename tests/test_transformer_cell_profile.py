@@ -7,14 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from epical_small import GEOMETRY, NORM, epical_model, epical_showers
+from epical_small import GEOMETRY, epical_model, epical_sample, epical_showers
 
 from uhg.config.loading import config_from_dict
 from uhg.errors import ConfigError
 from uhg.models.transformer import fit_cell_profile
-from uhg.models.transformer_sampling import sample_events
-from uhg.seeding import event_seed
-from uhg.sparse.torch_hits import TorchHits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,9 +79,6 @@ def test_generation_with_a_zero_network_draws_each_layer_from_its_profile():
         r, c = cells // nx, cells % nx
         return float(((np.abs(r - 31.5) < 6) & (np.abs(c - 31.5) < 6)).mean())
 
-    e_inc = np.full(20, 8000.0)
-    cond = NORM({"incident_energy": torch.as_tensor(e_inc)})
-    seeds = [event_seed(5, i, "generate") for i in range(20)]
     out = {}
     for key in (False, True):
         family, model = _model(cell_profile=key)
@@ -94,7 +88,7 @@ def test_generation_with_a_zero_network_draws_each_layer_from_its_profile():
             last.weight.zero_()
             last.bias.zero_()
         model.eval()
-        out[key] = sample_events(model, cond, seeds, {"incident_energy": e_inc}, max_hits=8192)
+        out[key] = epical_sample(model, 8000.0, 20, seed=5)
     np.testing.assert_array_equal(out[True].hits_per_event, out[False].hits_per_event)  # the same laws
     data = core_share(3, cell[layer == 3])
     for key, batch in out.items():
