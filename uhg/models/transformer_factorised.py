@@ -172,13 +172,14 @@ class FactorisedPixelHead(nn.Module):
         ok = ok | (row == self.layout.n_rows).unsqueeze(-1)
         logits = self.col_head(span.hr)
         if self.cell_field:
-            logits = logits.float() + self._first_success_rows(span.ell, span)
+            logits = self._first_success_rows(logits.float(), span.ell, span)
             if self.config.cell_profile:  # the field moves the profile's law, not the uniform pacing's
-                logits = logits - self._first_success_rows(span.ell_even, span) + self._profile_row_log_prob(row, span)
+                logits = logits - self._first_success_rows(0.0, span.ell_even, span) + self._profile_row_log_prob(row, span)
         return logits.masked_fill(~ok, float("-inf"))
 
-    def _first_success_rows(self, ell: torch.Tensor, span: PixelSpan) -> torch.Tensor:
-        """(N, ny) the first-success law of the pixel rows for the tile log-odds `ell` (pixel_row_logits)."""
+    def _first_success_rows(self, base: torch.Tensor | float, ell: torch.Tensor, span: PixelSpan) -> torch.Tensor:
+        """(N, ny) `base` plus the first-success law of the pixel rows for the tile log-odds `ell`
+        (pixel_row_logits; added in this order, so that the head without cell_profile sums as before)."""
         ny, nx = self.grid
         T = self.config.field_tile
         y0, x0, y1, x1 = span.first // nx, span.first % nx, span.last // nx, span.last % nx
@@ -194,7 +195,7 @@ class FactorisedPixelHead(nn.Module):
             a = torch.where(y == at.unsqueeze(-1), part, a)
         a = a.masked_fill(y < y0.unsqueeze(-1), 0.0).clamp_max(-1e-12)  # rows before the start: skipped
         before = torch.cumsum(a, -1) - a
-        return before + torch.log(-torch.expm1(a))
+        return base + before + torch.log(-torch.expm1(a))
 
     def pixel_col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
                          row_remaining: torch.Tensor, y: torch.Tensor, span: PixelSpan | None = None) -> torch.Tensor:
@@ -211,18 +212,19 @@ class FactorisedPixelHead(nn.Module):
         ok = ((x >= lo) & (x <= hi)) | (row == self.layout.n_rows).unsqueeze(-1)
         logits = self.x_head(span.hr + self.y_out(y))
         if self.cell_field:
-            logits = logits.float() + self._first_success_cols(span.ell, y, lo)
+            logits = self._first_success_cols(logits.float(), span.ell, y, lo)
             if self.config.cell_profile:  # as in pixel_row_logits
-                logits = logits - self._first_success_cols(span.ell_even, y, lo) + self._profile_col_log_prob(row, y, span)
+                logits = logits - self._first_success_cols(0.0, span.ell_even, y, lo) + self._profile_col_log_prob(row, y, span)
         return logits.masked_fill(~ok, float("-inf"))
 
-    def _first_success_cols(self, ell: torch.Tensor, y: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        """(N, nx) the first-success law of the columns of pixel row y from column lo on for the tile
-        log-odds `ell` (pixel_col_logits)."""
+    def _first_success_cols(self, base: torch.Tensor | float, ell: torch.Tensor, y: torch.Tensor,
+                            lo: torch.Tensor) -> torch.Tensor:
+        """(N, nx) `base` plus the first-success law of the columns of pixel row y from column lo on for
+        the tile log-odds `ell` (pixel_col_logits; in the order of _first_success_rows)."""
         T = self.config.field_tile
         ell = ell[torch.arange(len(ell), device=ell.device), y // T].repeat_interleave(T, 1)  # (N, nx)
         off = F.logsigmoid(-ell).masked_fill(torch.arange(ell.shape[1], device=ell.device) < lo, 0.0)
-        return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
+        return base + F.logsigmoid(ell) + torch.cumsum(off, -1) - off
 
     def cell_log_prob(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
                       row_remaining: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
