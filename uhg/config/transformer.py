@@ -223,14 +223,16 @@ class TransformerConfig(Section):
     )
     cell_profile: bool = Field(
         False,
-        description="cell_field with pixel_head=flat: the field starts from each layer's mean fired-cell profile q, "
+        description="cell_field: the field starts from each layer's mean fired-cell profile q, "
         "fitted before training to the training showers (a softmax over the layer's cells of cell_field's radial "
         "basis, per layer, by maximum likelihood), not from an even spacing: with a zero field the next pixel of a "
         "layer is the smallest of its N pixels still to place drawn independently from q over the cells left, so a "
         "layer's pixels come out as N draws from q in whatever order they are placed. The even spacing spreads "
         "the pixels left over the cells left, which are below the placement, and a field short of its fit lets "
-        "a layer's pixels drift down the rows (docs/calorimeter.md, \"Fired-cell profile\"). Exports written "
-        "before this key pace evenly.",
+        "a layer's pixels drift down the rows (docs/calorimeter.md, \"Fired-cell profile\"). With "
+        "pixel_head=factorised q is a softmax over the field's tiles (constant on a tile), the pixel row and "
+        "then the column carry that law exactly, and the field multiplies it by its own first-success law "
+        "over the uniform pacing's. Exports written before this key pace evenly.",
     )
     cell_neighbours: bool = Field(
         False,
@@ -376,10 +378,8 @@ class TransformerConfig(Section):
             raise ValueError("cell_neighbours weights the fired neighbours of a layer's cells in cell_field's flat "
                              f"head, so it needs cell_field: true and pixel_head: flat (got cell_field="
                              f"{str(self.cell_field).lower()}, pixel_head={self.pixel_head})")
-        if self.cell_profile and not (self.cell_field and self.pixel_head == "flat"):
-            raise ValueError("cell_profile paces a layer's pixels in cell_field's flat head, so it needs cell_field: "
-                             f"true and pixel_head: flat (got cell_field={str(self.cell_field).lower()}, "
-                             f"pixel_head={self.pixel_head})")
+        if self.cell_profile and not self.cell_field:
+            raise ValueError("cell_profile paces a layer's pixels in cell_field's law, so it needs cell_field: true")
         if self.pixel_head == "factorised" and not self.layer_counts:
             raise ValueError("pixel_head=factorised predicts the pixel of a hit within the layer the count law has "
                              "drawn, so it needs layer_counts: true (got layer_counts=false)")

@@ -45,7 +45,7 @@ from torch import nn
 from uhg.config.transformer import TransformerConfig
 from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature, fit_law
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
-from uhg.models.transformer_factorised import FactorisedPixelHead, layer_fire_rate, tile_centres
+from uhg.models.transformer_factorised import FactorisedPixelHead, first_draw_hazard, layer_fire_rate, tile_centres
 from uhg.models.transformer_tokens import TokenBatch, TokenLayout, encode_hits
 from uhg.sparse.torch_hits import TorchHits
 
@@ -381,8 +381,8 @@ class HitTransformer(FactorisedPixelHead):
             nn.init.zeros_(self.neighbour_head.weight)  # zero weights: the model without the key
             nn.init.zeros_(self.neighbour_head.bias)
         if config.cell_profile:  # per layer, the coefficients of its fired-cell profile on cell_basis
-            if not self.cell_field or self.factorised:
-                raise ValueError("cell_profile needs cell_field with the flat pixel head")
+            if not self.cell_field:
+                raise ValueError("cell_profile needs cell_field")
             # zero: the uniform profile until fit_cell_profile fills it from the training showers before
             # training; a buffer, so the export carries it
             self.register_buffer("cell_profile", torch.zeros(L.n_rows, self.cell_basis.shape[1]))
@@ -503,7 +503,7 @@ class HitTransformer(FactorisedPixelHead):
         else:
             x = x + self.val_in(values)
         if self.cell_field:
-            x = x + self.cell_in(self.cell_basis[self._tile(cols) if self.factorised else cols])
+            x = x + self.cell_in(self.cell_basis[self.basis_unit(cols)])
         if first:
             x = torch.cat([(self.start + ctx)[:, None], x[:, 1:]], 1)
         return x
@@ -638,6 +638,15 @@ class HitTransformer(FactorisedPixelHead):
         off = F.logsigmoid(-ell).masked_fill(c < first.unsqueeze(-1), 0.0)
         return F.logsigmoid(ell) + torch.cumsum(off, -1) - off
 
+    def basis_unit(self, cells: torch.Tensor) -> torch.Tensor:
+        """The row of cell_basis of flat cells: the cell itself, or its field tile (pixel_head=factorised)."""
+        return self._tile(cells) if self.factorised else cells
+
+    def profile_log_q(self) -> torch.Tensor:
+        """cell_profile: (layers, basis units) log of each layer's fitted profile over its cells (its tiles
+        with pixel_head=factorised), float32."""
+        return torch.log_softmax(self.cell_profile.float() @ self.cell_basis.float().T, -1)
+
     def _profile_hazard(self, row: torch.Tensor, row_remaining: torch.Tensor) -> torch.Tensor:
         """cell_profile: (..., n_cols) chance h_c that cell c is the next pixel of its layer given that no
         cell between the previous pixel and c is, if the layer's `row_remaining` pixels still to place
@@ -646,12 +655,12 @@ class HitTransformer(FactorisedPixelHead):
         [1e-6, 0.999]. Placed one after another with a zero field, a layer's pixels are then the sorted
         draws of N cells from q: the order of placement moves none of them up or down the rows (an even
         pacing of the pixels left over the cells left does, whenever the field is short of its fit)."""
-        log_q = torch.log_softmax(self.cell_profile.float() @ self.cell_basis.float().T, -1)  # (layers, cells)
+        log_q = self.profile_log_q()  # (layers, cells)
         log_tail = torch.logcumsumexp(log_q.flip(-1), -1).flip(-1)  # log S_c
         step = torch.cat([log_tail[:, 1:], log_tail.new_full((len(log_tail), 1), float("-inf"))], 1) - log_tail
         r = row.clamp_max(len(log_q) - 1)  # END (row n_rows) takes no cell: any finite value serves
         n = row_remaining.float().clamp_min(1).unsqueeze(-1)
-        return (-torch.expm1(n * step[r])).clamp(1e-6, 0.999)
+        return first_draw_hazard(step[r], n).clamp(1e-6, 0.999)
 
     def _neighbour_logits(self, hr: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
         """cell_neighbours: sum over the causal neighbours k of weight_k(hr) x [neighbour k of the cell

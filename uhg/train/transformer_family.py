@@ -76,7 +76,10 @@ class TransformerFamily(model.TransformerFamily):
         census = ShapeCensus(self.layout) if model.clusters else None
         conds, counts, responses = [], [], []
         profile = getattr(model, "cell_profile", None)
-        cells = None if profile is None else torch.zeros(self.layout.n_rows * self.layout.n_cols, dtype=torch.float64)
+        # per (layer, cell_basis unit): a cell, or a field tile with pixel_head=factorised (a full epical
+        # layer's 1 M cells would be 200 MB of counts)
+        basis_units = None if profile is None else model.cell_basis.shape[0]
+        cells = None if profile is None else torch.zeros(self.layout.n_rows * basis_units, dtype=torch.float64)
         for batch in batches:
             hits = TorchHits.from_batch(batch)
             conds.append(self.condition_norm(hits.conditions).double())
@@ -86,7 +89,7 @@ class TransformerFamily(model.TransformerFamily):
                 flat = hits.event_index() * self.layout.n_rows + hits.columns["layer"].long()
                 counts.append(torch.bincount(flat, minlength=len(batch) * self.layout.n_rows).view(len(batch), -1))
                 if cells is not None:  # cell_profile: fired cells per (layer, cell) over the showers
-                    at = hits.columns["layer"].long() * self.layout.n_cols + hits.columns["cell"].long()
+                    at = hits.columns["layer"].long() * basis_units + model.basis_unit(hits.columns["cell"].long())
                     cells += torch.bincount(at, minlength=len(cells)).double()
             else:
                 units = hits.columns["sensor"] if self.layout.kind == "pixel" else torch.zeros_like(hits.event_index())
