@@ -120,7 +120,7 @@ def test_the_gan_takes_the_pooled_count_law_and_refuses_an_unknown_one():
 
 def test_the_demo_trains_the_transformer_as_before_whatever_the_mini_config_ships():
     """`uhg demo` must end within 10 minutes and reach its cluster-size target with 150 steps
-    at a constant rate and the last weights; the shipped mini config trains 1200 steps with an
+    at a constant rate and the last weights; the shipped mini config trains 2400 steps with an
     average of the weights for the in-range protocol, and its overrides must undo both."""
     from uhg.cli.demo import DEMO_TRAIN
 

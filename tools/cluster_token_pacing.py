@@ -10,6 +10,16 @@ the drawn shapes, share of single-pixel tokens, connected clusters, and the shar
 anchors in each quarter of the sensor's rows. Generated hits per token below the drawn shapes'
 pixels per token are pixels lost where tokens overlap; generated clusters well below the
 tokens are tokens that touch.
+
+    python tools/cluster_token_pacing.py EXPORT --events 400 --factors 1 --last-rows 4 \
+        [--set cluster_merge_redraws=0 --set cluster_exclusive=false]
+
+--last-rows K adds, per factor, the anchors' share of each of the sensor's last K rows against
+the reference, and the drawn pixels per token with the generated tokens' pixels per token in each
+row weighted by the reference's share of anchors in that row: what the drawn shapes would give if
+the tokens sat in the rows where the reference's anchors sit (the rest of the difference is
+where they sit; shapes in the last rows are cut by the sensor's edge). --set changes a
+generation setting of the export's model config (applied in order, validated) for this run only.
 """
 
 from __future__ import annotations
@@ -32,9 +42,13 @@ def token_stats(model, rows: torch.Tensor, values: torch.Tensor, lengths: torch.
     t = torch.arange(rows.shape[1])[None]
     keep = (t >= first) & (t < lengths[:, None] + first)
     size = model.shape_table()[1][values[..., 0][keep]].double()
-    quarter = np.histogram(rows[keep].double().numpy() / model.layout.n_rows, bins=4, range=(0, 1))[0]
+    row = rows[keep].numpy()
+    quarter = np.histogram(row / model.layout.n_rows, bins=4, range=(0, 1))[0]
+    n_rows = model.layout.n_rows
+    per_row = np.bincount(row, minlength=n_rows)[:n_rows]
     return {"tokens": len(size), "shape pixels": float(size.sum()), "single": float((size == 1).sum()),
-            "quarters": quarter / max(len(size), 1)}
+            "quarters": quarter / max(len(size), 1), "row share": per_row / max(len(size), 1),
+            "row pixels": np.bincount(row, weights=size.numpy(), minlength=n_rows)[:n_rows] / np.maximum(per_row, 1)}
 
 
 def clusters(model, batch) -> int:
@@ -53,12 +67,22 @@ def main() -> None:
     parser.add_argument("--factors", default="1,2")
     parser.add_argument("--top", type=float, default=8e35)
     parser.add_argument("--seed", type=int, default=7, help="generation seed")
+    parser.add_argument("--last-rows", type=int, default=0, help="anchor shares of the last K rows (see above)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="generation setting of the model config, e.g. cluster_merge_redraws=0")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gen = Generator.load(args.export)
     model, family = gen.module, gen.family
     if not getattr(model, "clusters", False):
         parser.error(f"{args.export} is not a cluster-token transformer")
+    for item in args.set:
+        key, _, value = item.partition("=")
+        setattr(model.config, key, value)  # validated on assignment
+    if args.set:
+        print("generation settings:", ", ".join(f"{k.partition('=')[0]}={getattr(model.config, k.partition('=')[0])}"
+                                                for k in args.set))
+    rows_out = []
     print("| L / training max | sample | hits/event | tokens/event | hits/token | drawn pixels/token | single-pixel tokens | clusters/event | anchors per row quarter |")
     print("|---|---|---|---|---|---|---|---|---|")
     for f in (float(x) for x in args.factors.split(",")):
@@ -70,12 +94,26 @@ def main() -> None:
         out = decode_clusters(g.rows, g.cols, g.values, g.lengths, model.layout, args.events,
                               {k: v.numpy() for k, v in conds.items()}, *model.shape_table())
         tok = encode_clusters(ref, model.layout, model.shape_vocab(), model.config.cluster_charge_bins)
+        stats = {}
         for name, batch, s in (("reference", ref, token_stats(model, tok.rows, tok.values, tok.lengths, 1)),
                                ("generated", out, token_stats(model, g.rows, g.values, g.lengths, 0))):
             n, q = max(s["tokens"], 1), " / ".join(f"{x:.2f}" for x in s["quarters"])
             print(f"| {f:g} | {name} | {batch.n_hits / args.events:.0f} | {s['tokens'] / args.events:.0f} | "
                   f"{batch.n_hits / n:.3f} | {s['shape pixels'] / n:.3f} | {s['single'] / n:.3f} | "
                   f"{clusters(model, batch) / args.events:.0f} | {q} |", flush=True)
+            stats[name] = s
+        if args.last_rows:
+            rs, gs = stats["reference"], stats["generated"]
+            last = range(model.layout.n_rows - args.last_rows, model.layout.n_rows)
+            ref_ppt = rs["shape pixels"] / max(rs["tokens"], 1)
+            at_ref = float((rs["row share"] * gs["row pixels"]).sum())
+            rows_out.append(f"L {f:g}: drawn pixels/token {gs['shape pixels'] / max(gs['tokens'], 1) / ref_ppt - 1:+.2%}, "
+                            f"at the reference's anchor rows {at_ref / ref_ppt - 1:+.2%} against the reference; anchors "
+                            "generated / reference in rows " + ", ".join(
+                                f"{i}: {gs['row share'][i] / max(rs['row share'][i], 1e-12):.3f} "
+                                f"(reference {rs['row pixels'][i]:.2f} pixels/token)" for i in last))
+    for line in rows_out:
+        print(line)
 
 
 if __name__ == "__main__":
