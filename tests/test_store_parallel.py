@@ -42,6 +42,25 @@ def test_two_spawn_workers_match_one_process(tmp_path):
     assert fill_store(parallel, make, workers=2, progress=False) == 0  # nothing left to do
 
 
+def test_a_writer_whose_partial_folder_vanishes_under_it_still_commits(tmp_path, monkeypatch):
+    """Two writers of one store: B removes the empty `.partial` right after A's mkdir found it
+    there, so A's mkdir(exist_ok=True) sees no directory and raises FileExistsError (seen as a
+    failed `uhg sim pxd --workers 2`). A tries again and commits its part."""
+    path = tmp_path / "s"
+    create_store(path, "pixel", "pxd-tiny", 8, 8, LUMI, seed=1)
+    real_mkdir, raced = os.mkdir, []
+
+    def mkdir(target, *args, **kwargs):
+        if Path(target).name == ".partial" and not raced:
+            raced.append(target)  # B made it, A's mkdir failed on it, then B removed it
+            raise FileExistsError(17, "File exists", str(target))
+        return real_mkdir(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert fill_store(path, functools.partial(make_part, "pxd-tiny"), workers=1, progress=False) == 8
+    assert raced and missing_parts(path) == []
+
+
 def test_worker_error_reaches_the_parent(tmp_path):
     path = tmp_path / "s"
     create_store(path, "pixel", "pxd-mini", 20, 10, LUMI)

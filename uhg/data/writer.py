@@ -203,12 +203,15 @@ def _pid_alive(pid: int) -> bool:
 
 def _make_tmp_dir(path: Path, part_index: int) -> Path:
     name = f"{part_name(part_index)}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    for _ in range(5):  # another writer may remove an empty `.partial` between our two mkdirs
-        (path / PARTIAL).mkdir(exist_ok=True)
+    for _ in range(5):
+        # Another writer removes `.partial` when it is empty: between our two mkdirs (the second
+        # finds no parent), or between mkdir finding `.partial` there and pathlib's check that it
+        # is a directory (FileExistsError for a directory that is gone).
         try:
+            (path / PARTIAL).mkdir(exist_ok=True)
             (path / PARTIAL / name).mkdir()
             return path / PARTIAL / name
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             continue
     raise StoreError(f"store {path}: cannot create a temporary directory for part {part_index}")
 
