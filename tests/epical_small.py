@@ -28,6 +28,13 @@ def epical_model(**kw):
     return family, family.build_modules()["model"]
 
 
+def epical_run_config(**model) -> dict:
+    """A run config as read from YAML (for config_from_dict) of an epical-mini count-paced
+    transformer with the model keys `model`: what the cell keys' settings checks validate."""
+    return {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
+            "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count", **model}}
+
+
 def epical_showers(n: int, seed: int):
     """n simulated epical-mini showers in the TRAIN energy range."""
     return simulate_calo_showers(GEOMETRY, n, seed=seed, energy_min=TRAIN[0], energy_max=TRAIN[1])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from epical_small import LAYER_LAWS, NORM, epical_model, epical_sample, epical_showers
+from epical_small import LAYER_LAWS, NORM, epical_model, epical_run_config, epical_sample, epical_showers
 
 from uhg.config.loading import config_from_dict
 from uhg.config.transformer import TransformerConfig
@@ -60,9 +60,7 @@ def test_a_central_field_gathers_the_pixels_of_every_layer_about_the_axis():
 
 
 def test_cell_field_settings_are_checked():
-    raw = {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
-           "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count",
-                     "cell_field": True}}
+    raw = epical_run_config(cell_field=True)
     with pytest.raises(ConfigError, match="cell_field.*layer_counts"):
         config_from_dict(raw)
     raw["model"] |= {"layer_counts": True, "pace_prior": True}

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from epical_small import GEOMETRY, LAYER_LAWS, NORM, epical_model, epical_sample, epical_showers
+from epical_small import (GEOMETRY, LAYER_LAWS, NORM, epical_model, epical_run_config, epical_sample,
+                          epical_showers)
 
 from uhg.config.loading import config_from_dict
 from uhg.config.transformer import TransformerConfig
@@ -108,9 +109,7 @@ def test_a_weight_on_the_left_neighbour_makes_generated_pixels_touch():
 
 
 def test_cell_neighbours_settings_are_checked():
-    raw = {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
-           "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count",
-                     "layer_counts": True, "cell_neighbours": True}}
+    raw = epical_run_config(layer_counts=True, cell_neighbours=True)
     with pytest.raises(ConfigError, match="cell_neighbours.*cell_field: true"):
         config_from_dict(raw)
     raw["model"] |= {"cell_field": True, "pixel_head": "factorised"}

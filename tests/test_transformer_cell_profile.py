@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from epical_small import GEOMETRY, epical_model, epical_sample, epical_showers
+from epical_small import GEOMETRY, epical_model, epical_run_config, epical_sample, epical_showers
 
 from uhg.config.loading import config_from_dict
 from uhg.errors import ConfigError
@@ -174,9 +174,7 @@ def test_fit_cell_profile_recovers_a_profile_on_its_basis():
 
 
 def test_cell_profile_settings_are_checked():
-    raw = {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
-           "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count",
-                     "layer_counts": True, "cell_profile": True}}
+    raw = epical_run_config(layer_counts=True, cell_profile=True)
     with pytest.raises(ConfigError, match="cell_profile.*cell_field: true"):
         config_from_dict(raw)
     for head in ("flat", "factorised"):  # either pixel head carries the profile
