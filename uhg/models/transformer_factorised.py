@@ -50,8 +50,9 @@ class PixelSpan:
     """What both factors of a token share: the open cells of its layer (`first`, `last` flat cell,
     `width` the layer's cells), the hidden state given the layer (`hr`) and, with cell_field, the
     tile log-odds `ell` (N, tile rows, tile cols); with cell_profile also the log-odds of the uniform
-    pacing alone (`ell_even`, the same shape) and the pixels of the layer still to place (`n`). Computed
-    once per token by `pixel_span`."""
+    pacing alone (`ell_even`, the same shape), the pixels of the layer still to place (`n`) and the
+    profile's tables (`profile`, `_profile_tables`), which both factors read. Computed once per token
+    by `pixel_span`."""
 
     first: torch.Tensor
     last: torch.Tensor
@@ -60,6 +61,7 @@ class PixelSpan:
     ell: torch.Tensor | None
     ell_even: torch.Tensor | None = None
     n: torch.Tensor | None = None
+    profile: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class FactorisedPixelHead(nn.Module):
@@ -103,7 +105,7 @@ class FactorisedPixelHead(nn.Module):
         if not self.config.cell_profile:
             return PixelSpan(first, last, width, hr, ell)
         n = row_remaining.float().clamp_min(1)
-        return PixelSpan(first, last, width, hr, ell, even[:, None, None].expand(ell.shape), n)
+        return PixelSpan(first, last, width, hr, ell, even[:, None, None].expand(ell.shape), n, self._profile_tables())
 
     def _profile_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """cell_profile with the profile q constant on tiles (q of a pixel: its tile's mass / field_tile^2):
@@ -134,7 +136,7 @@ class FactorisedPixelHead(nn.Module):
         open cells only); with the column law of `_profile_col_log_prob`, exactly that of a cell."""
         ny, nx = self.grid
         T = self.config.field_tile
-        _, row_tail, after = self._profile_tables()
+        _, row_tail, after = span.profile
         r = row.clamp_max(len(after) - 1)  # END (row n_rows) takes no cell: any finite value serves
         y0, x0 = span.first // nx, span.first % nx
         own = row_tail[r, :, 0].repeat_interleave(T, -1)  # (N, ny)
@@ -145,7 +147,7 @@ class FactorisedPixelHead(nn.Module):
     def _profile_col_log_prob(self, row: torch.Tensor, y: torch.Tensor, span: PixelSpan) -> torch.Tensor:
         """cell_profile: (N, nx) the law of the column of that smallest draw given its pixel row y."""
         T = self.config.field_tile
-        log_q, row_tail, after = self._profile_tables()
+        log_q, row_tail, after = span.profile
         r = row.clamp_max(len(after) - 1)
         # the mass after cell x of row y: the rest of the row, then the rows after it
         rest = torch.cat([row_tail[r, y // T, 1:], row_tail.new_full((len(r), 1), float("-inf"))], 1)
