@@ -59,11 +59,17 @@ def training_events(machine: str, g):
     return train, norm, norm({k: torch.as_tensor(train.conditions[k]) for k in norm.names}).double()
 
 
-def main() -> None:
+def scenario_arguments(argv: list[str]):
+    """One torch thread, and what these law studies start from: SCENARIO and EVENTS of the command
+    line (default luminosity-dominated, 1000) and the pxd-mini geometry."""
     torch.set_num_threads(1)
-    machine = sys.argv[1] if len(sys.argv) > 1 else "luminosity-dominated"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    g = get_geometry("pxd-mini")
+    machine = argv[1] if len(argv) > 1 else "luminosity-dominated"
+    n = int(argv[2]) if len(argv) > 2 else 1000
+    return machine, n, get_geometry("pxd-mini")
+
+
+def main() -> None:
+    machine, n, g = scenario_arguments(sys.argv)
 
     t0 = time.time()
     train, norm, c_train = training_events(machine, g)

@@ -20,9 +20,8 @@ import time
 import numpy as np
 import torch
 
-from census_count_law import census, pattern, training_events  # tools/, on the path when run as a script
+from census_count_law import census, pattern, scenario_arguments, training_events  # tools/, on the path when run as a script
 
-from uhg.geometry import get_geometry
 from uhg.models.laws import HOLDOUT, SHRINK_GRID, CountEvents, CountLaw, fit_law, strongest_within_noise
 from uhg.sim.pxd_background import simulate_pxd_background
 from uhg.sim.pxd_machine import CONDITIONS
@@ -32,10 +31,7 @@ FACTORS = (1.0, 1.5, 2.0, 3.0)
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    machine = sys.argv[1] if len(sys.argv) > 1 else "luminosity-dominated"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    g = get_geometry("pxd-mini")
+    machine, n, g = scenario_arguments(sys.argv)
     t0 = time.time()
     train, norm, cond = training_events(machine, g)
     counts = torch.as_tensor(census(train, g)).double()
