@@ -11,7 +11,7 @@
 #    `ray stop`, which stops every Ray process it can see; in the namespace it sees only the
 #    job's own. Ports 26379-26381 keep the job's Ray away from a Ray on the default ports.
 # 3. Submits the mini GAN config on CPU (2 workers, 4 steps) with UHG_ROOT in a scratch folder
-#    and waits (`sbatch --wait`: its exit code is the job's), then checks the run folder and
+#    and waits (`run_job`: its exit code is the job's), then checks the run folder and
 #    the sqlite MLflow store.
 # 4. Submits once more with the head's GCS port taken, while step 3's results are checked: the
 #    job must fail ("the run never started"), since `ray symmetric-run` exits 0 when the head's
@@ -105,9 +105,34 @@ export RAY_AUTH_TOKEN_PATH="$WORK/.ray/auth_token"
 unset MLFLOW_TRACKING_URI RAY_ADDRESS RAY_AUTH_TOKEN
 rm -rf "$RAY_TMPDIR" && mkdir -p "$RAY_TMPDIR"
 
+# Submits a job and waits for it; returns the job's exit code (1 if it was killed by a signal or
+# never ran), as `sbatch --wait` does. `sbatch --wait` itself asks 2 s, 10 s, 42 s after the
+# submission and then every 32 s (Slurm 22.05, `_job_wait`), so it reports a job up to 32 s after
+# the job ended (twice per check); this asks every second.
+run_job() {
+    local id info state code signal missing=0
+    id="$(sbatch --parsable "$@")" || return 1
+    id="${id%%;*}"
+    while :; do
+        sleep 1
+        info="$(scontrol --oneliner show job "$id" 2>/dev/null || true)"
+        state="$(sed -n 's/.* JobState=\([A-Z_]*\) .*/\1/p' <<<"$info")"
+        case "$state" in
+            PENDING|CONFIGURING|RUNNING|COMPLETING|SUSPENDED|REQUEUED|RESIZING|STAGE_OUT) missing=0 ;;
+            "") missing=$((missing + 1)); [ "$missing" -lt 30 ] || { echo "job $id: slurmctld does not know it" >&2; return 1; } ;;
+            *) break ;;
+        esac
+    done
+    code="$(sed -n 's/.* ExitCode=\([0-9]*\):[0-9]* .*/\1/p' <<<"$info")"
+    signal="$(sed -n 's/.* ExitCode=[0-9]*:\([0-9]*\) .*/\1/p' <<<"$info")"
+    if [ "${signal:-0}" != 0 ]; then return 1; fi
+    if [ "${code:-1}" != 0 ]; then return "${code:-1}"; fi
+    [ "$state" = COMPLETED ]
+}
+
 start=$(date +%s)
 set +e
-sbatch --wait --nodes=1 --cpus-per-task="$CPUS" --gpus-per-task=0 --time=00:30:00 \
+run_job --nodes=1 --cpus-per-task="$CPUS" --gpus-per-task=0 --time=00:30:00 \
     --output="$WORK/slurm-%j.out" "$ROOT/cluster/slurm/uhg-ray.sbatch" \
     "$WORK/configs/pxd_gan_mini.yaml" --run-name "$RUN_NAME" \
     --set train.steps=4 --set train.checkpoint_every=2 --set train.validate_every=4 \
@@ -116,7 +141,7 @@ rc=$?
 set -e
 elapsed=$(( $(date +%s) - start ))
 cat "$WORK"/slurm-*.out
-echo "sbatch --wait exit code ${rc} after ${elapsed} s"
+echo "job exit code ${rc} after ${elapsed} s"
 [ "$rc" = 0 ] || exit 1
 
 run_folder="$WORK/runs/pxd_gan_mini/$RUN_NAME"
@@ -131,7 +156,7 @@ sleep 1
 # that the job fails, not how long Ray takes to give up. This job runs while the first one's
 # results are checked below.
 RAY_py_gcs_connect_timeout_s=3 RAY_gcs_rpc_server_connect_timeout_s=2 UHG_RAY_PORT=26389 \
-    sbatch --wait --nodes=1 --cpus-per-task="$CPUS" --gpus-per-task=0 --time=00:10:00 \
+    run_job --nodes=1 --cpus-per-task="$CPUS" --gpus-per-task=0 --time=00:10:00 \
     --output="$WORK/nostart-%j.out" "$ROOT/cluster/slurm/uhg-ray.sbatch" \
     "$WORK/configs/pxd_gan_mini.yaml" --run-name slurm-check-nostart --set train.steps=4 &
 nostart=$!
@@ -169,4 +194,4 @@ if [ "$rc" = 0 ] || ! grep -q "the run never started" "$WORK"/nostart-*.out; the
     echo "SLURM check failed: a job whose Ray head could not start ended with exit code ${rc}" >&2
     exit 1
 fi
-echo "SLURM check passed: a job whose Ray head could not start failed (sbatch exit code ${rc})"
+echo "SLURM check passed: a job whose Ray head could not start failed (job exit code ${rc})"
