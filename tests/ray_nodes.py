@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from services import POLL_S
+
 BIN = Path(sys.executable).parent
 
 
@@ -72,7 +74,7 @@ class LoopbackCluster:
         deadline = time.monotonic() + 180
         while self.alive_node_ports() != wanted:  # a killed raylet is declared dead after its health checks
             assert time.monotonic() < deadline, f"GCS lists nodes {self.alive_node_ports()}, expected {wanted}"
-            time.sleep(1)
+            time.sleep(POLL_S)
         return alive[0]
 
     @property
@@ -117,7 +119,7 @@ class LoopbackCluster:
                 kill_tree(self.nodes[name].pid)
                 raise RuntimeError(f"Ray node {name} did not join (exit {self.nodes[name].poll()}):\n"
                                    f"{log.read_text()[-3000:]}")
-            time.sleep(1)
+            time.sleep(POLL_S)
 
     def alive_node_ports(self) -> set[int]:
         """Node-manager ports of the nodes the GCS lists alive (read the way ray.cluster_utils

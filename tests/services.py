@@ -8,6 +8,10 @@ import subprocess
 import time
 import urllib.request
 
+# seconds between two looks at a starting server or node: a look is one local HTTP request or GCS
+# call, and every second a start is noticed late is a second of the suite
+POLL_S = 0.25
+
 
 def wait_until_healthy(url: str | urllib.request.Request, proc: subprocess.Popen, what: str,
                        timeout: float = 240) -> None:
@@ -32,4 +36,4 @@ def wait_until_healthy(url: str | urllib.request.Request, proc: subprocess.Popen
             text = stream.read() if stream else ""
             text = text.decode(errors="replace") if isinstance(text, bytes) else text
             raise AssertionError(f"{what} {state}:\n{text[-3000:]}")
-        time.sleep(1)
+        time.sleep(POLL_S)

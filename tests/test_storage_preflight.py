@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray_nodes import LoopbackCluster, kill_tree, loopback_cluster
+from ray_nodes import POLL_S, LoopbackCluster, kill_tree, loopback_cluster
 from tiny_gan import TINY_GAN_MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -48,7 +48,7 @@ def _wait_for_head_only(c: LoopbackCluster) -> None:
     deadline = time.monotonic() + 180
     while len(c.alive_node_ports()) != 1:
         assert time.monotonic() < deadline, "a killed node is still listed alive after 180 s"
-        time.sleep(1)
+        time.sleep(POLL_S)
 
 
 def test_blind_worker_node_at_launch_is_refused_by_the_driver(head_only) -> None:
