@@ -16,7 +16,7 @@ from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.laws import CountLaw, fit_count_law, fit_law, nb_quantile
+from uhg.models.laws import CountEvents, CountLaw, count_law_loss, fit_count_law, fit_law, nb_quantile
 from uhg.models.transformer import HitTransformer
 from uhg.models.transformer_sampling import counter_uniform, generate_tokens, sample_events
 from uhg.models.transformer_tokens import layout_for_geometry
@@ -70,6 +70,35 @@ def test_copula_loadings_are_recovered_from_counts():
     y = law.scores(counts, cond.float()).double()
     fit_law(law, lambda m: -m.copula_log_prob(y).mean())
     assert np.allclose(law.loadings().detach().numpy(), 0.7, atol=0.08)
+
+
+@pytest.mark.parametrize("form", ["power", "powers", "quadratic", "pooled", "unit_quadratic"])
+def test_the_fits_count_table_gives_the_per_event_likelihood_and_gradient(form):
+    """With one dispersion per unit a fit computes lgamma(n + r) - lgamma(r) on the table of how many
+    events have each count in each unit (CountEvents): the loss and every gradient are the per-event
+    ones (count_law_loss without the table) up to rounding. Counts that are not whole, or a
+    dispersion that moves with the mean, take the per-event likelihood."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(400, 2, generator=g, dtype=torch.float64) * 2 - 1
+    counts = torch.poisson(6.0 * torch.exp(x[:, :1] * torch.linspace(0.2, 1.2, 5, dtype=torch.float64)[None]),
+                           generator=g)
+    law = CountLaw(5, 2, 3072, form).double()
+    with torch.no_grad():
+        for p in law.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    events = CountEvents(counts, x)
+    assert events.histogram is not None and float(events.histogram.sum()) == counts.numel()
+    params = list(law.parameters())
+    table = events.loss(law, 300.0, 1e5)
+    per_event = count_law_loss(law, counts, x, 300.0, 1e5)
+    assert abs(float(table - per_event)) < 1e-12 * abs(float(per_event))
+    for a, b in zip(torch.autograd.grad(table, params, allow_unused=True),
+                    torch.autograd.grad(per_event, params, allow_unused=True), strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert CountEvents(counts + 0.5, x).histogram is None
+    moving = CountLaw(5, 2, 3072, form, dispersion="power").double()
+    assert torch.equal(events.loss(moving, 300.0), count_law_loss(moving, counts, x, 300.0))
 
 
 def test_nb_quantile_is_exact_at_the_cdf_steps_and_clamped():

@@ -475,11 +475,11 @@ class CountEvents:
         self.log_factorial = torch.lgamma(self.counts + 1)
         # How many events have k counts in each unit (U, K): with one dispersion r_u per unit the
         # likelihood's lgamma(n + r_u) - lgamma(r_u) takes K values per unit, not one per event
-        # (`nb_unit_log_prob`). Only where that table is smaller than the events'.
+        # (`nb_unit_log_prob`). Only for whole counts, and where that table is smaller than the events'.
         n = self.counts.long()
         k = int(n.max()) + 1 if n.numel() else 1
         self.histogram = None
-        if n.dim() == 2 and k < len(n):
+        if n.dim() == 2 and k < len(n) and bool((n >= 0).all()) and torch.equal(n.to(self.counts.dtype), self.counts):
             self.histogram = torch.zeros(n.shape[1], k, dtype=cond.dtype).scatter_add_(
                 1, n.T, torch.ones(n.shape[1], len(n), dtype=cond.dtype))
 
