@@ -340,3 +340,29 @@ def test_merge_redraws_need_exclusive_pixels():
 def test_charge_redraws_refuse_the_pixel_context():
     with pytest.raises(ValueError, match="cluster_charge_redraws"):
         TransformerConfig(token="cluster", cluster_pixel_context=True, cluster_charge_redraws=4)
+
+
+def test_latent_aux_gives_the_encoder_a_gradient_the_collapsed_decoder_does_not():
+    """latent_aux: with a decoder that ignores the event latent (latent_proj zero, as a collapsed
+    latent leaves it) and the KL inside its free bits, only the auxiliary summary head tells the
+    encoder anything; without the key the encoder's gradient is exactly zero. The head predicts
+    the sequences' mean charge class and shape size, reported as `latent_aux`."""
+    from uhg.models.transformer_clusters import encode_clusters
+
+    batch = simulate_pxd_background(get_geometry("pxd-tiny"), 6, 11, luminosity=8e35)
+    cond = torch.zeros(6, 1)
+    grads = {}
+    for aux in (0.0, 1.0):
+        model = _cluster_model(free_bits=10.0, latent_aux=aux).train()
+        assert hasattr(model, "latent_aux_head") == bool(aux)
+        with torch.no_grad():
+            model.latent_proj.weight.zero_()
+        tokens = encode_clusters(batch, model.layout, model.shape_vocab(), model.config.cluster_charge_bins)
+        out = model.loss(tokens, cond)
+        assert ("latent_aux" in out) == bool(aux)
+        out["loss"].backward()
+        grads[aux] = sum(float(p.grad.abs().sum()) for p in model.encoder.parameters() if p.grad is not None)
+    assert grads[0.0] == 0.0
+    assert grads[1.0] > 0.0
+    with pytest.raises(ValueError, match="latent_aux"):
+        TransformerConfig(latent_dim=0, latent_aux=1.0)

@@ -106,6 +106,16 @@ class TransformerConfig(Section):
     )
     kl_weight: float = Field(1.0, ge=0.0, description="Weight of the latent's KL term (per event) in the loss.")
     free_bits: float = Field(0.1, ge=0.0, description="KL nats per latent dimension not penalised (avoids posterior collapse).")
+    latent_aux: float = Field(
+        0.0, ge=0.0,
+        description="Weight of an auxiliary loss on the event latent (0 = off; needs latent_dim): a small head "
+        "predicts each sequence's summary (mean value class, and with cluster tokens the mean shape size in "
+        "pixels) from the sequence's context, latent included, as a Gaussian likelihood. The sequences of one "
+        "event are conditionally independent given the context, so what their summaries share beyond the "
+        "conditions and counts (the event-to-event spread of mean cluster size and charge) can only come "
+        "through the latent; the autoregressive heads alone left it unused on pxd-mini (docs/results.md). "
+        "Training only: generation does not use the head.",
+    )
     max_hits: int = Field(
         4096, gt=0,
         description="Hard cap on hits per sequence (PXD sensor or calorimeter shower) in generation; "
@@ -331,6 +341,8 @@ class TransformerConfig(Section):
             raise ValueError(
                 f"with rotary=true the head width d_model/n_heads ({self.d_model // self.n_heads}) must be a multiple of 4"
             )
+        if self.latent_aux and not self.latent_dim:
+            raise ValueError(f"latent_aux ({self.latent_aux}) is a loss on the event latent: set latent_dim > 0")
         if self.rotary_grid and not self.rotary:
             raise ValueError("rotary_grid chooses the positions of the rotary embedding: set rotary: true")
         if self.rotary_grid and self.d_model // self.n_heads < 6:

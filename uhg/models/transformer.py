@@ -391,6 +391,11 @@ class HitTransformer(FactorisedPixelHead):
             self.y_out = nn.Embedding(grid[0], d)
             nn.init.normal_(self.y_out.weight, std=0.02)
             self.x_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, grid[1]))
+        if config.latent_aux and config.latent_dim:  # last: the other modules initialise as without it
+            # mean and log-sigma of each summary (mean value class; with clusters also mean shape size)
+            # from the context and the latent itself, so its path does not depend on latent_proj
+            self.latent_aux_head = nn.Sequential(nn.Linear(d + config.latent_dim, d), nn.GELU(approximate="tanh"),
+                                                 nn.Linear(d, 2 * (2 if self.clusters else 1)))
 
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
@@ -491,6 +496,25 @@ class HitTransformer(FactorisedPixelHead):
         mean_val = (v * hit).sum(1) / n.clamp_min(1)
         s = torch.cat([torch.log1p(prof), torch.log1p(n)[:, None], mean_val[:, None]], 1)
         return s.view(n_events, L.n_units, -1)
+
+    def latent_aux_nll(self, tokens: TokenBatch, ctx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Summed Gaussian NLL of every non-empty sequence's summary (mean value class / classes;
+        with cluster tokens also the mean shape size in pixels) under `latent_aux_head` of its
+        context ctx (S, d; counts included) and its event's latent z (B, latent_dim) (`latent_aux`)."""
+        t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
+        hit = ((t >= 1) & (t <= tokens.lengths[:, None])).float()
+        n = tokens.lengths.float().clamp_min(1)
+        if self.clusters:
+            v = tokens.values[..., 1].float() / self.config.cluster_charge_bins
+            size = self.shape_size[tokens.values[..., 0]].float()
+            target = torch.stack([(v * hit).sum(1) / n, (size * hit).sum(1) / n], 1)
+        else:
+            target = ((tokens.values.float() / self.layout.n_values * hit).sum(1) / n)[:, None]
+        z_seq = z.repeat_interleave(self.layout.n_units, 0)
+        mean, log_sigma = self.latent_aux_head(torch.cat([ctx, z_seq], -1)).chunk(2, -1)
+        log_sigma = log_sigma.clamp(-7.0, 3.0)
+        nll = 0.5 * ((target - mean) / log_sigma.exp()).square() + log_sigma
+        return (nll.sum(1) * (tokens.lengths > 0)).sum()
 
     # ---- network ------------------------------------------------------------------------
     def embed(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, first: bool,
@@ -766,6 +790,7 @@ class HitTransformer(FactorisedPixelHead):
             per_row = self.hits_per_row(tokens)
             ctx = ctx + self.layer_count_context(per_row)
             cum_all = torch.cumsum(per_row, 1)
+        aux = self.latent_aux_nll(tokens, ctx, z) if hasattr(self, "latent_aux_head") else None
         # Run the blocks per length bucket (sequences of similar length padded together) and
         # keep only real targets: padding costs at most ~bucket_slack x the real tokens.
         parts = []
@@ -834,6 +859,9 @@ class HitTransformer(FactorisedPixelHead):
         n_tok, n_hit = max(len(t_row), 1), max(int(hit.sum()), 1)
         objective = nll + laws.get("nll_response", 0.0)
         objective = objective + (self.config.kl_weight * kl_penalised * B if self.latent_dim else 0.0)
+        if aux is not None:
+            objective = objective + self.config.latent_aux * aux
+            laws["latent_aux"] = aux
         return {**{k: v.detach() / B for k, v in laws.items()},
             **{f"nll_{k}": v.detach() / n_hit for k, v in cluster_nll.items()},
             "loss": objective / n_tok,

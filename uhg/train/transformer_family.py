@@ -155,7 +155,7 @@ class TransformerFamily(model.TransformerFamily):
                              log_response=log_response(batch) if self.cfg.response_model else None)
         out = {"nll_per_event": float(nll["nll"]), "nll_row": float(nll["nll_row"]),
                "nll_col": float(nll["nll_col"]), "nll_value": float(nll["nll_value"]), "kl": float(nll["kl"])}
-        out.update({k: float(nll[k]) for k in ("nll_count", "nll_response", "nll_shape", "nll_charge", "nll_pixels")
+        out.update({k: float(nll[k]) for k in ("nll_count", "nll_response", "nll_shape", "nll_charge", "nll_pixels", "latent_aux")
                     if k in nll})
         seeds = [event_seed(0, i, "generate") for i in range(len(batch))]
         fake, real = self.sample(model, batch.conditions, seeds), batch.to_batch()
