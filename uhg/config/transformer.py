@@ -116,6 +116,18 @@ class TransformerConfig(Section):
         "through the latent; the autoregressive heads alone left it unused on pxd-mini (docs/results.md). "
         "Training only: generation does not use the head.",
     )
+    latent_prior: Literal["standard", "mixture"] = Field(
+        "standard",
+        description="Generation: law the event latent is drawn from. 'standard': the unit normal of the KL term. "
+        "'mixture': a conditional mixture of diagonal Gaussians p(z | conditions) fitted after training to the "
+        "encoder's latents of training events (draws of q(z | event); `uhg.models.latent_prior`, the one the "
+        "calorimeter model uses), so generated latents fill the region the decoder was trained on. Exports "
+        "without the key draw from the unit normal as before.",
+    )
+    prior_components: int = Field(8, gt=0, description="Gaussian components of the 'mixture' latent prior.")
+    prior_hidden: int = Field(64, gt=0, description="Hidden width of the 'mixture' latent prior's network.")
+    prior_steps: int = Field(
+        2000, gt=0, description="Adam steps (512 latents each) fitting the 'mixture' latent prior after training.")
     max_hits: int = Field(
         4096, gt=0,
         description="Hard cap on hits per sequence (PXD sensor or calorimeter shower) in generation; "
@@ -341,6 +353,8 @@ class TransformerConfig(Section):
             raise ValueError(
                 f"with rotary=true the head width d_model/n_heads ({self.d_model // self.n_heads}) must be a multiple of 4"
             )
+        if self.latent_prior != "standard" and not self.latent_dim:
+            raise ValueError(f"latent_prior ({self.latent_prior}) is the law of the event latent: set latent_dim > 0")
         if self.latent_aux and not self.latent_dim:
             raise ValueError(f"latent_aux ({self.latent_aux}) is a loss on the event latent: set latent_dim > 0")
         if self.rotary_grid and not self.rotary:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
+from uhg.models.latent_prior import LatentPrior, fit_latent_prior
 from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature, fit_law
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
 from uhg.models.transformer_factorised import FactorisedPixelHead, first_draw_hazard, layer_fire_rate, tile_centres
@@ -396,6 +397,10 @@ class HitTransformer(FactorisedPixelHead):
             # from the context and the latent itself, so its path does not depend on latent_proj
             self.latent_aux_head = nn.Sequential(nn.Linear(d + config.latent_dim, d), nn.GELU(approximate="tanh"),
                                                  nn.Linear(d, 2 * (2 if self.clusters else 1)))
+        if config.latent_prior == "mixture" and config.latent_dim:  # last, as latent_aux_head
+            # p(z | conditions), fitted after training (`fit_latent_prior`), frozen until then
+            self.prior = LatentPrior(config.latent_dim, max(n_cond, 1), config.prior_hidden, config.prior_components)
+            self.prior.requires_grad_(False)
 
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
@@ -515,6 +520,20 @@ class HitTransformer(FactorisedPixelHead):
         log_sigma = log_sigma.clamp(-7.0, 3.0)
         nll = 0.5 * ((target - mean) / log_sigma.exp()).square() + log_sigma
         return (nll.sum(1) * (tokens.lengths > 0)).sum()
+
+    def prior_context(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, max(C, 1)) context of the 'mixture' latent prior: the normalised conditions."""
+        return cond if cond.shape[1] else cond.new_zeros(len(cond), 1)
+
+    @torch.no_grad()
+    def fit_latent_prior(self, tokens: TokenBatch, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
+        """Fit `prior` (`latent_prior: mixture`) to draws of the encoder's q(z | event) of training
+        events (tokens of B events, cond (B, C)): `uhg.models.latent_prior.fit_latent_prior`."""
+        if not hasattr(self, "prior"):
+            raise ValueError("fit_latent_prior needs a model built with latent_prior: mixture")
+        B = len(cond)
+        mu, logvar = self.encoder(self.summaries(tokens, B), self.unit_context(cond), cond)
+        return fit_latent_prior(self.prior, mu, logvar, self.prior_context(cond), self.config.prior_steps, seed)
 
     # ---- network ------------------------------------------------------------------------
     def embed(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, first: bool,

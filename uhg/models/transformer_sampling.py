@@ -334,6 +334,11 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     z = None
     if model.latent_dim and latent is not None:
         z = latent.to(dev)
+    elif model.latent_dim and hasattr(model, "prior") and B:  # latent_prior: mixture
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        eps = torch.stack([torch.randn(model.latent_dim, generator=g) for g in gens]).to(dev)
+        u = torch.stack([torch.rand(1, generator=g) for g in gens]).to(dev)
+        z = model.prior.sample(model.prior_context(cond), u, eps)
     elif model.latent_dim:
         z = torch.stack([torch.randn(model.latent_dim, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(dev) if B else torch.zeros(0, model.latent_dim, device=dev)
