@@ -110,7 +110,8 @@ class TransformerConfig(Section):
         0.0, ge=0.0,
         description="Weight of an auxiliary loss on the event latent (0 = off; needs latent_dim): a small head "
         "predicts each sequence's summary (mean value class, and with cluster tokens the mean shape size in "
-        "pixels) from the sequence's context, latent included, as a Gaussian likelihood. The sequences of one "
+        "pixels) from the sequence's context as a Gaussian likelihood, shifted in units of its spread by the "
+        "latent's first dimensions through a fixed readout. The sequences of one "
         "event are conditionally independent given the context, so what their summaries share beyond the "
         "conditions and counts (the event-to-event spread of mean cluster size and charge) can only come "
         "through the latent; the autoregressive heads alone left it unused on pxd-mini (docs/results.md). "
@@ -355,8 +356,9 @@ class TransformerConfig(Section):
             )
         if self.latent_prior != "standard" and not self.latent_dim:
             raise ValueError(f"latent_prior ({self.latent_prior}) is the law of the event latent: set latent_dim > 0")
-        if self.latent_aux and not self.latent_dim:
-            raise ValueError(f"latent_aux ({self.latent_aux}) is a loss on the event latent: set latent_dim > 0")
+        if self.latent_aux and self.latent_dim < (2 if self.token == "cluster" else 1):
+            raise ValueError(f"latent_aux ({self.latent_aux}) reads the event latent's first "
+                             f"{2 if self.token == 'cluster' else 1} dimensions: latent_dim ({self.latent_dim}) is too small")
         if self.rotary_grid and not self.rotary:
             raise ValueError("rotary_grid chooses the positions of the rotary embedding: set rotary: true")
         if self.rotary_grid and self.d_model // self.n_heads < 6:

@@ -394,9 +394,13 @@ class HitTransformer(FactorisedPixelHead):
             self.x_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, grid[1]))
         if config.latent_aux and config.latent_dim:  # last: the other modules initialise as without it
             # mean and log-sigma of each summary (mean value class; with clusters also mean shape size)
-            # from the context and the latent itself, so its path does not depend on latent_proj
-            self.latent_aux_head = nn.Sequential(nn.Linear(d + config.latent_dim, d), nn.GELU(approximate="tanh"),
-                                                 nn.Linear(d, 2 * (2 if self.clusters else 1)))
+            # from the context without the latent; the latent's first dimensions shift the
+            # standardised summaries through a fixed readout (scale latent_aux_scale, not 0 at the
+            # start): a learned readout of z would start at the saddle where neither it nor the
+            # encoder gets a gradient while z carries nothing, as the decoder's latent_proj does
+            k = 2 if self.clusters else 1
+            self.latent_aux_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, 2 * k))
+            self.latent_aux_scale = nn.Parameter(torch.full((k,), 0.1))
         if config.latent_prior == "mixture" and config.latent_dim:  # last, as latent_aux_head
             # p(z | conditions), fitted after training (`fit_latent_prior`), frozen until then
             self.prior = LatentPrior(config.latent_dim, max(n_cond, 1), config.prior_hidden, config.prior_components)
@@ -505,7 +509,8 @@ class HitTransformer(FactorisedPixelHead):
     def latent_aux_nll(self, tokens: TokenBatch, ctx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Summed Gaussian NLL of every non-empty sequence's summary (mean value class / classes;
         with cluster tokens also the mean shape size in pixels) under `latent_aux_head` of its
-        context ctx (S, d; counts included) and its event's latent z (B, latent_dim) (`latent_aux`)."""
+        context ctx (S, d; counts included), shifted in units of its spread by the first
+        dimensions of its event's latent z (B, latent_dim) (`latent_aux`)."""
         t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
         hit = ((t >= 1) & (t <= tokens.lengths[:, None])).float()
         n = tokens.lengths.float().clamp_min(1)
@@ -515,10 +520,11 @@ class HitTransformer(FactorisedPixelHead):
             target = torch.stack([(v * hit).sum(1) / n, (size * hit).sum(1) / n], 1)
         else:
             target = ((tokens.values.float() / self.layout.n_values * hit).sum(1) / n)[:, None]
-        z_seq = z.repeat_interleave(self.layout.n_units, 0)
-        mean, log_sigma = self.latent_aux_head(torch.cat([ctx, z_seq], -1)).chunk(2, -1)
+        k = target.shape[1]
+        z_seq = z[:, :k].repeat_interleave(self.layout.n_units, 0)
+        mean, log_sigma = self.latent_aux_head(ctx).chunk(2, -1)
         log_sigma = log_sigma.clamp(-7.0, 3.0)
-        nll = 0.5 * ((target - mean) / log_sigma.exp()).square() + log_sigma
+        nll = 0.5 * ((target - mean) / log_sigma.exp() - self.latent_aux_scale * z_seq).square() + log_sigma
         return (nll.sum(1) * (tokens.lengths > 0)).sum()
 
     def prior_context(self, cond: torch.Tensor) -> torch.Tensor:
