@@ -91,7 +91,7 @@ def main() -> None:
                            for s in sp.values())
         a = sp[None]
         print(f"| {name} | {a['size']:.4f} ({a['shuffled size']:.4f}) | {a['charge']:.3f} ({a['shuffled charge']:.3f}) | {share} | "
-              f"{np.corrcoef(h[:, 6], h[:, 4])[0, 1]:+.3f} / {np.corrcoef(h[:, 6], h[:, 0])[0, 1]:+.3f} |")
+              f"{np.corrcoef(h[:, 6], h[:, 5])[0, 1]:+.3f} / {np.corrcoef(h[:, 6], h[:, 0])[0, 1]:+.3f} |")
     conds = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in ref.conditions.items()}
     cond = family.condition_norm(conds)
     tok = encode_clusters(ref, model.layout, model.shape_vocab(), model.config.cluster_charge_bins)
