@@ -340,3 +340,74 @@ def test_merge_redraws_need_exclusive_pixels():
 def test_charge_redraws_refuse_the_pixel_context():
     with pytest.raises(ValueError, match="cluster_charge_redraws"):
         TransformerConfig(token="cluster", cluster_pixel_context=True, cluster_charge_redraws=4)
+
+
+def test_latent_aux_gives_the_encoder_a_gradient_the_collapsed_decoder_does_not():
+    """latent_aux: with a decoder that ignores the event latent (latent_proj zero, as a collapsed
+    latent leaves it) and the KL inside its free bits, only the auxiliary summary head tells the
+    encoder anything; without the key the encoder's gradient is exactly zero. The head predicts
+    the sequences' mean charge class and shape size, reported as `latent_aux`."""
+    from uhg.models.transformer_clusters import encode_clusters
+
+    batch = simulate_pxd_background(get_geometry("pxd-tiny"), 6, 11, luminosity=8e35)
+    cond = torch.zeros(6, 1)
+    grads = {}
+    for aux in (0.0, 1.0):
+        model = _cluster_model(free_bits=10.0, latent_aux=aux).train()
+        assert hasattr(model, "latent_aux_head") == bool(aux)
+        with torch.no_grad():
+            model.latent_proj.weight.zero_()
+        tokens = encode_clusters(batch, model.layout, model.shape_vocab(), model.config.cluster_charge_bins)
+        out = model.loss(tokens, cond)
+        assert ("latent_aux" in out) == bool(aux)
+        out["loss"].backward()
+        grads[aux] = sum(float(p.grad.abs().sum()) for p in model.encoder.parameters() if p.grad is not None)
+    assert grads[0.0] == 0.0
+    assert grads[1.0] > 0.0
+    with pytest.raises(ValueError, match="latent_aux"):
+        TransformerConfig(latent_dim=0, latent_aux=1.0)
+
+
+def test_mixture_latent_prior_is_fitted_to_the_encoders_latents_and_drawn_in_generation():
+    """latent_prior: mixture: the prior is frozen (out of the optimiser), fitted after training to
+    the encoder's q(z | event) of training events (the encoder shifted here so its latents sit far
+    from the unit normal, as an aggregate posterior can), and generation draws the latent from it;
+    with the default (standard) the latent is the unit normal's draw as before."""
+    g = get_geometry("pxd-tiny")
+    data = simulate_pxd_background(g, 48, 3, luminosity=4e35, luminosity_max=8e35)
+    norm = ConditionNorm.from_ranges({"luminosity": (4e35, 8e35)}, ["luminosity"])
+    models = {}
+    for prior in ("standard", "mixture"):
+        cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=3, conditions=["luminosity"],
+                                token="cluster", multiplicity="count", cluster_shapes=32, cluster_max_pixels=6,
+                                max_hits=64, latent_prior=prior, prior_steps=300)
+        family = build_family(g, cfg, norm)
+        torch.manual_seed(0)
+        model = family.build_modules()["model"]
+        family.initialise_from_data({"model": model}, [data])
+        with torch.no_grad():
+            model.encoder.out.bias[:3] += torch.tensor([3.0, -2.0, 1.5])
+        opt = family.build_optimizer("model", model, TrainConfig(steps=1, batch_size=8))
+        in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+        assert not any(id(p) in in_opt for n, p in model.named_parameters() if n.startswith("prior."))
+        fitted = family.finalise_from_data(model, [data.slice(0, 24), data.slice(24, 48)])
+        models[prior] = (family, model, fitted)
+    assert models["standard"][2] == {}
+    fitted = models["mixture"][2]
+    assert fitted["latent_heldout_logp_prior"] > fitted["latent_heldout_logp_unit"] + 4.0, fitted
+    family, model, _ = models["mixture"]
+    cond = norm({"luminosity": torch.full((64,), 6e35, dtype=torch.float64)})
+    seeds = _seeds(2, 0, 64)
+    drawn = []
+    for m in (model, models["standard"][1]):
+        latents = {}
+        orig = m.sequence_context
+        m.sequence_context = lambda u, z, orig=orig, latents=latents: (latents.setdefault("z", z), orig(u, z))[1]
+        with torch.no_grad():
+            generate_tokens(m.eval(), cond, seeds, max_hits=8)
+        del m.sequence_context
+        drawn.append(latents["z"][:64])
+    # the mixture's draws sit where the shifted encoder puts the events, the standard's at the unit normal
+    torch.testing.assert_close(drawn[0].mean(0), torch.tensor([3.0, -2.0, 1.5]), atol=0.6, rtol=0)
+    expected = torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    assert torch.equal(drawn[1], expected)

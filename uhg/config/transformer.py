@@ -106,6 +106,30 @@ class TransformerConfig(Section):
     )
     kl_weight: float = Field(1.0, ge=0.0, description="Weight of the latent's KL term (per event) in the loss.")
     free_bits: float = Field(0.1, ge=0.0, description="KL nats per latent dimension not penalised (avoids posterior collapse).")
+    latent_aux: float = Field(
+        0.0, ge=0.0,
+        description="Weight of an auxiliary loss on the event latent (0 = off; needs latent_dim): a small head "
+        "predicts each sequence's summary (mean value class, and with cluster tokens the mean shape size in "
+        "pixels) from the sequence's context as a Gaussian likelihood, shifted in units of its spread by the "
+        "latent's first dimensions through a fixed readout. The sequences of one "
+        "event are conditionally independent given the context, so what their summaries share beyond the "
+        "conditions and counts (the event-to-event spread of mean cluster size and charge) can only come "
+        "through the latent; the autoregressive heads alone left it unused on pxd-mini. Measured there "
+        "(weights 1 and 10): the latent stayed unused all the same (docs/results.md, \"The event latent and "
+        "the event-to-event spread\"). Training only: generation does not use the head.",
+    )
+    latent_prior: Literal["standard", "mixture"] = Field(
+        "standard",
+        description="Generation: law the event latent is drawn from. 'standard': the unit normal of the KL term. "
+        "'mixture': a conditional mixture of diagonal Gaussians p(z | conditions) fitted after training to the "
+        "encoder's latents of training events (draws of q(z | event); `uhg.models.latent_prior`, the one the "
+        "calorimeter model uses), so generated latents fill the region the decoder was trained on. Exports "
+        "without the key draw from the unit normal as before.",
+    )
+    prior_components: int = Field(8, gt=0, description="Gaussian components of the 'mixture' latent prior.")
+    prior_hidden: int = Field(64, gt=0, description="Hidden width of the 'mixture' latent prior's network.")
+    prior_steps: int = Field(
+        2000, gt=0, description="Adam steps (512 latents each) fitting the 'mixture' latent prior after training.")
     max_hits: int = Field(
         4096, gt=0,
         description="Hard cap on hits per sequence (PXD sensor or calorimeter shower) in generation; "
@@ -331,6 +355,11 @@ class TransformerConfig(Section):
             raise ValueError(
                 f"with rotary=true the head width d_model/n_heads ({self.d_model // self.n_heads}) must be a multiple of 4"
             )
+        if self.latent_prior != "standard" and not self.latent_dim:
+            raise ValueError(f"latent_prior ({self.latent_prior}) is the law of the event latent: set latent_dim > 0")
+        if self.latent_aux and self.latent_dim < (2 if self.token == "cluster" else 1):
+            raise ValueError(f"latent_aux ({self.latent_aux}) reads the event latent's first "
+                             f"{2 if self.token == 'cluster' else 1} dimensions: latent_dim ({self.latent_dim}) is too small")
         if self.rotary_grid and not self.rotary:
             raise ValueError("rotary_grid chooses the positions of the rotary embedding: set rotary: true")
         if self.rotary_grid and self.d_model // self.n_heads < 6:

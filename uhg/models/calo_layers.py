@@ -30,7 +30,8 @@ centre of energy sideways (measured: docs/calorimeter.md). Sampled shares are re
 within each layer and multiplied by the stage-1 layer energies, so the energy per layer is
 exactly that of stage 1.
 
-With `latent_prior: mixture` generated latents come from `LatentPrior`, a conditional mixture
+With `latent_prior: mixture` generated latents come from `LatentPrior` (uhg.models.latent_prior, shared
+with the hit transformer), a conditional mixture
 p(z | condition, layer energies) fitted after training to the encoder's latents of training
 showers, instead of the unit normal (measured on DS2: docs/calorimeter.md).
 
@@ -49,18 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from uhg.models.calo_deposit import DepositLaw
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def _mlp(d_in: int, hidden: int, d_out: int, depth: int = 2) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    d = d_in
-    for _ in range(depth):
-        layers += [nn.Linear(d, hidden), nn.SiLU()]
-        d = hidden
-    layers.append(nn.Linear(d, d_out))
-    return nn.Sequential(*layers)
+from uhg.models.latent_prior import LOG_2PI, LatentPrior, fit_latent_prior, mlp
 
 
 class LayerEnergyLaw(nn.Module):
@@ -78,7 +68,7 @@ class LayerEnergyLaw(nn.Module):
         self.register_buffer("bounded", torch.arange(n_layers) < bounded_rows, persistent=False)
         n_in = n_cond + (3 if empty_logit else 2) * n_layers
         n_out = 3 * components + (1 if empty_logit else 0)
-        self.net = _mlp(n_in, hidden, n_out)
+        self.net = mlp(n_in, hidden, n_out)
         if condition_skip:
             # every layer's own linear dependence of all its outputs on the condition, added to the
             # network's (which must otherwise learn it from the product of the one-hot and the
@@ -172,8 +162,8 @@ class VoxelShareVae(nn.Module):
         self.n_rings = 0 if voxel_ring is None else int(voxel_ring.max()) + 1
         if voxel_ring is not None:
             self.register_buffer("voxel_ring", voxel_ring.long())
-        self.encoder = _mlp(2 * n_voxels + n_ctx, hidden, 2 * latent)
-        self.decoder = _mlp(latent + n_ctx, hidden, 3 * n_voxels + self.n_rings)
+        self.encoder = mlp(2 * n_voxels + n_ctx, hidden, 2 * latent)
+        self.decoder = mlp(latent + n_ctx, hidden, 3 * n_voxels + self.n_rings)
 
     def decode(self, z: torch.Tensor, ctx: torch.Tensor):
         """(hit logit, mean of log share, log sigma of log share), each (B, V), and the
@@ -227,48 +217,6 @@ class VoxelShareVae(nn.Module):
         kl = 0.5 * (mu_z.pow(2) + logvar_z.exp() - 1.0 - logvar_z)
         kl = kl.clamp_min(free_bits).sum(-1) if free_bits > 0 else kl.sum(-1)
         return bce + gauss, kl
-
-
-class LatentPrior(nn.Module):
-    """Conditional mixture of diagonal Gaussians over the VAE's latent, p(z | ctx): what the
-    generated latents are drawn from with `latent_prior: mixture`, fitted to the encoder's latents
-    of training showers. The KL term pulls each q(z | shower) towards the unit normal but does not
-    make their union (the aggregate posterior) the unit normal; the decoder only learned the
-    region the encoder fills."""
-
-    def __init__(self, latent: int, n_ctx: int, hidden: int, components: int):
-        super().__init__()
-        self.latent, self.components = latent, components
-        self.net = _mlp(n_ctx, hidden, components * (1 + 2 * latent))
-        # the mixture lives in latents standardised with the fitted latents' mean and spread (set
-        # by `fit_latent_prior`), so its network starts at the right place and scale
-        self.register_buffer("z_mean", torch.zeros(latent))
-        self.register_buffer("z_std", torch.ones(latent))
-
-    def _params(self, ctx: torch.Tensor):
-        """(log weights (B, K), means (B, K, D), log sigmas (B, K, D)) for contexts (B, C)."""
-        out = self.net(ctx)
-        k, d = self.components, self.latent
-        log_w = F.log_softmax(out[:, :k], -1)
-        mu, log_sigma = out[:, k:].view(len(ctx), k, 2 * d).chunk(2, dim=-1)
-        log_sigma = log_sigma.clamp(-7.0, 3.0) + self.z_std.log()
-        return log_w, self.z_mean + mu * self.z_std, log_sigma
-
-    def log_prob(self, z: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """(B,) log density of latents z (B, D) given contexts (B, C)."""
-        log_w, mu, log_sigma = self._params(ctx)
-        r = (z[:, None, :] - mu) / log_sigma.exp()
-        comp = (-0.5 * r * r - log_sigma - 0.5 * LOG_2PI).sum(-1)
-        return torch.logsumexp(log_w + comp, -1)
-
-    @torch.no_grad()
-    def sample(self, ctx: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """(B, D) latents from uniforms u (B, 1) (component choice) and normals eps (B, D)."""
-        log_w, mu, log_sigma = self._params(ctx)
-        cdf = log_w.exp().cumsum(-1)
-        k = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(self.components - 1)
-        idx = k[:, :, None].expand(-1, 1, self.latent)
-        return mu.gather(1, idx)[:, 0] + log_sigma.gather(1, idx)[:, 0].exp() * eps
 
 
 def fit_alone(params: Iterable[nn.Parameter], lr: float, steps: int, pool: torch.Tensor, gen: torch.Generator,
@@ -571,40 +519,9 @@ class CaloLayersModel(nn.Module):
         the fitted prior (how far the aggregate posterior is from the unit normal)."""
         if not hasattr(self, "prior"):
             raise ValueError("fit_latent_prior needs a model built with latent_prior: mixture")
-        gen = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
             mu_z, logvar_z, ctx = self.encode_latents(voxels, e_inc, cond)
-        n = len(mu_z)
-        order = torch.randperm(n, generator=gen).to(mu_z.device)
-        n_held = max(1, n // 10) if n > 1 else 0
-        held, fit = order[:n_held], order[n_held:]
-        draws = mu_z[fit] + torch.randn(mu_z[fit].shape, generator=gen).to(mu_z) * (0.5 * logvar_z[fit]).exp()
-        self.prior.z_mean.copy_(draws.mean(0))
-        self.prior.z_std.copy_(draws.std(0).clamp_min(1e-3) if len(draws) > 1 else torch.ones_like(self.prior.z_std))
-        self.prior.requires_grad_(True)
-        opt = torch.optim.Adam(self.prior.parameters(), lr=1e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.cfg.prior_steps)
-        try:
-            with torch.enable_grad():
-                for _ in range(self.cfg.prior_steps):
-                    pick = fit[torch.randint(len(fit), (min(512, len(fit)),), generator=gen).to(fit.device)]
-                    eps = torch.randn(len(pick), self.cfg.latent_dim, generator=gen).to(mu_z)
-                    z = mu_z[pick] + eps * (0.5 * logvar_z[pick]).exp()
-                    loss = -self.prior.log_prob(z, ctx[pick]).mean()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-        finally:
-            self.prior.requires_grad_(False)
-        out = {"latent_prior_fit_nll": float(loss.detach())}
-        if n_held:
-            with torch.no_grad():
-                z = mu_z[held]
-                unit = (-0.5 * z * z - 0.5 * LOG_2PI).sum(-1)
-                out["latent_heldout_logp_unit"] = float(unit.mean())
-                out["latent_heldout_logp_prior"] = float(self.prior.log_prob(z, ctx[held]).mean())
-        return out
+        return fit_latent_prior(self.prior, mu_z, logvar_z, ctx, self.cfg.prior_steps, seed)
 
     def fit_law(self, voxels: torch.Tensor, e_inc: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
         """Train the layer-energy law alone `law_fit_steps` more Adam steps of 512 on the layer

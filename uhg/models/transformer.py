@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
+from uhg.models.latent_prior import LatentPrior, fit_latent_prior
 from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature, fit_law
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
 from uhg.models.transformer_factorised import FactorisedPixelHead, first_draw_hazard, layer_fire_rate, tile_centres
@@ -50,6 +51,10 @@ from uhg.models.transformer_tokens import TokenBatch, TokenLayout, encode_hits
 from uhg.sparse.torch_hits import TorchHits
 
 PROFILE_BINS = 16  # row-profile bins of the latent encoder's per-unit summary
+# latent_aux: standardised shift of a sequence's summary per unit of the latent. A pxd-mini sensor
+# shares about 1 % of the variance of its mean cluster size with the other sensors of its event
+# (sd ~0.1 of its own spread; docs/results.md), so a unit-normal latent spans that shared part.
+LATENT_AUX_READOUT = 0.1
 BUCKET_SLACK = 1.3  # padded tokens per real token allowed in a length bucket
 BUCKET_MIN_ROWS = 32  # smaller buckets than this are merged (tiny matmuls cost more than padding)
 
@@ -391,6 +396,19 @@ class HitTransformer(FactorisedPixelHead):
             self.y_out = nn.Embedding(grid[0], d)
             nn.init.normal_(self.y_out.weight, std=0.02)
             self.x_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, grid[1]))
+        if config.latent_aux and config.latent_dim:  # last: the other modules initialise as without it
+            # mean and log-sigma of each summary (mean value class; with clusters also mean shape size)
+            # from the context without the latent; the latent's first dimensions shift the
+            # standardised summaries through a fixed readout (LATENT_AUX_READOUT): a learned readout
+            # of z starts at the saddle where neither it nor the encoder gets a gradient while z
+            # carries nothing (as the decoder's latent_proj does), and a learned scale shrinks to 0
+            # while z is still noise (measured: 0.1 -> 0.011 in 2400 steps, the posteriors all alike)
+            k = 2 if self.clusters else 1
+            self.latent_aux_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, 2 * k))
+        if config.latent_prior == "mixture" and config.latent_dim:  # last, as latent_aux_head
+            # p(z | conditions), fitted after training (`fit_latent_prior`), frozen until then
+            self.prior = LatentPrior(config.latent_dim, max(n_cond, 1), config.prior_hidden, config.prior_components)
+            self.prior.requires_grad_(False)
 
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
@@ -491,6 +509,41 @@ class HitTransformer(FactorisedPixelHead):
         mean_val = (v * hit).sum(1) / n.clamp_min(1)
         s = torch.cat([torch.log1p(prof), torch.log1p(n)[:, None], mean_val[:, None]], 1)
         return s.view(n_events, L.n_units, -1)
+
+    def latent_aux_nll(self, tokens: TokenBatch, ctx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Summed Gaussian NLL of every non-empty sequence's summary (mean value class / classes;
+        with cluster tokens also the mean shape size in pixels) under `latent_aux_head` of its
+        context ctx (S, d; counts included), shifted in units of its spread by the first
+        dimensions of its event's latent z (B, latent_dim) (`latent_aux`)."""
+        t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
+        hit = ((t >= 1) & (t <= tokens.lengths[:, None])).float()
+        n = tokens.lengths.float().clamp_min(1)
+        if self.clusters:
+            v = tokens.values[..., 1].float() / self.config.cluster_charge_bins
+            size = self.shape_size[tokens.values[..., 0]].float()
+            target = torch.stack([(v * hit).sum(1) / n, (size * hit).sum(1) / n], 1)
+        else:
+            target = ((tokens.values.float() / self.layout.n_values * hit).sum(1) / n)[:, None]
+        k = target.shape[1]
+        z_seq = z[:, :k].repeat_interleave(self.layout.n_units, 0)
+        mean, log_sigma = self.latent_aux_head(ctx).chunk(2, -1)
+        log_sigma = log_sigma.clamp(-7.0, 3.0)
+        nll = 0.5 * ((target - mean) / log_sigma.exp() - LATENT_AUX_READOUT * z_seq).square() + log_sigma
+        return (nll.sum(1) * (tokens.lengths > 0)).sum()
+
+    def prior_context(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, max(C, 1)) context of the 'mixture' latent prior: the normalised conditions."""
+        return cond if cond.shape[1] else cond.new_zeros(len(cond), 1)
+
+    @torch.no_grad()
+    def fit_latent_prior(self, tokens: TokenBatch, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
+        """Fit `prior` (`latent_prior: mixture`) to draws of the encoder's q(z | event) of training
+        events (tokens of B events, cond (B, C)): `uhg.models.latent_prior.fit_latent_prior`."""
+        if not hasattr(self, "prior"):
+            raise ValueError("fit_latent_prior needs a model built with latent_prior: mixture")
+        B = len(cond)
+        mu, logvar = self.encoder(self.summaries(tokens, B), self.unit_context(cond), cond)
+        return fit_latent_prior(self.prior, mu, logvar, self.prior_context(cond), self.config.prior_steps, seed)
 
     # ---- network ------------------------------------------------------------------------
     def embed(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, first: bool,
@@ -766,6 +819,7 @@ class HitTransformer(FactorisedPixelHead):
             per_row = self.hits_per_row(tokens)
             ctx = ctx + self.layer_count_context(per_row)
             cum_all = torch.cumsum(per_row, 1)
+        aux = self.latent_aux_nll(tokens, ctx, z) if hasattr(self, "latent_aux_head") else None
         # Run the blocks per length bucket (sequences of similar length padded together) and
         # keep only real targets: padding costs at most ~bucket_slack x the real tokens.
         parts = []
@@ -834,6 +888,9 @@ class HitTransformer(FactorisedPixelHead):
         n_tok, n_hit = max(len(t_row), 1), max(int(hit.sum()), 1)
         objective = nll + laws.get("nll_response", 0.0)
         objective = objective + (self.config.kl_weight * kl_penalised * B if self.latent_dim else 0.0)
+        if aux is not None:
+            objective = objective + self.config.latent_aux * aux
+            laws["latent_aux"] = aux
         return {**{k: v.detach() / B for k, v in laws.items()},
             **{f"nll_{k}": v.detach() / n_hit for k, v in cluster_nll.items()},
             "loss": objective / n_tok,

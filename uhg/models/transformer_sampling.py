@@ -321,16 +321,25 @@ class Generated:
 
 @torch.no_grad()
 def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[int], *, temperature: float = 1.0,
-                    top_q: float = 1.0, max_hits: int = 4096, use_cache: bool = True) -> Generated:
+                    top_q: float = 1.0, max_hits: int = 4096, use_cache: bool = True,
+                    latent: torch.Tensor | None = None) -> Generated:
     """Sample B events. cond: (B, C) condition features; seeds: B per-event seeds (already
     derived with event_seed). use_cache=False recomputes the whole prefix at every step (slow;
-    for testing the cache)."""
+    for testing the cache). latent: (B, latent_dim) event latents to use instead of drawing them
+    (e.g. the encoder's posterior of given events)."""
     L, dev, B = model.layout, cond.device, len(seeds)
     U, S = L.n_units, len(seeds) * L.n_units
     keys = torch.tensor(list(seeds), dtype=torch.int64, device=dev).repeat_interleave(U)
     units = torch.arange(U, device=dev).repeat(B)
     z = None
-    if model.latent_dim:
+    if model.latent_dim and latent is not None:
+        z = latent.to(dev)
+    elif model.latent_dim and hasattr(model, "prior") and B:  # latent_prior: mixture
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        eps = torch.stack([torch.randn(model.latent_dim, generator=g) for g in gens]).to(dev)
+        u = torch.stack([torch.rand(1, generator=g) for g in gens]).to(dev)
+        z = model.prior.sample(model.prior_context(cond), u, eps)
+    elif model.latent_dim:
         z = torch.stack([torch.randn(model.latent_dim, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(dev) if B else torch.zeros(0, model.latent_dim, device=dev)
     ev_pad = _padded(torch.arange(B, device=dev)) if B else torch.zeros(0, dtype=torch.long, device=dev)

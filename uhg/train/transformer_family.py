@@ -120,6 +120,19 @@ class TransformerFamily(model.TransformerFamily):
             out["law_response_nll"] = fit_law(model.response, lambda m: -m.log_prob(target, cond).mean())
         return out
 
+    @torch.no_grad()
+    def finalise_from_data(self, module: nn.Module, batches: Iterable[HitBatch]) -> dict[str, float]:
+        """After training, with `latent_prior: mixture`: the latent prior fitted to the encoder's
+        latents of the training events of `fit_sample` (`HitTransformer.fit_latent_prior`)."""
+        if self.cfg.latent_prior != "mixture" or not self.cfg.latent_dim:
+            return {}
+        with eval_mode(module):
+            parts = list(batches)
+            if not parts:
+                return {}
+            hits = TorchHits.from_batch(HitBatch.concat(parts)).to(next(module.parameters()).device)
+            return module.fit_latent_prior(module.tokenize(hits), self.condition_norm(hits.conditions).to(hits.device))
+
     # -- training
     def train_step(self, engines: Mapping[str, Engine], batch: TorchHits, step: int) -> dict[str, float]:
         engine = engines["model"]
@@ -155,7 +168,7 @@ class TransformerFamily(model.TransformerFamily):
                              log_response=log_response(batch) if self.cfg.response_model else None)
         out = {"nll_per_event": float(nll["nll"]), "nll_row": float(nll["nll_row"]),
                "nll_col": float(nll["nll_col"]), "nll_value": float(nll["nll_value"]), "kl": float(nll["kl"])}
-        out.update({k: float(nll[k]) for k in ("nll_count", "nll_response", "nll_shape", "nll_charge", "nll_pixels")
+        out.update({k: float(nll[k]) for k in ("nll_count", "nll_response", "nll_shape", "nll_charge", "nll_pixels", "latent_aux")
                     if k in nll})
         seeds = [event_seed(0, i, "generate") for i in range(len(batch))]
         fake, real = self.sample(model, batch.conditions, seeds), batch.to_batch()
