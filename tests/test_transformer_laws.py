@@ -220,6 +220,7 @@ def test_fit_events_sets_how_many_training_events_the_laws_read():
     ({"multiplicity": "count", "count_terms": 0}, "count_terms"),
     ({"response_model": True, "conditions": ["luminosity"]}, "response_model.*incident_energy"),
     ({"pace_prior": True}, "pace_prior.*multiplicity=count"),
+    ({"multiplicity": "count", "pace_law": "negative_hypergeometric"}, "pace_law.*pace_prior: true"),
 ])
 def test_law_settings_are_checked(model, match):
     raw = {"name": "x", "geometry": "pxd-tiny", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
@@ -388,6 +389,49 @@ def test_pace_prior_spreads_any_count_evenly_over_the_grid():
                 assert last_quarter > 0.5, (n, last_quarter)
     assert isinstance(model.pace_weight, torch.nn.Parameter)  # its strength is learned with the network
     assert "pace_weight" not in dict(_pixel_model().named_parameters())
+
+
+@torch.no_grad()
+def test_pace_law_negative_hypergeometric_is_the_gap_of_tokens_spread_without_replacement():
+    """pace_law=negative_hypergeometric: with zero heads, the row then column draw gives the next token's
+    flat position the law of the first of `remaining` tokens at distinct positions, uniformly among
+    those left: P(gap g) = C(left - g - 1, r - 1) / C(left, r), mean gap (left - r) / (r + 1), so the
+    tokens leave as much room after the last one as between two. The geometric term's mean gap is
+    about left / r where the grid is far from used up: its tokens fall behind and reach the last rows
+    with tokens still to place (the crowding of the generated tokens in the sensor's last rows)."""
+    laws = {}
+    for law in ("geometric", "negative_hypergeometric"):
+        model = _pixel_model(pace_prior=True, pace_law=law)
+        for head in (model.row_head, model.col_head[-1]):
+            head.weight.zero_()
+            head.bias.zero_()
+        laws[law] = model
+    L = laws["geometric"].layout
+    h = torch.zeros(1, laws["geometric"].config.d_model)
+    for prev_row, prev_col, r in ((-1, -1, 1), (-1, -1, 6), (5, 20, 3), (14, 40, 2), (15, 30, 1)):
+        free = 0 if prev_row < 0 else prev_row * L.n_cols + prev_col + 1
+        left = L.positions_per_unit - free
+        g = torch.arange(left - r + 1, dtype=torch.float64)
+        log_c = math.lgamma(left + 1) - math.lgamma(r + 1) - math.lgamma(left - r + 1)  # log C(left, r)
+        exact = torch.exp(torch.lgamma(left - g) - torch.lgamma(left - g - r + 1) - math.lgamma(r) - log_c)
+        assert abs(float(exact.sum()) - 1) < 1e-9
+        mean_gap = {}
+        for law, model in laws.items():
+            pr, pc, rem = torch.tensor([prev_row]), torch.tensor([prev_col]), torch.tensor([r])
+            p_row = torch.softmax(model.row_logits(h, pr, pc, rem).double(), -1)[0]
+            pmf = torch.zeros(L.positions_per_unit, dtype=torch.float64)
+            for row in range(L.n_rows):
+                p_col = torch.softmax(model.col_logits(h, torch.tensor([row]), pr, pc, rem).double(), -1)[0]
+                pmf[row * L.n_cols:(row + 1) * L.n_cols] = p_row[row] * p_col
+            assert float(p_row[L.n_rows]) == 0.0 and float(pmf[:free].sum()) == 0.0
+            pmf = pmf[free:]
+            mean_gap[law] = float((pmf * torch.arange(left)).sum())
+            if law == "negative_hypergeometric":
+                assert torch.allclose(pmf[:len(g)], exact, atol=1e-6, rtol=1e-4), (prev_row, prev_col, r)
+                assert float(pmf[len(g):].sum()) == 0.0
+        assert abs(mean_gap["negative_hypergeometric"] - (left - r) / (r + 1)) < 1e-3 * left
+        if 1 < r <= left / 100:  # far from the end the geometric gap is over 10 % longer
+            assert mean_gap["geometric"] > 1.1 * mean_gap["negative_hypergeometric"], (r, mean_gap)
 
 
 def test_pace_weight_is_learned_in_training_steps():

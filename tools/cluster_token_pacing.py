@@ -18,8 +18,10 @@ tokens are tokens that touch.
 the reference, and the drawn pixels per token with the generated tokens' pixels per token in each
 row weighted by the reference's share of anchors in that row: what the drawn shapes would give if
 the tokens sat in the rows where the reference's anchors sit (the rest of the difference is
-where they sit; shapes in the last rows are cut by the sensor's edge). --set changes a
-generation setting of the export's model config (applied in order, validated) for this run only.
+where they sit; shapes in the last rows are cut by the sensor's edge), and how many tokens of
+their sensor follow the tokens anchored in the last row (a sensor that fell behind places
+several there). --set changes a generation setting of the export's model config (applied in
+order, validated) for this run only.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ def token_stats(model, rows: torch.Tensor, values: torch.Tensor, lengths: torch.
     quarter = np.histogram(row / model.layout.n_rows, bins=4, range=(0, 1))[0]
     n_rows = model.layout.n_rows
     per_row = np.bincount(row, minlength=n_rows)[:n_rows]
+    # how many tokens of its sensor follow each token in the last row: a sensor that fell behind
+    # places several there, where the data's last row holds almost only a sensor's last token
+    after = (lengths[:, None] + first - 1 - t).expand_as(rows)[keep].numpy()
+    after_last = np.bincount(np.minimum(after[row == n_rows - 1], 2), minlength=3)
     return {"tokens": len(size), "shape pixels": float(size.sum()), "single": float((size == 1).sum()),
+            "last row followed by": after_last / max(after_last.sum(), 1),
             "quarters": quarter / max(len(size), 1), "row share": per_row / max(len(size), 1),
             "row pixels": np.bincount(row, weights=size.numpy(), minlength=n_rows)[:n_rows] / np.maximum(per_row, 1)}
 
@@ -111,7 +118,10 @@ def main() -> None:
                             f"at the reference's anchor rows {at_ref / ref_ppt - 1:+.2%} against the reference; anchors "
                             "generated / reference in rows " + ", ".join(
                                 f"{i}: {gs['row share'][i] / max(rs['row share'][i], 1e-12):.3f} "
-                                f"(reference {rs['row pixels'][i]:.2f} pixels/token)" for i in last))
+                                f"(reference {rs['row pixels'][i]:.2f} pixels/token)" for i in last)
+                            + "; tokens in the last row followed by 0 / 1 / more tokens of their sensor: generated "
+                            + " / ".join(f"{x:.1%}" for x in gs["last row followed by"]) + ", reference "
+                            + " / ".join(f"{x:.1%}" for x in rs["last row followed by"]))
     for line in rows_out:
         print(line)
 

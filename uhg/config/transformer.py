@@ -184,6 +184,18 @@ class TransformerConfig(Section):
         "range (tokens are pushed to the last rows, where they overlap). Exports written before this key "
         "have none.",
     )
+    pace_law: Literal["geometric", "negative_hypergeometric"] = Field(
+        "geometric",
+        description="pace_prior, rows and columns (not layer_counts): the law of the gap to the next token. "
+        "geometric: a constant rate remaining / positions left, whose mean gap is positions left / remaining, so "
+        "the last token lands on average at the end of the grid and a sequence falls behind the data's tokens, "
+        "whose remaining ones leave room after the last (mean gap positions left / (remaining + 1)); the sampler "
+        "then places the rest in the last rows. negative_hypergeometric: the exact gap of the first of the "
+        "remaining tokens when they take distinct positions, uniformly among those left (P(gap >= g) = "
+        "C(left - g, remaining) / C(left, remaining)); like the geometric one it uses only the count and the "
+        "positions left. A generation setting as well: an export trained with the geometric term generates with "
+        "this one when its config sets it. Exports without the key pace geometrically, as before.",
+    )
     event_counts: bool = Field(
         False,
         description="multiplicity=count, several units (PXD sensors): each sequence's context also sees the "
@@ -384,6 +396,10 @@ class TransformerConfig(Section):
         if self.pace_prior and self.multiplicity != "count":
             raise ValueError("pace_prior spaces the tokens a count law has drawn, so it needs multiplicity=count "
                              f"(got multiplicity={self.multiplicity})")
+        if self.pace_law != "geometric" and (not self.pace_prior or self.layer_counts):
+            raise ValueError(f"pace_law={self.pace_law} is the gap law of pace_prior's row and column term, so it needs "
+                             f"pace_prior: true without layer_counts (got pace_prior={str(self.pace_prior).lower()}, "
+                             f"layer_counts={str(self.layer_counts).lower()})")
         if self.event_counts and (self.multiplicity != "count" or self.layer_counts):
             raise ValueError("event_counts feeds every sequence the counts the law has drawn for its event's units, so it "
                              f"needs multiplicity=count without layer_counts (got multiplicity={self.multiplicity}, "

@@ -591,6 +591,43 @@ class HitTransformer(FactorisedPixelHead):
         rho = (remaining.float() / left).clamp(1e-6, 0.999)
         return free, -torch.log1p(-rho)
 
+    def _order_log_gap(self, prev_row: torch.Tensor, prev_col: torch.Tensor, remaining: torch.Tensor,
+                       gap: torch.Tensor, survival: bool) -> torch.Tensor:
+        """pace_law=negative_hypergeometric: with the `remaining` tokens at distinct positions, uniformly
+        among the `left` ones after the previous token, the log-probability that the first of them is at
+        `gap` (survival: at `gap` or later, log C(left - gap, r) / C(left, r)); up to a constant per sequence
+        for the gap itself (log C(left - gap - 1, r - 1)). gap: (..., K) against remaining (...). 0 where
+        the remaining tokens cannot fit after `gap` (the callers mask those classes), so that no infinity
+        reaches the learned weight's gradient. In float64: lgamma of a few thousand differs by ~1e-3 in float32."""
+        free = torch.where(prev_row >= 0, self.row_start[prev_row.clamp_min(0)] + prev_col + 1, 0)
+        left = (self.layout.positions_per_unit - free).clamp_min(1).double().unsqueeze(-1)
+        r = torch.minimum(remaining.double().unsqueeze(-1).clamp_min(0), left)
+        k = left - gap.double().clamp_min(0)  # positions from the gap on
+        if survival:
+            ok = k >= r
+            k = torch.where(ok, k, r)
+            out = torch.lgamma(k + 1) - torch.lgamma(k - r + 1) - torch.lgamma(left + 1) + torch.lgamma(left - r + 1)
+        else:
+            ok = (k >= r) & (r >= 1)
+            k, r = torch.where(ok, k, r.clamp_min(1)), r.clamp_min(1)
+            out = torch.lgamma(k) - torch.lgamma(k - r + 1)
+        return torch.where(ok, out, 0.0).float()
+
+    def _row_pace(self, prev_row: torch.Tensor, prev_col: torch.Tensor, remaining: torch.Tensor,
+                  first_free: torch.Tensor, n_free: torch.Tensor) -> torch.Tensor:
+        """pace_prior's log-probability (..., n_rows + 1) that the next token is in each row, whose free
+        positions start at flat `first_free` and number `n_free`."""
+        free, lam = (x.unsqueeze(-1) for x in self._pace_rate(prev_row, prev_col, remaining))
+        gap = (first_free - free).clamp_min(0)
+        if self.config.pace_law == "geometric":
+            # P(next token in row r) = exp(-lam x gap to r's first free position) x (1 - exp(-lam x free positions of r))
+            return -lam * gap + torch.log(-torch.expm1(-lam * n_free))
+        # P(row r) = P(first token at r's first free position or later) - P(at the next row's or later)
+        first = self._order_log_gap(prev_row, prev_col, remaining, gap, True)
+        after = self._order_log_gap(prev_row, prev_col, remaining, gap + n_free, True)
+        fits = (gap + n_free) <= (self.layout.positions_per_unit - free - remaining.unsqueeze(-1))
+        return first + torch.log(-torch.expm1(torch.where(fits, after - first, float("-inf")).clamp_max(-1e-12)))
+
     def row_logits(self, h: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
                    remaining: torch.Tensor | None = None) -> torch.Tensor:
         """(..., n_rows + 1) row logits, -inf where the row cannot follow (prev_row, prev_col);
@@ -612,10 +649,8 @@ class HitTransformer(FactorisedPixelHead):
             done = (remaining <= 0).unsqueeze(-1)
             ok = (ok & ~done) | (is_end & (done | ~ok.any(-1, keepdim=True)))
             if self.config.pace_prior:
-                free, lam = (x.unsqueeze(-1) for x in self._pace_rate(prev_row, prev_col, remaining))
-                # P(next token in row r) = exp(-lam x gap to r's first free position) x (1 - exp(-lam x free positions of r))
                 n_free = (width[r] - torch.where(r == pr, pc + 1, 0)).clamp_min(1)
-                pace = -lam * (first_free - free).clamp_min(0) + torch.log(-torch.expm1(-lam * n_free))
+                pace = self._row_pace(prev_row, prev_col, remaining, first_free, n_free)
                 logits = self.row_head(h) + self.pace_weight * torch.where(is_end, 0.0, pace)
                 return logits.masked_fill(~ok, float("-inf"))
         return self.row_head(h).masked_fill(~ok, float("-inf"))
@@ -643,9 +678,13 @@ class HitTransformer(FactorisedPixelHead):
         ok = ok | (r == self.layout.n_rows)
         logits = self.col_head(h + self.row_out(row))
         if remaining is not None and self.config.pace_prior:
-            _, lam = self._pace_rate(prev_row, prev_col, remaining)
-            first = torch.where(row == prev_row, prev_col + 1, 0).unsqueeze(-1)
-            logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first).clamp_min(0)
+            free, lam = self._pace_rate(prev_row, prev_col, remaining)
+            if self.config.pace_law == "geometric":
+                first = torch.where(row == prev_row, prev_col + 1, 0).unsqueeze(-1)
+                logits = logits - self.pace_weight * lam.unsqueeze(-1) * (c - first).clamp_min(0)
+            else:
+                gap = self.row_start[row].unsqueeze(-1) + c - free.unsqueeze(-1)
+                logits = logits + self.pace_weight * self._order_log_gap(prev_row, prev_col, remaining, gap, False)
         return logits.masked_fill(~ok, float("-inf"))
 
     def _row_col_logits(self, h: torch.Tensor, row: torch.Tensor, prev_row: torch.Tensor, prev_col: torch.Tensor,
