@@ -26,6 +26,7 @@ from torch import nn
 INIT_FRACTION = 0.05  # starting occupancy of every unit (logit -2.9): within 3 of any detector's
 QUANTILE_SIGMAS = 12.0  # support of an inverse-CDF count draw: mean + this many standard deviations
 QUANTILE_CHUNK = 1024  # sequences per inverse-CDF block (bounds memory to chunk x support)
+LOG_DISPERSION_RANGE = (-5.0, 12.0)  # log r kept finite: r from a near-geometric count to a Poisson one
 
 
 def nb_log_prob(n: torch.Tensor, mean: torch.Tensor, r: torch.Tensor,
@@ -265,7 +266,12 @@ class CountLaw(nn.Module):
         log_r = self.log_dispersion[None]
         if hasattr(self, "dispersion_power"):
             log_r = log_r + self.dispersion_power * self._log_occupancy(mean)
-        return log_r.clamp(-5.0, 12.0).exp().expand_as(mean)
+        return log_r.clamp(*LOG_DISPERSION_RANGE).exp().expand_as(mean)
+
+    def unit_log_dispersion(self) -> torch.Tensor | None:
+        """(U,) log r_u as `dispersion` bounds it, where the dispersion is one per unit; None with
+        dispersion="power", whose r follows each count's mean."""
+        return None if hasattr(self, "dispersion_power") else self.log_dispersion.clamp(*LOG_DISPERSION_RANGE)
 
     def loadings(self, mean: torch.Tensor | None = None) -> torch.Tensor:
         """(U,) copula loadings, or (B, U) at expected counts `mean` (B, U) with dispersion="power":
@@ -445,10 +451,9 @@ def count_law_loss(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, shri
     much whatever the number of events, so more events let more per-unit structure through);
     `curvature_ridge` (pooled law) the strength of the one on its curvature, in events too
     (`log_factorial`: as in nb_log_prob; `histogram`: as in nb_unit_log_prob; `CountEvents` holds both)."""
-    if histogram is not None and not hasattr(law, "dispersion_power"):
-        mean = law.mean(cond)
-        log_r = law.log_dispersion.clamp(-5.0, 12.0)
-        nll = -nb_unit_log_prob(counts.to(cond.dtype), mean, log_r, histogram, log_factorial) / len(counts)
+    log_r = None if histogram is None else law.unit_log_dispersion()
+    if log_r is not None:
+        nll = -nb_unit_log_prob(counts.to(cond.dtype), law.mean(cond), log_r, histogram, log_factorial) / len(counts)
     else:
         nll = -law.marginal_log_prob(counts, cond, log_factorial).mean()
     if law.form == "pooled":

@@ -334,14 +334,14 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
     z = None
     if model.latent_dim and latent is not None:
         z = latent.to(dev)
-    elif model.latent_dim and hasattr(model, "prior") and B:  # latent_prior: mixture
+    elif model.latent_dim and B:
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        eps = torch.stack([torch.randn(model.latent_dim, generator=g) for g in gens]).to(dev)
-        u = torch.stack([torch.rand(1, generator=g) for g in gens]).to(dev)
-        z = model.prior.sample(model.prior_context(cond), u, eps)
+        z = torch.stack([torch.randn(model.latent_dim, generator=g) for g in gens]).to(dev)
+        if hasattr(model, "prior"):  # latent_prior: mixture, the unit-normal draws as its noise
+            u = torch.stack([torch.rand(1, generator=g) for g in gens]).to(dev)
+            z = model.prior.sample(model.prior_context(cond), u, z)
     elif model.latent_dim:
-        z = torch.stack([torch.randn(model.latent_dim, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds]).to(dev) if B else torch.zeros(0, model.latent_dim, device=dev)
+        z = torch.zeros(0, model.latent_dim, device=dev)
     ev_pad = _padded(torch.arange(B, device=dev)) if B else torch.zeros(0, dtype=torch.long, device=dev)
     ctx_all = model.sequence_context(model.unit_context(cond[ev_pad]), None if z is None else z[ev_pad])[:S]
     targets, n_capped_counts, cum_all = None, 0, None
