@@ -136,7 +136,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-DRIVER_CONFIG = TINY_CONFIG.replace("steps: 6", "steps: 12").replace(
+# The drivers are killed after the step-2 checkpoint and resumed to DRIVER_STEPS: steps enough
+# that the kill lands mid-run, the rest of the run only costs time.
+DRIVER_STEPS = 8
+DRIVER_CONFIG = TINY_CONFIG.replace("steps: 6", f"steps: {DRIVER_STEPS}").replace(
     "distributed: {workers: 2, cpus_per_worker: 1, max_failures: 1}",
     "distributed: {workers: 1, cpus_per_worker: 1, max_failures: 0}").replace(
     "experiment: ray-job-test", "experiment: ray-driver-test").replace(
@@ -215,11 +218,11 @@ def test_killed_job_driver_resumes_into_one_mlflow_run(fresh_ray_head: dict[str,
                             text=True, timeout=120)
     said = status.stdout + status.stderr
     assert f"Job '{submission}' failed" in said and "exit code 137" in said, said[-3000:]
-    assert not (run_folder / "checkpoint_step_000012").exists()
+    assert not (run_folder / f"checkpoint_step_{DRIVER_STEPS:06d}").exists()
 
     done = _submit(fresh_ray_head, driver_workdir, "--config", config, "--resume", run, job_env={})
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    mlflow_run = _one_continuous_run(driver_workdir, 12)
+    mlflow_run = _one_continuous_run(driver_workdir, DRIVER_STEPS)
     print(f"\n[ray] job driver killed after the step-2 checkpoint; resumed from step "
           f"{mlflow_run.data.tags['uhg.resumed_from_step']}, attempts {mlflow_run.data.tags['uhg.attempts']}")
 
@@ -244,13 +247,13 @@ def test_killed_uhg_train_driver_resumes_into_one_mlflow_run(fresh_ray_head: dic
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     assert driver.returncode == -signal.SIGKILL
-    assert not (run_folder / "checkpoint_step_000012").exists()
+    assert not (run_folder / f"checkpoint_step_{DRIVER_STEPS:06d}").exists()
 
     done = subprocess.run([*command, "--resume", run], env=env, cwd=driver_workdir, capture_output=True, text=True,
                           timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    assert "finished at step 12" in done.stdout
-    mlflow_run = _one_continuous_run(driver_workdir, 12)
+    assert f"finished at step {DRIVER_STEPS}" in done.stdout
+    mlflow_run = _one_continuous_run(driver_workdir, DRIVER_STEPS)
     print(f"\n[ray] uhg train driver killed after the step-2 checkpoint; resumed from step "
           f"{mlflow_run.data.tags['uhg.resumed_from_step']}, attempts {mlflow_run.data.tags['uhg.attempts']}")
 

@@ -30,6 +30,10 @@ from tiny_gan import TINY_GAN_MODEL
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 RUN = "spread"
+# The node is killed after the step-2 checkpoint; the run resumes and ends at STEPS. A tiny step
+# takes ~0.1 s and each checkpoint (every 2 steps) up to 2 s: 8 steps leave the kill three
+# checkpoints of margin, and the 4 steps more that 12 took only cost time.
+STEPS = 8
 CONFIG = """\
 name: tiny-multinode
 geometry: pxd-tiny
@@ -38,15 +42,15 @@ data:
   store: ../data/tiny.zarr           # relative to this file (configs/)
   simulate: {n_events: 24, part_size: 12, luminosity_min: 1.0e34, luminosity_max: 4.0e34}
   validation_events: 4
-""" + TINY_GAN_MODEL + """\
+""" + TINY_GAN_MODEL + f"""\
 train:
-  steps: 12
+  steps: {STEPS}
   batch_size: 2
   checkpoint_every: 2
   keep_checkpoints: 2
   log_every: 1
   zero_stage: 1
-distributed: {workers: 2, cpus_per_worker: 1, max_failures: 1, placement: SPREAD, storage_path: ../shared}
+distributed: {{workers: 2, cpus_per_worker: 1, max_failures: 1, placement: SPREAD, storage_path: ../shared}}
 tracking:
   experiment: multinode
 """
@@ -88,7 +92,7 @@ def test_spread_run_survives_node_loss_and_resumes_on_a_replacement(cluster) -> 
         if proc.poll() is None:
             kill_tree(proc.pid)
     assert proc.returncode == 0, out[-6000:]
-    assert f"Ray run {RUN} finished at step 12" in out
+    assert f"Ray run {RUN} finished at step {STEPS}" in out
     assert "(resumed at step " in out  # the progress line of the restarted workers
 
     from mlflow import MlflowClient
@@ -101,11 +105,11 @@ def test_spread_run_survives_node_loss_and_resumes_on_a_replacement(cluster) -> 
     assert run.data.tags["uhg.attempts"] == "2"
     assert int(run.data.tags["uhg.resumed_from_step"]) >= 2
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss_generator")})
-    assert steps == list(range(1, 13))
+    assert steps == list(range(1, STEPS + 1))
     # checkpoints of both workers landed in the shared storage path
-    final = run_folder / "checkpoint_step_000012"
+    final = run_folder / f"checkpoint_step_{STEPS:06d}"
     assert sorted(p.name for p in (final / "rng").iterdir()) == ["rank_00000.json", "rank_00001.json"]
-    assert (run_folder / "checkpoints" / "step_000012" / "MANIFEST.json").is_file()
+    assert (run_folder / "checkpoints" / f"step_{STEPS:06d}" / "MANIFEST.json").is_file()
     print(f"\n[resilience] node loss after step-2 checkpoint: replacement joined in {joined_s:.1f} s, "
           f"run completed {recovered_s:.1f} s after the loss (resumed from step "
           f"{run.data.tags['uhg.resumed_from_step']})")
@@ -129,7 +133,7 @@ def test_elastic_run_continues_on_the_remaining_node(cluster) -> None:
         if proc.poll() is None:
             kill_tree(proc.pid)
     assert proc.returncode == 0, out[-6000:]
-    assert "Ray run elastic finished at step 12" in out
+    assert f"Ray run elastic finished at step {STEPS}" in out
     assert "was written by 2 rank(s), this run has 1" in out
 
     from mlflow import MlflowClient
@@ -140,9 +144,9 @@ def test_elastic_run_continues_on_the_remaining_node(cluster) -> None:
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["uhg.attempts"] == "2"
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss_generator")})
-    assert steps == list(range(1, 13))
+    assert steps == list(range(1, STEPS + 1))
     # the run ended with one worker: the last checkpoint holds one rank's RNG state
-    assert sorted(p.name for p in (run_folder / "checkpoint_step_000012" / "rng").iterdir()) == ["rank_00000.json"]
+    assert sorted(p.name for p in (run_folder / f"checkpoint_step_{STEPS:06d}" / "rng").iterdir()) == ["rank_00000.json"]
     print(f"\n[resilience] elastic run: node lost after the step-2 checkpoint, completed on one worker "
           f"{recovered_s:.1f} s after the loss (resumed from step {run.data.tags['uhg.resumed_from_step']})")
 
