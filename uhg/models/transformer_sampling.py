@@ -404,9 +404,9 @@ def _sample_groups(model: HitTransformer, ctx_all: torch.Tensor, keys: torch.Ten
     group = model.unit_group[units]
     done = torch.zeros(S, 3, device=dev)  # token_sums of the sequences drawn so far (0 for the others)
     parts, n_capped = [], 0
+    ev_pad = _padded(torch.arange(B, device=dev))  # padded rows, as every product here
     for g in range(model.config.sensor_groups):
         idx = (group == g).nonzero().squeeze(1)
-        ev_pad = _padded(torch.arange(B, device=dev))
         ctx = ctx_all[idx] + model.group_context(done.view(B, U, 3)[ev_pad])[:S][idx]
         rows, cols, values, out_u, lengths, capped = _sample_sequences(
             model, ctx, keys[idx], units[idx], None if targets is None else targets[idx],
