@@ -411,3 +411,65 @@ def test_mixture_latent_prior_is_fitted_to_the_encoders_latents_and_drawn_in_gen
     torch.testing.assert_close(drawn[0].mean(0), torch.tensor([3.0, -2.0, 1.5]), atol=0.6, rtol=0)
     expected = torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     assert torch.equal(drawn[1], expected)
+
+
+def test_sensor_groups_context_comes_from_the_earlier_groups_only():
+    """The summary a sequence of group g sees is made of the tokens of groups < g of its own event:
+    changing a later group's (or its own group's) tokens leaves it as it was."""
+    model = _cluster_model(sensor_groups=4)
+    with torch.no_grad():
+        model.group_in.weight.normal_()
+    events = simulate_pxd_background(get_geometry("pxd-tiny"), 3, 7, luminosity=8e35)
+    tok = model.tokenize(TorchHits.from_batch(events))
+    t = torch.arange(tok.rows.shape[1])[None]
+    valid = (t >= 1) & (t <= tok.lengths[:, None])
+    B, U = 3, model.layout.n_units
+    sums = model.token_sums(tok.values, valid).view(B, U, 3)
+    assert float(sums[..., 0].sum()) > 100 and bool((sums[..., 1] >= sums[..., 0]).all())
+    group = model.unit_group
+    base = model.group_context(sums).view(B, U, -1)
+    first = model.group_context(torch.zeros_like(sums)).view(B, U, -1)
+    assert torch.equal(base[:, group == 0], first[:, group == 0])  # the first group sees nothing
+    changed = sums.clone()
+    changed[1, group == 2] *= torch.tensor([2.0, 3.0, 0.5])
+    after = model.group_context(changed).view(B, U, -1)
+    assert torch.equal(after[:, group <= 2], base[:, group <= 2])
+    assert torch.equal(after[[0, 2]], base[[0, 2]])  # other events: untouched
+    assert not torch.allclose(after[1, group == 3], base[1, group == 3])
+
+
+def test_sensor_groups_are_balanced_and_reject_more_groups_than_units():
+    from uhg.models.transformer import unit_groups
+
+    assert torch.bincount(unit_groups(40, 4)).tolist() == [10] * 4
+    assert torch.bincount(unit_groups(16, 4)).tolist() == [4] * 4  # pxd layer 1: every group holds some
+    with pytest.raises(ValueError, match="sensor_groups"):
+        _cluster_model(sensor_groups=41)
+    with pytest.raises(ValueError):
+        TransformerConfig(sensor_groups=0)
+
+
+def test_sensor_groups_sampling_is_exact_and_deterministic():
+    """Grouped sampling draws each sequence with its own event's and unit's counters: with the
+    summary's map at zero (its start) it gives the ungrouped model's events bit for bit; with a
+    learned map the events change, and stay the same for any batch split and with or without the cache."""
+    n = 5
+    cond = torch.linspace(-1, 2, n)[:, None]
+    lum = {"luminosity": np.geomspace(2e35, 1e36, n)}
+    kw = {"cluster_exclusive": True, "cluster_merge_redraws": 4}
+    plain = sample_events(_cluster_model(**kw), cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24)
+    model = _cluster_model(sensor_groups=4, **kw)
+    _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24), plain)
+    with torch.no_grad():
+        model.group_in.weight.normal_(std=2.0)
+    whole = sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24)
+    assert whole.n_hits > 100
+    assert not (len(whole.columns["row"]) == len(plain.columns["row"])
+                and all(np.array_equal(whole.columns[k], plain.columns[k]) for k in ("row", "col", "value")))
+    for batch_events in (1, 2):
+        _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=batch_events,
+                                        max_hits=24), whole)
+    cached = generate_tokens(model, cond[:2], _seeds(3, 0, 2), max_hits=12)
+    full = generate_tokens(model, cond[:2], _seeds(3, 0, 2), max_hits=12, use_cache=False)
+    for k in ("rows", "cols", "values", "lengths"):
+        assert torch.equal(getattr(cached, k), getattr(full, k))

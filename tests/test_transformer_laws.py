@@ -572,3 +572,43 @@ def test_event_counts_let_token_values_follow_the_whole_event(event_counts, lear
 def test_event_counts_need_a_count_law_per_unit():
     with pytest.raises(ValueError, match="event_counts"):
         TransformerConfig(event_counts=True, multiplicity="end")
+
+
+def _shared_charge_events(g, n: int, seed: int):
+    """Events with one hit on every sensor, of ADC 200 in a 'hot' event and 20 in a cold one: a
+    factor all sensors of an event share, which their counts do not show."""
+    from uhg.sim.pxd_clusters import pixel_events
+
+    rng = np.random.default_rng(seed)
+    keys, adc = [], []
+    for _ in range(n):
+        hot = rng.random() < 0.5
+        keys.append(np.array([s * g.rows * g.cols + rng.integers(g.rows * g.cols) for s in range(g.n_sensors)]))
+        adc.append(np.full(g.n_sensors, 200 if hot else 20, np.uint8))
+    return pixel_events(g, keys, adc, {"luminosity": np.full(n, 8e35)})
+
+
+@pytest.mark.parametrize("groups, learns", [(1, False), (2, True)])
+def test_sensor_groups_pass_a_shared_factor_from_group_to_group(groups, learns):
+    """With sensor_groups the second group's sensors read the event's charge from the first group's
+    tokens (value NLL ~ 0 for them, about log 2 / 2 per hit in all); independent sensors without an
+    event latent cannot (log 2 per hit)."""
+    from uhg.sparse.torch_hits import TorchHits
+
+    g = get_geometry("pxd-tiny")
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["luminosity"],
+                            multiplicity="count", count_law="power", count_bootstrap=0, sensor_groups=groups)
+    model = HitTransformer(cfg, layout_for_geometry(g, n_energy_bins=16))
+    train, held = _shared_charge_events(g, 128, 1), _shared_charge_events(g, 64, 2)
+    cond = torch.zeros(16, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(160):
+        first = 16 * (step % 8)
+        out = model.loss(model.tokenize(TorchHits.from_batch(train.slice(first, first + 16))), cond)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        out = model.loss(model.tokenize(TorchHits.from_batch(held)), torch.zeros(64, 1))
+    assert (float(out["nll_value"]) < 0.5) == learns, float(out["nll_value"])

@@ -70,7 +70,7 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
                                   {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4,
                                    "token": "cluster", "cluster_shapes": 64, "cluster_max_pixels": 8,
                                    "cluster_pixel_context": True, "attention_window": 4,
-                                   "count_dispersion": "power", "event_counts": True}],
+                                   "count_dispersion": "power", "event_counts": True, "sensor_groups": 4}],
                          ids=["end-token", "count-law", "cluster-tokens"])
 def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main

@@ -205,6 +205,21 @@ class TransformerConfig(Section):
         "count and the event latent, which is drawn independently of the counts in generation. Exports written "
         "before this key have none.",
     )
+    sensor_groups: int = Field(
+        1, ge=1,
+        description="Several units (PXD sensors): the units of an event are generated in this many groups, one "
+        "after the other, p(event) = prod_g p(units of group g | units of the groups before g). Each sequence's "
+        "context also sees a summary of the tokens of its event's earlier groups (the training event's own, "
+        "teacher-forced, in training; those already generated in generation): their mean shape size in pixels "
+        "(cluster tokens), mean value (charge) class, log tokens per unit and the fraction of the units they "
+        "cover (all 0 for the first group), through a learned linear map that starts at zero. What the units of "
+        "an event share beyond their counts (the spread of an event's mean cluster size and charge) then passes "
+        "from group to group; only pairs of units of the same group stay conditionally independent. Unit u of "
+        "ladder (u = 2 l + n, n = 0, 1) is in group (l + n) mod G: the two sensors of a ladder fall into "
+        "neighbouring groups, and a group holds forward and backward sensors of both layers. 1: every unit "
+        "independently given its context, as exports written before this key. Generation runs the groups in turn: G "
+        "sampling passes over a G-th of the sequences each (on pxd-mini G = 8 cost 5-50 % more time per event).",
+    )
     count_law: Literal["power", "powers", "quadratic", "pooled", "unit_quadratic"] = Field(
         "quadratic",
         description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "

@@ -410,6 +410,15 @@ class HitTransformer(FactorisedPixelHead):
             self.prior = LatentPrior(config.latent_dim, max(n_cond, 1), config.prior_hidden, config.prior_components)
             self.prior.requires_grad_(False)
 
+        if config.sensor_groups > 1:  # last, and zero: the other modules initialise, and the model starts, as without it
+            G, U = config.sensor_groups, L.n_units
+            if G > U:
+                raise ValueError(f"sensor_groups ({G}) must not exceed the {U} units of the geometry")
+            self.register_buffer("unit_group", unit_groups(U, G), persistent=False)
+            self.group_in = nn.Linear(GROUP_FEATURES, d)
+            nn.init.zeros_(self.group_in.weight)
+            nn.init.zeros_(self.group_in.bias)
+
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
         return [p for m in (self.counts, self.shares, self.response) if m is not None for p in m.parameters()]
@@ -450,6 +459,38 @@ class HitTransformer(FactorisedPixelHead):
         tokens: the same vector for all units of an event (its whole count pattern)."""
         feature = count_feature(counts, self.layout.positions_per_unit).squeeze(-1)
         return self.event_count_in(feature).repeat_interleave(self.layout.n_units, 0)
+
+    def token_sums(self, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(S, 3) per sequence: tokens, summed shape size in pixels (cluster tokens; 1 per pixel token)
+        and summed value (charge) class of its `valid` (S, T) tokens with `values` (S, T[, 2 + P])."""
+        w = valid.float()
+        if self.clusters:
+            size = self.shape_size[values[..., 0]].float()
+            v = values[..., 1].float() / self.config.cluster_charge_bins
+        else:
+            size, v = torch.ones_like(w), values.float() / self.layout.n_values
+        return torch.stack([w.sum(1), (size * w).sum(1), (v * w).sum(1)], 1)
+
+    def group_context(self, sums: torch.Tensor) -> torch.Tensor:
+        """(B * U, d) sensor_groups context of every sequence of B events whose units' tokens have
+        `token_sums` sums (B, U, 3): the summary of the units of the groups before the unit's own
+        (mean shape size, mean value class, log(1 + tokens per unit), fraction of the units covered;
+        0 for the first group). Only earlier groups enter, so generation can run the groups in turn."""
+        B, U = sums.shape[:2]
+        G = self.config.sensor_groups
+        per_group = sums.new_zeros(B, G, 3).index_add_(1, self.unit_group, sums)
+        units = torch.bincount(self.unit_group, minlength=G).to(sums.dtype)
+        before = torch.cumsum(per_group, 1) - per_group  # (B, G, 3): sums of the earlier groups
+        covered = (torch.cumsum(units, 0) - units)[None].expand(B, G)
+        n, size, v = before.unbind(-1)
+        has = n > 0
+        feature = torch.stack([
+            torch.where(has, torch.log(size / n.clamp_min(1)), 0.0),
+            torch.where(has, v / n.clamp_min(1), 0.0),
+            torch.log1p(n / covered.clamp_min(1)),
+            covered / U,
+        ], -1)
+        return self.group_in(feature[:, self.unit_group]).reshape(B * U, -1)
 
     def layer_count_context(self, layer_counts: torch.Tensor) -> torch.Tensor:
         """(S, d) context term of showers with `layer_counts` (S, n_rows) hits per layer (layer_counts)."""
@@ -854,6 +895,10 @@ class HitTransformer(FactorisedPixelHead):
             ctx = ctx + self.count_context(tokens.lengths)
             if self.config.event_counts:
                 ctx = ctx + self.event_count_context(tokens.lengths.view(B, L.n_units))
+        if self.config.sensor_groups > 1:  # teacher forcing: the true tokens of the earlier groups
+            t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
+            valid = (t >= 1) & (t <= tokens.lengths[:, None])
+            ctx = ctx + self.group_context(self.token_sums(tokens.values, valid).view(B, L.n_units, 3))
         if self.layered:
             per_row = self.hits_per_row(tokens)
             ctx = ctx + self.layer_count_context(per_row)
@@ -968,6 +1013,17 @@ class HitTransformer(FactorisedPixelHead):
         return float(3 * forward if training else forward)
 
 
+GROUP_FEATURES = 4  # sensor_groups: features of the summary of an event's earlier groups
+
+
+def unit_groups(n_units: int, n_groups: int) -> torch.Tensor:
+    """(n_units,) long group of every unit (sensor_groups): unit u = 2 l + n (PXD: ladder pair l,
+    sensor n = 0, 1 along z) is in group (l + n) mod n_groups, so the two sensors of a ladder fall
+    into neighbouring groups and every group holds sensors of both ends (and, on the PXD, both layers)."""
+    u = torch.arange(n_units)
+    return (u // 2 + u % 2) % n_groups
+
+
 FIELD_RADII = 12  # radial basis functions of cell_field
 # cell_neighbours: (rows up, columns left) of the cells decided before a cell in (row, column) order
 CAUSAL_NEIGHBOURS = ((0, 1), (0, 2), (1, 1), (1, 0), (1, -1), (2, 0))
@@ -1052,4 +1108,4 @@ def mean_attended(lengths: torch.Tensor, window: int = 0) -> float:
 
 __all__ = ["Block", "GridEmbedding", "HitTransformer", "KVCache", "Rotary2D", "cell_basis", "count_parameters",
            "fit_cell_profile", "length_buckets", "mean_attended",
-           "padded_tokens", "window_mask"]
+           "padded_tokens", "unit_groups", "window_mask"]

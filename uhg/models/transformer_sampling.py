@@ -378,6 +378,62 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         if model.config.event_counts:  # rows of padded events repeat the first event's counts
             ctx_all = ctx_all + model.event_count_context(targets.view(B, U)[ev_pad])[:S]
 
+    if model.config.sensor_groups > 1 and S:
+        rows, cols, values, out_u, lengths, n_capped = _sample_groups(
+            model, ctx_all, keys, units, targets, cum_all, B, temperature, top_q, max_hits, use_cache)
+    else:
+        rows, cols, values, out_u, lengths, n_capped = _sample_sequences(
+            model, ctx_all, keys, units, targets, cum_all, temperature, top_q, max_hits, use_cache)
+    n_capped = max(n_capped, n_capped_counts)
+    if n_capped:
+        log.warning("%d of %d sequences reached the cap of model.max_hits=%d hits and were cut there; "
+                    "raise model.max_hits (or generate at lower luminosity/energy) for unbiased multiplicities",
+                    n_capped, S, max_hits)
+    T = int(lengths.max()) if S else 0
+    return Generated(rows[:, :T], cols[:, :T], values[:, :T], out_u[:, :T], lengths, n_capped, targets)
+
+
+def _sample_groups(model: HitTransformer, ctx_all: torch.Tensor, keys: torch.Tensor, units: torch.Tensor,
+                   targets: torch.Tensor | None, cum_all: torch.Tensor | None, B: int, temperature: float,
+                   top_q: float, max_hits: int, use_cache: bool):
+    """sensor_groups: `_sample_sequences` of the units of each group in turn, every sequence's context
+    completed by the summary of the tokens its event's earlier groups have drawn. A sequence's draws
+    are keyed by its event and unit, so they do not depend on which others share its pass."""
+    U, dev = model.layout.n_units, ctx_all.device
+    S = B * U
+    group = model.unit_group[units]
+    done = torch.zeros(S, 3, device=dev)  # token_sums of the sequences drawn so far (0 for the others)
+    parts, n_capped = [], 0
+    ev_pad = _padded(torch.arange(B, device=dev))  # padded rows, as every product here
+    for g in range(model.config.sensor_groups):
+        idx = (group == g).nonzero().squeeze(1)
+        ctx = ctx_all[idx] + model.group_context(done.view(B, U, 3)[ev_pad])[:S][idx]
+        rows, cols, values, out_u, lengths, capped = _sample_sequences(
+            model, ctx, keys[idx], units[idx], None if targets is None else targets[idx],
+            None if cum_all is None else cum_all[idx], temperature, top_q, max_hits, use_cache)
+        valid = torch.arange(rows.shape[1], device=dev)[None] < lengths[:, None]
+        done[idx] = model.token_sums(values, valid)
+        parts.append((idx, rows, cols, values, out_u, lengths))
+        n_capped += capped
+    T = max(p[1].shape[1] for p in parts)
+    vshape = parts[0][3].shape[2:]
+    rows, cols = (torch.zeros(S, T, dtype=torch.long, device=dev) for _ in range(2))
+    values = torch.zeros(S, T, *vshape, dtype=torch.long, device=dev)
+    out_u = torch.zeros(S, T, dtype=torch.float64, device=dev)
+    lengths = torch.zeros(S, dtype=torch.long, device=dev)
+    for idx, r, c, v, u, n in parts:
+        t = r.shape[1]
+        rows[idx, :t], cols[idx, :t], values[idx, :t], out_u[idx, :t], lengths[idx] = r, c, v, u, n
+    return rows, cols, values, out_u, lengths, n_capped
+
+
+def _sample_sequences(model: HitTransformer, ctx_all: torch.Tensor, keys: torch.Tensor, units: torch.Tensor,
+                      targets: torch.Tensor | None, cum_all: torch.Tensor | None, temperature: float, top_q: float,
+                      max_hits: int, use_cache: bool):
+    """Draw the tokens of S sequences with contexts ctx_all (S, d), counter keys `keys` and `units`
+    (S,), and (count law) hits `targets` (S,) / cumulative hits per layer `cum_all` (S, n_rows).
+    Returns rows, cols, values, value_u (S, T), lengths (S,) and the number of sequences cut at max_hits."""
+    L, dev, S = model.layout, ctx_all.device, len(ctx_all)
     # FiLM of each sequence's context, once (padded rows, as every product here)
     films_all = [f[:S] for f in model.context_films(ctx_all[_padded(torch.arange(S, device=dev))])] if S else []
 
@@ -529,14 +585,7 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
             if caches is not None:
                 for c in caches:
                     c.select(pos)
-    n_capped = max(n_capped, n_capped_counts)
-    if n_capped:
-        log.warning("%d of %d sequences reached the cap of model.max_hits=%d hits and were cut there; "
-                    "raise model.max_hits (or generate at lower luminosity/energy) for unbiased multiplicities",
-                    n_capped, S, max_hits)
-    T = int(lengths.max()) if S else 0
-    return Generated(out["rows"][:, :T], out["cols"][:, :T], out["values"][:, :T], out_u[:, :T], lengths, n_capped,
-                     targets)
+    return out["rows"], out["cols"], out["values"], out_u, lengths, n_capped
 
 
 @torch.no_grad()
