@@ -547,17 +547,25 @@ def test_event_counts_let_token_values_follow_the_whole_event(event_counts, lear
     """With event_counts the tokens of a sensor see how busy its whole event is: a charge that
     follows the event's activity is learned (value NLL near zero), which a sequence seeing only
     its own count and no latent cannot do (log 2 for each first-half hit)."""
+    g = get_geometry("pxd-tiny")
+    nll = _held_out_value_nll(g, _busy_or_quiet_events, 80, event_counts=event_counts)
+    # without: at best log 2 x 20 of about 70 hits per event, 0.2 nats per hit
+    assert (nll < 0.1) == learns, nll
+
+
+def _held_out_value_nll(g, make_events, steps: int, **keys) -> float:
+    """Value NLL per hit on 64 held-out events of `make_events(g, n, seed)` after `steps` Adam steps
+    of 16 events on 128 training events, for a small count-law transformer with model `keys`."""
     from uhg.sparse.torch_hits import TorchHits
 
-    g = get_geometry("pxd-tiny")
     torch.manual_seed(0)
     cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["luminosity"],
-                            multiplicity="count", count_law="power", count_bootstrap=0, event_counts=event_counts)
+                            multiplicity="count", count_law="power", count_bootstrap=0, **keys)
     model = HitTransformer(cfg, layout_for_geometry(g, n_energy_bins=16))
-    train, held = _busy_or_quiet_events(g, 128, 1), _busy_or_quiet_events(g, 64, 2)
+    train, held = make_events(g, 128, 1), make_events(g, 64, 2)
     cond = torch.zeros(16, 1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(80):
+    for step in range(steps):
         first = 16 * (step % 8)
         out = model.loss(model.tokenize(TorchHits.from_batch(train.slice(first, first + 16))), cond)
         opt.zero_grad()
@@ -565,8 +573,7 @@ def test_event_counts_let_token_values_follow_the_whole_event(event_counts, lear
         opt.step()
     with torch.no_grad():
         out = model.loss(model.tokenize(TorchHits.from_batch(held)), torch.zeros(64, 1))
-    # without: at best log 2 x 20 of about 70 hits per event, 0.2 nats per hit
-    assert (float(out["nll_value"]) < 0.1) == learns, float(out["nll_value"])
+    return float(out["nll_value"])
 
 
 def test_event_counts_need_a_count_law_per_unit():
@@ -593,22 +600,5 @@ def test_sensor_groups_pass_a_shared_factor_from_group_to_group(groups, learns):
     """With sensor_groups the second group's sensors read the event's charge from the first group's
     tokens (value NLL ~ 0 for them, about log 2 / 2 per hit in all); independent sensors without an
     event latent cannot (log 2 per hit)."""
-    from uhg.sparse.torch_hits import TorchHits
-
-    g = get_geometry("pxd-tiny")
-    torch.manual_seed(0)
-    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["luminosity"],
-                            multiplicity="count", count_law="power", count_bootstrap=0, sensor_groups=groups)
-    model = HitTransformer(cfg, layout_for_geometry(g, n_energy_bins=16))
-    train, held = _shared_charge_events(g, 128, 1), _shared_charge_events(g, 64, 2)
-    cond = torch.zeros(16, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(160):
-        first = 16 * (step % 8)
-        out = model.loss(model.tokenize(TorchHits.from_batch(train.slice(first, first + 16))), cond)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-    with torch.no_grad():
-        out = model.loss(model.tokenize(TorchHits.from_batch(held)), torch.zeros(64, 1))
-    assert (float(out["nll_value"]) < 0.5) == learns, float(out["nll_value"])
+    nll = _held_out_value_nll(get_geometry("pxd-tiny"), _shared_charge_events, 160, sensor_groups=groups)
+    assert (nll < 0.5) == learns, nll
