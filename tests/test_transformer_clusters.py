@@ -445,6 +445,11 @@ def test_sensor_groups_are_balanced_and_reject_more_groups_than_units():
     assert torch.bincount(unit_groups(16, 4)).tolist() == [4] * 4  # pxd layer 1: every group holds some
     with pytest.raises(ValueError, match="sensor_groups"):
         _cluster_model(sensor_groups=41)
+    # 40 units make at most 21 distinct groups (ladder pair + sensor along z): more would stay empty
+    assert torch.bincount(unit_groups(40, 21)).min() > 0
+    _cluster_model(sensor_groups=21)
+    with pytest.raises(ValueError, match="must not exceed 21"):
+        _cluster_model(sensor_groups=22)
     with pytest.raises(ValueError):
         TransformerConfig(sensor_groups=0)
 

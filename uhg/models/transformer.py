@@ -412,8 +412,10 @@ class HitTransformer(FactorisedPixelHead):
 
         if config.sensor_groups > 1:  # last, and zero: the other modules initialise, and the model starts, as without it
             G, U = config.sensor_groups, L.n_units
-            if G > U:
-                raise ValueError(f"sensor_groups ({G}) must not exceed the {U} units of the geometry")
+            most = int(unit_groups(U, U).max()) + 1  # the ladder mapping makes no more distinct groups
+            if G > most:
+                raise ValueError(f"sensor_groups ({G}) must not exceed {most} for the {U} units of the geometry "
+                                 "(a unit's group is its ladder pair plus its sensor along z; more would stay empty)")
             self.register_buffer("unit_group", unit_groups(U, G), persistent=False)
             self.group_in = nn.Linear(GROUP_FEATURES, d)
             nn.init.zeros_(self.group_in.weight)
