@@ -126,8 +126,10 @@ def test_short_training_moves_the_layer_profile_toward_the_data(name, one_torch_
 def test_short_law_fit_of_the_ds2_config_moves_the_layer_profile_toward_the_data(one_torch_thread):
     # calo_layers_ds2 is too slow for the whole-model test above; its showers carry exactly the
     # layer energies of its law (tests/test_calo_layers_ds2.py), so the law's own short training
-    # (the after-training fit, `law_fit_steps`) is what moves their profile
-    cfg = load_config(CONFIGS / "calo_layers_ds2.yaml", ["model.law_fit_steps=300"])
+    # (the after-training fit, `law_fit_steps`) is what moves their profile. Measured (distance
+    # 0.398 before the fit, bound half of it): 0.361 after 50 steps, 0.270 after 100, 0.202 after
+    # 150, 0.155 after 200, 0.102 after 300 (each with its own cosine-decayed rate)
+    cfg = load_config(CONFIGS / "calo_layers_ds2.yaml", ["model.law_fit_steps=200"])
     g = get_geometry(cfg.geometry)
     sim = cfg.data.simulate
     train = simulate_calo_showers(g, 600, seed=11, energy_min=sim.energy_min, energy_max=sim.energy_max)
