@@ -93,8 +93,8 @@ def test_train_export_generate(tmp_path, monkeypatch, laws):
     gen = Generator.load(result.export)
     if laws.get("token") == "cluster":  # the shape vocabulary fitted to the training clusters travels in the export
         assert gen.module.clusters and int((gen.module.shape_size > 0).sum()) > 4
-    if laws.get("event_summary"):  # the summary's trend and bank fitted to the training events travel too
-        assert int(gen.module.summary_bank_size) == 18 and float(gen.module.summary_scale[0]) < 1
+    if laws.get("event_summary"):  # the summary's trend and bank fitted to the 20 training events travel too
+        assert int(gen.module.summary_bank_size) == 20 and float(gen.module.summary_scale[0]) < 1
     lum = {"luminosity": np.full(6, 1.6e36)}  # twice the highest training luminosity
     a = gen.generate(lum, seed=5, batch_size=6)
     b = gen.generate(lum, seed=5, batch_size=4)
