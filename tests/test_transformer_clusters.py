@@ -478,3 +478,60 @@ def test_sensor_groups_sampling_is_exact_and_deterministic():
     full = generate_tokens(model, cond[:2], _seeds(3, 0, 2), max_hits=12, use_cache=False)
     for k in ("rows", "cols", "values", "lengths"):
         assert torch.equal(getattr(cached, k), getattr(full, k))
+
+
+def _summary_model(**kw) -> HitTransformer:
+    """`_cluster_model` with event_summary (count law per sensor), its summary fitted to 12 simulated events."""
+    model = _cluster_model(event_summary=True, multiplicity="count", count_law="power", count_bootstrap=0, **kw)
+    events = simulate_pxd_background(get_geometry("pxd-tiny"), 12, 9, luminosity=8e35)
+    tokens = model.tokenize(TorchHits.from_batch(events))
+    t = torch.arange(tokens.rows.shape[1])[None]
+    sums = model.token_sums(tokens.values, (t >= 1) & (t <= tokens.lengths[:, None])).view(12, -1, 3)
+    model.fit_event_summary(sums.sum(1), torch.linspace(-1, 1, 12)[:, None], tokens.lengths.view(12, -1))
+    return model
+
+
+def test_event_summary_sampling_starts_as_without_it_and_is_deterministic():
+    """With the summary's map at zero (its start) the events equal those of the model without the key
+    bit for bit, alone and with sensor_groups; with a learned map they change, and stay the same for
+    any batch split."""
+    n = 5
+    cond = torch.linspace(-1, 2, n)[:, None]
+    lum = {"luminosity": np.geomspace(2e35, 1e36, n)}
+    laws = {"multiplicity": "count", "count_law": "power", "count_bootstrap": 0}
+    for groups in (1, 4):
+        plain = sample_events(_cluster_model(sensor_groups=groups, **laws), cond, _seeds(3, 0, n), lum,
+                              batch_events=n, max_hits=24)
+        model = _summary_model(sensor_groups=groups)
+        _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24), plain)
+    with torch.no_grad():
+        model.summary_in.weight.normal_(std=4.0)
+    whole = sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24)
+    assert whole.n_hits > 50
+    assert not (len(whole.columns["value"]) == len(plain.columns["value"])
+                and np.array_equal(whole.columns["value"], plain.columns["value"]))
+    for batch_events in (1, 2):
+        _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=batch_events,
+                                        max_hits=24), whole)
+
+
+def test_event_summary_draws_are_the_training_events_around_their_trend():
+    """The fitted trend plus the bank's residuals give back the training events' summaries; beyond the
+    range the draws shift by the trend fitted to them (here 0.05 in log size per unit of condition)."""
+    model = _cluster_model(event_summary=True, multiplicity="count", count_law="power", count_bootstrap=0)
+    g = torch.Generator().manual_seed(0)
+    B, U = 200, model.layout.n_units
+    cond = torch.rand(B, 1, generator=g) * 2 - 1
+    counts = torch.randint(1, 9, (B, U), generator=g)
+    log_size = 1.0 + 0.05 * cond[:, 0] + 0.01 * torch.randn(B, generator=g)
+    charge = 0.3 + 0.02 * torch.randn(B, generator=g)
+    n = counts.sum(1).float()
+    model.fit_event_summary(torch.stack([n, n * log_size.exp(), n * charge], 1), cond, counts)
+    u = (torch.arange(B, dtype=torch.float64) + 0.5) / B  # every bank event once
+    back = model.draw_event_summary(cond, counts, u)
+    torch.testing.assert_close(back, torch.stack([log_size, charge], 1), atol=1e-5, rtol=0)
+    shift = model.draw_event_summary(cond + 1, counts, u) - back
+    torch.testing.assert_close(shift[:, 0], torch.full((B,), 0.05), atol=0.005, rtol=0)
+    assert float(shift[:, 1].abs().max()) < 0.01
+    with pytest.raises(ValueError, match="fit_events"):
+        model.fit_event_summary(torch.ones(10000, 3), torch.zeros(10000, 1), torch.ones(10000, U, dtype=torch.long))

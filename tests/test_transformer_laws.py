@@ -595,6 +595,20 @@ def _shared_charge_events(g, n: int, seed: int):
     return pixel_events(g, keys, adc, {"luminosity": np.full(n, 8e35)})
 
 
+@pytest.mark.parametrize("summary, learns", [(False, False), (True, True)])
+def test_event_summary_passes_a_shared_factor_to_every_sensor(summary, learns):
+    """With event_summary every sensor, not only those of later groups, reads the event's charge from
+    the summary of its event's other sensors' tokens (value NLL near 0 per hit); independent sensors
+    without an event latent cannot (log 2 per hit)."""
+    nll = _held_out_value_nll(get_geometry("pxd-tiny"), _shared_charge_events, 160, event_summary=summary)
+    assert (nll < 0.25) == learns, nll
+
+
+def test_event_summary_needs_a_count_law_per_unit():
+    with pytest.raises(ValueError, match="event_summary"):
+        TransformerConfig(event_summary=True, multiplicity="end")
+
+
 @pytest.mark.parametrize("groups, learns", [(1, False), (2, True)])
 def test_sensor_groups_pass_a_shared_factor_from_group_to_group(groups, learns):
     """With sensor_groups the second group's sensors read the event's charge from the first group's

@@ -70,7 +70,8 @@ def test_family_follows_protocol_and_steps_on_calorimeter_showers(laws):
                                   {"multiplicity": "count", "count_law": "powers", "count_bootstrap": 4,
                                    "token": "cluster", "cluster_shapes": 64, "cluster_max_pixels": 8,
                                    "cluster_pixel_context": True, "attention_window": 4,
-                                   "count_dispersion": "power", "event_counts": True, "sensor_groups": 4}],
+                                   "count_dispersion": "power", "event_counts": True, "sensor_groups": 4,
+                                   "event_summary": True}],
                          ids=["end-token", "count-law", "cluster-tokens"])
 def test_train_export_generate(tmp_path, monkeypatch, laws):
     from uhg.cli import main
@@ -92,6 +93,8 @@ def test_train_export_generate(tmp_path, monkeypatch, laws):
     gen = Generator.load(result.export)
     if laws.get("token") == "cluster":  # the shape vocabulary fitted to the training clusters travels in the export
         assert gen.module.clusters and int((gen.module.shape_size > 0).sum()) > 4
+    if laws.get("event_summary"):  # the summary's trend and bank fitted to the 20 training events travel too
+        assert int(gen.module.summary_bank_size) == 20 and float(gen.module.summary_scale[0]) < 1
     lum = {"luminosity": np.full(6, 1.6e36)}  # twice the highest training luminosity
     a = gen.generate(lum, seed=5, batch_size=6)
     b = gen.generate(lum, seed=5, batch_size=4)

@@ -220,6 +220,18 @@ class TransformerConfig(Section):
         "independently given its context, as exports written before this key. Generation runs the groups in turn: G "
         "sampling passes over a G-th of the sequences each (on pxd-mini G = 8 cost 5-50 % more time per event).",
     )
+    event_summary: bool = Field(
+        False,
+        description="multiplicity=count, several units (PXD sensors): an event-wide summary of the event's tokens, "
+        "drawn before any token, that every sequence's context sees through a learned linear map that starts at "
+        "zero: the mean shape size in pixels (log; cluster tokens) and the mean value (charge) class over all the "
+        "event's tokens, intensive statistics only (the counts are the count law's). In training a sequence sees "
+        "the summary of its event's other units' tokens (leave one out), so the model learns from the data how "
+        "strongly a unit follows the rest of its event. In generation the summary is a least-squares trend in the "
+        "conditions and the event's log tokens per unit (the count law's draws), fitted to the training events "
+        "of `fit_events`, plus the residual of one of those events, picked by the event's seed. The first of "
+        "`sensor_groups` then knows the event too. Exports written before this key have none.",
+    )
     count_law: Literal["power", "powers", "quadratic", "pooled", "unit_quadratic"] = Field(
         "quadratic",
         description="multiplicity=count: how eta depends on the log-scaled conditions x (every condition in "
@@ -418,6 +430,10 @@ class TransformerConfig(Section):
         if self.event_counts and (self.multiplicity != "count" or self.layer_counts):
             raise ValueError("event_counts feeds every sequence the counts the law has drawn for its event's units, so it "
                              f"needs multiplicity=count without layer_counts (got multiplicity={self.multiplicity}, "
+                             f"layer_counts={self.layer_counts})")
+        if self.event_summary and (self.multiplicity != "count" or self.layer_counts):
+            raise ValueError("event_summary draws an event's summary given the counts the law has drawn for its units, so "
+                             f"it needs multiplicity=count without layer_counts (got multiplicity={self.multiplicity}, "
                              f"layer_counts={self.layer_counts})")
         if self.layer_counts and self.multiplicity != "count":
             raise ValueError("layer_counts draws the hits of each layer from the count law, so it needs "

@@ -420,6 +420,20 @@ class HitTransformer(FactorisedPixelHead):
             self.group_in = nn.Linear(GROUP_FEATURES, d)
             nn.init.zeros_(self.group_in.weight)
             nn.init.zeros_(self.group_in.bias)
+        if config.event_summary:  # after the groups, and zero: the model starts as without it
+            self.summary_in = nn.Linear(SUMMARY_FEATURES, d)
+            nn.init.zeros_(self.summary_in.weight)
+            nn.init.zeros_(self.summary_in.bias)
+            # fitted to training events before training (`fit_event_summary`), buffers so the export
+            # carries them: the features' centre and spread (the map's input is standardised: an
+            # event's mean log size varies by ~1 %, which a map from zero at the training learning
+            # rate would take tens of thousands of steps to scale up), the trend's coefficients on
+            # [1, conditions, log tokens per unit] and the fitted events' residuals around it
+            self.register_buffer("summary_centre", torch.zeros(SUMMARY_FEATURES))
+            self.register_buffer("summary_scale", torch.ones(SUMMARY_FEATURES))
+            self.register_buffer("summary_trend", torch.zeros(n_cond + 2, SUMMARY_FEATURES))
+            self.register_buffer("summary_bank", torch.zeros(config.fit_events, SUMMARY_FEATURES))
+            self.register_buffer("summary_bank_size", torch.zeros(1))
 
     def law_parameters(self) -> list[nn.Parameter]:
         """Parameters of the count and response laws (a few per unit; trained without weight decay)."""
@@ -473,6 +487,59 @@ class HitTransformer(FactorisedPixelHead):
             size, v = torch.ones_like(w), values.float() / self.layout.n_values
         return torch.stack([w.sum(1), (size * w).sum(1), (v * w).sum(1)], 1)
 
+    @staticmethod
+    def mean_features(n: torch.Tensor, size: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(..., 2) log mean shape size and mean value class of tokens whose `token_sums` are n, size,
+        v (...); 0 where there are none."""
+        has = n > 0
+        return torch.stack([torch.where(has, torch.log(size / n.clamp_min(1)), 0.0),
+                            torch.where(has, v / n.clamp_min(1), 0.0)], -1)
+
+    def summary_context(self, features: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+        """(N, d) event_summary context of N sequences whose summaries have `mean_features` (N, 2),
+        standardised with the training events' centre and spread (0 where `has` (N,) is false: no
+        tokens to summarise)."""
+        f = (features - self.summary_centre) / self.summary_scale
+        return self.summary_in(torch.where(has[:, None], f, 0.0))
+
+    def summary_design(self, cond: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(B, C + 2) float64 regressors of the event summary's trend: 1, the normalised conditions
+        cond (B, C) and log(1 + tokens per unit) of the events' counts (B, U)."""
+        busy = torch.log1p(counts.double().mean(1, keepdim=True))
+        return torch.cat([torch.ones_like(busy), cond.double(), busy], 1)
+
+    @torch.no_grad()
+    def fit_event_summary(self, sums: torch.Tensor, cond: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+        """Fill the event_summary buffers from training events: `token_sums` of all their tokens
+        (B, 3), conditions (B, C) and counts (B, U). Least squares (minimum norm: the conditions of
+        one machine scenario follow each other) of the mean features on `summary_design`; the bank
+        keeps the events' residuals around it."""
+        B = len(sums)
+        if B > len(self.summary_bank):
+            raise ValueError(f"{B} events do not fit the summary bank of {len(self.summary_bank)} (fit_events)")
+        f = self.mean_features(*sums.double().unbind(-1))
+        x = self.summary_design(cond, counts)
+        trend = torch.linalg.lstsq(x, f, driver="gelsd").solution
+        residual = f - x @ trend
+        self.summary_centre.copy_(f.mean(0))
+        self.summary_scale.copy_(f.std(0).clamp_min(1e-6))
+        self.summary_trend.copy_(trend)
+        self.summary_bank.zero_()
+        self.summary_bank[:B] = residual.to(self.summary_bank.dtype)
+        self.summary_bank_size.fill_(B)
+        share = 1 - residual.var(0) / f.var(0).clamp_min(1e-12)
+        return {"event_summary_events": float(B), "event_summary_trend_r2_size": float(share[0]),
+                "event_summary_trend_r2_value": float(share[1])}
+
+    def draw_event_summary(self, cond: torch.Tensor, counts: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(B, 2) `mean_features` of the events' drawn summaries: the fitted trend at cond (B, C) and
+        counts (B, U) plus the residual of bank event floor(u * bank size) for uniforms u (B,)."""
+        n = int(self.summary_bank_size.round())
+        if n < 1:
+            raise ValueError("event_summary: the summary bank is empty (fit_event_summary fills it from training events)")
+        pick = (u * n).long().clamp_(0, n - 1)
+        return (self.summary_design(cond, counts) @ self.summary_trend.double() + self.summary_bank[pick].double()).float()
+
     def group_context(self, sums: torch.Tensor) -> torch.Tensor:
         """(B * U, d) sensor_groups context of every sequence of B events whose units' tokens have
         `token_sums` sums (B, U, 3): the summary of the units of the groups before the unit's own
@@ -484,14 +551,9 @@ class HitTransformer(FactorisedPixelHead):
         units = torch.bincount(self.unit_group, minlength=G).to(sums.dtype)
         before = torch.cumsum(per_group, 1) - per_group  # (B, G, 3): sums of the earlier groups
         covered = (torch.cumsum(units, 0) - units)[None].expand(B, G)
-        n, size, v = before.unbind(-1)
-        has = n > 0
-        feature = torch.stack([
-            torch.where(has, torch.log(size / n.clamp_min(1)), 0.0),
-            torch.where(has, v / n.clamp_min(1), 0.0),
-            torch.log1p(n / covered.clamp_min(1)),
-            covered / U,
-        ], -1)
+        n = before[..., 0]
+        feature = torch.cat([self.mean_features(*before.unbind(-1)),
+                             torch.stack([torch.log1p(n / covered.clamp_min(1)), covered / U], -1)], -1)
         return self.group_in(feature[:, self.unit_group]).reshape(B * U, -1)
 
     def layer_count_context(self, layer_counts: torch.Tensor) -> torch.Tensor:
@@ -897,10 +959,15 @@ class HitTransformer(FactorisedPixelHead):
             ctx = ctx + self.count_context(tokens.lengths)
             if self.config.event_counts:
                 ctx = ctx + self.event_count_context(tokens.lengths.view(B, L.n_units))
-        if self.config.sensor_groups > 1:  # teacher forcing: the true tokens of the earlier groups
+        if self.config.sensor_groups > 1 or self.config.event_summary:
             t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
             valid = (t >= 1) & (t <= tokens.lengths[:, None])
-            ctx = ctx + self.group_context(self.token_sums(tokens.values, valid).view(B, L.n_units, 3))
+            sums = self.token_sums(tokens.values, valid).view(B, L.n_units, 3)
+            if self.config.sensor_groups > 1:  # teacher forcing: the true tokens of the earlier groups
+                ctx = ctx + self.group_context(sums)
+            if self.config.event_summary:  # leave one out: the event's other units' tokens
+                others = (sums.sum(1, keepdim=True) - sums).view(-1, 3)
+                ctx = ctx + self.summary_context(self.mean_features(*others.unbind(-1)), others[:, 0] > 0)
         if self.layered:
             per_row = self.hits_per_row(tokens)
             ctx = ctx + self.layer_count_context(per_row)
@@ -1016,6 +1083,7 @@ class HitTransformer(FactorisedPixelHead):
 
 
 GROUP_FEATURES = 4  # sensor_groups: features of the summary of an event's earlier groups
+SUMMARY_FEATURES = 2  # event_summary: log mean shape size and mean value class of an event's tokens
 
 
 def unit_groups(n_units: int, n_groups: int) -> torch.Tensor:

@@ -377,6 +377,11 @@ def generate_tokens(model: HitTransformer, cond: torch.Tensor, seeds: Sequence[i
         ctx_all = ctx_all + model.count_context(targets[seq_pad])[:S]
         if model.config.event_counts:  # rows of padded events repeat the first event's counts
             ctx_all = ctx_all + model.event_count_context(targets.view(B, U)[ev_pad])[:S]
+        if model.config.event_summary:  # drawn before any token: one uniform per event, keyed as unit n_units
+            u_summary = counter_uniform(event_keys, torch.full_like(event_keys, U), -4, 0)
+            drawn = model.draw_event_summary(cond[ev_pad], targets.view(B, U)[ev_pad], u_summary[ev_pad])
+            ctx_all = ctx_all + model.summary_context(drawn, torch.ones_like(drawn[:, 0], dtype=torch.bool))[
+                :B].repeat_interleave(U, 0)
 
     if model.config.sensor_groups > 1 and S:
         rows, cols, values, out_u, lengths, n_capped = _sample_groups(

@@ -75,6 +75,7 @@ class TransformerFamily(model.TransformerFamily):
             return {}
         census = ShapeCensus(self.layout) if model.clusters else None
         conds, counts, responses = [], [], []
+        kept = [] if model.config.event_summary else None  # event_summary: tokenised once the vocabulary is known
         profile = getattr(model, "cell_profile", None)
         # per (layer, cell_basis unit): a cell, or a field tile with pixel_head=factorised (a full epical
         # layer's 1 M cells would be 200 MB of counts)
@@ -83,6 +84,8 @@ class TransformerFamily(model.TransformerFamily):
         for batch in batches:
             hits = TorchHits.from_batch(batch)
             conds.append(self.condition_norm(hits.conditions).double())
+            if kept is not None:
+                kept.append(hits)
             if census is not None:  # cluster tokens: the laws count tokens, known once the vocabulary is
                 census.add(batch)
             elif model.layered:  # hits per (shower, layer)
@@ -111,6 +114,8 @@ class TransformerFamily(model.TransformerFamily):
             n = n.sum(1, keepdim=True)
         if model.counts is not None:
             out |= fit_count_law(model.counts, n, cond)
+        if kept is not None:
+            out |= self._fit_event_summary(model, kept, cond)
         if cells is not None:
             coefficients, out["law_cell_profile_nll"] = fit_cell_profile(cells.view(self.layout.n_rows, -1),
                                                                          model.cell_basis)
@@ -119,6 +124,20 @@ class TransformerFamily(model.TransformerFamily):
             target = torch.cat(responses)
             out["law_response_nll"] = fit_law(model.response, lambda m: -m.log_prob(target, cond).mean())
         return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _fit_event_summary(model: nn.Module, events: list[TorchHits], cond: torch.Tensor) -> dict[str, float]:
+        """event_summary: the summary's trend and residual bank from the `token_sums` of all tokens of
+        each training event of `events` (batches, in the order of cond)."""
+        sums, counts = [], []
+        for hits in events:
+            tokens = model.tokenize(hits)
+            t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
+            per_unit = model.token_sums(tokens.values, (t >= 1) & (t <= tokens.lengths[:, None]))
+            sums.append(per_unit.view(len(hits), -1, 3).sum(1))
+            counts.append(tokens.lengths.view(len(hits), -1))
+        return model.fit_event_summary(torch.cat(sums), cond, torch.cat(counts))
 
     @torch.no_grad()
     def finalise_from_data(self, module: nn.Module, batches: Iterable[HitBatch]) -> dict[str, float]:
