@@ -110,8 +110,11 @@ def _cluster_model(**kw) -> HitTransformer:
     layout = _layout("pxd-tiny")
     model = HitTransformer(cfg, layout).eval()
     census = ShapeCensus(layout)
-    census.add(simulate_pxd_background(get_geometry("pxd-tiny"), 8, 5, luminosity=8e35))
+    data = simulate_pxd_background(get_geometry("pxd-tiny"), 8, 5, luminosity=8e35)
+    census.add(data)
     model.set_shapes(census.vocabulary(32, 6))
+    if cfg.cluster_code_bank:
+        model.fit_code_bank([model.tokenize(data)])
     with torch.no_grad():
         model.row_head.bias[-1] -= 1.0  # longer sequences than an untrained model's 1/17 END chance gives
     return model
@@ -122,8 +125,10 @@ def _seeds(seed: int, first: int, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("pixels", [{}, {"cluster_pixel_context": True}, {"cluster_charge_redraws": 8},
-                                    {"cluster_exclusive": True}, {"cluster_exclusive": True, "cluster_merge_redraws": 8}],
-                         ids=["independent-pixels", "pixel-context", "charge-redraws", "exclusive-pixels", "merge-redraws"])
+                                    {"cluster_exclusive": True}, {"cluster_exclusive": True, "cluster_merge_redraws": 8},
+                                    {"cluster_code_bank": 4000, "cluster_code_bank_per_sensor": True}],
+                         ids=["independent-pixels", "pixel-context", "charge-redraws", "exclusive-pixels", "merge-redraws",
+                              "code-bank"])
 def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache(pixels):
     model = _cluster_model(**pixels)
     n = 5
@@ -335,6 +340,69 @@ def test_merge_redraws_keep_tokens_from_joining_into_a_vocabulary_shape(redraws)
 def test_merge_redraws_need_exclusive_pixels():
     with pytest.raises(ValueError, match="cluster_merge_redraws .* cluster_exclusive"):
         TransformerConfig(token="cluster", cluster_merge_redraws=4)
+
+
+def _token_codes(values: torch.Tensor, units: torch.Tensor, sizes: torch.Tensor) -> set[tuple[int, ...]]:
+    """(unit, shape, class, codes of the shape's pixels) of tokens `values` (N, 2 + P)."""
+    return {(int(u), *v[:2 + int(sizes[v[0]])].tolist()) for u, v in zip(units, values, strict=True)}
+
+
+@pytest.mark.parametrize("per_sensor", [False, True], ids=["pooled", "per-sensor"])
+def test_code_bank_gives_tokens_the_codes_of_a_training_token_of_their_shape_and_class(per_sensor):
+    """cluster_code_bank: every generated token whose (shape, charge class) the training tokens have
+    takes the pixel codes of one of them (per sensor: of one on its own sensor where there is one);
+    the untrained model's independent per-pixel draws rarely give a multi-pixel token such codes."""
+    data = simulate_pxd_background(get_geometry("pxd-tiny"), 8, 5, luminosity=8e35)
+    cond = torch.linspace(-1, 1, 4)[:, None]
+    plain = _cluster_model()
+    banked = _cluster_model(cluster_code_bank=20_000, cluster_code_bank_per_sensor=per_sensor)
+    size = banked.shape_table()[1]
+    train = banked.tokenize(data)
+    real = (torch.arange(train.values.shape[1])[None] >= 1) & (torch.arange(train.values.shape[1])[None] <= train.lengths[:, None])
+    units = train.unit[:, None].expand_as(real)[real]
+    known = _token_codes(train.values[real], units if per_sensor else torch.zeros_like(units), size)
+    keys = {k[1:3] for k in known}
+    keys_of_unit = {k[:3] for k in known}
+    n_units = banked.layout.n_units
+    share = {}
+    for name, model in (("plain", plain), ("banked", banked)):
+        g = generate_tokens(model, cond, _seeds(4, 0, 4), max_hits=24)
+        keep = torch.arange(g.rows.shape[1])[None] < g.lengths[:, None]
+        u = (torch.arange(len(g.lengths)) % n_units)[:, None].expand_as(keep)[keep]
+        v = g.values[keep]
+        multi = size[v[:, 0]] > 1
+        have = torch.tensor([(int(a), int(b)) in keys for a, b in v[:, :2].tolist()]) & multi
+        assert int(have.sum()) > 20
+        key_u = u if per_sensor else torch.zeros_like(u)
+        got = _token_codes(v[have], key_u[have], size)
+        if name == "banked":
+            own = {k for k in got if k[:3] in keys_of_unit}
+            # per sensor: a token of a key its sensor has takes one of its sensor's; else one of any sensor
+            assert own <= known and len(own) > 0
+            pooled = {k[1:] for k in known}
+            assert {k[1:] for k in got} <= pooled
+        share[name] = len([k for k in got if k in known]) / max(len(got), 1)
+    if not per_sensor:
+        assert share["banked"] == 1.0
+    assert share["plain"] < 0.5, share
+
+
+def test_code_bank_is_fitted_with_the_laws_and_needs_cluster_tokens():
+    g = get_geometry("pxd-tiny")
+    data = simulate_pxd_background(g, 16, 3, luminosity=4e35, luminosity_max=8e35)
+    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=2, latent_dim=0, conditions=["luminosity"], token="cluster",
+                            multiplicity="count", cluster_shapes=32, cluster_max_pixels=6, max_hits=64,
+                            cluster_code_bank=50_000)
+    family = build_family(g, cfg, ConditionNorm.from_ranges({"luminosity": (4e35, 8e35)}, ["luminosity"]))
+    model = family.build_modules()["model"]
+    fitted = family.initialise_from_data({"model": model}, [data.slice(0, 8), data.slice(8, 16)])
+    tokens = model.tokenize(data)
+    assert fitted["code_bank_tokens"] == int(tokens.lengths.sum())  # the bank holds every training token here
+    assert int(model.code_bank_count.sum()) == int(tokens.lengths.sum()) and model.code_bank.abs().sum() > 0
+    with pytest.raises(ValueError, match="cluster_code_bank .* token: cluster"):
+        TransformerConfig(cluster_code_bank=1000)
+    with pytest.raises(ValueError, match="cluster_code_bank_per_sensor needs cluster_code_bank"):
+        TransformerConfig(token="cluster", cluster_code_bank_per_sensor=True)
 
 
 def test_charge_redraws_refuse_the_pixel_context():

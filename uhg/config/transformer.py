@@ -62,6 +62,18 @@ class TransformerConfig(Section):
         "of a training cluster always sum into its class). 0 = off; exports written before this key have it "
         "off. Not with cluster_pixel_context.",
     )
+    cluster_code_bank: int = Field(
+        0, ge=0,
+        description="token=cluster: pixels of a bank of the ADC codes of training tokens, keyed by (shape, charge "
+        "class) and fitted with the laws before training; a generated token of a key the bank holds takes the codes "
+        "of one of its training tokens instead of per-pixel draws, keeping the data's split of a cluster's charge "
+        "between its pixels. Training is unchanged. 0 = off (and for exports written before this key).",
+    )
+    cluster_code_bank_per_sensor: bool = Field(
+        False,
+        description="token=cluster with cluster_code_bank: a token takes the codes of a training token of its key "
+        "on its own sensor where the bank holds one (else of any sensor).",
+    )
     cluster_exclusive: bool = Field(
         False,
         description="token=cluster, generation: no pixel belongs to two tokens (as in every training sequence, "
@@ -468,6 +480,11 @@ class TransformerConfig(Section):
         if self.cluster_charge_redraws and self.cluster_pixel_context:
             raise ValueError("cluster_charge_redraws redraws independently drawn pixel codes, but "
                              "cluster_pixel_context draws them slot by slot: switch one of them off")
+        if self.cluster_code_bank and self.token != "cluster":
+            raise ValueError(f"cluster_code_bank holds the pixel codes of cluster tokens, so it needs token: cluster "
+                             f"(got token={self.token!r})")
+        if self.cluster_code_bank_per_sensor and not self.cluster_code_bank:
+            raise ValueError("cluster_code_bank_per_sensor needs cluster_code_bank > 0")
         if self.response_model and "incident_energy" not in self.conditions:
             raise ValueError(f"response_model draws E_dep / E_inc, so conditions must include incident_energy "
                              f"(got {self.conditions})")

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from uhg.config.gan import GanConfig
+from uhg.models.cluster_bank import bank_offsets
 from uhg.models.common import ConditionEmbedding, FiLM, SensorEmbedding
 from uhg.models.gan_layout import UnitLayout
 from uhg.models.gan_seeds import place_counted_seeds
@@ -386,16 +387,9 @@ class Generator(nn.Module):
         if not self.charge_profile:
             return place_shapes(seeds, choice, stencils, at=at, at_hits=at_hits), ()
         if self.charge_bank:
-            count = self.shape_bank_count[choice].round().long().clamp_min(1)
-            first = torch.zeros_like(count)
-            if self.bank_per_unit:
-                # the training clusters of the seed's own sensor and shape, where the bank holds some
-                unit = at[:, 1]
-                own = self.unit_bank_count[unit, choice].round().long()
-                first = torch.where(own > 0, self.unit_bank_first[unit, choice].round().long(), first)
-                count = torch.where(own > 0, own, count)
-            pick = torch.minimum((uniforms[:, 1].double() * count).long(), count - 1)
-            base = self.shape_bank_start[choice].round().long() + (first + pick) * self.shape_pixels[choice]
+            per_unit = (at[:, 1], self.unit_bank_count, self.unit_bank_first) if self.bank_per_unit else ()
+            base = bank_offsets(choice, uniforms[:, 1], self.shape_pixels[choice], self.shape_bank_count,
+                                self.shape_bank_start, *per_unit)
             mask, (code,) = place_shapes(seeds, choice, stencils, per_pixel=((self.shape_charge_bank, base),), at=at,
                                          at_hits=at_hits)
             return mask, (code,)

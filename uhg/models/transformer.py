@@ -35,6 +35,7 @@ E_dep / E_inc, to which the sampled cell energies are scaled.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uhg.config.transformer import TransformerConfig
+from uhg.models.cluster_bank import bank_offsets, fit_cluster_bank
 from uhg.models.latent_prior import LatentPrior, fit_latent_prior
 from uhg.models.laws import CountLaw, LayerShareLaw, ResponseLaw, count_feature, fit_law
 from uhg.models.transformer_clusters import ShapeVocab, encode_clusters
@@ -302,6 +304,15 @@ class HitTransformer(FactorisedPixelHead):
                 self.so_far_in = nn.Linear(2, d)
             self.shape_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, K))
             self.charge_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, Q))
+            # cluster_code_bank: the codes of training tokens keyed by (shape, charge class), as
+            # `fit_cluster_bank` lays them out (float: the EMA averages floating-point state; exact below 2^24)
+            if config.cluster_code_bank:
+                self.register_buffer("code_bank", torch.zeros(config.cluster_code_bank))
+                self.register_buffer("code_bank_count", torch.zeros(K * Q))
+                self.register_buffer("code_bank_start", torch.zeros(K * Q))
+                if config.cluster_code_bank_per_sensor:
+                    self.register_buffer("code_bank_unit_count", torch.zeros(L.n_units, K * Q))
+                    self.register_buffer("code_bank_unit_first", torch.zeros(L.n_units, K * Q))
             self._vocab: tuple[bytes, ShapeVocab] | None = None
         else:
             self.val_in = nn.Embedding(L.n_values, d)
@@ -465,6 +476,51 @@ class HitTransformer(FactorisedPixelHead):
             raise ValueError(f"shape vocabulary {vocab.offsets.shape} does not fit the model's {tuple(self.shape_offsets.shape)}")
         self.shape_offsets.copy_(torch.as_tensor(vocab.offsets, dtype=self.shape_offsets.dtype))
         self.shape_size.copy_(torch.as_tensor(vocab.sizes, dtype=self.shape_size.dtype))
+
+    @torch.no_grad()
+    def fit_code_bank(self, batches: Iterable[TokenBatch]) -> dict[str, float]:
+        """cluster_code_bank: fill the bank from the cluster tokens of training events (`tokenize`
+        with the fitted shapes, batch by batch): each token's codes keyed by (shape, charge class),
+        as `fit_cluster_bank` keeps them (every m-th token of a key, by unit with the per-sensor bank)."""
+        K, Q = self.config.cluster_shapes, self.config.cluster_charge_bins
+        parts, units = [], []
+        for tokens in batches:
+            t = torch.arange(tokens.values.shape[1])[None]
+            real = (t >= 1) & (t <= tokens.lengths.cpu()[:, None])  # slot 0 is the start token
+            parts.append(tokens.values.cpu()[real].numpy())  # (N, 2 + P), sequences in (event, unit) order
+            units.append(tokens.unit.cpu()[:, None].expand_as(real)[real].numpy())
+        vals, unit = np.concatenate(parts), np.concatenate(units)
+        size = self.shape_size.round().long().cpu().numpy()[vals[:, 0]]
+        tok, bit = np.nonzero(np.arange(vals.shape[1] - 2)[None] < size[:, None])
+        key = vals[:, 0] * Q + vals[:, 1]
+        per_unit = self.config.cluster_code_bank_per_sensor
+        fit = fit_cluster_bank(key[tok], tok, bit, vals[tok, 2 + bit], unit, K * Q, self.code_bank.numel(),
+                               self.layout.n_units if per_unit else None)
+        bank = torch.zeros_like(self.code_bank)
+        bank[: len(fit.values)] = torch.as_tensor(fit.values, dtype=bank.dtype)
+        self.code_bank.copy_(bank)
+        self.code_bank_count.copy_(torch.as_tensor(fit.count, dtype=self.code_bank_count.dtype))
+        self.code_bank_start.copy_(torch.as_tensor(fit.start, dtype=self.code_bank_start.dtype))
+        if per_unit:
+            self.code_bank_unit_count.copy_(torch.as_tensor(fit.unit_count, dtype=self.code_bank_unit_count.dtype))
+            self.code_bank_unit_first.copy_(torch.as_tensor(fit.unit_first, dtype=self.code_bank_unit_first.dtype))
+        return {"code_bank_tokens": float(fit.count.sum()), "code_bank_keys": float((fit.count > 0).sum())}
+
+    def bank_codes(self, codes: torch.Tensor, shape: torch.Tensor, charge: torch.Tensor, unit: torch.Tensor,
+                   u: torch.Tensor) -> torch.Tensor:
+        """cluster_code_bank: (N, P) codes of N tokens of `shape`, charge class `charge` and `unit`
+        (N,) long: those of the bank's training token that each one's uniform `u` (N,) picks, where the
+        bank holds its (shape, class); the given `codes` elsewhere."""
+        key = shape * self.config.cluster_charge_bins + charge
+        have = self.code_bank_count[key] > 0
+        size = self.shape_size.round().long()[shape]
+        per_unit = ((unit, self.code_bank_unit_count, self.code_bank_unit_first)
+                    if self.config.cluster_code_bank_per_sensor else ())
+        base = bank_offsets(key, u, size, self.code_bank_count, self.code_bank_start, *per_unit)
+        slot = torch.arange(codes.shape[1], device=codes.device)
+        at = (base[:, None] + slot[None]).clamp(max=self.code_bank.numel() - 1)
+        banked = self.code_bank[at].round().long() * (slot[None] < size[:, None])
+        return torch.where(have[:, None], banked, codes)
 
     def count_context(self, counts: torch.Tensor) -> torch.Tensor:
         """(S, d) context term of sequences with `counts` (S,) hits."""

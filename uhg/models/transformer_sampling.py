@@ -243,10 +243,13 @@ def shape_overlaps(model: HitTransformer, occupied: tuple[torch.Tensor, torch.Te
 
 def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
                           prefix: torch.Tensor, step: int, temperature: float, top_q: float,
-                          occupied: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          occupied: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          unit: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 2 + P) long: shape, charge class and pixel codes of the cluster tokens of one step;
     prefix: (N,) `counter_prefix` of each token's sequence; occupied: (fired pixels (S, rows x cols)
-    of every sequence, (N,) each row's sequence) (cluster_exclusive: shapes covering one are not drawn).
+    of every sequence, (N,) each row's sequence) (cluster_exclusive: shapes covering one are not drawn);
+    unit: (N,) each token's unit (cluster_code_bank: the codes of a training token of its shape, class
+    and unit, picked by the value draw's uniform of sub-key 0, which no pixel draw uses).
     Pixel rows are gathered per real pixel of the drawn shapes (not all P slots) and padded to
     ROW_PAD, so each draw is the same whatever else is in the batch."""
     logits = model.shape_logits(h, row, col)
@@ -277,6 +280,8 @@ def sample_cluster_values(model: HitTransformer, h: torch.Tensor, row: torch.Ten
         probs, cdf = top_q_cdf(logits, temperature, top_q)
         codes[tok, slot] = draw_from_cdf(probs, cdf, prefixed_uniform(prefix[tok], step, 2, slot + 1))
         redraw_out_of_class(model, codes, charge, size, tok, slot, probs, cdf, prefix, step)
+    if model.config.cluster_code_bank and len(shape):
+        codes = model.bank_codes(codes, shape, charge, unit, prefixed_uniform(prefix, step, 2, torch.zeros_like(prefix)))
     return torch.cat([shape[:, None], charge[:, None], codes], 1)
 
 
@@ -540,7 +545,7 @@ def _sample_sequences(model: HitTransformer, ctx_all: torch.Tensor, keys: torch.
             col = sample_top_q(col_logits, prefixed_uniform(pre, t, 1), temperature, top_q)
         if model.clusters:
             val = sample_cluster_values(model, h, row, col, pre, t, temperature, top_q,
-                                        None if occ is None else (occ, slots))
+                                        None if occ is None else (occ, slots), units[slots])
             for a in range(1, merge_redraws + 1):  # cluster_merge_redraws: the whole token again
                 bad = (live & joins_vocab_shape(model, vocab, occ, slots, row, col, val[:, 0])).nonzero().squeeze(1)
                 if not len(bad):
@@ -551,7 +556,8 @@ def _sample_sequences(model: HitTransformer, ctx_all: torch.Tensor, keys: torch.
                 taken = occ.view(S, L.n_rows, L.n_cols)[slots[bp], r2.clamp(max=L.n_rows - 1)]
                 c2 = sample_top_q(_allowed(cl, ~taken | (r2 == L.n_rows)[:, None]), prefixed_uniform(pre[bp], tk, 1),
                                   temperature, top_q)
-                v2 = sample_cluster_values(model, h[bp], r2, c2, pre[bp], tk, temperature, top_q, (occ, slots[bp]))
+                v2 = sample_cluster_values(model, h[bp], r2, c2, pre[bp], tk, temperature, top_q, (occ, slots[bp]),
+                                           units[slots[bp]])
                 row[bad], col[bad], val[bad] = r2[:n_bad], c2[:n_bad], v2[:n_bad]
         else:
             val = sample_top_q(model.value_logits(h, row, col), prefixed_uniform(pre, t, 2),

@@ -24,6 +24,7 @@ from uhg.config.schema import TrainConfig
 from uhg.data.hits import HitBatch
 from uhg.eval.features_pxd import pixel_clusters
 from uhg.models import gan_family as model
+from uhg.models.cluster_bank import fit_cluster_bank
 from uhg.models.gan import (
     NEIGHBOURS,
     NO_SHAPE,
@@ -667,58 +668,21 @@ def _fit_charge_profile(g: nn.Module, census: list[tuple[np.ndarray, ...]], slot
 
 def _fit_charge_bank(g: nn.Module, slot: np.ndarray, cluster: np.ndarray, bit: np.ndarray, code: np.ndarray,
                      sensor: np.ndarray) -> None:
-    """The generator's cluster charge bank: the encoded charges of training clusters, each cluster's
-    pixels in stencil (bit) order, grouped by table shape; every m-th cluster of each shape is kept
-    (census order: spread over the fit events and their conditions; at least one per shape), m the
-    smallest that fits the bank. (One cap per shape instead kept 217 clusters of every shape of
-    pxd-mini, the single pixel's included: its charge missed by 1.7 ADU.) `slot`, `cluster`, `bit`,
-    `code`: table slot, census cluster, window bit and encoded charge of every training pixel in a
-    table shape; `sensor`: the unit of every census cluster. With `bank_per_unit` the kept clusters
-    of each shape are ordered by unit, and each unit's first and count are stored."""
-    order = np.lexsort((bit, cluster))
-    cluster, code = cluster[order], code[order]
-    first = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
-    size = np.diff(np.r_[first, len(cluster)])
-    shape = slot[order][first]
-    k = g.n_shapes
-    n = np.bincount(shape, minlength=k)
-    n_pix = np.bincount(shape, size, minlength=k) / np.maximum(n, 1)  # every cluster of a shape has its pixels
-    capacity = g.shape_charge_bank.numel()
-    lo, hi = 1, max(int(n.max()), 1)
-    if (-(-n // hi) * n_pix).sum() > capacity:
-        raise ValueError(f"cluster_charge_bank {capacity} holds less than one training cluster of every shape "
-                         f"({int((n_pix * (n > 0)).sum())} pixels): raise it or lower cluster_shapes")
-    while lo < hi:  # the smallest step m whose clusters fit
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if (-(-n // mid) * n_pix).sum() <= capacity else (mid + 1, hi)
-    by_shape = np.argsort(shape, kind="stable")
-    rank = np.empty(len(shape), np.int64)
-    rank[by_shape] = np.arange(len(shape)) - np.repeat(np.r_[0, np.cumsum(n)[:-1]], n)
-    chosen = by_shape[rank[by_shape] % lo == 0]  # by shape, census order within
-    if g.bank_per_unit:  # by shape, then unit, census order within
-        unit = sensor[cluster[first[chosen]]]
-        order = np.lexsort((np.arange(len(chosen)), unit, shape[chosen]))
-        chosen, unit = chosen[order], unit[order]
-    starts = np.repeat(first[chosen], size[chosen])
-    within = np.arange(len(starts)) - np.repeat(np.r_[0, np.cumsum(size[chosen])[:-1]], size[chosen])
-    values = code[starts + within]
-    count = np.bincount(shape[chosen], minlength=k)
+    """The generator's cluster charge bank (`fit_cluster_bank` keyed by table shape): `slot`,
+    `cluster`, `bit`, `code`: table slot, census cluster, window bit and encoded charge of every
+    training pixel in a table shape; `sensor`: the unit of every census cluster. With
+    `bank_per_unit` the kept clusters of each shape are ordered by unit, and each unit's first and
+    count are stored."""
+    n_units = g.unit_bank_count.shape[0] if g.bank_per_unit else None
+    fit = fit_cluster_bank(slot, cluster, bit, code, sensor, g.n_shapes, g.shape_charge_bank.numel(), n_units)
     bank = torch.zeros_like(g.shape_charge_bank)
-    bank[: len(values)] = torch.as_tensor(values, dtype=bank.dtype)
+    bank[: len(fit.values)] = torch.as_tensor(fit.values, dtype=bank.dtype)
     g.shape_charge_bank.copy_(bank)
-    g.shape_bank_count.copy_(torch.as_tensor(count, dtype=g.shape_bank_count.dtype))
-    g.shape_bank_start.copy_(torch.as_tensor(np.r_[0, np.cumsum(count * n_pix.round().astype(np.int64))[:-1]],
-                                             dtype=g.shape_bank_start.dtype))
+    g.shape_bank_count.copy_(torch.as_tensor(fit.count, dtype=g.shape_bank_count.dtype))
+    g.shape_bank_start.copy_(torch.as_tensor(fit.start, dtype=g.shape_bank_start.dtype))
     if g.bank_per_unit:
-        kept_shape = shape[chosen]
-        within_shape = np.arange(len(chosen)) - np.r_[0, np.cumsum(count)[:-1]][kept_shape]
-        n_units = g.unit_bank_count.shape[0]
-        per_unit = np.zeros((n_units, k), np.int64)
-        np.add.at(per_unit, (unit, kept_shape), 1)
-        start = np.full((n_units, k), len(chosen), np.int64)
-        np.minimum.at(start, (unit, kept_shape), within_shape)
-        g.unit_bank_count.copy_(torch.as_tensor(per_unit, dtype=g.unit_bank_count.dtype))
-        g.unit_bank_first.copy_(torch.as_tensor(np.where(per_unit > 0, start, 0), dtype=g.unit_bank_first.dtype))
+        g.unit_bank_count.copy_(torch.as_tensor(fit.unit_count, dtype=g.unit_bank_count.dtype))
+        g.unit_bank_first.copy_(torch.as_tensor(fit.unit_first, dtype=g.unit_bank_first.dtype))
 
 
 SHARE_PRIOR = 50.0  # clusters' worth of the pooled correlation of their size in each shape's

@@ -81,7 +81,10 @@ class TransformerFamily(model.TransformerFamily):
         # layer's 1 M cells would be 200 MB of counts)
         basis_units = None if profile is None else model.cell_basis.shape[0]
         cells = None if profile is None else torch.zeros(self.layout.n_rows * basis_units, dtype=torch.float64)
+        banked = [] if model.clusters and self.cfg.cluster_code_bank else None  # encoded once the shapes are known
         for batch in batches:
+            if banked is not None:
+                banked.append(batch)
             hits = TorchHits.from_batch(batch)
             conds.append(self.condition_norm(hits.conditions).double())
             if kept is not None:
@@ -108,6 +111,8 @@ class TransformerFamily(model.TransformerFamily):
             model.set_shapes(vocab)
             out.update(census.coverage(vocab))
             counts = [census.token_counts(vocab)]
+            if banked:
+                out.update(model.fit_code_bank(model.tokenize(b) for b in banked))
         cond, n = torch.cat(conds), torch.cat(counts).double()
         if model.shares is not None:  # layer_split: the total's law on the totals, the split's on the layers
             out |= fit_share_law(model.shares, n, cond, means=self.cfg.share_means)
