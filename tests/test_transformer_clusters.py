@@ -489,10 +489,8 @@ def test_sensor_groups_context_comes_from_the_earlier_groups_only():
         model.group_in.weight.normal_()
     events = simulate_pxd_background(get_geometry("pxd-tiny"), 3, 7, luminosity=8e35)
     tok = model.tokenize(TorchHits.from_batch(events))
-    t = torch.arange(tok.rows.shape[1])[None]
-    valid = (t >= 1) & (t <= tok.lengths[:, None])
     B, U = 3, model.layout.n_units
-    sums = model.token_sums(tok.values, valid).view(B, U, 3)
+    sums = model.token_sums(tok.values, tok.hit_mask()).view(B, U, 3)
     assert float(sums[..., 0].sum()) > 100 and bool((sums[..., 1] >= sums[..., 0]).all())
     group = model.unit_group
     base = model.group_context(sums).view(B, U, -1)
@@ -553,8 +551,7 @@ def _summary_model(**kw) -> HitTransformer:
     model = _cluster_model(event_summary=True, multiplicity="count", count_law="power", count_bootstrap=0, **kw)
     events = simulate_pxd_background(get_geometry("pxd-tiny"), 12, 9, luminosity=8e35)
     tokens = model.tokenize(TorchHits.from_batch(events))
-    t = torch.arange(tokens.rows.shape[1])[None]
-    sums = model.token_sums(tokens.values, (t >= 1) & (t <= tokens.lengths[:, None])).view(12, -1, 3)
+    sums = model.token_sums(tokens.values, tokens.hit_mask()).view(12, -1, 3)
     model.fit_event_summary(sums.sum(1), torch.linspace(-1, 1, 12)[:, None], tokens.lengths.view(12, -1))
     return model
 

@@ -485,8 +485,7 @@ class HitTransformer(FactorisedPixelHead):
         K, Q = self.config.cluster_shapes, self.config.cluster_charge_bins
         parts, units = [], []
         for tokens in batches:
-            t = torch.arange(tokens.values.shape[1])[None]
-            real = (t >= 1) & (t <= tokens.lengths.cpu()[:, None])  # slot 0 is the start token
+            real = tokens.hit_mask().cpu()
             parts.append(tokens.values.cpu()[real].numpy())  # (N, 2 + P), sequences in (event, unit) order
             units.append(tokens.unit.cpu()[:, None].expand_as(real)[real].numpy())
         vals, unit = np.concatenate(parts), np.concatenate(units)
@@ -630,8 +629,7 @@ class HitTransformer(FactorisedPixelHead):
 
     def hits_per_row(self, tokens: TokenBatch) -> torch.Tensor:
         """(S, n_rows) hits of every row (calorimeter layer) of each sequence."""
-        t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
-        hit = ((t >= 1) & (t <= tokens.lengths[:, None])).long()
+        hit = tokens.hit_mask().long()
         return torch.zeros(len(tokens.lengths), self.layout.n_rows, dtype=torch.long,
                            device=hit.device).scatter_add_(1, tokens.rows, hit)
 
@@ -658,8 +656,7 @@ class HitTransformer(FactorisedPixelHead):
         """(B, U, PROFILE_BINS + 2) per-unit summary of real events: log(1 + hits per row bin),
         log(1 + hits), mean value class / n_values."""
         L = self.layout
-        t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
-        hit = (t >= 1) & (t <= tokens.lengths[:, None])
+        hit = tokens.hit_mask()
         bins = (tokens.rows * PROFILE_BINS // L.n_rows).clamp_(max=PROFILE_BINS - 1)
         prof = torch.zeros(len(tokens.lengths), PROFILE_BINS, device=hit.device).scatter_add_(1, bins, hit.float())
         n = tokens.lengths.float()
@@ -676,8 +673,7 @@ class HitTransformer(FactorisedPixelHead):
         with cluster tokens also the mean shape size in pixels) under `latent_aux_head` of its
         context ctx (S, d; counts included), shifted in units of its spread by the first
         dimensions of its event's latent z (B, latent_dim) (`latent_aux`)."""
-        t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
-        hit = ((t >= 1) & (t <= tokens.lengths[:, None])).float()
+        hit = tokens.hit_mask().float()
         n = tokens.lengths.float().clamp_min(1)
         if self.clusters:
             v = tokens.values[..., 1].float() / self.config.cluster_charge_bins
@@ -1016,9 +1012,7 @@ class HitTransformer(FactorisedPixelHead):
             if self.config.event_counts:
                 ctx = ctx + self.event_count_context(tokens.lengths.view(B, L.n_units))
         if self.config.sensor_groups > 1 or self.config.event_summary:
-            t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
-            valid = (t >= 1) & (t <= tokens.lengths[:, None])
-            sums = self.token_sums(tokens.values, valid).view(B, L.n_units, 3)
+            sums = self.token_sums(tokens.values, tokens.hit_mask()).view(B, L.n_units, 3)
             if self.config.sensor_groups > 1:  # teacher forcing: the true tokens of the earlier groups
                 ctx = ctx + self.group_context(sums)
             if self.config.event_summary:  # leave one out: the event's other units' tokens

@@ -196,6 +196,11 @@ class TokenBatch:
         """Real targets (hits + one END per sequence)."""
         return int(self.lengths.sum()) + len(self.lengths)
 
+    def hit_mask(self) -> torch.Tensor:
+        """(S, T) bool: input positions that hold a hit (1 to length; position 0 is the start token)."""
+        t = torch.arange(self.rows.shape[1], device=self.rows.device)[None]
+        return (t >= 1) & (t <= self.lengths[:, None])
+
     def target_mask(self) -> torch.Tensor:
         """(S, T) bool: positions whose target is a hit or END (not padding)."""
         t = torch.arange(self.rows.shape[1], device=self.rows.device)

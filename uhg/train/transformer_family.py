@@ -138,8 +138,7 @@ class TransformerFamily(model.TransformerFamily):
         sums, counts = [], []
         for hits in events:
             tokens = model.tokenize(hits)
-            t = torch.arange(tokens.rows.shape[1], device=tokens.rows.device)[None]
-            per_unit = model.token_sums(tokens.values, (t >= 1) & (t <= tokens.lengths[:, None]))
+            per_unit = model.token_sums(tokens.values, tokens.hit_mask())
             sums.append(per_unit.view(len(hits), -1, 3).sum(1))
             counts.append(tokens.lengths.view(len(hits), -1))
         return model.fit_event_summary(torch.cat(sums), cond, torch.cat(counts))
