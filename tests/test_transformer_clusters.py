@@ -124,6 +124,17 @@ def _seeds(seed: int, first: int, n: int) -> list[int]:
     return [event_seed(seed, first + i, "generate") for i in range(n)]
 
 
+GRID_COND = torch.linspace(-1, 2, 5)[:, None]  # the sampling tests' five events: normalised conditions
+
+
+def _grid_events(model: HitTransformer, batch_events: int = 5, **kw):
+    """The sampling tests' five events (GRID_COND, luminosity 2e35 to 1e36, seeds (3, 0, i), at most
+    24 hits per sequence), sampled in passes of `batch_events`."""
+    n = len(GRID_COND)
+    return sample_events(model, GRID_COND, _seeds(3, 0, n), {"luminosity": np.geomspace(2e35, 1e36, n)},
+                         batch_events=batch_events, max_hits=24, **kw)
+
+
 @pytest.mark.parametrize("pixels", [{}, {"cluster_pixel_context": True}, {"cluster_charge_redraws": 8},
                                     {"cluster_exclusive": True}, {"cluster_exclusive": True, "cluster_merge_redraws": 8},
                                     {"cluster_code_bank": 4000, "cluster_code_bank_per_sensor": True}],
@@ -131,16 +142,12 @@ def _seeds(seed: int, first: int, n: int) -> list[int]:
                               "code-bank"])
 def test_cluster_sampling_is_deterministic_for_any_batch_split_and_cache(pixels):
     model = _cluster_model(**pixels)
-    n = 5
-    cond = torch.linspace(-1, 2, n)[:, None]
-    lum = {"luminosity": np.geomspace(2e35, 1e36, n)}
-    whole = sample_events(model, cond, _seeds(3, 0, n), lum, top_q=0.95, batch_events=n, max_hits=24)
+    whole = _grid_events(model, top_q=0.95)
     assert whole.n_hits > 100
     for batch_events in (1, 2):
-        _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, top_q=0.95, batch_events=batch_events,
-                                        max_hits=24), whole)
-    cached = generate_tokens(model, cond[:2], _seeds(3, 0, 2), max_hits=12)
-    full = generate_tokens(model, cond[:2], _seeds(3, 0, 2), max_hits=12, use_cache=False)
+        _assert_same_hits(_grid_events(model, batch_events, top_q=0.95), whole)
+    cached = generate_tokens(model, GRID_COND[:2], _seeds(3, 0, 2), max_hits=12)
+    full = generate_tokens(model, GRID_COND[:2], _seeds(3, 0, 2), max_hits=12, use_cache=False)
     for k in ("rows", "cols", "values", "lengths"):
         assert torch.equal(getattr(cached, k), getattr(full, k))
     # hits are sorted, unique, on the grid, above threshold; shapes are vocabulary shapes
@@ -524,24 +531,20 @@ def test_sensor_groups_sampling_is_exact_and_deterministic():
     """Grouped sampling draws each sequence with its own event's and unit's counters: with the
     summary's map at zero (its start) it gives the ungrouped model's events bit for bit; with a
     learned map the events change, and stay the same for any batch split and with or without the cache."""
-    n = 5
-    cond = torch.linspace(-1, 2, n)[:, None]
-    lum = {"luminosity": np.geomspace(2e35, 1e36, n)}
     kw = {"cluster_exclusive": True, "cluster_merge_redraws": 4}
-    plain = sample_events(_cluster_model(**kw), cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24)
+    plain = _grid_events(_cluster_model(**kw))
     model = _cluster_model(sensor_groups=4, **kw)
-    _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24), plain)
+    _assert_same_hits(_grid_events(model), plain)
     with torch.no_grad():
         model.group_in.weight.normal_(std=2.0)
-    whole = sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24)
+    whole = _grid_events(model)
     assert whole.n_hits > 100
     assert not (len(whole.columns["row"]) == len(plain.columns["row"])
                 and all(np.array_equal(whole.columns[k], plain.columns[k]) for k in ("row", "col", "value")))
     for batch_events in (1, 2):
-        _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=batch_events,
-                                        max_hits=24), whole)
-    cached = generate_tokens(model, cond[:2], _seeds(3, 0, 2), max_hits=12)
-    full = generate_tokens(model, cond[:2], _seeds(3, 0, 2), max_hits=12, use_cache=False)
+        _assert_same_hits(_grid_events(model, batch_events), whole)
+    cached = generate_tokens(model, GRID_COND[:2], _seeds(3, 0, 2), max_hits=12)
+    full = generate_tokens(model, GRID_COND[:2], _seeds(3, 0, 2), max_hits=12, use_cache=False)
     for k in ("rows", "cols", "values", "lengths"):
         assert torch.equal(getattr(cached, k), getattr(full, k))
 
@@ -560,24 +563,19 @@ def test_event_summary_sampling_starts_as_without_it_and_is_deterministic():
     """With the summary's map at zero (its start) the events equal those of the model without the key
     bit for bit, alone and with sensor_groups; with a learned map they change, and stay the same for
     any batch split."""
-    n = 5
-    cond = torch.linspace(-1, 2, n)[:, None]
-    lum = {"luminosity": np.geomspace(2e35, 1e36, n)}
     laws = {"multiplicity": "count", "count_law": "power", "count_bootstrap": 0}
     for groups in (1, 4):
-        plain = sample_events(_cluster_model(sensor_groups=groups, **laws), cond, _seeds(3, 0, n), lum,
-                              batch_events=n, max_hits=24)
+        plain = _grid_events(_cluster_model(sensor_groups=groups, **laws))
         model = _summary_model(sensor_groups=groups)
-        _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24), plain)
+        _assert_same_hits(_grid_events(model), plain)
     with torch.no_grad():
         model.summary_in.weight.normal_(std=4.0)
-    whole = sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=n, max_hits=24)
+    whole = _grid_events(model)
     assert whole.n_hits > 50
     assert not (len(whole.columns["value"]) == len(plain.columns["value"])
                 and np.array_equal(whole.columns["value"], plain.columns["value"]))
     for batch_events in (1, 2):
-        _assert_same_hits(sample_events(model, cond, _seeds(3, 0, n), lum, batch_events=batch_events,
-                                        max_hits=24), whole)
+        _assert_same_hits(_grid_events(model, batch_events), whole)
 
 
 def test_event_summary_draws_are_the_training_events_around_their_trend():
