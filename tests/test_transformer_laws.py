@@ -493,6 +493,32 @@ def test_count_variance_at_the_top_of_the_range_follows_the_data(dispersion, pas
         assert 0.6 < float(law.dispersion_power.detach()) < 1.4
 
 
+def _nb_counts(x: np.ndarray, seed: int, r: float = 8.0) -> np.ndarray:
+    """(N, 1) negative-binomial counts of mean 40 e^(0.7 x) and a dispersion r that does not change
+    with the mean: extra variance mean^2 / r at every x, a constant dispersion's own law."""
+    rng = np.random.default_rng(seed)
+    mean = 40.0 * np.exp(0.7 * x)
+    return rng.negative_binomial(r, r / (r + mean))[:, None].astype(np.float64)
+
+
+@pytest.mark.parametrize("data, power", [("bursts", 1.0), ("nb", 0.0)])
+def test_forward_dispersion_chooses_the_spread_that_holds_at_the_top(data, power):
+    # dispersion "forward": constant or power, whichever, fitted to the lower half of the range,
+    # gives the upper half the higher likelihood. Bursts (variance growing as the mean) need the
+    # power; counts whose extra variance does grow as the mean squared keep the constant, and the
+    # variance at the top of the range is then the data's either way
+    x = np.random.default_rng(0).uniform(-1, 1, 6000)
+    make = (lambda v, s: _bursts(v, 1, seed=s)) if data == "bursts" else _nb_counts
+    law = CountLaw(n_units=1, n_cond=1, positions=100000, form="quadratic", dispersion="forward")
+    out = fit_count_law(law, torch.as_tensor(make(x, 1)), torch.as_tensor(x)[:, None])
+    assert out["law_dispersion_power_chosen"] == power and float(law.dispersion_gate) == power
+    top = make(np.ones(20000), 2)
+    with torch.no_grad():
+        mean = law.mean(torch.ones(1, 1, dtype=law.positions.dtype))
+        var = float((mean + mean.square() / law.dispersion(mean))[0, 0])
+    assert abs(var / top.var() - 1) < 0.1, var / top.var()
+
+
 def test_an_unknown_count_dispersion_is_refused():
     with pytest.raises(ValueError, match="dispersion must be one of"):
         CountLaw(n_units=2, n_cond=1, positions=10, dispersion="quadratic")

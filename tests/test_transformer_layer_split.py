@@ -16,7 +16,7 @@ from uhg.config.transformer import TransformerConfig
 from uhg.errors import ConfigError
 from uhg.geometry import get_geometry
 from uhg.models.common import ConditionNorm
-from uhg.models.laws import CountLaw, LayerShareLaw, fit_count_law, fit_share_law
+from uhg.models.laws import SHARE_CURVATURE_GRID, CountLaw, LayerShareLaw, fit_count_law, fit_share_law
 from uhg.models.transformer_sampling import generate_tokens, sample_events
 from uhg.seeding import event_seed
 from uhg.sim.calo import simulate_calo_showers
@@ -119,9 +119,69 @@ def test_share_means_put_the_laws_pixels_per_layer_where_the_datas_are(showers):
     assert off[False] > 0.02, off
 
 
+def _synthetic_split(curvature: list[float], n: int, pixels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (n, 4), cond (n, 1)): `pixels` per shower dealt over four layers with shares
+    softmax(b x + c x^2), b = (1, 0.5, 0, -0.5), c = `curvature`, x uniform in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, n)
+    counts = np.stack([rng.multinomial(pixels, q) for q in _true_shares(curvature, x)])
+    return torch.as_tensor(counts).double(), torch.as_tensor(x)[:, None]
+
+
+def _true_shares(curvature: list[float], x: np.ndarray) -> np.ndarray:
+    logits = np.outer(x, [1.0, 0.5, 0.0, -0.5]) + np.outer(x * x, curvature)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.slow
+def test_share_curvature_forward_keeps_the_curvature_the_upper_range_confirms():
+    """share_curvature "forward": shares that bend in x (the upper half of the range confirms the
+    bend a fit to the lower half finds) keep their curvature: the weakest ridges are chosen and the
+    fitted curvatures are the data's."""
+    counts, cond = _synthetic_split([1.5, 0.0, -1.5, 0.0], 2000, 300)
+    law = LayerShareLaw(4, 1).double()
+    out = fit_share_law(law, counts, cond, means=True, curvature="forward")
+    assert out["law_share_curvature_ridge"] < SHARE_CURVATURE_GRID[1], out
+    c = law.curvature.detach()[:, 0]
+    assert float(((c - c.mean()) - torch.tensor([1.5, 0.0, -1.5, 0.0])).abs().max()) < 0.3, c
+
+
+@pytest.mark.slow
+def test_share_curvature_forward_does_not_carry_noise_beyond_the_range():
+    """Shares straight in x, from few sparse showers: the free curvatures are noise, multiplied by
+    x^2 beyond the range; forward validation chooses a ridge, and at x = 2.2 (5x the top of a
+    1-16 GeV range) the mean shares are closer to the true ones than the free fit's."""
+    counts, cond = _synthetic_split([0.0, 0.0, 0.0, 0.0], 400, 20, seed=1)
+    at = torch.full((1, 1), 2.2, dtype=torch.float64)
+    truth = torch.as_tensor(_true_shares([0.0] * 4, np.array([2.2])))
+    error, chosen = {}, None
+    for curvature in ("free", "forward"):
+        law = LayerShareLaw(4, 1).double()
+        out = fit_share_law(law, counts, cond, means=True, curvature=curvature)
+        chosen = out.get("law_share_curvature_ridge", chosen)
+        with torch.no_grad():
+            error[curvature] = float((law.mean_shares(at) / truth - 1).abs().mean())
+    assert chosen > 0, chosen
+    assert error["forward"] < error["free"], error
+
+
 def test_share_means_needs_layer_split():
     with pytest.raises(ValueError, match="share_means.*layer_split"):
         TransformerConfig(conditions=["incident_energy"], multiplicity="count", layer_counts=True, share_means=True)
+
+
+def test_share_curvature_needs_layer_split_and_a_known_value():
+    with pytest.raises(ValueError, match="share_curvature.*layer_split"):
+        TransformerConfig(conditions=["incident_energy"], multiplicity="count", layer_counts=True,
+                          share_curvature="forward")
+    raw = {"name": "x", "geometry": "epical-mini", "data": {"store": "unused.zarr"}, "train": {"steps": 1, "batch_size": 2},
+           "model": {"family": "transformer", "conditions": ["incident_energy"], "multiplicity": "count",
+                     "layer_counts": True, "layer_split": True, "share_curvature": "cubic"}}
+    with pytest.raises(ConfigError, match="share_curvature"):
+        config_from_dict(raw)
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        fit_share_law(LayerShareLaw(3, 1), torch.ones(4, 3), torch.zeros(4, 1), curvature="cubic")
 
 
 def test_layer_split_needs_layer_counts():

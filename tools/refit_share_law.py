@@ -1,13 +1,17 @@
 """Refit the share law of a hit-transformer export (model.layer_split) to its training showers with
-or without `share_means`, and write the export again with that law. The network does not see the
-law in training (the laws are fitted before it and kept: law_lr 0; teacher forcing uses the data's
-pixels per layer), so the result is the export a training run with the other setting would make
-at the same seed, without the training.
+or without `share_means` and with the curvatures `share_curvature` says, and (with --dispersion) the
+total's count law with that `count_dispersion`, and write the export again with those laws. The
+network does not see the laws in training (they are fitted before it and kept: law_lr 0; teacher
+forcing uses the data's pixels per layer), so the result is the export a training run with the
+other settings would make at the same seed, without the training.
 
     python tools/refit_share_law.py --export runs/ab_F/export --store data/epical_mini.zarr --means --out exportM
+    python tools/refit_share_law.py --export runs/cp0/export --store data/epical_mini.zarr --means \
+        --curvature forward --dispersion forward --out exportF
 
 The training showers are the store's training split of the export's run (split seed = run seed,
-validation fraction as in its config), as `uhg train` fits them.
+validation fraction as in its config), at most `fit_events` of them evenly spread, as `uhg train`
+fits them.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from uhg.data.hits import HitBatch
 from uhg.data.loader import split_mask, store_salt
 from uhg.data.reader import open_store
 from uhg.models.generator import Generator
-from uhg.models.laws import LayerShareLaw, fit_share_law
+from uhg.models.laws import COUNT_DISPERSIONS, SHARE_CURVATURES, CountLaw, LayerShareLaw, fit_count_law, fit_share_law
 from uhg.sparse.torch_hits import TorchHits
+from uhg.train.family import evenly_spread
 
 
 def training_events(store_path: str, split_seed: int, val_fraction: float) -> HitBatch:
@@ -51,6 +56,9 @@ def refit_parser(description: str, export_help: str, store_help: str) -> argpars
 def main() -> None:
     ap = refit_parser(__doc__.split("\n\n")[0], "export directory of a layer_split transformer", "its training store")
     ap.add_argument("--means", action="store_true", help="fit with share_means")
+    ap.add_argument("--curvature", choices=SHARE_CURVATURES, default="free", help="share_curvature of the refit")
+    ap.add_argument("--dispersion", choices=COUNT_DISPERSIONS, default=None,
+                    help="also refit the total's count law with this count_dispersion (default: keep the law)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     gen = Generator.load(args.export)
@@ -58,6 +66,7 @@ def main() -> None:
     if model.shares is None:
         raise SystemExit(f"{args.export}: no share law (model.layer_split is off)")
     batch = training_events(args.store, args.split_seed, args.val_fraction)
+    batch = batch.take(evenly_spread(len(batch), model.config.fit_events))  # as `uhg train` fits the laws
     n_train = len(batch)
     hits = TorchHits.from_batch(batch)
     n_layers = len(model.shares.bias)
@@ -65,18 +74,27 @@ def main() -> None:
     counts = torch.bincount(flat, minlength=n_train * n_layers).view(n_train, n_layers).double()
     cond = gen.family.condition_norm(hits.conditions).double()
     law = LayerShareLaw(n_layers, cond.shape[1]).double()
-    fit = fit_share_law(law, counts, cond, means=args.means)
+    fit = fit_share_law(law, counts, cond, means=args.means, curvature=args.curvature)
     out = Path(args.out)
     shutil.copytree(args.export, out, dirs_exist_ok=True)
     state = load_file(str(out / "generator.safetensors"))
     for k, v in law.state_dict().items():
         if f"shares.{k}" in state:
             state[f"shares.{k}"] = v.to(state[f"shares.{k}"].dtype).contiguous()
-    save_file(state, str(out / "generator.safetensors"))
     side = json.loads((out / "generator.json").read_text())
     side["model"]["share_means"] = bool(args.means)
+    side["model"]["share_curvature"] = args.curvature
+    if args.dispersion is not None:  # a fresh law of the export's form and dtype, as `uhg train` builds and fits it
+        old = model.counts
+        total = CountLaw(1, cond.shape[1], int(old.positions.sum()), old.form, bootstrap=len(old.bootstrap),
+                         dispersion=args.dispersion).to(old.bias.dtype)
+        fit |= fit_count_law(total, counts.sum(1, keepdim=True), cond)
+        state = {k: v for k, v in state.items() if not k.startswith("counts.")}
+        state |= {f"counts.{k}": v.contiguous() for k, v in total.state_dict().items()}
+        side["model"]["count_dispersion"] = args.dispersion
+    save_file(state, str(out / "generator.safetensors"))
     (out / "generator.json").write_text(json.dumps(side, indent=2))
-    print(f"{n_train} training showers; share law refitted ({fit}) -> {out}")
+    print(f"{n_train} training showers; laws refitted ({fit}) -> {out}")
 
 
 if __name__ == "__main__":

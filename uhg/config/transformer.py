@@ -286,6 +286,15 @@ class TransformerConfig(Section):
         "nearly flat along directions that move the deep layers' mean share at the top energies, so the maximum "
         "alone can leave them off by several per cent (docs/calorimeter.md, \"Share law: mean shares\").",
     )
+    share_curvature: Literal["free", "forward"] = Field(
+        "free",
+        description="layer_split: the per-layer curvatures of the share law's logits in the log-scaled conditions. "
+        "free: fitted by maximum likelihood alone; forward: with a ridge towards zero whose strength (none to "
+        "1e5 showers' worth of log-likelihood) is the strongest whose fit to the lower half of the training "
+        "range predicts every layer's mean pixels over the upper half as well as the best within the layers' "
+        "noise. A curvature is multiplied by the square of the log-energy beyond the range "
+        "(docs/calorimeter.md, \"Share law: curvatures chosen forward\"). Exports written before this key: free.",
+    )
     cell_field: bool = Field(
         False,
         description="layer_counts, cartesian calorimeter layers (epical): the cell of every pixel is paced by a "
@@ -338,13 +347,16 @@ class TransformerConfig(Section):
         "patterns, e.g. earlier or later as well as busier). Exports written before this key have one.",
     )
     count_terms: int = Field(2, ge=1, le=8, description="count_law=powers: number of power-law components.")
-    count_dispersion: Literal["constant", "power"] = Field(
+    count_dispersion: Literal["constant", "power", "forward"] = Field(
         "constant",
         description="multiplicity=count: the negative-binomial dispersion of each unit's count. constant: r_u "
         "(extra variance grows as the mean squared); power: r_u (mean / positions)^k with k fitted to the "
         "training events with the rest of the law (k = 0 is constant, k = 1 extra variance proportional to "
         "the mean). On pxd-mini a constant r_u, fitted over the whole training range, gave 17-28 % too much "
-        "variance per sensor at its top (docs/results.md). Exports written before this key have constant.",
+        "variance per sensor at its top (docs/results.md). forward: constant or power, whichever, fitted to "
+        "the lower half of the training range, gives the events of the upper half the higher likelihood "
+        "(power only by more than their noise): the spread is chosen as it will be used, beyond the top "
+        "(docs/calorimeter.md, \"Spread of the pixel total\"). Exports written before this key have constant.",
     )
     count_bootstrap: int = Field(
         16, ge=0, le=256,
@@ -453,6 +465,9 @@ class TransformerConfig(Section):
         if self.layer_split and not self.layer_counts:
             raise ValueError("layer_split splits a shower's pixel total over its layers, so it needs "
                              "layer_counts: true (got layer_counts=false)")
+        if self.share_curvature != "free" and not self.layer_split:
+            raise ValueError(f"share_curvature ({self.share_curvature}) fits the share law of layer_split, so it "
+                             "needs layer_split: true (got layer_split=false)")
         if self.share_means and not self.layer_split:
             raise ValueError("share_means refits the share law of layer_split, so it needs layer_split: true "
                              "(got layer_split=false)")

@@ -82,7 +82,7 @@ def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 COUNT_LAWS = ("power", "powers", "quadratic", "pooled", "unit_quadratic")
-COUNT_DISPERSIONS = ("constant", "power")
+COUNT_DISPERSIONS = ("constant", "power", "forward")
 
 
 class CountLaw(nn.Module):
@@ -133,8 +133,8 @@ class CountLaw(nn.Module):
             raise ValueError(f"count law form must be one of {COUNT_LAWS}, got {form!r}")
         if dispersion not in COUNT_DISPERSIONS:
             raise ValueError(f"count law dispersion must be one of {COUNT_DISPERSIONS}, got {dispersion!r}")
-        if dispersion == "power" and factors > 1:
-            raise ValueError("count law dispersion 'power' has one copula factor; got factors > 1")
+        if dispersion != "constant" and factors > 1:
+            raise ValueError(f"count law dispersion {dispersion!r} has one copula factor; got factors > 1")
         self.form, self.factors = form, factors
         c = max(n_cond, 1)
         grid = [float(positions)] * n_units if isinstance(positions, int) else [float(p) for p in positions]
@@ -165,9 +165,11 @@ class CountLaw(nn.Module):
             ramp = torch.linspace(-0.3, 0.3, n_units)[:, None] * torch.arange(1, factors)[None].float()
             self.factor_loading = nn.Parameter(torch.cat([torch.full((n_units, 1), 0.3), ramp], 1))
         self.log_dispersion = nn.Parameter(torch.full((n_units,), math.log(20.0)))
-        if dispersion == "power":  # log r_u and atanh l_u move with the unit's log expected occupancy (0: constant)
+        if dispersion != "constant":  # log r_u and atanh l_u move with the unit's log expected occupancy (0: constant)
             self.dispersion_power = nn.Parameter(torch.zeros(1))
             self.loading_power = nn.Parameter(torch.zeros(1))
+        if dispersion == "forward":  # 1: the powers act, 0: constant; set by `choose_dispersion` before the fit
+            self.register_buffer("dispersion_gate", torch.ones(1))
         self.register_buffer("bootstrap", torch.zeros(bootstrap, self.n_mean_parameters()))
 
     def mean_parameters(self) -> list[nn.Parameter]:
@@ -265,8 +267,13 @@ class CountLaw(nn.Module):
         at its busy end when the data's grows more slowly than the mean squared."""
         log_r = self.log_dispersion[None]
         if hasattr(self, "dispersion_power"):
-            log_r = log_r + self.dispersion_power * self._log_occupancy(mean)
+            log_r = log_r + self._power(self.dispersion_power) * self._log_occupancy(mean)
         return log_r.clamp(*LOG_DISPERSION_RANGE).exp().expand_as(mean)
+
+    def _power(self, power: torch.Tensor) -> torch.Tensor:
+        """A dispersion or loading power as it acts: with dispersion="forward" times the gate its
+        forward validation set (0: the constant dispersion was chosen)."""
+        return power * self.dispersion_gate if hasattr(self, "dispersion_gate") else power
 
     def unit_log_dispersion(self) -> torch.Tensor | None:
         """(U,) log r_u as `dispersion` bounds it, where the dispersion is one per unit; None with
@@ -281,7 +288,7 @@ class CountLaw(nn.Module):
         fitted over the whole range, cannot follow."""
         z = self.loading if mean is None else self.loading[None].expand_as(mean)
         if mean is not None and hasattr(self, "loading_power"):
-            z = z + self.loading_power * self._log_occupancy(mean)
+            z = z + self._power(self.loading_power) * self._log_occupancy(mean)
         return torch.tanh(z).clamp(-0.999, 0.999)
 
     def loading_matrix(self) -> torch.Tensor:
@@ -624,6 +631,34 @@ def choose_pooled(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     return strengths[strongest_within_noise(losses)], curvature
 
 
+def choose_dispersion(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, shrink: float = SHRINK_GRID[-1],
+                      curvature: float = 0.0) -> float:
+    """dispersion="forward": 0 (a constant dispersion) or 1 (the fitted dispersion power), the gate
+    `CountLaw.dispersion` applies. Both are fitted to the lower part of the training range
+    (`forward_split`) and scored by the NB likelihood of each event of the upper part; the power
+    must beat the constant by more than the noise of those events (`strongest_within_noise`, the
+    constant first). The likelihood of events from all over the range (as `choose_shrink`) says
+    how the extra variance behaves inside it; how it goes on beyond the top, where the law's
+    spread is used, is what the upper part tells a fit to the lower one. Conditions that do not
+    vary leave the constant."""
+    split = forward_split(counts, cond)
+    if split is None:
+        return 0.0
+    fit, out = split
+    start = [p.detach().clone() for p in law.parameters()]
+    events = CountEvents(counts, cond, fit)
+    losses = []
+    for gate in (0.0, 1.0):
+        law.dispersion_gate.fill_(gate)
+        fit_law(law, lambda m: events.loss(m, shrink, curvature))
+        with torch.no_grad():
+            dtype = law.positions.dtype
+            losses.append(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).double())
+            for p, s in zip(law.parameters(), start, strict=True):
+                p.copy_(s)
+    return (0.0, 1.0)[strongest_within_noise(losses)]
+
+
 def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """Maximum-likelihood fit of `law` to hits per unit `counts` (N, U) at normalised
     conditions `cond` (N, C): the per-unit ridge's strength chosen on held-out events
@@ -640,6 +675,10 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     out = {"law_shrink": shrink}
     if law.form == "pooled":
         out["law_curvature_ridge"] = curvature
+    if hasattr(law, "dispersion_gate"):
+        gate = choose_dispersion(law, counts, cond, shrink, curvature)
+        law.dispersion_gate.fill_(gate)
+        out["law_dispersion_power_chosen"] = gate
     events = CountEvents(counts, cond)
     out["law_count_nll"] = fit_law(law, lambda m: events.loss(m, shrink, curvature))
     y = law.scores(counts, cond.to(law.loading.dtype)).double()
@@ -759,22 +798,78 @@ class LayerShareLaw(nn.Module):
         return torch.as_tensor(np.minimum(out, capacity.long().cpu().numpy()[None]), device=totals.device)
 
 
-def share_law_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per shower plus a small ridge on the slopes and curvatures."""
+SHARE_CURVATURE_GRID = (1e5, 1e4, 1e3, 0.0)  # strengths (in showers' worth of log-likelihood) of a ridge on
+# the share logits' curvatures, strongest first, among which `choose_share_curvature` chooses: a curvature
+# fitted inside the range is multiplied by the square of the log-energy beyond it
+SHARE_CURVATURES = ("free", "forward")
+
+
+def share_law_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor,
+                   curvature_ridge: float = 0.0) -> torch.Tensor:
+    """Mean negative log-likelihood per shower plus a small ridge on the slopes and curvatures;
+    `curvature_ridge`: the strength (in showers) of a further ridge on the curvatures."""
     return (-law.log_prob(counts, cond).mean()
-            + RIDGE * (law.slope.square().sum() + law.curvature.square().sum() + law.concentration_slope.square().sum()))
+            + RIDGE * (law.slope.square().sum() + law.curvature.square().sum() + law.concentration_slope.square().sum())
+            + curvature_ridge / len(counts) * law.curvature.square().sum())
 
 
-def share_means_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def share_means_loss(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor,
+                     curvature_ridge: float = 0.0) -> torch.Tensor:
     """Multinomial negative log-likelihood per shower of the pixels per layer under the law's mean
-    shares (depth factor integrated), plus the ridge of share_law_loss: its minimum puts the law's
+    shares (depth factor integrated), plus the ridges of share_law_loss: its minimum puts the law's
     mean pixels per layer, summed over the showers, where the data's are (the score equations of a
     multinomial), whatever the law's scatter."""
     return (-(counts * law.mean_shares(cond).log()).sum(-1).mean()
-            + RIDGE * (law.slope.square().sum() + law.curvature.square().sum()))
+            + RIDGE * (law.slope.square().sum() + law.curvature.square().sum())
+            + curvature_ridge / len(counts) * law.curvature.square().sum())
 
 
-def fit_share_law(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor, means: bool = False) -> dict[str, float]:
+def _fit_share(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor, means: bool,
+               curvature_ridge: float) -> dict[str, float]:
+    """fit_share_law at a given curvature ridge."""
+    with torch.no_grad():
+        frac = (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
+        law.bias.copy_(frac.log().mean(0) - frac.log().mean())
+    out = {"law_share_nll": fit_law(law, lambda m: share_law_loss(m, counts, cond, curvature_ridge), max_iter=300)}
+    if means:
+        kept = [law.depth, law.log_concentration, law.concentration_slope]
+        for p in kept:
+            p.requires_grad_(False)
+        try:
+            out["law_share_means_nll"] = fit_law(law, lambda m: share_means_loss(m, counts, cond, curvature_ridge),
+                                                 max_iter=300)
+        finally:
+            for p in kept:
+                p.requires_grad_(True)
+    return out
+
+
+def choose_share_curvature(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor, means: bool = False) -> float:
+    """The strength of the ridge on the share logits' curvatures (`SHARE_CURVATURE_GRID`): the
+    strongest whose fit to the lower part of the training range (`forward_split`) predicts the mean
+    pixels of every layer over the upper part (its mean shares times each shower's own total) as
+    well as the best strength within the noise of the layers (`strongest_within_noise` on
+    `forward_errors`), as `choose_forward` chooses the pooled count law's. Conditions that do not
+    vary leave the curvatures free."""
+    split = forward_split(counts, cond)
+    if split is None:
+        return 0.0
+    fit, out = split
+    start = [p.detach().clone() for p in law.parameters()]
+    observed = counts[out].double().mean(0)
+    errors = []
+    for ridge in SHARE_CURVATURE_GRID:
+        _fit_share(law, counts[fit], cond[fit], means, ridge)
+        with torch.no_grad():
+            predicted = (law.mean_shares(cond[out]) * counts[out].sum(1, keepdim=True)).double().mean(0)
+            errors.append(forward_errors(predicted, observed))
+            for p, s in zip(law.parameters(), start, strict=True):
+                p.copy_(s)
+    return SHARE_CURVATURE_GRID[strongest_within_noise(errors)]
+
+
+def fit_share_law(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor, means: bool = False,
+                  curvature: str = "free") -> dict[str, float]:
     """Maximum-likelihood fit of `law` to pixels per layer `counts` (N, L) at normalised
     conditions `cond` (N, C): the mean shares first (from the empirical ones, no depth factor),
     then everything (full-batch L-BFGS, deterministic). With `means`, then the mean shares' bias,
@@ -782,20 +877,14 @@ def fit_share_law(law: LayerShareLaw, counts: torch.Tensor, cond: torch.Tensor, 
     the Dirichlet-multinomial's likelihood is nearly flat along directions that move the deep
     layers' mean share at the top energies (two fits within 0.004 nats per shower of each other
     differ by 0.18 layers in mean depth there; docs/calorimeter.md), and the scatter model's misfit
-    decides where along them it ends."""
-    with torch.no_grad():
-        frac = (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
-        law.bias.copy_(frac.log().mean(0) - frac.log().mean())
-    out = {"law_share_nll": fit_law(law, lambda m: share_law_loss(m, counts, cond), max_iter=300)}
-    if means:
-        kept = [law.depth, law.log_concentration, law.concentration_slope]
-        for p in kept:
-            p.requires_grad_(False)
-        try:
-            out["law_share_means_nll"] = fit_law(law, lambda m: share_means_loss(m, counts, cond), max_iter=300)
-        finally:
-            for p in kept:
-                p.requires_grad_(True)
+    decides where along them it ends. `curvature`: "free", or "forward" for a ridge on the
+    curvatures whose strength forward validation chooses (`choose_share_curvature`)."""
+    if curvature not in SHARE_CURVATURES:
+        raise ValueError(f"share law curvature must be one of {SHARE_CURVATURES}, got {curvature!r}")
+    ridge = choose_share_curvature(law, counts, cond, means) if curvature == "forward" else 0.0
+    out = _fit_share(law, counts, cond, means, ridge)
+    if curvature == "forward":
+        out["law_share_curvature_ridge"] = ridge
     return out
 
 
@@ -804,5 +893,5 @@ def count_feature(n: torch.Tensor, positions: int) -> torch.Tensor:
     return (torch.log1p(n.clamp_min(0).float()) / math.log1p(positions)).unsqueeze(-1)
 
 
-__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "share_law_loss", "share_means_loss", "choose_forward", "choose_pooled", "forward_errors", "strongest_within_noise", "choose_shrink", "CountEvents", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_unit_log_prob", "nb_quantile", "normal_scores",
+__all__ = ["COUNT_LAWS", "CountLaw", "LayerShareLaw", "fit_share_law", "choose_share_curvature", "share_law_loss", "share_means_loss", "choose_forward", "choose_pooled", "forward_errors", "strongest_within_noise", "choose_shrink", "choose_dispersion", "CountEvents", "count_law_loss", "forward_split", "fit_count_law", "ResponseLaw", "count_feature", "fit_law", "nb_log_prob", "nb_unit_log_prob", "nb_quantile", "normal_scores",
            "factor_log_density", "one_factor_log_density"]

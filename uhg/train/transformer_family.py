@@ -115,7 +115,8 @@ class TransformerFamily(model.TransformerFamily):
                 out.update(model.fit_code_bank(model.tokenize(b) for b in banked))
         cond, n = torch.cat(conds), torch.cat(counts).double()
         if model.shares is not None:  # layer_split: the total's law on the totals, the split's on the layers
-            out |= fit_share_law(model.shares, n, cond, means=self.cfg.share_means)
+            out |= fit_share_law(model.shares, n, cond, means=self.cfg.share_means,
+                                 curvature=self.cfg.share_curvature)
             n = n.sum(1, keepdim=True)
         if model.counts is not None:
             out |= fit_count_law(model.counts, n, cond)
