@@ -15,7 +15,8 @@ sequence's draw does not depend on the batch it is computed in (see transformer_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -501,24 +502,35 @@ class CountEvents:
                               self.histogram)
 
 
+@contextmanager
+def trial_fit(law: nn.Module) -> Iterator[None]:
+    """A fit inside is a trial: the law's parameters are put back as they were when it ends (the
+    choices of a ridge or form below fit once per candidate, each from the same start)."""
+    start = [p.detach().clone() for p in law.parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(law.parameters(), start, strict=True):
+                p.copy_(s)
+
+
 def choose_shrink(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> float:
     """The strength in SHRINK_GRID whose fit to a random (1 - HOLDOUT) of the events gives the
     held-out events the highest NB likelihood (quadratic law; others have no per-unit ridge)."""
     if law.form != "quadratic" or len(counts) < 8:
         return SHRINK_GRID[-1]
-    start = [p.detach().clone() for p in law.parameters()]
     perm = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed + 1))
     n_out = max(1, int(HOLDOUT * len(counts)))
     out, fit = perm[:n_out], perm[n_out:]
     scores = []
     events = CountEvents(counts, cond, fit)
     for strength in SHRINK_GRID:
-        fit_law(law, lambda m, k=strength: events.loss(m, k))
-        with torch.no_grad():
-            dtype = law.positions.dtype
-            scores.append(float(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).mean()))
-            for p, s in zip(law.parameters(), start, strict=True):
-                p.copy_(s)
+        with trial_fit(law):
+            fit_law(law, lambda m, k=strength: events.loss(m, k))
+            with torch.no_grad():
+                dtype = law.positions.dtype
+                scores.append(float(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).mean()))
     return SHRINK_GRID[min(range(len(scores)), key=scores.__getitem__)]
 
 
@@ -589,18 +601,16 @@ def choose_forward(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor) -> t
     if split is None:
         return default
     fit, out = split
-    start = [p.detach().clone() for p in law.parameters()]
     observed = counts[out].double().mean(0)
     pairs, errors = [], []
     events = CountEvents(counts, cond, fit)
     for curvature in reversed(CURVATURE_GRID):
         for shrink in reversed(POOLED_SHRINK_GRID):
-            fit_law(law, lambda m, k=shrink, c=curvature: events.loss(m, k, c))
-            with torch.no_grad():
-                predicted = law.mean(cond[out].to(law.positions.dtype)).double().mean(0)
-                errors.append(forward_errors(predicted, observed))
-                for p, s in zip(law.parameters(), start, strict=True):
-                    p.copy_(s)
+            with trial_fit(law):
+                fit_law(law, lambda m, k=shrink, c=curvature: events.loss(m, k, c))
+                with torch.no_grad():
+                    predicted = law.mean(cond[out].to(law.positions.dtype)).double().mean(0)
+                    errors.append(forward_errors(predicted, observed))
             pairs.append((shrink, curvature))
     return pairs[strongest_within_noise(errors)]
 
@@ -615,19 +625,17 @@ def choose_pooled(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     _, curvature = choose_forward(law, counts, cond)
     if len(counts) < 8:
         return POOLED_SHRINK_GRID[-1], curvature
-    start = [p.detach().clone() for p in law.parameters()]
     perm = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed + 1))
     n_out = max(1, int(HOLDOUT * len(counts)))
     out, fit = perm[:n_out], perm[n_out:]
     strengths, losses = list(reversed(POOLED_SHRINK_GRID)), []
     events = CountEvents(counts, cond, fit)
     for strength in strengths:
-        fit_law(law, lambda m, k=strength: events.loss(m, k, curvature))
-        with torch.no_grad():
-            dtype = law.positions.dtype
-            losses.append(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).double())
-            for p, s in zip(law.parameters(), start, strict=True):
-                p.copy_(s)
+        with trial_fit(law):
+            fit_law(law, lambda m, k=strength: events.loss(m, k, curvature))
+            with torch.no_grad():
+                dtype = law.positions.dtype
+                losses.append(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).double())
     return strengths[strongest_within_noise(losses)], curvature
 
 
@@ -645,17 +653,15 @@ def choose_dispersion(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, s
     if split is None:
         return 0.0
     fit, out = split
-    start = [p.detach().clone() for p in law.parameters()]
     events = CountEvents(counts, cond, fit)
     losses = []
     for gate in (0.0, 1.0):
         law.dispersion_gate.fill_(gate)
-        fit_law(law, lambda m: events.loss(m, shrink, curvature))
-        with torch.no_grad():
-            dtype = law.positions.dtype
-            losses.append(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).double())
-            for p, s in zip(law.parameters(), start, strict=True):
-                p.copy_(s)
+        with trial_fit(law):
+            fit_law(law, lambda m: events.loss(m, shrink, curvature))
+            with torch.no_grad():
+                dtype = law.positions.dtype
+                losses.append(-law.marginal_log_prob(counts[out].to(dtype), cond[out].to(dtype)).double())
     return (0.0, 1.0)[strongest_within_noise(losses)]
 
 
@@ -692,17 +698,14 @@ def fit_count_law(law: CountLaw, counts: torch.Tensor, cond: torch.Tensor, seed:
     out["law_copula_nll"] = fit_law(law, lambda m: -m.copula_log_prob(y, mean).mean())
     n_boot = len(law.bootstrap)
     if n_boot:
-        fitted = [p.detach().clone() for p in law.parameters()]
         gen = torch.Generator().manual_seed(seed)
         samples = []
         for _ in range(n_boot):
             idx = torch.randint(len(counts), (len(counts),), generator=gen)
             resampled = CountEvents(counts, cond, idx)
-            fit_law(law, lambda m: resampled.loss(m, shrink, curvature), max_iter=100)
-            samples.append(torch.cat([p.detach().double().reshape(-1) for p in law.mean_parameters()]))
-            with torch.no_grad():  # every refit starts from the fit to all events
-                for p, f in zip(law.parameters(), fitted, strict=True):
-                    p.copy_(f)
+            with trial_fit(law):  # every refit starts from the fit to all events
+                fit_law(law, lambda m: resampled.loss(m, shrink, curvature), max_iter=100)
+                samples.append(torch.cat([p.detach().double().reshape(-1) for p in law.mean_parameters()]))
         law.set_bootstrap(torch.stack(samples))
     return out
 
@@ -855,16 +858,14 @@ def choose_share_curvature(law: LayerShareLaw, counts: torch.Tensor, cond: torch
     if split is None:
         return 0.0
     fit, out = split
-    start = [p.detach().clone() for p in law.parameters()]
     observed = counts[out].double().mean(0)
     errors = []
     for ridge in SHARE_CURVATURE_GRID:
-        _fit_share(law, counts[fit], cond[fit], means, ridge)
-        with torch.no_grad():
-            predicted = (law.mean_shares(cond[out]) * counts[out].sum(1, keepdim=True)).double().mean(0)
-            errors.append(forward_errors(predicted, observed))
-            for p, s in zip(law.parameters(), start, strict=True):
-                p.copy_(s)
+        with trial_fit(law):
+            _fit_share(law, counts[fit], cond[fit], means, ridge)
+            with torch.no_grad():
+                predicted = (law.mean_shares(cond[out]) * counts[out].sum(1, keepdim=True)).double().mean(0)
+                errors.append(forward_errors(predicted, observed))
     return SHARE_CURVATURE_GRID[strongest_within_noise(errors)]
 
 
